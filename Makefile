@@ -1,0 +1,92 @@
+# qopt build. `make` builds every binary into build/bin; `make test` builds and runs the tests;
+# `make run` prepares the default data (once) and trains the CPU demo model on it.
+#
+# Variables users set:  CUDA_HOME (default /usr/local/cuda), CUDA_ARCH (default sm_90),
+#                       CPU_ARCH (default native; passed to -march), OMP_NUM_THREADS at run time.
+
+CUDA_HOME ?= /usr/local/cuda
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+CUDA_ARCH ?= sm_90
+CPU_ARCH ?= native
+CXX ?= g++
+
+BUILD := build
+DEPS_INCLUDE := $(BUILD)/deps/include
+DATA_DIR := $(BUILD)/data
+
+WARNINGS := -Wall -Wextra -Wno-unknown-pragmas
+CXXFLAGS ?= -O3 -march=$(CPU_ARCH) -g
+CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
+NVCCFLAGS ?= -O3
+NVCCFLAGS += -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
+LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lpthread
+
+# Library: every .cpp/.cu under the source folders except the binaries' main files.
+SRC_DIRS := core data model kernels optim quant eval train
+LIB_CPP := $(filter-out %_main.cpp,$(foreach d,$(SRC_DIRS),$(wildcard $(d)/*.cpp)))
+LIB_CU := $(foreach d,$(SRC_DIRS),$(wildcard $(d)/*.cu))
+LIB_OBJ := $(LIB_CPP:%.cpp=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.cu.o)
+LIB := $(BUILD)/libqopt.a
+
+BINARIES := train tokenize prepare_brown
+BIN := $(BINARIES:%=$(BUILD)/bin/%)
+TEST_SRC := $(wildcard tests/*.cpp)
+TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/obj/%.o)
+TEST_BIN := $(BUILD)/bin/tests
+
+.PHONY: all setup test run clean distclean deps
+all: deps $(BIN) $(TEST_BIN)
+
+# Header-only dependencies are copied into build/deps/include by setup (tools/setup.sh), so
+# the build needs nothing from the system's include path but CUDA; this folder travels to
+# machines that cannot install packages.
+deps: $(DEPS_INCLUDE)/CLI/CLI.hpp $(DEPS_INCLUDE)/doctest/doctest.h
+$(DEPS_INCLUDE)/CLI/CLI.hpp $(DEPS_INCLUDE)/doctest/doctest.h:
+	@bash tools/setup.sh deps
+
+setup:
+	@bash tools/setup.sh all
+
+$(BUILD)/obj/%.o: %.cpp | deps
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.cu.o: %.cu | deps
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	ar rcs $@ $^
+
+$(BUILD)/bin/train: $(BUILD)/obj/train/train_main.o $(LIB)
+$(BUILD)/bin/tokenize: $(BUILD)/obj/train/tokenize_main.o $(LIB)
+$(BUILD)/bin/prepare_brown: $(BUILD)/obj/tools/prepare_brown_main.o $(LIB)
+$(BUILD)/bin/%:
+	@mkdir -p $(dir $@)
+	$(CXX) $^ -o $@ $(LDFLAGS)
+
+$(TEST_BIN): $(TEST_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $^ -o $@ $(LDFLAGS)
+
+# The test binary finds the built tools and the default data through these variables.
+test: all
+	QOPT_BIN_DIR=$(BUILD)/bin QOPT_DATA_DIR=$(DATA_DIR) $(TEST_BIN) $(TEST_ARGS)
+
+# The main job: a small OLMo2-style model on the Brown corpus, a few minutes on a CPU.
+RUN_ARGS ?=
+run: all
+	@bash tools/setup.sh data
+	$(BUILD)/bin/train --preset olmo2-mini --device auto \
+	  --train-data '$(DATA_DIR)/brown/brown_train_*.bin' --val-data '$(DATA_DIR)/brown/brown_val_*.bin' \
+	  --batch-size 8 --seq-len 128 --steps 300 --lr 2e-3 --warmup-steps 30 --schedule cosine \
+	  --eval-every 100 --val-batches 40 --out-dir runs/brown-olmo2-mini $(RUN_ARGS)
+
+clean:
+	rm -rf $(BUILD)/obj $(BUILD)/bin $(LIB)
+
+distclean:
+	rm -rf $(BUILD)
+
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/obj/train/train_main.d $(BUILD)/obj/train/tokenize_main.d $(BUILD)/obj/tools/prepare_brown_main.d

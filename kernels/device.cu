@@ -1,0 +1,36 @@
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#include "kernels/device.hpp"
+
+namespace qopt {
+
+CudaDeviceInfo query_cuda_device() {
+    CudaDeviceInfo info;
+    int count = 0;
+    cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess || count == 0) {
+        info.problem = status == cudaSuccess ? "no CUDA GPU found"
+                                             : std::string("no usable CUDA GPU (") + cudaGetErrorString(status) + ")";
+        cudaGetLastError();
+        return info;
+    }
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+        info.problem = "cannot read the properties of GPU 0";
+        return info;
+    }
+    char text[256];
+    std::snprintf(text, sizeof text, "%s (sm_%d%d, %d SMs, %.1f GiB)", prop.name, prop.major, prop.minor,
+                  prop.multiProcessorCount, double(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+    info.description = text;
+    if (prop.major < 8) {
+        info.problem = info.description + " is older than sm_80; qopt's kernels need bf16 tensor cores";
+        return info;
+    }
+    info.usable = true;
+    return info;
+}
+
+}  // namespace qopt

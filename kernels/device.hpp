@@ -1,0 +1,16 @@
+// What GPU (if any) this process can use. The CUDA runtime is linked statically, so the
+// binaries start on machines without a driver and simply report "no GPU".
+#pragma once
+#include <string>
+
+namespace qopt {
+
+struct CudaDeviceInfo {
+    bool usable = false;       // present and of a supported architecture
+    std::string description;   // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)"
+    std::string problem;       // why not usable, when !usable
+};
+
+CudaDeviceInfo query_cuda_device();
+
+}  // namespace qopt

@@ -1,0 +1,82 @@
+#include "model/params.hpp"
+
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace qopt {
+
+const char* param_kind_name(ParamKind kind) {
+    switch (kind) {
+        case ParamKind::Embedding: return "embedding";
+        case ParamKind::Position: return "position";
+        case ParamKind::Matrix: return "matrix";
+        case ParamKind::NormWeight: return "norm";
+        case ParamKind::Bias: return "bias";
+    }
+    return "?";
+}
+
+ParamLayout ParamLayout::build(const ModelConfig& c) {
+    c.validate();
+    ParamLayout layout;
+    const bool gpt2 = c.arch == Arch::Gpt2;
+    const int64_t C = c.d_model, F = c.d_ff;
+    // GPT-2 (and llm.c) shrink the init of the projections that write into the residual
+    // stream by 1/sqrt(2 * n_layers); OLMo2 uses 0.02 throughout.
+    const float base_std = 0.02f;
+    const float residual_std = gpt2 ? base_std / std::sqrt(2.0f * c.n_layers) : base_std;
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind, float std = 0) {
+        ParamTensor t;
+        t.name = name;
+        t.shape = std::move(shape);
+        t.numel = 1;
+        for (int64_t d : t.shape) t.numel *= size_t(d);
+        t.offset = layout.total;
+        t.kind = kind;
+        t.init_std = std;
+        layout.total += t.numel;
+        layout.tensors.push_back(t);
+        return t.offset;
+    };
+    layout.embed = add("embed.weight", {c.padded_vocab_size, C}, ParamKind::Embedding, base_std);
+    if (gpt2) layout.pos_embed = add("pos_embed.weight", {c.max_seq_len, C}, ParamKind::Position, base_std);
+    for (int l = 0; l < c.n_layers; ++l) {
+        const std::string p = "layers." + std::to_string(l) + ".";
+        LayerOffsets o;
+        if (gpt2) {
+            o.norm1_w = add(p + "attn_in_norm.weight", {C}, ParamKind::NormWeight);
+            o.norm1_b = add(p + "attn_in_norm.bias", {C}, ParamKind::Bias);
+        }
+        o.qkv_w = add(p + "attn.qkv.weight", {3 * C, C}, ParamKind::Matrix, base_std);
+        if (gpt2) o.qkv_b = add(p + "attn.qkv.bias", {3 * C}, ParamKind::Bias);
+        if (!gpt2) {
+            o.q_norm_w = add(p + "attn.q_norm.weight", {C}, ParamKind::NormWeight);
+            o.k_norm_w = add(p + "attn.k_norm.weight", {C}, ParamKind::NormWeight);
+        }
+        o.out_w = add(p + "attn.out.weight", {C, C}, ParamKind::Matrix, residual_std);
+        if (gpt2) o.out_b = add(p + "attn.out.bias", {C}, ParamKind::Bias);
+        if (!gpt2) o.norm1_w = add(p + "attn_out_norm.weight", {C}, ParamKind::NormWeight);
+        if (gpt2) {
+            o.norm2_w = add(p + "mlp_in_norm.weight", {C}, ParamKind::NormWeight);
+            o.norm2_b = add(p + "mlp_in_norm.bias", {C}, ParamKind::Bias);
+        }
+        o.up_w = add(p + "mlp.up.weight", {F, C}, ParamKind::Matrix, base_std);
+        if (gpt2) o.up_b = add(p + "mlp.up.bias", {F}, ParamKind::Bias);
+        o.down_w = add(p + "mlp.down.weight", {C, F}, ParamKind::Matrix, residual_std);
+        if (gpt2) o.down_b = add(p + "mlp.down.bias", {C}, ParamKind::Bias);
+        if (!gpt2) o.norm2_w = add(p + "mlp_out_norm.weight", {C}, ParamKind::NormWeight);
+        layout.layers.push_back(o);
+    }
+    layout.final_norm_w = add("final_norm.weight", {C}, ParamKind::NormWeight);
+    if (gpt2) layout.final_norm_b = add("final_norm.bias", {C}, ParamKind::Bias);
+    return layout;
+}
+
+const ParamTensor* ParamLayout::find(const std::string& name) const {
+    for (const auto& t : tensors)
+        if (t.name == name) return &t;
+    return nullptr;
+}
+
+}  // namespace qopt

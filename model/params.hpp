@@ -1,0 +1,62 @@
+// Where every parameter lives in the one flat buffer (CPU and GPU alike), its name in
+// checkpoints, its shape ([out, in] for linear weights, as PyTorch), and its kind, which
+// decides weight decay and, later, which optimizer rule updates it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/rng.hpp"
+#include "model/config.hpp"
+
+namespace qopt {
+
+enum class ParamKind { Embedding, Position, Matrix, NormWeight, Bias };
+const char* param_kind_name(ParamKind kind);
+
+struct ParamTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    size_t offset = 0;
+    size_t numel = 0;
+    ParamKind kind = ParamKind::Matrix;
+    float init_std = 0;  // normal(0, init_std); norm weights start at 1, biases at 0
+};
+
+constexpr size_t kAbsent = size_t(-1);
+
+// Offsets of one transformer block's tensors (kAbsent where the layout has none).
+// norm1/norm2: olmo2's post-attention / post-MLP RMSNorm; gpt2's pre-attention / pre-MLP LN.
+struct LayerOffsets {
+    size_t qkv_w = kAbsent, qkv_b = kAbsent, out_w = kAbsent, out_b = kAbsent;
+    size_t q_norm_w = kAbsent, k_norm_w = kAbsent;
+    size_t norm1_w = kAbsent, norm1_b = kAbsent, norm2_w = kAbsent, norm2_b = kAbsent;
+    size_t up_w = kAbsent, up_b = kAbsent, down_w = kAbsent, down_b = kAbsent;
+};
+
+struct ParamLayout {
+    std::vector<ParamTensor> tensors;
+    size_t total = 0;
+    size_t embed = kAbsent, pos_embed = kAbsent, final_norm_w = kAbsent, final_norm_b = kAbsent;
+    std::vector<LayerOffsets> layers;
+
+    static ParamLayout build(const ModelConfig& config);
+    const ParamTensor* find(const std::string& name) const;
+};
+
+// Fills `params` (size layout.total) with the initial values, deterministically from seed.
+template <typename T>
+void init_params(const ParamLayout& layout, uint64_t seed, T* params) {
+    Rng rng(seed);
+    for (const auto& t : layout.tensors) {
+        T* p = params + t.offset;
+        for (size_t i = 0; i < t.numel; ++i) {
+            if (t.kind == ParamKind::NormWeight) p[i] = T(1);
+            else if (t.kind == ParamKind::Bias) p[i] = T(0);
+            else p[i] = T(rng.normal() * t.init_std);
+        }
+    }
+}
+
+}  // namespace qopt

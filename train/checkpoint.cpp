@@ -1,0 +1,179 @@
+#include "train/checkpoint.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+
+#include "core/error.hpp"
+#include "core/files.hpp"
+#include "core/safetensors.hpp"
+
+namespace qopt {
+
+static const char* kModelFile = "model.safetensors";
+static const char* kOptimizerFile = "optimizer.safetensors";
+static const char* kStateFile = "state.json";
+static const int kFormatVersion = 1;
+
+std::string checkpoint_name(long step) {
+    char name[32];
+    std::snprintf(name, sizeof name, "step_%08ld", step);
+    return name;
+}
+
+std::string checkpoints_root(const std::string& out_dir) { return out_dir + "/checkpoints"; }
+
+std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt) {
+    const ParamLayout layout = ParamLayout::build(ckpt.config);
+    QOPT_CHECK(ckpt.params.size() == layout.total && ckpt.first_moment.size() == layout.total &&
+                   ckpt.second_moment.size() == layout.total,
+               "checkpoint buffers do not match the model layout");
+    const std::string root = checkpoints_root(out_dir);
+    make_directories(root);
+    const std::string final_dir = root + "/" + checkpoint_name(ckpt.state.step);
+    const std::string temp_dir = final_dir + ".tmp." + std::to_string(::getpid());
+    remove_all(temp_dir);
+    make_directories(temp_dir);
+    try {
+        std::vector<TensorView> weights, moments;
+        for (const auto& t : layout.tensors) {
+            weights.push_back({t.name, t.shape, ckpt.params.data() + t.offset});
+            moments.push_back({t.name + ".exp_avg", t.shape, ckpt.first_moment.data() + t.offset});
+            moments.push_back({t.name + ".exp_avg_sq", t.shape, ckpt.second_moment.data() + t.offset});
+        }
+        const std::string model_bytes =
+            safetensors_serialize(weights, {{"format", "pt"}, {"qopt_config", ckpt.config.to_json().dump()}});
+        const std::string optimizer_bytes = safetensors_serialize(moments, {{"format", "pt"}});
+        write_file_atomic(temp_dir + "/" + kModelFile, model_bytes);
+        write_file_atomic(temp_dir + "/" + kOptimizerFile, optimizer_bytes);
+
+        Json state = Json::object();
+        state["format_version"] = kFormatVersion;
+        state["step"] = int64_t(ckpt.state.step);
+        state["tokens_seen"] = ckpt.state.tokens_seen;
+        state["skipped_steps"] = int64_t(ckpt.state.skipped_steps);
+        Json data = Json::object();
+        data["shard_index"] = ckpt.state.train_position.shard_index;
+        data["token_offset"] = ckpt.state.train_position.token_offset;
+        data["epoch"] = ckpt.state.train_position.epoch;
+        state["train_data_position"] = data;
+        Json rng = Json::array();
+        for (uint64_t word : ckpt.state.rng_state) rng.push_back(Json(word));
+        state["rng_state"] = rng;
+        state["optimizer_step"] = int64_t(ckpt.optimizer_step);
+        state["config"] = ckpt.config.to_json();
+        state["run"] = ckpt.run;
+        Json sums = Json::object();
+        sums[kModelFile] = hex64(checksum64(model_bytes.data(), model_bytes.size()));
+        sums[kOptimizerFile] = hex64(checksum64(optimizer_bytes.data(), optimizer_bytes.size()));
+        state["checksums"] = sums;
+        write_file_atomic(temp_dir + "/" + kStateFile, state.dump() + "\n");
+    } catch (...) {
+        remove_all(temp_dir);
+        throw;
+    }
+    // Swap into place: an older checkpoint of the same step is moved aside first and removed
+    // only after the new one has its final name.
+    const std::string old_dir = final_dir + ".old." + std::to_string(::getpid());
+    const bool replacing = is_directory(final_dir);
+    if (replacing && std::rename(final_dir.c_str(), old_dir.c_str()) != 0)
+        fail(final_dir, ": cannot move the previous checkpoint aside");
+    if (std::rename(temp_dir.c_str(), final_dir.c_str()) != 0) {
+        if (replacing) std::rename(old_dir.c_str(), final_dir.c_str());
+        remove_all(temp_dir);
+        fail(final_dir, ": cannot rename the new checkpoint into place");
+    }
+    if (replacing) remove_all(old_dir);
+    return final_dir;
+}
+
+Checkpoint read_checkpoint(const std::string& directory) {
+    if (!is_directory(directory)) fail(directory, ": no such checkpoint directory");
+    Checkpoint ckpt;
+    Json state;
+    const std::string state_path = directory + "/" + kStateFile;
+    try {
+        state = Json::parse(read_file(state_path));
+    } catch (const Error& e) {
+        fail(state_path, ": unreadable checkpoint state: ", e.what());
+    }
+    try {
+        const int64_t version = state.at("format_version").as_int("format_version");
+        if (version != kFormatVersion) fail("format_version ", version, " (this build reads ", kFormatVersion, ")");
+        ckpt.config = ModelConfig::from_json(state.at("config"));
+        ckpt.state.step = long(state.at("step").as_int("step"));
+        ckpt.state.tokens_seen = state.at("tokens_seen").as_uint("tokens_seen");
+        ckpt.state.skipped_steps = long(state.at("skipped_steps").as_int("skipped_steps"));
+        const Json& data = state.at("train_data_position");
+        ckpt.state.train_position.shard_index = data.at("shard_index").as_uint("shard_index");
+        ckpt.state.train_position.token_offset = data.at("token_offset").as_uint("token_offset");
+        ckpt.state.train_position.epoch = data.at("epoch").as_uint("epoch");
+        const Json& rng = state.at("rng_state");
+        if (!rng.is_array() || rng.size() != 4) fail("rng_state must hold 4 words");
+        for (size_t i = 0; i < 4; ++i) ckpt.state.rng_state[i] = rng[i].as_uint("rng_state");
+        ckpt.optimizer_step = long(state.at("optimizer_step").as_int("optimizer_step"));
+        ckpt.run = state.at("run");
+    } catch (const Error& e) {
+        fail(state_path, ": ", e.what());
+    }
+    const ParamLayout layout = ParamLayout::build(ckpt.config);
+    auto load_verified = [&](const char* file) {
+        const std::string path = directory + "/" + file;
+        std::string bytes = read_file(path);
+        const std::string expected = state.at("checksums").at(file).as_string("checksum");
+        const std::string actual = hex64(checksum64(bytes.data(), bytes.size()));
+        if (actual != expected)
+            fail(path, ": checksum mismatch (file damaged or truncated: ", actual, " vs ", expected, ")");
+        return SafetensorsFile::parse(std::move(bytes), path);
+    };
+    const SafetensorsFile model = load_verified(kModelFile);
+    const SafetensorsFile optimizer = load_verified(kOptimizerFile);
+    ckpt.params.resize(layout.total);
+    ckpt.first_moment.resize(layout.total);
+    ckpt.second_moment.resize(layout.total);
+    for (const auto& t : layout.tensors) {
+        auto copy = [&](const std::vector<float>& src, std::vector<float>& dst) {
+            std::copy(src.begin(), src.end(), dst.begin() + long(t.offset));
+        };
+        copy(model.f32(t.name, t.shape), ckpt.params);
+        copy(optimizer.f32(t.name + ".exp_avg", t.shape), ckpt.first_moment);
+        copy(optimizer.f32(t.name + ".exp_avg_sq", t.shape), ckpt.second_moment);
+    }
+    return ckpt;
+}
+
+std::vector<std::string> list_checkpoints(const std::string& out_dir) {
+    const std::string root = checkpoints_root(out_dir);
+    std::vector<std::pair<long, std::string>> found;
+    for (const auto& name : list_directory(root)) {
+        long step = -1;
+        char tail = 0;
+        if (name.size() == 13 && std::sscanf(name.c_str(), "step_%8ld%c", &step, &tail) == 1 && step >= 0)
+            found.emplace_back(step, root + "/" + name);
+    }
+    std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::vector<std::string> paths;
+    for (auto& f : found) paths.push_back(f.second);
+    return paths;
+}
+
+std::string latest_valid_checkpoint(const std::string& out_dir, std::ostream& log) {
+    for (const auto& path : list_checkpoints(out_dir)) {
+        try {
+            read_checkpoint(path);
+            return path;
+        } catch (const Error& e) {
+            log << "warning: skipping damaged checkpoint: " << e.what() << "\n";
+        }
+    }
+    return "";
+}
+
+void prune_checkpoints(const std::string& out_dir, int keep) {
+    if (keep <= 0) return;
+    const auto paths = list_checkpoints(out_dir);
+    for (size_t i = size_t(keep); i < paths.size(); ++i) remove_all(paths[i]);
+}
+
+}  // namespace qopt

@@ -1,0 +1,59 @@
+// Training checkpoints. One directory per step, <out_dir>/checkpoints/step_<8 digits>/:
+//   model.safetensors      fp32 weights under their layout names (loads in any safetensors
+//                          tool); metadata "qopt_config" holds the model config as JSON
+//   optimizer.safetensors  AdamW moments as "<name>.exp_avg" / "<name>.exp_avg_sq"
+//   state.json             step, data position, RNG state, optimizer step, schedule, run
+//                          settings, and a checksum of each .safetensors file
+// The directory is assembled under a temporary name and renamed into place, so a crash
+// leaves either the previous checkpoint set or the new complete one; loading verifies the
+// checksums and refuses a damaged checkpoint with a message.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "core/json.hpp"
+#include "data/loader.hpp"
+#include "model/config.hpp"
+#include "model/params.hpp"
+
+namespace qopt {
+
+struct TrainState {
+    long step = 0;  // optimizer steps completed
+    uint64_t tokens_seen = 0;
+    long skipped_steps = 0;  // steps whose update was skipped (non-finite loss or gradients)
+    LoaderPosition train_position;
+    std::array<uint64_t, 4> rng_state{};
+};
+
+struct Checkpoint {
+    ModelConfig config;
+    TrainState state;
+    Json run;  // optimizer, schedule and batch settings the run was started with
+    long optimizer_step = 0;
+    std::vector<float> params, first_moment, second_moment;
+};
+
+std::string checkpoint_name(long step);  // "step_00000100"
+std::string checkpoints_root(const std::string& out_dir);
+
+// Writes <out_dir>/checkpoints/step_N atomically (replacing one of the same step).
+std::string write_checkpoint(const std::string& out_dir, const Checkpoint& checkpoint);
+
+// Reads and verifies one checkpoint directory; throws qopt::Error naming what is wrong.
+Checkpoint read_checkpoint(const std::string& directory);
+
+// Checkpoint directories under out_dir, newest first (by step number).
+std::vector<std::string> list_checkpoints(const std::string& out_dir);
+
+// The newest checkpoint that reads and verifies; damaged ones are reported to `log` and
+// skipped. Empty when there is none.
+std::string latest_valid_checkpoint(const std::string& out_dir, std::ostream& log);
+
+// Removes all but the newest `keep` checkpoints (keep <= 0 keeps all).
+void prune_checkpoints(const std::string& out_dir, int keep);
+
+}  // namespace qopt

@@ -1,0 +1,89 @@
+#include "train/train_cli.hpp"
+
+#include <cstdio>
+
+#include "model/params.hpp"
+
+namespace qopt {
+
+void add_train_flags(CLI::App& app, TrainOptions& o) {
+    o.train_data = kDefaultTrainData;
+    o.val_data = kDefaultValData;
+    app.option_defaults()->always_capture_default();
+
+    app.add_option("--preset", o.preset, "Model preset (see --list-presets)")->group("Model");
+    app.add_option("--n-layers", o.n_layers, "Override: transformer blocks")->group("Model");
+    app.add_option("--d-model", o.d_model, "Override: residual width")->group("Model");
+    app.add_option("--n-heads", o.n_heads, "Override: attention heads (must divide d_model)")->group("Model");
+    app.add_option("--d-ff", o.d_ff, "Override: MLP hidden width")->group("Model");
+    app.add_option("--max-seq-len", o.max_seq_len, "Override: longest sequence (positions / RoPE table)")->group("Model");
+    app.add_option("--vocab-size", o.vocab_size, "Override: vocabulary size (token ids must be below it)")
+        ->group("Model");
+    app.add_option("--padded-vocab-size", o.padded_vocab_size,
+                   "Override: embedding rows (default: vocab size rounded up to 128)")
+        ->group("Model");
+    app.add_option("--rope-theta", o.rope_theta, "Override: RoPE base (olmo2)")->group("Model");
+    app.add_option("--norm-eps", o.norm_eps, "Override: RMSNorm/LayerNorm epsilon")->group("Model");
+
+    app.add_option("--device", o.device, "cpu, cuda or auto (auto: the CPU until the CUDA path lands)")
+        ->group("Device");
+    app.add_option("--threads", o.threads, "OpenMP threads for the CPU path (0: all cores)")->group("Device");
+
+    app.add_option("--optimizer", o.optimizer, "Optimizer (adamw; muon, scion, shampoo, soap, psgd are planned)")
+        ->group("Optimizer");
+    app.add_option("--lr", o.lr, "Peak learning rate")->group("Optimizer");
+    app.add_option("--beta1", o.adamw.beta1, "AdamW beta1")->group("Optimizer");
+    app.add_option("--beta2", o.adamw.beta2, "AdamW beta2")->group("Optimizer");
+    app.add_option("--adam-eps", o.adamw.eps, "AdamW epsilon")->group("Optimizer");
+    app.add_option("--weight-decay", o.adamw.weight_decay, "Decoupled weight decay (2-D tensors only)")
+        ->group("Optimizer");
+    app.add_option("--schedule", o.schedule, "Learning-rate schedule: cosine, linear, wsd or constant")
+        ->group("Optimizer");
+    app.add_option("--warmup-steps", o.warmup_steps, "Linear warmup steps")->group("Optimizer");
+    app.add_option("--lr-final-fraction", o.lr_final_fraction, "Final learning rate as a fraction of --lr")
+        ->group("Optimizer");
+    app.add_option("--wsd-decay-fraction", o.wsd_decay_fraction, "wsd: fraction of the steps spent decaying")
+        ->group("Optimizer");
+    app.add_option("--grad-clip", o.grad_clip, "Clip the global gradient norm to this (0: off)")->group("Optimizer");
+    app.add_option("--nan-policy", o.nan_policy,
+                   "Non-finite loss or gradient: skip (skip the update, warn, count) or stop (checkpoint and exit)")
+        ->group("Optimizer");
+
+    app.add_option("--train-data", o.train_data, "Training shards (glob pattern, llm.c .bin format)")->group("Data");
+    app.add_option("--val-data", o.val_data, "Validation shards (glob pattern; empty: no validation)")->group("Data");
+    app.add_option("--batch-size,-b", o.batch_size, "Sequences per micro-batch")->group("Data");
+    app.add_option("--seq-len,-t", o.seq_len, "Tokens per sequence")->group("Data");
+    app.add_option("--grad-accum", o.grad_accum, "Micro-batches per optimizer step")->group("Data");
+    app.add_option("--steps", o.steps, "Optimizer steps to run (or use --tokens)")->group("Data");
+    app.add_option("--tokens", o.tokens, "Token budget; steps = ceil(tokens / tokens per step)")->group("Data");
+    app.add_option("--seed", o.seed, "Seed for the initial weights")->group("Data");
+
+    app.add_option("--eval-every", o.eval_every, "Validation every N steps (0: only at start and end)")
+        ->group("Output");
+    app.add_option("--val-batches", o.val_batches, "Validation batches per evaluation (0: whole set)")
+        ->group("Output");
+    app.add_option("--out-dir", o.out_dir, "Run directory: metrics.jsonl and checkpoints/")->group("Output");
+    app.add_option("--checkpoint-every", o.checkpoint_every, "Checkpoint every N steps (0: only at the end)")
+        ->group("Output");
+    app.add_option("--keep-checkpoints", o.keep_checkpoints, "Keep the newest K checkpoints (0: all)")
+        ->group("Output");
+    app.add_option("--resume", o.resume,
+                   "Resume: a checkpoint directory, or 'auto' for the newest valid one in --out-dir")
+        ->group("Output");
+    app.add_option("--log-every", o.log_every, "Print a step line every N steps")->group("Output");
+}
+
+std::string presets_table() {
+    std::string out = "preset        arch   layers d_model heads  d_ff  max_T      parameters  description\n";
+    for (const auto& p : presets()) {
+        const ParamLayout layout = ParamLayout::build(p.config);
+        char line[256];
+        std::snprintf(line, sizeof line, "%-13s %-6s %6d %7d %5d %5d %6d %15s  %s\n", p.name.c_str(),
+                      arch_name(p.config.arch), p.config.n_layers, p.config.d_model, p.config.n_heads, p.config.d_ff,
+                      p.config.max_seq_len, with_commas(layout.total).c_str(), p.description.c_str());
+        out += line;
+    }
+    return out;
+}
+
+}  // namespace qopt

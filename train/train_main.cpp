@@ -1,0 +1,34 @@
+// train: trains a model (olmo2 or gpt2 layout) on llm.c-format token shards.
+#include <iostream>
+
+#include "core/error.hpp"
+#include "train/train_cli.hpp"
+
+int main(int argc, char** argv) {
+    CLI::App app{"qopt train: train an OLMo2-style or GPT-2 model on token shards, with checkpoints and exact resume"};
+    qopt::TrainOptions options;
+    qopt::add_train_flags(app, options);
+    bool list_presets = false;
+    app.add_flag("--list-presets", list_presets, "Print the model presets with exact parameter counts and exit");
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+    if (list_presets) {
+        std::cout << qopt::presets_table();
+        return 0;
+    }
+    try {
+        qopt::install_stop_handlers();
+        qopt::TrainResult result = qopt::run_training(options, std::cout);
+        if (result.interrupted) std::cout << "interrupted; resume with --resume auto --out-dir " << options.out_dir << "\n";
+        return 0;
+    } catch (const qopt::Error& e) {
+        std::cerr << "train: error: " << e.what() << "\n";
+        return 1;
+    } catch (const std::exception& e) {
+        std::cerr << "train: internal error: " << e.what() << "\n";
+        return 2;
+    }
+}

@@ -1,0 +1,338 @@
+#include "train/trainer.hpp"
+
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "core/error.hpp"
+#include "core/files.hpp"
+#include "core/rng.hpp"
+#include "data/loader.hpp"
+#include "kernels/device.hpp"
+#include "model/cpu_model.hpp"
+#include "optim/grad_clip.hpp"
+#include "optim/schedule.hpp"
+#include "train/checkpoint.hpp"
+
+namespace qopt {
+
+static std::atomic<int> g_stop_requested{0};
+
+static void on_stop_signal(int) { g_stop_requested.store(1); }
+
+void install_stop_handlers() {
+    std::signal(SIGINT, on_stop_signal);
+    std::signal(SIGTERM, on_stop_signal);
+}
+
+void request_stop() { g_stop_requested.store(1); }
+
+std::string with_commas(uint64_t value) {
+    std::string digits = std::to_string(value), out;
+    for (size_t i = 0; i < digits.size(); ++i) {
+        if (i && (digits.size() - i) % 3 == 0) out += ',';
+        out += digits[i];
+    }
+    return out;
+}
+
+ModelConfig resolve_model_config(const TrainOptions& o) {
+    ModelConfig c = preset_config(o.preset);
+    if (o.n_layers) c.n_layers = o.n_layers;
+    if (o.d_model) c.d_model = o.d_model;
+    if (o.n_heads) c.n_heads = o.n_heads;
+    if (o.d_ff) c.d_ff = o.d_ff;
+    if (o.max_seq_len) c.max_seq_len = o.max_seq_len;
+    if (o.vocab_size) {
+        c.vocab_size = o.vocab_size;
+        if (!o.padded_vocab_size) c.padded_vocab_size = (o.vocab_size + 127) / 128 * 128;
+    }
+    if (o.padded_vocab_size) c.padded_vocab_size = o.padded_vocab_size;
+    if (o.rope_theta) c.rope_theta = float(o.rope_theta);
+    if (o.norm_eps) c.norm_eps = float(o.norm_eps);
+    c.validate();
+    return c;
+}
+
+void validate_options(const TrainOptions& o) {
+    const ModelConfig config = resolve_model_config(o);
+    QOPT_CHECK(o.device == "cpu" || o.device == "cuda" || o.device == "auto", "--device must be cpu, cuda or auto, got '",
+               o.device, "'");
+    if (o.optimizer != "adamw") {
+        const bool planned = o.optimizer == "muon" || o.optimizer == "scion" || o.optimizer == "shampoo" ||
+                             o.optimizer == "soap" || o.optimizer == "psgd";
+        if (planned) fail("--optimizer ", o.optimizer, " is not implemented yet (only adamw is)");
+        fail("unknown --optimizer '", o.optimizer, "' (known: adamw; planned: muon, scion, shampoo, soap, psgd)");
+    }
+    o.adamw.validate();
+    QOPT_CHECK(o.batch_size > 0, "--batch-size must be positive, got ", o.batch_size);
+    QOPT_CHECK(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
+    QOPT_CHECK(o.seq_len <= config.max_seq_len, "--seq-len ", o.seq_len, " exceeds the model's max_seq_len ",
+               config.max_seq_len, " (set --max-seq-len to raise it)");
+    QOPT_CHECK(o.grad_accum > 0, "--grad-accum must be positive, got ", o.grad_accum);
+    QOPT_CHECK(o.steps > 0 || o.tokens > 0, "give a positive --steps or --tokens");
+    QOPT_CHECK(!(o.steps > 0 && o.tokens > 0), "give --steps or --tokens, not both");
+    QOPT_CHECK(o.steps >= 0, "--steps must be positive, got ", o.steps);
+    QOPT_CHECK(o.grad_clip >= 0, "--grad-clip must be non-negative, got ", o.grad_clip);
+    QOPT_CHECK(o.eval_every >= 0, "--eval-every must be non-negative");
+    QOPT_CHECK(o.val_batches >= 0, "--val-batches must be non-negative");
+    QOPT_CHECK(o.checkpoint_every >= 0, "--checkpoint-every must be non-negative");
+    QOPT_CHECK(o.log_every > 0, "--log-every must be positive");
+    QOPT_CHECK(o.threads >= 0, "--threads must be non-negative");
+    QOPT_CHECK(o.nan_policy == "skip" || o.nan_policy == "stop", "--nan-policy must be skip or stop, got '",
+               o.nan_policy, "'");
+    QOPT_CHECK(!o.train_data.empty(), "--train-data is required");
+    QOPT_CHECK(!o.out_dir.empty(), "--out-dir must not be empty");
+    parse_schedule(o.schedule);
+}
+
+static long total_steps_of(const TrainOptions& o) {
+    if (o.steps > 0) return o.steps;
+    const uint64_t per_step = uint64_t(o.batch_size) * uint64_t(o.seq_len) * uint64_t(o.grad_accum);
+    return long((o.tokens + per_step - 1) / per_step);
+}
+
+static std::string format_duration(double seconds) {
+    char buf[32];
+    const long s = long(seconds + 0.5);
+    if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+    else if (s >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+    else std::snprintf(buf, sizeof buf, "%.1fs", seconds);
+    return buf;
+}
+
+static Json run_settings(const TrainOptions& o, long total_steps) {
+    Json run = Json::object();
+    run["preset"] = o.preset;
+    run["optimizer"] = o.optimizer;
+    run["adamw"] = o.adamw.to_json();
+    run["batch_size"] = o.batch_size;
+    run["seq_len"] = o.seq_len;
+    run["grad_accum"] = o.grad_accum;
+    run["total_steps"] = int64_t(total_steps);
+    run["lr"] = o.lr;
+    run["schedule"] = o.schedule;
+    run["warmup_steps"] = int64_t(o.warmup_steps);
+    run["grad_clip"] = o.grad_clip;
+    run["seed"] = o.seed;
+    run["train_data"] = o.train_data;
+    return run;
+}
+
+TrainResult run_training(const TrainOptions& options, std::ostream& log) {
+    validate_options(options);
+    const ModelConfig config = resolve_model_config(options);
+    g_stop_requested.store(0);
+
+    // Device: the CUDA path is not built yet, so "auto" means the CPU and "cuda" is refused.
+    const CudaDeviceInfo gpu = query_cuda_device();
+    if (options.device == "cuda") {
+        if (!gpu.usable) fail("--device cuda: ", gpu.problem);
+        fail("--device cuda: the CUDA training path is not implemented yet; use --device cpu (found ",
+             gpu.description, ")");
+    }
+    if (options.threads > 0) omp_set_num_threads(options.threads);
+
+    const long total_steps = total_steps_of(options);
+    LrSchedule schedule;
+    schedule.kind = parse_schedule(options.schedule);
+    schedule.max_lr = options.lr;
+    schedule.warmup_steps = options.warmup_steps;
+    schedule.total_steps = total_steps;
+    schedule.final_fraction = options.lr_final_fraction;
+    schedule.decay_fraction = options.wsd_decay_fraction;
+    schedule.validate();
+
+    // Everything that can fail on bad input is checked before the first step.
+    check_writable_directory(options.out_dir);
+    TokenLoader train_loader(options.train_data, config.vocab_size, options.batch_size, options.seq_len,
+                             "--train-data");
+    std::unique_ptr<TokenLoader> val_loader;
+    if (!options.val_data.empty())
+        val_loader = std::make_unique<TokenLoader>(options.val_data, config.vocab_size, options.batch_size,
+                                                   options.seq_len, "--val-data");
+
+    CpuModel<float> model(config);
+    AdamW optimizer(model.layout(), options.adamw);
+    TrainState state;
+    Rng rng(options.seed ^ 0x5DEECE66Dull);
+    std::string resume_from = options.resume;
+    if (resume_from == "auto") {
+        resume_from = latest_valid_checkpoint(options.out_dir, log);
+        if (resume_from.empty()) log << "resume: no checkpoint in " << options.out_dir << ", starting fresh\n";
+    }
+    if (!resume_from.empty()) {
+        Checkpoint ckpt = read_checkpoint(resume_from);
+        const std::string diff = config.difference(ckpt.config);
+        if (!diff.empty()) fail(resume_from, ": checkpoint was written for a different model (", diff, ")");
+        QOPT_CHECK(ckpt.state.step <= total_steps, resume_from, ": checkpoint is at step ", ckpt.state.step,
+                   ", past this run's ", total_steps, " steps");
+        model.params() = std::move(ckpt.params);
+        optimizer.first_moment() = std::move(ckpt.first_moment);
+        optimizer.second_moment() = std::move(ckpt.second_moment);
+        optimizer.set_step_count(ckpt.optimizer_step);
+        state = ckpt.state;
+        train_loader.set_position(state.train_position);
+        rng.set_state(state.rng_state);
+        log << "resumed from " << resume_from << " at step " << state.step << "\n";
+    } else {
+        init_params(model.layout(), options.seed, model.params().data());
+    }
+
+    // Summary of what will run.
+    uint64_t embedding_params = 0;
+    for (const auto& t : model.layout().tensors)
+        if (t.kind == ParamKind::Embedding || t.kind == ParamKind::Position) embedding_params += t.numel;
+    log << "model: " << options.preset << " (" << arch_name(config.arch) << ") " << config.n_layers << " layers x "
+        << config.d_model << ", " << config.n_heads << " heads, d_ff " << config.d_ff << ", vocab "
+        << config.vocab_size << " (padded " << config.padded_vocab_size << ")\n";
+    log << "parameters: " << with_commas(model.layout().total) << " (embedding " << with_commas(embedding_params)
+        << ", non-embedding " << with_commas(model.layout().total - embedding_params) << ")\n";
+    log << "device: cpu, " << omp_get_max_threads() << " threads"
+        << (gpu.usable ? " (GPU " + gpu.description + " present; CUDA path not built yet)" : "") << "\n";
+    const uint64_t tokens_per_step = uint64_t(options.batch_size) * options.seq_len * options.grad_accum;
+    log << "data: " << train_loader.paths().size() << " train shard(s), " << with_commas(train_loader.total_tokens())
+        << " tokens; " << with_commas(tokens_per_step) << " tokens per step (" << options.batch_size << " x "
+        << options.seq_len << " x " << options.grad_accum << " accumulation)\n";
+    log << "optimizer: adamw lr " << options.lr << " (" << options.schedule << ", warmup " << options.warmup_steps
+        << "), betas " << options.adamw.beta1 << "/" << options.adamw.beta2 << ", weight decay "
+        << options.adamw.weight_decay << " on 2-D tensors, clip " << options.grad_clip << "; " << total_steps
+        << " steps\n";
+
+    std::ofstream metrics(options.out_dir + "/metrics.jsonl", std::ios::app);
+    if (!metrics) fail(options.out_dir, "/metrics.jsonl: cannot open for writing");
+    auto write_metrics = [&](Json record) {
+        metrics << record.dump() << "\n";
+        metrics.flush();
+    };
+
+    std::vector<int> inputs, targets;
+    auto evaluate = [&]() {
+        if (!val_loader) return double(NAN);
+        val_loader->reset();
+        uint64_t batches = val_loader->batches_per_epoch();
+        if (options.val_batches > 0 && uint64_t(options.val_batches) < batches) batches = uint64_t(options.val_batches);
+        double sum = 0;
+        for (uint64_t b = 0; b < batches; ++b) {
+            val_loader->next_batch(inputs, targets);
+            sum += model.loss(inputs.data(), targets.data(), options.batch_size, options.seq_len);
+        }
+        return sum / double(batches);
+    };
+    auto report_val = [&](const char* when, double val_loss) {
+        if (std::isnan(val_loss)) return;
+        char line[160];
+        std::snprintf(line, sizeof line, "val loss %.4f (perplexity %.1f) %s step %ld\n", val_loss, std::exp(val_loss),
+                      when, state.step);
+        log << line;
+        Json record = Json::object();
+        record["type"] = "val";
+        record["step"] = int64_t(state.step);
+        record["val_loss"] = val_loss;
+        write_metrics(record);
+    };
+    auto save = [&]() {
+        Checkpoint ckpt;
+        ckpt.config = config;
+        state.train_position = train_loader.position();
+        state.rng_state = rng.state();
+        ckpt.state = state;
+        ckpt.run = run_settings(options, total_steps);
+        ckpt.optimizer_step = optimizer.step_count();
+        ckpt.params = model.params();
+        ckpt.first_moment = optimizer.first_moment();
+        ckpt.second_moment = optimizer.second_moment();
+        std::string path = write_checkpoint(options.out_dir, ckpt);
+        prune_checkpoints(options.out_dir, options.keep_checkpoints);
+        log << "checkpoint: " << path << "\n";
+        return path;
+    };
+
+    TrainResult result;
+    result.val_loss_start = evaluate();
+    report_val("at", result.val_loss_start);
+
+    const auto run_start = std::chrono::steady_clock::now();
+    const long first_step = state.step;
+    while (state.step < total_steps) {
+        const auto step_start = std::chrono::steady_clock::now();
+        const double lr = schedule.at(state.step);
+        model.zero_grads();
+        double loss = 0;
+        for (int micro = 0; micro < options.grad_accum; ++micro) {
+            train_loader.next_batch(inputs, targets);
+            loss += model.forward_backward(inputs.data(), targets.data(), options.batch_size, options.seq_len,
+                                           1.0f / float(options.grad_accum)) /
+                    options.grad_accum;
+        }
+        const double grad_norm = clip_grad_norm_cpu(model.grads().data(), model.grads().size(), options.grad_clip);
+        const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
+        if (finite) {
+            optimizer.step(model.params().data(), model.grads().data(), lr);
+        } else {
+            ++state.skipped_steps;
+            log << "warning: step " << state.step + 1 << " has a non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
+                << " (loss " << loss << ", grad norm " << grad_norm << "); update skipped (" << state.skipped_steps
+                << " so far)\n";
+            if (options.nan_policy == "stop") {
+                result.last_checkpoint = save();
+                fail("stopping on a non-finite step (--nan-policy stop); last good state saved in ",
+                     result.last_checkpoint);
+            }
+        }
+        ++state.step;
+        state.tokens_seen += tokens_per_step;
+        result.train_losses.push_back(loss);
+
+        const auto now = std::chrono::steady_clock::now();
+        const double step_seconds = std::chrono::duration<double>(now - step_start).count();
+        const double elapsed = std::chrono::duration<double>(now - run_start).count();
+        const double tokens_per_second = double(tokens_per_step) / step_seconds;
+        const double eta = elapsed / double(state.step - first_step) * double(total_steps - state.step);
+        if (state.step % options.log_every == 0 || state.step == total_steps) {
+            char line[256];
+            std::snprintf(line, sizeof line,
+                          "step %5ld/%ld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | elapsed %s | eta %s\n",
+                          state.step, total_steps, loss, lr, grad_norm, tokens_per_second,
+                          format_duration(elapsed).c_str(), format_duration(eta).c_str());
+            log << line;
+            log.flush();
+        }
+        Json record = Json::object();
+        record["type"] = "train";
+        record["step"] = int64_t(state.step);
+        record["loss"] = loss;
+        record["lr"] = lr;
+        record["grad_norm"] = grad_norm;
+        record["tokens_per_second"] = tokens_per_second;
+        record["tokens_seen"] = state.tokens_seen;
+        record["skipped"] = !finite;
+        write_metrics(record);
+
+        if (options.eval_every > 0 && state.step % options.eval_every == 0 && state.step < total_steps)
+            report_val("after", evaluate());
+        if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
+            result.last_checkpoint = save();
+        if (g_stop_requested.load()) {
+            log << "stop requested: saving a checkpoint at step " << state.step << " and exiting\n";
+            result.interrupted = true;
+            break;
+        }
+    }
+    if (!result.interrupted) {
+        result.val_loss_end = evaluate();
+        report_val("after", result.val_loss_end);
+    }
+    result.last_checkpoint = save();
+    result.final_step = state.step;
+    result.skipped_steps = state.skipped_steps;
+    return result;
+}
+
+}  // namespace qopt

@@ -1,0 +1,75 @@
+// The training loop behind the `train` binary, callable in-process (tests use it).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "model/config.hpp"
+#include "optim/adamw.hpp"
+
+namespace qopt {
+
+struct TrainOptions {
+    // Model: a preset, with any shape field overridden (0 keeps the preset's value).
+    std::string preset = "olmo2-mini";
+    int n_layers = 0, d_model = 0, n_heads = 0, d_ff = 0, max_seq_len = 0, vocab_size = 0, padded_vocab_size = 0;
+    double rope_theta = 0, norm_eps = 0;
+
+    std::string device = "auto";  // cpu | cuda | auto
+    int threads = 0;              // OpenMP threads for the CPU path (0: OpenMP's default)
+
+    // Optimization
+    std::string optimizer = "adamw";
+    AdamWConfig adamw;
+    double lr = 1e-3;
+    std::string schedule = "cosine";
+    long warmup_steps = 0;
+    double lr_final_fraction = 0.1;
+    double wsd_decay_fraction = 0.2;
+    double grad_clip = 1.0;  // 0 disables clipping
+    std::string nan_policy = "skip";  // skip | stop
+
+    // Data and batch
+    std::string train_data, val_data;
+    int batch_size = 8, seq_len = 128, grad_accum = 1;
+    long steps = 0;       // optimizer steps; or
+    uint64_t tokens = 0;  // a token budget (steps = ceil(tokens / tokens per step))
+    uint64_t seed = 1337;
+
+    // Evaluation, output, checkpoints
+    long eval_every = 0;   // 0: only before the first and after the last step
+    int val_batches = 20;  // 0: the whole validation set
+    std::string out_dir = "runs/default";
+    long checkpoint_every = 0;  // 0: only at the end
+    int keep_checkpoints = 3;
+    std::string resume;  // "" (fresh run), "auto" (newest valid in out_dir, else fresh), or a directory
+    long log_every = 1;
+};
+
+struct TrainResult {
+    std::vector<double> train_losses;  // one per step run in this call
+    double val_loss_start = NAN, val_loss_end = NAN;
+    long final_step = 0;
+    long skipped_steps = 0;
+    bool interrupted = false;
+    std::string last_checkpoint;
+};
+
+// The model config the options describe (preset + overrides), validated.
+ModelConfig resolve_model_config(const TrainOptions& options);
+// Checks every option that needs no file I/O; throws qopt::Error naming the flag.
+void validate_options(const TrainOptions& options);
+// Runs (or resumes) training, writing progress lines to `log`. Throws qopt::Error on bad
+// input (data, checkpoints, output directory) before any step runs.
+TrainResult run_training(const TrainOptions& options, std::ostream& log);
+
+// SIGINT/SIGTERM: the run finishes its current step, writes a checkpoint and returns.
+void install_stop_handlers();
+void request_stop();  // what the handlers do (also for tests)
+
+// "7,123,456"
+std::string with_commas(uint64_t value);
+
+}  // namespace qopt
