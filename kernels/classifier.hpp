@@ -18,7 +18,7 @@ namespace qopt {
 template <typename T>
 void classifier_cpu(T* losses, T* dx, T* d_embed, const T* x, const T* embed, const int* targets, int n_rows,
                     int dim, int vocab_size, T grad_scale) {
-    const int chunk = 64;
+    const int chunk = 128;  // rows per sweep: the logits buffer is chunk x V (51 MB for GPT-2's vocab)
     std::vector<T> logits(size_t(chunk) * vocab_size);
     for (int n0 = 0; n0 < n_rows; n0 += chunk) {
         const int rows = std::min(chunk, n_rows - n0);

@@ -132,3 +132,30 @@ TEST_CASE("tokenizer vocabulary files: malformed input is refused naming the fil
     CHECK_THROWS_WITH_AS(Tokenizer::load(dir / "missing.json", dir / "vocab.bpe"), doctest::Contains("missing.json"),
                          Error);
 }
+
+TEST_CASE("the tokenize binary: text -> ids -> shard -> text") {
+    REQUIRE_VOCAB();
+    const std::string tokenize = bin_dir() + "/tokenize --vocab " + data_dir() + "/gpt2";
+    if (!file_exists(bin_dir() + "/tokenize")) {
+        MESSAGE("skipped: tokenize not built");
+        return;
+    }
+    TempDir dir;
+    const std::string text = "Hello world\n\nIt's 2026 — naïve tests, don't they?  ";
+    write_file_atomic(dir / "in.txt", text);
+    std::string output;
+    REQUIRE(run_command(tokenize + " " + dir.path + "/in.txt", output) == 0);
+    CHECK(output.rfind("15496 995 ", 0) == 0);
+    write_file_atomic(dir / "ids.txt", output);
+    REQUIRE(run_command(tokenize + " --decode " + dir.path + "/ids.txt", output) == 0);
+    CHECK(output == text);
+    REQUIRE(run_command(tokenize + " --eot --out " + dir.path + "/x.bin " + dir.path + "/in.txt", output) == 0);
+    const auto shard = read_shard(dir / "x.bin", 50257);
+    CHECK(shard[0] == 50256);
+    REQUIRE(run_command(tokenize + " --decode " + dir.path + "/x.bin", output) == 0);
+    CHECK(output == "<|endoftext|>" + text);
+    CHECK(run_command("echo 1 2 99999 | " + tokenize + " --decode", output) == 1);
+    CHECK(output.find("token id 99999 is outside the vocabulary") != std::string::npos);
+    CHECK(run_command(tokenize + " --vocab /nonexistent " + dir.path + "/in.txt", output) == 1);
+    CHECK(output.find("/nonexistent/encoder.json") != std::string::npos);
+}

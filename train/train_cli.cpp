@@ -9,21 +9,21 @@ namespace qopt {
 void add_train_flags(CLI::App& app, TrainOptions& o) {
     o.train_data = kDefaultTrainData;
     o.val_data = kDefaultValData;
-    app.option_defaults()->always_capture_default();
+    app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 
     app.add_option("--preset", o.preset, "Model preset (see --list-presets)")->group("Model");
-    app.add_option("--n-layers", o.n_layers, "Override: transformer blocks")->group("Model");
-    app.add_option("--d-model", o.d_model, "Override: residual width")->group("Model");
-    app.add_option("--n-heads", o.n_heads, "Override: attention heads (must divide d_model)")->group("Model");
-    app.add_option("--d-ff", o.d_ff, "Override: MLP hidden width")->group("Model");
-    app.add_option("--max-seq-len", o.max_seq_len, "Override: longest sequence (positions / RoPE table)")->group("Model");
-    app.add_option("--vocab-size", o.vocab_size, "Override: vocabulary size (token ids must be below it)")
+    app.add_option("--n-layers", o.n_layers, "transformer blocks (0: the preset's value)")->group("Model");
+    app.add_option("--d-model", o.d_model, "residual width (0: the preset's value)")->group("Model");
+    app.add_option("--n-heads", o.n_heads, "attention heads (must divide d_model) (0: the preset's value)")->group("Model");
+    app.add_option("--d-ff", o.d_ff, "MLP hidden width (0: the preset's value)")->group("Model");
+    app.add_option("--max-seq-len", o.max_seq_len, "longest sequence (positions / RoPE table) (0: the preset's value)")->group("Model");
+    app.add_option("--vocab-size", o.vocab_size, "vocabulary size (token ids must be below it) (0: the preset's value)")
         ->group("Model");
     app.add_option("--padded-vocab-size", o.padded_vocab_size,
-                   "Override: embedding rows (default: vocab size rounded up to 128)")
+                   "embedding rows (default: vocab size rounded up to 128) (0: the preset's value)")
         ->group("Model");
-    app.add_option("--rope-theta", o.rope_theta, "Override: RoPE base (olmo2)")->group("Model");
-    app.add_option("--norm-eps", o.norm_eps, "Override: RMSNorm/LayerNorm epsilon")->group("Model");
+    app.add_option("--rope-theta", o.rope_theta, "RoPE base (olmo2) (0: the preset's value)")->group("Model");
+    app.add_option("--norm-eps", o.norm_eps, "RMSNorm/LayerNorm epsilon (0: the preset's value)")->group("Model");
 
     app.add_option("--device", o.device, "cpu, cuda or auto (auto: the CPU until the CUDA path lands)")
         ->group("Device");

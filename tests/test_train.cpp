@@ -1,0 +1,250 @@
+// The training loop: loss falls, exact resume, determinism, NaN handling, and bad input
+// through the real `train` binary (one clear line, non-zero exit, no checkpoint left).
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include <sstream>
+#include <thread>
+
+#include "core/error.hpp"
+#include "helpers.hpp"
+#include "train/checkpoint.hpp"
+#include "train/trainer.hpp"
+
+using namespace qopt;
+using namespace qopt::test;
+
+namespace {
+
+// A tiny olmo2 on a learnable synthetic stream of 64 token ids.
+TrainOptions tiny_run(const TempDir& dir, long steps) {
+    if (!file_exists(dir / "train.bin")) {
+        write_shard(dir / "train.bin", synthetic_tokens(20000, 64, 11));
+        write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
+    }
+    TrainOptions o;
+    o.preset = "olmo2-tiny";
+    o.vocab_size = 64;
+    o.max_seq_len = 32;
+    o.train_data = dir / "train.bin";
+    o.val_data = dir / "val.bin";
+    o.batch_size = 4;
+    o.seq_len = 32;
+    o.steps = steps;
+    o.lr = 1e-2;
+    o.warmup_steps = std::min(5L, steps);
+    o.val_batches = 4;
+    o.out_dir = dir / "run";
+    o.keep_checkpoints = 0;
+    return o;
+}
+
+std::string bin(const char* name) { return bin_dir() + "/" + name; }
+
+}  // namespace
+
+TEST_CASE("a short training run's loss falls well below its start") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 60);
+    const TrainResult r = run_training(o, log);
+    INFO(log.str());
+    REQUIRE(r.train_losses.size() == 60);
+    CHECK(r.train_losses.front() == doctest::Approx(std::log(64.0)).epsilon(0.05));
+    CHECK(r.val_loss_end < r.val_loss_start - 1.5);  // log(64) = 4.16; the pattern is learnable
+    CHECK(file_exists(o.out_dir + "/metrics.jsonl"));
+    CHECK(list_checkpoints(o.out_dir).size() == 1);
+}
+
+TEST_CASE("exact resume: N steps + resume + N steps == 2N steps, bit for bit") {
+    TempDir dir;
+    std::ostringstream log;
+    for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
+        CAPTURE(preset);
+        TrainOptions full = tiny_run(dir, 12);
+        full.preset = preset;
+        full.out_dir = dir / (std::string("full_") + preset);
+        full.checkpoint_every = 6;
+        full.grad_accum = 2;
+        const TrainResult a = run_training(full, log);
+        // Second run: start from the step-6 checkpoint of the first, in another directory.
+        TrainOptions resumed = full;
+        resumed.out_dir = dir / (std::string("resumed_") + preset);
+        resumed.resume = full.out_dir + "/checkpoints/" + checkpoint_name(6);
+        const TrainResult b = run_training(resumed, log);
+        REQUIRE(b.train_losses.size() == 6);
+        for (size_t i = 0; i < 6; ++i) CHECK(b.train_losses[i] == a.train_losses[6 + i]);  // exact
+        CHECK(b.val_loss_end == a.val_loss_end);
+        const Checkpoint end_a = read_checkpoint(a.last_checkpoint), end_b = read_checkpoint(b.last_checkpoint);
+        CHECK(end_a.params == end_b.params);
+        CHECK(end_a.second_moment == end_b.second_moment);
+        CHECK(end_a.state.train_position.token_offset == end_b.state.train_position.token_offset);
+    }
+}
+
+TEST_CASE("--resume auto continues from the newest checkpoint, or starts fresh without one") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 4);
+    o.resume = "auto";
+    run_training(o, log);
+    CHECK(log.str().find("starting fresh") != std::string::npos);
+    o.steps = 6;  // extend the run; the schedule is recomputed for 6 steps
+    const TrainResult r = run_training(o, log);
+    CHECK(r.train_losses.size() == 2);
+    CHECK(log.str().find("resumed from") != std::string::npos);
+}
+
+TEST_CASE("two runs with the same seed give identical losses") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 5);
+    const TrainResult a = run_training(o, log);
+    o.out_dir = dir / "again";
+    const TrainResult b = run_training(o, log);
+    CHECK(a.train_losses == b.train_losses);
+}
+
+TEST_CASE("non-finite steps are skipped and counted, or stop the run with a checkpoint") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 3);
+    o.lr = 1e30;  // the first update overflows the weights, so later losses are not finite
+    o.warmup_steps = 0;
+    o.grad_clip = 0;
+    const TrainResult r = run_training(o, log);
+    CHECK(r.skipped_steps >= 1);
+    CHECK(log.str().find("update skipped") != std::string::npos);
+    o.nan_policy = "stop";
+    o.out_dir = dir / "stop";
+    CHECK_THROWS_WITH_AS(run_training(o, log), doctest::Contains("stopping on a non-finite step"), Error);
+    CHECK(list_checkpoints(o.out_dir).size() == 1);
+}
+
+TEST_CASE("option validation names the flag") {
+    TempDir dir;
+    std::ostringstream log;
+    auto expect = [&](TrainOptions o, const char* message) {
+        CAPTURE(message);
+        CHECK_THROWS_WITH_AS(run_training(o, log), doctest::Contains(message), Error);
+        CHECK(list_checkpoints(o.out_dir).empty());
+    };
+    TrainOptions base = tiny_run(dir, 3);
+    auto with = [&](auto change) {
+        TrainOptions o = base;
+        change(o);
+        return o;
+    };
+    expect(with([](TrainOptions& o) { o.batch_size = 0; }), "--batch-size must be positive");
+    expect(with([](TrainOptions& o) { o.seq_len = -1; }), "--seq-len must be positive");
+    expect(with([](TrainOptions& o) { o.steps = 0; }), "give a positive --steps or --tokens");
+    expect(with([](TrainOptions& o) { o.steps = -5; }), "--steps");
+    expect(with([](TrainOptions& o) { o.seq_len = 64; }), "--seq-len 64 exceeds the model's max_seq_len 32");
+    expect(with([](TrainOptions& o) { o.preset = "olmo9"; }), "unknown preset 'olmo9'");
+    expect(with([](TrainOptions& o) { o.optimizer = "sgd"; }), "unknown --optimizer 'sgd'");
+    expect(with([](TrainOptions& o) { o.optimizer = "muon"; }), "--optimizer muon is not implemented yet");
+    expect(with([](TrainOptions& o) { o.device = "tpu"; }), "--device must be cpu, cuda or auto");
+    expect(with([](TrainOptions& o) { o.train_data = ""; }), "--train-data is required");
+    expect(with([&](TrainOptions& o) { o.train_data = dir / "missing_*.bin"; }), "--train-data: no file matches");
+    expect(with([](TrainOptions& o) { o.n_heads = 5; }), "not divisible by n_heads 5");
+    expect(with([](TrainOptions& o) { o.lr = -1; }), "--lr must be positive");
+    expect(with([](TrainOptions& o) { o.vocab_size = 10; }), "is not below the vocabulary size 10");
+}
+
+TEST_CASE("a checkpoint from a different model config is refused") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 2);
+    const TrainResult r = run_training(o, log);
+    TrainOptions other = o;
+    other.d_model = 32;
+    other.out_dir = dir / "other";
+    other.resume = r.last_checkpoint;
+    CHECK_THROWS_WITH_AS(run_training(other, log),
+                         doctest::Contains("checkpoint was written for a different model (d_model 32 vs 64"), Error);
+}
+
+TEST_CASE("the train binary: bad input gives one clear line and a non-zero exit") {
+    const std::string train = bin("train");
+    if (!file_exists(train)) {
+        MESSAGE("skipped: " << train << " not built (run through `make test`)");
+        return;
+    }
+    TempDir dir;
+    write_shard(dir / "good.bin", synthetic_tokens(5000, 64, 1));
+    std::string bad(1024 + 8, '\0');
+    write_file_atomic(dir / "badmagic.bin", bad);
+    write_file_atomic(dir / "blocker", "a file where a directory is expected");
+    const std::string base = train + " --preset olmo2-tiny --vocab-size 64 --steps 2 -b 2 -t 16 --val-data '' --out-dir " +
+                             dir.path + "/out";
+    struct Case {
+        std::string args, message;
+    };
+    const std::vector<Case> cases = {
+        {"--train-data '" + dir.path + "/nothing_*.bin'", "no file matches"},
+        {"--train-data ''", "--train-data is required"},
+        {"--train-data " + dir.path + "/badmagic.bin", "badmagic.bin: not a token shard"},
+        {"--train-data " + dir.path + "/good.bin --seq-len 1000", "exceeds the model's max_seq_len"},
+        {"--train-data " + dir.path + "/good.bin --batch-size 0", "--batch-size must be positive"},
+        {"--train-data " + dir.path + "/good.bin --steps 0", "give a positive --steps or --tokens"},
+        {"--train-data " + dir.path + "/good.bin --preset nope", "unknown preset 'nope'"},
+        {"--train-data " + dir.path + "/good.bin --optimizer lion", "unknown --optimizer 'lion'"},
+        {"--train-data " + dir.path + "/good.bin --out-dir " + dir.path + "/blocker/sub", "is not a directory"},
+        {"--train-data " + dir.path + "/good.bin --resume " + dir.path + "/nockpt", "no such checkpoint directory"},
+        {"--train-data " + dir.path + "/good.bin --steps abc", "Could not convert: --steps"},
+        {"--train-data " + dir.path + "/good.bin --no-such-flag", "The following argument was not expected"},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.args);
+        std::string output;
+        const int rc = run_command(base + " " + c.args, output);
+        CAPTURE(output);
+        CHECK(rc != 0);
+        CHECK(output.find(c.message) != std::string::npos);
+        CHECK(std::count(output.begin(), output.end(), '\n') <= 2);
+    }
+    CHECK(list_checkpoints(dir.path + "/out").empty());
+    std::string output;
+    CHECK(run_command(train + " --help", output) == 0);
+    CHECK(output.find("--grad-accum") != std::string::npos);
+    CHECK(run_command(train + " --list-presets", output) == 0);
+    CHECK(output.find("124,475,904") != std::string::npos);
+}
+
+TEST_CASE("the train binary: SIGTERM finishes the step, checkpoints and exits cleanly") {
+    const std::string train = bin("train");
+    if (!file_exists(train)) {
+        MESSAGE("skipped: " << train << " not built (run through `make test`)");
+        return;
+    }
+    TempDir dir;
+    write_shard(dir / "good.bin", synthetic_tokens(50000, 64, 1));
+    const std::string out = dir / "out";
+    const std::string command = "exec " + train + " --preset olmo2-tiny --vocab-size 64 --steps 100000 -b 2 -t 16 --val-data '' --threads 1 --train-data " +
+                                dir.path + "/good.bin --out-dir " + out + " > " + dir.path + "/log.txt 2>&1";
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    // Wait until a few steps have been logged, then ask it to stop.
+    for (int i = 0; i < 300; ++i) {
+        if (file_exists(out + "/metrics.jsonl") && file_size(out + "/metrics.jsonl") > 500) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    const std::string log = read_file(dir / "log.txt");
+    INFO(log);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    CHECK(log.find("stop requested") != std::string::npos);
+    const auto checkpoints = list_checkpoints(out);
+    REQUIRE(checkpoints.size() == 1);
+    CHECK(read_checkpoint(checkpoints[0]).state.step > 0);
+}
