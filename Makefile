@@ -16,10 +16,10 @@ DATA_DIR := $(BUILD)/data
 
 WARNINGS := -Wall -Wextra -Wno-unknown-pragmas
 CXXFLAGS ?= -O3 -march=$(CPU_ARCH) -g
-CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
+CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -isystem $(CUDA_HOME)/include -MMD -MP
 NVCCFLAGS ?= -O3
 NVCCFLAGS += -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
-LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lpthread
+LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # Library: every .cpp/.cu under the source folders except the binaries' main files.
 SRC_DIRS := core data model kernels optim quant eval train

@@ -165,9 +165,10 @@ Tokenizer Tokenizer::load(const std::string& encoder_json_path, const std::strin
     std::unordered_map<uint32_t, int> unicode_to_byte;
     for (int b = 0; b < 256; ++b) unicode_to_byte[b2u[b]] = b;
 
+    const std::string encoder_text = read_file(encoder_json_path);  // errors name the path already
     Json encoder;
     try {
-        encoder = Json::parse(read_file(encoder_json_path));
+        encoder = Json::parse(encoder_text);
     } catch (const Error& e) {
         fail(encoder_json_path, ": ", e.what());
     }

@@ -21,7 +21,7 @@ CudaDeviceInfo query_cuda_device() {
         info.problem = "cannot read the properties of GPU 0";
         return info;
     }
-    char text[256];
+    char text[512];
     std::snprintf(text, sizeof text, "%s (sm_%d%d, %d SMs, %.1f GiB)", prop.name, prop.major, prop.minor,
                   prop.multiProcessorCount, double(prop.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
     info.description = text;

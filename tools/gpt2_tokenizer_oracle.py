@@ -97,12 +97,21 @@ def main():
         results[name] = {"cases": [encode(c) for c in CASES]}
         ids = encode(text)
         results[name]["brown_val"] = {"count": len(ids), "fnv64": fnv64(ids), "first": ids[:50]}
+    # transformers parses special tokens inside text; qopt, tiktoken's encode_ordinary and
+    # GPT-2's own encoder treat "<|endoftext|>" as plain text, so those cases are left out
+    # of the comparison with transformers (and only with it).
+    def comparable(name, text):
+        return not (name.startswith("transformers") and "<|endoftext|>" in text)
     names = list(results)
+    agree = len(names) >= 2
     for n in names[1:]:
         for c, a, b in zip(CASES, results[names[0]]["cases"], results[n]["cases"]):
-            if a != b:
+            if comparable(n, c) and a != b:
+                agree = False
                 print(f"disagree on {c!r}: {names[0]} {a} vs {n} {b}")
-    agree = len(names) >= 2 and all(results[n] == results[names[0]] for n in names)
+        if results[n]["brown_val"] != results[names[0]]["brown_val"]:
+            agree = False
+            print(f"disagree on the Brown text: {names[0]} vs {n}")
     print("oracles:", names, "agree:", agree)
     fixture = {"source": names[0], "oracles_agree": agree, "oracles": names,
                "cases": [{"text": c, "ids": i} for c, i in zip(CASES, results[names[0]]["cases"])],

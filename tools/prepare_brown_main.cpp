@@ -21,6 +21,7 @@
 
 int main(int argc, char** argv) {
     CLI::App app{"qopt prepare_brown: Brown corpus (form C) -> plain text + GPT-2 token shards"};
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // last repeated flag wins
     std::string corpus_dir, vocab_dir, out_dir;
     int val_every = 20;
     app.add_option("--corpus", corpus_dir, "Folder of the tagged Brown files (ca01 .. cr09)")->required();

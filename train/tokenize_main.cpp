@@ -24,6 +24,7 @@ static std::string read_input(const std::string& path) {
 int main(int argc, char** argv) {
     CLI::App app{"qopt tokenize: GPT-2 byte-level BPE. Text -> ids (one line, or a .bin shard with --out); "
                  "--decode: ids or a shard -> text"};
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // last repeated flag wins
     std::string input, vocab_dir = "build/data/gpt2", out_path, format = "text";
     bool decode = false, prepend_eot = false, stats = false;
     app.add_option("input", input, "Input file ('-' or none: standard input)");

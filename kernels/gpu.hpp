@@ -1,0 +1,101 @@
+// Host-side API of the CUDA kernels: launchers callable from plain C++ (g++), so the model,
+// the trainer and the tests need no nvcc. Activations are bf16, statistics and master
+// weights fp32; every launcher checks its launch and throws qopt::Error on failure.
+// Each family's CPU reference is the same-named *_cpu function in kernels/<family>.hpp.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <vector>
+
+namespace qopt {
+
+using bf16 = __nv_bfloat16;
+
+bool gpu_available();  // a usable GPU is present (see kernels/device.hpp for the reason if not)
+
+// Owning device allocation of `count` elements of T (no copy, move only).
+template <typename T>
+class DeviceBuffer {
+public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t count) { resize(count); }
+    ~DeviceBuffer() { release(); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), count_(other.count_) {
+        other.data_ = nullptr;
+        other.count_ = 0;
+    }
+    void resize(size_t count);
+    void release();
+    T* data() { return data_; }
+    const T* data() const { return data_; }
+    size_t size() const { return count_; }
+    void upload(const std::vector<T>& host);
+    std::vector<T> download() const;
+    void fill_bytes(unsigned char byte);  // e.g. 0xFF poisons bf16/fp32 with NaNs
+
+private:
+    T* data_ = nullptr;
+    size_t count_ = 0;
+};
+
+// ---- norms (kernels/norms.cu)
+// RMSNorm over rows of `dim`: out = w * x * rstd, rstd saved (fp32).
+void rmsnorm_forward_gpu(bf16* out, float* rstd, const bf16* in, const float* weight, int n_rows, int dim, float eps,
+                         cudaStream_t stream = 0);
+// din is written (not accumulated); dweight (fp32) is accumulated, deterministically.
+void rmsnorm_backward_gpu(bf16* din, float* dweight, const bf16* dout, const bf16* in, const float* weight,
+                          const float* rstd, int n_rows, int dim, cudaStream_t stream = 0);
+void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
+                           int n_rows, int dim, float eps, cudaStream_t stream = 0);
+void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
+                            const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
+                            cudaStream_t stream = 0);
+
+// ---- activations (kernels/activations.cu): din is written, not accumulated.
+void gelu_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream = 0);
+void gelu_backward_gpu(bf16* din, const bf16* dout, const bf16* in, size_t n, cudaStream_t stream = 0);
+void relu2_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream = 0);
+void relu2_backward_gpu(bf16* din, const bf16* dout, const bf16* in, size_t n, cudaStream_t stream = 0);
+
+// ---- RoPE and embeddings (kernels/rope_embedding.cu)
+// cos/sin tables [seq_len, head_dim/2] from rope_angles (kernels/rope.hpp), uploaded once.
+// The backward writes din (the inverse rotation of dout).
+void rope_forward_gpu(bf16* out, const bf16* in, const float* cos_table, const float* sin_table, int n_rows,
+                      int seq_len, int n_heads, int head_dim, cudaStream_t stream = 0);
+void rope_backward_gpu(bf16* din, const bf16* dout, const float* cos_table, const float* sin_table, int n_rows,
+                       int seq_len, int n_heads, int head_dim, cudaStream_t stream = 0);
+// out[n] = embed[token[n]] + pos_embed[n % T] (pos_embed may be null).
+void embedding_forward_gpu(bf16* out, const int* tokens, const bf16* embed, const bf16* pos_embed, int n_rows,
+                           int seq_len, int dim, cudaStream_t stream = 0);
+// The batch's positions grouped by token id (CSR, ascending positions): built on the host
+// from the token ids, uploaded, and used by embedding_backward_gpu for a deterministic sum.
+struct TokenBuckets {
+    std::vector<int> tokens, offsets, positions;  // offsets has tokens.size() + 1 entries
+};
+TokenBuckets build_token_buckets(const int* tokens, int n_rows, int vocab_size);
+// d_embed (fp32) += rows of dout per token; d_pos_embed (fp32, may be null) += per position.
+void embedding_backward_gpu(float* d_embed, float* d_pos_embed, const bf16* dout, const int* bucket_tokens,
+                            const int* bucket_offsets, const int* bucket_positions, int n_buckets, int n_rows,
+                            int seq_len, int dim, cudaStream_t stream = 0);
+
+// ---- linear layers (kernels/matmul.cu, cuBLASLt): weight [out_dim, in_dim] row-major, bf16.
+// out = in W^T + bias (bias may be null).
+void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
+                        int out_dim, cudaStream_t stream = 0);
+// din = dout W (written).
+void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
+                               cudaStream_t stream = 0);
+// dweight (fp32) += dout^T in.
+void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
+                                cudaStream_t stream = 0);
+
+// ---- optimizer (optim/adamw.cu): fp32 master weights and moments, fp32 gradients.
+void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                      float beta2, float eps, float weight_decay, long step, float grad_scale,
+                      cudaStream_t stream = 0);
+
+}  // namespace qopt

@@ -1,0 +1,46 @@
+#include "kernels/cuda_check.cuh"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
+
+namespace qopt {
+
+bool gpu_available() { return query_cuda_device().usable; }
+
+template <typename T>
+void DeviceBuffer<T>::resize(size_t count) {
+    release();
+    if (count == 0) return;
+    CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&data_), count * sizeof(T)));
+    count_ = count;
+}
+
+template <typename T>
+void DeviceBuffer<T>::release() {
+    if (data_) cudaFree(data_);
+    data_ = nullptr;
+    count_ = 0;
+}
+
+template <typename T>
+void DeviceBuffer<T>::upload(const std::vector<T>& host) {
+    if (host.size() != count_) resize(host.size());
+    CUDA_CHECK(cudaMemcpy(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+template <typename T>
+std::vector<T> DeviceBuffer<T>::download() const {
+    std::vector<T> host(count_);
+    CUDA_CHECK(cudaMemcpy(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+}
+
+template <typename T>
+void DeviceBuffer<T>::fill_bytes(unsigned char byte) {
+    CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
+}
+
+template class DeviceBuffer<float>;
+template class DeviceBuffer<bf16>;
+template class DeviceBuffer<int>;
+
+}  // namespace qopt

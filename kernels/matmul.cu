@@ -1,0 +1,110 @@
+// Linear layers on the GPU through cuBLASLt (bf16 operands, fp32 accumulation). This file is
+// the one place that owns the cuBLASLt handle, its workspace and the algorithm choice (the
+// heuristic's first answer, cached per shape). Math and CPU reference: kernels/matmul.hpp.
+//
+// Row-major X[rows, cols] is column-major X^T, so with weight W[out, in] row-major:
+//   forward  out^T[out, n] = op_T(W as [in, out]) * in^T[in, n]          (m=out, n=rows, k=in)
+//   dinput   din^T[in, n]  = (W as [in, out]) * dout^T[out, n]           (m=in,  n=rows, k=out)
+//   dweight  dW^T[in, out] += in^T[in, n] * op_T(dout^T[out, n])         (m=in,  n=out,  k=rows)
+#include <cublasLt.h>
+
+#include <map>
+#include <tuple>
+
+#include "kernels/cuda_check.cuh"
+#include "kernels/gpu.hpp"
+
+namespace qopt {
+
+namespace {
+
+#define CUBLAS_CHECK(call)                                                                          \
+    do {                                                                                            \
+        cublasStatus_t status_ = (call);                                                            \
+        if (status_ != CUBLAS_STATUS_SUCCESS)                                                       \
+            ::qopt::fail("cuBLASLt error ", int(status_), " in ", #call, " at ", __FILE__, ":", __LINE__); \
+    } while (0)
+
+constexpr size_t kWorkspaceBytes = size_t(32) << 20;
+
+struct Lt {
+    cublasLtHandle_t handle = nullptr;
+    void* workspace = nullptr;
+    Lt() {
+        CUBLAS_CHECK(cublasLtCreate(&handle));
+        CUDA_CHECK(cudaMalloc(&workspace, kWorkspaceBytes));
+    }
+};
+
+Lt& lt() {
+    static Lt instance;  // created on first use, lives for the process
+    return instance;
+}
+
+// C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16.
+void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
+               int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream) {
+    cublasLtMatmulDesc_t op;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    if (bias) {
+        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        const cudaDataType_t bias_type = CUDA_R_16BF;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_16BF, transpose_a ? k : m, transpose_a ? m : k,
+                                            transpose_a ? k : m));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_16BF, transpose_b ? n : k, transpose_b ? k : n,
+                                            transpose_b ? n : k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, c_type, m, n, m));
+
+    // Algorithm: the heuristic's first choice for this shape, cached.
+    using Key = std::tuple<int, int, int, bool, bool, int, bool, bool>;
+    static std::map<Key, cublasLtMatmulAlgo_t> cache;
+    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), bias != nullptr, beta != 0.0f};
+    auto found = cache.find(key);
+    if (found == cache.end()) {
+        cublasLtMatmulPreference_t preference;
+        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &kWorkspaceBytes, sizeof kWorkspaceBytes));
+        cublasLtMatmulHeuristicResult_t heuristic;
+        int returned = 0;
+        CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference,
+                                                    1, &heuristic, &returned));
+        cublasLtMatmulPreferenceDestroy(preference);
+        if (returned == 0) fail("cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " matmul");
+        found = cache.emplace(key, heuristic.algo).first;
+    }
+    const float alpha = 1.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c, layout_c, c, layout_c,
+                                &found->second, lt().workspace, kWorkspaceBytes, stream));
+    cublasLtMatrixLayoutDestroy(layout_a);
+    cublasLtMatrixLayoutDestroy(layout_b);
+    cublasLtMatrixLayoutDestroy(layout_c);
+    cublasLtMatmulDescDestroy(op);
+}
+
+}  // namespace
+
+void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
+                        int out_dim, cudaStream_t stream) {
+    lt_matmul(out, CUDA_R_16BF, weight, true, in, false, out_dim, n_rows, in_dim, 0.0f, bias, stream);
+}
+
+void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
+                               cudaStream_t stream) {
+    lt_matmul(din, CUDA_R_16BF, weight, false, dout, false, in_dim, n_rows, out_dim, 0.0f, nullptr, stream);
+}
+
+void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
+                                cudaStream_t stream) {
+    lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, 1.0f, nullptr, stream);
+}
+
+}  // namespace qopt

@@ -1,0 +1,41 @@
+// Fused AdamW step on the GPU: one pass over parameters, gradients and both moments.
+// Same update as adamw_update_cpu (optim/adamw.hpp); grad_scale multiplies the gradient
+// first (global-norm clipping folded in). Bias corrections are computed on the host in
+// double and passed as reciprocals.
+#include "kernels/cuda_check.cuh"
+#include "kernels/gpu.hpp"
+
+#include <cmath>
+
+namespace qopt {
+
+namespace {
+
+__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                             float beta2, float eps, float decay_factor, float inv_bias1, float inv_bias2,
+                             float grad_scale) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+        const float g = grad[i] * grad_scale;
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] = param[i] * decay_factor - lr * (mi * inv_bias1) / (sqrtf(vi * inv_bias2) + eps);
+    }
+}
+
+}  // namespace
+
+void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
+                      float beta2, float eps, float weight_decay, long step, float grad_scale, cudaStream_t stream) {
+    if (n == 0) return;
+    const double inv_bias1 = 1.0 / (1.0 - std::pow(double(beta1), double(step)));
+    const double inv_bias2 = 1.0 / (1.0 - std::pow(double(beta2), double(step)));
+    const size_t blocks = (n + 255) / 256;
+    const unsigned grid = unsigned(blocks < 132 * 64 ? blocks : 132 * 64);
+    adamw_kernel<<<grid, 256, 0, stream>>>(param, grad, m, v, n, lr, beta1, beta2, eps,
+                                           1.0f - lr * weight_decay, float(inv_bias1), float(inv_bias2), grad_scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace qopt

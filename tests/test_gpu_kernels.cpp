@@ -1,0 +1,290 @@
+// GPU kernels against their CPU references on fresh random inputs, odd sizes included.
+// Inputs are rounded to bf16 first and the references run in float64 on the rounded values,
+// so the bounds measure the kernels' own error: bf16 outputs (8-bit mantissa) within 1e-2
+// relative (norm of difference / norm of reference), fp32 paths within 1e-5. Outputs are
+// poisoned with NaN bytes before each launch so unwritten elements fail the comparison.
+// Every test skips with a message where there is no usable GPU.
+#include "helpers.hpp"
+#include "kernels/activations.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
+#include "kernels/matmul.hpp"
+#include "kernels/embedding.hpp"
+#include "kernels/norms.hpp"
+#include "kernels/rope.hpp"
+#include "optim/adamw.hpp"
+
+using namespace qopt;
+using namespace qopt::test;
+
+namespace {
+
+#define REQUIRE_GPU()                                                              \
+    if (!gpu_available()) {                                                        \
+        MESSAGE("skipped: " << query_cuda_device().problem << " (GPU test)");      \
+        return;                                                                    \
+    }
+
+constexpr double kBf16Bound = 1e-2;
+
+// Random bf16 values and the same values as double.
+struct Bf16Input {
+    std::vector<bf16> device_values;
+    std::vector<double> exact;
+};
+
+Bf16Input random_bf16(size_t n, std::mt19937_64& gen, double scale = 1.0) {
+    Bf16Input r;
+    std::normal_distribution<double> normal(0.0, scale);
+    for (size_t i = 0; i < n; ++i) {
+        const bf16 b = __float2bfloat16(float(normal(gen)));
+        r.device_values.push_back(b);
+        r.exact.push_back(double(__bfloat162float(b)));
+    }
+    return r;
+}
+
+std::vector<double> to_double(const std::vector<bf16>& v) {
+    std::vector<double> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = double(__bfloat162float(v[i]));
+    return out;
+}
+
+template <typename T>
+DeviceBuffer<T> poisoned(size_t n) {
+    DeviceBuffer<T> buffer(n);
+    buffer.fill_bytes(0xFF);
+    return buffer;
+}
+
+template <typename T>
+DeviceBuffer<T> uploaded(const std::vector<T>& host) {
+    DeviceBuffer<T> buffer(host.size());
+    buffer.upload(host);
+    return buffer;
+}
+
+}  // namespace
+
+TEST_CASE("GPU rmsnorm forward and backward match the CPU reference") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (auto [N, C] : {std::pair{37, 768}, std::pair{5, 100}, std::pair{600, 64}}) {
+        CAPTURE(N);
+        CAPTURE(C);
+        const Bf16Input x = random_bf16(size_t(N) * C, gen, 2.0), dy = random_bf16(size_t(N) * C, gen);
+        const std::vector<float> weight = random_vector<float>(C, gen);
+        const std::vector<float> dweight_init = random_vector<float>(C, gen);
+        std::vector<double> weight64(weight.begin(), weight.end());
+        std::vector<double> out_ref(size_t(N) * C), rstd_ref(N), din_ref(size_t(N) * C, 0.0), dw_ref(C, 0.0);
+        rmsnorm_forward_cpu(out_ref.data(), rstd_ref.data(), x.exact.data(), weight64.data(), N, C, 1e-6);
+        rmsnorm_backward_cpu(din_ref.data(), dw_ref.data(), dy.exact.data(), x.exact.data(), weight64.data(),
+                             rstd_ref.data(), N, C);
+
+        auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
+        auto d_w = uploaded(weight), d_dw = uploaded(dweight_init);
+        auto d_out = poisoned<bf16>(size_t(N) * C), d_din = poisoned<bf16>(size_t(N) * C);
+        auto d_rstd = poisoned<float>(N);
+        rmsnorm_forward_gpu(d_out.data(), d_rstd.data(), d_x.data(), d_w.data(), N, C, 1e-6f);
+        rmsnorm_backward_gpu(d_din.data(), d_dw.data(), d_dy.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
+        CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+        CHECK(relative_error(d_rstd.download(), rstd_ref) < 1e-5);
+        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+        std::vector<float> dw = d_dw.download();
+        for (int i = 0; i < C; ++i) dw[i] -= dweight_init[i];
+        CHECK(relative_error(dw, dw_ref) < 1e-5);
+    }
+}
+
+TEST_CASE("GPU layernorm forward and backward match the CPU reference") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    for (auto [N, C] : {std::pair{33, 768}, std::pair{300, 97}}) {
+        CAPTURE(N);
+        CAPTURE(C);
+        const Bf16Input x = random_bf16(size_t(N) * C, gen, 1.5), dy = random_bf16(size_t(N) * C, gen);
+        const std::vector<float> weight = random_vector<float>(C, gen), bias = random_vector<float>(C, gen);
+        std::vector<double> w64(weight.begin(), weight.end()), b64(bias.begin(), bias.end());
+        std::vector<double> out_ref(size_t(N) * C), mean_ref(N), rstd_ref(N), din_ref(size_t(N) * C, 0.0),
+            dw_ref(C, 0.0), db_ref(C, 0.0);
+        layernorm_forward_cpu(out_ref.data(), mean_ref.data(), rstd_ref.data(), x.exact.data(), w64.data(), b64.data(),
+                              N, C, 1e-5);
+        layernorm_backward_cpu(din_ref.data(), dw_ref.data(), db_ref.data(), dy.exact.data(), x.exact.data(),
+                               w64.data(), mean_ref.data(), rstd_ref.data(), N, C);
+        auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
+        auto d_w = uploaded(weight), d_b = uploaded(bias);
+        auto d_dw = uploaded(std::vector<float>(C, 0.0f)), d_db = uploaded(std::vector<float>(C, 0.0f));
+        auto d_out = poisoned<bf16>(size_t(N) * C), d_din = poisoned<bf16>(size_t(N) * C);
+        auto d_mean = poisoned<float>(N), d_rstd = poisoned<float>(N);
+        layernorm_forward_gpu(d_out.data(), d_mean.data(), d_rstd.data(), d_x.data(), d_w.data(), d_b.data(), N, C,
+                              1e-5f);
+        layernorm_backward_gpu(d_din.data(), d_dw.data(), d_db.data(), d_dy.data(), d_x.data(), d_w.data(),
+                               d_mean.data(), d_rstd.data(), N, C);
+        CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+        CHECK(relative_error(d_mean.download(), mean_ref) < 1e-5);
+        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+        CHECK(relative_error(d_dw.download(), dw_ref) < 1e-5);
+        CHECK(relative_error(d_db.download(), db_ref) < 1e-5);
+    }
+}
+
+TEST_CASE("GPU norm parameter gradients are deterministic (bitwise equal on repeat)") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const int N = 4099, C = 512;
+    const Bf16Input x = random_bf16(size_t(N) * C, gen), dy = random_bf16(size_t(N) * C, gen);
+    auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
+    auto d_w = uploaded(random_vector<float>(C, gen));
+    auto d_rstd = poisoned<float>(N);
+    auto d_out = poisoned<bf16>(size_t(N) * C), d_din = poisoned<bf16>(size_t(N) * C);
+    rmsnorm_forward_gpu(d_out.data(), d_rstd.data(), d_x.data(), d_w.data(), N, C, 1e-6f);
+    std::vector<std::vector<float>> results;
+    for (int run = 0; run < 2; ++run) {
+        auto d_dw = uploaded(std::vector<float>(C, 0.0f));
+        rmsnorm_backward_gpu(d_din.data(), d_dw.data(), d_dy.data(), d_x.data(), d_w.data(), d_rstd.data(), N, C);
+        results.push_back(d_dw.download());
+    }
+    CHECK(results[0] == results[1]);
+}
+
+TEST_CASE("GPU GELU and ReLU^2 match the CPU reference") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const size_t n = 1000003;  // odd, not a multiple of the block
+    const Bf16Input x = random_bf16(n, gen, 2.0), dy = random_bf16(n, gen);
+    auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
+    for (bool gelu : {true, false}) {
+        CAPTURE(gelu);
+        std::vector<double> out_ref(n), din_ref(n, 0.0);
+        if (gelu) {
+            gelu_forward_cpu(out_ref.data(), x.exact.data(), n);
+            gelu_backward_cpu(din_ref.data(), dy.exact.data(), x.exact.data(), n);
+        } else {
+            relu2_forward_cpu(out_ref.data(), x.exact.data(), n);
+            relu2_backward_cpu(din_ref.data(), dy.exact.data(), x.exact.data(), n);
+        }
+        auto d_out = poisoned<bf16>(n), d_din = poisoned<bf16>(n);
+        if (gelu) {
+            gelu_forward_gpu(d_out.data(), d_x.data(), n);
+            gelu_backward_gpu(d_din.data(), d_dy.data(), d_x.data(), n);
+        } else {
+            relu2_forward_gpu(d_out.data(), d_x.data(), n);
+            relu2_backward_gpu(d_din.data(), d_dy.data(), d_x.data(), n);
+        }
+        CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+    }
+}
+
+TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const size_t n = 100003;
+    AdamWConfig c;
+    c.beta1 = 0.9;
+    c.beta2 = 0.95;
+    c.eps = 1e-8;
+    c.weight_decay = 0.1;
+    std::vector<double> p = random_vector<double>(n, gen), m(n, 0.0), v(n, 0.0);
+    std::vector<float> p32(p.begin(), p.end());
+    auto d_p = uploaded(p32), d_m = uploaded(std::vector<float>(n, 0.0f)), d_v = uploaded(std::vector<float>(n, 0.0f));
+    const float grad_scale = 0.5f;
+    for (long step = 1; step <= 4; ++step) {
+        const std::vector<float> g = random_vector<float>(n, gen);
+        std::vector<double> g64(n);
+        for (size_t i = 0; i < n; ++i) g64[i] = double(g[i]) * grad_scale;
+        const double lr = 1e-2 * double(step);
+        adamw_update_cpu(p.data(), g64.data(), m.data(), v.data(), n, lr, c, step, true);
+        auto d_g = uploaded(g);
+        adamw_update_gpu(d_p.data(), d_g.data(), d_m.data(), d_v.data(), n, float(lr), float(c.beta1), float(c.beta2),
+                         float(c.eps), float(c.weight_decay), step, grad_scale);
+    }
+    CHECK(relative_error(d_p.download(), p) < 1e-5);
+    CHECK(relative_error(d_m.download(), m) < 1e-5);
+    CHECK(relative_error(d_v.download(), v) < 1e-5);
+}
+
+TEST_CASE("GPU cuBLASLt linear layer: forward (with and without bias) and both gradients") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    for (auto [N, IC, OC] : {std::tuple{64, 128, 256}, std::tuple{40, 96, 72}, std::tuple{512, 768, 2304}}) {
+        CAPTURE(N);
+        CAPTURE(IC);
+        CAPTURE(OC);
+        const Bf16Input x = random_bf16(size_t(N) * IC, gen), w = random_bf16(size_t(OC) * IC, gen, 0.05),
+                        b = random_bf16(OC, gen), dy = random_bf16(size_t(N) * OC, gen);
+        const std::vector<float> dw_init = random_vector<float>(size_t(OC) * IC, gen);
+        std::vector<double> out_ref(size_t(N) * OC), din_ref(size_t(N) * IC, 0.0), dw_ref(dw_init.begin(), dw_init.end());
+        matmul_forward_cpu(out_ref.data(), x.exact.data(), w.exact.data(), b.exact.data(), N, IC, OC);
+        matmul_backward_cpu(din_ref.data(), dw_ref.data(), static_cast<double*>(nullptr), dy.exact.data(),
+                            x.exact.data(), w.exact.data(), N, IC, OC);
+        auto d_x = uploaded(x.device_values), d_w = uploaded(w.device_values), d_b = uploaded(b.device_values),
+             d_dy = uploaded(dy.device_values);
+        auto d_dw = uploaded(dw_init);
+        auto d_out = poisoned<bf16>(size_t(N) * OC), d_din = poisoned<bf16>(size_t(N) * IC);
+        matmul_forward_gpu(d_out.data(), d_x.data(), d_w.data(), d_b.data(), N, IC, OC);
+        CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+        std::vector<double> out_nobias(size_t(N) * OC);
+        matmul_forward_cpu(out_nobias.data(), x.exact.data(), w.exact.data(), static_cast<const double*>(nullptr), N,
+                           IC, OC);
+        matmul_forward_gpu(d_out.data(), d_x.data(), d_w.data(), nullptr, N, IC, OC);
+        CHECK(relative_error(to_double(d_out.download()), out_nobias) < kBf16Bound);
+        matmul_backward_input_gpu(d_din.data(), d_dy.data(), d_w.data(), N, IC, OC);
+        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+        matmul_backward_weight_gpu(d_dw.data(), d_dy.data(), d_x.data(), N, IC, OC);
+        CHECK(relative_error(d_dw.download(), dw_ref) < 1e-5);  // fp32 accumulation of exact bf16 products
+    }
+}
+
+TEST_CASE("GPU RoPE forward and backward match the CPU reference") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    for (auto [B, T, H, hd] : {std::tuple{2, 37, 4, 64}, std::tuple{1, 1024, 2, 128}}) {
+        const int N = B * T, C = H * hd;
+        const Bf16Input x = random_bf16(size_t(N) * C, gen), dy = random_bf16(size_t(N) * C, gen);
+        std::vector<double> out_ref(size_t(N) * C), din_ref(size_t(N) * C, 0.0);
+        rope_forward_cpu(out_ref.data(), x.exact.data(), N, T, H, hd, 10000.0);
+        rope_backward_cpu(din_ref.data(), dy.exact.data(), N, T, H, hd, 10000.0);
+        std::vector<float> cos_table(size_t(T) * hd / 2), sin_table(size_t(T) * hd / 2);
+        rope_angles(cos_table.data(), sin_table.data(), T, hd, 10000.0);
+        auto d_cos = uploaded(cos_table), d_sin = uploaded(sin_table);
+        auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
+        auto d_out = poisoned<bf16>(size_t(N) * C), d_din = poisoned<bf16>(size_t(N) * C);
+        rope_forward_gpu(d_out.data(), d_x.data(), d_cos.data(), d_sin.data(), N, T, H, hd);
+        rope_backward_gpu(d_din.data(), d_dy.data(), d_cos.data(), d_sin.data(), N, T, H, hd);
+        CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+    }
+}
+
+TEST_CASE("GPU embedding forward and deterministic backward match the CPU reference") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const int V = 1000, B = 4, T = 129, C = 96, N = B * T;
+    std::vector<int> tokens(N);
+    for (auto& t : tokens) t = int(gen() % 50);  // many repeats
+    const Bf16Input embed = random_bf16(size_t(V) * C, gen), pos = random_bf16(size_t(T) * C, gen),
+                    dy = random_bf16(size_t(N) * C, gen);
+    std::vector<double> out_ref(size_t(N) * C), d_embed_ref(size_t(V) * C, 0.0), d_pos_ref(size_t(T) * C, 0.0);
+    embedding_forward_cpu(out_ref.data(), tokens.data(), embed.exact.data(), pos.exact.data(), N, T, C);
+    embedding_backward_cpu(d_embed_ref.data(), d_pos_ref.data(), dy.exact.data(), tokens.data(), N, T, C);
+    auto d_tokens = uploaded(tokens);
+    auto d_embed = uploaded(embed.device_values), d_pos = uploaded(pos.device_values), d_dy = uploaded(dy.device_values);
+    auto d_out = poisoned<bf16>(size_t(N) * C);
+    embedding_forward_gpu(d_out.data(), d_tokens.data(), d_embed.data(), d_pos.data(), N, T, C);
+    CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
+    const TokenBuckets buckets = build_token_buckets(tokens.data(), N, V);
+    auto d_bt = uploaded(buckets.tokens), d_bo = uploaded(buckets.offsets), d_bp = uploaded(buckets.positions);
+    std::vector<std::vector<float>> runs;
+    for (int run = 0; run < 2; ++run) {
+        auto d_de = uploaded(std::vector<float>(size_t(V) * C, 0.0f)), d_dp = uploaded(std::vector<float>(size_t(T) * C, 0.0f));
+        embedding_backward_gpu(d_de.data(), d_dp.data(), d_dy.data(), d_bt.data(), d_bo.data(), d_bp.data(),
+                               int(buckets.tokens.size()), N, T, C);
+        runs.push_back(d_de.download());
+        CHECK(relative_error(runs.back(), d_embed_ref) < 1e-5);
+        CHECK(relative_error(d_dp.download(), d_pos_ref) < 1e-5);
+    }
+    CHECK(runs[0] == runs[1]);  // bitwise deterministic
+}
