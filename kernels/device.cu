@@ -11,8 +11,12 @@ CudaDeviceInfo query_cuda_device() {
     int count = 0;
     cudaError_t status = cudaGetDeviceCount(&count);
     if (status != cudaSuccess || count == 0) {
-        info.problem = status == cudaSuccess ? "no CUDA GPU found"
-                                             : std::string("no usable CUDA GPU (") + cudaGetErrorString(status) + ")";
+        if (status == cudaSuccess || status == cudaErrorNoDevice)
+            info.problem = "no CUDA GPU found";
+        else if (status == cudaErrorInsufficientDriver)
+            info.problem = "no CUDA GPU usable: no NVIDIA driver, or one older than this CUDA runtime";
+        else
+            info.problem = std::string("no usable CUDA GPU (") + cudaGetErrorString(status) + ")";
         cudaGetLastError();
         return info;
     }
