@@ -1,6 +1,6 @@
 // GELU (tanh) and ReLU^2 on the GPU; math and CPU reference in kernels/activations.hpp.
 // Elementwise, fp32 math on bf16 values; the backward kernels write din (no accumulation).
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 namespace qopt {
@@ -37,10 +37,6 @@ __global__ void relu2_backward_kernel(bf16* din, const bf16* dout, const bf16* i
         din[i] = __float2bfloat16(__bfloat162float(dout[i]) * 2.0f * fmaxf(__bfloat162float(in[i]), 0.0f));
 }
 
-unsigned grid_for(size_t n) {
-    const size_t blocks = (n + 255) / 256;
-    return unsigned(blocks < 65535 * 8 ? (blocks ? blocks : 1) : 65535 * 8);
-}
 
 }  // namespace
 

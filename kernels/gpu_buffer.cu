@@ -1,4 +1,4 @@
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 

@@ -11,7 +11,7 @@
 #include <map>
 #include <tuple>
 
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 namespace qopt {

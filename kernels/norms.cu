@@ -2,7 +2,7 @@
 // Forward and input-gradient kernels: one warp per row, fp32 accumulation.
 // Parameter gradients are summed deterministically in two stages: blocks of rows write
 // per-chunk partial sums in a fixed order, then one pass adds the chunks in order.
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 namespace qopt {

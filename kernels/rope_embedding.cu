@@ -7,7 +7,7 @@
 // The embedding backward is deterministic without atomics: the host groups the batch's
 // positions by token id (TokenBuckets, positions in ascending order); one block per distinct
 // token sums that token's gradient rows in that order.
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 namespace qopt {
@@ -66,10 +66,6 @@ __global__ void position_backward_kernel(float* d_pos, const bf16* dout, int n_r
     }
 }
 
-unsigned grid_for(size_t n) {
-    const size_t blocks = (n + 255) / 256;
-    return unsigned(blocks == 0 ? 1 : (blocks < 132 * 32 ? blocks : 132 * 32));
-}
 
 }  // namespace
 

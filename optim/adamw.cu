@@ -2,7 +2,7 @@
 // Same update as adamw_update_cpu (optim/adamw.hpp); grad_scale multiplies the gradient
 // first (global-norm clipping folded in). Bias corrections are computed on the host in
 // double and passed as reciprocals.
-#include "kernels/cuda_check.cuh"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 #include <cmath>
@@ -31,9 +31,7 @@ void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_
     if (n == 0) return;
     const double inv_bias1 = 1.0 / (1.0 - std::pow(double(beta1), double(step)));
     const double inv_bias2 = 1.0 / (1.0 - std::pow(double(beta2), double(step)));
-    const size_t blocks = (n + 255) / 256;
-    const unsigned grid = unsigned(blocks < 132 * 64 ? blocks : 132 * 64);
-    adamw_kernel<<<grid, 256, 0, stream>>>(param, grad, m, v, n, lr, beta1, beta2, eps,
+    adamw_kernel<<<grid_for(n), 256, 0, stream>>>(param, grad, m, v, n, lr, beta1, beta2, eps,
                                            1.0f - lr * weight_decay, float(inv_bias1), float(inv_bias2), grad_scale);
     CUDA_CHECK_LAUNCH();
 }

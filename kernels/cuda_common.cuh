@@ -1,7 +1,10 @@
-// Error checking for every CUDA runtime call and kernel launch: a failure becomes a
-// qopt::Error naming the call, the file and line, so binaries print one line and exit.
+// Shared by the .cu files: error checking for every CUDA runtime call and kernel launch (a
+// failure becomes a qopt::Error naming the call, file and line, so binaries print one line
+// and exit), and the grid size of grid-stride elementwise kernels.
 #pragma once
 #include <cuda_runtime.h>
+
+#include <cstddef>
 
 #include "core/error.hpp"
 
@@ -15,3 +18,15 @@
 
 // After a kernel launch: catches bad launch configurations at once.
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+namespace qopt {
+
+// Blocks of `threads` for a grid-stride loop over n elements: enough to cover n, capped at
+// 32 blocks per multiprocessor of an H100 (132) so each thread handles several elements.
+inline unsigned grid_for(size_t n, unsigned threads = 256) {
+    const size_t blocks = (n + threads - 1) / threads;
+    const size_t cap = size_t(132) * 32;
+    return unsigned(blocks == 0 ? 1 : (blocks < cap ? blocks : cap));
+}
+
+}  // namespace qopt
