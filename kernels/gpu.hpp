@@ -93,6 +93,14 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream = 0);
 
+// ---- classifier head and gradient norm (kernels/classifier.cu)
+// logits: [n_rows, padded_vocab] bf16 from matmul_forward_gpu(x, embed); writes loss[n] and,
+// when grad_scale != 0, overwrites the logits with dlogits (padded columns set to 0).
+void softmax_cross_entropy_gpu(float* losses, bf16* logits, const int* targets, int n_rows, int vocab_size,
+                               int padded_vocab_size, float grad_scale, cudaStream_t stream = 0);
+// *norm = ||values||_2, summed in a fixed order (deterministic).
+void global_norm_gpu(float* norm, const float* values, size_t n, cudaStream_t stream = 0);
+
 // ---- optimizer (optim/adamw.cu): fp32 master weights and moments, fp32 gradients.
 void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
                       float beta2, float eps, float weight_decay, long step, float grad_scale,

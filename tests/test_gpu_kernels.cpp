@@ -6,6 +6,7 @@
 // Every test skips with a message where there is no usable GPU.
 #include "helpers.hpp"
 #include "kernels/activations.hpp"
+#include "kernels/classifier.hpp"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "kernels/matmul.hpp"
@@ -287,4 +288,48 @@ TEST_CASE("GPU embedding forward and deterministic backward match the CPU refere
         CHECK(relative_error(d_dp.download(), d_pos_ref) < 1e-5);
     }
     CHECK(runs[0] == runs[1]);  // bitwise deterministic
+}
+
+TEST_CASE("GPU classifier head (cuBLASLt logits + fused softmax/cross-entropy/dlogits) matches classifier_cpu") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const int N = 67, C = 128, V = 50257, Vp = 50304;
+    const Bf16Input x = random_bf16(size_t(N) * C, gen), embed = random_bf16(size_t(Vp) * C, gen, 0.2);
+    std::vector<int> targets(N);
+    for (auto& t : targets) t = int(gen() % V);
+    const double scale = 1.0 / N;
+    std::vector<double> loss_ref(N), dx_ref(size_t(N) * C, 0.0), de_ref(size_t(Vp) * C, 0.0);
+    classifier_cpu(loss_ref.data(), dx_ref.data(), de_ref.data(), x.exact.data(), embed.exact.data(), targets.data(),
+                   N, C, V, scale);
+    auto d_x = uploaded(x.device_values), d_embed = uploaded(embed.device_values);
+    auto d_targets = uploaded(targets);
+    auto d_logits = poisoned<bf16>(size_t(N) * Vp), d_dx = poisoned<bf16>(size_t(N) * C);
+    auto d_loss = poisoned<float>(N);
+    auto d_de = uploaded(std::vector<float>(size_t(Vp) * C, 0.0f));
+    matmul_forward_gpu(d_logits.data(), d_x.data(), d_embed.data(), nullptr, N, C, Vp);
+    softmax_cross_entropy_gpu(d_loss.data(), d_logits.data(), d_targets.data(), N, V, Vp, float(scale));
+    matmul_backward_input_gpu(d_dx.data(), d_logits.data(), d_embed.data(), N, C, Vp);
+    matmul_backward_weight_gpu(d_de.data(), d_logits.data(), d_x.data(), N, C, Vp);
+    // Logits are rounded to bf16 before the softmax: losses within 1e-2 relative.
+    CHECK(relative_error(d_loss.download(), loss_ref) < kBf16Bound);
+    CHECK(relative_error(to_double(d_dx.download()), dx_ref) < 2 * kBf16Bound);
+    const std::vector<float> de = d_de.download();
+    CHECK(relative_error(de, de_ref) < 2 * kBf16Bound);
+    for (size_t i = size_t(V) * C; i < size_t(Vp) * C; ++i) REQUIRE(de[i] == 0.0f);  // padded rows untouched
+}
+
+TEST_CASE("GPU global gradient norm matches the float64 sum and is deterministic") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const size_t n = 12345679;
+    const std::vector<float> values = random_vector<float>(n, gen);
+    double sum_sq = 0;
+    for (float v : values) sum_sq += double(v) * v;
+    auto d_values = uploaded(values);
+    auto d_norm = poisoned<float>(1);
+    global_norm_gpu(d_norm.data(), d_values.data(), n);
+    const float first = d_norm.download()[0];
+    CHECK(first == doctest::Approx(std::sqrt(sum_sq)).epsilon(1e-5));
+    global_norm_gpu(d_norm.data(), d_values.data(), n);
+    CHECK(d_norm.download()[0] == first);
 }
