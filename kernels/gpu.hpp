@@ -13,7 +13,15 @@ namespace qopt {
 
 using bf16 = __nv_bfloat16;
 
-bool gpu_available();  // a usable GPU is present (see kernels/device.hpp for the reason if not)
+bool gpu_available();
+
+// A [B*T, ...] activation addressed by rows: row n starts at data + n * stride (elements), so a
+// slice of a packed buffer (e.g. the keys inside [q | k | v] rows) needs no copy.
+template <typename T>
+struct Rows {
+    T* data;
+    int stride;
+};  // a usable GPU is present (see kernels/device.hpp for the reason if not)
 
 // Owning device allocation of `count` elements of T (no copy, move only).
 template <typename T>
@@ -92,6 +100,16 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 // dweight (fp32) += dout^T in.
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream = 0);
+
+// ---- causal flash attention (kernels/attention.cu); head_dim 64 or 128, any seq_len.
+// Head h of row n is columns h*head_dim .. of that row. lse [B, H, T] (fp32) is saved for the
+// backward pass, which needs delta [B, H, T] (fp32) as scratch and writes dq, dk, dv.
+void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v,
+                           int batch, int seq_len, int n_heads, int head_dim, cudaStream_t stream = 0);
+void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* delta, Rows<const bf16> dout,
+                            Rows<const bf16> out, const float* lse, Rows<const bf16> q, Rows<const bf16> k,
+                            Rows<const bf16> v, int batch, int seq_len, int n_heads, int head_dim,
+                            cudaStream_t stream = 0);
 
 // ---- classifier head and gradient norm (kernels/classifier.cu)
 // logits: [n_rows, padded_vocab] bf16 from matmul_forward_gpu(x, embed); writes loss[n] and,

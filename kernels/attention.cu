@@ -1,0 +1,494 @@
+// Causal flash attention on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate).
+// Math and CPU reference: kernels/attention.hpp. Scores never leave the chip: the forward
+// pass keeps a running row max m and row sum l (online softmax) and saves only
+//   lse[t] = log sum_s exp(scale * q_t . k_s)        (natural log, fp32, [B, H, T])
+// from which the backward pass recomputes P = exp(scale * S - lse) tile by tile:
+//   delta[t] = dout_t . out_t       (= rowsum(P * dP), one small kernel)
+//   dS = P * (dP - delta),  dP = dout V^T
+//   dV = P^T dout,  dK = scale * dS^T Q      (kernel 1: a block owns 64 keys)
+//   dQ = scale * dS K                        (kernel 2: a block owns 64 queries)
+// Splitting dQ from dK/dV recomputes P once more but needs no atomics, so gradients are
+// bitwise reproducible.
+//
+// Work layout: blocks of 4 warps; each warp owns 16 rows (queries in the forward and dQ
+// kernels, keys in the dK/dV kernel) and the full head dimension, so row statistics stay in
+// the warp (a quad of 4 lanes shares each row). Tiles are copied to shared memory with
+// cp.async (rows past the sequence end are zero-filled and masked), read with ldmatrix.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16): lane l holds A[r][c] for r = l/4 (+8), c = 2(l%4)
+// (+1, +8); B[k][n] for k = 2(l%4) (+1, +8), n = l/4; C[r][n] for r = l/4 (+8), n = 2(l%4) (+1).
+// A C fragment of scores therefore turns into an A fragment of probabilities in registers.
+#include <cfloat>
+#include <cstdint>
+
+#include "kernels/cuda_common.cuh"
+#include "kernels/gpu.hpp"
+
+namespace qopt {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileRows = 64;  // rows of a block tile (16 per warp)
+constexpr int kPad = 8;        // bf16 of padding per shared-memory row: ldmatrix without bank conflicts
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t fragment[4], const bf16* pointer) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+                 : "r"(shared_address(pointer)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t fragment[4], const bf16* pointer) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+                 : "r"(shared_address(pointer)));
+}
+
+// c (16x8, fp32) += a (16x16, bf16) * b (16x8, bf16)
+__device__ __forceinline__ void mma_16x8x16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<uint32_t*>(&pair);
+}
+
+__device__ __forceinline__ void cp_async_16(void* shared_destination, const void* global_source, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared_destination)),
+                 "l"(global_source), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+}
+
+// Copies rows first_row .. first_row+ROWS-1 (head slice of D columns) of a strided activation
+// into a padded shared tile; rows at or past seq_len become zeros.
+template <int ROWS, int D>
+__device__ void load_tile(bf16* tile, const bf16* head_base, int stride, int first_row, int seq_len) {
+    constexpr int kChunks = D / 8;  // 16-byte pieces per row
+    for (int c = threadIdx.x; c < ROWS * kChunks; c += kThreads) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool valid = first_row + r < seq_len;
+        const bf16* source = head_base + size_t(valid ? first_row + r : 0) * stride + col;
+        cp_async_16(tile + r * (D + kPad) + col, source, valid);
+    }
+}
+
+// acc (16 x N) += A (16 x K, row-major in shared memory at a) * B^T, B (N x K) row-major at b.
+template <int K, int N>
+__device__ __forceinline__ void warp_mma_abt(float acc[][4], const bf16* a, int a_pitch, const bf16* b, int b_pitch) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+        uint32_t a_fragment[4];
+        ldmatrix_x4(a_fragment, a + (lane % 16) * a_pitch + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            uint32_t b_fragment[4];
+            ldmatrix_x4(b_fragment, b + (np * 16 + (lane / 16) * 8 + lane % 8) * b_pitch + ks * 16 + ((lane / 8) % 2) * 8);
+            mma_16x8x16(acc[2 * np], a_fragment, b_fragment[0], b_fragment[1]);
+            mma_16x8x16(acc[2 * np + 1], a_fragment, b_fragment[2], b_fragment[3]);
+        }
+    }
+}
+
+// acc (16 x N) += A (16 x K, bf16 fragments in registers) * B, B (K x N) row-major at b.
+template <int K, int N>
+__device__ __forceinline__ void warp_mma_rb(float acc[][4], const uint32_t a[][4], const bf16* b, int b_pitch) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            uint32_t b_fragment[4];
+            ldmatrix_x4_trans(b_fragment, b + (ks * 16 + lane % 16) * b_pitch + np * 16 + (lane / 16) * 8);
+            mma_16x8x16(acc[2 * np], a[ks], b_fragment[0], b_fragment[1]);
+            mma_16x8x16(acc[2 * np + 1], a[ks], b_fragment[2], b_fragment[3]);
+        }
+    }
+}
+
+// A C-fragment tile (16 x N, fp32) as A fragments (16 x N, bf16) for the next product.
+template <int N>
+__device__ __forceinline__ void to_a_fragments(uint32_t a[][4], const float c[][4]) {
+#pragma unroll
+    for (int ks = 0; ks < N / 16; ++ks) {
+        a[ks][0] = pack_bf16x2(c[2 * ks][0], c[2 * ks][1]);
+        a[ks][1] = pack_bf16x2(c[2 * ks][2], c[2 * ks][3]);
+        a[ks][2] = pack_bf16x2(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+        a[ks][3] = pack_bf16x2(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float acc[][4]) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+}
+
+// Writes a warp's 16 x D fp32 tile (rows first_row + l/4 (+8)) times `scale` as bf16.
+template <int D>
+__device__ void store_rows(bf16* head_base, int stride, int first_row, int seq_len, const float acc[][4], float scale0,
+                           float scale1) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = first_row + lane / 4 + 8 * half;
+        if (row >= seq_len) continue;
+        const float scale = half ? scale1 : scale0;
+        bf16* out = head_base + size_t(row) * stride + 2 * (lane % 4);
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+            *reinterpret_cast<uint32_t*>(out + nt * 8) =
+                pack_bf16x2(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
+    }
+}
+
+struct AttentionArgs {
+    Rows<const bf16> q, k, v;
+    int batch, seq_len, n_heads;
+    float scale;  // 1 / sqrt(head_dim)
+};
+
+// Pointer to head h of batch b's first row.
+template <typename T>
+__device__ T* head_base(Rows<T> rows, int b, int h, int seq_len, int head_dim) {
+    return rows.data + size_t(b) * seq_len * rows.stride + size_t(h) * head_dim;
+}
+
+// ---------------------------------------------------------------- forward
+template <int D>
+__global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> out, float* lse, AttentionArgs args) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    constexpr int P = D + kPad;
+    bf16* q_tile = reinterpret_cast<bf16*>(shared_bytes);
+    bf16* k_tile = q_tile + kTileRows * P;
+    bf16* v_tile = k_tile + kTileRows * P;
+    const int T = args.seq_len;
+    const int n_tiles = (T + kTileRows - 1) / kTileRows;
+    const int q_tile_index = n_tiles - 1 - int(blockIdx.x);  // longest rows first
+    const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first_query = q_tile_index * kTileRows;
+    const bf16* q = head_base(args.q, b, h, T, D);
+    const bf16* k = head_base(args.k, b, h, T, D);
+    const bf16* v = head_base(args.v, b, h, T, D);
+    load_tile<kTileRows, D>(q_tile, q, args.q.stride, first_query, T);
+
+    const float scale_log2 = args.scale * kLog2e;  // scores in log2 units: exp(x) = exp2(x log2 e)
+    const int row0 = first_query + warp * 16 + lane / 4;  // this lane's rows: row0 and row0 + 8
+    float o[D / 8][4];
+    zero<D>(o);
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    for (int kt = 0; kt <= q_tile_index; ++kt) {
+        __syncthreads();  // everyone is done with the previous K/V tiles
+        load_tile<kTileRows, D>(k_tile, k, args.k.stride, kt * kTileRows, T);
+        load_tile<kTileRows, D>(v_tile, v, args.v.stride, kt * kTileRows, T);
+        cp_async_wait_all();
+        __syncthreads();
+
+        float s[kTileRows / 8][4];
+        zero<kTileRows>(s);
+        warp_mma_abt<D, kTileRows>(s, q_tile + warp * 16 * P, P, k_tile, P);
+        const bool diagonal = kt == q_tile_index;
+#pragma unroll
+        for (int nt = 0; nt < kTileRows / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = row0 + 8 * (e / 2), key = kt * kTileRows + nt * 8 + 2 * (lane % 4) + e % 2;
+                s[nt][e] = (diagonal && (key > row || key >= T)) ? -INFINITY : s[nt][e] * scale_log2;
+            }
+        // Online softmax: rescale what was accumulated under the old max.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < kTileRows / 8; ++nt)
+                tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xFFFFFFFF, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xFFFFFFFF, tile_max, 2));
+            const float new_max = fmaxf(row_max[half], tile_max);
+            const float reference = new_max == -INFINITY ? 0.0f : new_max;
+            const float correction = exp2f(row_max[half] - reference);
+            row_max[half] = new_max;
+            float tile_sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < kTileRows / 8; ++nt) {
+                s[nt][2 * half] = exp2f(s[nt][2 * half] - reference);
+                s[nt][2 * half + 1] = exp2f(s[nt][2 * half + 1] - reference);
+                tile_sum += s[nt][2 * half] + s[nt][2 * half + 1];
+            }
+            row_sum[half] = row_sum[half] * correction + tile_sum;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) o[nt][2 * half] *= correction, o[nt][2 * half + 1] *= correction;
+        }
+        uint32_t p_fragments[kTileRows / 16][4];
+        to_a_fragments<kTileRows>(p_fragments, s);
+        warp_mma_rb<kTileRows, D>(o, p_fragments, v_tile, P);
+    }
+    float inverse[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float total = row_sum[half];
+        total += __shfl_xor_sync(0xFFFFFFFF, total, 1);
+        total += __shfl_xor_sync(0xFFFFFFFF, total, 2);
+        inverse[half] = 1.0f / total;
+        const int row = row0 + 8 * half;
+        if (lane % 4 == 0 && row < T) lse[size_t(blockIdx.y) * T + row] = (row_max[half] + log2f(total)) * kLn2;
+    }
+    store_rows<D>(head_base(out, b, h, T, D), out.stride, first_query + warp * 16, T, o, inverse[0], inverse[1]);
+}
+
+// ---------------------------------------------------------------- backward
+// delta[bh, t] = dout[t] . out[t] over the head's columns; one warp per (row, head).
+__global__ void attention_delta_kernel(float* delta, Rows<const bf16> dout, Rows<const bf16> out, int n_rows,
+                                       int seq_len, int n_heads, int head_dim) {
+    const int warp_index = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
+    if (warp_index >= n_rows * n_heads) return;
+    const int row = warp_index / n_heads, h = warp_index % n_heads;
+    const bf16* g = dout.data + size_t(row) * dout.stride + size_t(h) * head_dim;
+    const bf16* o = out.data + size_t(row) * out.stride + size_t(h) * head_dim;
+    float dot = 0.0f;
+    for (int i = lane; i < head_dim; i += 32) dot += __bfloat162float(g[i]) * __bfloat162float(o[i]);
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xFFFFFFFF, dot, offset);
+    const int b = row / seq_len, t = row % seq_len;
+    if (lane == 0) delta[(size_t(b) * n_heads + h) * seq_len + t] = dot;
+}
+
+// dK and dV of 64 keys: loop over the query tiles at or after the keys (causality).
+template <int D, int BQ>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_kv_kernel(Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> dout, const float* lse,
+                                 const float* delta, AttentionArgs args) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    constexpr int P = D + kPad;
+    bf16* k_tile = reinterpret_cast<bf16*>(shared_bytes);
+    bf16* v_tile = k_tile + kTileRows * P;
+    bf16* q_tile = v_tile + kTileRows * P;
+    bf16* dout_tile = q_tile + BQ * P;
+    float* lse_tile = reinterpret_cast<float*>(dout_tile + BQ * P);
+    float* delta_tile = lse_tile + BQ;
+    const int T = args.seq_len;
+    const int key_tile_index = int(blockIdx.x);  // the first keys see the most queries: launched first
+    const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first_key = key_tile_index * kTileRows;
+    const bf16* q = head_base(args.q, b, h, T, D);
+    const bf16* g = head_base(dout, b, h, T, D);
+    const float* lse_bh = lse + size_t(blockIdx.y) * T;
+    const float* delta_bh = delta + size_t(blockIdx.y) * T;
+    load_tile<kTileRows, D>(k_tile, head_base(args.k, b, h, T, D), args.k.stride, first_key, T);
+    load_tile<kTileRows, D>(v_tile, head_base(args.v, b, h, T, D), args.v.stride, first_key, T);
+
+    const float scale_log2 = args.scale * kLog2e;
+    const int key0 = first_key + warp * 16 + lane / 4;  // this lane's keys: key0 and key0 + 8
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    zero<D>(dk_acc);
+    zero<D>(dv_acc);
+    const int n_query_tiles = (T + BQ - 1) / BQ;
+    for (int qt = first_key / BQ; qt < n_query_tiles; ++qt) {
+        __syncthreads();
+        const int first_query = qt * BQ;
+        load_tile<BQ, D>(q_tile, q, args.q.stride, first_query, T);
+        load_tile<BQ, D>(dout_tile, g, dout.stride, first_query, T);
+        for (int i = threadIdx.x; i < BQ; i += kThreads) {
+            const bool valid = first_query + i < T;
+            lse_tile[i] = valid ? lse_bh[first_query + i] * kLog2e : INFINITY;
+            delta_tile[i] = valid ? delta_bh[first_query + i] : 0.0f;
+        }
+        cp_async_wait_all();
+        __syncthreads();
+
+        // P^T (keys x queries) = exp(scale K Q^T - lse), zero where the query precedes the key.
+        float p[BQ / 8][4];
+        zero<BQ>(p);
+        warp_mma_abt<D, BQ>(p, k_tile + warp * 16 * P, P, q_tile, P);
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = key0 + 8 * (e / 2), column = nt * 8 + 2 * (lane % 4) + e % 2;
+                const int query = first_query + column;
+                p[nt][e] = (query < key || key >= T) ? 0.0f : exp2f(p[nt][e] * scale_log2 - lse_tile[column]);
+            }
+        uint32_t fragments[BQ / 16][4];
+        to_a_fragments<BQ>(fragments, p);
+        warp_mma_rb<BQ, D>(dv_acc, fragments, dout_tile, P);  // dV += P^T dout
+
+        float dp[BQ / 8][4];  // dP^T = V dout^T
+        zero<BQ>(dp);
+        warp_mma_abt<D, BQ>(dp, v_tile + warp * 16 * P, P, dout_tile, P);
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - delta_tile[nt * 8 + 2 * (lane % 4) + e % 2];
+        to_a_fragments<BQ>(fragments, p);
+        warp_mma_rb<BQ, D>(dk_acc, fragments, q_tile, P);  // dK += dS^T Q (scaled at the end)
+    }
+    store_rows<D>(head_base(dk, b, h, T, D), dk.stride, first_key + warp * 16, T, dk_acc, args.scale, args.scale);
+    store_rows<D>(head_base(dv, b, h, T, D), dv.stride, first_key + warp * 16, T, dv_acc, 1.0f, 1.0f);
+}
+
+// dQ of 64 queries: loop over the key tiles up to the diagonal.
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_q_kernel(Rows<bf16> dq, Rows<const bf16> dout, const float* lse, const float* delta,
+                                AttentionArgs args) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    constexpr int P = D + kPad;
+    bf16* q_tile = reinterpret_cast<bf16*>(shared_bytes);
+    bf16* dout_tile = q_tile + kTileRows * P;
+    bf16* k_tile = dout_tile + kTileRows * P;
+    bf16* v_tile = k_tile + kTileRows * P;
+    const int T = args.seq_len;
+    const int n_tiles = (T + kTileRows - 1) / kTileRows;
+    const int q_tile_index = n_tiles - 1 - int(blockIdx.x);
+    const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first_query = q_tile_index * kTileRows;
+    const bf16* k = head_base(args.k, b, h, T, D);
+    const bf16* v = head_base(args.v, b, h, T, D);
+    load_tile<kTileRows, D>(q_tile, head_base(args.q, b, h, T, D), args.q.stride, first_query, T);
+    load_tile<kTileRows, D>(dout_tile, head_base(dout, b, h, T, D), dout.stride, first_query, T);
+
+    const float scale_log2 = args.scale * kLog2e;
+    const int row0 = first_query + warp * 16 + lane / 4;
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = row0 + 8 * half;
+        const bool valid = row < T;
+        row_lse[half] = valid ? lse[size_t(blockIdx.y) * T + row] * kLog2e : INFINITY;
+        row_delta[half] = valid ? delta[size_t(blockIdx.y) * T + row] : 0.0f;
+    }
+    float dq_acc[D / 8][4];
+    zero<D>(dq_acc);
+    for (int kt = 0; kt <= q_tile_index; ++kt) {
+        __syncthreads();
+        load_tile<kTileRows, D>(k_tile, k, args.k.stride, kt * kTileRows, T);
+        load_tile<kTileRows, D>(v_tile, v, args.v.stride, kt * kTileRows, T);
+        cp_async_wait_all();
+        __syncthreads();
+
+        float p[kTileRows / 8][4], dp[kTileRows / 8][4];
+        zero<kTileRows>(p);
+        zero<kTileRows>(dp);
+        warp_mma_abt<D, kTileRows>(p, q_tile + warp * 16 * P, P, k_tile, P);      // S = Q K^T
+        warp_mma_abt<D, kTileRows>(dp, dout_tile + warp * 16 * P, P, v_tile, P);  // dP = dout V^T
+        const bool diagonal = kt == q_tile_index;
+#pragma unroll
+        for (int nt = 0; nt < kTileRows / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int half = e / 2, row = row0 + 8 * half, key = kt * kTileRows + nt * 8 + 2 * (lane % 4) + e % 2;
+                const float prob =
+                    (diagonal && (key > row || key >= T)) ? 0.0f : exp2f(p[nt][e] * scale_log2 - row_lse[half]);
+                p[nt][e] = prob * (dp[nt][e] - row_delta[half]);  // dS
+            }
+        uint32_t fragments[kTileRows / 16][4];
+        to_a_fragments<kTileRows>(fragments, p);
+        warp_mma_rb<kTileRows, D>(dq_acc, fragments, k_tile, P);  // dQ += dS K
+    }
+    store_rows<D>(head_base(dq, b, h, T, D), dq.stride, first_query + warp * 16, T, dq_acc, args.scale, args.scale);
+}
+
+template <int D>
+constexpr int backward_query_tile() {
+    return D <= 64 ? 64 : 32;  // keeps dK, dV accumulators and a tile of P in registers
+}
+
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+void check_rows(const void* data, int stride, const char* what) {
+    QOPT_CHECK(reinterpret_cast<uintptr_t>(data) % 16 == 0 && stride % 8 == 0, "attention: ", what,
+               " must be 16-byte aligned with a row stride that is a multiple of 8 (got stride ", stride, ")");
+}
+
+AttentionArgs make_args(Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v, int batch, int seq_len,
+                        int n_heads, int head_dim) {
+    QOPT_CHECK(head_dim == 64 || head_dim == 128, "attention kernels support head_dim 64 or 128, not ", head_dim);
+    QOPT_CHECK(batch > 0 && seq_len > 0 && n_heads > 0, "attention: empty shape");
+    QOPT_CHECK(size_t(batch) * n_heads <= 65535, "attention: batch x heads ", size_t(batch) * n_heads,
+               " exceeds the grid limit 65535");
+    check_rows(q.data, q.stride, "q");
+    check_rows(k.data, k.stride, "k");
+    check_rows(v.data, v.stride, "v");
+    return AttentionArgs{q, k, v, batch, seq_len, n_heads, 1.0f / sqrtf(float(head_dim))};
+}
+
+template <int D>
+void forward_for(Rows<bf16> out, float* lse, const AttentionArgs& args, cudaStream_t stream) {
+    const size_t bytes = size_t(3) * kTileRows * (D + kPad) * sizeof(bf16);
+    static bool configured = false;
+    if (!configured) allow_shared_bytes(attention_forward_kernel<D>, bytes), configured = true;
+    const dim3 grid((args.seq_len + kTileRows - 1) / kTileRows, args.batch * args.n_heads);
+    attention_forward_kernel<D><<<grid, kThreads, bytes, stream>>>(out, lse, args);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int D>
+void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> dout, const float* lse,
+                  const float* delta, const AttentionArgs& args, cudaStream_t stream) {
+    constexpr int BQ = backward_query_tile<D>();
+    const size_t kv_bytes = size_t(2 * kTileRows + 2 * BQ) * (D + kPad) * sizeof(bf16) + 2 * BQ * sizeof(float);
+    const size_t q_bytes = size_t(4) * kTileRows * (D + kPad) * sizeof(bf16);
+    static bool configured = false;
+    if (!configured) {
+        allow_shared_bytes(attention_backward_kv_kernel<D, BQ>, kv_bytes);
+        allow_shared_bytes(attention_backward_q_kernel<D>, q_bytes);
+        configured = true;
+    }
+    const int n_tiles = (args.seq_len + kTileRows - 1) / kTileRows;
+    const dim3 grid(n_tiles, args.batch * args.n_heads);
+    attention_backward_kv_kernel<D, BQ><<<grid, kThreads, kv_bytes, stream>>>(dk, dv, dout, lse, delta, args);
+    CUDA_CHECK_LAUNCH();
+    attention_backward_q_kernel<D><<<grid, kThreads, q_bytes, stream>>>(dq, dout, lse, delta, args);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v,
+                           int batch, int seq_len, int n_heads, int head_dim, cudaStream_t stream) {
+    const AttentionArgs args = make_args(q, k, v, batch, seq_len, n_heads, head_dim);
+    check_rows(out.data, out.stride, "out");
+    if (head_dim == 64) forward_for<64>(out, lse, args, stream);
+    else forward_for<128>(out, lse, args, stream);
+}
+
+void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* delta, Rows<const bf16> dout,
+                            Rows<const bf16> out, const float* lse, Rows<const bf16> q, Rows<const bf16> k,
+                            Rows<const bf16> v, int batch, int seq_len, int n_heads, int head_dim,
+                            cudaStream_t stream) {
+    const AttentionArgs args = make_args(q, k, v, batch, seq_len, n_heads, head_dim);
+    check_rows(dq.data, dq.stride, "dq");
+    check_rows(dk.data, dk.stride, "dk");
+    check_rows(dv.data, dv.stride, "dv");
+    check_rows(dout.data, dout.stride, "dout");
+    const int n_rows = batch * seq_len;
+    const size_t threads = size_t(n_rows) * n_heads * 32;
+    attention_delta_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream>>>(delta, dout, out, n_rows, seq_len,
+                                                                                 n_heads, head_dim);
+    CUDA_CHECK_LAUNCH();
+    if (head_dim == 64) backward_for<64>(dq, dk, dv, dout, lse, delta, args, stream);
+    else backward_for<128>(dq, dk, dv, dout, lse, delta, args, stream);
+}
+
+}  // namespace qopt
