@@ -1,4 +1,5 @@
-// Causal flash attention on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate).
+// Causal flash attention on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate);
+// head_dim 16, 32, 64 or 128 (the paper's presets use 64 and 128, the test presets 16 and 32).
 // Math and CPU reference: kernels/attention.hpp. Scores never leave the chip: the forward
 // pass keeps a running row max m and row sum l (online softmax) and saves only
 //   lse[t] = log sum_s exp(scale * q_t . k_s)        (natural log, fp32, [B, H, T])
@@ -423,7 +424,8 @@ void check_rows(const void* data, int stride, const char* what) {
 
 AttentionArgs make_args(Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v, int batch, int seq_len,
                         int n_heads, int head_dim) {
-    QOPT_CHECK(head_dim == 64 || head_dim == 128, "attention kernels support head_dim 64 or 128, not ", head_dim);
+    QOPT_CHECK(head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128,
+               "attention kernels support head_dim 16, 32, 64 or 128, not ", head_dim);
     QOPT_CHECK(batch > 0 && seq_len > 0 && n_heads > 0, "attention: empty shape");
     QOPT_CHECK(size_t(batch) * n_heads <= 65535, "attention: batch x heads ", size_t(batch) * n_heads,
                " exceeds the grid limit 65535");
@@ -469,8 +471,12 @@ void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<
                            int batch, int seq_len, int n_heads, int head_dim, cudaStream_t stream) {
     const AttentionArgs args = make_args(q, k, v, batch, seq_len, n_heads, head_dim);
     check_rows(out.data, out.stride, "out");
-    if (head_dim == 64) forward_for<64>(out, lse, args, stream);
-    else forward_for<128>(out, lse, args, stream);
+    switch (head_dim) {
+        case 16: forward_for<16>(out, lse, args, stream); break;
+        case 32: forward_for<32>(out, lse, args, stream); break;
+        case 64: forward_for<64>(out, lse, args, stream); break;
+        default: forward_for<128>(out, lse, args, stream); break;
+    }
 }
 
 void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* delta, Rows<const bf16> dout,
@@ -487,8 +493,12 @@ void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* 
     attention_delta_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream>>>(delta, dout, out, n_rows, seq_len,
                                                                                  n_heads, head_dim);
     CUDA_CHECK_LAUNCH();
-    if (head_dim == 64) backward_for<64>(dq, dk, dv, dout, lse, delta, args, stream);
-    else backward_for<128>(dq, dk, dv, dout, lse, delta, args, stream);
+    switch (head_dim) {
+        case 16: backward_for<16>(dq, dk, dv, dout, lse, delta, args, stream); break;
+        case 32: backward_for<32>(dq, dk, dv, dout, lse, delta, args, stream); break;
+        case 64: backward_for<64>(dq, dk, dv, dout, lse, delta, args, stream); break;
+        default: backward_for<128>(dq, dk, dv, dout, lse, delta, args, stream); break;
+    }
 }
 
 }  // namespace qopt

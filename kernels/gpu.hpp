@@ -41,7 +41,8 @@ public:
     T* data() { return data_; }
     const T* data() const { return data_; }
     size_t size() const { return count_; }
-    void upload(const std::vector<T>& host);
+    void upload(const std::vector<T>& host);         // resizes to host.size()
+    void upload_prefix(const std::vector<T>& host);  // into the first host.size() elements (no resize)
     std::vector<T> download() const;
     void fill_bytes(unsigned char byte);  // e.g. 0xFF poisons bf16/fp32 with NaNs
 
@@ -51,12 +52,22 @@ private:
 };
 
 // ---- norms (kernels/norms.cu)
-// RMSNorm over rows of `dim`: out = w * x * rstd, rstd saved (fp32).
-void rmsnorm_forward_gpu(bf16* out, float* rstd, const bf16* in, const float* weight, int n_rows, int dim, float eps,
-                         cudaStream_t stream = 0);
+// RMSNorm over rows of `dim`: out = w * x * rstd, rstd saved (fp32). Rows may be strided
+// slices (QK-norm reads q and k inside the packed [q | k | v] rows).
+void rmsnorm_forward_gpu(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight, int n_rows, int dim,
+                         float eps, cudaStream_t stream = 0);
+inline void rmsnorm_forward_gpu(bf16* out, float* rstd, const bf16* in, const float* weight, int n_rows, int dim,
+                                float eps, cudaStream_t stream = 0) {
+    rmsnorm_forward_gpu(Rows<bf16>{out, dim}, rstd, Rows<const bf16>{in, dim}, weight, n_rows, dim, eps, stream);
+}
 // din is written (not accumulated); dweight (fp32) is accumulated, deterministically.
-void rmsnorm_backward_gpu(bf16* din, float* dweight, const bf16* dout, const bf16* in, const float* weight,
-                          const float* rstd, int n_rows, int dim, cudaStream_t stream = 0);
+void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
+                          const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream = 0);
+inline void rmsnorm_backward_gpu(bf16* din, float* dweight, const bf16* dout, const bf16* in, const float* weight,
+                                 const float* rstd, int n_rows, int dim, cudaStream_t stream = 0) {
+    rmsnorm_backward_gpu(Rows<bf16>{din, dim}, dweight, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, weight,
+                         rstd, n_rows, dim, stream);
+}
 void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
                            int n_rows, int dim, float eps, cudaStream_t stream = 0);
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
@@ -100,8 +111,17 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 // dweight (fp32) += dout^T in.
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream = 0);
+// dbias (fp32) += column sums of dout, deterministic (shares the norms' two-stage reduction
+// in kernels/norms.cu).
+void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);
 
-// ---- causal flash attention (kernels/attention.cu); head_dim 64 or 128, any seq_len.
+// ---- elementwise helpers (kernels/elementwise.cu; CPU references in kernels/elementwise.hpp)
+// out = a + b (out may be a or b).
+void add_gpu(bf16* out, const bf16* a, const bf16* b, size_t n, cudaStream_t stream = 0);
+// out = bf16(in), round to nearest even.
+void to_bf16_gpu(bf16* out, const float* in, size_t n, cudaStream_t stream = 0);
+
+// ---- causal flash attention (kernels/attention.cu); head_dim 16, 32, 64 or 128, any seq_len.
 // Head h of row n is columns h*head_dim .. of that row. lse [B, H, T] (fp32) is saved for the
 // backward pass, which needs delta [B, H, T] (fp32) as scratch and writes dq, dk, dv.
 void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v,

@@ -35,6 +35,12 @@ std::vector<T> DeviceBuffer<T>::download() const {
 }
 
 template <typename T>
+void DeviceBuffer<T>::upload_prefix(const std::vector<T>& host) {
+    QOPT_CHECK(host.size() <= count_, "upload_prefix: ", host.size(), " values into a buffer of ", count_);
+    CUDA_CHECK(cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+template <typename T>
 void DeviceBuffer<T>::fill_bytes(unsigned char byte) {
     CUDA_CHECK(cudaMemset(data_, byte, count_ * sizeof(T)));
 }

@@ -17,12 +17,12 @@ __device__ float warp_sum(float v) {
     return v;
 }
 
-__global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* in, const float* weight, int n_rows,
-                                       int dim, float eps) {
+__global__ void rmsnorm_forward_kernel(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight,
+                                       int n_rows, int dim, float eps) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
-    const bf16* x = in + size_t(row) * dim;
+    const bf16* x = in.data + size_t(row) * in.stride;
     float sum_sq = 0;
     for (int i = lane; i < dim; i += kWarp) {
         const float v = __bfloat162float(x[i]);
@@ -30,22 +30,22 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* in, c
     }
     const float r = rsqrtf(warp_sum(sum_sq) / dim + eps);
     if (lane == 0) rstd[row] = r;
-    bf16* y = out + size_t(row) * dim;
+    bf16* y = out.data + size_t(row) * out.stride;
     for (int i = lane; i < dim; i += kWarp) y[i] = __float2bfloat16(weight[i] * __bfloat162float(x[i]) * r);
 }
 
-__global__ void rmsnorm_backward_input_kernel(bf16* din, const bf16* dout, const bf16* in, const float* weight,
-                                              const float* rstd, int n_rows, int dim) {
+__global__ void rmsnorm_backward_input_kernel(Rows<bf16> din, Rows<const bf16> dout, Rows<const bf16> in,
+                                              const float* weight, const float* rstd, int n_rows, int dim) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
-    const bf16* x = in + size_t(row) * dim;
-    const bf16* dy = dout + size_t(row) * dim;
+    const bf16* x = in.data + size_t(row) * in.stride;
+    const bf16* dy = dout.data + size_t(row) * dout.stride;
     const float r = rstd[row];
     float dot = 0;
     for (int i = lane; i < dim; i += kWarp) dot += __bfloat162float(dy[i]) * weight[i] * __bfloat162float(x[i]);
     const float mean_gx = warp_sum(dot) / dim;
-    bf16* dx = din + size_t(row) * dim;
+    bf16* dx = din.data + size_t(row) * din.stride;
     for (int i = lane; i < dim; i += kWarp) {
         const float g = __bfloat162float(dy[i]) * weight[i];
         dx[i] = __float2bfloat16(r * (g - __bfloat162float(x[i]) * r * r * mean_gx));
@@ -98,8 +98,10 @@ __global__ void layernorm_backward_input_kernel(bf16* din, const bf16* dout, con
 // Partial parameter gradients of one chunk of rows: thread = feature.
 //   rms:   dweight += dy * x * rstd
 //   layer: dweight += dy * (x - mean) * rstd, dbias += dy
-__global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, const bf16* dout, const bf16* in,
-                                           const float* mean, const float* rstd, int n_rows, int dim) {
+//   bias of a linear layer (no in): dbias += dy
+__global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, Rows<const bf16> dout,
+                                           Rows<const bf16> in, const float* mean, const float* rstd, int n_rows,
+                                           int dim) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     const int chunk = blockIdx.y;
     if (i >= dim) return;
@@ -107,12 +109,14 @@ __global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, c
     const int last = min(n_rows, first + kRowsPerChunk);
     float acc_w = 0, acc_b = 0;
     for (int n = first; n < last; ++n) {
-        const float dy = __bfloat162float(dout[size_t(n) * dim + i]);
-        const float centered = __bfloat162float(in[size_t(n) * dim + i]) - (mean ? mean[n] : 0.0f);
-        acc_w += dy * centered * rstd[n];
+        const float dy = __bfloat162float(dout.data[size_t(n) * dout.stride + i]);
+        if (partial_w) {
+            const float centered = __bfloat162float(in.data[size_t(n) * in.stride + i]) - (mean ? mean[n] : 0.0f);
+            acc_w += dy * centered * rstd[n];
+        }
         acc_b += dy;
     }
-    partial_w[size_t(chunk) * dim + i] = acc_w;
+    if (partial_w) partial_w[size_t(chunk) * dim + i] = acc_w;
     if (partial_b) partial_b[size_t(chunk) * dim + i] = acc_b;
 }
 
@@ -131,18 +135,21 @@ float* partials_scratch(size_t count) {
     return scratch.data();
 }
 
-void param_grads(float* dweight, float* dbias, const bf16* dout, const bf16* in, const float* mean, const float* rstd,
-                 int n_rows, int dim, cudaStream_t stream) {
+void param_grads(float* dweight, float* dbias, Rows<const bf16> dout, Rows<const bf16> in, const float* mean,
+                 const float* rstd, int n_rows, int dim, cudaStream_t stream) {
     const int n_chunks = (n_rows + kRowsPerChunk - 1) / kRowsPerChunk;
-    float* partial_w = partials_scratch(size_t(2) * n_chunks * dim);
-    float* partial_b = dbias ? partial_w + size_t(n_chunks) * dim : nullptr;
+    float* scratch = partials_scratch(size_t(2) * n_chunks * dim);
+    float* partial_w = dweight ? scratch : nullptr;
+    float* partial_b = dbias ? scratch + size_t(n_chunks) * dim : nullptr;
     const int threads = 128;
     dim3 grid((dim + threads - 1) / threads, n_chunks);
     norm_param_partials_kernel<<<grid, threads, 0, stream>>>(partial_w, partial_b, dout, in, mean, rstd, n_rows, dim);
     CUDA_CHECK_LAUNCH();
     const int blocks = (dim + threads - 1) / threads;
-    sum_partials_kernel<<<blocks, threads, 0, stream>>>(dweight, partial_w, n_chunks, dim);
-    CUDA_CHECK_LAUNCH();
+    if (dweight) {
+        sum_partials_kernel<<<blocks, threads, 0, stream>>>(dweight, partial_w, n_chunks, dim);
+        CUDA_CHECK_LAUNCH();
+    }
     if (dbias) {
         sum_partials_kernel<<<blocks, threads, 0, stream>>>(dbias, partial_b, n_chunks, dim);
         CUDA_CHECK_LAUNCH();
@@ -154,19 +161,24 @@ int row_blocks(int n_rows) { return (n_rows + kRowsPerBlock - 1) / kRowsPerBlock
 
 }  // namespace
 
-void rmsnorm_forward_gpu(bf16* out, float* rstd, const bf16* in, const float* weight, int n_rows, int dim, float eps,
-                         cudaStream_t stream) {
+void rmsnorm_forward_gpu(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight, int n_rows, int dim,
+                         float eps, cudaStream_t stream) {
     rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, rstd, in, weight, n_rows,
                                                                                      dim, eps);
     CUDA_CHECK_LAUNCH();
 }
 
-void rmsnorm_backward_gpu(bf16* din, float* dweight, const bf16* dout, const bf16* in, const float* weight,
-                          const float* rstd, int n_rows, int dim, cudaStream_t stream) {
+void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
+                          const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream) {
     rmsnorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(din, dout, in, weight,
                                                                                             rstd, n_rows, dim);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, nullptr, dout, in, nullptr, rstd, n_rows, dim, stream);
+}
+
+void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream) {
+    param_grads(nullptr, dbias, Rows<const bf16>{dout, out_dim}, Rows<const bf16>{nullptr, 0}, nullptr, nullptr, n_rows,
+                out_dim, stream);
 }
 
 void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
@@ -182,7 +194,7 @@ void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16*
     layernorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(din, dout, in, weight,
                                                                                               mean, rstd, n_rows, dim);
     CUDA_CHECK_LAUNCH();
-    param_grads(dweight, dbias, dout, in, mean, rstd, n_rows, dim, stream);
+    param_grads(dweight, dbias, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, mean, rstd, n_rows, dim, stream);
 }
 
 }  // namespace qopt

@@ -130,4 +130,10 @@ ModelConfig preset_config(const std::string& name) {
     fail("unknown preset '", name, "' (known: ", preset_names(), ")");
 }
 
+void check_token_ids(const int* tokens, size_t n, int vocab_size, const char* what) {
+    for (size_t i = 0; i < n; ++i)
+        QOPT_CHECK(tokens[i] >= 0 && tokens[i] < vocab_size, what, " token id ", tokens[i], " at position ", i,
+                   " is outside the vocabulary 0..", vocab_size - 1);
+}
+
 }  // namespace qopt

@@ -6,6 +6,7 @@
 //  - gpt2: GPT-2 as in llm.c. Pre-LayerNorm with bias, learned positions, GELU (tanh), biases
 //    on every linear layer, tied head.
 #pragma once
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,10 @@ struct ModelConfig {
     // Field-by-field comparison; empty when equal, else "field: a vs b".
     std::string difference(const ModelConfig& other) const;
 };
+
+// Throws qopt::Error naming the first id outside 0..vocab_size-1 ("input token id 50300 at
+// position 17 is outside the vocabulary 0..50256").
+void check_token_ids(const int* tokens, size_t n, int vocab_size, const char* what);
 
 struct Preset {
     std::string name;

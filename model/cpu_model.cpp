@@ -60,13 +60,6 @@ void CpuModel<T>::allocate(int batch, int seq_len) {
     d_qkv_.resize(N * 3 * C), d_wide_.resize(N * F), d_wide2_.resize(N * F);
 }
 
-template <typename T>
-void CpuModel<T>::validate_tokens(const int* tokens, size_t n, const char* what) const {
-    for (size_t i = 0; i < n; ++i)
-        QOPT_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size, what, " token id ", tokens[i],
-                   " at position ", i, " is outside the vocabulary 0..", config_.vocab_size - 1);
-}
-
 static void zero(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
 static void zero(std::vector<double>& v) { std::fill(v.begin(), v.end(), 0.0); }
 
@@ -76,8 +69,8 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
     QOPT_CHECK(seq_len <= config_.max_seq_len, "sequence length ", seq_len, " exceeds the model's max_seq_len ",
                config_.max_seq_len);
     const size_t N = size_t(batch) * seq_len;
-    validate_tokens(inputs, N, "input");
-    validate_tokens(targets, N, "target");
+    check_token_ids(inputs, N, config_.vocab_size, "input");
+    check_token_ids(targets, N, config_.vocab_size, "target");
     allocate(batch, seq_len);
 
     const int n = int(N), C = config_.d_model, F = config_.d_ff, H = config_.n_heads, hd = config_.head_dim();

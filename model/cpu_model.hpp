@@ -43,7 +43,6 @@ private:
         std::vector<T> up, act, down, down_normed, rstd_down;
     };
     void allocate(int batch, int seq_len);
-    void validate_tokens(const int* tokens, size_t n, const char* what) const;
 
     ModelConfig config_;
     ParamLayout layout_;

@@ -4,7 +4,7 @@
 // relative (norm of difference / norm of reference), fp32 paths within 1e-5. Outputs are
 // poisoned with NaN bytes before each launch so unwritten elements fail the comparison.
 // Every test skips with a message where there is no usable GPU.
-#include "helpers.hpp"
+#include "gpu_helpers.hpp"
 #include "kernels/activations.hpp"
 #include "kernels/attention.hpp"
 #include "kernels/classifier.hpp"
@@ -19,54 +19,6 @@
 using namespace qopt;
 using namespace qopt::test;
 
-namespace {
-
-#define REQUIRE_GPU()                                                              \
-    if (!gpu_available()) {                                                        \
-        MESSAGE("skipped: " << query_cuda_device().problem << " (GPU test)");      \
-        return;                                                                    \
-    }
-
-constexpr double kBf16Bound = 1e-2;
-
-// Random bf16 values and the same values as double.
-struct Bf16Input {
-    std::vector<bf16> device_values;
-    std::vector<double> exact;
-};
-
-Bf16Input random_bf16(size_t n, std::mt19937_64& gen, double scale = 1.0) {
-    Bf16Input r;
-    std::normal_distribution<double> normal(0.0, scale);
-    for (size_t i = 0; i < n; ++i) {
-        const bf16 b = __float2bfloat16(float(normal(gen)));
-        r.device_values.push_back(b);
-        r.exact.push_back(double(__bfloat162float(b)));
-    }
-    return r;
-}
-
-std::vector<double> to_double(const std::vector<bf16>& v) {
-    std::vector<double> out(v.size());
-    for (size_t i = 0; i < v.size(); ++i) out[i] = double(__bfloat162float(v[i]));
-    return out;
-}
-
-template <typename T>
-DeviceBuffer<T> poisoned(size_t n) {
-    DeviceBuffer<T> buffer(n);
-    buffer.fill_bytes(0xFF);
-    return buffer;
-}
-
-template <typename T>
-DeviceBuffer<T> uploaded(const std::vector<T>& host) {
-    DeviceBuffer<T> buffer(host.size());
-    buffer.upload(host);
-    return buffer;
-}
-
-}  // namespace
 
 TEST_CASE("GPU rmsnorm forward and backward match the CPU reference") {
     REQUIRE_GPU();

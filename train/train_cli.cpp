@@ -25,7 +25,7 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
     app.add_option("--rope-theta", o.rope_theta, "RoPE base (olmo2) (0: the preset's value)")->group("Model");
     app.add_option("--norm-eps", o.norm_eps, "RMSNorm/LayerNorm epsilon (0: the preset's value)")->group("Model");
 
-    app.add_option("--device", o.device, "cpu, cuda or auto (auto: the CPU until the CUDA path lands)")
+    app.add_option("--device", o.device, "cpu, cuda or auto (auto: the GPU when a usable one is present, else the CPU)")
         ->group("Device");
     app.add_option("--threads", o.threads, "OpenMP threads for the CPU path (0: all cores)")->group("Device");
 

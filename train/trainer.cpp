@@ -15,9 +15,8 @@
 #include "core/rng.hpp"
 #include "data/loader.hpp"
 #include "kernels/device.hpp"
-#include "model/cpu_model.hpp"
-#include "optim/grad_clip.hpp"
 #include "optim/schedule.hpp"
+#include "train/backend.hpp"
 #include "train/checkpoint.hpp"
 
 namespace qopt {
@@ -130,13 +129,9 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     const ModelConfig config = resolve_model_config(options);
     g_stop_requested.store(0);
 
-    // Device: the CUDA path is not built yet, so "auto" means the CPU and "cuda" is refused.
+    // Device: "auto" takes a usable GPU when there is one.
     const CudaDeviceInfo gpu = query_cuda_device();
-    if (options.device == "cuda") {
-        if (!gpu.usable) fail("--device cuda: ", gpu.problem);
-        fail("--device cuda: the CUDA training path is not implemented yet; use --device cpu (found ",
-             gpu.description, ")");
-    }
+    const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable);
     if (options.threads > 0) omp_set_num_threads(options.threads);
 
     const long total_steps = total_steps_of(options);
@@ -158,8 +153,9 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         val_loader = std::make_unique<TokenLoader>(options.val_data, config.vocab_size, options.batch_size,
                                                    options.seq_len, "--val-data");
 
-    CpuModel<float> model(config);
-    AdamW optimizer(model.layout(), options.adamw);
+    std::unique_ptr<TrainBackend> backend =
+        use_cuda ? make_cuda_backend(config, options.adamw) : make_cpu_backend(config, options.adamw);
+    const ParamLayout layout = ParamLayout::build(config);
     TrainState state;
     Rng rng(options.seed ^ 0x5DEECE66Dull);
     std::string resume_from = options.resume;
@@ -173,29 +169,30 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         if (!diff.empty()) fail(resume_from, ": checkpoint was written for a different model (", diff, ")");
         QOPT_CHECK(ckpt.state.step <= total_steps, resume_from, ": checkpoint is at step ", ckpt.state.step,
                    ", past this run's ", total_steps, " steps");
-        model.params() = std::move(ckpt.params);
-        optimizer.first_moment() = std::move(ckpt.first_moment);
-        optimizer.second_moment() = std::move(ckpt.second_moment);
-        optimizer.set_step_count(ckpt.optimizer_step);
+        backend->set_params(ckpt.params);
+        backend->set_optimizer_state(ckpt.first_moment, ckpt.second_moment, ckpt.optimizer_step);
         state = ckpt.state;
         train_loader.set_position(state.train_position);
         rng.set_state(state.rng_state);
         log << "resumed from " << resume_from << " at step " << state.step << "\n";
     } else {
-        init_params(model.layout(), options.seed, model.params().data());
+        std::vector<float> params(layout.total);
+        init_params(layout, options.seed, params.data());
+        backend->set_params(params);
     }
 
     // Summary of what will run.
     uint64_t embedding_params = 0;
-    for (const auto& t : model.layout().tensors)
+    for (const auto& t : layout.tensors)
         if (t.kind == ParamKind::Embedding || t.kind == ParamKind::Position) embedding_params += t.numel;
     log << "model: " << options.preset << " (" << arch_name(config.arch) << ") " << config.n_layers << " layers x "
         << config.d_model << ", " << config.n_heads << " heads, d_ff " << config.d_ff << ", vocab "
         << config.vocab_size << " (padded " << config.padded_vocab_size << ")\n";
-    log << "parameters: " << with_commas(model.layout().total) << " (embedding " << with_commas(embedding_params)
-        << ", non-embedding " << with_commas(model.layout().total - embedding_params) << ")\n";
-    log << "device: cpu, " << omp_get_max_threads() << " threads"
-        << (gpu.usable ? " (GPU " + gpu.description + " present; CUDA path not built yet)" : "") << "\n";
+    log << "parameters: " << with_commas(layout.total) << " (embedding " << with_commas(embedding_params)
+        << ", non-embedding " << with_commas(layout.total - embedding_params) << ")\n";
+    log << "device: " << backend->describe() << "\n";
+    const std::string memory = backend->memory_report(options.batch_size, options.seq_len);
+    if (!memory.empty()) log << "memory: " << memory << "\n";
     const uint64_t tokens_per_step = uint64_t(options.batch_size) * options.seq_len * options.grad_accum;
     log << "data: " << train_loader.paths().size() << " train shard(s), " << with_commas(train_loader.total_tokens())
         << " tokens; " << with_commas(tokens_per_step) << " tokens per step (" << options.batch_size << " x "
@@ -221,7 +218,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         double sum = 0;
         for (uint64_t b = 0; b < batches; ++b) {
             val_loader->next_batch(inputs, targets);
-            sum += model.loss(inputs.data(), targets.data(), options.batch_size, options.seq_len);
+            sum += backend->loss(inputs.data(), targets.data(), options.batch_size, options.seq_len);
         }
         return sum / double(batches);
     };
@@ -244,10 +241,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         state.rng_state = rng.state();
         ckpt.state = state;
         ckpt.run = run_settings(options, total_steps);
-        ckpt.optimizer_step = optimizer.step_count();
-        ckpt.params = model.params();
-        ckpt.first_moment = optimizer.first_moment();
-        ckpt.second_moment = optimizer.second_moment();
+        ckpt.optimizer_step = backend->optimizer_step();
+        ckpt.params = backend->params();
+        ckpt.first_moment = backend->first_moment();
+        ckpt.second_moment = backend->second_moment();
         std::string path = write_checkpoint(options.out_dir, ckpt);
         prune_checkpoints(options.out_dir, options.keep_checkpoints);
         log << "checkpoint: " << path << "\n";
@@ -263,18 +260,21 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     while (state.step < total_steps) {
         const auto step_start = std::chrono::steady_clock::now();
         const double lr = schedule.at(state.step);
-        model.zero_grads();
+        backend->zero_grads();
         double loss = 0;
         for (int micro = 0; micro < options.grad_accum; ++micro) {
             train_loader.next_batch(inputs, targets);
-            loss += model.forward_backward(inputs.data(), targets.data(), options.batch_size, options.seq_len,
-                                           1.0f / float(options.grad_accum)) /
+            loss += backend->forward_backward(inputs.data(), targets.data(), options.batch_size, options.seq_len,
+                                              1.0 / options.grad_accum) /
                     options.grad_accum;
         }
-        const double grad_norm = clip_grad_norm_cpu(model.grads().data(), model.grads().size(), options.grad_clip);
+        // Global-norm clipping: every gradient scaled by grad_clip / ||g|| when ||g|| > grad_clip.
+        const double grad_norm = backend->grad_norm();
         const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
         if (finite) {
-            optimizer.step(model.params().data(), model.grads().data(), lr);
+            const double clip_scale =
+                options.grad_clip > 0 && grad_norm > options.grad_clip ? options.grad_clip / grad_norm : 1.0;
+            backend->step(lr, clip_scale);
         } else {
             ++state.skipped_steps;
             log << "warning: step " << state.step + 1 << " has a non-finite " << (std::isfinite(loss) ? "gradient" : "loss")

@@ -1,0 +1,334 @@
+#include "model/gpu_model.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+
+#include "core/error.hpp"
+#include "kernels/gpu.hpp"
+#include "kernels/rope.hpp"
+
+namespace qopt {
+
+namespace {
+
+void cuda_check(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) fail("CUDA error ", cudaGetErrorString(status), " in ", what);
+}
+
+std::string gigabytes(size_t bytes) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.2f GB", double(bytes) / 1e9);
+    return text;
+}
+
+}  // namespace
+
+// Activations of one transformer block (bf16 unless marked fp32). Which exist depends on
+// the layout: olmo2 normalises q/k (QK-norm), rotates them (RoPE) and normalises each
+// sublayer's output; gpt2 normalises each sublayer's input (LayerNorm).
+struct LayerActivations {
+    DeviceBuffer<bf16> qkv, attn, h, up, act;  // both layouts
+    DeviceBuffer<float> lse;                   // attention log-sum-exp [B, H, T]
+    // olmo2
+    DeviceBuffer<bf16> q_rot, k_rot, proj, down;
+    DeviceBuffer<float> rstd_q, rstd_k, rstd_proj, rstd_down;
+    // gpt2
+    DeviceBuffer<bf16> ln1, ln2;
+    DeviceBuffer<float> mean1, rstd1, mean2, rstd2;
+};
+
+struct GpuModel::State {
+    DeviceBuffer<float> params, grads;
+    DeviceBuffer<bf16> weights;  // bf16 mirror of params
+    DeviceBuffer<float> rope_cos, rope_sin;
+    int batch = 0, seq_len = 0;
+    float grad_scale = 0;  // of the last forward()
+    std::vector<LayerActivations> layers;
+    std::vector<DeviceBuffer<bf16>> residual;  // residual[l]: input of block l; residual[L]: output
+    DeviceBuffer<bf16> final_normed, logits, branch;
+    DeviceBuffer<float> final_mean, final_rstd, losses;
+    DeviceBuffer<int> inputs, targets, bucket_tokens, bucket_offsets, bucket_positions;
+    std::vector<int> host_inputs;
+    // backward scratch
+    DeviceBuffer<bf16> d_residual, d_a, d_b, d_q, d_k, d_qkv, d_wide, d_wide2;
+    DeviceBuffer<float> delta;
+    size_t activation_bytes = 0;
+};
+
+GpuModel::GpuModel(const ModelConfig& config)
+    : config_(config), layout_(ParamLayout::build(config)), state_(std::make_unique<State>()) {
+    config_.validate();
+    const int hd = config_.head_dim();
+    QOPT_CHECK(hd == 16 || hd == 32 || hd == 64 || hd == 128, "--device cuda: head_dim ", hd,
+               " (d_model / n_heads) is not supported by the attention kernels (16, 32, 64 or 128)");
+    State& s = *state_;
+    s.params.resize(layout_.total);
+    s.grads.resize(layout_.total);
+    s.weights.resize(layout_.total);
+    if (config_.arch == Arch::Olmo2) {
+        std::vector<float> cos_table(size_t(config_.max_seq_len) * hd / 2), sin_table(cos_table.size());
+        rope_angles(cos_table.data(), sin_table.data(), config_.max_seq_len, hd, config_.rope_theta);
+        s.rope_cos.upload(cos_table);
+        s.rope_sin.upload(sin_table);
+    }
+    zero_grads();
+}
+
+GpuModel::~GpuModel() = default;
+
+void GpuModel::upload_params(const std::vector<float>& host) {
+    QOPT_CHECK(host.size() == layout_.total, "upload_params: ", host.size(), " values for ", layout_.total,
+               " parameters");
+    state_->params.upload(host);
+    refresh_compute_weights();
+}
+
+std::vector<float> GpuModel::download_params() const { return state_->params.download(); }
+std::vector<float> GpuModel::download_grads() const { return state_->grads.download(); }
+float* GpuModel::params_device() { return state_->params.data(); }
+float* GpuModel::grads_device() { return state_->grads.data(); }
+
+void GpuModel::refresh_compute_weights() {
+    to_bf16_gpu(state_->weights.data(), state_->params.data(), layout_.total);
+}
+
+void GpuModel::zero_grads() { state_->grads.fill_bytes(0); }
+
+void GpuModel::allocate(int batch, int seq_len) {
+    State& s = *state_;
+    if (batch == s.batch && seq_len == s.seq_len) return;
+    QOPT_CHECK(batch > 0 && seq_len > 0, "batch and sequence length must be positive");
+    QOPT_CHECK(seq_len <= config_.max_seq_len, "sequence length ", seq_len, " exceeds the model's max_seq_len ",
+               config_.max_seq_len);
+    const size_t N = size_t(batch) * seq_len, C = size_t(config_.d_model), F = size_t(config_.d_ff);
+    const size_t BHT = size_t(batch) * config_.n_heads * seq_len;
+    const bool gpt2 = config_.arch == Arch::Gpt2;
+    size_t bytes = 0;
+    auto bf = [&](DeviceBuffer<bf16>& buffer, size_t n) { buffer.resize(n), bytes += n * sizeof(bf16); };
+    auto fp = [&](DeviceBuffer<float>& buffer, size_t n) { buffer.resize(n), bytes += n * sizeof(float); };
+    s.layers.clear();
+    s.layers.resize(size_t(config_.n_layers));
+    for (auto& a : s.layers) {
+        bf(a.qkv, N * 3 * C), bf(a.attn, N * C), bf(a.h, N * C), bf(a.up, N * F), bf(a.act, N * F);
+        fp(a.lse, BHT);
+        if (gpt2) {
+            bf(a.ln1, N * C), bf(a.ln2, N * C);
+            fp(a.mean1, N), fp(a.rstd1, N), fp(a.mean2, N), fp(a.rstd2, N);
+        } else {
+            bf(a.q_rot, N * C), bf(a.k_rot, N * C), bf(a.proj, N * C), bf(a.down, N * C);
+            fp(a.rstd_q, N), fp(a.rstd_k, N), fp(a.rstd_proj, N), fp(a.rstd_down, N);
+        }
+    }
+    s.residual.clear();
+    s.residual.resize(size_t(config_.n_layers) + 1);
+    for (auto& r : s.residual) bf(r, N * C);
+    bf(s.final_normed, N * C), bf(s.branch, N * C);
+    bf(s.logits, N * size_t(config_.padded_vocab_size));
+    fp(s.final_mean, N), fp(s.final_rstd, N), fp(s.losses, N);
+    s.inputs.resize(N), s.targets.resize(N);
+    s.bucket_tokens.resize(N), s.bucket_offsets.resize(N + 1), s.bucket_positions.resize(N);
+    bf(s.d_residual, N * C), bf(s.d_a, N * C), bf(s.d_b, N * C), bf(s.d_qkv, N * 3 * C);
+    bf(s.d_wide, N * F), bf(s.d_wide2, N * F);
+    if (!gpt2) bf(s.d_q, N * C), bf(s.d_k, N * C);
+    fp(s.delta, BHT);
+    s.activation_bytes = bytes;
+    s.batch = batch;
+    s.seq_len = seq_len;
+}
+
+size_t GpuModel::device_bytes() const {
+    return layout_.total * (2 * sizeof(float) + sizeof(bf16)) + state_->activation_bytes;
+}
+
+std::string GpuModel::memory_report() const {
+    const size_t weight_bytes = layout_.total * (2 * sizeof(float) + sizeof(bf16));
+    const size_t logit_bytes = size_t(state_->batch) * state_->seq_len * config_.padded_vocab_size * sizeof(bf16);
+    return "weights " + gigabytes(weight_bytes) + " (fp32 master + fp32 grads + bf16 copy), activations " +
+           gigabytes(state_->activation_bytes - logit_bytes) + " + logits " + gigabytes(logit_bytes) + " for " +
+           std::to_string(state_->batch) + " x " + std::to_string(state_->seq_len) + " tokens";
+}
+
+void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq_len, float grad_scale) {
+    allocate(batch, seq_len);
+    State& s = *state_;
+    const int N = batch * seq_len, C = config_.d_model, F = config_.d_ff, H = config_.n_heads;
+    const int hd = config_.head_dim(), T = seq_len, V = config_.vocab_size, Vp = config_.padded_vocab_size;
+    const bool gpt2 = config_.arch == Arch::Gpt2;
+    const float eps = config_.norm_eps;
+    check_token_ids(inputs, size_t(N), V, "input");
+    check_token_ids(targets, size_t(N), V, "target");
+    s.host_inputs.assign(inputs, inputs + N);
+    cuda_check(cudaMemcpy(s.inputs.data(), inputs, size_t(N) * sizeof(int), cudaMemcpyHostToDevice), "token upload");
+    cuda_check(cudaMemcpy(s.targets.data(), targets, size_t(N) * sizeof(int), cudaMemcpyHostToDevice), "token upload");
+    s.grad_scale = grad_scale;
+
+    const float* P = s.params.data();
+    const bf16* W = s.weights.data();
+    auto w = [&](size_t offset) { return offset == kAbsent ? nullptr : W + offset; };
+    embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
+    for (int l = 0; l < config_.n_layers; ++l) {
+        const LayerOffsets& o = layout_.layers[size_t(l)];
+        LayerActivations& a = s.layers[size_t(l)];
+        const bf16* x = s.residual[size_t(l)].data();
+        bf16* y = s.residual[size_t(l) + 1].data();
+        bf16* qkv = a.qkv.data();
+        if (gpt2) {
+            layernorm_forward_gpu(a.ln1.data(), a.mean1.data(), a.rstd1.data(), x, P + o.norm1_w, P + o.norm1_b, N, C,
+                                  eps);
+            matmul_forward_gpu(qkv, a.ln1.data(), W + o.qkv_w, w(o.qkv_b), N, C, 3 * C);
+            attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
+                                  {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            matmul_forward_gpu(s.branch.data(), a.attn.data(), W + o.out_w, w(o.out_b), N, C, C);
+            add_gpu(a.h.data(), x, s.branch.data(), size_t(N) * C);
+            layernorm_forward_gpu(a.ln2.data(), a.mean2.data(), a.rstd2.data(), a.h.data(), P + o.norm2_w,
+                                  P + o.norm2_b, N, C, eps);
+            matmul_forward_gpu(a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
+            gelu_forward_gpu(a.act.data(), a.up.data(), size_t(N) * F);
+            matmul_forward_gpu(s.branch.data(), a.act.data(), W + o.down_w, w(o.down_b), N, F, C);
+            add_gpu(y, a.h.data(), s.branch.data(), size_t(N) * C);
+        } else {
+            matmul_forward_gpu(qkv, x, W + o.qkv_w, nullptr, N, C, 3 * C);
+            // QK-norm over the full q / k projections, then RoPE in place.
+            rmsnorm_forward_gpu({a.q_rot.data(), C}, a.rstd_q.data(), {qkv, 3 * C}, P + o.q_norm_w, N, C, eps);
+            rmsnorm_forward_gpu({a.k_rot.data(), C}, a.rstd_k.data(), {qkv + C, 3 * C}, P + o.k_norm_w, N, C, eps);
+            rope_forward_gpu(a.q_rot.data(), a.q_rot.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
+            rope_forward_gpu(a.k_rot.data(), a.k_rot.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
+            attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C}, {a.k_rot.data(), C},
+                                  {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            matmul_forward_gpu(a.proj.data(), a.attn.data(), W + o.out_w, nullptr, N, C, C);
+            rmsnorm_forward_gpu(s.branch.data(), a.rstd_proj.data(), a.proj.data(), P + o.norm1_w, N, C, eps);
+            add_gpu(a.h.data(), x, s.branch.data(), size_t(N) * C);
+            matmul_forward_gpu(a.up.data(), a.h.data(), W + o.up_w, nullptr, N, C, F);
+            relu2_forward_gpu(a.act.data(), a.up.data(), size_t(N) * F);
+            matmul_forward_gpu(a.down.data(), a.act.data(), W + o.down_w, nullptr, N, F, C);
+            rmsnorm_forward_gpu(s.branch.data(), a.rstd_down.data(), a.down.data(), P + o.norm2_w, N, C, eps);
+            add_gpu(y, a.h.data(), s.branch.data(), size_t(N) * C);
+        }
+    }
+    const bf16* top = s.residual.back().data();
+    if (gpt2)
+        layernorm_forward_gpu(s.final_normed.data(), s.final_mean.data(), s.final_rstd.data(), top,
+                              P + layout_.final_norm_w, P + layout_.final_norm_b, N, C, eps);
+    else
+        rmsnorm_forward_gpu(s.final_normed.data(), s.final_rstd.data(), top, P + layout_.final_norm_w, N, C, eps);
+    // Tied head: logits = x E^T over the padded vocabulary; the fused kernel turns them into
+    // losses and (when training) dlogits in place.
+    matmul_forward_gpu(s.logits.data(), s.final_normed.data(), W + layout_.embed, nullptr, N, C, Vp);
+    softmax_cross_entropy_gpu(s.losses.data(), s.logits.data(), s.targets.data(), N, V, Vp, grad_scale / float(N));
+}
+
+void GpuModel::backward() {
+    State& s = *state_;
+    QOPT_CHECK(s.grad_scale != 0.0f, "backward() needs a forward() with a non-zero grad_scale");
+    const int batch = s.batch, T = s.seq_len, N = batch * T, C = config_.d_model, F = config_.d_ff;
+    const int H = config_.n_heads, hd = config_.head_dim(), Vp = config_.padded_vocab_size;
+    const bool gpt2 = config_.arch == Arch::Gpt2;
+    const float* P = s.params.data();
+    const bf16* W = s.weights.data();
+    float* G = s.grads.data();
+    bf16 *d_res = s.d_residual.data(), *d_a = s.d_a.data(), *d_b = s.d_b.data();
+    const size_t NC = size_t(N) * C;
+
+    // Head: d(final_normed) = dlogits E, dE += dlogits^T final_normed.
+    matmul_backward_input_gpu(d_a, s.logits.data(), W + layout_.embed, N, C, Vp);
+    matmul_backward_weight_gpu(G + layout_.embed, s.logits.data(), s.final_normed.data(), N, C, Vp);
+    const bf16* top = s.residual.back().data();
+    if (gpt2)
+        layernorm_backward_gpu(d_res, G + layout_.final_norm_w, G + layout_.final_norm_b, d_a, top,
+                               P + layout_.final_norm_w, s.final_mean.data(), s.final_rstd.data(), N, C);
+    else
+        rmsnorm_backward_gpu(d_res, G + layout_.final_norm_w, d_a, top, P + layout_.final_norm_w, s.final_rstd.data(),
+                             N, C);
+
+    for (int l = config_.n_layers - 1; l >= 0; --l) {
+        const LayerOffsets& o = layout_.layers[size_t(l)];
+        LayerActivations& a = s.layers[size_t(l)];
+        const bf16* x = s.residual[size_t(l)].data();
+        bf16* qkv = a.qkv.data();
+        bf16* d_qkv = s.d_qkv.data();
+        if (gpt2) {
+            // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
+            matmul_backward_input_gpu(s.d_wide.data(), d_res, W + o.down_w, N, F, C);
+            matmul_backward_weight_gpu(G + o.down_w, d_res, a.act.data(), N, F, C);
+            matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
+            gelu_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+            matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
+            matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
+            matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);
+            layernorm_backward_gpu(d_a, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w, a.mean2.data(),
+                                   a.rstd2.data(), N, C);
+            add_gpu(d_res, d_res, d_a, NC);
+            // h = x + out(attn(qkv(LN1(x)))) ; d_res becomes dx.
+            matmul_backward_input_gpu(d_b, d_res, W + o.out_w, N, C, C);
+            matmul_backward_weight_gpu(G + o.out_w, d_res, a.attn.data(), N, C, C);
+            matmul_backward_bias_gpu(G + o.out_b, d_res, N, C);
+            attention_backward_gpu({d_qkv, 3 * C}, {d_qkv + C, 3 * C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
+                                   {d_b, C}, {a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
+                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
+            matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, a.ln1.data(), N, C, 3 * C);
+            matmul_backward_bias_gpu(G + o.qkv_b, d_qkv, N, 3 * C);
+            layernorm_backward_gpu(d_a, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
+                                   a.rstd1.data(), N, C);
+            add_gpu(d_res, d_res, d_a, NC);
+        } else {
+            // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
+            rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);
+            matmul_backward_input_gpu(s.d_wide.data(), d_a, W + o.down_w, N, F, C);
+            matmul_backward_weight_gpu(G + o.down_w, d_a, a.act.data(), N, F, C);
+            relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+            matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
+            matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.h.data(), N, C, F);
+            add_gpu(d_res, d_res, d_b, NC);
+            // h = x + Norm1(out(attn(rope(qknorm(qkv(x)))))) ; d_res becomes dx.
+            rmsnorm_backward_gpu(d_a, G + o.norm1_w, d_res, a.proj.data(), P + o.norm1_w, a.rstd_proj.data(), N, C);
+            matmul_backward_input_gpu(d_b, d_a, W + o.out_w, N, C, C);
+            matmul_backward_weight_gpu(G + o.out_w, d_a, a.attn.data(), N, C, C);
+            attention_backward_gpu({s.d_q.data(), C}, {s.d_k.data(), C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
+                                   {d_b, C}, {a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C},
+                                   {a.k_rot.data(), C}, {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            rope_backward_gpu(s.d_q.data(), s.d_q.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
+            rope_backward_gpu(s.d_k.data(), s.d_k.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
+            rmsnorm_backward_gpu({d_qkv, 3 * C}, G + o.q_norm_w, {s.d_q.data(), C}, {qkv, 3 * C}, P + o.q_norm_w,
+                                 a.rstd_q.data(), N, C);
+            rmsnorm_backward_gpu({d_qkv + C, 3 * C}, G + o.k_norm_w, {s.d_k.data(), C}, {qkv + C, 3 * C},
+                                 P + o.k_norm_w, a.rstd_k.data(), N, C);
+            matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
+            matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, x, N, C, 3 * C);
+            add_gpu(d_res, d_res, d_b, NC);
+        }
+    }
+    // Embeddings: the batch's positions grouped by token id for a deterministic sum.
+    const TokenBuckets buckets = build_token_buckets(s.host_inputs.data(), N, config_.vocab_size);
+    s.bucket_tokens.upload_prefix(buckets.tokens);
+    s.bucket_offsets.upload_prefix(buckets.offsets);
+    s.bucket_positions.upload_prefix(buckets.positions);
+    embedding_backward_gpu(G + layout_.embed, layout_.pos_embed == kAbsent ? nullptr : G + layout_.pos_embed, d_res,
+                           s.bucket_tokens.data(), s.bucket_offsets.data(), s.bucket_positions.data(),
+                           int(buckets.tokens.size()), N, T, C);
+}
+
+double GpuModel::mean_loss() {
+    const std::vector<float> losses = token_losses();
+    double sum = 0;
+    for (float loss : losses) sum += double(loss);
+    return sum / double(losses.size());
+}
+
+std::vector<float> GpuModel::token_losses() {
+    const size_t N = size_t(state_->batch) * state_->seq_len;
+    std::vector<float> host(N);
+    cuda_check(cudaMemcpy(host.data(), state_->losses.data(), N * sizeof(float), cudaMemcpyDeviceToHost),
+               "loss download");
+    return host;
+}
+
+double GpuModel::forward_backward(const int* inputs, const int* targets, int batch, int seq_len, float grad_scale) {
+    forward(inputs, targets, batch, seq_len, grad_scale);
+    if (grad_scale != 0.0f) backward();
+    return mean_loss();
+}
+
+}  // namespace qopt

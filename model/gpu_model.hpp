@@ -1,0 +1,64 @@
+// The whole model on the GPU, composed from the kernels in kernels/ (launchers in
+// kernels/gpu.hpp) in the same order as the CPU reference (model/cpu_model.cpp), which is its
+// oracle. Mixed precision: fp32 master weights and gradients in one contiguous buffer each
+// (layout: model/params.hpp), a bf16 mirror of the weights for compute, bf16 activations, fp32
+// norm statistics, softmax statistics and losses. All activations for a (batch, seq_len) are
+// planned once by allocate(); memory_report() prints the footprint before step 1.
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/config.hpp"
+#include "model/params.hpp"
+
+namespace qopt {
+
+class GpuModel {
+public:
+    explicit GpuModel(const ModelConfig& config);
+    ~GpuModel();
+    GpuModel(const GpuModel&) = delete;
+    GpuModel& operator=(const GpuModel&) = delete;
+
+    const ModelConfig& config() const { return config_; }
+    const ParamLayout& layout() const { return layout_; }
+
+    // Master weights (fp32): upload refreshes the bf16 mirror.
+    void upload_params(const std::vector<float>& host);
+    std::vector<float> download_params() const;
+    std::vector<float> download_grads() const;
+    float* params_device();
+    float* grads_device();
+    void refresh_compute_weights();  // bf16 mirror <- fp32 masters (after an optimizer step)
+    void zero_grads();
+
+    // Plans every activation for this shape (no-op when unchanged).
+    void allocate(int batch, int seq_len);
+    // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."
+    std::string memory_report() const;
+    size_t device_bytes() const;
+
+    // Same contract as CpuModel::forward_backward: mean loss; with grad_scale != 0 the
+    // gradients grad_scale * d(mean loss)/d(params) are ADDED to the gradient buffer.
+    double forward_backward(const int* inputs, const int* targets, int batch, int seq_len, float grad_scale);
+    double loss(const int* inputs, const int* targets, int batch, int seq_len) {
+        return forward_backward(inputs, targets, batch, seq_len, 0.0f);
+    }
+
+    // The two halves, for timing (bench): forward() uploads the batch and runs through the
+    // loss (and dlogits when grad_scale != 0); backward() runs the rest; mean_loss() waits.
+    void forward(const int* inputs, const int* targets, int batch, int seq_len, float grad_scale);
+    void backward();
+    double mean_loss();
+    std::vector<float> token_losses();
+
+private:
+    struct State;
+    ModelConfig config_;
+    ParamLayout layout_;
+    std::unique_ptr<State> state_;
+};
+
+}  // namespace qopt

@@ -1,0 +1,113 @@
+#include "train/backend.hpp"
+
+#include <cuda_runtime.h>
+#include <omp.h>
+
+#include <cmath>
+
+#include "core/error.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
+#include "model/cpu_model.hpp"
+#include "model/gpu_model.hpp"
+#include "optim/adamw_gpu.hpp"
+#include "optim/grad_clip.hpp"
+
+namespace qopt {
+
+namespace {
+
+class CpuBackend final : public TrainBackend {
+public:
+    CpuBackend(const ModelConfig& config, const AdamWConfig& adamw)
+        : model_(config), optimizer_(model_.layout(), adamw) {}
+    std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
+    void set_params(const std::vector<float>& params) override {
+        QOPT_CHECK(params.size() == model_.params().size(), "set_params: wrong size");
+        model_.params() = params;
+    }
+    std::vector<float> params() override { return model_.params(); }
+    void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) override {
+        optimizer_.first_moment() = m;
+        optimizer_.second_moment() = v;
+        optimizer_.set_step_count(step);
+    }
+    std::vector<float> first_moment() override { return optimizer_.first_moment(); }
+    std::vector<float> second_moment() override { return optimizer_.second_moment(); }
+    long optimizer_step() const override { return optimizer_.step_count(); }
+    void zero_grads() override { model_.zero_grads(); }
+    double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
+                            double grad_scale) override {
+        return model_.forward_backward(inputs, targets, batch, seq_len, float(grad_scale));
+    }
+    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
+        return model_.loss(inputs, targets, batch, seq_len);
+    }
+    double grad_norm() override { return clip_grad_norm_cpu(model_.grads().data(), model_.grads().size(), 0.0); }
+    void step(double lr, double grad_scale) override {
+        if (grad_scale != 1.0)
+            for (float& g : model_.grads()) g *= float(grad_scale);
+        optimizer_.step(model_.params().data(), model_.grads().data(), lr);
+    }
+    std::string memory_report(int, int) override { return ""; }
+
+private:
+    CpuModel<float> model_;
+    AdamW optimizer_;
+};
+
+class CudaBackend final : public TrainBackend {
+public:
+    CudaBackend(const ModelConfig& config, const AdamWConfig& adamw, std::string device)
+        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), adamw), norm_(1) {}
+    std::string describe() const override { return "cuda, " + device_; }
+    void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
+    std::vector<float> params() override { return model_.download_params(); }
+    void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) override {
+        optimizer_.set_moments(m, v);
+        optimizer_.set_step_count(step);
+    }
+    std::vector<float> first_moment() override { return optimizer_.first_moment(); }
+    std::vector<float> second_moment() override { return optimizer_.second_moment(); }
+    long optimizer_step() const override { return optimizer_.step_count(); }
+    void zero_grads() override { model_.zero_grads(); }
+    double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
+                            double grad_scale) override {
+        return model_.forward_backward(inputs, targets, batch, seq_len, float(grad_scale));
+    }
+    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
+        return model_.loss(inputs, targets, batch, seq_len);
+    }
+    double grad_norm() override {
+        global_norm_gpu(norm_.data(), model_.grads_device(), model_.layout().total);
+        return double(norm_.download()[0]);
+    }
+    void step(double lr, double grad_scale) override {
+        optimizer_.step(model_.params_device(), model_.grads_device(), lr, grad_scale);
+        model_.refresh_compute_weights();
+    }
+    std::string memory_report(int batch, int seq_len) override {
+        model_.allocate(batch, seq_len);
+        return model_.memory_report();
+    }
+
+private:
+    std::string device_;
+    GpuModel model_;
+    AdamWGpu optimizer_;
+    DeviceBuffer<float> norm_;
+};
+
+}  // namespace
+
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const AdamWConfig& adamw) {
+    return std::make_unique<CpuBackend>(config, adamw);
+}
+
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw) {
+    const CudaDeviceInfo gpu = query_cuda_device();
+    if (!gpu.usable) fail("--device cuda: ", gpu.problem);
+    return std::make_unique<CudaBackend>(config, adamw, gpu.description);
+}
+
+}  // namespace qopt

@@ -1,0 +1,42 @@
+// Where a training run computes: the model (forward, backward, gradients) and the optimizer
+// together, on the CPU (reference, fp32) or on the GPU (mixed precision). The training loop
+// (train/trainer.cpp) sees only this interface; checkpoints move host copies of the state.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/config.hpp"
+#include "optim/adamw.hpp"
+
+namespace qopt {
+
+class TrainBackend {
+public:
+    virtual ~TrainBackend() = default;
+    virtual std::string describe() const = 0;  // "cpu, 2 threads" / "cuda: NVIDIA H100 ..."
+
+    virtual void set_params(const std::vector<float>& params) = 0;
+    virtual std::vector<float> params() = 0;
+    virtual void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) = 0;
+    virtual std::vector<float> first_moment() = 0;
+    virtual std::vector<float> second_moment() = 0;
+    virtual long optimizer_step() const = 0;
+
+    // As CpuModel::forward_backward: gradients are added to the gradient buffer.
+    virtual void zero_grads() = 0;
+    virtual double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
+                                    double grad_scale) = 0;
+    virtual double loss(const int* inputs, const int* targets, int batch, int seq_len) = 0;
+    virtual double grad_norm() = 0;  // ||g||_2 of the whole gradient buffer
+    // One optimizer step on grad_scale * gradients (grad_scale < 1 when clipping).
+    virtual void step(double lr, double grad_scale) = 0;
+    // Extra line for the run's summary (the GPU's memory plan), empty if none.
+    virtual std::string memory_report(int batch, int seq_len) = 0;
+};
+
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const AdamWConfig& adamw);
+// Throws qopt::Error when no usable GPU is present.
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw);
+
+}  // namespace qopt

@@ -1,0 +1,238 @@
+// bench: training throughput on the GPU. For each preset:B:T it runs full AdamW training steps
+// on random tokens (after warm-up) and prints tokens/s, MFU, ms per phase and GPU memory; it
+// measures the bf16 matmul ceiling of this GPU first (cuBLASLt, 8192^3) for the MFU, and the
+// attention kernels' own TFLOP/s with --attention.
+//
+// FLOPs per token (the convention of ../shared/PEERS.md and llm.c): 6 N + 12 L d T, N = all
+// parameters (tied embedding counted once), L layers, d = d_model, T = sequence length; the
+// attention term counts the full T x T square although causal kernels skip half of it.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "core/error.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
+#include "model/gpu_model.hpp"
+#include "optim/adamw_gpu.hpp"
+
+namespace qopt {
+namespace {
+
+void check(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) fail("CUDA error ", cudaGetErrorString(status), " in ", what);
+}
+
+// Times GPU work between two events on stream 0, in milliseconds.
+class Timer {
+public:
+    Timer() {
+        check(cudaEventCreate(&start_), "cudaEventCreate");
+        check(cudaEventCreate(&stop_), "cudaEventCreate");
+    }
+    ~Timer() {
+        cudaEventDestroy(start_);
+        cudaEventDestroy(stop_);
+    }
+    void start() { check(cudaEventRecord(start_), "cudaEventRecord"); }
+    float stop() {
+        check(cudaEventRecord(stop_), "cudaEventRecord");
+        check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+        return ms;
+    }
+
+private:
+    cudaEvent_t start_, stop_;
+};
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+// Dense bf16 matmul ceiling: out[n, n] = a[n, n] b^T through the same cuBLASLt path.
+double measure_matmul_tflops() {
+    const int n = 8192;
+    DeviceBuffer<bf16> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
+    a.fill_bytes(0x3c), b.fill_bytes(0x3c);  // small finite values
+    for (int i = 0; i < 3; ++i) matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n);
+    Timer timer;
+    std::vector<double> ms;
+    for (int i = 0; i < 10; ++i) {
+        timer.start();
+        matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n);
+        ms.push_back(timer.stop());
+    }
+    return 2.0 * n * n * double(n) / (median(ms) * 1e-3) / 1e12;
+}
+
+struct BenchConfig {
+    std::string preset;
+    int batch = 0, seq_len = 0;
+};
+
+BenchConfig parse_config(const std::string& text) {
+    BenchConfig c;
+    std::stringstream stream(text);
+    std::string batch, seq_len;
+    if (!std::getline(stream, c.preset, ':') || !std::getline(stream, batch, ':') || !std::getline(stream, seq_len))
+        fail("--config '", text, "': expected PRESET:BATCH:SEQ_LEN, e.g. gpt2-124m:32:1024");
+    try {
+        c.batch = std::stoi(batch);
+        c.seq_len = std::stoi(seq_len);
+    } catch (const std::exception&) {
+        fail("--config '", text, "': batch and sequence length must be integers");
+    }
+    QOPT_CHECK(c.batch > 0 && c.seq_len > 0, "--config '", text, "': batch and sequence length must be positive");
+    return c;
+}
+
+void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops) {
+    ModelConfig config = preset_config(bc.preset);
+    QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
+               config.max_seq_len);
+    GpuModel model(config);
+    {
+        std::vector<float> params(model.layout().total);
+        init_params(model.layout(), 1234, params.data());
+        model.upload_params(params);
+    }
+    AdamWGpu optimizer(model.layout(), AdamWConfig{});
+    DeviceBuffer<float> norm(1);
+    model.allocate(bc.batch, bc.seq_len);
+    const size_t N = size_t(bc.batch) * bc.seq_len;
+    std::mt19937_64 gen(42);
+    std::vector<int> inputs(N), targets(N);
+    Timer timer;
+    std::vector<double> forward_ms, backward_ms, optimizer_ms, step_ms;
+    double loss = 0;
+    for (int step = 0; step < warmup + steps; ++step) {
+        for (size_t i = 0; i < N; ++i) inputs[i] = int(gen() % uint64_t(config.vocab_size));
+        for (size_t i = 0; i < N; ++i) targets[i] = int(gen() % uint64_t(config.vocab_size));
+        check(cudaDeviceSynchronize(), "sync");
+        Timer whole;
+        whole.start();
+        timer.start();
+        model.zero_grads();
+        model.forward(inputs.data(), targets.data(), bc.batch, bc.seq_len, 1.0f);
+        const double f = timer.stop();
+        timer.start();
+        model.backward();
+        const double b = timer.stop();
+        timer.start();
+        global_norm_gpu(norm.data(), model.grads_device(), model.layout().total);
+        const float grad_norm = norm.download()[0];
+        optimizer.step(model.params_device(), model.grads_device(), 1e-4, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0);
+        model.refresh_compute_weights();
+        const double o = timer.stop();
+        const double total = whole.stop();
+        loss = model.mean_loss();
+        if (step < warmup) continue;
+        forward_ms.push_back(f), backward_ms.push_back(b), optimizer_ms.push_back(o), step_ms.push_back(total);
+    }
+    size_t free_bytes = 0, total_bytes = 0;
+    check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    const double ms = median(step_ms);
+    const double tokens_per_second = double(N) / (ms * 1e-3);
+    const double params = double(model.layout().total);
+    const double flops_per_token =
+        6.0 * params + 12.0 * config.n_layers * double(config.d_model) * double(bc.seq_len);
+    const double tflops = flops_per_token * tokens_per_second / 1e12;
+    std::printf("%-11s B=%-3d T=%-5d | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
+                "MFU %4.1f%% | memory planned %.2f GB, in use %.2f GB | loss %.3f\n",
+                bc.preset.c_str(), bc.batch, bc.seq_len, tokens_per_second, ms, median(forward_ms),
+                median(backward_ms), median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops,
+                double(model.device_bytes()) / 1e9, double(total_bytes - free_bytes) / 1e9, loss);
+    std::fflush(stdout);
+}
+
+// Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
+// backward (the 5 products of the math; the kernels recompute P once more).
+void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
+    const int C = n_heads * head_dim;
+    const size_t N = size_t(batch) * seq_len;
+    DeviceBuffer<bf16> qkv(N * 3 * C), out(N * C), dout(N * C), dqkv(N * 3 * C);
+    DeviceBuffer<float> lse(size_t(batch) * n_heads * seq_len), delta(size_t(batch) * n_heads * seq_len);
+    qkv.fill_bytes(0x3c), dout.fill_bytes(0x3c);
+    bf16* q = qkv.data();
+    const Rows<const bf16> rq{q, 3 * C}, rk{q + C, 3 * C}, rv{q + 2 * C, 3 * C};
+    auto forward = [&] { attention_forward_gpu({out.data(), C}, lse.data(), rq, rk, rv, batch, seq_len, n_heads, head_dim); };
+    auto backward = [&] {
+        attention_backward_gpu({dqkv.data(), 3 * C}, {dqkv.data() + C, 3 * C}, {dqkv.data() + 2 * C, 3 * C},
+                               delta.data(), {dout.data(), C}, {out.data(), C}, lse.data(), rq, rk, rv, batch,
+                               seq_len, n_heads, head_dim);
+    };
+    Timer timer;
+    std::vector<double> f_ms, b_ms;
+    for (int i = 0; i < 13; ++i) {
+        timer.start();
+        forward();
+        const double f = timer.stop();
+        timer.start();
+        backward();
+        const double b = timer.stop();
+        if (i >= 3) f_ms.push_back(f), b_ms.push_back(b);
+    }
+    const double forward_flops = 4.0 * batch * n_heads * double(seq_len) * seq_len * head_dim / 2.0;
+    std::printf("attention T=%-5d head_dim %-3d B=%d H=%d | forward %.3f ms, %.0f TFLOP/s | backward %.3f ms, %.0f "
+                "TFLOP/s\n",
+                seq_len, head_dim, batch, n_heads, median(f_ms), forward_flops / (median(f_ms) * 1e-3) / 1e12,
+                median(b_ms), 2.5 * forward_flops / (median(b_ms) * 1e-3) / 1e12);
+    std::fflush(stdout);
+}
+
+}  // namespace
+}  // namespace qopt
+
+int main(int argc, char** argv) {
+    CLI::App app{"qopt bench: GPU training throughput (tokens/s, MFU, ms per phase, memory) per model preset"};
+    std::vector<std::string> configs;
+    int warmup = 3, steps = 10;
+    bool attention = false, skip_training = false;
+    app.add_option("--config", configs,
+                   "PRESET:BATCH:SEQ_LEN, repeatable (default: gpt2-124m:32:1024 olmo2-125m:32:1024 "
+                   "olmo2-50m:32:1024 olmo2-350m:16:1024 olmo2-500m:16:1024 olmo2-760m:8:1024 olmo2-1.5b:8:1024)");
+    app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
+    app.add_option("--steps", steps, "timed steps (the median is reported)")->capture_default_str();
+    app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
+    app.add_flag("--attention-only", skip_training, "only the attention kernels");
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+    try {
+        QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
+        const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
+        if (!gpu.usable) qopt::fail(gpu.problem);
+        if (configs.empty())
+            configs = {"gpt2-124m:32:1024", "olmo2-125m:32:1024", "olmo2-50m:32:1024", "olmo2-350m:16:1024",
+                       "olmo2-500m:16:1024", "olmo2-760m:8:1024", "olmo2-1.5b:8:1024"};
+        std::vector<qopt::BenchConfig> parsed;
+        for (const auto& c : configs) parsed.push_back(qopt::parse_config(c));
+        std::printf("GPU: %s\n", gpu.description.c_str());
+        const double peak = qopt::measure_matmul_tflops();
+        std::printf("bf16 matmul ceiling (cuBLASLt 8192^3): %.0f TFLOP/s\n", peak);
+        if (attention || skip_training) {
+            for (int head_dim : {64, 128})
+                for (int seq_len : {1024, 4096})
+                    qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
+        }
+        if (!skip_training)
+            for (const auto& c : parsed) qopt::bench_training(c, warmup, steps, peak);
+        return 0;
+    } catch (const qopt::Error& e) {
+        std::cerr << "bench: error: " << e.what() << "\n";
+        return 1;
+    }
+}
