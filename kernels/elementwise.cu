@@ -1,4 +1,6 @@
 // Elementwise helpers on the GPU; CPU references in kernels/elementwise.hpp.
+#include <cstdint>
+
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
