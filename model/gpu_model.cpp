@@ -60,9 +60,9 @@ struct GpuModel::State {
 GpuModel::GpuModel(const ModelConfig& config)
     : config_(config), layout_(ParamLayout::build(config)), state_(std::make_unique<State>()) {
     config_.validate();
+    const std::string problem = unsupported_reason(config_);
+    if (!problem.empty()) fail("--device cuda: ", problem);
     const int hd = config_.head_dim();
-    QOPT_CHECK(hd == 16 || hd == 32 || hd == 64 || hd == 128, "--device cuda: head_dim ", hd,
-               " (d_model / n_heads) is not supported by the attention kernels (16, 32, 64 or 128)");
     State& s = *state_;
     s.params.resize(layout_.total);
     s.grads.resize(layout_.total);
@@ -77,6 +77,16 @@ GpuModel::GpuModel(const ModelConfig& config)
 }
 
 GpuModel::~GpuModel() = default;
+
+std::string GpuModel::unsupported_reason(const ModelConfig& config) {
+    const int hd = config.head_dim();
+    if (hd != 16 && hd != 32 && hd != 64 && hd != 128)
+        return "head_dim " + std::to_string(hd) +
+               " (d_model / n_heads) is not supported by the attention kernels (16, 32, 64 or 128)";
+    if (config.d_model % 8 != 0 || config.d_ff % 8 != 0)
+        return "d_model and d_ff must be multiples of 8 for the GPU kernels' aligned loads";
+    return "";
+}
 
 void GpuModel::upload_params(const std::vector<float>& host) {
     QOPT_CHECK(host.size() == layout_.total, "upload_params: ", host.size(), " values for ", layout_.total,

@@ -18,6 +18,8 @@ namespace qopt {
 class GpuModel {
 public:
     explicit GpuModel(const ModelConfig& config);
+    // Empty when the GPU kernels can run this shape, else the reason (e.g. an unsupported head_dim).
+    static std::string unsupported_reason(const ModelConfig& config);
     ~GpuModel();
     GpuModel(const GpuModel&) = delete;
     GpuModel& operator=(const GpuModel&) = delete;

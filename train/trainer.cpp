@@ -16,6 +16,7 @@
 #include "data/loader.hpp"
 #include "kernels/device.hpp"
 #include "optim/schedule.hpp"
+#include "model/gpu_model.hpp"
 #include "train/backend.hpp"
 #include "train/checkpoint.hpp"
 
@@ -131,7 +132,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
 
     // Device: "auto" takes a usable GPU when there is one.
     const CudaDeviceInfo gpu = query_cuda_device();
-    const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable);
+    const std::string gpu_problem = GpuModel::unsupported_reason(config);
+    const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable && gpu_problem.empty());
+    if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
+        log << "device: the CPU, since the GPU kernels cannot run this model: " << gpu_problem << "\n";
     if (options.threads > 0) omp_set_num_threads(options.threads);
 
     const long total_steps = total_steps_of(options);
