@@ -14,7 +14,8 @@
 // Work layout: blocks of 4 warps; each warp owns 16 rows (queries in the forward and dQ
 // kernels, keys in the dK/dV kernel) and the full head dimension, so row statistics stay in
 // the warp (a quad of 4 lanes shares each row). Tiles are copied to shared memory with
-// cp.async (rows past the sequence end are zero-filled and masked), read with ldmatrix.
+// cp.async (rows past the sequence end are zero-filled and masked), double-buffered so the
+// next tile streams in while the current one is multiplied, and read with ldmatrix.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane l holds A[r][c] for r = l/4 (+8), c = 2(l%4)
 // (+1, +8); B[k][n] for k = 2(l%4) (+1, +8), n = l/4; C[r][n] for r = l/4 (+8), n = 2(l%4) (+1).
@@ -71,9 +72,19 @@ __device__ __forceinline__ void cp_async_16(void* shared_destination, const void
                  "l"(global_source), "r"(valid ? 16 : 0));
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group 0;\n" ::);
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `pending` committed groups are still in flight (0: all landed).
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
+// Double buffering: before computing on tile i, issue the copy of tile i+1 (if any) into the
+// other buffer, then wait only for tile i's group.
+__device__ __forceinline__ void wait_current_tile(bool next_issued) {
+    if (next_issued) cp_async_wait<1>();
+    else cp_async_wait<0>();
 }
 
 // Copies rows first_row .. first_row+ROWS-1 (head slice of D columns) of a strided activation
@@ -177,8 +188,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     constexpr int P = D + kPad;
     bf16* q_tile = reinterpret_cast<bf16*>(shared_bytes);
-    bf16* k_tile = q_tile + kTileRows * P;
-    bf16* v_tile = k_tile + kTileRows * P;
+    bf16* kv_tiles = q_tile + kTileRows * P;  // [2 buffers][K, V][64 rows][P]
     const int T = args.seq_len;
     const int n_tiles = (T + kTileRows - 1) / kTileRows;
     const int q_tile_index = n_tiles - 1 - int(blockIdx.x);  // longest rows first
@@ -188,7 +198,14 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     const bf16* q = head_base(args.q, b, h, T, D);
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
+    auto load_kv = [&](int kt) {
+        bf16* buffer = kv_tiles + (kt % 2) * 2 * kTileRows * P;
+        load_tile<kTileRows, D>(buffer, k, args.k.stride, kt * kTileRows, T);
+        load_tile<kTileRows, D>(buffer + kTileRows * P, v, args.v.stride, kt * kTileRows, T);
+        cp_async_commit();
+    };
     load_tile<kTileRows, D>(q_tile, q, args.q.stride, first_query, T);
+    load_kv(0);
 
     const float scale_log2 = args.scale * kLog2e;  // scores in log2 units: exp(x) = exp2(x log2 e)
     const int row0 = first_query + warp * 16 + lane / 4;  // this lane's rows: row0 and row0 + 8
@@ -196,11 +213,12 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     zero<D>(o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     for (int kt = 0; kt <= q_tile_index; ++kt) {
-        __syncthreads();  // everyone is done with the previous K/V tiles
-        load_tile<kTileRows, D>(k_tile, k, args.k.stride, kt * kTileRows, T);
-        load_tile<kTileRows, D>(v_tile, v, args.v.stride, kt * kTileRows, T);
-        cp_async_wait_all();
+        const bool next = kt < q_tile_index;
+        if (next) load_kv(kt + 1);  // the other buffer: everyone finished with it last iteration
+        wait_current_tile(next);
         __syncthreads();
+        const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kTileRows * P;
+        const bf16* v_tile = k_tile + kTileRows * P;
 
         float s[kTileRows / 8][4];
         zero<kTileRows>(s);
@@ -240,6 +258,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
         uint32_t p_fragments[kTileRows / 16][4];
         to_a_fragments<kTileRows>(p_fragments, s);
         warp_mma_rb<kTileRows, D>(o, p_fragments, v_tile, P);
+        __syncthreads();  // this buffer is refilled next iteration
     }
     float inverse[2];
 #pragma unroll
@@ -279,10 +298,8 @@ __global__ void __launch_bounds__(kThreads)
     constexpr int P = D + kPad;
     bf16* k_tile = reinterpret_cast<bf16*>(shared_bytes);
     bf16* v_tile = k_tile + kTileRows * P;
-    bf16* q_tile = v_tile + kTileRows * P;
-    bf16* dout_tile = q_tile + BQ * P;
-    float* lse_tile = reinterpret_cast<float*>(dout_tile + BQ * P);
-    float* delta_tile = lse_tile + BQ;
+    bf16* q_dout_tiles = v_tile + kTileRows * P;  // [2 buffers][Q, dout][BQ rows][P]
+    float* stats = reinterpret_cast<float*>(q_dout_tiles + 4 * BQ * P);  // [2 buffers][lse, delta][BQ]
     const int T = args.seq_len;
     const int key_tile_index = int(blockIdx.x);  // the first keys see the most queries: launched first
     const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
@@ -292,27 +309,41 @@ __global__ void __launch_bounds__(kThreads)
     const bf16* g = head_base(dout, b, h, T, D);
     const float* lse_bh = lse + size_t(blockIdx.y) * T;
     const float* delta_bh = delta + size_t(blockIdx.y) * T;
+    // Query tile qt goes to buffer qt % 2; its lse and delta are plain stores (visible after
+    // the barrier that precedes its use).
+    auto load_queries = [&](int qt) {
+        const int first_query = qt * BQ;
+        bf16* buffer = q_dout_tiles + (qt % 2) * 2 * BQ * P;
+        load_tile<BQ, D>(buffer, q, args.q.stride, first_query, T);
+        load_tile<BQ, D>(buffer + BQ * P, g, dout.stride, first_query, T);
+        cp_async_commit();
+        float* lse_tile = stats + (qt % 2) * 2 * BQ;
+        for (int i = threadIdx.x; i < BQ; i += kThreads) {
+            const bool valid = first_query + i < T;
+            lse_tile[i] = valid ? lse_bh[first_query + i] * kLog2e : INFINITY;
+            lse_tile[BQ + i] = valid ? delta_bh[first_query + i] : 0.0f;
+        }
+    };
     load_tile<kTileRows, D>(k_tile, head_base(args.k, b, h, T, D), args.k.stride, first_key, T);
     load_tile<kTileRows, D>(v_tile, head_base(args.v, b, h, T, D), args.v.stride, first_key, T);
+    const int n_query_tiles = (T + BQ - 1) / BQ;
+    load_queries(first_key / BQ);  // commits K and V with the first query tile
 
     const float scale_log2 = args.scale * kLog2e;
     const int key0 = first_key + warp * 16 + lane / 4;  // this lane's keys: key0 and key0 + 8
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     zero<D>(dk_acc);
     zero<D>(dv_acc);
-    const int n_query_tiles = (T + BQ - 1) / BQ;
     for (int qt = first_key / BQ; qt < n_query_tiles; ++qt) {
+        const bool next = qt + 1 < n_query_tiles;
+        if (next) load_queries(qt + 1);
+        wait_current_tile(next);
         __syncthreads();
         const int first_query = qt * BQ;
-        load_tile<BQ, D>(q_tile, q, args.q.stride, first_query, T);
-        load_tile<BQ, D>(dout_tile, g, dout.stride, first_query, T);
-        for (int i = threadIdx.x; i < BQ; i += kThreads) {
-            const bool valid = first_query + i < T;
-            lse_tile[i] = valid ? lse_bh[first_query + i] * kLog2e : INFINITY;
-            delta_tile[i] = valid ? delta_bh[first_query + i] : 0.0f;
-        }
-        cp_async_wait_all();
-        __syncthreads();
+        const bf16* q_tile = q_dout_tiles + (qt % 2) * 2 * BQ * P;
+        const bf16* dout_tile = q_tile + BQ * P;
+        const float* lse_tile = stats + (qt % 2) * 2 * BQ;
+        const float* delta_tile = lse_tile + BQ;
 
         // P^T (keys x queries) = exp(scale K Q^T - lse), zero where the query precedes the key.
         float p[BQ / 8][4];
@@ -339,6 +370,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - delta_tile[nt * 8 + 2 * (lane % 4) + e % 2];
         to_a_fragments<BQ>(fragments, p);
         warp_mma_rb<BQ, D>(dk_acc, fragments, q_tile, P);  // dK += dS^T Q (scaled at the end)
+        __syncthreads();  // this buffer is refilled next iteration
     }
     store_rows<D>(head_base(dk, b, h, T, D), dk.stride, first_key + warp * 16, T, dk_acc, args.scale, args.scale);
     store_rows<D>(head_base(dv, b, h, T, D), dv.stride, first_key + warp * 16, T, dv_acc, 1.0f, 1.0f);
@@ -353,8 +385,7 @@ __global__ void __launch_bounds__(kThreads)
     constexpr int P = D + kPad;
     bf16* q_tile = reinterpret_cast<bf16*>(shared_bytes);
     bf16* dout_tile = q_tile + kTileRows * P;
-    bf16* k_tile = dout_tile + kTileRows * P;
-    bf16* v_tile = k_tile + kTileRows * P;
+    bf16* kv_tiles = dout_tile + kTileRows * P;  // [2 buffers][K, V][64 rows][P]
     const int T = args.seq_len;
     const int n_tiles = (T + kTileRows - 1) / kTileRows;
     const int q_tile_index = n_tiles - 1 - int(blockIdx.x);
@@ -363,8 +394,15 @@ __global__ void __launch_bounds__(kThreads)
     const int first_query = q_tile_index * kTileRows;
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
+    auto load_kv = [&](int kt) {
+        bf16* buffer = kv_tiles + (kt % 2) * 2 * kTileRows * P;
+        load_tile<kTileRows, D>(buffer, k, args.k.stride, kt * kTileRows, T);
+        load_tile<kTileRows, D>(buffer + kTileRows * P, v, args.v.stride, kt * kTileRows, T);
+        cp_async_commit();
+    };
     load_tile<kTileRows, D>(q_tile, head_base(args.q, b, h, T, D), args.q.stride, first_query, T);
     load_tile<kTileRows, D>(dout_tile, head_base(dout, b, h, T, D), dout.stride, first_query, T);
+    load_kv(0);
 
     const float scale_log2 = args.scale * kLog2e;
     const int row0 = first_query + warp * 16 + lane / 4;
@@ -379,11 +417,12 @@ __global__ void __launch_bounds__(kThreads)
     float dq_acc[D / 8][4];
     zero<D>(dq_acc);
     for (int kt = 0; kt <= q_tile_index; ++kt) {
+        const bool next = kt < q_tile_index;
+        if (next) load_kv(kt + 1);
+        wait_current_tile(next);
         __syncthreads();
-        load_tile<kTileRows, D>(k_tile, k, args.k.stride, kt * kTileRows, T);
-        load_tile<kTileRows, D>(v_tile, v, args.v.stride, kt * kTileRows, T);
-        cp_async_wait_all();
-        __syncthreads();
+        const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kTileRows * P;
+        const bf16* v_tile = k_tile + kTileRows * P;
 
         float p[kTileRows / 8][4], dp[kTileRows / 8][4];
         zero<kTileRows>(p);
@@ -403,6 +442,7 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t fragments[kTileRows / 16][4];
         to_a_fragments<kTileRows>(fragments, p);
         warp_mma_rb<kTileRows, D>(dq_acc, fragments, k_tile, P);  // dQ += dS K
+        __syncthreads();  // this buffer is refilled next iteration
     }
     store_rows<D>(head_base(dq, b, h, T, D), dq.stride, first_query + warp * 16, T, dq_acc, args.scale, args.scale);
 }
@@ -437,7 +477,7 @@ AttentionArgs make_args(Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16>
 
 template <int D>
 void forward_for(Rows<bf16> out, float* lse, const AttentionArgs& args, cudaStream_t stream) {
-    const size_t bytes = size_t(3) * kTileRows * (D + kPad) * sizeof(bf16);
+    const size_t bytes = size_t(5) * kTileRows * (D + kPad) * sizeof(bf16);  // Q + 2 x (K, V)
     static bool configured = false;
     if (!configured) allow_shared_bytes(attention_forward_kernel<D>, bytes), configured = true;
     const dim3 grid((args.seq_len + kTileRows - 1) / kTileRows, args.batch * args.n_heads);
@@ -449,8 +489,9 @@ template <int D>
 void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> dout, const float* lse,
                   const float* delta, const AttentionArgs& args, cudaStream_t stream) {
     constexpr int BQ = backward_query_tile<D>();
-    const size_t kv_bytes = size_t(2 * kTileRows + 2 * BQ) * (D + kPad) * sizeof(bf16) + 2 * BQ * sizeof(float);
-    const size_t q_bytes = size_t(4) * kTileRows * (D + kPad) * sizeof(bf16);
+    // K, V + 2 x (Q, dout) and 2 x (lse, delta);  Q, dout + 2 x (K, V)
+    const size_t kv_bytes = size_t(2 * kTileRows + 4 * BQ) * (D + kPad) * sizeof(bf16) + 4 * BQ * sizeof(float);
+    const size_t q_bytes = size_t(6) * kTileRows * (D + kPad) * sizeof(bf16);
     static bool configured = false;
     if (!configured) {
         allow_shared_bytes(attention_backward_kv_kernel<D, BQ>, kv_bytes);

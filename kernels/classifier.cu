@@ -9,6 +9,7 @@
 #include "kernels/gpu.hpp"
 
 #include <cfloat>
+#include <cstdint>
 
 namespace qopt {
 
@@ -23,12 +24,27 @@ __device__ void merge(float& max_a, float& sum_a, float max_b, float sum_b) {
     max_a = m;
 }
 
+// One block per row. Rows are read as 16-byte chunks of 8 logits (the padded vocabulary is a
+// multiple of 8, so rows stay aligned): pass 1 folds each chunk's max and sum of exponentials
+// into the running pair, pass 2 writes the gradient chunk by chunk.
 __global__ void softmax_cross_entropy_kernel(float* losses, bf16* logits, const int* targets, int vocab_size,
                                              int padded_vocab_size, float grad_scale) {
     const int row = blockIdx.x;
     bf16* z = logits + size_t(row) * padded_vocab_size;
+    uint4* chunks = reinterpret_cast<uint4*>(z);
+    const int n_chunks = padded_vocab_size / 8;
     float local_max = -FLT_MAX, local_sum = 0.0f;
-    for (int v = threadIdx.x; v < vocab_size; v += blockDim.x) merge(local_max, local_sum, __bfloat162float(z[v]), 1.0f);
+    for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        const uint4 packed = chunks[c];
+        const bf16* values = reinterpret_cast<const bf16*>(&packed);
+        float chunk_max = -FLT_MAX;
+        const int valid = min(8, vocab_size - c * 8);
+        for (int j = 0; j < valid; ++j) chunk_max = fmaxf(chunk_max, __bfloat162float(values[j]));
+        if (valid <= 0) continue;
+        float chunk_sum = 0.0f;
+        for (int j = 0; j < valid; ++j) chunk_sum += __expf(__bfloat162float(values[j]) - chunk_max);
+        merge(local_max, local_sum, chunk_max, chunk_sum);
+    }
     for (int offset = 16; offset > 0; offset /= 2) {
         const float other_max = __shfl_xor_sync(0xFFFFFFFF, local_max, offset);
         const float other_sum = __shfl_xor_sync(0xFFFFFFFF, local_sum, offset);
@@ -39,20 +55,27 @@ __global__ void softmax_cross_entropy_kernel(float* losses, bf16* logits, const 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) warp_max[warp] = local_max, warp_sum[warp] = local_sum;
     __syncthreads();
+    const int target = targets[row];
     if (threadIdx.x == 0) {
         float m = -FLT_MAX, s = 0.0f;
         for (int w = 0; w < int(blockDim.x / 32); ++w) merge(m, s, warp_max[w], warp_sum[w]);
         log_sum = m + logf(s);
-        const int target = targets[row];
         losses[row] = log_sum - __bfloat162float(z[target]);
     }
     __syncthreads();
     if (grad_scale == 0.0f) return;
-    const int target = targets[row];
-    for (int v = threadIdx.x; v < padded_vocab_size; v += blockDim.x) {
-        float grad = 0.0f;
-        if (v < vocab_size) grad = (__expf(__bfloat162float(z[v]) - log_sum) - (v == target ? 1.0f : 0.0f)) * grad_scale;
-        z[v] = __float2bfloat16(grad);
+    const float lse = log_sum;
+    for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        uint4 packed = chunks[c];
+        bf16* values = reinterpret_cast<bf16*>(&packed);
+        for (int j = 0; j < 8; ++j) {
+            const int v = c * 8 + j;
+            float grad = 0.0f;
+            if (v < vocab_size)
+                grad = (__expf(__bfloat162float(values[j]) - lse) - (v == target ? 1.0f : 0.0f)) * grad_scale;
+            values[j] = __float2bfloat16(grad);
+        }
+        chunks[c] = packed;
     }
 }
 
@@ -92,6 +115,9 @@ __global__ void sum_partials_to_norm_kernel(float* norm, const float* partials, 
 
 void softmax_cross_entropy_gpu(float* losses, bf16* logits, const int* targets, int n_rows, int vocab_size,
                                int padded_vocab_size, float grad_scale, cudaStream_t stream) {
+    QOPT_CHECK(padded_vocab_size % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0,
+               "softmax_cross_entropy_gpu: the padded vocabulary must be a multiple of 8 and logits 16-byte aligned");
+    QOPT_CHECK(vocab_size <= padded_vocab_size, "softmax_cross_entropy_gpu: vocab_size above padded_vocab_size");
     softmax_cross_entropy_kernel<<<n_rows, kThreads, 0, stream>>>(losses, logits, targets, vocab_size,
                                                                   padded_vocab_size, grad_scale);
     CUDA_CHECK_LAUNCH();

@@ -105,6 +105,15 @@ void embedding_backward_gpu(float* d_embed, float* d_pos_embed, const bf16* dout
 // out = in W^T + bias (bias may be null).
 void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
                         int out_dim, cudaStream_t stream = 0);
+// Fused MLP entry and exit for GELU layers (cuBLASLt epilogues; GELU is the tanh form):
+//   out = gelu(in W^T + bias), pre_activation = in W^T + bias (saved for the backward pass)
+void matmul_forward_gelu_gpu(bf16* out, bf16* pre_activation, const bf16* in, const bf16* weight, const bf16* bias,
+                             int n_rows, int in_dim, int out_dim, cudaStream_t stream = 0);
+//   d_pre_activation = (dout W) * gelu'(pre_activation)   (the next layer's input gradient,
+//   W [out_dim, in_dim], through the GELU that produced its input)
+void matmul_backward_input_dgelu_gpu(bf16* d_pre_activation, const bf16* dout, const bf16* weight,
+                                     const bf16* pre_activation, int n_rows, int in_dim, int out_dim,
+                                     cudaStream_t stream = 0);
 // din = dout W (written).
 void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
                                cudaStream_t stream = 0);

@@ -41,20 +41,35 @@ Lt& lt() {
     return instance;
 }
 
-// C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16.
+// What runs after the product, inside the same kernel: a bias add, GELU (saving the
+// pre-activation in aux), or GELU's derivative (reading the pre-activation from aux).
+enum class Epilogue { None, Gelu, DGelu };
+
+// C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16, then
+// the epilogue (bias first, for forward products). aux is [m, n] column-major like C.
 void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
-               int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream) {
+               int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
+               Epilogue extra = Epilogue::None, void* aux = nullptr) {
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    if (bias) {
-        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-        const cudaDataType_t bias_type = CUDA_R_16BF;
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    if (extra == Epilogue::Gelu) epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    else if (extra == Epilogue::DGelu) epilogue = CUBLASLT_EPILOGUE_DGELU;
+    else if (bias) epilogue = CUBLASLT_EPILOGUE_BIAS;
+    if (epilogue != CUBLASLT_EPILOGUE_DEFAULT)
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
+    if (bias) {
+        const cudaDataType_t bias_type = CUDA_R_16BF;
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    if (aux) {
+        const int64_t aux_ld = m;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
     }
     cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_16BF, transpose_a ? k : m, transpose_a ? m : k,
@@ -64,9 +79,9 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, c_type, m, n, m));
 
     // Algorithm: the heuristic's first choice for this shape, cached.
-    using Key = std::tuple<int, int, int, bool, bool, int, bool, bool>;
+    using Key = std::tuple<int, int, int, bool, bool, int, int, bool>;
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
-    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), bias != nullptr, beta != 0.0f};
+    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f};
     auto found = cache.find(key);
     if (found == cache.end()) {
         cublasLtMatmulPreference_t preference;
@@ -95,6 +110,19 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
 void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
                         int out_dim, cudaStream_t stream) {
     lt_matmul(out, CUDA_R_16BF, weight, true, in, false, out_dim, n_rows, in_dim, 0.0f, bias, stream);
+}
+
+void matmul_forward_gelu_gpu(bf16* out, bf16* pre_activation, const bf16* in, const bf16* weight, const bf16* bias,
+                             int n_rows, int in_dim, int out_dim, cudaStream_t stream) {
+    lt_matmul(out, CUDA_R_16BF, weight, true, in, false, out_dim, n_rows, in_dim, 0.0f, bias, stream, Epilogue::Gelu,
+              pre_activation);
+}
+
+void matmul_backward_input_dgelu_gpu(bf16* d_pre_activation, const bf16* dout, const bf16* weight,
+                                     const bf16* pre_activation, int n_rows, int in_dim, int out_dim,
+                                     cudaStream_t stream) {
+    lt_matmul(d_pre_activation, CUDA_R_16BF, weight, false, dout, false, in_dim, n_rows, out_dim, 0.0f, nullptr, stream,
+              Epilogue::DGelu, const_cast<bf16*>(pre_activation));
 }
 
 void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,

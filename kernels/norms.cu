@@ -10,7 +10,7 @@ namespace qopt {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kRowsPerChunk = 256;  // rows folded into one partial sum of a parameter gradient
+constexpr int kRowsPerChunk = 64;  // rows folded into one partial sum of a parameter gradient
 
 __device__ float warp_sum(float v) {
     for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFF, v, offset);
@@ -108,6 +108,7 @@ __global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, R
     const int first = chunk * kRowsPerChunk;
     const int last = min(n_rows, first + kRowsPerChunk);
     float acc_w = 0, acc_b = 0;
+#pragma unroll 4
     for (int n = first; n < last; ++n) {
         const float dy = __bfloat162float(dout.data[size_t(n) * dout.stride + i]);
         if (partial_w) {

@@ -83,8 +83,8 @@ std::string GpuModel::unsupported_reason(const ModelConfig& config) {
     if (hd != 16 && hd != 32 && hd != 64 && hd != 128)
         return "head_dim " + std::to_string(hd) +
                " (d_model / n_heads) is not supported by the attention kernels (16, 32, 64 or 128)";
-    if (config.d_model % 8 != 0 || config.d_ff % 8 != 0)
-        return "d_model and d_ff must be multiples of 8 for the GPU kernels' aligned loads";
+    if (config.d_model % 8 != 0 || config.d_ff % 8 != 0 || config.padded_vocab_size % 8 != 0)
+        return "d_model, d_ff and padded_vocab_size must be multiples of 8 for the GPU kernels' aligned loads";
     return "";
 }
 
@@ -194,8 +194,7 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             add_gpu(a.h.data(), x, s.branch.data(), size_t(N) * C);
             layernorm_forward_gpu(a.ln2.data(), a.mean2.data(), a.rstd2.data(), a.h.data(), P + o.norm2_w,
                                   P + o.norm2_b, N, C, eps);
-            matmul_forward_gpu(a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
-            gelu_forward_gpu(a.act.data(), a.up.data(), size_t(N) * F);
+            matmul_forward_gelu_gpu(a.act.data(), a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
             matmul_forward_gpu(s.branch.data(), a.act.data(), W + o.down_w, w(o.down_b), N, F, C);
             add_gpu(y, a.h.data(), s.branch.data(), size_t(N) * C);
         } else {
@@ -260,10 +259,9 @@ void GpuModel::backward() {
         bf16* d_qkv = s.d_qkv.data();
         if (gpt2) {
             // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
-            matmul_backward_input_gpu(s.d_wide.data(), d_res, W + o.down_w, N, F, C);
+            matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
             matmul_backward_weight_gpu(G + o.down_w, d_res, a.act.data(), N, F, C);
             matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
-            gelu_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
             matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
             matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
             matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);

@@ -350,3 +350,32 @@ TEST_CASE("GPU flash attention forward and backward match the CPU reference (odd
         }
     }
 }
+
+TEST_CASE("GPU GELU epilogues of cuBLASLt match matmul + gelu on the CPU") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const int N = 77, in_dim = 96, out_dim = 136;
+    const Bf16Input x = random_bf16(size_t(N) * in_dim, gen), w = random_bf16(size_t(out_dim) * in_dim, gen, 0.1),
+                    bias = random_bf16(out_dim, gen, 0.5), w_next = random_bf16(size_t(in_dim) * out_dim, gen, 0.1),
+                    dy = random_bf16(size_t(N) * in_dim, gen);
+    std::vector<double> pre(size_t(N) * out_dim), act(size_t(N) * out_dim);
+    matmul_forward_cpu(pre.data(), x.exact.data(), w.exact.data(), bias.exact.data(), N, in_dim, out_dim);
+    gelu_forward_cpu(act.data(), pre.data(), pre.size());
+    auto d_x = uploaded(x.device_values), d_w = uploaded(w.device_values), d_b = uploaded(bias.device_values);
+    auto d_pre = poisoned<bf16>(pre.size()), d_act = poisoned<bf16>(act.size());
+    matmul_forward_gelu_gpu(d_act.data(), d_pre.data(), d_x.data(), d_w.data(), d_b.data(), N, in_dim, out_dim);
+    const std::vector<double> pre_gpu = to_double(d_pre.download());
+    CHECK(relative_error(pre_gpu, pre) < kBf16Bound);
+    CHECK(relative_error(to_double(d_act.download()), act) < kBf16Bound);
+    // Backward through the next layer (W_next [in_dim, out_dim]) and the GELU, on the GPU's
+    // own rounded pre-activation so only the fused epilogue is measured.
+    std::vector<double> d_act_ref(act.size(), 0.0), d_pre_ref(act.size(), 0.0);
+    std::vector<double> d_w_unused(size_t(in_dim) * out_dim, 0.0);
+    matmul_backward_cpu(d_act_ref.data(), d_w_unused.data(), static_cast<double*>(nullptr), dy.exact.data(),
+                        act.data(), w_next.exact.data(), N, out_dim, in_dim);
+    gelu_backward_cpu(d_pre_ref.data(), d_act_ref.data(), pre_gpu.data(), pre_gpu.size());
+    auto d_wn = uploaded(w_next.device_values), d_dy = uploaded(dy.device_values);
+    auto d_dpre = poisoned<bf16>(act.size());
+    matmul_backward_input_dgelu_gpu(d_dpre.data(), d_dy.data(), d_wn.data(), d_pre.data(), N, out_dim, in_dim);
+    CHECK(relative_error(to_double(d_dpre.download()), d_pre_ref) < 2 * kBf16Bound);
+}
