@@ -149,8 +149,9 @@ void softmax_cross_entropy_gpu(float* losses, bf16* logits, const int* targets, 
 void global_norm_gpu(float* norm, const float* values, size_t n, cudaStream_t stream = 0);
 
 // ---- optimizer (optim/adamw.cu): fp32 master weights and moments, fp32 gradients.
+// param_copy (may be null) receives bf16(param) after the update.
 void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
                       float beta2, float eps, float weight_decay, long step, float grad_scale,
-                      cudaStream_t stream = 0);
+                      bf16* param_copy = nullptr, cudaStream_t stream = 0);
 
 }  // namespace qopt

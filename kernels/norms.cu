@@ -10,7 +10,7 @@ namespace qopt {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kRowsPerChunk = 64;  // rows folded into one partial sum of a parameter gradient
+constexpr int kRowsPerChunk = 512;  // rows folded into one partial sum of a parameter gradient
 
 __device__ float warp_sum(float v) {
     for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFF, v, offset);
@@ -95,38 +95,69 @@ __global__ void layernorm_backward_input_kernel(bf16* din, const bf16* dout, con
     }
 }
 
-// Partial parameter gradients of one chunk of rows: thread = feature.
+// Partial parameter gradients of one chunk of kRowsPerChunk rows and 64 columns:
 //   rms:   dweight += dy * x * rstd
 //   layer: dweight += dy * (x - mean) * rstd, dbias += dy
 //   bias of a linear layer (no in): dbias += dy
+// Block (32 x kPartialRowsY): lane x owns columns 2x, 2x+1 (a warp reads 128 contiguous bytes
+// per row), row group y takes every kPartialRowsY-th row; the groups are then added in a fixed
+// order in shared memory, so the result does not depend on scheduling.
+constexpr int kPartialRowsY = 8;
+
 __global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, Rows<const bf16> dout,
                                            Rows<const bf16> in, const float* mean, const float* rstd, int n_rows,
                                            int dim) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int column = blockIdx.x * 64 + 2 * threadIdx.x;
     const int chunk = blockIdx.y;
-    if (i >= dim) return;
     const int first = chunk * kRowsPerChunk;
     const int last = min(n_rows, first + kRowsPerChunk);
-    float acc_w = 0, acc_b = 0;
+    const bool has_second = column + 1 < dim;
+    float acc_w[2] = {0, 0}, acc_b[2] = {0, 0};
+    if (column < dim) {
 #pragma unroll 4
-    for (int n = first; n < last; ++n) {
-        const float dy = __bfloat162float(dout.data[size_t(n) * dout.stride + i]);
-        if (partial_w) {
-            const float centered = __bfloat162float(in.data[size_t(n) * in.stride + i]) - (mean ? mean[n] : 0.0f);
-            acc_w += dy * centered * rstd[n];
+        for (int n = first + int(threadIdx.y); n < last; n += kPartialRowsY) {
+            const bf16* dy_row = dout.data + size_t(n) * dout.stride + column;
+            const float dy0 = __bfloat162float(dy_row[0]), dy1 = has_second ? __bfloat162float(dy_row[1]) : 0.0f;
+            acc_b[0] += dy0, acc_b[1] += dy1;
+            if (partial_w) {
+                const bf16* x_row = in.data + size_t(n) * in.stride + column;
+                const float shift = mean ? mean[n] : 0.0f, scale = rstd[n];
+                acc_w[0] += dy0 * (__bfloat162float(x_row[0]) - shift) * scale;
+                if (has_second) acc_w[1] += dy1 * (__bfloat162float(x_row[1]) - shift) * scale;
+            }
         }
-        acc_b += dy;
     }
-    if (partial_w) partial_w[size_t(chunk) * dim + i] = acc_w;
-    if (partial_b) partial_b[size_t(chunk) * dim + i] = acc_b;
+    __shared__ float shared_w[kPartialRowsY][64], shared_b[kPartialRowsY][64];
+    shared_w[threadIdx.y][2 * threadIdx.x] = acc_w[0], shared_w[threadIdx.y][2 * threadIdx.x + 1] = acc_w[1];
+    shared_b[threadIdx.y][2 * threadIdx.x] = acc_b[0], shared_b[threadIdx.y][2 * threadIdx.x + 1] = acc_b[1];
+    __syncthreads();
+    if (threadIdx.y != 0) return;
+    for (int k = 0; k < 2; ++k) {
+        const int c = 2 * threadIdx.x + k;
+        if (blockIdx.x * 64 + c >= dim) continue;
+        float sum_w = 0, sum_b = 0;
+        for (int y = 0; y < kPartialRowsY; ++y) sum_w += shared_w[y][c], sum_b += shared_b[y][c];
+        const size_t at = size_t(chunk) * dim + blockIdx.x * 64 + c;
+        if (partial_w) partial_w[at] = sum_w;
+        if (partial_b) partial_b[at] = sum_b;
+    }
 }
 
-__global__ void sum_partials_kernel(float* target, const float* partials, int n_chunks, int dim) {
+// target_w[i] += sum over chunks of partial_w[chunk, i] (in chunk order); same for b.
+__global__ void sum_partials_kernel(float* target_w, const float* partial_w, float* target_b, const float* partial_b,
+                                    int n_chunks, int dim) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= dim) return;
-    float acc = 0;
-    for (int c = 0; c < n_chunks; ++c) acc += partials[size_t(c) * dim + i];
-    target[i] += acc;
+    if (target_w) {
+        float acc = 0;
+        for (int c = 0; c < n_chunks; ++c) acc += partial_w[size_t(c) * dim + i];
+        target_w[i] += acc;
+    }
+    if (target_b) {
+        float acc = 0;
+        for (int c = 0; c < n_chunks; ++c) acc += partial_b[size_t(c) * dim + i];
+        target_b[i] += acc;
+    }
 }
 
 // Scratch for partial sums, grown on demand (one per process; launches on one stream).
@@ -142,19 +173,13 @@ void param_grads(float* dweight, float* dbias, Rows<const bf16> dout, Rows<const
     float* scratch = partials_scratch(size_t(2) * n_chunks * dim);
     float* partial_w = dweight ? scratch : nullptr;
     float* partial_b = dbias ? scratch + size_t(n_chunks) * dim : nullptr;
-    const int threads = 128;
-    dim3 grid((dim + threads - 1) / threads, n_chunks);
-    norm_param_partials_kernel<<<grid, threads, 0, stream>>>(partial_w, partial_b, dout, in, mean, rstd, n_rows, dim);
+    const dim3 grid((dim + 63) / 64, n_chunks), block(32, kPartialRowsY);
+    norm_param_partials_kernel<<<grid, block, 0, stream>>>(partial_w, partial_b, dout, in, mean, rstd, n_rows, dim);
     CUDA_CHECK_LAUNCH();
-    const int blocks = (dim + threads - 1) / threads;
-    if (dweight) {
-        sum_partials_kernel<<<blocks, threads, 0, stream>>>(dweight, partial_w, n_chunks, dim);
-        CUDA_CHECK_LAUNCH();
-    }
-    if (dbias) {
-        sum_partials_kernel<<<blocks, threads, 0, stream>>>(dbias, partial_b, n_chunks, dim);
-        CUDA_CHECK_LAUNCH();
-    }
+    const int threads = 128;
+    sum_partials_kernel<<<(dim + threads - 1) / threads, threads, 0, stream>>>(dweight, partial_w, dbias, partial_b,
+                                                                               n_chunks, dim);
+    CUDA_CHECK_LAUNCH();
 }
 
 constexpr int kRowsPerBlock = 8;  // warps per block in the row kernels

@@ -99,6 +99,7 @@ std::vector<float> GpuModel::download_params() const { return state_->params.dow
 std::vector<float> GpuModel::download_grads() const { return state_->grads.download(); }
 float* GpuModel::params_device() { return state_->params.data(); }
 float* GpuModel::grads_device() { return state_->grads.data(); }
+bf16* GpuModel::compute_weights_device() { return state_->weights.data(); }
 
 void GpuModel::refresh_compute_weights() {
     to_bf16_gpu(state_->weights.data(), state_->params.data(), layout_.total);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/gpu.hpp"
 #include "model/config.hpp"
 #include "model/params.hpp"
 
@@ -33,6 +34,7 @@ public:
     std::vector<float> download_grads() const;
     float* params_device();
     float* grads_device();
+    bf16* compute_weights_device();  // the bf16 mirror (an optimizer may write it while updating)
     void refresh_compute_weights();  // bf16 mirror <- fp32 masters (after an optimizer step)
     void zero_grads();
 

@@ -18,12 +18,13 @@ AdamWGpu::AdamWGpu(const ParamLayout& layout, const AdamWConfig& config)
     v_.fill_bytes(0);
 }
 
-void AdamWGpu::step(float* params, const float* grads, double lr, double grad_scale) {
+void AdamWGpu::step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16) {
     ++step_;
     for (const Run& run : runs_)
         adamw_update_gpu(params + run.offset, grads + run.offset, m_.data() + run.offset, v_.data() + run.offset,
                          run.count, float(lr), float(config_.beta1), float(config_.beta2), float(config_.eps),
-                         run.decay ? float(config_.weight_decay) : 0.0f, step_, float(grad_scale));
+                         run.decay ? float(config_.weight_decay) : 0.0f, step_, float(grad_scale),
+                         params_bf16 ? params_bf16 + run.offset : nullptr);
 }
 
 void AdamWGpu::set_moments(const std::vector<float>& m, const std::vector<float>& v) {

@@ -13,8 +13,9 @@ namespace qopt {
 class AdamWGpu {
 public:
     AdamWGpu(const ParamLayout& layout, const AdamWConfig& config);
-    // step_count() += 1 first; gradients are multiplied by grad_scale (clipping) on the fly.
-    void step(float* params, const float* grads, double lr, double grad_scale);
+    // step_count() += 1 first; gradients are multiplied by grad_scale (clipping) on the fly;
+    // params_bf16 (may be null) receives the bf16 copy of the updated weights.
+    void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16 = nullptr);
     long step_count() const { return step_; }
     void set_step_count(long step) { step_ = step; }
     std::vector<float> first_moment() const { return m_.download(); }

@@ -144,6 +144,7 @@ TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
     std::vector<double> p = random_vector<double>(n, gen), m(n, 0.0), v(n, 0.0);
     std::vector<float> p32(p.begin(), p.end());
     auto d_p = uploaded(p32), d_m = uploaded(std::vector<float>(n, 0.0f)), d_v = uploaded(std::vector<float>(n, 0.0f));
+    auto d_copy = poisoned<bf16>(n);  // the bf16 compute copy written alongside
     const float grad_scale = 0.5f;
     for (long step = 1; step <= 4; ++step) {
         const std::vector<float> g = random_vector<float>(n, gen);
@@ -153,9 +154,12 @@ TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
         adamw_update_cpu(p.data(), g64.data(), m.data(), v.data(), n, lr, c, step, true);
         auto d_g = uploaded(g);
         adamw_update_gpu(d_p.data(), d_g.data(), d_m.data(), d_v.data(), n, float(lr), float(c.beta1), float(c.beta2),
-                         float(c.eps), float(c.weight_decay), step, grad_scale);
+                         float(c.eps), float(c.weight_decay), step, grad_scale, d_copy.data());
     }
-    CHECK(relative_error(d_p.download(), p) < 1e-5);
+    const std::vector<float> updated = d_p.download();
+    const std::vector<bf16> copy = d_copy.download();
+    for (size_t i = 0; i < n; ++i) REQUIRE(__bfloat162float(copy[i]) == __bfloat162float(__float2bfloat16(updated[i])));
+    CHECK(relative_error(updated, p) < 1e-5);
     CHECK(relative_error(d_m.download(), m) < 1e-5);
     CHECK(relative_error(d_v.download(), v) < 1e-5);
 }

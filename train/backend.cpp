@@ -83,8 +83,8 @@ public:
         return double(norm_.download()[0]);
     }
     void step(double lr, double grad_scale) override {
-        optimizer_.step(model_.params_device(), model_.grads_device(), lr, grad_scale);
-        model_.refresh_compute_weights();
+        optimizer_.step(model_.params_device(), model_.grads_device(), lr, grad_scale,
+                        model_.compute_weights_device());
     }
     std::string memory_report(int batch, int seq_len) override {
         model_.allocate(batch, seq_len);

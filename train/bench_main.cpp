@@ -132,8 +132,8 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
         timer.start();
         global_norm_gpu(norm.data(), model.grads_device(), model.layout().total);
         const float grad_norm = norm.download()[0];
-        optimizer.step(model.params_device(), model.grads_device(), 1e-4, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0);
-        model.refresh_compute_weights();
+        optimizer.step(model.params_device(), model.grads_device(), 1e-4, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0,
+                       model.compute_weights_device());
         const double o = timer.stop();
         const double total = whole.stop();
         loss = model.mean_loss();
