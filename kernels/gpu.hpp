@@ -68,11 +68,20 @@ inline void rmsnorm_backward_gpu(bf16* din, float* dweight, const bf16* dout, co
     rmsnorm_backward_gpu(Rows<bf16>{din, dim}, dweight, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, weight,
                          rstd, n_rows, dim, stream);
 }
+// Residual add fused with the norm (one pass instead of two):
+//   out = residual + RMSNorm(in)          (olmo2: the normalised sublayer output joins the stream)
+void rmsnorm_add_forward_gpu(bf16* out, float* rstd, const bf16* residual, const bf16* in, const float* weight,
+                             int n_rows, int dim, float eps, cudaStream_t stream = 0);
 void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
                            int n_rows, int dim, float eps, cudaStream_t stream = 0);
+//   sum = a + b, out = LayerNorm(sum)     (gpt2: the stream's new value and the next norm)
+void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, const bf16* a, const bf16* b,
+                               const float* weight, const float* bias, int n_rows, int dim, float eps,
+                               cudaStream_t stream = 0);
+// accumulate: din += (the residual stream's gradient gathers its branches in place).
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
-                            cudaStream_t stream = 0);
+                            bool accumulate = false, cudaStream_t stream = 0);
 
 // ---- activations (kernels/activations.cu): din is written, not accumulated.
 void gelu_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream = 0);
@@ -114,9 +123,9 @@ void matmul_forward_gelu_gpu(bf16* out, bf16* pre_activation, const bf16* in, co
 void matmul_backward_input_dgelu_gpu(bf16* d_pre_activation, const bf16* dout, const bf16* weight,
                                      const bf16* pre_activation, int n_rows, int in_dim, int out_dim,
                                      cudaStream_t stream = 0);
-// din = dout W (written).
+// din = dout W (written; with accumulate, din += dout W).
 void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
-                               cudaStream_t stream = 0);
+                               bool accumulate = false, cudaStream_t stream = 0);
 // dweight (fp32) += dout^T in.
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream = 0);

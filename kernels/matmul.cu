@@ -126,8 +126,9 @@ void matmul_backward_input_dgelu_gpu(bf16* d_pre_activation, const bf16* dout, c
 }
 
 void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
-                               cudaStream_t stream) {
-    lt_matmul(din, CUDA_R_16BF, weight, false, dout, false, in_dim, n_rows, out_dim, 0.0f, nullptr, stream);
+                               bool accumulate, cudaStream_t stream) {
+    lt_matmul(din, CUDA_R_16BF, weight, false, dout, false, in_dim, n_rows, out_dim, accumulate ? 1.0f : 0.0f, nullptr,
+              stream);
 }
 
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,

@@ -17,8 +17,9 @@ __device__ float warp_sum(float v) {
     return v;
 }
 
-__global__ void rmsnorm_forward_kernel(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight,
-                                       int n_rows, int dim, float eps) {
+// out = (residual +) w * x * rstd; residual (may be null) has out's row stride.
+__global__ void rmsnorm_forward_kernel(Rows<bf16> out, float* rstd, Rows<const bf16> in, const bf16* residual,
+                                       const float* weight, int n_rows, int dim, float eps) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
@@ -31,11 +32,14 @@ __global__ void rmsnorm_forward_kernel(Rows<bf16> out, float* rstd, Rows<const b
     const float r = rsqrtf(warp_sum(sum_sq) / dim + eps);
     if (lane == 0) rstd[row] = r;
     bf16* y = out.data + size_t(row) * out.stride;
-    for (int i = lane; i < dim; i += kWarp) y[i] = __float2bfloat16(weight[i] * __bfloat162float(x[i]) * r);
+    const bf16* skip = residual ? residual + size_t(row) * out.stride : nullptr;
+    for (int i = lane; i < dim; i += kWarp)
+        y[i] = __float2bfloat16((skip ? __bfloat162float(skip[i]) : 0.0f) + weight[i] * __bfloat162float(x[i]) * r);
 }
 
 __global__ void rmsnorm_backward_input_kernel(Rows<bf16> din, Rows<const bf16> dout, Rows<const bf16> in,
-                                              const float* weight, const float* rstd, int n_rows, int dim) {
+                                              const float* weight, const float* rstd, int n_rows, int dim,
+                                              bool accumulate) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
@@ -48,33 +52,47 @@ __global__ void rmsnorm_backward_input_kernel(Rows<bf16> din, Rows<const bf16> d
     bf16* dx = din.data + size_t(row) * din.stride;
     for (int i = lane; i < dim; i += kWarp) {
         const float g = __bfloat162float(dy[i]) * weight[i];
-        dx[i] = __float2bfloat16(r * (g - __bfloat162float(x[i]) * r * r * mean_gx));
+        const float previous = accumulate ? __bfloat162float(dx[i]) : 0.0f;
+        dx[i] = __float2bfloat16(previous + r * (g - __bfloat162float(x[i]) * r * r * mean_gx));
     }
 }
 
-__global__ void layernorm_forward_kernel(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight,
-                                         const float* bias, int n_rows, int dim, float eps) {
+// With in2 (may be null) the normalised row is x = bf16(in + in2), also stored in sum_out:
+// the residual add fused in front of the norm.
+__global__ void layernorm_forward_kernel(bf16* out, float* mean, float* rstd, const bf16* in, const bf16* in2,
+                                         bf16* sum_out, const float* weight, const float* bias, int n_rows, int dim,
+                                         float eps) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
     const bf16* x = in + size_t(row) * dim;
+    const bf16* x2 = in2 ? in2 + size_t(row) * dim : nullptr;
+    auto value = [&](int i) {
+        return x2 ? __bfloat162float(__float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(x2[i])))
+                  : __bfloat162float(x[i]);
+    };
     float sum = 0;
-    for (int i = lane; i < dim; i += kWarp) sum += __bfloat162float(x[i]);
+    for (int i = lane; i < dim; i += kWarp) sum += value(i);
     const float m = warp_sum(sum) / dim;
     float var = 0;
     for (int i = lane; i < dim; i += kWarp) {
-        const float d = __bfloat162float(x[i]) - m;
+        const float d = value(i) - m;
         var += d * d;
     }
     const float s = rsqrtf(warp_sum(var) / dim + eps);
     if (lane == 0) mean[row] = m, rstd[row] = s;
     bf16* y = out + size_t(row) * dim;
-    for (int i = lane; i < dim; i += kWarp)
-        y[i] = __float2bfloat16((__bfloat162float(x[i]) - m) * s * weight[i] + bias[i]);
+    bf16* sum_row = sum_out ? sum_out + size_t(row) * dim : nullptr;
+    for (int i = lane; i < dim; i += kWarp) {
+        const float v = value(i);
+        if (sum_row) sum_row[i] = __float2bfloat16(v);
+        y[i] = __float2bfloat16((v - m) * s * weight[i] + bias[i]);
+    }
 }
 
 __global__ void layernorm_backward_input_kernel(bf16* din, const bf16* dout, const bf16* in, const float* weight,
-                                                const float* mean, const float* rstd, int n_rows, int dim) {
+                                                const float* mean, const float* rstd, int n_rows, int dim,
+                                                bool accumulate) {
     const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (row >= n_rows) return;
@@ -91,7 +109,8 @@ __global__ void layernorm_backward_input_kernel(bf16* din, const bf16* dout, con
     bf16* dx = din + size_t(row) * dim;
     for (int i = lane; i < dim; i += kWarp) {
         const float xh = (__bfloat162float(x[i]) - m) * s;
-        dx[i] = __float2bfloat16(s * (__bfloat162float(dy[i]) * weight[i] - mean_g - xh * mean_gxh));
+        const float previous = accumulate ? __bfloat162float(dx[i]) : 0.0f;
+        dx[i] = __float2bfloat16(previous + s * (__bfloat162float(dy[i]) * weight[i] - mean_g - xh * mean_gxh));
     }
 }
 
@@ -189,15 +208,22 @@ int row_blocks(int n_rows) { return (n_rows + kRowsPerBlock - 1) / kRowsPerBlock
 
 void rmsnorm_forward_gpu(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight, int n_rows, int dim,
                          float eps, cudaStream_t stream) {
-    rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, rstd, in, weight, n_rows,
-                                                                                     dim, eps);
+    rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, rstd, in, nullptr, weight,
+                                                                                     n_rows, dim, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_add_forward_gpu(bf16* out, float* rstd, const bf16* residual, const bf16* in, const float* weight,
+                             int n_rows, int dim, float eps, cudaStream_t stream) {
+    rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
+        Rows<bf16>{out, dim}, rstd, Rows<const bf16>{in, dim}, residual, weight, n_rows, dim, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
                           const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream) {
     rmsnorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(din, dout, in, weight,
-                                                                                            rstd, n_rows, dim);
+                                                                                            rstd, n_rows, dim, false);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, nullptr, dout, in, nullptr, rstd, n_rows, dim, stream);
 }
@@ -209,16 +235,24 @@ void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int ou
 
 void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
                            int n_rows, int dim, float eps, cudaStream_t stream) {
-    layernorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, mean, rstd, in, weight,
-                                                                                       bias, n_rows, dim, eps);
+    layernorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
+        out, mean, rstd, in, nullptr, nullptr, weight, bias, n_rows, dim, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, const bf16* a, const bf16* b,
+                               const float* weight, const float* bias, int n_rows, int dim, float eps,
+                               cudaStream_t stream) {
+    layernorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, mean, rstd, a, b, sum,
+                                                                                       weight, bias, n_rows, dim, eps);
     CUDA_CHECK_LAUNCH();
 }
 
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
-                            cudaStream_t stream) {
-    layernorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(din, dout, in, weight,
-                                                                                              mean, rstd, n_rows, dim);
+                            bool accumulate, cudaStream_t stream) {
+    layernorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
+        din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, dbias, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, mean, rstd, n_rows, dim, stream);
 }

@@ -179,6 +179,12 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
     const bf16* W = s.weights.data();
     auto w = [&](size_t offset) { return offset == kAbsent ? nullptr : W + offset; };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
+    if (gpt2) {  // later LN1s are fused with the residual add that ends the previous block
+        const LayerOffsets& o = layout_.layers[0];
+        LayerActivations& a = s.layers[0];
+        layernorm_forward_gpu(a.ln1.data(), a.mean1.data(), a.rstd1.data(), s.residual[0].data(), P + o.norm1_w,
+                              P + o.norm1_b, N, C, eps);
+    }
     for (int l = 0; l < config_.n_layers; ++l) {
         const LayerOffsets& o = layout_.layers[size_t(l)];
         LayerActivations& a = s.layers[size_t(l)];
@@ -186,18 +192,25 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         bf16* y = s.residual[size_t(l) + 1].data();
         bf16* qkv = a.qkv.data();
         if (gpt2) {
-            layernorm_forward_gpu(a.ln1.data(), a.mean1.data(), a.rstd1.data(), x, P + o.norm1_w, P + o.norm1_b, N, C,
-                                  eps);
             matmul_forward_gpu(qkv, a.ln1.data(), W + o.qkv_w, w(o.qkv_b), N, C, 3 * C);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             matmul_forward_gpu(s.branch.data(), a.attn.data(), W + o.out_w, w(o.out_b), N, C, C);
-            add_gpu(a.h.data(), x, s.branch.data(), size_t(N) * C);
-            layernorm_forward_gpu(a.ln2.data(), a.mean2.data(), a.rstd2.data(), a.h.data(), P + o.norm2_w,
-                                  P + o.norm2_b, N, C, eps);
+            add_layernorm_forward_gpu(a.h.data(), a.ln2.data(), a.mean2.data(), a.rstd2.data(), x, s.branch.data(),
+                                      P + o.norm2_w, P + o.norm2_b, N, C, eps);
             matmul_forward_gelu_gpu(a.act.data(), a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
             matmul_forward_gpu(s.branch.data(), a.act.data(), W + o.down_w, w(o.down_b), N, F, C);
-            add_gpu(y, a.h.data(), s.branch.data(), size_t(N) * C);
+            // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
+            if (l + 1 < config_.n_layers) {
+                const LayerOffsets& next = layout_.layers[size_t(l) + 1];
+                LayerActivations& na = s.layers[size_t(l) + 1];
+                add_layernorm_forward_gpu(y, na.ln1.data(), na.mean1.data(), na.rstd1.data(), a.h.data(),
+                                          s.branch.data(), P + next.norm1_w, P + next.norm1_b, N, C, eps);
+            } else {
+                add_layernorm_forward_gpu(y, s.final_normed.data(), s.final_mean.data(), s.final_rstd.data(),
+                                          a.h.data(), s.branch.data(), P + layout_.final_norm_w,
+                                          P + layout_.final_norm_b, N, C, eps);
+            }
         } else {
             matmul_forward_gpu(qkv, x, W + o.qkv_w, nullptr, N, C, 3 * C);
             // QK-norm over the full q / k projections, then RoPE in place.
@@ -208,21 +221,16 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C}, {a.k_rot.data(), C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             matmul_forward_gpu(a.proj.data(), a.attn.data(), W + o.out_w, nullptr, N, C, C);
-            rmsnorm_forward_gpu(s.branch.data(), a.rstd_proj.data(), a.proj.data(), P + o.norm1_w, N, C, eps);
-            add_gpu(a.h.data(), x, s.branch.data(), size_t(N) * C);
+            rmsnorm_add_forward_gpu(a.h.data(), a.rstd_proj.data(), x, a.proj.data(), P + o.norm1_w, N, C, eps);
             matmul_forward_gpu(a.up.data(), a.h.data(), W + o.up_w, nullptr, N, C, F);
             relu2_forward_gpu(a.act.data(), a.up.data(), size_t(N) * F);
             matmul_forward_gpu(a.down.data(), a.act.data(), W + o.down_w, nullptr, N, F, C);
-            rmsnorm_forward_gpu(s.branch.data(), a.rstd_down.data(), a.down.data(), P + o.norm2_w, N, C, eps);
-            add_gpu(y, a.h.data(), s.branch.data(), size_t(N) * C);
+            rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);
         }
     }
-    const bf16* top = s.residual.back().data();
-    if (gpt2)
-        layernorm_forward_gpu(s.final_normed.data(), s.final_mean.data(), s.final_rstd.data(), top,
-                              P + layout_.final_norm_w, P + layout_.final_norm_b, N, C, eps);
-    else
-        rmsnorm_forward_gpu(s.final_normed.data(), s.final_rstd.data(), top, P + layout_.final_norm_w, N, C, eps);
+    if (!gpt2)
+        rmsnorm_forward_gpu(s.final_normed.data(), s.final_rstd.data(), s.residual.back().data(),
+                            P + layout_.final_norm_w, N, C, eps);
     // Tied head: logits = x E^T over the padded vocabulary; the fused kernel turns them into
     // losses and (when training) dlogits in place.
     matmul_forward_gpu(s.logits.data(), s.final_normed.data(), W + layout_.embed, nullptr, N, C, Vp);
@@ -239,7 +247,6 @@ void GpuModel::backward() {
     const bf16* W = s.weights.data();
     float* G = s.grads.data();
     bf16 *d_res = s.d_residual.data(), *d_a = s.d_a.data(), *d_b = s.d_b.data();
-    const size_t NC = size_t(N) * C;
 
     // Head: d(final_normed) = dlogits E, dE += dlogits^T final_normed.
     matmul_backward_input_gpu(d_a, s.logits.data(), W + layout_.embed, N, C, Vp);
@@ -266,9 +273,8 @@ void GpuModel::backward() {
             matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
             matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
             matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);
-            layernorm_backward_gpu(d_a, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w, a.mean2.data(),
-                                   a.rstd2.data(), N, C);
-            add_gpu(d_res, d_res, d_a, NC);
+            layernorm_backward_gpu(d_res, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w,
+                                   a.mean2.data(), a.rstd2.data(), N, C, /*accumulate=*/true);
             // h = x + out(attn(qkv(LN1(x)))) ; d_res becomes dx.
             matmul_backward_input_gpu(d_b, d_res, W + o.out_w, N, C, C);
             matmul_backward_weight_gpu(G + o.out_w, d_res, a.attn.data(), N, C, C);
@@ -279,18 +285,16 @@ void GpuModel::backward() {
             matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
             matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, a.ln1.data(), N, C, 3 * C);
             matmul_backward_bias_gpu(G + o.qkv_b, d_qkv, N, 3 * C);
-            layernorm_backward_gpu(d_a, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
-                                   a.rstd1.data(), N, C);
-            add_gpu(d_res, d_res, d_a, NC);
+            layernorm_backward_gpu(d_res, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
+                                   a.rstd1.data(), N, C, /*accumulate=*/true);
         } else {
             // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
             rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);
             matmul_backward_input_gpu(s.d_wide.data(), d_a, W + o.down_w, N, F, C);
             matmul_backward_weight_gpu(G + o.down_w, d_a, a.act.data(), N, F, C);
             relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
-            matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
+            matmul_backward_input_gpu(d_res, s.d_wide2.data(), W + o.up_w, N, C, F, /*accumulate=*/true);
             matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.h.data(), N, C, F);
-            add_gpu(d_res, d_res, d_b, NC);
             // h = x + Norm1(out(attn(rope(qknorm(qkv(x)))))) ; d_res becomes dx.
             rmsnorm_backward_gpu(d_a, G + o.norm1_w, d_res, a.proj.data(), P + o.norm1_w, a.rstd_proj.data(), N, C);
             matmul_backward_input_gpu(d_b, d_a, W + o.out_w, N, C, C);
@@ -304,9 +308,8 @@ void GpuModel::backward() {
                                  a.rstd_q.data(), N, C);
             rmsnorm_backward_gpu({d_qkv + C, 3 * C}, G + o.k_norm_w, {s.d_k.data(), C}, {qkv + C, 3 * C},
                                  P + o.k_norm_w, a.rstd_k.data(), N, C);
-            matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
+            matmul_backward_input_gpu(d_res, d_qkv, W + o.qkv_w, N, C, 3 * C, /*accumulate=*/true);
             matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, x, N, C, 3 * C);
-            add_gpu(d_res, d_res, d_b, NC);
         }
     }
     // Embeddings: the batch's positions grouped by token id for a deterministic sum.

@@ -11,6 +11,7 @@
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "kernels/matmul.hpp"
+#include "kernels/elementwise.hpp"
 #include "kernels/embedding.hpp"
 #include "kernels/norms.hpp"
 #include "kernels/rope.hpp"
@@ -382,4 +383,78 @@ TEST_CASE("GPU GELU epilogues of cuBLASLt match matmul + gelu on the CPU") {
     auto d_dpre = poisoned<bf16>(act.size());
     matmul_backward_input_dgelu_gpu(d_dpre.data(), d_dy.data(), d_wn.data(), d_pre.data(), N, out_dim, in_dim);
     CHECK(relative_error(to_double(d_dpre.download()), d_pre_ref) < 2 * kBf16Bound);
+}
+
+TEST_CASE("GPU residual adds fused into the norms match add + norm on the CPU; LN backward accumulates") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const int N = 45, C = 200;
+    const Bf16Input a = random_bf16(size_t(N) * C, gen), b = random_bf16(size_t(N) * C, gen),
+                    dy = random_bf16(size_t(N) * C, gen), previous = random_bf16(size_t(N) * C, gen);
+    const std::vector<float> weight = random_vector<float>(C, gen), bias = random_vector<float>(C, gen);
+    const std::vector<double> weight64(weight.begin(), weight.end()), bias64(bias.begin(), bias.end());
+    auto d_a = uploaded(a.device_values), d_b = uploaded(b.device_values), d_dy = uploaded(dy.device_values);
+    auto d_w = uploaded(weight), d_bias = uploaded(bias);
+
+    // sum = a + b (rounded to bf16 as stored), out = LayerNorm(sum)
+    std::vector<double> sum(size_t(N) * C), out(size_t(N) * C), mean(N), rstd(N);
+    add_cpu(sum.data(), a.exact.data(), b.exact.data(), sum.size());
+    for (double& v : sum) v = double(__bfloat162float(__float2bfloat16(float(v))));
+    layernorm_forward_cpu(out.data(), mean.data(), rstd.data(), sum.data(), weight64.data(), bias64.data(), N, C, 1e-5);
+    auto d_sum = poisoned<bf16>(sum.size()), d_out = poisoned<bf16>(out.size());
+    auto d_mean = poisoned<float>(N), d_rstd = poisoned<float>(N);
+    add_layernorm_forward_gpu(d_sum.data(), d_out.data(), d_mean.data(), d_rstd.data(), d_a.data(), d_b.data(),
+                              d_w.data(), d_bias.data(), N, C, 1e-5f);
+    CHECK(relative_error(to_double(d_sum.download()), sum) < 1e-6);  // exactly the rounded sum
+    CHECK(relative_error(to_double(d_out.download()), out) < kBf16Bound);
+    CHECK(relative_error(d_rstd.download(), rstd) < 1e-5);
+
+    // din += LayerNorm backward
+    std::vector<double> din(previous.exact), dw(C, 0.0), db(C, 0.0);
+    layernorm_backward_cpu(din.data(), dw.data(), db.data(), dy.exact.data(), sum.data(), weight64.data(), mean.data(),
+                           rstd.data(), N, C);
+    auto d_din = uploaded(previous.device_values);
+    auto d_dw = uploaded(std::vector<float>(C, 0.0f)), d_db = uploaded(std::vector<float>(C, 0.0f));
+    layernorm_backward_gpu(d_din.data(), d_dw.data(), d_db.data(), d_dy.data(), d_sum.data(), d_w.data(),
+                           d_mean.data(), d_rstd.data(), N, C, /*accumulate=*/true);
+    CHECK(relative_error(to_double(d_din.download()), din) < kBf16Bound);
+    CHECK(relative_error(d_dw.download(), dw) < 1e-4);
+    CHECK(relative_error(d_db.download(), db) < 1e-5);
+
+    // out = a + RMSNorm(b)
+    std::vector<double> normed(size_t(N) * C), rms_rstd(N), rms_out(size_t(N) * C);
+    rmsnorm_forward_cpu(normed.data(), rms_rstd.data(), b.exact.data(), weight64.data(), N, C, 1e-6);
+    add_cpu(rms_out.data(), a.exact.data(), normed.data(), rms_out.size());
+    auto d_rms_out = poisoned<bf16>(rms_out.size());
+    auto d_rms_rstd = poisoned<float>(N);
+    rmsnorm_add_forward_gpu(d_rms_out.data(), d_rms_rstd.data(), d_a.data(), d_b.data(), d_w.data(), N, C, 1e-6f);
+    CHECK(relative_error(to_double(d_rms_out.download()), rms_out) < kBf16Bound);
+    CHECK(relative_error(d_rms_rstd.download(), rms_rstd) < 1e-5);
+}
+
+TEST_CASE("GPU elementwise helpers: bf16 add and the fp32 -> bf16 cast (bit-exact)") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    const size_t n = 100001;  // odd: the tail element after the paired loop
+    const Bf16Input a = random_bf16(n, gen), b = random_bf16(n, gen);
+    std::vector<double> sum(n);
+    add_cpu(sum.data(), a.exact.data(), b.exact.data(), n);
+    auto d_a = uploaded(a.device_values), d_b = uploaded(b.device_values);
+    auto d_sum = poisoned<bf16>(n);
+    add_gpu(d_sum.data(), d_a.data(), d_b.data(), n);
+    const std::vector<bf16> got = d_sum.download();
+    for (size_t i = 0; i < n; ++i) REQUIRE(__bfloat162float(got[i]) == __bfloat162float(__float2bfloat16(float(sum[i]))));
+
+    std::vector<float> values = random_vector<float>(n, gen, 3.0);
+    values[0] = 1.00390625f;  // exactly halfway between two bf16 values: ties to even
+    values[1] = -0.0f;
+    auto d_values = uploaded(values);
+    auto d_cast = poisoned<bf16>(n);
+    to_bf16_gpu(d_cast.data(), d_values.data(), n);
+    const std::vector<bf16> cast = d_cast.download();
+    for (size_t i = 0; i < n; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, &cast[i], sizeof bits);
+        REQUIRE(bits == to_bf16_bits_cpu(values[i]));
+    }
 }

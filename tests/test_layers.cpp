@@ -4,12 +4,16 @@
 // (L(x + h e_i) - L(x - h e_i)) / 2h on every input and parameter element.
 // Bound: relative error (norm of difference / norm of reference) below 1e-7; central
 // differences with h = 1e-5 in float64 are accurate to about 1e-10 here.
+#include <cuda_bf16.h>
+
+#include <cstring>
 #include <functional>
 
 #include "helpers.hpp"
 #include "kernels/activations.hpp"
 #include "kernels/attention.hpp"
 #include "kernels/classifier.hpp"
+#include "kernels/elementwise.hpp"
 #include "kernels/embedding.hpp"
 #include "kernels/matmul.hpp"
 #include "kernels/norms.hpp"
@@ -272,4 +276,21 @@ TEST_CASE("classifier cross-entropy: loss value, and backward matches finite dif
     CHECK(relative_error(dx, numeric_grad(x, loss)) < kBound);
     CHECK(relative_error(dwte, numeric_grad(wte, loss)) < kBound);
     for (int i = V * C; i < Vpad * C; ++i) CHECK(dwte[i] == 0.0);
+}
+
+TEST_CASE("to_bf16_bits_cpu rounds like CUDA's __float2bfloat16 (nearest, ties to even, NaN stays NaN)") {
+    std::mt19937_64 gen(fresh_seed());
+    std::vector<float> values = random_vector<float>(20000, gen, 5.0);
+    for (float v : {1.00390625f, 1.01171875f, -1.00390625f, 0.0f, -0.0f, 3.0e38f, 1e-40f, INFINITY, -INFINITY, NAN})
+        values.push_back(v);
+    for (float v : values) {
+        const __nv_bfloat16 reference = __float2bfloat16(v);
+        uint16_t reference_bits;
+        std::memcpy(&reference_bits, &reference, sizeof reference_bits);
+        const uint16_t bits = to_bf16_bits_cpu(v);
+        if (std::isnan(v)) CHECK(((bits & 0x7F80u) == 0x7F80u && (bits & 0x7Fu) != 0));
+        else CHECK(bits == reference_bits);
+    }
+    CHECK(to_bf16_bits_cpu(1.00390625f) == 0x3F80);  // halfway, even neighbour 1.0
+    CHECK(to_bf16_bits_cpu(1.01171875f) == 0x3F82);  // halfway, even neighbour above
 }
