@@ -118,6 +118,35 @@ __device__ __forceinline__ void warp_mma_abt(float acc[][4], const bf16* a, int 
     }
 }
 
+// A (16 x K, row-major in shared memory) as register fragments, for reuse across tiles.
+template <int K>
+__device__ __forceinline__ void load_a_fragments(uint32_t a[][4], const bf16* tile, int pitch) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks) ldmatrix_x4(a[ks], tile + (lane % 16) * pitch + ks * 16 + (lane / 16) * 8);
+}
+
+// acc (16 x N) += A (16 x K, register fragments) * B^T, B (N x K) row-major at b.
+template <int K, int N>
+__device__ __forceinline__ void warp_mma_rbt(float acc[][4], const uint32_t a[][4], const bf16* b, int b_pitch) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks)
+#pragma unroll
+        for (int np = 0; np < N / 16; ++np) {
+            uint32_t b_fragment[4];
+            ldmatrix_x4(b_fragment, b + (np * 16 + (lane / 16) * 8 + lane % 8) * b_pitch + ks * 16 + ((lane / 8) % 2) * 8);
+            mma_16x8x16(acc[2 * np], a[ks], b_fragment[0], b_fragment[1]);
+            mma_16x8x16(acc[2 * np + 1], a[ks], b_fragment[2], b_fragment[3]);
+        }
+}
+
+// The warp's own 16-row operands stay in registers across the loop when they fit (head_dim
+// up to 64 in the dQ kernel, which holds more accumulators; the dK/dV kernel has no room):
+// fewer shared-memory reads.
+template <int D>
+constexpr bool kRowsInRegisters = D <= 64;
+
 // acc (16 x N) += A (16 x K, bf16 fragments in registers) * B, B (K x N) row-major at b.
 template <int K, int N>
 __device__ __forceinline__ void warp_mma_rb(float acc[][4], const uint32_t a[][4], const bf16* b, int b_pitch) {
@@ -212,6 +241,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     float o[D / 8][4];
     zero<D>(o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    uint32_t q_fragments[D / 16][4];  // this warp's 16 queries, loaded once
     for (int kt = 0; kt <= q_tile_index; ++kt) {
         const bool next = kt < q_tile_index;
         if (next) load_kv(kt + 1);  // the other buffer: everyone finished with it last iteration
@@ -220,9 +250,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
         const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kTileRows * P;
         const bf16* v_tile = k_tile + kTileRows * P;
 
+        if (kt == 0) load_a_fragments<D>(q_fragments, q_tile + warp * 16 * P, P);
         float s[kTileRows / 8][4];
         zero<kTileRows>(s);
-        warp_mma_abt<D, kTileRows>(s, q_tile + warp * 16 * P, P, k_tile, P);
+        warp_mma_rbt<D, kTileRows>(s, q_fragments, k_tile, P);
         const bool diagonal = kt == q_tile_index;
 #pragma unroll
         for (int nt = 0; nt < kTileRows / 8; ++nt)
@@ -416,6 +447,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     float dq_acc[D / 8][4];
     zero<D>(dq_acc);
+    uint32_t q_fragments[kRowsInRegisters<D> ? D / 16 : 1][4], dout_fragments[kRowsInRegisters<D> ? D / 16 : 1][4];
     for (int kt = 0; kt <= q_tile_index; ++kt) {
         const bool next = kt < q_tile_index;
         if (next) load_kv(kt + 1);
@@ -424,11 +456,21 @@ __global__ void __launch_bounds__(kThreads)
         const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kTileRows * P;
         const bf16* v_tile = k_tile + kTileRows * P;
 
+        constexpr bool kRegisters = kRowsInRegisters<D>;
+        if (kRegisters && kt == 0) {
+            load_a_fragments<D>(q_fragments, q_tile + warp * 16 * P, P);
+            load_a_fragments<D>(dout_fragments, dout_tile + warp * 16 * P, P);
+        }
         float p[kTileRows / 8][4], dp[kTileRows / 8][4];
         zero<kTileRows>(p);
         zero<kTileRows>(dp);
-        warp_mma_abt<D, kTileRows>(p, q_tile + warp * 16 * P, P, k_tile, P);      // S = Q K^T
-        warp_mma_abt<D, kTileRows>(dp, dout_tile + warp * 16 * P, P, v_tile, P);  // dP = dout V^T
+        if constexpr (kRegisters) {
+            warp_mma_rbt<D, kTileRows>(p, q_fragments, k_tile, P);      // S = Q K^T
+            warp_mma_rbt<D, kTileRows>(dp, dout_fragments, v_tile, P);  // dP = dout V^T
+        } else {
+            warp_mma_abt<D, kTileRows>(p, q_tile + warp * 16 * P, P, k_tile, P);
+            warp_mma_abt<D, kTileRows>(dp, dout_tile + warp * 16 * P, P, v_tile, P);
+        }
         const bool diagonal = kt == q_tile_index;
 #pragma unroll
         for (int nt = 0; nt < kTileRows / 8; ++nt)
