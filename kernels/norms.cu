@@ -2,6 +2,10 @@
 // Forward and input-gradient kernels: one warp per row, fp32 accumulation.
 // Parameter gradients are summed deterministically in two stages: blocks of rows write
 // per-chunk partial sums in a fixed order, then one pass adds the chunks in order.
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
@@ -114,6 +118,189 @@ __global__ void layernorm_backward_input_kernel(bf16* din, const bf16* dout, con
     }
 }
 
+// ---- Register-resident row kernels (the fast path): a warp holds its whole row in registers,
+// read once with 16-byte loads (lane l takes chunks of 8 features l, l+32, ...), so each
+// tensor crosses memory once. Used when dim is a multiple of 8, at most 32*8*kMaxChunks, and
+// every row is 16-byte aligned; the scalar kernels above handle everything else.
+template <int kMaxChunks>
+__device__ __forceinline__ void load_row(float (&values)[kMaxChunks][8], const bf16* row, int n_chunks) {
+    const int lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k) {
+        const int c = lane + kWarp * k;
+        if (c >= n_chunks) break;
+        const uint4 packed = reinterpret_cast<const uint4*>(row)[c];
+        const bf16* h = reinterpret_cast<const bf16*>(&packed);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) values[k][j] = __bfloat162float(h[j]);
+    }
+}
+
+template <int kMaxChunks>
+__device__ __forceinline__ void store_row(bf16* row, const float (&values)[kMaxChunks][8], int n_chunks) {
+    const int lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k) {
+        const int c = lane + kWarp * k;
+        if (c >= n_chunks) break;
+        uint4 packed;
+        bf16* h = reinterpret_cast<bf16*>(&packed);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16(values[k][j]);
+        reinterpret_cast<uint4*>(row)[c] = packed;
+    }
+}
+
+// Feature index of element j of a lane's k-th chunk.
+__device__ __forceinline__ int feature(int k, int j) { return (threadIdx.x % kWarp + kWarp * k) * 8 + j; }
+
+// RMSNorm forward; residual (may be null, out's stride): out = residual + w x rstd.
+template <int kMaxChunks>
+__global__ void rmsnorm_forward_rows_kernel(Rows<bf16> out, float* rstd, Rows<const bf16> in, const bf16* residual,
+                                            const float* weight, int n_rows, int dim, float eps) {
+    const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+    if (row >= n_rows) return;
+    const int n_chunks = dim / 8, lane = threadIdx.x % kWarp;
+    float x[kMaxChunks][8];
+    load_row<kMaxChunks>(x, in.data + size_t(row) * in.stride, n_chunks);
+    float sum_sq = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) sum_sq += x[k][j] * x[k][j];
+    const float r = rsqrtf(warp_sum(sum_sq) / dim + eps);
+    if (lane == 0) rstd[row] = r;
+    float skip[kMaxChunks][8];
+    if (residual) load_row<kMaxChunks>(skip, residual + size_t(row) * out.stride, n_chunks);
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                x[k][j] = (residual ? skip[k][j] : 0.0f) + weight[feature(k, j)] * x[k][j] * r;
+    store_row<kMaxChunks>(out.data + size_t(row) * out.stride, x, n_chunks);
+}
+
+template <int kMaxChunks>
+__global__ void rmsnorm_backward_rows_kernel(Rows<bf16> din, Rows<const bf16> dout, Rows<const bf16> in,
+                                             const float* weight, const float* rstd, int n_rows, int dim,
+                                             bool accumulate) {
+    const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+    if (row >= n_rows) return;
+    const int n_chunks = dim / 8, lane = threadIdx.x % kWarp;
+    float x[kMaxChunks][8], g[kMaxChunks][8];
+    load_row<kMaxChunks>(x, in.data + size_t(row) * in.stride, n_chunks);
+    load_row<kMaxChunks>(g, dout.data + size_t(row) * dout.stride, n_chunks);
+    const float r = rstd[row];
+    float dot = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                g[k][j] *= weight[feature(k, j)];
+                dot += g[k][j] * x[k][j];
+            }
+    const float mean_gx = warp_sum(dot) / dim;
+    bf16* dx_row = din.data + size_t(row) * din.stride;
+    float previous[kMaxChunks][8];
+    if (accumulate) load_row<kMaxChunks>(previous, dx_row, n_chunks);
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                g[k][j] = (accumulate ? previous[k][j] : 0.0f) + r * (g[k][j] - x[k][j] * r * r * mean_gx);
+    store_row<kMaxChunks>(dx_row, g, n_chunks);
+}
+
+// LayerNorm forward; with in2 the normalised row is bf16(in + in2), stored in sum_out.
+template <int kMaxChunks>
+__global__ void layernorm_forward_rows_kernel(bf16* out, float* mean, float* rstd, const bf16* in, const bf16* in2,
+                                              bf16* sum_out, const float* weight, const float* bias, int n_rows,
+                                              int dim, float eps) {
+    const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+    if (row >= n_rows) return;
+    const int n_chunks = dim / 8, lane = threadIdx.x % kWarp;
+    float x[kMaxChunks][8];
+    load_row<kMaxChunks>(x, in + size_t(row) * dim, n_chunks);
+    if (in2) {
+        float other[kMaxChunks][8];
+        load_row<kMaxChunks>(other, in2 + size_t(row) * dim, n_chunks);
+#pragma unroll
+        for (int k = 0; k < kMaxChunks; ++k)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) x[k][j] = __bfloat162float(__float2bfloat16(x[k][j] + other[k][j]));
+        store_row<kMaxChunks>(sum_out + size_t(row) * dim, x, n_chunks);
+    }
+    float sum = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) sum += x[k][j];
+    const float m = warp_sum(sum) / dim;
+    float var = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) var += (x[k][j] - m) * (x[k][j] - m);
+    const float s = rsqrtf(warp_sum(var) / dim + eps);
+    if (lane == 0) mean[row] = m, rstd[row] = s;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) x[k][j] = (x[k][j] - m) * s * weight[feature(k, j)] + bias[feature(k, j)];
+    store_row<kMaxChunks>(out + size_t(row) * dim, x, n_chunks);
+}
+
+template <int kMaxChunks>
+__global__ void layernorm_backward_rows_kernel(bf16* din, const bf16* dout, const bf16* in, const float* weight,
+                                               const float* mean, const float* rstd, int n_rows, int dim,
+                                               bool accumulate) {
+    const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+    if (row >= n_rows) return;
+    const int n_chunks = dim / 8, lane = threadIdx.x % kWarp;
+    float xh[kMaxChunks][8], g[kMaxChunks][8];
+    load_row<kMaxChunks>(xh, in + size_t(row) * dim, n_chunks);
+    load_row<kMaxChunks>(g, dout + size_t(row) * dim, n_chunks);
+    const float m = mean[row], s = rstd[row];
+    float sum_g = 0, sum_gxh = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                xh[k][j] = (xh[k][j] - m) * s;
+                g[k][j] *= weight[feature(k, j)];
+                sum_g += g[k][j];
+                sum_gxh += g[k][j] * xh[k][j];
+            }
+    const float mean_g = warp_sum(sum_g) / dim, mean_gxh = warp_sum(sum_gxh) / dim;
+    bf16* dx_row = din + size_t(row) * dim;
+    float previous[kMaxChunks][8];
+    if (accumulate) load_row<kMaxChunks>(previous, dx_row, n_chunks);
+#pragma unroll
+    for (int k = 0; k < kMaxChunks; ++k)
+        if (lane + kWarp * k < n_chunks)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                g[k][j] = (accumulate ? previous[k][j] : 0.0f) + s * (g[k][j] - mean_g - xh[k][j] * mean_gxh);
+    store_row<kMaxChunks>(dx_row, g, n_chunks);
+}
+
+// Rows whose features fit the fast path: 4 chunks per lane up to dim 1024, 8 up to 2048; 0: no.
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+int register_chunks(int dim, std::initializer_list<std::pair<const void*, int>> rows) {
+    if (dim % 8 != 0 || dim > 2048) return 0;
+    for (const auto& [data, stride] : rows)
+        if (data && (!aligned16(data) || stride % 8 != 0)) return 0;
+    return dim <= 1024 ? 4 : 8;
+}
+
 // Partial parameter gradients of one chunk of kRowsPerChunk rows and 64 columns:
 //   rms:   dweight += dy * x * rstd
 //   layer: dweight += dy * (x - mean) * rstd, dbias += dy
@@ -206,24 +393,38 @@ int row_blocks(int n_rows) { return (n_rows + kRowsPerBlock - 1) / kRowsPerBlock
 
 }  // namespace
 
+namespace {
+
+void rmsnorm_forward_any(Rows<bf16> out, float* rstd, Rows<const bf16> in, const bf16* residual, const float* weight,
+                         int n_rows, int dim, float eps, cudaStream_t stream) {
+    const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
+    const int chunks = register_chunks(dim, {{out.data, out.stride}, {in.data, in.stride}, {residual, out.stride}});
+    if (chunks == 4) rmsnorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
+    else if (chunks == 8) rmsnorm_forward_rows_kernel<8><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
+    else rmsnorm_forward_kernel<<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
 void rmsnorm_forward_gpu(Rows<bf16> out, float* rstd, Rows<const bf16> in, const float* weight, int n_rows, int dim,
                          float eps, cudaStream_t stream) {
-    rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, rstd, in, nullptr, weight,
-                                                                                     n_rows, dim, eps);
-    CUDA_CHECK_LAUNCH();
+    rmsnorm_forward_any(out, rstd, in, nullptr, weight, n_rows, dim, eps, stream);
 }
 
 void rmsnorm_add_forward_gpu(bf16* out, float* rstd, const bf16* residual, const bf16* in, const float* weight,
                              int n_rows, int dim, float eps, cudaStream_t stream) {
-    rmsnorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
-        Rows<bf16>{out, dim}, rstd, Rows<const bf16>{in, dim}, residual, weight, n_rows, dim, eps);
-    CUDA_CHECK_LAUNCH();
+    rmsnorm_forward_any(Rows<bf16>{out, dim}, rstd, Rows<const bf16>{in, dim}, residual, weight, n_rows, dim, eps,
+                        stream);
 }
 
 void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
                           const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream) {
-    rmsnorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(din, dout, in, weight,
-                                                                                            rstd, n_rows, dim, false);
+    const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
+    const int chunks = register_chunks(dim, {{din.data, din.stride}, {dout.data, dout.stride}, {in.data, in.stride}});
+    if (chunks == 4) rmsnorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
+    else if (chunks == 8) rmsnorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
+    else rmsnorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, nullptr, dout, in, nullptr, rstd, n_rows, dim, stream);
 }
@@ -233,26 +434,36 @@ void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int ou
                 out_dim, stream);
 }
 
-void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
-                           int n_rows, int dim, float eps, cudaStream_t stream) {
-    layernorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
-        out, mean, rstd, in, nullptr, nullptr, weight, bias, n_rows, dim, eps);
-    CUDA_CHECK_LAUNCH();
-}
-
 void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, const bf16* a, const bf16* b,
                                const float* weight, const float* bias, int n_rows, int dim, float eps,
                                cudaStream_t stream) {
-    layernorm_forward_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(out, mean, rstd, a, b, sum,
-                                                                                       weight, bias, n_rows, dim, eps);
+    const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
+    const int chunks = register_chunks(dim, {{out, dim}, {a, dim}, {b, dim}, {sum, dim}});
+    if (chunks == 4)
+        layernorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
+    else if (chunks == 8)
+        layernorm_forward_rows_kernel<8><<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
+    else
+        layernorm_forward_kernel<<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
     CUDA_CHECK_LAUNCH();
+}
+
+void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, const float* weight, const float* bias,
+                           int n_rows, int dim, float eps, cudaStream_t stream) {
+    add_layernorm_forward_gpu(nullptr, out, mean, rstd, in, nullptr, weight, bias, n_rows, dim, eps, stream);
 }
 
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
                             bool accumulate, cudaStream_t stream) {
-    layernorm_backward_input_kernel<<<row_blocks(n_rows), kRowsPerBlock * kWarp, 0, stream>>>(
-        din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
+    const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
+    const int chunks = register_chunks(dim, {{din, dim}, {dout, dim}, {in, dim}});
+    if (chunks == 4)
+        layernorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
+    else if (chunks == 8)
+        layernorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
+    else
+        layernorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, dbias, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, mean, rstd, n_rows, dim, stream);
 }

@@ -26,7 +26,7 @@ TEST_CASE("GPU rmsnorm forward and backward match the CPU reference") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    for (auto [N, C] : {std::pair{37, 768}, std::pair{5, 100}, std::pair{600, 64}}) {
+    for (auto [N, C] : {std::pair{37, 768}, std::pair{5, 100}, std::pair{600, 64}, std::pair{9, 1536}, std::pair{3, 2056}}) {
         CAPTURE(N);
         CAPTURE(C);
         const Bf16Input x = random_bf16(size_t(N) * C, gen, 2.0), dy = random_bf16(size_t(N) * C, gen);
