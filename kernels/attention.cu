@@ -241,7 +241,6 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     float o[D / 8][4];
     zero<D>(o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-    uint32_t q_fragments[D / 16][4];  // this warp's 16 queries, loaded once
     for (int kt = 0; kt <= q_tile_index; ++kt) {
         const bool next = kt < q_tile_index;
         if (next) load_kv(kt + 1);  // the other buffer: everyone finished with it last iteration
@@ -250,10 +249,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
         const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kTileRows * P;
         const bf16* v_tile = k_tile + kTileRows * P;
 
-        if (kt == 0) load_a_fragments<D>(q_fragments, q_tile + warp * 16 * P, P);
         float s[kTileRows / 8][4];
         zero<kTileRows>(s);
-        warp_mma_rbt<D, kTileRows>(s, q_fragments, k_tile, P);
+        warp_mma_abt<D, kTileRows>(s, q_tile + warp * 16 * P, P, k_tile, P);
         const bool diagonal = kt == q_tile_index;
 #pragma unroll
         for (int nt = 0; nt < kTileRows / 8; ++nt)
