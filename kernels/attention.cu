@@ -303,19 +303,28 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
 }
 
 // ---------------------------------------------------------------- backward
-// delta[bh, t] = dout[t] . out[t] over the head's columns; one warp per (row, head).
+// delta[bh, t] = dout[t] . out[t] over the head's columns. A thread takes 8 features (one
+// 16-byte load from each tensor); the head_dim/8 threads of a (row, head) add by shuffles.
 __global__ void attention_delta_kernel(float* delta, Rows<const bf16> dout, Rows<const bf16> out, int n_rows,
                                        int seq_len, int n_heads, int head_dim) {
-    const int warp_index = int((blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32), lane = threadIdx.x % 32;
-    if (warp_index >= n_rows * n_heads) return;
-    const int row = warp_index / n_heads, h = warp_index % n_heads;
-    const bf16* g = dout.data + size_t(row) * dout.stride + size_t(h) * head_dim;
-    const bf16* o = out.data + size_t(row) * out.stride + size_t(h) * head_dim;
+    const int per_head = head_dim / 8;
+    const size_t t = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+    const size_t row_head = t / per_head;
+    const int c = int(t % per_head);
+    const bool valid = row_head < size_t(n_rows) * n_heads;
+    const int row = int(row_head / n_heads), h = int(row_head % n_heads);
     float dot = 0.0f;
-    for (int i = lane; i < head_dim; i += 32) dot += __bfloat162float(g[i]) * __bfloat162float(o[i]);
-    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xFFFFFFFF, dot, offset);
-    const int b = row / seq_len, t = row % seq_len;
-    if (lane == 0) delta[(size_t(b) * n_heads + h) * seq_len + t] = dot;
+    if (valid) {
+        const uint4 g = *reinterpret_cast<const uint4*>(dout.data + size_t(row) * dout.stride + h * head_dim + c * 8);
+        const uint4 o = *reinterpret_cast<const uint4*>(out.data + size_t(row) * out.stride + h * head_dim + c * 8);
+        const bf16* gv = reinterpret_cast<const bf16*>(&g);
+        const bf16* ov = reinterpret_cast<const bf16*>(&o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dot += __bfloat162float(gv[j]) * __bfloat162float(ov[j]);
+    }
+    for (int offset = per_head / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xFFFFFFFF, dot, offset, per_head);
+    const int b = row / seq_len, position = row % seq_len;
+    if (valid && c == 0) delta[(size_t(b) * n_heads + h) * seq_len + position] = dot;
 }
 
 // dK and dV of 64 keys: loop over the query tiles at or after the keys (causality).
@@ -570,7 +579,8 @@ void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* 
     check_rows(dv.data, dv.stride, "dv");
     check_rows(dout.data, dout.stride, "dout");
     const int n_rows = batch * seq_len;
-    const size_t threads = size_t(n_rows) * n_heads * 32;
+    check_rows(out.data, out.stride, "out");
+    const size_t threads = size_t(n_rows) * n_heads * (head_dim / 8);
     attention_delta_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream>>>(delta, dout, out, n_rows, seq_len,
                                                                                  n_heads, head_dim);
     CUDA_CHECK_LAUNCH();

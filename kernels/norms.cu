@@ -151,8 +151,12 @@ __device__ __forceinline__ void store_row(bf16* row, const float (&values)[kMaxC
     }
 }
 
-// Feature index of element j of a lane's k-th chunk.
-__device__ __forceinline__ int feature(int k, int j) { return (threadIdx.x % kWarp + kWarp * k) * 8 + j; }
+// The 8 fp32 parameters (norm gain or bias) of a lane's k-th chunk: two 16-byte loads.
+__device__ __forceinline__ void load_params(float (&p)[8], const float* params, int k) {
+    const float4* at = reinterpret_cast<const float4*>(params + (threadIdx.x % kWarp + kWarp * k) * 8);
+    const float4 low = at[0], high = at[1];
+    p[0] = low.x, p[1] = low.y, p[2] = low.z, p[3] = low.w, p[4] = high.x, p[5] = high.y, p[6] = high.z, p[7] = high.w;
+}
 
 // RMSNorm forward; residual (may be null, out's stride): out = residual + w x rstd.
 template <int kMaxChunks>
@@ -175,10 +179,12 @@ __global__ void rmsnorm_forward_rows_kernel(Rows<bf16> out, float* rstd, Rows<co
     if (residual) load_row<kMaxChunks>(skip, residual + size_t(row) * out.stride, n_chunks);
 #pragma unroll
     for (int k = 0; k < kMaxChunks; ++k)
-        if (lane + kWarp * k < n_chunks)
+        if (lane + kWarp * k < n_chunks) {
+            float w[8];
+            load_params(w, weight, k);
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                x[k][j] = (residual ? skip[k][j] : 0.0f) + weight[feature(k, j)] * x[k][j] * r;
+            for (int j = 0; j < 8; ++j) x[k][j] = (residual ? skip[k][j] : 0.0f) + w[j] * x[k][j] * r;
+        }
     store_row<kMaxChunks>(out.data + size_t(row) * out.stride, x, n_chunks);
 }
 
@@ -196,12 +202,15 @@ __global__ void rmsnorm_backward_rows_kernel(Rows<bf16> din, Rows<const bf16> do
     float dot = 0;
 #pragma unroll
     for (int k = 0; k < kMaxChunks; ++k)
-        if (lane + kWarp * k < n_chunks)
+        if (lane + kWarp * k < n_chunks) {
+            float w[8];
+            load_params(w, weight, k);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                g[k][j] *= weight[feature(k, j)];
+                g[k][j] *= w[j];
                 dot += g[k][j] * x[k][j];
             }
+        }
     const float mean_gx = warp_sum(dot) / dim;
     bf16* dx_row = din.data + size_t(row) * din.stride;
     float previous[kMaxChunks][8];
@@ -251,9 +260,13 @@ __global__ void layernorm_forward_rows_kernel(bf16* out, float* mean, float* rst
     if (lane == 0) mean[row] = m, rstd[row] = s;
 #pragma unroll
     for (int k = 0; k < kMaxChunks; ++k)
-        if (lane + kWarp * k < n_chunks)
+        if (lane + kWarp * k < n_chunks) {
+            float w[8], b[8];
+            load_params(w, weight, k);
+            load_params(b, bias, k);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) x[k][j] = (x[k][j] - m) * s * weight[feature(k, j)] + bias[feature(k, j)];
+            for (int j = 0; j < 8; ++j) x[k][j] = (x[k][j] - m) * s * w[j] + b[j];
+        }
     store_row<kMaxChunks>(out + size_t(row) * dim, x, n_chunks);
 }
 
@@ -271,14 +284,17 @@ __global__ void layernorm_backward_rows_kernel(bf16* din, const bf16* dout, cons
     float sum_g = 0, sum_gxh = 0;
 #pragma unroll
     for (int k = 0; k < kMaxChunks; ++k)
-        if (lane + kWarp * k < n_chunks)
+        if (lane + kWarp * k < n_chunks) {
+            float w[8];
+            load_params(w, weight, k);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 xh[k][j] = (xh[k][j] - m) * s;
-                g[k][j] *= weight[feature(k, j)];
+                g[k][j] *= w[j];
                 sum_g += g[k][j];
                 sum_gxh += g[k][j] * xh[k][j];
             }
+        }
     const float mean_g = warp_sum(sum_g) / dim, mean_gxh = warp_sum(sum_gxh) / dim;
     bf16* dx_row = din + size_t(row) * dim;
     float previous[kMaxChunks][8];
@@ -294,8 +310,9 @@ __global__ void layernorm_backward_rows_kernel(bf16* din, const bf16* dout, cons
 
 // Rows whose features fit the fast path: 4 chunks per lane up to dim 1024, 8 up to 2048; 0: no.
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-int register_chunks(int dim, std::initializer_list<std::pair<const void*, int>> rows) {
-    if (dim % 8 != 0 || dim > 2048) return 0;
+int register_chunks(int dim, std::initializer_list<std::pair<const void*, int>> rows, const float* weight,
+                    const float* bias = nullptr) {
+    if (dim % 8 != 0 || dim > 2048 || !aligned16(weight) || (bias && !aligned16(bias))) return 0;
     for (const auto& [data, stride] : rows)
         if (data && (!aligned16(data) || stride % 8 != 0)) return 0;
     return dim <= 1024 ? 4 : 8;
@@ -398,7 +415,8 @@ namespace {
 void rmsnorm_forward_any(Rows<bf16> out, float* rstd, Rows<const bf16> in, const bf16* residual, const float* weight,
                          int n_rows, int dim, float eps, cudaStream_t stream) {
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
-    const int chunks = register_chunks(dim, {{out.data, out.stride}, {in.data, in.stride}, {residual, out.stride}});
+    const int chunks =
+        register_chunks(dim, {{out.data, out.stride}, {in.data, in.stride}, {residual, out.stride}}, weight);
     if (chunks == 4) rmsnorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
     else if (chunks == 8) rmsnorm_forward_rows_kernel<8><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
     else rmsnorm_forward_kernel<<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
@@ -421,7 +439,8 @@ void rmsnorm_add_forward_gpu(bf16* out, float* rstd, const bf16* residual, const
 void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
                           const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream) {
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
-    const int chunks = register_chunks(dim, {{din.data, din.stride}, {dout.data, dout.stride}, {in.data, in.stride}});
+    const int chunks =
+        register_chunks(dim, {{din.data, din.stride}, {dout.data, dout.stride}, {in.data, in.stride}}, weight);
     if (chunks == 4) rmsnorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
     else if (chunks == 8) rmsnorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
     else rmsnorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
@@ -438,7 +457,7 @@ void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, c
                                const float* weight, const float* bias, int n_rows, int dim, float eps,
                                cudaStream_t stream) {
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
-    const int chunks = register_chunks(dim, {{out, dim}, {a, dim}, {b, dim}, {sum, dim}});
+    const int chunks = register_chunks(dim, {{out, dim}, {a, dim}, {b, dim}, {sum, dim}}, weight, bias);
     if (chunks == 4)
         layernorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
     else if (chunks == 8)
@@ -457,7 +476,7 @@ void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16*
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
                             bool accumulate, cudaStream_t stream) {
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
-    const int chunks = register_chunks(dim, {{din, dim}, {dout, dim}, {in, dim}});
+    const int chunks = register_chunks(dim, {{din, dim}, {dout, dim}, {in, dim}}, weight);
     if (chunks == 4)
         layernorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
     else if (chunks == 8)
