@@ -10,15 +10,15 @@ CUDA_ARCH ?= sm_90
 CPU_ARCH ?= native
 CXX ?= g++
 
-BUILD := build
-DEPS_INCLUDE := $(BUILD)/deps/include
-DATA_DIR := $(BUILD)/data
+BUILD ?= build
+DEPS_INCLUDE := build/deps/include
+DATA_DIR := build/data
 
 WARNINGS := -Wall -Wextra -Wno-unknown-pragmas
 CXXFLAGS ?= -O3 -march=$(CPU_ARCH) -g
 CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -isystem $(CUDA_HOME)/include -MMD -MP
 NVCCFLAGS ?= -O3
-NVCCFLAGS += -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
+NVCCFLAGS += $(EXTRA_NVCCFLAGS) -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
 LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # Library: every .cpp/.cu under the source folders except the binaries' main files.

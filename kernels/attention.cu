@@ -496,9 +496,13 @@ __global__ void __launch_bounds__(kThreads)
     store_rows<D>(head_base(dq, b, h, T, D), dq.stride, first_query + warp * 16, T, dq_acc, args.scale, args.scale);
 }
 
+// Query rows per step of the dK/dV kernel (a compile-time knob: -DQOPT_KV_QUERY_TILE=32).
+#ifndef QOPT_KV_QUERY_TILE
+#define QOPT_KV_QUERY_TILE 64
+#endif
 template <int D>
 constexpr int backward_query_tile() {
-    return D <= 64 ? 64 : 32;  // keeps dK, dV accumulators and a tile of P in registers
+    return D <= 64 ? QOPT_KV_QUERY_TILE : 32;  // keeps dK, dV accumulators and a tile of P in registers
 }
 
 template <typename Kernel>
