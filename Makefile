@@ -2,7 +2,9 @@
 # `make run` prepares the default data (once) and trains the CPU demo model on it.
 #
 # Variables users set:  CUDA_HOME (default /usr/local/cuda), CUDA_ARCH (default sm_90),
-#                       CPU_ARCH (default native; passed to -march), OMP_NUM_THREADS at run time.
+#                       CPU_ARCH (default native; passed to -march), OMP_NUM_THREADS at run time,
+#                       BUILD (output folder, default build), EXTRA_NVCCFLAGS (kernel knobs, e.g.
+#                       -DQOPT_KV_QUERY_TILE=32, to build variants side by side).
 
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(CUDA_HOME)/bin/nvcc
