@@ -11,6 +11,8 @@
 
 #include "core/error.hpp"
 #include "helpers.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
@@ -44,6 +46,13 @@ TrainOptions tiny_run(const TempDir& dir, long steps) {
 
 std::string bin(const char* name) { return bin_dir() + "/" + name; }
 
+// The CPU always; the CUDA path too where a GPU is present (said once where it is not).
+std::vector<std::string> devices() {
+    if (gpu_available()) return {"cpu", "cuda"};
+    MESSAGE("the --device cuda variant is skipped: " << query_cuda_device().problem);
+    return {"cpu"};
+}
+
 }  // namespace
 
 TEST_CASE("a short training run's loss falls well below its start") {
@@ -59,20 +68,23 @@ TEST_CASE("a short training run's loss falls well below its start") {
     CHECK(list_checkpoints(o.out_dir).size() == 1);
 }
 
-TEST_CASE("exact resume: N steps + resume + N steps == 2N steps, bit for bit") {
+TEST_CASE("exact resume: N steps + resume + N steps == 2N steps, bit for bit (CPU and GPU)") {
     TempDir dir;
     std::ostringstream log;
+    for (const std::string& device : devices())
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
+        CAPTURE(device);
         CAPTURE(preset);
         TrainOptions full = tiny_run(dir, 12);
+        full.device = device;
         full.preset = preset;
-        full.out_dir = dir / (std::string("full_") + preset);
+        full.out_dir = dir / (std::string("full_") + preset + device);
         full.checkpoint_every = 6;
         full.grad_accum = 2;
         const TrainResult a = run_training(full, log);
         // Second run: start from the step-6 checkpoint of the first, in another directory.
         TrainOptions resumed = full;
-        resumed.out_dir = dir / (std::string("resumed_") + preset);
+        resumed.out_dir = dir / (std::string("resumed_") + preset + device);
         resumed.resume = full.out_dir + "/checkpoints/" + checkpoint_name(6);
         const TrainResult b = run_training(resumed, log);
         REQUIRE(b.train_losses.size() == 6);
@@ -98,14 +110,20 @@ TEST_CASE("--resume auto continues from the newest checkpoint, or starts fresh w
     CHECK(log.str().find("resumed from") != std::string::npos);
 }
 
-TEST_CASE("two runs with the same seed give identical losses") {
+TEST_CASE("two runs with the same seed give identical losses (CPU and GPU)") {
     TempDir dir;
     std::ostringstream log;
-    TrainOptions o = tiny_run(dir, 5);
-    const TrainResult a = run_training(o, log);
-    o.out_dir = dir / "again";
-    const TrainResult b = run_training(o, log);
-    CHECK(a.train_losses == b.train_losses);
+    for (const std::string& device : devices()) {
+        CAPTURE(device);
+        TrainOptions o = tiny_run(dir, 5);
+        o.device = device;
+        o.out_dir = dir / ("first_" + device);
+        const TrainResult a = run_training(o, log);
+        o.out_dir = dir / ("again_" + device);
+        const TrainResult b = run_training(o, log);
+        CHECK(a.train_losses == b.train_losses);
+        CHECK(a.val_loss_end == b.val_loss_end);
+    }
 }
 
 TEST_CASE("non-finite steps are skipped and counted, or stop the run with a checkpoint") {
