@@ -129,10 +129,6 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 // dweight (fp32) += dout^T in.
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream = 0);
-// dweight += dout^T in and dbias += column sums of dout in one cuBLASLt call (BGRADB epilogue)
-// where cuBLASLt offers it, else the two functions around this one.
-void matmul_backward_weight_bias_gpu(float* dweight, float* dbias, const bf16* dout, const bf16* in, int n_rows,
-                                     int in_dim, int out_dim, cudaStream_t stream = 0);
 // dbias (fp32) += column sums of dout, deterministic (shares the norms' two-stage reduction
 // in kernels/norms.cu).
 void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);

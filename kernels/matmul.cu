@@ -43,15 +43,13 @@ Lt& lt() {
 
 // What runs after the product, inside the same kernel: a bias add, GELU (saving the
 // pre-activation in aux), or GELU's derivative (reading the pre-activation from aux).
-enum class Epilogue { None, Gelu, DGelu, BiasGradB };
+enum class Epilogue { None, Gelu, DGelu };
 
 // C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16, then
-// the epilogue (bias first, for forward products). aux is [m, n] column-major like C. With
-// BiasGradB, `bias` receives (fp32, written) the sums of op(B) over k, one per column of C.
-// Returns false, running nothing, when cuBLASLt has no algorithm and `optional` is set.
-bool lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
-               int m, int n, int k, float beta, const void* bias, cudaStream_t stream,
-               Epilogue extra = Epilogue::None, void* aux = nullptr, bool optional = false) {
+// the epilogue (bias first, for forward products). aux is [m, n] column-major like C.
+void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
+               int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
+               Epilogue extra = Epilogue::None, void* aux = nullptr) {
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -60,12 +58,11 @@ bool lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     if (extra == Epilogue::Gelu) epilogue = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     else if (extra == Epilogue::DGelu) epilogue = CUBLASLT_EPILOGUE_DGELU;
-    else if (extra == Epilogue::BiasGradB) epilogue = CUBLASLT_EPILOGUE_BGRADB;
     else if (bias) epilogue = CUBLASLT_EPILOGUE_BIAS;
     if (epilogue != CUBLASLT_EPILOGUE_DEFAULT)
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
     if (bias) {
-        const cudaDataType_t bias_type = extra == Epilogue::BiasGradB ? CUDA_R_32F : CUDA_R_16BF;
+        const cudaDataType_t bias_type = CUDA_R_16BF;
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
@@ -96,13 +93,6 @@ bool lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
         CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference,
                                                     1, &heuristic, &returned));
         cublasLtMatmulPreferenceDestroy(preference);
-        if (returned == 0 && optional) {
-            cublasLtMatrixLayoutDestroy(layout_a);
-            cublasLtMatrixLayoutDestroy(layout_b);
-            cublasLtMatrixLayoutDestroy(layout_c);
-            cublasLtMatmulDescDestroy(op);
-            return false;
-        }
         if (returned == 0) fail("cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " matmul");
         found = cache.emplace(key, heuristic.algo).first;
     }
@@ -113,13 +103,6 @@ bool lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);
     cublasLtMatmulDescDestroy(op);
-    return true;
-}
-
-// target[i] += source[i]
-__global__ void add_fp32_kernel(float* target, const float* source, int n) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) target[i] += source[i];
 }
 
 }  // namespace
@@ -151,23 +134,6 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream) {
     lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, 1.0f, nullptr, stream);
-}
-
-// The bias gradient comes out of the weight-gradient product's epilogue (written into a
-// scratch vector, then added, so accumulation over micro-batches still works); without such
-// an algorithm, the separate column-sum kernel.
-void matmul_backward_weight_bias_gpu(float* dweight, float* dbias, const bf16* dout, const bf16* in, int n_rows,
-                                     int in_dim, int out_dim, cudaStream_t stream) {
-    static DeviceBuffer<float> scratch;
-    if (scratch.size() < size_t(out_dim)) scratch.resize(size_t(out_dim));
-    if (lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, 1.0f, scratch.data(), stream,
-                  Epilogue::BiasGradB, nullptr, /*optional=*/true)) {
-        add_fp32_kernel<<<(out_dim + 255) / 256, 256, 0, stream>>>(dbias, scratch.data(), out_dim);
-        CUDA_CHECK_LAUNCH();
-        return;
-    }
-    matmul_backward_weight_gpu(dweight, dout, in, n_rows, in_dim, out_dim, stream);
-    matmul_backward_bias_gpu(dbias, dout, n_rows, out_dim, stream);
 }
 
 }  // namespace qopt

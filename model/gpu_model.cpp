@@ -268,19 +268,23 @@ void GpuModel::backward() {
         if (gpt2) {
             // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
             matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
-            matmul_backward_weight_bias_gpu(G + o.down_w, G + o.down_b, d_res, a.act.data(), N, F, C);
+            matmul_backward_weight_gpu(G + o.down_w, d_res, a.act.data(), N, F, C);
+            matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
             matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
-            matmul_backward_weight_bias_gpu(G + o.up_w, G + o.up_b, s.d_wide2.data(), a.ln2.data(), N, C, F);
+            matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
+            matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);
             layernorm_backward_gpu(d_res, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w,
                                    a.mean2.data(), a.rstd2.data(), N, C, /*accumulate=*/true);
             // h = x + out(attn(qkv(LN1(x)))) ; d_res becomes dx.
             matmul_backward_input_gpu(d_b, d_res, W + o.out_w, N, C, C);
-            matmul_backward_weight_bias_gpu(G + o.out_w, G + o.out_b, d_res, a.attn.data(), N, C, C);
+            matmul_backward_weight_gpu(G + o.out_w, d_res, a.attn.data(), N, C, C);
+            matmul_backward_bias_gpu(G + o.out_b, d_res, N, C);
             attention_backward_gpu({d_qkv, 3 * C}, {d_qkv + C, 3 * C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
                                    {d_b, C}, {a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                    {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
-            matmul_backward_weight_bias_gpu(G + o.qkv_w, G + o.qkv_b, d_qkv, a.ln1.data(), N, C, 3 * C);
+            matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, a.ln1.data(), N, C, 3 * C);
+            matmul_backward_bias_gpu(G + o.qkv_b, d_qkv, N, 3 * C);
             layernorm_backward_gpu(d_res, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
                                    a.rstd1.data(), N, C, /*accumulate=*/true);
         } else {

@@ -203,24 +203,6 @@ TEST_CASE("GPU cuBLASLt linear layer: forward (with and without bias) and both g
         CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
         matmul_backward_weight_gpu(d_dw.data(), d_dy.data(), d_x.data(), N, IC, OC);
         CHECK(relative_error(d_dw.download(), dw_ref) < 1e-5);  // fp32 accumulation of exact bf16 products
-
-        // Weight and bias gradients together, accumulated twice onto non-zero starting values,
-        // and the separate bias column sum: all against the CPU reference.
-        const std::vector<float> db_init = random_vector<float>(OC, gen);
-        std::vector<double> dw2_ref(dw_init.begin(), dw_init.end()), db_ref(db_init.begin(), db_init.end());
-        std::vector<double> unused_din(size_t(N) * IC, 0.0);
-        for (int pass = 0; pass < 2; ++pass)
-            matmul_backward_cpu(unused_din.data(), dw2_ref.data(), db_ref.data(), dy.exact.data(), x.exact.data(),
-                                w.exact.data(), N, IC, OC);
-        auto d_dw2 = uploaded(dw_init);
-        auto d_db = uploaded(db_init), d_db_sum = uploaded(db_init);
-        for (int pass = 0; pass < 2; ++pass) {
-            matmul_backward_weight_bias_gpu(d_dw2.data(), d_db.data(), d_dy.data(), d_x.data(), N, IC, OC);
-            matmul_backward_bias_gpu(d_db_sum.data(), d_dy.data(), N, OC);
-        }
-        CHECK(relative_error(d_dw2.download(), dw2_ref) < 1e-5);
-        CHECK(relative_error(d_db.download(), db_ref) < 1e-5);
-        CHECK(relative_error(d_db_sum.download(), db_ref) < 1e-5);
     }
 }
 
