@@ -29,7 +29,7 @@ std::string gigabytes(size_t bytes) {
 // the layout: olmo2 normalises q/k (QK-norm), rotates them (RoPE) and normalises each
 // sublayer's output; gpt2 normalises each sublayer's input (LayerNorm).
 struct LayerActivations {
-    DeviceBuffer<bf16> qkv, attn, h, up, act;  // both layouts
+    DeviceBuffer<bf16> qkv, attn, h, up, act;  // both layouts (act empty when recomputed)
     DeviceBuffer<float> lse;                   // attention log-sum-exp [B, H, T]
     // olmo2
     DeviceBuffer<bf16> q_rot, k_rot, proj, down;
@@ -48,6 +48,8 @@ struct GpuModel::State {
     std::vector<LayerActivations> layers;
     std::vector<DeviceBuffer<bf16>> residual;  // residual[l]: input of block l; residual[L]: output
     DeviceBuffer<bf16> final_normed, logits, branch;
+    bool recompute = false;
+    DeviceBuffer<bf16> act_scratch;  // with recompute: the one MLP activation buffer all blocks share
     DeviceBuffer<float> final_mean, final_rstd, losses;
     DeviceBuffer<int> inputs, targets, bucket_tokens, bucket_offsets, bucket_positions;
     std::vector<int> host_inputs;
@@ -122,7 +124,8 @@ void GpuModel::allocate(int batch, int seq_len) {
     s.layers.clear();
     s.layers.resize(size_t(config_.n_layers));
     for (auto& a : s.layers) {
-        bf(a.qkv, N * 3 * C), bf(a.attn, N * C), bf(a.h, N * C), bf(a.up, N * F), bf(a.act, N * F);
+        bf(a.qkv, N * 3 * C), bf(a.attn, N * C), bf(a.h, N * C), bf(a.up, N * F);
+        if (!s.recompute) bf(a.act, N * F);
         fp(a.lse, BHT);
         if (gpt2) {
             bf(a.ln1, N * C), bf(a.ln2, N * C);
@@ -132,6 +135,7 @@ void GpuModel::allocate(int batch, int seq_len) {
             fp(a.rstd_q, N), fp(a.rstd_k, N), fp(a.rstd_proj, N), fp(a.rstd_down, N);
         }
     }
+    if (s.recompute) bf(s.act_scratch, N * F);
     s.residual.clear();
     s.residual.resize(size_t(config_.n_layers) + 1);
     for (auto& r : s.residual) bf(r, N * C);
@@ -159,6 +163,19 @@ std::string GpuModel::memory_report() const {
     return "weights " + gigabytes(weight_bytes) + " (fp32 master + fp32 grads + bf16 copy), activations " +
            gigabytes(state_->activation_bytes - logit_bytes) + " + logits " + gigabytes(logit_bytes) + " for " +
            std::to_string(state_->batch) + " x " + std::to_string(state_->seq_len) + " tokens";
+}
+
+void GpuModel::set_recompute(bool recompute) {
+    if (recompute == state_->recompute) return;
+    state_->recompute = recompute;
+    state_->batch = state_->seq_len = 0;  // re-plan on the next allocate()
+}
+
+bool GpuModel::recompute() const { return state_->recompute; }
+
+// Where block l's MLP activation lives: its own buffer, or the shared one when recomputed.
+static bf16* activation_buffer(LayerActivations& a, DeviceBuffer<bf16>& shared, bool recompute) {
+    return recompute ? shared.data() : a.act.data();
 }
 
 void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq_len, float grad_scale) {
@@ -198,8 +215,9 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             matmul_forward_gpu(s.branch.data(), a.attn.data(), W + o.out_w, w(o.out_b), N, C, C);
             add_layernorm_forward_gpu(a.h.data(), a.ln2.data(), a.mean2.data(), a.rstd2.data(), x, s.branch.data(),
                                       P + o.norm2_w, P + o.norm2_b, N, C, eps);
-            matmul_forward_gelu_gpu(a.act.data(), a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
-            matmul_forward_gpu(s.branch.data(), a.act.data(), W + o.down_w, w(o.down_b), N, F, C);
+            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+            matmul_forward_gelu_gpu(act, a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
+            matmul_forward_gpu(s.branch.data(), act, W + o.down_w, w(o.down_b), N, F, C);
             // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
             if (l + 1 < config_.n_layers) {
                 const LayerOffsets& next = layout_.layers[size_t(l) + 1];
@@ -223,8 +241,9 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             matmul_forward_gpu(a.proj.data(), a.attn.data(), W + o.out_w, nullptr, N, C, C);
             rmsnorm_add_forward_gpu(a.h.data(), a.rstd_proj.data(), x, a.proj.data(), P + o.norm1_w, N, C, eps);
             matmul_forward_gpu(a.up.data(), a.h.data(), W + o.up_w, nullptr, N, C, F);
-            relu2_forward_gpu(a.act.data(), a.up.data(), size_t(N) * F);
-            matmul_forward_gpu(a.down.data(), a.act.data(), W + o.down_w, nullptr, N, F, C);
+            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+            relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
+            matmul_forward_gpu(a.down.data(), act, W + o.down_w, nullptr, N, F, C);
             rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);
         }
     }
@@ -268,7 +287,9 @@ void GpuModel::backward() {
         if (gpt2) {
             // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
             matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
-            matmul_backward_weight_gpu(G + o.down_w, d_res, a.act.data(), N, F, C);
+            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+            if (s.recompute) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
+            matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
             matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
             matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
             matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
@@ -291,7 +312,9 @@ void GpuModel::backward() {
             // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
             rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);
             matmul_backward_input_gpu(s.d_wide.data(), d_a, W + o.down_w, N, F, C);
-            matmul_backward_weight_gpu(G + o.down_w, d_a, a.act.data(), N, F, C);
+            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+            if (s.recompute) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
+            matmul_backward_weight_gpu(G + o.down_w, d_a, act, N, F, C);
             relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
             matmul_backward_input_gpu(d_res, s.d_wide2.data(), W + o.up_w, N, C, F, /*accumulate=*/true);
             matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.h.data(), N, C, F);

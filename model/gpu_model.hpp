@@ -38,6 +38,11 @@ public:
     void refresh_compute_weights();  // bf16 mirror <- fp32 masters (after an optimizer step)
     void zero_grads();
 
+    // Activation recomputation: the MLP activation (GELU / ReLU² of the up projection, the
+    // largest per-block tensor) is not kept per block but recomputed in the backward pass,
+    // saving n_layers x B x T x d_ff bf16 for one extra elementwise pass per block.
+    void set_recompute(bool recompute);
+    bool recompute() const;
     // Plans every activation for this shape (no-op when unchanged).
     void allocate(int batch, int seq_len);
     // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."

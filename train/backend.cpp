@@ -58,9 +58,13 @@ private:
 
 class CudaBackend final : public TrainBackend {
 public:
-    CudaBackend(const ModelConfig& config, const AdamWConfig& adamw, std::string device)
-        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), adamw), norm_(1) {}
-    std::string describe() const override { return "cuda, " + device_; }
+    CudaBackend(const ModelConfig& config, const AdamWConfig& adamw, std::string device, bool recompute)
+        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), adamw), norm_(1) {
+        model_.set_recompute(recompute);
+    }
+    std::string describe() const override {
+        return "cuda, " + device_ + (model_.recompute() ? ", MLP activations recomputed" : "");
+    }
     void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
     std::vector<float> params() override { return model_.download_params(); }
     void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) override {
@@ -104,10 +108,10 @@ std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const 
     return std::make_unique<CpuBackend>(config, adamw);
 }
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw) {
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw, bool recompute) {
     const CudaDeviceInfo gpu = query_cuda_device();
     if (!gpu.usable) fail("--device cuda: ", gpu.problem);
-    return std::make_unique<CudaBackend>(config, adamw, gpu.description);
+    return std::make_unique<CudaBackend>(config, adamw, gpu.description, recompute);
 }
 
 }  // namespace qopt

@@ -36,7 +36,8 @@ public:
 };
 
 std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const AdamWConfig& adamw);
-// Throws qopt::Error when no usable GPU is present.
-std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw);
+// Throws qopt::Error when no usable GPU is present. recompute: see GpuModel::set_recompute.
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw,
+                                                bool recompute = false);
 
 }  // namespace qopt

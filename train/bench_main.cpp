@@ -97,11 +97,12 @@ BenchConfig parse_config(const std::string& text) {
     return c;
 }
 
-void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops) {
+void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute) {
     ModelConfig config = preset_config(bc.preset);
     QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
                config.max_seq_len);
     GpuModel model(config);
+    model.set_recompute(recompute);
     {
         std::vector<float> params(model.layout().total);
         init_params(model.layout(), 1234, params.data());
@@ -148,9 +149,9 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
     const double flops_per_token =
         6.0 * params + 12.0 * config.n_layers * double(config.d_model) * double(bc.seq_len);
     const double tflops = flops_per_token * tokens_per_second / 1e12;
-    std::printf("%-11s B=%-3d T=%-5d | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
+    std::printf("%-11s B=%-3d T=%-5d%s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
                 "MFU %4.1f%% | memory planned %.2f GB, in use %.2f GB | loss %.3f\n",
-                bc.preset.c_str(), bc.batch, bc.seq_len, tokens_per_second, ms, median(forward_ms),
+                bc.preset.c_str(), bc.batch, bc.seq_len, recompute ? " recompute" : "", tokens_per_second, ms, median(forward_ms),
                 median(backward_ms), median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops,
                 double(model.device_bytes()) / 1e9, double(total_bytes - free_bytes) / 1e9, loss);
     std::fflush(stdout);
@@ -198,7 +199,7 @@ int main(int argc, char** argv) {
     CLI::App app{"qopt bench: GPU training throughput (tokens/s, MFU, ms per phase, memory) per model preset"};
     std::vector<std::string> configs;
     int warmup = 3, steps = 10;
-    bool attention = false, skip_training = false;
+    bool attention = false, skip_training = false, recompute = false;
     app.add_option("--config", configs,
                    "PRESET:BATCH:SEQ_LEN, repeatable (default: gpt2-124m:32:1024 olmo2-125m:32:1024 "
                    "olmo2-50m:32:1024 olmo2-350m:16:1024 olmo2-500m:16:1024 olmo2-760m:8:1024 olmo2-1.5b:8:1024)");
@@ -206,6 +207,7 @@ int main(int argc, char** argv) {
     app.add_option("--steps", steps, "timed steps (the median is reported)")->capture_default_str();
     app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
     app.add_flag("--attention-only", skip_training, "only the attention kernels");
+    app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -229,7 +231,7 @@ int main(int argc, char** argv) {
                     qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
         }
         if (!skip_training)
-            for (const auto& c : parsed) qopt::bench_training(c, warmup, steps, peak);
+            for (const auto& c : parsed) qopt::bench_training(c, warmup, steps, peak, recompute);
         return 0;
     } catch (const qopt::Error& e) {
         std::cerr << "bench: error: " << e.what() << "\n";

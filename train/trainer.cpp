@@ -158,7 +158,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
                                                    options.seq_len, "--val-data");
 
     std::unique_ptr<TrainBackend> backend =
-        use_cuda ? make_cuda_backend(config, options.adamw) : make_cpu_backend(config, options.adamw);
+        use_cuda ? make_cuda_backend(config, options.adamw, options.recompute) : make_cpu_backend(config, options.adamw);
     const ParamLayout layout = ParamLayout::build(config);
     TrainState state;
     Rng rng(options.seed ^ 0x5DEECE66Dull);

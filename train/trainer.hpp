@@ -19,6 +19,7 @@ struct TrainOptions {
 
     std::string device = "auto";  // cpu | cuda | auto
     int threads = 0;              // OpenMP threads for the CPU path (0: OpenMP's default)
+    bool recompute = false;       // GPU: recompute MLP activations in the backward pass
 
     // Optimization
     std::string optimizer = "adamw";
