@@ -211,6 +211,17 @@ __device__ T* head_base(Rows<T> rows, int b, int h, int seq_len, int head_dim) {
     return rows.data + size_t(b) * seq_len * rows.stride + size_t(h) * head_dim;
 }
 
+// Key tile kt and its value tile into buffer kt % 2 of kv_tiles ([2][K, V][64 rows][D + pad]),
+// as one cp.async group.
+template <int D>
+__device__ void load_kv_tiles(bf16* kv_tiles, const bf16* k, const bf16* v, const AttentionArgs& args, int kt) {
+    constexpr int P = D + kPad;
+    bf16* buffer = kv_tiles + (kt % 2) * 2 * kTileRows * P;
+    load_tile<kTileRows, D>(buffer, k, args.k.stride, kt * kTileRows, args.seq_len);
+    load_tile<kTileRows, D>(buffer + kTileRows * P, v, args.v.stride, kt * kTileRows, args.seq_len);
+    cp_async_commit();
+}
+
 // ---------------------------------------------------------------- forward
 template <int D>
 __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> out, float* lse, AttentionArgs args) {
@@ -227,12 +238,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
     const bf16* q = head_base(args.q, b, h, T, D);
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
-    auto load_kv = [&](int kt) {
-        bf16* buffer = kv_tiles + (kt % 2) * 2 * kTileRows * P;
-        load_tile<kTileRows, D>(buffer, k, args.k.stride, kt * kTileRows, T);
-        load_tile<kTileRows, D>(buffer + kTileRows * P, v, args.v.stride, kt * kTileRows, T);
-        cp_async_commit();
-    };
+    auto load_kv = [&](int kt) { load_kv_tiles<D>(kv_tiles, k, v, args, kt); };
     load_tile<kTileRows, D>(q_tile, q, args.q.stride, first_query, T);
     load_kv(0);
 
@@ -432,12 +438,7 @@ __global__ void __launch_bounds__(kThreads)
     const int first_query = q_tile_index * kTileRows;
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
-    auto load_kv = [&](int kt) {
-        bf16* buffer = kv_tiles + (kt % 2) * 2 * kTileRows * P;
-        load_tile<kTileRows, D>(buffer, k, args.k.stride, kt * kTileRows, T);
-        load_tile<kTileRows, D>(buffer + kTileRows * P, v, args.v.stride, kt * kTileRows, T);
-        cp_async_commit();
-    };
+    auto load_kv = [&](int kt) { load_kv_tiles<D>(kv_tiles, k, v, args, kt); };
     load_tile<kTileRows, D>(q_tile, head_base(args.q, b, h, T, D), args.q.stride, first_query, T);
     load_tile<kTileRows, D>(dout_tile, head_base(dout, b, h, T, D), dout.stride, first_query, T);
     load_kv(0);
