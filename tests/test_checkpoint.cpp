@@ -125,3 +125,26 @@ TEST_CASE("rewriting a step replaces it whole; pruning keeps the newest K") {
           std::vector<std::string>{dir / "checkpoints/step_00000020", dir / "checkpoints/step_00000015"});
     CHECK_THROWS_WITH_AS(read_checkpoint(dir / "checkpoints/nope"), doctest::Contains("no such checkpoint"), Error);
 }
+
+TEST_CASE("init_model writes the exact initial weights train starts from; bad input is one line") {
+    const std::string init_model = bin_dir() + "/init_model";
+    if (!file_exists(init_model)) {
+        MESSAGE("skipped: " << init_model << " not built (run through `make test`)");
+        return;
+    }
+    TempDir dir;
+    std::string output;
+    REQUIRE(run_command(init_model + " --preset gpt2-tiny --seed 99 --out-dir " + dir.path, output) == 0);
+    const Checkpoint checkpoint = read_checkpoint(dir.path + "/checkpoints/" + checkpoint_name(0));
+    const ModelConfig config = preset_config("gpt2-tiny");
+    CHECK(checkpoint.config.difference(config).empty());
+    std::vector<float> expected(ParamLayout::build(config).total);
+    init_params(ParamLayout::build(config), 99, expected.data());
+    CHECK(checkpoint.params == expected);
+    CHECK(checkpoint.state.step == 0);
+
+    CHECK(run_command(init_model + " --preset nope --out-dir " + dir.path, output) == 1);
+    CHECK(output.find("unknown preset 'nope'") != std::string::npos);
+    CHECK(run_command(init_model + " --preset gpt2-tiny", output) != 0);  // --out-dir is required
+    CHECK(output.find("--out-dir is required") != std::string::npos);
+}
