@@ -56,11 +56,9 @@ __global__ void map_kernel(bf16* out, const bf16* a, const bf16* b, size_t n, bo
         out[i] = __float2bfloat16(op(__bfloat162float(a[i]), b ? __bfloat162float(b[i]) : 0.0f));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename Op>
 void launch_map(bf16* out, const bf16* a, const bf16* b, size_t n, cudaStream_t stream) {
-    const bool vector = aligned16(out) && aligned16(a) && (!b || aligned16(b));
+    const bool vector = is_aligned(out, 16) && is_aligned(a, 16) && (!b || is_aligned(b, 16));
     map_kernel<<<grid_for(vector ? n / 8 + 1 : n), 256, 0, stream>>>(out, a, b, n, vector, Op{});
     CUDA_CHECK_LAUNCH();
 }

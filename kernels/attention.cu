@@ -512,7 +512,7 @@ void allow_shared_bytes(Kernel kernel, size_t bytes) {
 }
 
 void check_rows(const void* data, int stride, const char* what) {
-    QOPT_CHECK(reinterpret_cast<uintptr_t>(data) % 16 == 0 && stride % 8 == 0, "attention: ", what,
+    QOPT_CHECK(is_aligned(data, 16) && stride % 8 == 0, "attention: ", what,
                " must be 16-byte aligned with a row stride that is a multiple of 8 (got stride ", stride, ")");
 }
 

@@ -115,7 +115,7 @@ __global__ void sum_partials_to_norm_kernel(float* norm, const float* partials, 
 
 void softmax_cross_entropy_gpu(float* losses, bf16* logits, const int* targets, int n_rows, int vocab_size,
                                int padded_vocab_size, float grad_scale, cudaStream_t stream) {
-    QOPT_CHECK(padded_vocab_size % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0,
+    QOPT_CHECK(padded_vocab_size % 8 == 0 && is_aligned(logits, 16),
                "softmax_cross_entropy_gpu: the padded vocabulary must be a multiple of 8 and logits 16-byte aligned");
     QOPT_CHECK(vocab_size <= padded_vocab_size, "softmax_cross_entropy_gpu: vocab_size above padded_vocab_size");
     softmax_cross_entropy_kernel<<<n_rows, kThreads, 0, stream>>>(losses, logits, targets, vocab_size,

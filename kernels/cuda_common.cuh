@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "core/error.hpp"
 
@@ -20,6 +21,9 @@
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
 
 namespace qopt {
+
+// Whether p sits on a `bytes` boundary (vector loads of 4 or 16 bytes need it).
+inline bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Blocks of `threads` for a grid-stride loop over n elements: enough to cover n, capped at
 // 32 blocks per multiprocessor of an H100 (132) so each thread handles several elements.

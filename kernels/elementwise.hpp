@@ -1,5 +1,6 @@
-// Small elementwise operations of the GPU path, CPU references: the residual add and the
-// fp32 -> bf16 cast of master weights (round to nearest, ties to even, as __float2bfloat16).
+// Small elementwise operations, CPU references: the residual add (the reference side of the
+// GPU norms' fused adds) and the fp32 -> bf16 cast of master weights (round to nearest, ties
+// to even, as __float2bfloat16).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -133,9 +133,7 @@ void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in
 // in kernels/norms.cu).
 void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);
 
-// ---- elementwise helpers (kernels/elementwise.cu; CPU references in kernels/elementwise.hpp)
-// out = a + b (out may be a or b).
-void add_gpu(bf16* out, const bf16* a, const bf16* b, size_t n, cudaStream_t stream = 0);
+// ---- elementwise helpers (kernels/elementwise.cu; CPU reference in kernels/elementwise.hpp)
 // out = bf16(in), round to nearest even.
 void to_bf16_gpu(bf16* out, const float* in, size_t n, cudaStream_t stream = 0);
 

@@ -309,12 +309,11 @@ __global__ void layernorm_backward_rows_kernel(bf16* din, const bf16* dout, cons
 }
 
 // Rows whose features fit the fast path: 4 chunks per lane up to dim 1024, 8 up to 2048; 0: no.
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 int register_chunks(int dim, std::initializer_list<std::pair<const void*, int>> rows, const float* weight,
                     const float* bias = nullptr) {
-    if (dim % 8 != 0 || dim > 2048 || !aligned16(weight) || (bias && !aligned16(bias))) return 0;
+    if (dim % 8 != 0 || dim > 2048 || !is_aligned(weight, 16) || (bias && !is_aligned(bias, 16))) return 0;
     for (const auto& [data, stride] : rows)
-        if (data && (!aligned16(data) || stride % 8 != 0)) return 0;
+        if (data && (!is_aligned(data, 16) || stride % 8 != 0)) return 0;
     return dim <= 1024 ? 4 : 8;
 }
 

@@ -63,8 +63,8 @@ __global__ void rope_chunks_kernel(bf16* out, const bf16* in, const float* cos_t
 
 void launch_rope(bf16* out, const bf16* in, const float* cos_table, const float* sin_table, int n_rows, int seq_len,
                  int n_heads, int head_dim, float direction, cudaStream_t stream) {
-    const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    if (head_dim % 8 == 0 && aligned16(out) && aligned16(in) && aligned16(cos_table) && aligned16(sin_table)) {
+    if (head_dim % 8 == 0 && is_aligned(out, 16) && is_aligned(in, 16) && is_aligned(cos_table, 16) &&
+        is_aligned(sin_table, 16)) {
         rope_chunks_kernel<<<grid_for(size_t(n_rows) * n_heads * head_dim / 8), 256, 0, stream>>>(
             out, in, cos_table, sin_table, n_rows, seq_len, n_heads, head_dim, direction);
     } else {

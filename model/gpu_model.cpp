@@ -6,16 +6,13 @@
 #include <cstdio>
 
 #include "core/error.hpp"
+#include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 #include "kernels/rope.hpp"
 
 namespace qopt {
 
 namespace {
-
-void cuda_check(cudaError_t status, const char* what) {
-    if (status != cudaSuccess) fail("CUDA error ", cudaGetErrorString(status), " in ", what);
-}
 
 std::string gigabytes(size_t bytes) {
     char text[32];
@@ -188,8 +185,8 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
     check_token_ids(inputs, size_t(N), V, "input");
     check_token_ids(targets, size_t(N), V, "target");
     s.host_inputs.assign(inputs, inputs + N);
-    cuda_check(cudaMemcpy(s.inputs.data(), inputs, size_t(N) * sizeof(int), cudaMemcpyHostToDevice), "token upload");
-    cuda_check(cudaMemcpy(s.targets.data(), targets, size_t(N) * sizeof(int), cudaMemcpyHostToDevice), "token upload");
+    CUDA_CHECK(cudaMemcpy(s.inputs.data(), inputs, size_t(N) * sizeof(int), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(s.targets.data(), targets, size_t(N) * sizeof(int), cudaMemcpyHostToDevice));
     s.grad_scale = grad_scale;
 
     const float* P = s.params.data();
@@ -355,8 +352,7 @@ double GpuModel::mean_loss() {
 std::vector<float> GpuModel::token_losses() {
     const size_t N = size_t(state_->batch) * state_->seq_len;
     std::vector<float> host(N);
-    cuda_check(cudaMemcpy(host.data(), state_->losses.data(), N * sizeof(float), cudaMemcpyDeviceToHost),
-               "loss download");
+    CUDA_CHECK(cudaMemcpy(host.data(), state_->losses.data(), N * sizeof(float), cudaMemcpyDeviceToHost));
     return host;
 }
 

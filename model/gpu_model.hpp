@@ -34,8 +34,7 @@ public:
     std::vector<float> download_grads() const;
     float* params_device();
     float* grads_device();
-    bf16* compute_weights_device();  // the bf16 mirror (an optimizer may write it while updating)
-    void refresh_compute_weights();  // bf16 mirror <- fp32 masters (after an optimizer step)
+    bf16* compute_weights_device();  // the bf16 mirror: the optimizer rewrites it with each update
     void zero_grads();
 
     // Activation recomputation: the MLP activation (GELU / ReLU² of the up projection, the
@@ -64,6 +63,7 @@ public:
     std::vector<float> token_losses();
 
 private:
+    void refresh_compute_weights();  // bf16 mirror <- fp32 masters
     struct State;
     ModelConfig config_;
     ParamLayout layout_;

@@ -19,6 +19,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/error.hpp"
+#include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "model/gpu_model.hpp"
@@ -27,27 +28,23 @@
 namespace qopt {
 namespace {
 
-void check(cudaError_t status, const char* what) {
-    if (status != cudaSuccess) fail("CUDA error ", cudaGetErrorString(status), " in ", what);
-}
-
 // Times GPU work between two events on stream 0, in milliseconds.
 class Timer {
 public:
     Timer() {
-        check(cudaEventCreate(&start_), "cudaEventCreate");
-        check(cudaEventCreate(&stop_), "cudaEventCreate");
+        CUDA_CHECK(cudaEventCreate(&start_));
+        CUDA_CHECK(cudaEventCreate(&stop_));
     }
     ~Timer() {
         cudaEventDestroy(start_);
         cudaEventDestroy(stop_);
     }
-    void start() { check(cudaEventRecord(start_), "cudaEventRecord"); }
+    void start() { CUDA_CHECK(cudaEventRecord(start_)); }
     float stop() {
-        check(cudaEventRecord(stop_), "cudaEventRecord");
-        check(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        CUDA_CHECK(cudaEventRecord(stop_));
+        CUDA_CHECK(cudaEventSynchronize(stop_));
         float ms = 0;
-        check(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+        CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
         return ms;
     }
 
@@ -120,7 +117,7 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
     for (int step = 0; step < warmup + steps; ++step) {
         for (size_t i = 0; i < N; ++i) inputs[i] = int(gen() % uint64_t(config.vocab_size));
         for (size_t i = 0; i < N; ++i) targets[i] = int(gen() % uint64_t(config.vocab_size));
-        check(cudaDeviceSynchronize(), "sync");
+        CUDA_CHECK(cudaDeviceSynchronize());
         Timer whole;
         whole.start();
         timer.start();
@@ -142,7 +139,7 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
         forward_ms.push_back(f), backward_ms.push_back(b), optimizer_ms.push_back(o), step_ms.push_back(total);
     }
     size_t free_bytes = 0, total_bytes = 0;
-    check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     const double ms = median(step_ms);
     const double tokens_per_second = double(N) / (ms * 1e-3);
     const double params = double(model.layout().total);
