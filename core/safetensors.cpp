@@ -137,6 +137,12 @@ std::vector<std::string> SafetensorsFile::names() const {
     return out;
 }
 
+std::vector<int64_t> SafetensorsFile::shape(const std::string& name) const {
+    auto it = index_.find(name);
+    if (it == index_.end()) fail(origin_, ": missing tensor '", name, "'");
+    return it->second.shape;
+}
+
 std::vector<float> SafetensorsFile::f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
     auto it = index_.find(name);
     if (it == index_.end()) fail(origin_, ": missing tensor '", name, "'");

@@ -30,6 +30,7 @@ public:
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
     bool has(const std::string& name) const { return index_.count(name) != 0; }
     std::vector<std::string> names() const;
+    std::vector<int64_t> shape(const std::string& name) const;  // throws naming file and tensor
     // A copy of F32 tensor `name`, checked against `expected_shape`; throws naming file and tensor.
     std::vector<float> f32(const std::string& name, const std::vector<int64_t>& expected_shape) const;
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace qopt {
@@ -133,6 +134,14 @@ void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in
 // in kernels/norms.cu).
 void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);
 
+// Batched row-major product for the optimizers (bf16 in and out, fp32 accumulation): for each
+// of `batch` problems, D[m, n] = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n]; the
+// b-th problem's matrices start stride_* elements after the previous one's (C and D share
+// stride_c; c may equal d, never a or b).
+void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
+                        int m, int n, int k, float alpha, float beta, int batch, int64_t stride_a, int64_t stride_b,
+                        int64_t stride_c, cudaStream_t stream = 0);
+
 // ---- elementwise helpers (kernels/elementwise.cu; CPU reference in kernels/elementwise.hpp)
 // out = bf16(in), round to nearest even.
 void to_bf16_gpu(bf16* out, const float* in, size_t n, cudaStream_t stream = 0);
@@ -154,11 +163,5 @@ void softmax_cross_entropy_gpu(float* losses, bf16* logits, const int* targets, 
                                int padded_vocab_size, float grad_scale, cudaStream_t stream = 0);
 // *norm = ||values||_2, summed in a fixed order (deterministic).
 void global_norm_gpu(float* norm, const float* values, size_t n, cudaStream_t stream = 0);
-
-// ---- optimizer (optim/adamw.cu): fp32 master weights and moments, fp32 gradients.
-// param_copy (may be null) receives bf16(param) after the update.
-void adamw_update_gpu(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1,
-                      float beta2, float eps, float weight_decay, long step, float grad_scale,
-                      bf16* param_copy = nullptr, cudaStream_t stream = 0);
 
 }  // namespace qopt

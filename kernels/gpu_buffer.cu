@@ -48,5 +48,6 @@ void DeviceBuffer<T>::fill_bytes(unsigned char byte) {
 template class DeviceBuffer<float>;
 template class DeviceBuffer<bf16>;
 template class DeviceBuffer<int>;
+template class DeviceBuffer<int64_t>;
 
 }  // namespace qopt

@@ -47,9 +47,17 @@ enum class Epilogue { None, Gelu, DGelu };
 
 // C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16, then
 // the epilogue (bias first, for forward products). aux is [m, n] column-major like C.
+// Batched (batch > 1): the b-th product reads A + b * stride_a, B + b * stride_b and C/D +
+// b * stride_c. c_in (if given) is the C read by beta * C while the result goes to c.
+struct Batch {
+    int count = 1;
+    int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
 void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
                int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
-               Epilogue extra = Epilogue::None, void* aux = nullptr) {
+               Epilogue extra = Epilogue::None, void* aux = nullptr, float alpha = 1.0f, const void* c_in = nullptr,
+               Batch batch = Batch{}) {
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -77,11 +85,21 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_16BF, transpose_b ? n : k, transpose_b ? k : n,
                                             transpose_b ? n : k));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, c_type, m, n, m));
+    if (batch.count > 1) {
+        const int32_t count = batch.count;
+        const std::pair<cublasLtMatrixLayout_t, int64_t> strided[3] = {
+            {layout_a, batch.stride_a}, {layout_b, batch.stride_b}, {layout_c, batch.stride_c}};
+        for (const auto& [layout, stride] : strided) {
+            CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+            CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                          sizeof stride));
+        }
+    }
 
     // Algorithm: the heuristic's first choice for this shape, cached.
-    using Key = std::tuple<int, int, int, bool, bool, int, int, bool>;
+    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int>;
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
-    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f};
+    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count};
     auto found = cache.find(key);
     if (found == cache.end()) {
         cublasLtMatmulPreference_t preference;
@@ -96,8 +114,8 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
         if (returned == 0) fail("cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " matmul");
         found = cache.emplace(key, heuristic.algo).first;
     }
-    const float alpha = 1.0f;
-    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c, layout_c, c, layout_c,
+    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
+                                layout_c,
                                 &found->second, lt().workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
@@ -134,6 +152,15 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
                                 cudaStream_t stream) {
     lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, 1.0f, nullptr, stream);
+}
+
+// Row-major D[m, n] = alpha op(A) op(B) + beta C is column-major D^T = op(B)^T op(A)^T: the
+// column-major call takes B as its first operand (m' = n, n' = m).
+void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
+                        int m, int n, int k, float alpha, float beta, int batch, int64_t stride_a, int64_t stride_b,
+                        int64_t stride_c, cudaStream_t stream) {
+    lt_matmul(d, CUDA_R_16BF, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
+              alpha, c, Batch{batch, stride_b, stride_a, stride_c});
 }
 
 }  // namespace qopt

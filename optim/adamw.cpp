@@ -22,16 +22,4 @@ Json AdamWConfig::to_json() const {
 
 bool decays_by_default(const ParamTensor& tensor) { return tensor.shape.size() == 2; }
 
-AdamW::AdamW(const ParamLayout& layout, const AdamWConfig& config)
-    : layout_(layout), config_(config), m_(layout.total, 0.0f), v_(layout.total, 0.0f) {
-    config_.validate();
-}
-
-void AdamW::step(float* params, const float* grads, double lr) {
-    ++step_;
-    for (const auto& t : layout_.tensors)
-        adamw_update_cpu(params + t.offset, grads + t.offset, m_.data() + t.offset, v_.data() + t.offset, t.numel, lr,
-                         config_, step_, decays_by_default(t));
-}
-
 }  // namespace qopt

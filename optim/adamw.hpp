@@ -47,24 +47,4 @@ void adamw_update_cpu(T* param, const T* grad, T* m, T* v, size_t n, double lr, 
 // Whether a tensor gets weight decay under the default rule.
 bool decays_by_default(const ParamTensor& tensor);
 
-// AdamW over a whole model's flat parameter buffer.
-class AdamW {
-public:
-    AdamW(const ParamLayout& layout, const AdamWConfig& config);
-    void step(float* params, const float* grads, double lr);  // step_count() += 1 first
-    long step_count() const { return step_; }
-    const AdamWConfig& config() const { return config_; }
-
-    // State for checkpoints: the two moment buffers and the step count.
-    std::vector<float>& first_moment() { return m_; }
-    std::vector<float>& second_moment() { return v_; }
-    void set_step_count(long step) { step_ = step; }
-
-private:
-    const ParamLayout& layout_;
-    AdamWConfig config_;
-    std::vector<float> m_, v_;
-    long step_ = 0;
-};
-
 }  // namespace qopt

@@ -1,4 +1,4 @@
-// Muon (KellerJordan/Muon), CPU reference — not yet wired into `train` (see README status).
+// Muon (KellerJordan/Muon), CPU reference (the GPU step in optim/matrix_gpu.cu follows it).
 // For a hidden weight matrix W [rows, cols] with gradient G and momentum buffer M:
 //   M = beta M + (1 - beta) G                         (lerp towards the gradient)
 //   U = (1 - beta) G + beta M  with Nesterov, else U = M
@@ -18,10 +18,10 @@
 namespace qopt {
 
 struct MuonConfig {
+    double lr = 0.02;  // the reference's default
     double momentum = 0.95;
     bool nesterov = true;
     int ns_steps = 5;
-    double weight_decay = 0.0;
     double ns_a = 3.4445, ns_b = -4.7750, ns_c = 2.0315;
 };
 
@@ -64,7 +64,8 @@ void newton_schulz_cpu(T* out, const T* g, int rows, int cols, const MuonConfig&
 
 // One Muon step on one matrix (param, grad, momentum all [rows, cols]).
 template <typename T>
-void muon_update_cpu(T* param, const T* grad, T* momentum, int rows, int cols, double lr, const MuonConfig& c) {
+void muon_update_cpu(T* param, const T* grad, T* momentum, int rows, int cols, double lr, double weight_decay,
+                     const MuonConfig& c) {
     const size_t n = size_t(rows) * cols;
     std::vector<T> update(n), orthogonal(n);
     for (size_t i = 0; i < n; ++i) {
@@ -75,7 +76,7 @@ void muon_update_cpu(T* param, const T* grad, T* momentum, int rows, int cols, d
     newton_schulz_cpu(orthogonal.data(), update.data(), rows, cols, c);
     const double shape_scale = std::sqrt(std::max(1.0, double(rows) / double(cols)));
     for (size_t i = 0; i < n; ++i)
-        param[i] = T(double(param[i]) * (1.0 - lr * c.weight_decay) - lr * shape_scale * double(orthogonal[i]));
+        param[i] = T(double(param[i]) * (1.0 - lr * weight_decay) - lr * shape_scale * double(orthogonal[i]));
 }
 
 }  // namespace qopt

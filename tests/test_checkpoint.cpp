@@ -21,14 +21,17 @@ Checkpoint make_checkpoint(long step, uint64_t seed) {
     const size_t total = ParamLayout::build(c.config).total;
     std::mt19937_64 gen(seed);
     c.params = random_vector<float>(total, gen);
-    c.first_moment = random_vector<float>(total, gen);
-    c.second_moment = random_vector<float>(total, gen);
+    // An optimizer state with tensors of several shapes and a scalar in `extra`.
+    c.optimizer.optimizer = "muon";
+    c.optimizer.tensors.push_back({"layers.0.mlp.up.weight.momentum", {8, 3}, random_vector<float>(24, gen)});
+    c.optimizer.tensors.push_back({"embed.weight.exp_avg", {5}, random_vector<float>(5, gen)});
+    c.optimizer.extra["counter"] = int64_t(7);
     c.state.step = step;
     c.state.tokens_seen = 123456789012ull;
     c.state.skipped_steps = 2;
     c.state.train_position = {3, 4096, 1};
     c.state.rng_state = {1, 2, 0xFFFFFFFFFFFFFFFFull, 4};
-    c.optimizer_step = step - 2;
+    c.optimizer.step = step - 2;
     c.run = Json::object();
     c.run["optimizer"] = "adamw";
     return c;
@@ -67,8 +70,15 @@ TEST_CASE("checkpoint round trip keeps every tensor and counter exactly") {
     const Checkpoint back = read_checkpoint(path);
     CHECK(back.config.difference(c.config).empty());
     CHECK(back.params == c.params);
-    CHECK(back.first_moment == c.first_moment);
-    CHECK(back.second_moment == c.second_moment);
+    REQUIRE(back.optimizer.tensors.size() == 2);
+    for (const auto& t : c.optimizer.tensors) {
+        const StateTensor* read = back.optimizer.find(t.name);
+        REQUIRE(read != nullptr);
+        CHECK(read->shape == t.shape);
+        CHECK(read->values == t.values);
+    }
+    CHECK(back.optimizer.optimizer == "muon");
+    CHECK(back.optimizer.extra.at("counter").as_int() == 7);
     CHECK(back.state.step == 40);
     CHECK(back.state.tokens_seen == c.state.tokens_seen);
     CHECK(back.state.skipped_steps == 2);
@@ -76,7 +86,7 @@ TEST_CASE("checkpoint round trip keeps every tensor and counter exactly") {
     CHECK(back.state.train_position.token_offset == 4096);
     CHECK(back.state.train_position.epoch == 1);
     CHECK(back.state.rng_state == c.state.rng_state);
-    CHECK(back.optimizer_step == 38);
+    CHECK(back.optimizer.step == 38);
     // The weights file is plain safetensors with the config in its metadata.
     const SafetensorsFile weights = SafetensorsFile::load(path + "/model.safetensors");
     CHECK(ModelConfig::from_json(Json::parse(weights.metadata().at("qopt_config"))).difference(c.config).empty());

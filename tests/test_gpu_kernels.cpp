@@ -16,6 +16,7 @@
 #include "kernels/norms.hpp"
 #include "kernels/rope.hpp"
 #include "optim/adamw.hpp"
+#include "optim/optimizer_kernels.hpp"
 
 using namespace qopt;
 using namespace qopt::test;
@@ -142,7 +143,7 @@ TEST_CASE("GPU GELU and ReLU^2 match the CPU reference") {
     }
 }
 
-TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
+TEST_CASE("GPU fused AdamW (chunk table) matches the CPU reference over several steps") {
     REQUIRE_GPU();
     std::mt19937_64 gen(fresh_seed());
     const size_t n = 100003;
@@ -156,6 +157,14 @@ TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
     auto d_p = uploaded(p32), d_m = uploaded(std::vector<float>(n, 0.0f)), d_v = uploaded(std::vector<float>(n, 0.0f));
     auto d_copy = poisoned<bf16>(n);  // the bf16 compute copy written alongside
     const float grad_scale = 0.5f;
+    // One tensor in chunks of kAdamwChunk (the last one partial), decay on.
+    std::vector<int64_t> chunks;
+    for (size_t start = 0; start < n; start += kAdamwChunk)
+        for (int64_t word : {int64_t(start), int64_t(start),
+                             int64_t(std::min<size_t>(kAdamwChunk, n - start)) | (int64_t(1) << 32)})
+            chunks.push_back(word);
+    DeviceBuffer<int64_t> d_chunks;
+    d_chunks.upload(chunks);
     for (long step = 1; step <= 4; ++step) {
         const std::vector<float> g = random_vector<float>(n, gen);
         std::vector<double> g64(n);
@@ -163,8 +172,9 @@ TEST_CASE("GPU fused AdamW matches the CPU reference over several steps") {
         const double lr = 1e-2 * double(step);
         adamw_update_cpu(p.data(), g64.data(), m.data(), v.data(), n, lr, c, step, true);
         auto d_g = uploaded(g);
-        adamw_update_gpu(d_p.data(), d_g.data(), d_m.data(), d_v.data(), n, float(lr), float(c.beta1), float(c.beta2),
-                         float(c.eps), float(c.weight_decay), step, grad_scale, d_copy.data());
+        adamw_chunks_gpu(d_p.data(), d_g.data(), d_m.data(), d_v.data(), d_copy.data(), d_chunks.data(),
+                         int(chunks.size() / 3), float(lr), float(c.beta1), float(c.beta2), float(c.eps),
+                         float(c.weight_decay), step, grad_scale);
     }
     const std::vector<float> updated = d_p.download();
     const std::vector<bf16> copy = d_copy.download();

@@ -109,7 +109,7 @@ TEST_CASE("GPU training steps follow the CPU reference: 20 AdamW steps, same wei
         CAPTURE(seed);
         std::mt19937_64 gen(seed);
         const ModelConfig config = preset_config(preset);
-        AdamWConfig adamw;
+        const OptimizerConfig adamw;
         const std::vector<float> params = bf16_exact_params(ParamLayout::build(config), seed);
         auto cpu = make_cpu_backend(config, adamw);
         auto gpu = make_cuda_backend(config, adamw);

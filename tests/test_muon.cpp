@@ -75,17 +75,17 @@ TEST_CASE("Newton-Schulz keeps singular vectors and maps singular values through
 
 TEST_CASE("Muon update by hand: momentum, Nesterov, weight decay, shape scale") {
     MuonConfig config;
-    config.weight_decay = 0.1;
+    double weight_decay = 0.1;
     const double lr = 0.02;
     // 1 x 1: NS5(u) = sign(u) f5(|u| / (|u| + 1e-7)) (the normalisation's epsilon); scale 1.
     const auto ns_1x1 = [&](double u) { return (u > 0 ? 1 : -1) * f5(std::abs(u) / (std::abs(u) + 1e-7), config); };
     double param = 0.5, momentum = 0.0;
     const double g1 = 2.0, g2 = -1.0;
-    muon_update_cpu(&param, &g1, &momentum, 1, 1, lr, config);
+    muon_update_cpu(&param, &g1, &momentum, 1, 1, lr, weight_decay, config);
     CHECK(momentum == doctest::Approx(0.05 * g1));  // (1 - 0.95) g1
     double expected = 0.5 * (1 - lr * 0.1) - lr * ns_1x1(0.05 * g1 + 0.95 * 0.1);  // U = 0.195
     CHECK(param == doctest::Approx(expected).epsilon(1e-12));
-    muon_update_cpu(&param, &g2, &momentum, 1, 1, lr, config);
+    muon_update_cpu(&param, &g2, &momentum, 1, 1, lr, weight_decay, config);
     const double m2 = 0.95 * 0.1 + 0.05 * g2;           // 0.045
     CHECK(momentum == doctest::Approx(m2));
     const double u2 = 0.05 * g2 + 0.95 * m2;             // -0.05 + 0.04275 < 0: the step flips sign
@@ -95,9 +95,9 @@ TEST_CASE("Muon update by hand: momentum, Nesterov, weight decay, shape scale") 
 
     // Without Nesterov the update is the momentum itself; here u = 0.05 * 2 > 0 again.
     config.nesterov = false;
-    config.weight_decay = 0.0;
+    weight_decay = 0.0;
     param = 0.0, momentum = 0.0;
-    muon_update_cpu(&param, &g1, &momentum, 1, 1, lr, config);
+    muon_update_cpu(&param, &g1, &momentum, 1, 1, lr, weight_decay, config);
     CHECK(param == doctest::Approx(-lr * ns_1x1(0.05 * g1)).epsilon(1e-12));
 
     // Tall 6 x 2: the step is lr * sqrt(3) * NS5(U), U = 0.0975 G on the first step.
@@ -105,7 +105,7 @@ TEST_CASE("Muon update by hand: momentum, Nesterov, weight decay, shape scale") 
     std::mt19937_64 gen(fresh_seed());
     const std::vector<double> g = random_vector<double>(12, gen);
     std::vector<double> w(12, 0.0), m(12, 0.0), u(12), o(12);
-    muon_update_cpu(w.data(), g.data(), m.data(), 6, 2, lr, config);
+    muon_update_cpu(w.data(), g.data(), m.data(), 6, 2, lr, 0.0, config);
     for (size_t i = 0; i < 12; ++i) u[i] = 0.0975 * g[i];
     newton_schulz_cpu(o.data(), u.data(), 6, 2, config);
     for (size_t i = 0; i < 12; ++i) CHECK(w[i] == doctest::Approx(-lr * std::sqrt(3.0) * o[i]).epsilon(1e-12));

@@ -3,6 +3,7 @@
 #include "core/error.hpp"
 #include "helpers.hpp"
 #include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 #include "optim/grad_clip.hpp"
 #include "optim/schedule.hpp"
 
@@ -40,12 +41,12 @@ TEST_CASE("AdamW over a layout decays matrices and embeddings, not norms or bias
     config.padded_vocab_size = 16;
     config.max_seq_len = 4;
     const ParamLayout layout = ParamLayout::build(config);
-    AdamWConfig c;
-    c.weight_decay = 0.5;
-    AdamW opt(layout, c);
+    OptimizerConfig c;
+    c.adamw.weight_decay = 0.5;
+    auto opt = make_cpu_optimizer(layout, c);
     std::vector<float> params(layout.total, 1.0f), grads(layout.total, 0.0f);
-    opt.step(params.data(), grads.data(), 0.1);  // zero gradient: only decay moves parameters
-    CHECK(opt.step_count() == 1);
+    opt->step(params.data(), grads.data(), 0.1, 1.0);  // zero gradient: only decay moves parameters
+    CHECK(opt->step_count() == 1);
     for (const auto& t : layout.tensors) {
         CAPTURE(t.name);
         const float expected = decays_by_default(t) ? 1.0f - 0.1f * 0.5f : 1.0f;

@@ -84,13 +84,13 @@ std::vector<double> train_curve(const Oracle& o, TrainBackend& backend) {
     return losses;
 }
 
-AdamWConfig oracle_adamw(const Oracle& o) {
+OptimizerConfig oracle_adamw(const Oracle& o) {
     const Json& recipe = o.fixture.at("training");
-    AdamWConfig c;
-    c.beta1 = recipe.at("betas")[0].as_double();
-    c.beta2 = recipe.at("betas")[1].as_double();
-    c.eps = recipe.at("eps").as_double();
-    c.weight_decay = recipe.at("weight_decay").as_double();
+    OptimizerConfig c;
+    c.adamw.beta1 = recipe.at("betas")[0].as_double();
+    c.adamw.beta2 = recipe.at("betas")[1].as_double();
+    c.adamw.eps = recipe.at("eps").as_double();
+    c.adamw.weight_decay = recipe.at("weight_decay").as_double();
     return c;
 }
 

@@ -36,7 +36,7 @@ TrainOptions tiny_run(const TempDir& dir, long steps) {
     o.batch_size = 4;
     o.seq_len = 32;
     o.steps = steps;
-    o.lr = 1e-2;
+    o.optim.lr = 1e-2;
     o.warmup_steps = std::min(5L, steps);
     o.val_batches = 4;
     o.out_dir = dir / "run";
@@ -92,7 +92,9 @@ TEST_CASE("exact resume: N steps + resume + N steps == 2N steps, bit for bit (CP
         CHECK(b.val_loss_end == a.val_loss_end);
         const Checkpoint end_a = read_checkpoint(a.last_checkpoint), end_b = read_checkpoint(b.last_checkpoint);
         CHECK(end_a.params == end_b.params);
-        CHECK(end_a.second_moment == end_b.second_moment);
+        REQUIRE(end_a.optimizer.tensors.size() == end_b.optimizer.tensors.size());
+        for (size_t i = 0; i < end_a.optimizer.tensors.size(); ++i)
+            CHECK(end_a.optimizer.tensors[i].values == end_b.optimizer.tensors[i].values);
         CHECK(end_a.state.train_position.token_offset == end_b.state.train_position.token_offset);
     }
 }
@@ -130,7 +132,7 @@ TEST_CASE("non-finite steps are skipped and counted, or stop the run with a chec
     TempDir dir;
     std::ostringstream log;
     TrainOptions o = tiny_run(dir, 3);
-    o.lr = 1e30;  // the first update overflows the weights, so later losses are not finite
+    o.optim.lr = 1e30;  // the first update overflows the weights, so later losses are not finite
     o.warmup_steps = 0;
     o.grad_clip = 0;
     const TrainResult r = run_training(o, log);
@@ -163,12 +165,13 @@ TEST_CASE("option validation names the flag") {
     expect(with([](TrainOptions& o) { o.seq_len = 64; }), "--seq-len 64 exceeds the model's max_seq_len 32");
     expect(with([](TrainOptions& o) { o.preset = "olmo9"; }), "unknown preset 'olmo9'");
     expect(with([](TrainOptions& o) { o.optimizer = "sgd"; }), "unknown --optimizer 'sgd'");
-    expect(with([](TrainOptions& o) { o.optimizer = "muon"; }), "--optimizer muon is not implemented yet");
+    expect(with([](TrainOptions& o) { o.optim.scion.momentum = 0; }), "--scion-momentum must be in (0, 1]");
+    expect(with([](TrainOptions& o) { o.optim.shampoo.block_size = 0; }), "--shampoo-block-size must be positive");
     expect(with([](TrainOptions& o) { o.device = "tpu"; }), "--device must be cpu, cuda or auto");
     expect(with([](TrainOptions& o) { o.train_data = ""; }), "--train-data is required");
     expect(with([&](TrainOptions& o) { o.train_data = dir / "missing_*.bin"; }), "--train-data: no file matches");
     expect(with([](TrainOptions& o) { o.n_heads = 5; }), "not divisible by n_heads 5");
-    expect(with([](TrainOptions& o) { o.lr = -1; }), "--lr must be positive");
+    expect(with([](TrainOptions& o) { o.optim.lr = -1; }), "--lr must be positive");
     expect(with([](TrainOptions& o) { o.vocab_size = 10; }), "is not below the vocabulary size 10");
 }
 
@@ -183,6 +186,13 @@ TEST_CASE("a checkpoint from a different model config is refused") {
     other.resume = r.last_checkpoint;
     CHECK_THROWS_WITH_AS(run_training(other, log),
                          doctest::Contains("checkpoint was written for a different model (d_model 32 vs 64"), Error);
+    // ... and so is one written by another optimizer.
+    TrainOptions muon = o;
+    muon.optimizer = "muon";
+    muon.out_dir = dir / "muon";
+    muon.resume = r.last_checkpoint;
+    CHECK_THROWS_WITH_AS(run_training(muon, log), doctest::Contains("checkpoint was written by --optimizer adamw"),
+                         Error);
 }
 
 TEST_CASE("the train binary: bad input gives one clear line and a non-zero exit") {

@@ -7,6 +7,7 @@
 
 #include "core/error.hpp"
 #include "core/files.hpp"
+#include "optim/optimizer.hpp"
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
@@ -33,8 +34,8 @@ int main(int argc, char** argv) {
         const qopt::ParamLayout layout = qopt::ParamLayout::build(checkpoint.config);
         checkpoint.params.resize(layout.total);
         qopt::init_params(layout, o.seed, checkpoint.params.data());
-        checkpoint.first_moment.assign(layout.total, 0.0f);
-        checkpoint.second_moment.assign(layout.total, 0.0f);
+        // A fresh AdamW state, so `train --resume` can continue from it.
+        checkpoint.optimizer = qopt::make_cpu_optimizer(layout, qopt::OptimizerConfig{})->state();
         checkpoint.run = qopt::Json::object();
         checkpoint.run["preset"] = o.preset;
         checkpoint.run["seed"] = o.seed;

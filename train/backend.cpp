@@ -10,7 +10,7 @@
 #include "kernels/gpu.hpp"
 #include "model/cpu_model.hpp"
 #include "model/gpu_model.hpp"
-#include "optim/adamw_gpu.hpp"
+#include "optim/gpu_optimizer.hpp"
 #include "optim/grad_clip.hpp"
 
 namespace qopt {
@@ -19,22 +19,18 @@ namespace {
 
 class CpuBackend final : public TrainBackend {
 public:
-    CpuBackend(const ModelConfig& config, const AdamWConfig& adamw)
-        : model_(config), optimizer_(model_.layout(), adamw) {}
+    CpuBackend(const ModelConfig& config, const OptimizerConfig& optimizer)
+        : model_(config), optimizer_(make_cpu_optimizer(model_.layout(), optimizer)) {}
     std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
     void set_params(const std::vector<float>& params) override {
         QOPT_CHECK(params.size() == model_.params().size(), "set_params: wrong size");
         model_.params() = params;
     }
     std::vector<float> params() override { return model_.params(); }
-    void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) override {
-        optimizer_.first_moment() = m;
-        optimizer_.second_moment() = v;
-        optimizer_.set_step_count(step);
-    }
-    std::vector<float> first_moment() override { return optimizer_.first_moment(); }
-    std::vector<float> second_moment() override { return optimizer_.second_moment(); }
-    long optimizer_step() const override { return optimizer_.step_count(); }
+    void set_optimizer_state(const OptimizerState& state) override { optimizer_->load_state(state); }
+    OptimizerState optimizer_state() override { return optimizer_->state(); }
+    long optimizer_step() const override { return optimizer_->step_count(); }
+    size_t optimizer_state_bytes() const override { return optimizer_->state_bytes(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {
@@ -45,21 +41,19 @@ public:
     }
     double grad_norm() override { return clip_grad_norm_cpu(model_.grads().data(), model_.grads().size(), 0.0); }
     void step(double lr, double grad_scale) override {
-        if (grad_scale != 1.0)
-            for (float& g : model_.grads()) g *= float(grad_scale);
-        optimizer_.step(model_.params().data(), model_.grads().data(), lr);
+        optimizer_->step(model_.params().data(), model_.grads().data(), lr, grad_scale);
     }
     std::string memory_report(int, int) override { return ""; }
 
 private:
     CpuModel<float> model_;
-    AdamW optimizer_;
+    std::unique_ptr<Optimizer> optimizer_;
 };
 
 class CudaBackend final : public TrainBackend {
 public:
-    CudaBackend(const ModelConfig& config, const AdamWConfig& adamw, std::string device, bool recompute)
-        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), adamw), norm_(1) {
+    CudaBackend(const ModelConfig& config, const OptimizerConfig& optimizer, std::string device, bool recompute)
+        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), optimizer), norm_(1) {
         model_.set_recompute(recompute);
     }
     std::string describe() const override {
@@ -67,13 +61,10 @@ public:
     }
     void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
     std::vector<float> params() override { return model_.download_params(); }
-    void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) override {
-        optimizer_.set_moments(m, v);
-        optimizer_.set_step_count(step);
-    }
-    std::vector<float> first_moment() override { return optimizer_.first_moment(); }
-    std::vector<float> second_moment() override { return optimizer_.second_moment(); }
+    void set_optimizer_state(const OptimizerState& state) override { optimizer_.load_state(state); }
+    OptimizerState optimizer_state() override { return optimizer_.state(); }
     long optimizer_step() const override { return optimizer_.step_count(); }
+    size_t optimizer_state_bytes() const override { return optimizer_.state_bytes(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {
@@ -98,20 +89,23 @@ public:
 private:
     std::string device_;
     GpuModel model_;
-    AdamWGpu optimizer_;
+    GpuOptimizer optimizer_;
     DeviceBuffer<float> norm_;
 };
 
 }  // namespace
 
-std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const AdamWConfig& adamw) {
-    return std::make_unique<CpuBackend>(config, adamw);
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer) {
+    return std::make_unique<CpuBackend>(config, optimizer);
 }
 
-std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw, bool recompute) {
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
+                                                bool recompute) {
     const CudaDeviceInfo gpu = query_cuda_device();
     if (!gpu.usable) fail("--device cuda: ", gpu.problem);
-    return std::make_unique<CudaBackend>(config, adamw, gpu.description, recompute);
+    const std::string problem = GpuOptimizer::unsupported_reason(optimizer.kind);
+    if (!problem.empty()) fail("--device cuda: ", problem);
+    return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute);
 }
 
 }  // namespace qopt

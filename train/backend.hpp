@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "model/config.hpp"
-#include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 
 namespace qopt {
 
@@ -18,10 +18,10 @@ public:
 
     virtual void set_params(const std::vector<float>& params) = 0;
     virtual std::vector<float> params() = 0;
-    virtual void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, long step) = 0;
-    virtual std::vector<float> first_moment() = 0;
-    virtual std::vector<float> second_moment() = 0;
+    virtual void set_optimizer_state(const OptimizerState& state) = 0;
+    virtual OptimizerState optimizer_state() = 0;
     virtual long optimizer_step() const = 0;
+    virtual size_t optimizer_state_bytes() const = 0;
 
     // As CpuModel::forward_backward: gradients are added to the gradient buffer.
     virtual void zero_grads() = 0;
@@ -29,15 +29,17 @@ public:
                                     double grad_scale) = 0;
     virtual double loss(const int* inputs, const int* targets, int batch, int seq_len) = 0;
     virtual double grad_norm() = 0;  // ||g||_2 of the whole gradient buffer
-    // One optimizer step on grad_scale * gradients (grad_scale < 1 when clipping).
+    // One optimizer step at the method's scheduled learning rate on grad_scale * gradients
+    // (grad_scale < 1 when clipping).
     virtual void step(double lr, double grad_scale) = 0;
     // Extra line for the run's summary (the GPU's memory plan), empty if none.
     virtual std::string memory_report(int batch, int seq_len) = 0;
 };
 
-std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const AdamWConfig& adamw);
-// Throws qopt::Error when no usable GPU is present. recompute: see GpuModel::set_recompute.
-std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const AdamWConfig& adamw,
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer);
+// Throws qopt::Error when no usable GPU is present or the GPU lacks the optimizer.
+// recompute: see GpuModel::set_recompute.
+std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
                                                 bool recompute = false);
 
 }  // namespace qopt

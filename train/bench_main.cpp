@@ -1,11 +1,14 @@
-// bench: training throughput on the GPU. For each preset:B:T it runs full AdamW training steps
-// on random tokens (after warm-up) and prints tokens/s, MFU, ms per phase and GPU memory; it
-// measures the bf16 matmul ceiling of this GPU first (cuBLASLt, 8192^3) for the MFU, and the
-// attention kernels' own TFLOP/s with --attention.
+// bench: training throughput on the GPU. For each preset:B:T and each optimizer it runs full
+// training steps on random tokens (after warm-up) and prints tokens/s, MFU, ms per phase
+// (median) and GPU memory, and the optimizer's mean step time as a share of forward+backward;
+// it measures the bf16 matmul ceiling of this GPU first (cuBLASLt, 8192^3) for the MFU, and
+// the attention kernels' own TFLOP/s with --attention.
 //
 // FLOPs per token (the convention of ../shared/PEERS.md and llm.c): 6 N + 12 L d T, N = all
 // parameters (tied embedding counted once), L layers, d = d_model, T = sequence length; the
 // attention term counts the full T x T square although causal kernels skip half of it.
+// Optimizer FLOPs: Newton-Schulz on an r x c matrix (s = min(r, c)) costs per iteration
+// 2 s^2 max(r,c) (the Gram matrix) + 2 s^3 (its square) + 2 s^2 max(r,c) (the product back).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,7 +26,8 @@
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "model/gpu_model.hpp"
-#include "optim/adamw_gpu.hpp"
+#include "optim/gpu_optimizer.hpp"
+#include "optim/optimizer_cli.hpp"
 
 namespace qopt {
 namespace {
@@ -94,7 +98,23 @@ BenchConfig parse_config(const std::string& text) {
     return c;
 }
 
-void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute) {
+double mean(const std::vector<double>& v) {
+    double sum = 0;
+    for (double x : v) sum += x;
+    return sum / double(v.size());
+}
+
+double newton_schulz_flops(const Routing& routing, int ns_steps) {
+    double flops = 0;
+    for (const auto& m : routing.matrices) {
+        const double s = std::min(m.rows, m.cols), l = std::max(m.rows, m.cols);
+        flops += ns_steps * (4.0 * s * s * l + 2.0 * s * s * s);
+    }
+    return flops;
+}
+
+void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute,
+                    const OptimizerConfig& optimizer_config) {
     ModelConfig config = preset_config(bc.preset);
     QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
                config.max_seq_len);
@@ -105,7 +125,8 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
         init_params(model.layout(), 1234, params.data());
         model.upload_params(params);
     }
-    AdamWGpu optimizer(model.layout(), AdamWConfig{});
+    GpuOptimizer optimizer(model.layout(), optimizer_config);
+    const double lr = optimizer_config.method_lr() * 0.1;
     DeviceBuffer<float> norm(1);
     model.allocate(bc.batch, bc.seq_len);
     const size_t N = size_t(bc.batch) * bc.seq_len;
@@ -130,7 +151,7 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
         timer.start();
         global_norm_gpu(norm.data(), model.grads_device(), model.layout().total);
         const float grad_norm = norm.download()[0];
-        optimizer.step(model.params_device(), model.grads_device(), 1e-4, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0,
+        optimizer.step(model.params_device(), model.grads_device(), lr, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0,
                        model.compute_weights_device());
         const double o = timer.stop();
         const double total = whole.stop();
@@ -146,11 +167,26 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
     const double flops_per_token =
         6.0 * params + 12.0 * config.n_layers * double(config.d_model) * double(bc.seq_len);
     const double tflops = flops_per_token * tokens_per_second / 1e12;
-    std::printf("%-11s B=%-3d T=%-5d%s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
+    std::printf("%-11s B=%-3d T=%-5d%s %-7s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
                 "MFU %4.1f%% | memory planned %.2f GB, in use %.2f GB | loss %.3f\n",
-                bc.preset.c_str(), bc.batch, bc.seq_len, recompute ? " recompute" : "", tokens_per_second, ms, median(forward_ms),
-                median(backward_ms), median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops,
-                double(model.device_bytes()) / 1e9, double(total_bytes - free_bytes) / 1e9, loss);
+                bc.preset.c_str(), bc.batch, bc.seq_len, recompute ? " recompute" : "",
+                optimizer_name(optimizer_config.kind), tokens_per_second, ms, median(forward_ms), median(backward_ms),
+                median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops, double(model.device_bytes()) / 1e9,
+                double(total_bytes - free_bytes) / 1e9, loss);
+    // The optimizer's share: mean step time (includes the gradient norm) over mean fwd+bwd.
+    const double opt_mean = mean(optimizer_ms), fwd_bwd_mean = mean(forward_ms) + mean(backward_ms);
+    const Routing routing = route_parameters(model.layout(), optimizer_config);
+    const int ns_steps = optimizer_config.kind == OptimizerKind::Muon ? optimizer_config.muon.ns_steps
+                         : optimizer_config.kind == OptimizerKind::Scion ? optimizer_config.scion.ns_steps : 0;
+    const double ns_flops = newton_schulz_flops(routing, ns_steps);
+    std::printf("  optimizer %-7s | mean %6.2f ms, median %6.2f ms = %5.1f%% of fwd+bwd (%.2f ms) | whole step %9.0f "
+                "tok/s (mean) | state %.2f GB",
+                optimizer_name(optimizer_config.kind), opt_mean, median(optimizer_ms), 100.0 * opt_mean / fwd_bwd_mean,
+                fwd_bwd_mean, double(N) / ((fwd_bwd_mean + opt_mean) * 1e-3), double(optimizer.state_bytes()) / 1e9);
+    if (ns_flops > 0)
+        std::printf(" | Newton-Schulz %.2f TFLOP per step, %.0f TFLOP/s over the whole optimizer step", ns_flops / 1e12,
+                    ns_flops / (opt_mean * 1e-3) / 1e12);
+    std::printf("\n");
     std::fflush(stdout);
 }
 
@@ -197,6 +233,12 @@ int main(int argc, char** argv) {
     std::vector<std::string> configs;
     int warmup = 3, steps = 10;
     bool attention = false, skip_training = false, recompute = false;
+    std::vector<std::string> optimizers;
+    std::string optimizer_flag = "adamw";
+    qopt::OptimizerConfig optimizer_config;
+    qopt::add_optimizer_flags(app, optimizer_flag, optimizer_config);
+    app.add_option("--optimizers", optimizers,
+                   "Optimizers to bench in turn, e.g. adamw muon scion (default: --optimizer)");
     app.add_option("--config", configs,
                    "PRESET:BATCH:SEQ_LEN, repeatable (default: gpt2-124m:32:1024 olmo2-125m:32:1024 "
                    "olmo2-50m:32:1024 olmo2-350m:16:1024 olmo2-500m:16:1024 olmo2-760m:8:1024 olmo2-1.5b:8:1024)");
@@ -227,8 +269,18 @@ int main(int argc, char** argv) {
                 for (int seq_len : {1024, 4096})
                     qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
         }
+        if (optimizers.empty()) optimizers.push_back(optimizer_flag);
+        std::vector<qopt::OptimizerConfig> optimizer_configs;
+        for (const auto& name : optimizers) {
+            qopt::OptimizerConfig c = optimizer_config;
+            qopt::resolve_optimizer(name, c);
+            const std::string problem = qopt::GpuOptimizer::unsupported_reason(c.kind);
+            if (!problem.empty()) qopt::fail(problem);
+            optimizer_configs.push_back(c);
+        }
         if (!skip_training)
-            for (const auto& c : parsed) qopt::bench_training(c, warmup, steps, peak, recompute);
+            for (const auto& c : parsed)
+                for (const auto& o : optimizer_configs) qopt::bench_training(c, warmup, steps, peak, recompute, o);
         return 0;
     } catch (const qopt::Error& e) {
         std::cerr << "bench: error: " << e.what() << "\n";

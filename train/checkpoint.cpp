@@ -26,9 +26,7 @@ std::string checkpoints_root(const std::string& out_dir) { return out_dir + "/ch
 
 std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt) {
     const ParamLayout layout = ParamLayout::build(ckpt.config);
-    QOPT_CHECK(ckpt.params.size() == layout.total && ckpt.first_moment.size() == layout.total &&
-                   ckpt.second_moment.size() == layout.total,
-               "checkpoint buffers do not match the model layout");
+    QOPT_CHECK(ckpt.params.size() == layout.total, "checkpoint parameters do not match the model layout");
     const std::string root = checkpoints_root(out_dir);
     make_directories(root);
     const std::string final_dir = root + "/" + checkpoint_name(ckpt.state.step);
@@ -36,15 +34,13 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt)
     remove_all(temp_dir);
     make_directories(temp_dir);
     try {
-        std::vector<TensorView> weights, moments;
-        for (const auto& t : layout.tensors) {
-            weights.push_back({t.name, t.shape, ckpt.params.data() + t.offset});
-            moments.push_back({t.name + ".exp_avg", t.shape, ckpt.first_moment.data() + t.offset});
-            moments.push_back({t.name + ".exp_avg_sq", t.shape, ckpt.second_moment.data() + t.offset});
-        }
+        std::vector<TensorView> weights, optimizer_tensors;
+        for (const auto& t : layout.tensors) weights.push_back({t.name, t.shape, ckpt.params.data() + t.offset});
+        for (const auto& t : ckpt.optimizer.tensors) optimizer_tensors.push_back({t.name, t.shape, t.values.data()});
         const std::string model_bytes =
             safetensors_serialize(weights, {{"format", "pt"}, {"qopt_config", ckpt.config.to_json().dump()}});
-        const std::string optimizer_bytes = safetensors_serialize(moments, {{"format", "pt"}});
+        const std::string optimizer_bytes =
+            safetensors_serialize(optimizer_tensors, {{"format", "pt"}, {"qopt_optimizer", ckpt.optimizer.optimizer}});
         write_file_atomic(temp_dir + "/" + kModelFile, model_bytes);
         write_file_atomic(temp_dir + "/" + kOptimizerFile, optimizer_bytes);
 
@@ -61,7 +57,9 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt)
         Json rng = Json::array();
         for (uint64_t word : ckpt.state.rng_state) rng.push_back(Json(word));
         state["rng_state"] = rng;
-        state["optimizer_step"] = int64_t(ckpt.optimizer_step);
+        state["optimizer"] = ckpt.optimizer.optimizer;
+        state["optimizer_step"] = int64_t(ckpt.optimizer.step);
+        state["optimizer_extra"] = ckpt.optimizer.extra;
         state["config"] = ckpt.config.to_json();
         state["run"] = ckpt.run;
         Json sums = Json::object();
@@ -112,7 +110,10 @@ Checkpoint read_checkpoint(const std::string& directory) {
         const Json& rng = state.at("rng_state");
         if (!rng.is_array() || rng.size() != 4) fail("rng_state must hold 4 words");
         for (size_t i = 0; i < 4; ++i) ckpt.state.rng_state[i] = rng[i].as_uint("rng_state");
-        ckpt.optimizer_step = long(state.at("optimizer_step").as_int("optimizer_step"));
+        ckpt.optimizer.step = long(state.at("optimizer_step").as_int("optimizer_step"));
+        // Checkpoints from before the optimizer choice existed hold AdamW's state.
+        ckpt.optimizer.optimizer = state.contains("optimizer") ? state.at("optimizer").as_string("optimizer") : "adamw";
+        if (state.contains("optimizer_extra")) ckpt.optimizer.extra = state.at("optimizer_extra");
         ckpt.run = state.at("run");
     } catch (const Error& e) {
         fail(state_path, ": ", e.what());
@@ -130,15 +131,16 @@ Checkpoint read_checkpoint(const std::string& directory) {
     const SafetensorsFile model = load_verified(kModelFile);
     const SafetensorsFile optimizer = load_verified(kOptimizerFile);
     ckpt.params.resize(layout.total);
-    ckpt.first_moment.resize(layout.total);
-    ckpt.second_moment.resize(layout.total);
     for (const auto& t : layout.tensors) {
-        auto copy = [&](const std::vector<float>& src, std::vector<float>& dst) {
-            std::copy(src.begin(), src.end(), dst.begin() + long(t.offset));
-        };
-        copy(model.f32(t.name, t.shape), ckpt.params);
-        copy(optimizer.f32(t.name + ".exp_avg", t.shape), ckpt.first_moment);
-        copy(optimizer.f32(t.name + ".exp_avg_sq", t.shape), ckpt.second_moment);
+        const std::vector<float> values = model.f32(t.name, t.shape);
+        std::copy(values.begin(), values.end(), ckpt.params.begin() + long(t.offset));
+    }
+    for (const std::string& name : optimizer.names()) {
+        StateTensor tensor;
+        tensor.name = name;
+        tensor.shape = optimizer.shape(name);
+        tensor.values = optimizer.f32(name, tensor.shape);
+        ckpt.optimizer.tensors.push_back(std::move(tensor));
     }
     return ckpt;
 }

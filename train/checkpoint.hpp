@@ -1,9 +1,11 @@
 // Training checkpoints. One directory per step, <out_dir>/checkpoints/step_<8 digits>/:
 //   model.safetensors      fp32 weights under their layout names (loads in any safetensors
 //                          tool); metadata "qopt_config" holds the model config as JSON
-//   optimizer.safetensors  AdamW moments as "<name>.exp_avg" / "<name>.exp_avg_sq"
-//   state.json             step, data position, RNG state, optimizer step, schedule, run
-//                          settings, and a checksum of each .safetensors file
+//   optimizer.safetensors  the optimizer's state tensors under their names (AdamW moments as
+//                          "<name>.exp_avg" / "<name>.exp_avg_sq"; see optim/optimizer_state.hpp);
+//                          metadata "qopt_optimizer" names the optimizer
+//   state.json             step, data position, RNG state, optimizer name, step and scalars,
+//                          schedule, run settings, and a checksum of each .safetensors file
 // The directory is assembled under a temporary name and renamed into place, so a crash
 // leaves either the previous checkpoint set or the new complete one; loading verifies the
 // checksums and refuses a damaged checkpoint with a message.
@@ -18,6 +20,7 @@
 #include "data/loader.hpp"
 #include "model/config.hpp"
 #include "model/params.hpp"
+#include "optim/optimizer_state.hpp"
 
 namespace qopt {
 
@@ -33,8 +36,8 @@ struct Checkpoint {
     ModelConfig config;
     TrainState state;
     Json run;  // optimizer, schedule and batch settings the run was started with
-    long optimizer_step = 0;
-    std::vector<float> params, first_moment, second_moment;
+    std::vector<float> params;
+    OptimizerState optimizer;
 };
 
 std::string checkpoint_name(long step);  // "step_00000100"

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "model/params.hpp"
+#include "optim/optimizer_cli.hpp"
 
 namespace qopt {
 
@@ -33,14 +34,7 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
                  "(saves layers x B x T x d_ff bf16)")
         ->group("Device");
 
-    app.add_option("--optimizer", o.optimizer, "Optimizer (adamw; muon, scion, shampoo, soap, psgd are planned)")
-        ->group("Optimizer");
-    app.add_option("--lr", o.lr, "Peak learning rate")->group("Optimizer");
-    app.add_option("--beta1", o.adamw.beta1, "AdamW beta1")->group("Optimizer");
-    app.add_option("--beta2", o.adamw.beta2, "AdamW beta2")->group("Optimizer");
-    app.add_option("--adam-eps", o.adamw.eps, "AdamW epsilon")->group("Optimizer");
-    app.add_option("--weight-decay", o.adamw.weight_decay, "Decoupled weight decay (2-D tensors only)")
-        ->group("Optimizer");
+    add_optimizer_flags(app, o.optimizer, o.optim);
     app.add_option("--schedule", o.schedule, "Learning-rate schedule: cosine, linear, wsd or constant")
         ->group("Optimizer");
     app.add_option("--warmup-steps", o.warmup_steps, "Linear warmup steps")->group("Optimizer");

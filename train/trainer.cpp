@@ -17,6 +17,7 @@
 #include "kernels/device.hpp"
 #include "optim/schedule.hpp"
 #include "model/gpu_model.hpp"
+#include "optim/gpu_optimizer.hpp"
 #include "train/backend.hpp"
 #include "train/checkpoint.hpp"
 
@@ -60,17 +61,18 @@ ModelConfig resolve_model_config(const TrainOptions& o) {
     return c;
 }
 
+OptimizerConfig resolve_optimizer_config(const TrainOptions& o) {
+    OptimizerConfig config = o.optim;
+    config.kind = parse_optimizer(o.optimizer);
+    config.validate();
+    return config;
+}
+
 void validate_options(const TrainOptions& o) {
     const ModelConfig config = resolve_model_config(o);
     QOPT_CHECK(o.device == "cpu" || o.device == "cuda" || o.device == "auto", "--device must be cpu, cuda or auto, got '",
                o.device, "'");
-    if (o.optimizer != "adamw") {
-        const bool planned = o.optimizer == "muon" || o.optimizer == "scion" || o.optimizer == "shampoo" ||
-                             o.optimizer == "soap" || o.optimizer == "psgd";
-        if (planned) fail("--optimizer ", o.optimizer, " is not implemented yet (only adamw is)");
-        fail("unknown --optimizer '", o.optimizer, "' (known: adamw; planned: muon, scion, shampoo, soap, psgd)");
-    }
-    o.adamw.validate();
+    resolve_optimizer_config(o);
     QOPT_CHECK(o.batch_size > 0, "--batch-size must be positive, got ", o.batch_size);
     QOPT_CHECK(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
     QOPT_CHECK(o.seq_len <= config.max_seq_len, "--seq-len ", o.seq_len, " exceeds the model's max_seq_len ",
@@ -111,12 +113,12 @@ static Json run_settings(const TrainOptions& o, long total_steps) {
     Json run = Json::object();
     run["preset"] = o.preset;
     run["optimizer"] = o.optimizer;
-    run["adamw"] = o.adamw.to_json();
+    run["optimizer_settings"] = resolve_optimizer_config(o).to_json();
     run["batch_size"] = o.batch_size;
     run["seq_len"] = o.seq_len;
     run["grad_accum"] = o.grad_accum;
     run["total_steps"] = int64_t(total_steps);
-    run["lr"] = o.lr;
+    run["lr"] = resolve_optimizer_config(o).method_lr();
     run["schedule"] = o.schedule;
     run["warmup_steps"] = int64_t(o.warmup_steps);
     run["grad_clip"] = o.grad_clip;
@@ -131,17 +133,19 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     g_stop_requested.store(0);
 
     // Device: "auto" takes a usable GPU when there is one.
+    const OptimizerConfig optimizer = resolve_optimizer_config(options);
     const CudaDeviceInfo gpu = query_cuda_device();
-    const std::string gpu_problem = GpuModel::unsupported_reason(config);
+    std::string gpu_problem = GpuModel::unsupported_reason(config);
+    if (gpu_problem.empty()) gpu_problem = GpuOptimizer::unsupported_reason(optimizer.kind);
     const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable && gpu_problem.empty());
     if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
-        log << "device: the CPU, since the GPU kernels cannot run this model: " << gpu_problem << "\n";
+        log << "device: the CPU, since the GPU cannot run this: " << gpu_problem << "\n";
     if (options.threads > 0) omp_set_num_threads(options.threads);
 
     const long total_steps = total_steps_of(options);
     LrSchedule schedule;
     schedule.kind = parse_schedule(options.schedule);
-    schedule.max_lr = options.lr;
+    schedule.max_lr = optimizer.method_lr();
     schedule.warmup_steps = options.warmup_steps;
     schedule.total_steps = total_steps;
     schedule.final_fraction = options.lr_final_fraction;
@@ -158,7 +162,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
                                                    options.seq_len, "--val-data");
 
     std::unique_ptr<TrainBackend> backend =
-        use_cuda ? make_cuda_backend(config, options.adamw, options.recompute) : make_cpu_backend(config, options.adamw);
+        use_cuda ? make_cuda_backend(config, optimizer, options.recompute) : make_cpu_backend(config, optimizer);
     const ParamLayout layout = ParamLayout::build(config);
     TrainState state;
     Rng rng(options.seed ^ 0x5DEECE66Dull);
@@ -174,7 +178,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         QOPT_CHECK(ckpt.state.step <= total_steps, resume_from, ": checkpoint is at step ", ckpt.state.step,
                    ", past this run's ", total_steps, " steps");
         backend->set_params(ckpt.params);
-        backend->set_optimizer_state(ckpt.first_moment, ckpt.second_moment, ckpt.optimizer_step);
+        if (ckpt.optimizer.optimizer != optimizer_name(optimizer.kind))
+            fail(resume_from, ": checkpoint was written by --optimizer ", ckpt.optimizer.optimizer, ", not ",
+                 optimizer_name(optimizer.kind));
+        backend->set_optimizer_state(ckpt.optimizer);
         state = ckpt.state;
         train_loader.set_position(state.train_position);
         rng.set_state(state.rng_state);
@@ -201,10 +208,13 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     log << "data: " << train_loader.paths().size() << " train shard(s), " << with_commas(train_loader.total_tokens())
         << " tokens; " << with_commas(tokens_per_step) << " tokens per step (" << options.batch_size << " x "
         << options.seq_len << " x " << options.grad_accum << " accumulation)\n";
-    log << "optimizer: adamw lr " << options.lr << " (" << options.schedule << ", warmup " << options.warmup_steps
-        << "), betas " << options.adamw.beta1 << "/" << options.adamw.beta2 << ", weight decay "
-        << options.adamw.weight_decay << " on 2-D tensors, clip " << options.grad_clip << "; " << total_steps
-        << " steps\n";
+    log << "optimizer: " << optimizer_name(optimizer.kind) << " lr " << optimizer.method_lr();
+    if (optimizer.kind != OptimizerKind::AdamW) log << ", AdamW lr " << optimizer.aux_adamw_lr();
+    log << " (" << options.schedule << ", warmup " << options.warmup_steps << "), AdamW betas "
+        << optimizer.adamw.beta1 << "/" << optimizer.adamw.beta2 << ", weight decay " << optimizer.weight_decay()
+        << " on 2-D tensors, clip " << options.grad_clip << "; " << total_steps << " steps\n";
+    log << "optimizer routing: " << route_parameters(layout, optimizer).describe() << "\n";
+    log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB\n";
 
     std::ofstream metrics(options.out_dir + "/metrics.jsonl", std::ios::app);
     if (!metrics) fail(options.out_dir, "/metrics.jsonl: cannot open for writing");
@@ -245,10 +255,8 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         state.rng_state = rng.state();
         ckpt.state = state;
         ckpt.run = run_settings(options, total_steps);
-        ckpt.optimizer_step = backend->optimizer_step();
         ckpt.params = backend->params();
-        ckpt.first_moment = backend->first_moment();
-        ckpt.second_moment = backend->second_moment();
+        ckpt.optimizer = backend->optimizer_state();
         std::string path = write_checkpoint(options.out_dir, ckpt);
         prune_checkpoints(options.out_dir, options.keep_checkpoints);
         log << "checkpoint: " << path << "\n";

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "model/config.hpp"
-#include "optim/adamw.hpp"
+#include "optim/optimizer.hpp"
 
 namespace qopt {
 
@@ -22,9 +22,8 @@ struct TrainOptions {
     bool recompute = false;       // GPU: recompute MLP activations in the backward pass
 
     // Optimization
-    std::string optimizer = "adamw";
-    AdamWConfig adamw;
-    double lr = 1e-3;
+    std::string optimizer = "adamw";  // --optimizer; resolve_optimizer_config() turns it into optim.kind
+    OptimizerConfig optim;              // every method's settings; optim.lr 0: the method's default
     std::string schedule = "cosine";
     long warmup_steps = 0;
     double lr_final_fraction = 0.1;
@@ -60,6 +59,8 @@ struct TrainResult {
 
 // The model config the options describe (preset + overrides), validated.
 ModelConfig resolve_model_config(const TrainOptions& options);
+// The optimizer the options describe (--optimizer + its flags), validated.
+OptimizerConfig resolve_optimizer_config(const TrainOptions& options);
 // Checks every option that needs no file I/O; throws qopt::Error naming the flag.
 void validate_options(const TrainOptions& options);
 // Runs (or resumes) training, writing progress lines to `log`. Throws qopt::Error on bad

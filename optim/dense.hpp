@@ -1,0 +1,42 @@
+// Small dense linear algebra in double for the optimizers' CPU references (row-major
+// matrices): products with either operand transposed, the symmetric eigendecomposition
+// (cyclic Jacobi: slow but simple and accurate, fine for the reference's sizes), QR by
+// Householder reflections, and solving with an upper-triangular matrix from the right.
+// The GPU versions never call these; the tests check them by their algebraic properties.
+#pragma once
+#include <cstddef>
+#include <vector>
+
+namespace qopt {
+
+struct Dense {
+    int rows = 0, cols = 0;
+    std::vector<double> values;
+    Dense() = default;
+    Dense(int r, int c, double fill = 0.0) : rows(r), cols(c), values(size_t(r) * c, fill) {}
+    static Dense identity(int n, double diagonal = 1.0);
+    double& operator()(int r, int c) { return values[size_t(r) * cols + c]; }
+    double operator()(int r, int c) const { return values[size_t(r) * cols + c]; }
+    Dense transposed() const;
+};
+
+// op(a) op(b) where op transposes when the flag says so.
+Dense matmul(const Dense& a, const Dense& b, bool transpose_a = false, bool transpose_b = false);
+
+// Symmetric a = vectors diag(values) vectors^T; values in descending order, vectors' columns
+// the matching unit eigenvectors.
+struct SymmetricEigen {
+    std::vector<double> values;
+    Dense vectors;
+};
+SymmetricEigen symmetric_eigen(const Dense& a);
+
+// a [m, n], m >= n: the m x n factor Q with orthonormal columns and a = Q R.
+Dense householder_q(const Dense& a);
+
+// x [k, n] times the inverse of the upper-triangular u [n, n].
+Dense solve_upper_right(const Dense& x, const Dense& u);
+
+double frobenius_norm(const Dense& a);
+
+}  // namespace qopt

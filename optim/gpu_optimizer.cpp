@@ -1,0 +1,224 @@
+#include "optim/gpu_optimizer.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "core/error.hpp"
+#include "optim/optimizer_kernels.hpp"
+
+namespace qopt {
+
+std::string GpuOptimizer::unsupported_reason(OptimizerKind kind) {
+    if (kind == OptimizerKind::AdamW || kind == OptimizerKind::Muon || kind == OptimizerKind::Scion) return "";
+    return std::string("--optimizer ") + optimizer_name(kind) +
+           " has only its CPU reference so far (GPU: adamw, muon, scion); use --device cpu";
+}
+
+GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config)
+    : config_(config), routing_(route_parameters(layout, config)) {
+    config_.validate();
+    const std::string problem = unsupported_reason(config_.kind);
+    if (!problem.empty()) fail(problem);
+
+    // AdamW: state packed in slot order; a chunk table over all slots.
+    std::vector<int64_t> chunks;
+    size_t adam_total = 0;
+    for (const auto& s : routing_.adamw) {
+        adam_offsets_.push_back(adam_total);
+        for (size_t start = 0; start < s.numel; start += kAdamwChunk) {
+            const int64_t count = int64_t(std::min<size_t>(kAdamwChunk, s.numel - start));
+            chunks.push_back(int64_t(s.offset + start));
+            chunks.push_back(int64_t(adam_total + start));
+            chunks.push_back(count | (int64_t(s.decay) << 32));
+        }
+        adam_total += s.numel;
+    }
+    n_adam_chunks_ = int(chunks.size() / 3);
+    if (!chunks.empty()) adam_chunks_.upload(chunks);
+    adam_m_.resize(adam_total);
+    adam_v_.resize(adam_total);
+    if (adam_total) {
+        adam_m_.fill_bytes(0);
+        adam_v_.fill_bytes(0);
+    }
+
+    // Scion's element-wise rules: one task per row.
+    std::vector<int64_t> tasks;
+    size_t scion_total = 0;
+    for (const auto& s : routing_.scion) {
+        scion_offsets_.push_back(scion_total);
+        const int mode = s.scion_norm == ScionNorm::Sign ? 0 : s.scion_norm == ScionNorm::RowNorm ? 2 : 1;
+        QOPT_CHECK(s.scion_norm != ScionNorm::Spectral, "Scion: the spectral norm is for hidden matrices only");
+        const float scale = float(s.scion_scale);
+        uint32_t scale_bits;
+        std::memcpy(&scale_bits, &scale, sizeof scale_bits);
+        // A 1-D tensor is one row (BiasRMS over the whole vector).
+        for (int r = 0; r < s.rows; ++r) {
+            tasks.push_back(int64_t(s.offset) + int64_t(r) * s.cols);
+            tasks.push_back(int64_t(scion_total) + int64_t(r) * s.cols);
+            tasks.push_back(int64_t(s.cols) | (int64_t(mode) << 32));
+            tasks.push_back(int64_t(scale_bits) | (int64_t(s.decay) << 32));
+        }
+        scion_total += s.numel;
+    }
+    n_scion_tasks_ = int(tasks.size() / 4);
+    if (!tasks.empty()) scion_tasks_.upload(tasks);
+    scion_momentum_.resize(scion_total);
+    if (scion_total) scion_momentum_.fill_bytes(0);
+
+    // Hidden matrices grouped by shape.
+    std::map<std::pair<int, int>, size_t> group_of;
+    for (size_t i = 0; i < routing_.matrices.size(); ++i) {
+        const MatrixSlot& m = routing_.matrices[i];
+        auto [it, added] = group_of.emplace(std::make_pair(m.rows, m.cols), groups_.size());
+        if (added) {
+            groups_.emplace_back();
+            groups_.back().rows = m.rows;
+            groups_.back().cols = m.cols;
+        }
+        groups_[it->second].members.push_back(int(i));
+    }
+    size_t x_size = 0, a_size = 0, partials = 0;
+    for (Group& g : groups_) {
+        std::vector<int64_t> offsets;
+        for (int i : g.members) offsets.push_back(int64_t(routing_.matrices[size_t(i)].offset));
+        g.offsets.upload(offsets);
+        const size_t n = size_t(g.rows) * g.cols, s = size_t(std::min(g.rows, g.cols));
+        g.momentum.resize(n * g.members.size());
+        g.momentum.fill_bytes(0);
+        x_size = std::max(x_size, n * g.members.size());
+        a_size = std::max(a_size, s * s * g.members.size());
+        partials = std::max(partials, size_t(kNsPartials) * g.members.size());
+    }
+    if (x_size) {
+        ns_x_.resize(x_size);
+        ns_x2_.resize(x_size);
+        ns_a_.resize(a_size);
+        ns_p_.resize(a_size);
+        ns_partials_.resize(partials);
+    }
+}
+
+void GpuOptimizer::step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16) {
+    ++step_;
+    const double wd = config_.weight_decay();
+    const double adamw_lr = lr * config_.aux_adamw_lr() / config_.method_lr();
+    adamw_chunks_gpu(params, grads, adam_m_.data(), adam_v_.data(), params_bf16, adam_chunks_.data(), n_adam_chunks_,
+                     float(adamw_lr), float(config_.adamw.beta1), float(config_.adamw.beta2), float(config_.adamw.eps),
+                     float(wd), step_, float(grad_scale));
+    scion_rows_gpu(params, grads, scion_momentum_.data(), params_bf16, scion_tasks_.data(), n_scion_tasks_, float(lr),
+                   float(config_.scion.momentum), config_.scion.unconstrained, float(wd), float(grad_scale));
+    if (groups_.empty()) return;
+
+    const bool muon = config_.kind == OptimizerKind::Muon;
+    const MuonConfig& mc = config_.muon;
+    // Muon: M = b M + (1 - b) G, U = (1 - b) G + b M (Nesterov) or M.  Scion: M = (1 - a) M + a G, U = M.
+    const float m_keep = muon ? float(mc.momentum) : float(1 - config_.scion.momentum);
+    const float g_weight = muon ? float(1 - mc.momentum) : float(config_.scion.momentum);
+    const float u_grad = muon && mc.nesterov ? float(1 - mc.momentum) : 0.0f;
+    const float u_momentum = muon && mc.nesterov ? float(mc.momentum) : 1.0f;
+    const int ns_steps = muon ? mc.ns_steps : config_.scion.ns_steps;
+    for (Group& g : groups_) {
+        const int count = int(g.members.size()), r = g.rows, c = g.cols, s = std::min(r, c);
+        const int64_t n = int64_t(r) * c, ss = int64_t(s) * s;
+        ns_prepare_gpu(ns_x_.data(), g.momentum.data(), ns_partials_.data(), grads, g.offsets.data(), count, n,
+                       float(grad_scale), m_keep, g_weight, u_grad, u_momentum);
+        bf16* x = ns_x_.data();
+        bf16* x2 = ns_x2_.data();
+        // X X^T (wide) or X^T X (tall) is the small square; X = a X + (b A + c A A) X, or X (b A + c A A) when tall.
+        for (int it = 0; it < ns_steps; ++it) {
+            if (r <= c) batched_matmul_gpu(ns_a_.data(), nullptr, x, false, x, true, r, r, c, 1.0f, 0.0f, count, n, n, ss);
+            else batched_matmul_gpu(ns_a_.data(), nullptr, x, true, x, false, c, c, r, 1.0f, 0.0f, count, n, n, ss);
+            batched_matmul_gpu(ns_p_.data(), ns_a_.data(), ns_a_.data(), false, ns_a_.data(), false, s, s, s,
+                               float(mc.ns_c), float(mc.ns_b), count, ss, ss, ss);
+            if (r <= c) batched_matmul_gpu(x2, x, ns_p_.data(), false, x, false, r, c, r, 1.0f, float(mc.ns_a), count, ss, n, n);
+            else batched_matmul_gpu(x2, x, x, false, ns_p_.data(), false, r, c, c, 1.0f, float(mc.ns_a), count, n, ss, n);
+            std::swap(x, x2);
+        }
+        float keep, step_scale;
+        if (muon) {
+            keep = float(1 - lr * wd);
+            step_scale = float(lr * std::sqrt(std::max(1.0, double(r) / double(c))));
+        } else {
+            keep = float(config_.scion.unconstrained ? 1 - lr * wd : 1 - lr);
+            step_scale = float(lr * config_.scion.hidden_scale * std::sqrt(double(r) / double(c)));
+        }
+        matrix_apply_gpu(params, params_bf16, x, g.offsets.data(), count, n, keep, step_scale);
+    }
+}
+
+OptimizerState GpuOptimizer::state() const {
+    OptimizerState state;
+    state.optimizer = optimizer_name(config_.kind);
+    state.step = step_;
+    auto shape_of = [](int rows, int cols) {
+        return rows == 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
+    };
+    const std::vector<float> m = adam_m_.download(), v = adam_v_.download();
+    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+        const TensorSlot& s = routing_.adamw[i];
+        const auto begin = m.begin() + long(adam_offsets_[i]);
+        state.tensors.push_back({s.name + ".exp_avg", shape_of(s.rows, s.cols), {begin, begin + long(s.numel)}});
+        const auto vbegin = v.begin() + long(adam_offsets_[i]);
+        state.tensors.push_back({s.name + ".exp_avg_sq", shape_of(s.rows, s.cols), {vbegin, vbegin + long(s.numel)}});
+    }
+    const std::vector<float> sm = scion_momentum_.download();
+    for (size_t i = 0; i < routing_.scion.size(); ++i) {
+        const TensorSlot& s = routing_.scion[i];
+        const auto begin = sm.begin() + long(scion_offsets_[i]);
+        state.tensors.push_back({s.name + ".momentum", shape_of(s.rows, s.cols), {begin, begin + long(s.numel)}});
+    }
+    for (const Group& g : groups_) {
+        const std::vector<float> all = g.momentum.download();
+        const size_t n = size_t(g.rows) * g.cols;
+        for (size_t j = 0; j < g.members.size(); ++j) {
+            const MatrixSlot& m_slot = routing_.matrices[size_t(g.members[j])];
+            state.tensors.push_back({m_slot.name + ".momentum", {g.rows, g.cols},
+                                     {all.begin() + long(j * n), all.begin() + long((j + 1) * n)}});
+        }
+    }
+    return state;
+}
+
+void GpuOptimizer::load_state(const OptimizerState& state) {
+    QOPT_CHECK(state.optimizer == optimizer_name(config_.kind), "the checkpoint's optimizer state is ",
+               state.optimizer, "'s, but this run uses ", optimizer_name(config_.kind));
+    std::vector<float> m(adam_m_.size()), v(adam_v_.size());
+    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+        const TensorSlot& s = routing_.adamw[i];
+        const auto& mv = state.values(s.name + ".exp_avg", s.numel);
+        const auto& vv = state.values(s.name + ".exp_avg_sq", s.numel);
+        std::copy(mv.begin(), mv.end(), m.begin() + long(adam_offsets_[i]));
+        std::copy(vv.begin(), vv.end(), v.begin() + long(adam_offsets_[i]));
+    }
+    if (!m.empty()) {
+        adam_m_.upload_prefix(m);
+        adam_v_.upload_prefix(v);
+    }
+    std::vector<float> sm(scion_momentum_.size());
+    for (size_t i = 0; i < routing_.scion.size(); ++i) {
+        const TensorSlot& s = routing_.scion[i];
+        const auto& values = state.values(s.name + ".momentum", s.numel);
+        std::copy(values.begin(), values.end(), sm.begin() + long(scion_offsets_[i]));
+    }
+    if (!sm.empty()) scion_momentum_.upload_prefix(sm);
+    for (Group& g : groups_) {
+        const size_t n = size_t(g.rows) * g.cols;
+        std::vector<float> all(n * g.members.size());
+        for (size_t j = 0; j < g.members.size(); ++j) {
+            const auto& values = state.values(routing_.matrices[size_t(g.members[j])].name + ".momentum", n);
+            std::copy(values.begin(), values.end(), all.begin() + long(j * n));
+        }
+        g.momentum.upload_prefix(all);
+    }
+    step_ = state.step;
+}
+
+size_t GpuOptimizer::state_bytes() const {
+    size_t floats = adam_m_.size() + adam_v_.size() + scion_momentum_.size();
+    for (const Group& g : groups_) floats += g.momentum.size();
+    return floats * sizeof(float) + (ns_x_.size() + ns_x2_.size() + ns_a_.size() + ns_p_.size()) * sizeof(bf16);
+}
+
+}  // namespace qopt

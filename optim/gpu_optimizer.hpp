@@ -1,0 +1,54 @@
+// The optimizers on the GPU, over a model's flat fp32 parameter and gradient buffers, with
+// the same routing, update rules and state names as the CPU references (optim/optimizer.hpp).
+// Per step: one launch updates every AdamW-routed tensor (chunk table), one launch Scion's
+// element-wise rows, and per group of same-shape hidden matrices a momentum/normalise pass,
+// Newton-Schulz as batched bf16 GEMMs through cuBLASLt (all matrices of the group in one call
+// per product), and one apply pass that also writes the bf16 compute copy.
+// Shampoo, SOAP and PSGD run on the CPU only so far (unsupported_reason says so).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels/gpu.hpp"
+#include "model/params.hpp"
+#include "optim/optimizer.hpp"
+
+namespace qopt {
+
+class GpuOptimizer {
+public:
+    // "" when the GPU implements `kind`, else why not.
+    static std::string unsupported_reason(OptimizerKind kind);
+
+    GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config);
+    // As Optimizer::step; params_bf16 (may be null) receives the bf16 copy of updated weights.
+    void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16);
+    long step_count() const { return step_; }
+    OptimizerState state() const;
+    void load_state(const OptimizerState& state);
+    size_t state_bytes() const;
+
+private:
+    struct Group {  // hidden matrices of one shape
+        int rows, cols;
+        std::vector<int> members;  // indices into routing_.matrices
+        DeviceBuffer<int64_t> offsets;
+        DeviceBuffer<float> momentum;  // members.size() x rows x cols
+    };
+    OptimizerConfig config_;
+    Routing routing_;
+    long step_ = 0;
+    DeviceBuffer<float> adam_m_, adam_v_;
+    std::vector<size_t> adam_offsets_;  // each AdamW slot's start in adam_m_/adam_v_
+    DeviceBuffer<int64_t> adam_chunks_;
+    int n_adam_chunks_ = 0;
+    DeviceBuffer<float> scion_momentum_;
+    std::vector<size_t> scion_offsets_;
+    DeviceBuffer<int64_t> scion_tasks_;
+    int n_scion_tasks_ = 0;
+    std::vector<Group> groups_;
+    DeviceBuffer<bf16> ns_x_, ns_x2_, ns_a_, ns_p_;  // Newton-Schulz scratch, sized for the largest group
+    DeviceBuffer<float> ns_partials_;
+};
+
+}  // namespace qopt

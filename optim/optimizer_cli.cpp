@@ -1,0 +1,108 @@
+#include "optim/optimizer_cli.hpp"
+
+namespace qopt {
+
+void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
+    const char* g = "Optimizer";
+    app.add_option("--optimizer", name, "adamw, muon, scion, shampoo, soap or psgd (routing: see README)")->group(g);
+    app.add_option("--lr", c.lr,
+                   "Peak learning rate of the method (0: its reference default: adamw 1e-3, muon 0.02, scion 2^-12, "
+                   "shampoo 1e-3, soap 3e-3, psgd 3e-4)")
+        ->group(g);
+    app.add_option("--adamw-lr", c.adamw_lr,
+                   "Peak learning rate of the AdamW that updates the tensors the method does not (0: 3e-4)")
+        ->group(g);
+    app.add_option("--beta1", c.adamw.beta1, "AdamW beta1")->group(g);
+    app.add_option("--beta2", c.adamw.beta2, "AdamW beta2")->group(g);
+    app.add_option("--adam-eps", c.adamw.eps, "AdamW epsilon")->group(g);
+    app.add_option("--weight-decay", c.adamw.weight_decay,
+                   "Decoupled weight decay for every method, W *= 1 - lr wd (2-D tensors only)")
+        ->group(g);
+
+    const char* m = "Muon";
+    app.add_option("--muon-momentum", c.muon.momentum, "Muon momentum")->group(m);
+    app.add_option("--muon-nesterov", c.muon.nesterov, "Muon Nesterov momentum (true/false)")->group(m);
+    app.add_option("--muon-ns-steps", c.muon.ns_steps, "Newton-Schulz iterations")->group(m);
+    app.add_option("--muon-ns-a", c.muon.ns_a, "Newton-Schulz quintic coefficient a")->group(m);
+    app.add_option("--muon-ns-b", c.muon.ns_b, "Newton-Schulz quintic coefficient b")->group(m);
+    app.add_option("--muon-ns-c", c.muon.ns_c, "Newton-Schulz quintic coefficient c")->group(m);
+
+    const char* s = "Scion";
+    app.add_option("--scion-momentum", c.scion.momentum,
+                   "Scion momentum as the reference defines it: M = (1 - a) M + a G (a = 1 - the usual momentum)")
+        ->group(s);
+    app.add_flag("--scion-unconstrained", c.scion.unconstrained,
+                 "Unconstrained Scion (W -= lr scale d, with --weight-decay) instead of W = (1 - lr) W - lr scale d")
+        ->group(s);
+    app.add_option("--scion-hidden-scale", c.scion.hidden_scale, "Radius of the hidden matrices (spectral LMO)")->group(s);
+    app.add_option("--scion-embed-scale", c.scion.embed_scale, "Radius of the (tied) embedding")->group(s);
+    app.add_option("--scion-vector-scale", c.scion.vector_scale, "Radius of norm gains and biases (BiasRMS LMO)")
+        ->group(s);
+    app.add_option_function<std::string>(
+           "--scion-embed-norm", [&c](const std::string& v) { c.scion.embed_norm = parse_scion_norm(v); },
+           "LMO of the embeddings: sign (default, as the reference's tied head), colnorm or rownorm")
+        ->group(s);
+    app.add_option("--scion-ns-steps", c.scion.ns_steps, "Newton-Schulz iterations of the spectral LMO")->group(s);
+
+    const char* h = "Shampoo";
+    app.add_option("--shampoo-beta1", c.shampoo.beta1, "Filtered-gradient EMA")->group(h);
+    app.add_option("--shampoo-beta2", c.shampoo.beta2, "Factor EMA (1: sum, the reference's default)")->group(h);
+    app.add_option("--shampoo-eps", c.shampoo.eps, "Added to the factors' eigenvalues before the inverse root")
+        ->group(h);
+    app.add_option("--shampoo-momentum", c.shampoo.momentum, "Heavy-ball momentum on the update")->group(h);
+    app.add_option("--shampoo-nesterov", c.shampoo.nesterov, "Nesterov form of that momentum (true/false)")->group(h);
+    app.add_option("--shampoo-block-size", c.shampoo.block_size, "Max preconditioner dimension (blocking)")->group(h);
+    app.add_option("--shampoo-precondition-frequency", c.shampoo.precondition_frequency,
+                   "Steps between inverse-root computations (the reference's default is 1; 10 as the study)")
+        ->group(h);
+    app.add_option("--shampoo-start-step", c.shampoo.start_preconditioning_step,
+                   "First step that uses Shampoo's direction (-1: the precondition frequency)")
+        ->group(h);
+    app.add_option("--shampoo-inverse-root", c.shampoo.inverse_root, "r in L^(-1/r) (0: 4 for matrices)")->group(h);
+    app.add_option_function<std::string>(
+           "--shampoo-grafting",
+           [&c](const std::string& v) {
+               if (v != "adam" && v != "none") throw CLI::ValidationError("--shampoo-grafting", "must be adam or none");
+               c.shampoo.adam_grafting = v == "adam";
+           },
+           "Grafting: adam (default) or none")
+        ->group(h);
+    app.add_option("--shampoo-graft-beta2", c.shampoo.graft_beta2, "Adam grafting beta2")->group(h);
+    app.add_option("--shampoo-graft-eps", c.shampoo.graft_eps, "Adam grafting epsilon")->group(h);
+
+    const char* p = "SOAP";
+    app.add_option("--soap-beta1", c.soap.beta1, "Adam beta1 in the eigenbasis")->group(p);
+    app.add_option("--soap-beta2", c.soap.beta2, "Adam beta2 in the eigenbasis")->group(p);
+    app.add_option("--soap-shampoo-beta", c.soap.shampoo_beta, "Factor EMA (< 0: --soap-beta2)")->group(p);
+    app.add_option("--soap-eps", c.soap.eps, "Adam epsilon")->group(p);
+    app.add_option("--soap-precondition-frequency", c.soap.precondition_frequency, "Steps between eigenbasis refreshes")
+        ->group(p);
+    app.add_option("--soap-max-precond-dim", c.soap.max_precond_dim, "Largest preconditioned dimension")->group(p);
+    app.add_option("--soap-normalize-grads", c.soap.normalize_grads, "Normalise each update to RMS 1 (true/false)")
+        ->group(p);
+    app.add_option("--soap-correct-bias", c.soap.correct_bias, "Adam bias correction (true/false)")->group(p);
+
+    const char* k = "PSGD";
+    app.add_option("--psgd-beta1", c.psgd.beta1, "Momentum")->group(k);
+    app.add_option("--psgd-precond-lr", c.psgd.precond_lr, "Preconditioner learning rate")->group(k);
+    app.add_option("--psgd-precond-init-scale", c.psgd.precond_init_scale, "Initial preconditioner scale")->group(k);
+    app.add_option("--psgd-update-prob-max", c.psgd.update_prob_max, "Update probability before the anneal")->group(k);
+    app.add_option("--psgd-update-prob-min", c.psgd.update_prob_min, "Update probability floor")->group(k);
+    app.add_option("--psgd-update-prob-decay", c.psgd.update_prob_decay, "Exponential anneal rate per step")->group(k);
+    app.add_option("--psgd-update-prob-flat-start", c.psgd.update_prob_flat_start, "Steps at the maximum probability")
+        ->group(k);
+    app.add_option("--psgd-max-size-triangular", c.psgd.max_size_triangular,
+                   "Largest dimension with a triangular factor")
+        ->group(k);
+    app.add_option("--psgd-momentum-into-precond-update", c.psgd.momentum_into_precond_update,
+                   "Fit the preconditioner to the momentum instead of the gradient (true/false)")
+        ->group(k);
+    app.add_option("--psgd-seed", c.psgd.seed, "Seed of the random probes and rebalancing draws")->group(k);
+}
+
+void resolve_optimizer(const std::string& name, OptimizerConfig& config) {
+    config.kind = parse_optimizer(name);
+    config.validate();
+}
+
+}  // namespace qopt

@@ -1,0 +1,193 @@
+#include "optim/psgd.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.hpp"
+#include "optim/optimizer_state.hpp"
+
+namespace qopt {
+
+double PsgdConfig::update_probability(long n) const {
+    const double p = update_prob_max * std::exp(-update_prob_decay * (double(n) - double(update_prob_flat_start)));
+    return std::min(std::max(p, update_prob_min), update_prob_max);
+}
+
+void PsgdConfig::validate() const {
+    QOPT_CHECK(beta1 >= 0 && beta1 < 1, "--psgd-beta1 must be in [0, 1)");
+    QOPT_CHECK(precond_lr > 0, "--psgd-precond-lr must be positive");
+    QOPT_CHECK(precond_init_scale > 0, "--psgd-precond-init-scale must be positive");
+    QOPT_CHECK(update_prob_min > 0 && update_prob_min <= update_prob_max && update_prob_max <= 1,
+               "PSGD update probabilities must satisfy 0 < min <= max <= 1");
+    QOPT_CHECK(update_prob_decay >= 0, "--psgd-update-prob-decay must be non-negative");
+    QOPT_CHECK(max_size_triangular > 0, "--psgd-max-size-triangular must be positive");
+}
+
+Json PsgdConfig::to_json() const {
+    Json j = Json::object();
+    j["lr"] = lr;
+    j["beta1"] = beta1;
+    j["precond_lr"] = precond_lr;
+    j["precond_init_scale"] = precond_init_scale;
+    j["update_prob_max"] = update_prob_max;
+    j["update_prob_min"] = update_prob_min;
+    j["update_prob_decay"] = update_prob_decay;
+    j["update_prob_flat_start"] = int64_t(update_prob_flat_start);
+    j["max_size_triangular"] = int64_t(max_size_triangular);
+    j["momentum_into_precond_update"] = momentum_into_precond_update;
+    j["seed"] = seed;
+    return j;
+}
+
+PsgdSchedule::Decision PsgdSchedule::next(const PsgdConfig& c) {
+    Decision d;
+    const double p = c.update_probability(prob_step);
+    ++update_counter;
+    d.update = double(update_counter) >= 1.0 / p;
+    if (d.update) update_counter = 0;
+    ++prob_step;
+    // One uniform draw per step, as the reference's rng.random() < 0.01.
+    const double u = double(mix64(c.seed ^ mix64(0xBA1A7CEull + balance_draws++)) >> 11) * (1.0 / 9007199254740992.0);
+    d.balance = u < 0.01 && d.update;
+    return d;
+}
+
+Json PsgdSchedule::to_json() const {
+    Json j = Json::object();
+    j["prob_step"] = int64_t(prob_step);
+    j["update_counter"] = int64_t(update_counter);
+    j["balance_draws"] = balance_draws;
+    return j;
+}
+
+PsgdSchedule PsgdSchedule::from_json(const Json& j) {
+    PsgdSchedule s;
+    s.prob_step = long(j.at("prob_step").as_int("prob_step"));
+    s.update_counter = long(j.at("update_counter").as_int("update_counter"));
+    s.balance_draws = j.at("balance_draws").as_uint("balance_draws");
+    return s;
+}
+
+void PsgdMatrixState::init(int rows, int cols, const PsgdConfig& c) {
+    QOPT_CHECK(rows <= c.max_size_triangular && cols <= c.max_size_triangular, "PSGD: a ", rows, " x ", cols,
+               " matrix needs a diagonal factor (above --psgd-max-size-triangular), which is not implemented");
+    momentum.assign(size_t(rows) * cols, 0.0f);
+    const double scale = std::sqrt(c.precond_init_scale);  // init_scale^(1 / order)
+    q_left.assign(size_t(rows) * rows, 0.0f);
+    q_right.assign(size_t(cols) * cols, 0.0f);
+    for (int i = 0; i < rows; ++i) q_left[size_t(i) * rows + i] = float(scale);
+    for (int i = 0; i < cols; ++i) q_right[size_t(i) * cols + i] = float(scale);
+}
+
+float psgd_probe(const PsgdConfig& c, long step, int matrix_index, size_t element) {
+    return counter_normal(c.seed, (uint64_t(step) << 20) ^ uint64_t(matrix_index), element);
+}
+
+double psgd_norm_lower_bound(const Dense& input) {
+    double max_abs = 0;
+    for (double x : input.values) max_abs = std::max(max_abs, std::abs(x));
+    if (max_abs == 0) return 0;
+    const int n = input.rows;
+    Dense a = input;
+    for (double& x : a.values) x /= max_abs;
+    int best = 0;
+    double best_sq = -1;
+    for (int j = 0; j < n; ++j) {
+        double sq = 0;
+        for (int i = 0; i < n; ++i) sq += a(i, j) * a(i, j);
+        if (sq > best_sq) best_sq = sq, best = j;
+    }
+    std::vector<double> x(n), y(n, 0.0);
+    for (int i = 0; i < n; ++i) x[i] = a(i, best);
+    std::vector<double> xa(n, 0.0);  // x^T a
+    for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) xa[j] += x[i] * a(i, j);
+    double norm = 0;
+    for (double v : xa) norm += v * v;
+    norm = std::sqrt(norm);
+    for (double& v : xa) v /= norm;
+    double out = 0;
+    for (int k = 0; k < n; ++k) {
+        double sum = 0;
+        for (int j = 0; j < n; ++j) sum += a(k, j) * xa[j];
+        out += sum * sum;
+    }
+    return std::sqrt(out) * max_abs;
+}
+
+namespace {
+
+Dense from_floats(const std::vector<float>& v, int rows, int cols) {
+    Dense d(rows, cols);
+    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
+    return d;
+}
+
+// q -= lr_p / lb(t1 + t2) * triu(t1 - t2) q
+void update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t2, double precond_lr) {
+    const int n = t1.rows;
+    Dense sum = t1, diff = t1;
+    for (size_t i = 0; i < sum.values.size(); ++i) {
+        sum.values[i] += t2.values[i];
+        diff.values[i] -= t2.values[i];
+    }
+    const double tiny = 1.17549435e-38;
+    const double bound = std::max(psgd_norm_lower_bound(sum), tiny);
+    for (int r = 0; r < n; ++r)
+        for (int c = 0; c < n; ++c) diff(r, c) = c >= r ? diff(r, c) * precond_lr / bound : 0.0;
+    const Dense q = from_floats(q_values, n, n);
+    const Dense step = matmul(diff, q);
+    for (size_t i = 0; i < q_values.size(); ++i) q_values[i] = float(q.values[i] - step.values[i]);
+}
+
+}  // namespace
+
+void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int rows, int cols, double lr,
+                     double weight_decay, long step, int matrix_index, PsgdSchedule::Decision decision,
+                     const PsgdConfig& c) {
+    const size_t n = size_t(rows) * cols;
+    const double debias = 1 - std::pow(c.beta1, double(step));
+    Dense d(rows, cols);
+    for (size_t i = 0; i < n; ++i) {
+        s.momentum[i] = float(c.beta1 * s.momentum[i] + (1 - c.beta1) * grad[i]);
+        d.values[i] = s.momentum[i] / debias;
+    }
+    if (decision.balance) {
+        // Both factors scaled to the geometric mean of their max-abs norms.
+        double left_max = 0, right_max = 0;
+        for (float x : s.q_left) left_max = std::max(left_max, double(std::abs(x)));
+        for (float x : s.q_right) right_max = std::max(right_max, double(std::abs(x)));
+        const double mean = std::sqrt(left_max * right_max);
+        for (float& x : s.q_left) x = float(x * (mean / left_max));
+        for (float& x : s.q_right) x = float(x * (mean / right_max));
+    }
+    if (decision.update) {
+        Dense probe(rows, cols);
+        for (size_t i = 0; i < n; ++i) probe.values[i] = psgd_probe(c, step, matrix_index, i);
+        Dense g(rows, cols);
+        for (size_t i = 0; i < n; ++i) g.values[i] = c.momentum_into_precond_update ? d.values[i] : grad[i];
+        double mean_abs = 0;
+        for (double x : g.values) mean_abs += std::abs(x);
+        mean_abs /= double(n);
+        const double noise = std::sqrt(1.1920928955078125e-07) * mean_abs;
+        for (size_t i = 0; i < n; ++i) g.values[i] += noise * probe.values[i];
+        if (c.momentum_into_precond_update) d = g;  // the reference perturbs the debiased momentum itself
+        const Dense q1 = from_floats(s.q_left, rows, rows), q2 = from_floats(s.q_right, cols, cols);
+        const Dense a = matmul(matmul(q1, g), q2, false, true);  // Q1 G Q2^T
+        // B = Q1^-T V Q2^-1:  (V^T Q1^-1)^T Q2^-1
+        const Dense b = solve_upper_right(solve_upper_right(probe.transposed(), q1).transposed(), q2);
+        update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
+        update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
+    }
+    const Dense q1 = from_floats(s.q_left, rows, rows), q2 = from_floats(s.q_right, cols, cols);
+    const Dense left = matmul(q1, q1, true, false), right = matmul(q2, q2, true, false);
+    Dense u = matmul(matmul(left, d), right);
+    const double rms = frobenius_norm(u) / std::sqrt(double(n));
+    const double clip = std::min(1.0, 1.1 / (rms + 1e-12));
+    for (size_t i = 0; i < n; ++i) {
+        const double p = param[i];
+        param[i] = float(p - lr * (u.values[i] * clip + weight_decay * p));
+    }
+}
+
+}  // namespace qopt

@@ -1,0 +1,58 @@
+// Shampoo as facebookresearch/optimizers' Distributed Shampoo computes it for a matrix, CPU
+// reference. The matrix is cut into blocks of at most block_size x block_size; each block B
+// (gradient G_B) has its own Kronecker factors and Adam grafting state:
+//   L += G G^T, R += G^T G        (beta2 = 1, the reference's default; else an EMA, bias-corrected)
+//   every `precondition_frequency` steps:  L_root = (L + eps I)^(-1/r), R_root likewise, by a
+//     symmetric eigendecomposition (eigenvalues shifted up to >= 0 first); r = 4 for matrices
+//   F = b1 F + (1 - b1) G, F_hat = F / (1 - b1^t)                    (filtered gradient)
+//   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
+//   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
+//   before the first root (t < start step): direction = A
+//   optional momentum: K = mu K + direction (Nesterov: direction + mu K); then
+//   W = W (1 - lr wd) - lr direction                                 (decoupled weight decay)
+#pragma once
+#include <vector>
+
+#include "core/json.hpp"
+#include "optim/dense.hpp"
+
+namespace qopt {
+
+struct ShampooConfig {
+    double lr = 1e-3;
+    double beta1 = 0.9, beta2 = 1.0;
+    double eps = 1e-12;
+    double momentum = 0.0;
+    bool nesterov = false;
+    int block_size = 1024;            // max_preconditioner_dim
+    int precondition_frequency = 10;  // the study's / PEERS.md setting (the reference's default is 1)
+    int start_preconditioning_step = -1;  // -1: precondition_frequency
+    int inverse_root = 0;                 // 0: 2 x tensor order = 4 for matrices
+    bool adam_grafting = true;            // grafting_config=AdamGraftingConfig (the study's choice)
+    double graft_beta2 = 0.999, graft_eps = 1e-8;
+    int root() const { return inverse_root > 0 ? inverse_root : 4; }
+    int start_step() const { return start_preconditioning_step > 0 ? start_preconditioning_step : precondition_frequency; }
+    void validate() const;
+    Json to_json() const;
+};
+
+// Block b of a [rows, cols] matrix: rows [row0, row0 + block_rows), cols likewise.
+struct ShampooBlock {
+    int row0, col0, block_rows, block_cols;
+};
+std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
+
+struct ShampooBlockState {
+    std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]
+    std::vector<float> filtered, graft_sq, momentum;        // [br, bc] (momentum only if used)
+    void init(const ShampooBlock& block, const ShampooConfig& c);
+};
+
+// (a + eps I)^(-1/root) for symmetric positive semi-definite a.
+Dense shampoo_inverse_root(const Dense& a, double eps, int root);
+
+// step: 1, 2, ... (the optimizer's step after incrementing).
+void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& blocks, int rows, int cols,
+                        double lr, double weight_decay, long step, const ShampooConfig& c);
+
+}  // namespace qopt

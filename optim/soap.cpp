@@ -1,0 +1,135 @@
+#include "optim/soap.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.hpp"
+
+namespace qopt {
+
+void SoapConfig::validate() const {
+    QOPT_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "--soap-beta1/--soap-beta2 must be in [0, 1)");
+    QOPT_CHECK(shampoo_beta < 1, "--soap-shampoo-beta must be < 1");
+    QOPT_CHECK(eps > 0, "--soap-eps must be positive");
+    QOPT_CHECK(precondition_frequency > 0, "--soap-precondition-frequency must be positive");
+    QOPT_CHECK(max_precond_dim > 0, "--soap-max-precond-dim must be positive");
+}
+
+Json SoapConfig::to_json() const {
+    Json j = Json::object();
+    j["lr"] = lr;
+    j["beta1"] = beta1;
+    j["beta2"] = beta2;
+    j["shampoo_beta"] = shampoo_beta;
+    j["eps"] = eps;
+    j["precondition_frequency"] = int64_t(precondition_frequency);
+    j["max_precond_dim"] = int64_t(max_precond_dim);
+    j["normalize_grads"] = normalize_grads;
+    j["correct_bias"] = correct_bias;
+    return j;
+}
+
+void SoapMatrixState::init(int rows, int cols) {
+    const size_t n = size_t(rows) * cols;
+    left.assign(size_t(rows) * rows, 0.0f);
+    right.assign(size_t(cols) * cols, 0.0f);
+    left_basis.assign(size_t(rows) * rows, 0.0f);
+    right_basis.assign(size_t(cols) * cols, 0.0f);
+    exp_avg.assign(n, 0.0f);
+    exp_avg_sq.assign(n, 0.0f);
+}
+
+namespace {
+
+Dense to_dense(const std::vector<float>& v, int rows, int cols) {
+    Dense d(rows, cols);
+    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
+    return d;
+}
+Dense to_dense(const float* v, int rows, int cols) {
+    Dense d(rows, cols);
+    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
+    return d;
+}
+void store(const Dense& d, std::vector<float>& v) {
+    v.resize(d.values.size());
+    for (size_t i = 0; i < d.values.size(); ++i) v[i] = float(d.values[i]);
+}
+
+// f = lerp(f, x, 1 - beta) = beta f + (1 - beta) x
+void lerp_factor(std::vector<float>& f, const Dense& x, double beta) {
+    for (size_t i = 0; i < f.size(); ++i) f[i] = float(beta * double(f[i]) + (1.0 - beta) * x.values[i]);
+}
+
+}  // namespace
+
+Dense soap_initial_basis(const Dense& factor) { return symmetric_eigen(factor).vectors; }
+
+Dense soap_refresh_basis(const Dense& factor, const Dense& basis, std::vector<int>& order) {
+    const int n = factor.rows;
+    const Dense projected = matmul(basis, matmul(factor, basis), true, false);  // Q^T L Q
+    order.resize(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return projected(a, a) > projected(b, b); });
+    Dense sorted(n, n);
+    for (int r = 0; r < n; ++r)
+        for (int j = 0; j < n; ++j) sorted(r, j) = basis(r, order[j]);
+    return householder_q(matmul(factor, sorted));
+}
+
+void soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int rows, int cols, double lr,
+                     double weight_decay, long call, const SoapConfig& c) {
+    const Dense g = to_dense(grad, rows, cols);
+    const double factor_beta = c.factor_beta();
+    if (call == 1) {
+        lerp_factor(s.left, matmul(g, g, false, true), factor_beta);
+        lerp_factor(s.right, matmul(g, g, true, false), factor_beta);
+        store(soap_initial_basis(to_dense(s.left, rows, rows)), s.left_basis);
+        store(soap_initial_basis(to_dense(s.right, cols, cols)), s.right_basis);
+        return;
+    }
+    const long t = call - 1;
+    Dense ql = to_dense(s.left_basis, rows, rows), qr = to_dense(s.right_basis, cols, cols);
+    const Dense rotated = matmul(matmul(ql, g, true, false), qr);
+    Dense direction(rows, cols);
+    for (size_t i = 0; i < direction.values.size(); ++i) {
+        const double x = rotated.values[i];
+        const double m = c.beta1 * double(s.exp_avg[i]) + (1 - c.beta1) * x;
+        const double v = c.beta2 * double(s.exp_avg_sq[i]) + (1 - c.beta2) * x * x;
+        s.exp_avg[i] = float(m);
+        s.exp_avg_sq[i] = float(v);
+        direction.values[i] = double(s.exp_avg[i]) / (std::sqrt(double(s.exp_avg_sq[i])) + c.eps);
+    }
+    Dense update = matmul(matmul(ql, direction), qr, false, true);
+    if (c.normalize_grads) {
+        const double rms = frobenius_norm(update) / std::sqrt(double(update.values.size()));
+        for (double& u : update.values) u /= 1e-30 + rms;
+    }
+    double step_size = lr;
+    if (c.correct_bias)
+        step_size *= std::sqrt(1 - std::pow(c.beta2, double(t))) / (1 - std::pow(c.beta1, double(t)));
+    for (size_t i = 0; i < update.values.size(); ++i) {
+        const double p = double(param[i]) - step_size * update.values[i];
+        param[i] = float(p - lr * weight_decay * p);
+    }
+    lerp_factor(s.left, matmul(g, g, false, true), factor_beta);
+    lerp_factor(s.right, matmul(g, g, true, false), factor_beta);
+    if (t % c.precondition_frequency == 0) {
+        // M back to the parameter space with the old bases, new bases, then M into the new ones.
+        const Dense m_original = matmul(matmul(ql, to_dense(s.exp_avg, rows, cols)), qr, false, true);
+        std::vector<int> left_order, right_order;
+        ql = soap_refresh_basis(to_dense(s.left, rows, rows), ql, left_order);
+        qr = soap_refresh_basis(to_dense(s.right, cols, cols), qr, right_order);
+        std::vector<float> v_sorted(s.exp_avg_sq.size());
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < cols; ++j)
+                v_sorted[size_t(r) * cols + j] = s.exp_avg_sq[size_t(left_order[r]) * cols + right_order[j]];
+        s.exp_avg_sq = v_sorted;
+        store(ql, s.left_basis);
+        store(qr, s.right_basis);
+        store(matmul(matmul(ql, m_original, true, false), qr), s.exp_avg);
+    }
+}
+
+}  // namespace qopt
