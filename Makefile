@@ -30,7 +30,7 @@ LIB_CU := $(foreach d,$(SRC_DIRS),$(wildcard $(d)/*.cu))
 LIB_OBJ := $(LIB_CPP:%.cpp=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.cu.o)
 LIB := $(BUILD)/libqopt.a
 
-BINARIES := train tokenize prepare_brown bench init_model
+BINARIES := train tokenize prepare_brown bench init_model optim_replay
 BIN := $(BINARIES:%=$(BUILD)/bin/%)
 TEST_SRC := $(wildcard tests/*.cpp)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/obj/%.o)
@@ -66,6 +66,7 @@ $(BUILD)/bin/tokenize: $(BUILD)/obj/train/tokenize_main.o $(LIB)
 $(BUILD)/bin/bench: $(BUILD)/obj/train/bench_main.o $(LIB)
 $(BUILD)/bin/init_model: $(BUILD)/obj/tools/init_model_main.o $(LIB)
 $(BUILD)/bin/prepare_brown: $(BUILD)/obj/tools/prepare_brown_main.o $(LIB)
+$(BUILD)/bin/optim_replay: $(BUILD)/obj/tools/optim_replay_main.o $(LIB)
 $(BUILD)/bin/%:
 	@mkdir -p $(dir $@)
 	$(CXX) $^ -o $@ $(LDFLAGS)

@@ -97,6 +97,9 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option("--psgd-momentum-into-precond-update", c.psgd.momentum_into_precond_update,
                    "Fit the preconditioner to the momentum instead of the gradient (true/false)")
         ->group(k);
+    app.add_option("--psgd-balance-prob", c.psgd.balance_probability,
+                   "Probability of rebalancing the factors' norms on a preconditioner update")
+        ->group(k);
     app.add_option("--psgd-seed", c.psgd.seed, "Seed of the random probes and rebalancing draws")->group(k);
 }
 

@@ -21,6 +21,7 @@ void PsgdConfig::validate() const {
                "PSGD update probabilities must satisfy 0 < min <= max <= 1");
     QOPT_CHECK(update_prob_decay >= 0, "--psgd-update-prob-decay must be non-negative");
     QOPT_CHECK(max_size_triangular > 0, "--psgd-max-size-triangular must be positive");
+    QOPT_CHECK(balance_probability >= 0 && balance_probability <= 1, "--psgd-balance-prob must be in [0, 1]");
 }
 
 Json PsgdConfig::to_json() const {
@@ -35,6 +36,7 @@ Json PsgdConfig::to_json() const {
     j["update_prob_flat_start"] = int64_t(update_prob_flat_start);
     j["max_size_triangular"] = int64_t(max_size_triangular);
     j["momentum_into_precond_update"] = momentum_into_precond_update;
+    j["balance_probability"] = balance_probability;
     j["seed"] = seed;
     return j;
 }
@@ -48,7 +50,7 @@ PsgdSchedule::Decision PsgdSchedule::next(const PsgdConfig& c) {
     ++prob_step;
     // One uniform draw per step, as the reference's rng.random() < 0.01.
     const double u = double(mix64(c.seed ^ mix64(0xBA1A7CEull + balance_draws++)) >> 11) * (1.0 / 9007199254740992.0);
-    d.balance = u < 0.01 && d.update;
+    d.balance = u < c.balance_probability && d.update;
     return d;
 }
 

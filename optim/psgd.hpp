@@ -32,6 +32,7 @@ struct PsgdConfig {
     long update_prob_flat_start = 500;
     int max_size_triangular = 8192;
     bool momentum_into_precond_update = true;
+    double balance_probability = 0.01;  // per preconditioner update, as the reference
     uint64_t seed = 42;
     double update_probability(long n) const;
     void validate() const;

@@ -64,7 +64,17 @@ TEST_CASE("GPU optimizers match the CPU references over several steps (adamw, mu
         }
         for (const auto& s : routing.scion) {
             CAPTURE(s.name);
-            CHECK(relative_error(slice(gpu_params, s.offset, s.numel, &start), slice(cpu_params, s.offset, s.numel, &start)) < 1e-4);
+            const auto gpu_delta = slice(gpu_params, s.offset, s.numel, &start);
+            const auto cpu_delta = slice(cpu_params, s.offset, s.numel, &start);
+            double worst = 0;
+            size_t worst_at = 0;
+            for (size_t i = 0; i < s.numel; ++i)
+                if (std::abs(gpu_delta[i] - cpu_delta[i]) > worst) worst = std::abs(gpu_delta[i] - cpu_delta[i]), worst_at = i;
+            CAPTURE(worst);
+            CAPTURE(worst_at);
+            CAPTURE(gpu_delta[worst_at]);
+            CAPTURE(cpu_delta[worst_at]);
+            CHECK(relative_error(gpu_delta, cpu_delta) < 1e-4);
         }
         for (const auto& m : routing.matrices) {
             CAPTURE(m.name);

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Compare qopt's optimizers with their published reference implementations.
+
+For each optimizer: random matrices (square, tall, wide) and a sequence of random gradients
+are written to a safetensors file; `optim_replay` applies the steps (CPU reference, and the
+GPU where --device cuda and qopt has it); the reference implementation, imported from
+--refs (a folder holding the references' own files: muon.py from KellerJordan/Muon,
+scion.py from LIONS-EPFL/scion, soap.py from nikhilvyas/SOAP, kron.py from
+evanatyourservice/kron_torch; they are not part of qopt), applies the same steps in PyTorch.
+The verdict compares each tensor's total change ||dW_qopt - dW_ref|| / ||dW_ref||.
+
+Matching choices: weight decay 0 unless the reference's default is used on both sides;
+PSGD's random probes are qopt's counter-based normals (computed here, bit-compatible in
+their inputs) fed to the reference through torch.randn_like, and the reference's rare
+norm rebalancing is switched off on both sides (--psgd-balance-prob 0). Distributed Shampoo
+is a package, not a file: pass its folder as --refs/distributed_shampoo to include it
+(not done here). Needs torch (the GPU machine has it).
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the references decorate helpers with torch.compile
+import torch  # noqa: E402
+
+SHAPES = {"square": (64, 64), "tall": (96, 48), "wide": (48, 96)}
+MASK = (1 << 64) - 1
+
+
+def write_safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        buf = bytearray(raw[8 + n + begin:8 + n + end])
+        out[name] = torch.frombuffer(buf, dtype=torch.float32).reshape(info["shape"]).clone()
+    return out
+
+
+# qopt's counter-based normal numbers (optim/optimizer_state.hpp), in Python integers.
+def mix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def psgd_probe(seed, step, matrix_index, shape):
+    stream = ((step << 20) ^ matrix_index) & MASK
+    base = mix64(seed ^ mix64(stream))
+    values = []
+    for index in range(shape[0] * shape[1]):
+        bits = mix64((base + index) & MASK)
+        u1 = (float((bits >> 40) & 0xFFFFFF) + 1.0) * (1.0 / 16777217.0)
+        u2 = float((bits >> 16) & 0xFFFFFF) * (1.0 / 16777216.0)
+        values.append(math.sqrt(-2.0 * math.log(u1)) * math.cos(6.283185307179586 * u2))
+    return torch.tensor(values, dtype=torch.float32).reshape(shape)
+
+
+def reference_run(name, start, grads, refs, steps):
+    sys.path.insert(0, refs)
+    params = [torch.nn.Parameter(start[k].clone()) for k in SHAPES]
+    if name == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    elif name == "muon":
+        import muon
+        opt = muon.SingleDeviceMuon(params, lr=0.02, weight_decay=0.0, momentum=0.95)
+    elif name == "scion":
+        import scion
+        opt = scion.Scion([{"params": params, "norm": "Spectral", "norm_kwargs": {}, "scale": 50.0}],
+                          lr=2 ** -12, momentum=0.1, unconstrained=False)
+    elif name == "soap":
+        import soap
+        opt = soap.SOAP(params, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+    elif name == "psgd":
+        import kron
+        opt = kron.Kron(params, lr=3e-4, b1=0.9, weight_decay=0.0)
+        opt.rng.random = lambda: 1.0  # no rebalancing (qopt: --psgd-balance-prob 0)
+        probes = []
+        kron.torch.randn_like = lambda g: probes.pop(0).to(g.dtype)
+    else:
+        raise SystemExit(f"no reference wired for {name}")
+    for k in range(steps):
+        if name == "psgd":
+            probes[:] = [psgd_probe(42, k + 1, i, SHAPES[s]) for i, s in enumerate(SHAPES)]
+        for p, s in zip(params, SHAPES):
+            p.grad = grads[f"{s}.grad.{k}"].clone()
+        opt.step()
+    return {s: p.detach().clone() for p, s in zip(params, SHAPES)}
+
+
+QOPT_FLAGS = {
+    "adamw": ["--weight-decay", "0.1"],
+    "muon": ["--weight-decay", "0"],
+    "scion": ["--weight-decay", "0"],
+    "soap": ["--weight-decay", "0.01"],
+    "psgd": ["--weight-decay", "0", "--psgd-balance-prob", "0"],
+}
+TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--refs", required=True, help="folder with muon.py, scion.py, soap.py, kron.py")
+    ap.add_argument("--replay", default="build/bin/optim_replay")
+    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "scion", "soap", "psgd"])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to also replay qopt's GPU step")
+    ap.add_argument("--work", default="/tmp/qopt_compare")
+    ap.add_argument("--json", default="", help="write the verdicts here")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    gen = torch.Generator().manual_seed(20261124)
+    start = {s: torch.randn(shape, generator=gen) * 0.1 for s, shape in SHAPES.items()}
+    tensors = dict(start)
+    for k in range(args.steps):
+        for s, shape in SHAPES.items():
+            tensors[f"{s}.grad.{k}"] = torch.randn(shape, generator=gen)
+    in_path = os.path.join(args.work, "replay_in.safetensors")
+    write_safetensors(in_path, tensors)
+    results = []
+    for name in args.optimizers:
+        ref = reference_run(name, start, tensors, args.refs, args.steps)
+        devices = ["cpu"] + (["cuda"] if args.device == "cuda" and name in ("adamw", "muon", "scion") else [])
+        for device in devices:
+            out_path = os.path.join(args.work, f"{name}_{device}.safetensors")
+            cmd = [args.replay, "--in", in_path, "--out", out_path, "--optimizer", name, "--device", device,
+                   "--steps", str(args.steps)] + QOPT_FLAGS[name]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            ours = read_safetensors(out_path)
+            errors = {}
+            for s in SHAPES:
+                d_ours, d_ref = ours[s] - start[s], ref[s] - start[s]
+                errors[s] = float((d_ours - d_ref).norm() / d_ref.norm())
+            worst = max(errors.values())
+            verdict = "agrees" if worst < TOLERANCE[name] else "DIFFERS"
+            results.append({"optimizer": name, "qopt_device": device, "steps": args.steps, "relative_error": errors,
+                            "tolerance": TOLERANCE[name], "verdict": verdict})
+            print(f"{name:6s} qopt {device:4s} vs reference, {args.steps} steps: " +
+                  ", ".join(f"{s} {e:.2e}" for s, e in errors.items()) + f"  -> {verdict} (tolerance {TOLERANCE[name]:g})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(r["verdict"] == "agrees" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
