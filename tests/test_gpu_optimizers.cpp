@@ -56,26 +56,17 @@ TEST_CASE("GPU optimizers match the CPU references over several steps (adamw, mu
         const std::vector<bf16> copy = d_copy.download();
         for (size_t i = 0; i < layout.total; ++i)
             REQUIRE(__bfloat162float(copy[i]) == __bfloat162float(__float2bfloat16(gpu_params[i])));
-        // The change of each tensor: fp32 element-wise rules to 1e-4, Newton-Schulz in bf16 to 3e-2.
+        // Newton-Schulz runs in bf16 on the GPU (as the reference) and in double on the CPU: 3e-2.
         const Routing routing = route_parameters(layout, c);
-        for (const auto& s : routing.adamw) {
+        // Element-wise rules: the final fp32 weights agree to a few roundings (the CPU rounds once
+        // per step from double, the GPU after each fp32 operation), and the change to 1e-3.
+        auto check_elementwise = [&](const TensorSlot& s) {
             CAPTURE(s.name);
-            CHECK(relative_error(slice(gpu_params, s.offset, s.numel, &start), slice(cpu_params, s.offset, s.numel, &start)) < 1e-4);
-        }
-        for (const auto& s : routing.scion) {
-            CAPTURE(s.name);
-            const auto gpu_delta = slice(gpu_params, s.offset, s.numel, &start);
-            const auto cpu_delta = slice(cpu_params, s.offset, s.numel, &start);
-            double worst = 0;
-            size_t worst_at = 0;
-            for (size_t i = 0; i < s.numel; ++i)
-                if (std::abs(gpu_delta[i] - cpu_delta[i]) > worst) worst = std::abs(gpu_delta[i] - cpu_delta[i]), worst_at = i;
-            CAPTURE(worst);
-            CAPTURE(worst_at);
-            CAPTURE(gpu_delta[worst_at]);
-            CAPTURE(cpu_delta[worst_at]);
-            CHECK(relative_error(gpu_delta, cpu_delta) < 1e-4);
-        }
+            CHECK(relative_error(slice(gpu_params, s.offset, s.numel), slice(cpu_params, s.offset, s.numel)) < 1e-6);
+            CHECK(relative_error(slice(gpu_params, s.offset, s.numel, &start), slice(cpu_params, s.offset, s.numel, &start)) < 1e-3);
+        };
+        for (const auto& s : routing.adamw) check_elementwise(s);
+        for (const auto& s : routing.scion) check_elementwise(s);
         for (const auto& m : routing.matrices) {
             CAPTURE(m.name);
             const size_t n = size_t(m.rows) * m.cols;

@@ -82,9 +82,9 @@ def psgd_probe(seed, step, matrix_index, shape):
     return torch.tensor(values, dtype=torch.float32).reshape(shape)
 
 
-def reference_run(name, start, grads, refs, steps):
+def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     sys.path.insert(0, refs)
-    params = [torch.nn.Parameter(start[k].clone()) for k in SHAPES]
+    params = [torch.nn.Parameter(start[k].clone().to(dtype)) for k in SHAPES]
     if name == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     elif name == "muon":
@@ -109,9 +109,9 @@ def reference_run(name, start, grads, refs, steps):
         if name == "psgd":
             probes[:] = [psgd_probe(42, k + 1, i, SHAPES[s]) for i, s in enumerate(SHAPES)]
         for p, s in zip(params, SHAPES):
-            p.grad = grads[f"{s}.grad.{k}"].clone()
+            p.grad = grads[f"{s}.grad.{k}"].clone().to(dtype)
         opt.step()
-    return {s: p.detach().clone() for p, s in zip(params, SHAPES)}
+    return {s: p.detach().clone().to(torch.float32) for p, s in zip(params, SHAPES)}
 
 
 QOPT_FLAGS = {
@@ -146,6 +146,11 @@ def main():
     results = []
     for name in args.optimizers:
         ref = reference_run(name, start, tensors, args.refs, args.steps)
+        # The reference against itself in float64: where its own result depends on rounding
+        # (SOAP's eigenbasis of a rank-deficient factor is arbitrary), this spread is large too.
+        ref64 = reference_run(name, start, tensors, args.refs, args.steps, torch.float64)
+        spread = {s: float(((ref64[s] - start[s]) - (ref[s] - start[s])).norm() / (ref[s] - start[s]).norm())
+                  for s in SHAPES}
         devices = ["cpu"] + (["cuda"] if args.device == "cuda" and name in ("adamw", "muon", "scion") else [])
         for device in devices:
             out_path = os.path.join(args.work, f"{name}_{device}.safetensors")
@@ -157,12 +162,14 @@ def main():
             for s in SHAPES:
                 d_ours, d_ref = ours[s] - start[s], ref[s] - start[s]
                 errors[s] = float((d_ours - d_ref).norm() / d_ref.norm())
-            worst = max(errors.values())
-            verdict = "agrees" if worst < TOLERANCE[name] else "DIFFERS"
+            # Agrees: within the tolerance, or within twice the reference's own float32/float64 spread.
+            verdicts = {s: errors[s] < TOLERANCE[name] or errors[s] < 2 * spread[s] for s in SHAPES}
+            verdict = "agrees" if all(verdicts.values()) else "DIFFERS"
             results.append({"optimizer": name, "qopt_device": device, "steps": args.steps, "relative_error": errors,
-                            "tolerance": TOLERANCE[name], "verdict": verdict})
+                            "reference_fp32_vs_fp64": spread, "tolerance": TOLERANCE[name], "verdict": verdict})
             print(f"{name:6s} qopt {device:4s} vs reference, {args.steps} steps: " +
-                  ", ".join(f"{s} {e:.2e}" for s, e in errors.items()) + f"  -> {verdict} (tolerance {TOLERANCE[name]:g})")
+                  ", ".join(f"{s} {errors[s]:.2e} (ref fp32/fp64 {spread[s]:.1e})" for s in SHAPES) +
+                  f"  -> {verdict} (tolerance {TOLERANCE[name]:g})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
