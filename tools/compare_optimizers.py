@@ -84,6 +84,7 @@ def psgd_probe(seed, step, matrix_index, shape):
 
 def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     sys.path.insert(0, refs)
+    torch.set_default_dtype(dtype)  # state the references create (SOAP's factors) follows the parameters
     params = [torch.nn.Parameter(start[k].clone().to(dtype)) for k in SHAPES]
     if name == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -111,6 +112,7 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
         for p, s in zip(params, SHAPES):
             p.grad = grads[f"{s}.grad.{k}"].clone().to(dtype)
         opt.step()
+    torch.set_default_dtype(torch.float32)
     return {s: p.detach().clone().to(torch.float32) for p, s in zip(params, SHAPES)}
 
 
