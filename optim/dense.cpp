@@ -148,4 +148,15 @@ double frobenius_norm(const Dense& a) {
     return std::sqrt(sum);
 }
 
+Dense dense_from(const float* values, int rows, int cols) {
+    Dense d(rows, cols);
+    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = values[i];
+    return d;
+}
+
+void store_floats(const Dense& d, std::vector<float>& out) {
+    out.resize(d.values.size());
+    for (size_t i = 0; i < d.values.size(); ++i) out[i] = float(d.values[i]);
+}
+
 }  // namespace qopt

@@ -39,4 +39,8 @@ Dense solve_upper_right(const Dense& x, const Dense& u);
 
 double frobenius_norm(const Dense& a);
 
+// fp32 state <-> Dense (the references keep state in fp32 and compute in double).
+Dense dense_from(const float* values, int rows, int cols);
+void store_floats(const Dense& d, std::vector<float>& out);
+
 }  // namespace qopt

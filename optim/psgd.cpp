@@ -119,12 +119,6 @@ double psgd_norm_lower_bound(const Dense& input) {
 
 namespace {
 
-Dense from_floats(const std::vector<float>& v, int rows, int cols) {
-    Dense d(rows, cols);
-    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
-    return d;
-}
-
 // q -= lr_p / lb(t1 + t2) * triu(t1 - t2) q
 void update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t2, double precond_lr) {
     const int n = t1.rows;
@@ -137,7 +131,7 @@ void update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t
     const double bound = std::max(psgd_norm_lower_bound(sum), tiny);
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < n; ++c) diff(r, c) = c >= r ? diff(r, c) * precond_lr / bound : 0.0;
-    const Dense q = from_floats(q_values, n, n);
+    const Dense q = dense_from(q_values.data(), n, n);
     const Dense step = matmul(diff, q);
     for (size_t i = 0; i < q_values.size(); ++i) q_values[i] = float(q.values[i] - step.values[i]);
 }
@@ -174,14 +168,14 @@ void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int ro
         const double noise = std::sqrt(1.1920928955078125e-07) * mean_abs;
         for (size_t i = 0; i < n; ++i) g.values[i] += noise * probe.values[i];
         if (c.momentum_into_precond_update) d = g;  // the reference perturbs the debiased momentum itself
-        const Dense q1 = from_floats(s.q_left, rows, rows), q2 = from_floats(s.q_right, cols, cols);
+        const Dense q1 = dense_from(s.q_left.data(), rows, rows), q2 = dense_from(s.q_right.data(), cols, cols);
         const Dense a = matmul(matmul(q1, g), q2, false, true);  // Q1 G Q2^T
         // B = Q1^-T V Q2^-1:  (V^T Q1^-1)^T Q2^-1
         const Dense b = solve_upper_right(solve_upper_right(probe.transposed(), q1).transposed(), q2);
         update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
         update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
     }
-    const Dense q1 = from_floats(s.q_left, rows, rows), q2 = from_floats(s.q_right, cols, cols);
+    const Dense q1 = dense_from(s.q_left.data(), rows, rows), q2 = dense_from(s.q_right.data(), cols, cols);
     const Dense left = matmul(q1, q1, true, false), right = matmul(q2, q2, true, false);
     Dense u = matmul(matmul(left, d), right);
     const double rms = frobenius_norm(u) / std::sqrt(double(n));

@@ -42,21 +42,6 @@ void SoapMatrixState::init(int rows, int cols) {
 
 namespace {
 
-Dense to_dense(const std::vector<float>& v, int rows, int cols) {
-    Dense d(rows, cols);
-    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
-    return d;
-}
-Dense to_dense(const float* v, int rows, int cols) {
-    Dense d(rows, cols);
-    for (size_t i = 0; i < d.values.size(); ++i) d.values[i] = v[i];
-    return d;
-}
-void store(const Dense& d, std::vector<float>& v) {
-    v.resize(d.values.size());
-    for (size_t i = 0; i < d.values.size(); ++i) v[i] = float(d.values[i]);
-}
-
 // f = lerp(f, x, 1 - beta) = beta f + (1 - beta) x
 void lerp_factor(std::vector<float>& f, const Dense& x, double beta) {
     for (size_t i = 0; i < f.size(); ++i) f[i] = float(beta * double(f[i]) + (1.0 - beta) * x.values[i]);
@@ -80,17 +65,17 @@ Dense soap_refresh_basis(const Dense& factor, const Dense& basis, std::vector<in
 
 void soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int rows, int cols, double lr,
                      double weight_decay, long call, const SoapConfig& c) {
-    const Dense g = to_dense(grad, rows, cols);
+    const Dense g = dense_from(grad, rows, cols);
     const double factor_beta = c.factor_beta();
     if (call == 1) {
         lerp_factor(s.left, matmul(g, g, false, true), factor_beta);
         lerp_factor(s.right, matmul(g, g, true, false), factor_beta);
-        store(soap_initial_basis(to_dense(s.left, rows, rows)), s.left_basis);
-        store(soap_initial_basis(to_dense(s.right, cols, cols)), s.right_basis);
+        store_floats(soap_initial_basis(dense_from(s.left.data(), rows, rows)), s.left_basis);
+        store_floats(soap_initial_basis(dense_from(s.right.data(), cols, cols)), s.right_basis);
         return;
     }
     const long t = call - 1;
-    Dense ql = to_dense(s.left_basis, rows, rows), qr = to_dense(s.right_basis, cols, cols);
+    Dense ql = dense_from(s.left_basis.data(), rows, rows), qr = dense_from(s.right_basis.data(), cols, cols);
     const Dense rotated = matmul(matmul(ql, g, true, false), qr);
     Dense direction(rows, cols);
     for (size_t i = 0; i < direction.values.size(); ++i) {
@@ -117,18 +102,18 @@ void soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int ro
     lerp_factor(s.right, matmul(g, g, true, false), factor_beta);
     if (t % c.precondition_frequency == 0) {
         // M back to the parameter space with the old bases, new bases, then M into the new ones.
-        const Dense m_original = matmul(matmul(ql, to_dense(s.exp_avg, rows, cols)), qr, false, true);
+        const Dense m_original = matmul(matmul(ql, dense_from(s.exp_avg.data(), rows, cols)), qr, false, true);
         std::vector<int> left_order, right_order;
-        ql = soap_refresh_basis(to_dense(s.left, rows, rows), ql, left_order);
-        qr = soap_refresh_basis(to_dense(s.right, cols, cols), qr, right_order);
+        ql = soap_refresh_basis(dense_from(s.left.data(), rows, rows), ql, left_order);
+        qr = soap_refresh_basis(dense_from(s.right.data(), cols, cols), qr, right_order);
         std::vector<float> v_sorted(s.exp_avg_sq.size());
         for (int r = 0; r < rows; ++r)
             for (int j = 0; j < cols; ++j)
                 v_sorted[size_t(r) * cols + j] = s.exp_avg_sq[size_t(left_order[r]) * cols + right_order[j]];
         s.exp_avg_sq = v_sorted;
-        store(ql, s.left_basis);
-        store(qr, s.right_basis);
-        store(matmul(matmul(ql, m_original, true, false), qr), s.exp_avg);
+        store_floats(ql, s.left_basis);
+        store_floats(qr, s.right_basis);
+        store_floats(matmul(matmul(ql, m_original, true, false), qr), s.exp_avg);
     }
 }
 

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "gpu_helpers.hpp"
+#include "train_helpers.hpp"
 #include "optim/gpu_optimizer.hpp"
 #include "optim/optimizer.hpp"
 #include "train/trainer.hpp"
@@ -103,23 +104,14 @@ TEST_CASE("GPU optimizers: the GPU refuses the CPU-only methods with a message")
 TEST_CASE("GPU training with muon and scion: the loss falls, nothing diverges") {
     REQUIRE_GPU();
     TempDir dir;
-    write_shard(dir / "train.bin", synthetic_tokens(20000, 64, 11));
-    write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
     for (const char* name : {"muon", "scion"}) {
         CAPTURE(name);
-        TrainOptions o;
-        o.preset = "olmo2-tiny";
-        o.vocab_size = 64;
-        o.max_seq_len = 32;
-        o.train_data = dir / "train.bin";
-        o.val_data = dir / "val.bin";
-        o.batch_size = 4;
-        o.seq_len = 32;
-        o.steps = 40;
+        // Each method at its reference defaults (the helper's lr is AdamW's for this model).
+        TrainOptions o = tiny_run(dir, 40);
+        o.optim.lr = 0;
         o.device = "cuda";
         o.optimizer = name;
-        o.warmup_steps = 5;
-        o.val_batches = 4;
+        o.keep_checkpoints = 3;
         o.out_dir = dir / (std::string("run_") + name);
         std::ostringstream log;
         const TrainResult r = run_training(o, log);

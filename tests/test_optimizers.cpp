@@ -5,6 +5,7 @@
 
 #include "core/error.hpp"
 #include "helpers.hpp"
+#include "train_helpers.hpp"
 #include "optim/dense.hpp"
 #include "optim/optimizer.hpp"
 #include "train/checkpoint.hpp"
@@ -378,23 +379,14 @@ TEST_CASE("every optimizer's state round-trips: saved, loaded into a new one, th
 
 TEST_CASE("each optimizer trains a tiny model on the CPU: the loss falls, nothing diverges") {
     TempDir dir;
-    write_shard(dir / "train.bin", synthetic_tokens(20000, 64, 11));
-    write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
     for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
         CAPTURE(name);
-        TrainOptions o;
-        o.preset = "olmo2-tiny";
-        o.vocab_size = 64;
-        o.max_seq_len = 32;
-        o.train_data = dir / "train.bin";
-        o.val_data = dir / "val.bin";
-        o.batch_size = 4;
-        o.seq_len = 32;
-        o.steps = 40;
+        // Each method at its reference defaults (the helper's lr is AdamW's for this model).
+        TrainOptions o = tiny_run(dir, 40);
+        o.optim.lr = 0;
         o.device = "cpu";
         o.optimizer = name;
-        o.warmup_steps = 5;
-        o.val_batches = 4;
+        o.keep_checkpoints = 3;
         o.out_dir = dir / (std::string("run_") + name);
         std::ostringstream log;
         const TrainResult r = run_training(o, log);
@@ -403,7 +395,7 @@ TEST_CASE("each optimizer trains a tiny model on the CPU: the loss falls, nothin
         CHECK(std::isfinite(r.val_loss_end));
         CHECK(r.val_loss_end < r.val_loss_start - 0.3);
         CHECK(log.str().find("optimizer routing:") != std::string::npos);
-        // The checkpoint holds this optimizer's state and resumes.
+        // The checkpoint holds this optimizer's state.
         const Checkpoint ckpt = read_checkpoint(r.last_checkpoint);
         CHECK(ckpt.optimizer.optimizer == name);
         CHECK(ckpt.optimizer.step == 40);

@@ -11,6 +11,7 @@
 
 #include "core/error.hpp"
 #include "helpers.hpp"
+#include "train_helpers.hpp"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "train/checkpoint.hpp"
@@ -20,29 +21,6 @@ using namespace qopt;
 using namespace qopt::test;
 
 namespace {
-
-// A tiny olmo2 on a learnable synthetic stream of 64 token ids.
-TrainOptions tiny_run(const TempDir& dir, long steps) {
-    if (!file_exists(dir / "train.bin")) {
-        write_shard(dir / "train.bin", synthetic_tokens(20000, 64, 11));
-        write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
-    }
-    TrainOptions o;
-    o.preset = "olmo2-tiny";
-    o.vocab_size = 64;
-    o.max_seq_len = 32;
-    o.train_data = dir / "train.bin";
-    o.val_data = dir / "val.bin";
-    o.batch_size = 4;
-    o.seq_len = 32;
-    o.steps = steps;
-    o.optim.lr = 1e-2;
-    o.warmup_steps = std::min(5L, steps);
-    o.val_batches = 4;
-    o.out_dir = dir / "run";
-    o.keep_checkpoints = 0;
-    return o;
-}
 
 std::string bin(const char* name) { return bin_dir() + "/" + name; }
 
