@@ -124,14 +124,12 @@ private:
     void visit(const BufferVisitor& fn) {
         for (size_t i = 0; i < routing_.adamw.size(); ++i) {
             const TensorSlot& s = routing_.adamw[i];
-            const std::vector<int64_t> shape = s.rows == 1 ? std::vector<int64_t>{s.cols} : std::vector<int64_t>{s.rows, s.cols};
-            fn(s.name + ".exp_avg", shape, adam_m_[i]);
-            fn(s.name + ".exp_avg_sq", shape, adam_v_[i]);
+            fn(s.name + ".exp_avg", s.shape, adam_m_[i]);
+            fn(s.name + ".exp_avg_sq", s.shape, adam_v_[i]);
         }
         for (size_t i = 0; i < routing_.scion.size(); ++i) {
             const TensorSlot& s = routing_.scion[i];
-            fn(s.name + ".momentum", s.rows == 1 ? std::vector<int64_t>{s.cols} : std::vector<int64_t>{s.rows, s.cols},
-               scion_momentum_[i]);
+            fn(s.name + ".momentum", s.shape, scion_momentum_[i]);
         }
         for (size_t i = 0; i < routing_.matrices.size(); ++i) {
             const MatrixSlot& m = routing_.matrices[i];

@@ -152,22 +152,19 @@ OptimizerState GpuOptimizer::state() const {
     OptimizerState state;
     state.optimizer = optimizer_name(config_.kind);
     state.step = step_;
-    auto shape_of = [](int rows, int cols) {
-        return rows == 1 ? std::vector<int64_t>{cols} : std::vector<int64_t>{rows, cols};
-    };
     const std::vector<float> m = adam_m_.download(), v = adam_v_.download();
     for (size_t i = 0; i < routing_.adamw.size(); ++i) {
         const TensorSlot& s = routing_.adamw[i];
         const auto begin = m.begin() + long(adam_offsets_[i]);
-        state.tensors.push_back({s.name + ".exp_avg", shape_of(s.rows, s.cols), {begin, begin + long(s.numel)}});
+        state.tensors.push_back({s.name + ".exp_avg", s.shape, {begin, begin + long(s.numel)}});
         const auto vbegin = v.begin() + long(adam_offsets_[i]);
-        state.tensors.push_back({s.name + ".exp_avg_sq", shape_of(s.rows, s.cols), {vbegin, vbegin + long(s.numel)}});
+        state.tensors.push_back({s.name + ".exp_avg_sq", s.shape, {vbegin, vbegin + long(s.numel)}});
     }
     const std::vector<float> sm = scion_momentum_.download();
     for (size_t i = 0; i < routing_.scion.size(); ++i) {
         const TensorSlot& s = routing_.scion[i];
         const auto begin = sm.begin() + long(scion_offsets_[i]);
-        state.tensors.push_back({s.name + ".momentum", shape_of(s.rows, s.cols), {begin, begin + long(s.numel)}});
+        state.tensors.push_back({s.name + ".momentum", s.shape, {begin, begin + long(s.numel)}});
     }
     for (const Group& g : groups_) {
         const std::vector<float> all = g.momentum.download();

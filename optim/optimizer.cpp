@@ -92,13 +92,18 @@ Json OptimizerConfig::to_json() const {
     return j;
 }
 
+void resolve_optimizer(const std::string& name, OptimizerConfig& config) {
+    config.kind = parse_optimizer(name);
+    config.validate();
+}
+
 Routing route_parameters(const ParamLayout& layout, const OptimizerConfig& config) {
     Routing routing;
     const bool adamw_only = config.kind == OptimizerKind::AdamW;
     for (const auto& t : layout.tensors) {
         const int rows = t.shape.size() == 2 ? int(t.shape[0]) : 1;
         const int cols = t.shape.size() == 2 ? int(t.shape[1]) : int(t.shape[0]);
-        TensorSlot slot{t.name, t.offset, t.numel, rows, cols, decays_by_default(t), ScionNorm::BiasRMS, 0.0};
+        TensorSlot slot{t.name, t.offset, t.numel, t.shape, rows, cols, decays_by_default(t), ScionNorm::BiasRMS, 0.0};
         if (!adamw_only && t.kind == ParamKind::Matrix) {
             // The fused [3C, C] qkv weight is three C x C maps (q, k, v).
             const bool fused_qkv = t.name.find("attn.qkv.weight") != std::string::npos;

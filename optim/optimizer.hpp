@@ -65,7 +65,8 @@ struct MatrixSlot {
 struct TensorSlot {
     std::string name;
     size_t offset, numel;
-    int rows, cols;       // 2-D view (1-D: rows 1)
+    std::vector<int64_t> shape;  // the parameter's own shape (state tensors have it too)
+    int rows, cols;              // 2-D view (1-D: rows 1)
     bool decay;           // gets weight decay
     ScionNorm scion_norm;  // Scion only
     double scion_scale;    // Scion only
@@ -77,6 +78,9 @@ struct Routing {
     std::vector<TensorSlot> scion;     // Scion's element-wise LMOs (embedding, vectors)
     std::string describe() const;      // one line per group, for the run log
 };
+// Sets config.kind from an --optimizer name and validates every setting.
+void resolve_optimizer(const std::string& name, OptimizerConfig& config);
+
 Routing route_parameters(const ParamLayout& layout, const OptimizerConfig& config);
 
 // An optimizer over a model's flat fp32 parameter buffer.

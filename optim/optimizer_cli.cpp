@@ -103,9 +103,4 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option("--psgd-seed", c.psgd.seed, "Seed of the random probes and rebalancing draws")->group(k);
 }
 
-void resolve_optimizer(const std::string& name, OptimizerConfig& config) {
-    config.kind = parse_optimizer(name);
-    config.validate();
-}
-
 }  // namespace qopt

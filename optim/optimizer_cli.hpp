@@ -8,8 +8,7 @@
 
 namespace qopt {
 
-// `name` receives --optimizer; call resolve_optimizer(name, config) after parsing.
+// `name` receives --optimizer; call resolve_optimizer(name, config) (optim/optimizer.hpp) after parsing.
 void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& config);
-void resolve_optimizer(const std::string& name, OptimizerConfig& config);
 
 }  // namespace qopt

@@ -68,7 +68,7 @@ __global__ void ns_normalize_kernel(bf16* x, const float* partials, int64_t n) {
     __shared__ float scale;
     if (threadIdx.x == 0) {
         float sum = 0;
-        for (int p = 0; p < kNsPartials; ++p) sum += partials[b * kNsPartials + p];
+        for (int p = 0; p < int(gridDim.x); ++p) sum += partials[b * kNsPartials + p];  // same grid as the prepare pass
         scale = 1.0f / (sqrtf(sum) + 1e-7f);
     }
     __syncthreads();
@@ -107,12 +107,10 @@ __global__ void scion_rows_kernel(float* params, const float* grads, float* mome
         sum_sq += mi * mi;
     }
     float inv_divisor = 1.0f / float(cols);  // sign
-    if (mode != 0) {
+    if (mode != 0) {  // mode is the same for the whole block, so every thread reaches block_sum
         const float total = block_sum(sum_sq);
         inv_divisor = mode == 1 ? 1.0f / (sqrtf(total / float(cols)) + 1e-8f)
                                 : 1.0f / (sqrtf(total) * sqrtf(float(cols)) + 1e-8f);
-    } else {
-        __syncthreads();
     }
     const float keep = unconstrained ? 1.0f - lr * (decay ? weight_decay : 0.0f) : 1.0f - lr;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
@@ -146,9 +144,7 @@ void adamw_chunks_gpu(float* params, const float* grads, float* m, float* v, bf1
 void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grads, const int64_t* offsets, int count,
                     int64_t n, float grad_scale, float m_keep, float g_weight, float u_grad, float u_momentum,
                     cudaStream_t stream) {
-    // Every partial is written: blocks beyond the data write 0 (grid x is exactly kNsPartials
-    // or fewer, so zero the rest first).
-    CUDA_CHECK(cudaMemsetAsync(partials, 0, sizeof(float) * size_t(count) * kNsPartials, stream));
+    // Both passes use the same grid: the normaliser reads the gridDim.x partials written here.
     const dim3 grid = group_grid(n, count);
     ns_prepare_kernel<<<grid, 256, 0, stream>>>(x, momentum, partials, grads, offsets, n, grad_scale, m_keep, g_weight,
                                                 u_grad, u_momentum);

@@ -20,7 +20,7 @@ void adamw_chunks_gpu(float* params, const float* grads, float* m, float* v, bf1
 // Newton-Schulz input for a group of `count` matrices of n elements each (matrix b at
 // params/grads + offsets[b], momentum and x at b * n):
 //   m = m_keep m + g_weight g,   u = u_grad g + u_momentum m,   x = bf16(u) / (||bf16(u)||_F + 1e-7)
-// partials: scratch of count * kNsPartials floats.
+// partials: scratch of count * kNsPartials floats (no need to clear it).
 constexpr int kNsPartials = 64;
 void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grads, const int64_t* offsets, int count,
                     int64_t n, float grad_scale, float m_keep, float g_weight, float u_grad, float u_momentum,

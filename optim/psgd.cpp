@@ -99,7 +99,7 @@ double psgd_norm_lower_bound(const Dense& input) {
         for (int i = 0; i < n; ++i) sq += a(i, j) * a(i, j);
         if (sq > best_sq) best_sq = sq, best = j;
     }
-    std::vector<double> x(n), y(n, 0.0);
+    std::vector<double> x(n);
     for (int i = 0; i < n; ++i) x[i] = a(i, best);
     std::vector<double> xa(n, 0.0);  // x^T a
     for (int i = 0; i < n; ++i)

@@ -106,13 +106,7 @@ TEST_CASE("GPU training with muon and scion: the loss falls, nothing diverges") 
     TempDir dir;
     for (const char* name : {"muon", "scion"}) {
         CAPTURE(name);
-        // Each method at its reference defaults (the helper's lr is AdamW's for this model).
-        TrainOptions o = tiny_run(dir, 40);
-        o.optim.lr = 0;
-        o.device = "cuda";
-        o.optimizer = name;
-        o.keep_checkpoints = 3;
-        o.out_dir = dir / (std::string("run_") + name);
+        const TrainOptions o = tiny_optimizer_run(dir, name, "cuda");
         std::ostringstream log;
         const TrainResult r = run_training(o, log);
         CAPTURE(log.str());

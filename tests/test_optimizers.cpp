@@ -381,13 +381,7 @@ TEST_CASE("each optimizer trains a tiny model on the CPU: the loss falls, nothin
     TempDir dir;
     for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
         CAPTURE(name);
-        // Each method at its reference defaults (the helper's lr is AdamW's for this model).
-        TrainOptions o = tiny_run(dir, 40);
-        o.optim.lr = 0;
-        o.device = "cpu";
-        o.optimizer = name;
-        o.keep_checkpoints = 3;
-        o.out_dir = dir / (std::string("run_") + name);
+        const TrainOptions o = tiny_optimizer_run(dir, name, "cpu");
         std::ostringstream log;
         const TrainResult r = run_training(o, log);
         CAPTURE(log.str());

@@ -2,6 +2,7 @@
 // into `dir` on first use), shared by the training and optimizer tests.
 #pragma once
 #include <algorithm>
+#include <string>
 
 #include "helpers.hpp"
 #include "train/trainer.hpp"
@@ -27,6 +28,18 @@ inline TrainOptions tiny_run(const TempDir& dir, long steps) {
     o.val_batches = 4;
     o.out_dir = dir / "run";
     o.keep_checkpoints = 0;
+    return o;
+}
+
+// The same run, 40 steps, with optimizer `name` at its reference defaults (tiny_run's lr is
+// AdamW's for this model), on `device`, in its own folder.
+inline TrainOptions tiny_optimizer_run(const TempDir& dir, const std::string& name, const std::string& device) {
+    TrainOptions o = tiny_run(dir, 40);
+    o.optim.lr = 0;
+    o.device = device;
+    o.optimizer = name;
+    o.keep_checkpoints = 3;
+    o.out_dir = dir / ("run_" + name);
     return o;
 }
 

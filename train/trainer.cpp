@@ -63,8 +63,7 @@ ModelConfig resolve_model_config(const TrainOptions& o) {
 
 OptimizerConfig resolve_optimizer_config(const TrainOptions& o) {
     OptimizerConfig config = o.optim;
-    config.kind = parse_optimizer(o.optimizer);
-    config.validate();
+    resolve_optimizer(o.optimizer, config);
     return config;
 }
 
@@ -109,16 +108,16 @@ static std::string format_duration(double seconds) {
     return buf;
 }
 
-static Json run_settings(const TrainOptions& o, long total_steps) {
+static Json run_settings(const TrainOptions& o, const OptimizerConfig& optimizer, long total_steps) {
     Json run = Json::object();
     run["preset"] = o.preset;
     run["optimizer"] = o.optimizer;
-    run["optimizer_settings"] = resolve_optimizer_config(o).to_json();
+    run["optimizer_settings"] = optimizer.to_json();
     run["batch_size"] = o.batch_size;
     run["seq_len"] = o.seq_len;
     run["grad_accum"] = o.grad_accum;
     run["total_steps"] = int64_t(total_steps);
-    run["lr"] = resolve_optimizer_config(o).method_lr();
+    run["lr"] = optimizer.method_lr();
     run["schedule"] = o.schedule;
     run["warmup_steps"] = int64_t(o.warmup_steps);
     run["grad_clip"] = o.grad_clip;
@@ -254,7 +253,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         state.train_position = train_loader.position();
         state.rng_state = rng.state();
         ckpt.state = state;
-        ckpt.run = run_settings(options, total_steps);
+        ckpt.run = run_settings(options, optimizer, total_steps);
         ckpt.params = backend->params();
         ckpt.optimizer = backend->optimizer_state();
         std::string path = write_checkpoint(options.out_dir, ckpt);
