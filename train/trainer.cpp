@@ -207,12 +207,16 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     log << "data: " << train_loader.paths().size() << " train shard(s), " << with_commas(train_loader.total_tokens())
         << " tokens; " << with_commas(tokens_per_step) << " tokens per step (" << options.batch_size << " x "
         << options.seq_len << " x " << options.grad_accum << " accumulation)\n";
+    // AdamW's settings only where some tensor is AdamW's (Scion routes none to it).
+    const Routing routing = route_parameters(layout, optimizer);
     log << "optimizer: " << optimizer_name(optimizer.kind) << " lr " << optimizer.method_lr();
-    if (optimizer.kind != OptimizerKind::AdamW) log << ", AdamW lr " << optimizer.aux_adamw_lr();
-    log << " (" << options.schedule << ", warmup " << options.warmup_steps << "), AdamW betas "
-        << optimizer.adamw.beta1 << "/" << optimizer.adamw.beta2 << ", weight decay " << optimizer.weight_decay()
-        << " on 2-D tensors, clip " << options.grad_clip << "; " << total_steps << " steps\n";
-    log << "optimizer routing: " << route_parameters(layout, optimizer).describe() << "\n";
+    if (optimizer.kind != OptimizerKind::AdamW && !routing.adamw.empty())
+        log << ", AdamW lr " << optimizer.aux_adamw_lr();
+    log << " (" << options.schedule << ", warmup " << options.warmup_steps << ")";
+    if (!routing.adamw.empty()) log << ", AdamW betas " << optimizer.adamw.beta1 << "/" << optimizer.adamw.beta2;
+    log << ", weight decay " << optimizer.weight_decay() << " on 2-D tensors, clip " << options.grad_clip << "; "
+        << total_steps << " steps\n";
+    log << "optimizer routing: " << routing.describe() << "\n";
     log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB\n";
 
     std::ofstream metrics(options.out_dir + "/metrics.jsonl", std::ios::app);
