@@ -49,5 +49,7 @@ template class DeviceBuffer<float>;
 template class DeviceBuffer<bf16>;
 template class DeviceBuffer<int>;
 template class DeviceBuffer<int64_t>;
+template class DeviceBuffer<double>;
+template class DeviceBuffer<uint8_t>;
 
 }  // namespace qopt

@@ -1,0 +1,140 @@
+// Uniform quantizers of 2..8 bits: the spec, its grid, and the CPU reference of quantize /
+// dequantize / fake-quant. The CUDA kernels (quant/quant_kernels.cu) implement the same
+// arithmetic; tests compare them.
+//
+// A tensor [rows, cols] is cut into groups that share one grid: the whole tensor, one row
+// (per output channel for weights [out, in], per token for activations [tokens, dim]), or
+// `group_size` consecutive elements of a row. A group's grid is affine,
+//     value(code) = (code + offset) * step,   code in [code_min, code_max],
+//     code(x)     = clamp(rint(x / step - offset), code_min, code_max)     (rint: ties to even)
+// with three shapes:
+//   symmetric  codes -(2^(b-1)-1) .. 2^(b-1)-1, offset 0, step = range / (2^(b-1)-1)   (has a zero)
+//   asymmetric codes -2^(b-1) .. 2^(b-1)-1, step = (hi - lo) / (2^b-1) over [lo, hi], offset =
+//              2^(b-1) - zero_point (the usual unsigned codes 0 .. 2^b-1 shifted to signed ones)
+//   centered   QuEST's grid: codes -2^(b-1) .. 2^(b-1)-1, offset 1/2, step = 2 range / (2^b-1)
+//              (2^b levels at odd multiples of step/2, no zero level)
+// where `range` (the clip value) comes from the scale rule:
+//   absmax     range = max |x|                     (asymmetric: lo/hi = min/max)
+//   clip       range = clip_ratio * max |x|        (asymmetric: clip_ratio * min/max)
+//   mse        the ratio in {1, 1 - 1/mse_grid, ..., 1/mse_grid ... } minimising sum (x - q(x))^2
+//   gaussian   range = alpha_b * RMS(group) + 1e-8, alpha_b the MSE-optimal clip multiple of a
+//              standard Gaussian for the centered b-bit grid (QuEST; after a Hadamard
+//              transform the entries are close to Gaussian)
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+// Grid arithmetic is shared by the CPU reference and the CUDA kernels, with every operation
+// rounded on its own (no fused multiply-add on the device) so both give the same bits.
+#ifdef __CUDACC__
+#define QOPT_HD __host__ __device__
+#else
+#define QOPT_HD
+#endif
+
+namespace qopt {
+
+enum class QuantGrid { Symmetric, Asymmetric, Centered };
+enum class ScaleRule { Absmax, Clip, Mse, Gaussian };
+enum class Granularity { Tensor, Row, Group };
+
+struct QuantSpec {
+    int bits = 16;  // 2..8 quantize; 16: off (the tensor is left as it is)
+    QuantGrid grid = QuantGrid::Symmetric;
+    ScaleRule rule = ScaleRule::Absmax;
+    Granularity granularity = Granularity::Row;
+    int group_size = 0;       // Granularity::Group only
+    float clip_ratio = 1.0f;  // ScaleRule::Clip
+    int mse_grid = 100;       // ScaleRule::Mse: candidate ratios k / mse_grid, k = mse_grid .. mse_grid/5
+
+    bool enabled() const { return bits <= 8; }
+    // Elements per group for a row of `cols` (the whole tensor counts as one group of rows*cols).
+    int group_cols(int cols) const { return granularity == Granularity::Group ? group_size : cols; }
+    void validate(int cols = 0) const;  // throws qopt::Error; cols > 0 also checks that groups tile a row
+    std::string describe() const;       // "int4 symmetric absmax per-row"
+};
+
+// QuEST's MSE-optimal Gaussian clip multiples alpha_1 .. alpha_8 for the centered grid.
+float gaussian_clip_multiple(int bits);
+
+// One group's grid.
+struct GroupGrid {
+    float step = 0, offset = 0;
+    int code_min = 0, code_max = 0;
+};
+
+// Parsing of the CLI words; each throws naming the accepted values.
+QuantGrid parse_quant_grid(const std::string& name);
+ScaleRule parse_scale_rule(const std::string& name);
+Granularity parse_granularity(const std::string& name);
+const char* quant_grid_name(QuantGrid grid);
+const char* scale_rule_name(ScaleRule rule);
+const char* granularity_name(Granularity granularity);
+
+QOPT_HD inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+// The grid of `bits` with clip value hi (symmetric, centered: the range is [-hi, hi]) or clip
+// interval [lo, hi] (asymmetric, widened to contain 0 so that zero is exact).
+QOPT_HD inline GroupGrid make_grid(QuantGrid grid, int bits, float lo, float hi) {
+    const float tiny = 1e-30f;  // an all-zero group still gets a finite step
+    GroupGrid g;
+    const int levels = 1 << bits;
+    if (grid == QuantGrid::Symmetric) {
+        g.code_max = levels / 2 - 1;
+        g.code_min = -g.code_max;
+        g.step = fmaxf(hi, tiny) / float(g.code_max);
+        g.offset = 0;
+    } else if (grid == QuantGrid::Centered) {
+        g.code_min = -levels / 2;
+        g.code_max = levels / 2 - 1;
+        g.step = mul_rn(2.0f, fmaxf(hi, tiny)) / float(levels - 1);
+        g.offset = 0.5f;
+    } else {
+        lo = fminf(lo, 0.0f), hi = fmaxf(hi, 0.0f);
+        g.code_min = -levels / 2;
+        g.code_max = levels / 2 - 1;
+        g.step = fmaxf(hi - lo, tiny) / float(levels - 1);
+        g.offset = float(levels / 2) - rintf(-lo / g.step);  // codes shifted to signed: 2^(b-1) - zero point
+    }
+    return g;
+}
+inline GroupGrid make_grid(const QuantSpec& spec, float lo, float hi) { return make_grid(spec.grid, spec.bits, lo, hi); }
+
+QOPT_HD inline int quant_code(const GroupGrid& g, float x) {
+    float code = rintf(x / g.step - g.offset);
+    code = fminf(fmaxf(code, float(g.code_min)), float(g.code_max));
+    return int(code);
+}
+QOPT_HD inline float quant_value(const GroupGrid& g, int code) { return mul_rn(float(code) + g.offset, g.step); }
+
+// The grid the spec's rule picks for these n values (read with a stride of 1).
+GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n);
+
+// Quantized tensor [rows, cols]: integer codes (int8 holds every width up to 8 bits) and one
+// grid per group, groups in row-major order (per-tensor: 1; per-row: rows; per-group:
+// rows * cols / group_size).
+struct QuantizedTensor {
+    int rows = 0, cols = 0;
+    QuantSpec spec;
+    std::vector<int8_t> codes;
+    std::vector<GroupGrid> grids;
+    std::vector<float> dequantize() const;
+};
+QuantizedTensor quantize_cpu(const float* values, int rows, int cols, const QuantSpec& spec);
+
+// Fake-quant (quantize then dequantize), CPU reference, with the backward mask of the
+// estimator: keep[i] = 1 where the gradient passes. STE (trust < 0): everywhere. Trust
+// (QuEST): where |q(x) - x| <= trust * RMS(group), or, with trust == 0, where the error is
+// at most half a step (inside the clip range). keep may be null.
+template <typename T>
+void fake_quant_cpu(T* out, uint8_t* keep, const T* in, int rows, int cols, const QuantSpec& spec, float trust);
+
+}  // namespace qopt

@@ -1,0 +1,155 @@
+// Quantization kernels against their CPU references (quant/hadamard.hpp, quant/quantizer.hpp)
+// on fresh random inputs. The rotation does the same additions in the same order, so fp32
+// results must be equal to the bit. Fake-quant shares the grid arithmetic with the CPU but
+// sums squares in another order, so a code may differ where an element sits on a rounding
+// boundary: at most 1 in 1000 elements, and then by one step. Skips without a GPU.
+#include <cstring>
+#include <tuple>
+
+#include "gpu_helpers.hpp"
+#include "kernels/elementwise.hpp"
+#include "quant/hadamard.hpp"
+#include "quant/quant_gpu.hpp"
+#include "quant/quantizer.hpp"
+
+using namespace qopt;
+using namespace qopt::test;
+
+namespace {
+
+std::vector<float> bf16_to_float(const std::vector<bf16>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = __bfloat162float(v[i]);
+    return out;
+}
+
+float round_bf16(float x) {
+    const uint32_t bits = uint32_t(to_bf16_bits_cpu(x)) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("GPU Hadamard rotation equals the CPU reference (fp32 to the bit, bf16 within rounding)") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (auto [rows, cols, block] : {std::tuple{3, 16, 16}, std::tuple{37, 768, 128}, std::tuple{5, 3072, 1024},
+                                     std::tuple{2, 16384, 16384}, std::tuple{11, 96, 32}}) {
+        CAPTURE(cols);
+        CAPTURE(block);
+        const std::vector<float> x = random_vector<float>(size_t(rows) * cols, gen);
+        std::vector<float> expected = x;
+        hadamard_rows_cpu(expected.data(), rows, cols, block);
+        DeviceBuffer<float> data = uploaded(x);
+        hadamard_rows_gpu(data.data(), rows, cols, block);
+        CHECK(data.download() == expected);
+
+        const Bf16Input xb = random_bf16(size_t(rows) * cols, gen);
+        std::vector<float> expected_b(xb.exact.begin(), xb.exact.end());
+        hadamard_rows_cpu(expected_b.data(), rows, cols, block);
+        DeviceBuffer<bf16> data_b = uploaded(xb.device_values);
+        hadamard_rows_gpu(data_b.data(), rows, cols, block);
+        CHECK(relative_error(bf16_to_float(data_b.download()), expected_b) < 4e-3);
+    }
+}
+
+TEST_CASE("GPU rotate + fake-quant equals the CPU reference for every grid, rule and granularity") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int rows = 67, cols = 768;
+    for (QuantGrid grid : {QuantGrid::Symmetric, QuantGrid::Asymmetric, QuantGrid::Centered})
+        for (ScaleRule rule : {ScaleRule::Absmax, ScaleRule::Clip, ScaleRule::Mse, ScaleRule::Gaussian})
+            for (Granularity granularity : {Granularity::Tensor, Granularity::Row, Granularity::Group})
+                for (int block : {0, 128}) {
+                    if (rule == ScaleRule::Gaussian && grid == QuantGrid::Asymmetric) continue;
+                    if (rule == ScaleRule::Mse && granularity == Granularity::Tensor) continue;  // CPU-only
+                    QuantSpec spec;
+                    spec.bits = rule == ScaleRule::Mse ? 3 : 4;
+                    spec.grid = grid, spec.rule = rule, spec.granularity = granularity, spec.group_size = 64;
+                    spec.clip_ratio = 0.8f;
+                    const float trust = rule == ScaleRule::Gaussian ? 0.3f : 0.0f;
+                    CAPTURE(spec.describe());
+                    CAPTURE(block);
+                    const bool fp32_input = block == 0;  // both input types, alternating
+                    const Bf16Input xb = random_bf16(size_t(rows) * cols, gen, 2.0);
+                    std::vector<float> x(xb.exact.begin(), xb.exact.end());
+                    if (fp32_input) x = random_vector<float>(size_t(rows) * cols, gen, 2.0);
+                    // x[0] an outlier so clipping rules differ from absmax
+                    x[5] = 40.0f;
+                    std::vector<float> rotated = x;
+                    hadamard_rows_cpu(rotated.data(), rows, cols, block);
+                    std::vector<float> expected(x.size());
+                    std::vector<uint8_t> expected_keep(x.size());
+                    fake_quant_cpu(expected.data(), expected_keep.data(), rotated.data(), rows, cols, spec, trust);
+
+                    DeviceBuffer<bf16> out = poisoned<bf16>(x.size());
+                    DeviceBuffer<uint8_t> keep = poisoned<uint8_t>(x.size());
+                    DeviceBuffer<double> scratch((size_t(rows) + 1) * 4);
+                    if (fp32_input) {
+                        DeviceBuffer<float> in = uploaded(x);
+                        rotate_fake_quant_rows_gpu(out.data(), keep.data(), in.data(), rows, cols, block, spec, trust,
+                                                   scratch.data());
+                    } else {
+                        std::vector<bf16> xin(x.size());
+                        for (size_t i = 0; i < x.size(); ++i) xin[i] = __float2bfloat16(x[i]);
+                        DeviceBuffer<bf16> in = uploaded(xin);
+                        rotate_fake_quant_rows_gpu(out.data(), keep.data(), in.data(), rows, cols, block, spec, trust,
+                                                   scratch.data());
+                    }
+                    const std::vector<float> got = bf16_to_float(out.download());
+                    const std::vector<uint8_t> got_keep = keep.download();
+                    long value_mismatch = 0, keep_mismatch = 0;
+                    double worst = 0;
+                    for (size_t i = 0; i < x.size(); ++i) {
+                        const float want = round_bf16(expected[i]);
+                        if (got[i] != want) {
+                            ++value_mismatch;
+                            worst = std::max(worst, double(std::fabs(got[i] - want)));
+                        }
+                        keep_mismatch += got_keep[i] != expected_keep[i];
+                    }
+                    // One step of this data is at most 2 * 40 / 3 (3-bit absmax of the outlier row).
+                    CHECK(value_mismatch <= long(x.size()) / 1000);
+                    CHECK(worst <= 27.0);
+                    CHECK(keep_mismatch <= long(x.size()) / 1000);
+                    CHECK(std::isfinite(got[0]));
+                }
+}
+
+TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU reference") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int rows = 29, cols = 3072, block = 128;
+    const std::vector<float> grad = random_vector<float>(size_t(rows) * cols, gen);
+    const std::vector<float> base = random_vector<float>(size_t(rows) * cols, gen);
+    std::vector<uint8_t> keep(grad.size());
+    for (auto& k : keep) k = uint8_t(gen() % 4 != 0);
+    std::vector<float> masked(grad.size());
+    for (size_t i = 0; i < grad.size(); ++i) masked[i] = keep[i] ? grad[i] : 0.0f;
+    hadamard_rows_cpu(masked.data(), rows, cols, block);
+    DeviceBuffer<float> grad_d = uploaded(grad);
+    DeviceBuffer<uint8_t> keep_d = uploaded(keep);
+    DeviceBuffer<float> out = poisoned<float>(grad.size());
+    masked_hadamard_rows_gpu(out.data(), grad_d.data(), keep_d.data(), rows, cols, block, false);
+    CHECK(out.download() == masked);
+    // Accumulating into bf16.
+    std::vector<bf16> base_b(base.size()), grad_b(grad.size());
+    std::vector<float> expected(base.size());
+    for (size_t i = 0; i < base.size(); ++i) base_b[i] = __float2bfloat16(base[i]), grad_b[i] = __float2bfloat16(grad[i]);
+    std::vector<float> masked_b(grad.size());
+    for (size_t i = 0; i < grad.size(); ++i) masked_b[i] = keep[i] ? __bfloat162float(grad_b[i]) : 0.0f;
+    hadamard_rows_cpu(masked_b.data(), rows, cols, block);
+    for (size_t i = 0; i < base.size(); ++i) expected[i] = __bfloat162float(base_b[i]) + masked_b[i];
+    DeviceBuffer<bf16> acc = uploaded(base_b);
+    DeviceBuffer<bf16> grad_bd = uploaded(grad_b);
+    masked_hadamard_rows_gpu(acc.data(), grad_bd.data(), keep_d.data(), rows, cols, block, true);
+    CHECK(relative_error(bf16_to_float(acc.download()), expected) < 4e-3);
+}
