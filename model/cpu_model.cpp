@@ -10,6 +10,7 @@
 #include "kernels/matmul.hpp"
 #include "kernels/norms.hpp"
 #include "kernels/rope.hpp"
+#include "quant/hadamard.hpp"
 
 namespace qopt {
 
@@ -22,6 +23,58 @@ CpuModel<T>::CpuModel(const ModelConfig& config) : config_(config), layout_(Para
 template <typename T>
 void CpuModel<T>::zero_grads() {
     std::fill(grads_.begin(), grads_.end(), T(0));
+}
+
+template <typename T>
+void CpuModel<T>::set_linear_quant(const LinearQuantConfig& quant) {
+    quant.validate(config_.d_model, config_.d_ff);
+    quant_ = quant;
+    quant_sites_.assign(quant_.enabled() ? size_t(config_.n_layers) * kSites : 0, QuantSite());
+}
+
+template <typename T>
+void CpuModel<T>::linear_forward(int layer, Site site, T* out, const T* in, const T* weight, const T* bias,
+                                 int n_rows, int in_dim, int out_dim) {
+    if (!quant_.enabled()) return matmul_forward_cpu(out, in, weight, bias, n_rows, in_dim, out_dim);
+    QuantSite& q = quant_sites_[size_t(layer) * kSites + site];
+    const int block = hadamard_block_for(in_dim, quant_.hadamard_block);
+    const size_t n_in = size_t(n_rows) * in_dim, n_w = size_t(out_dim) * in_dim;
+    q.input.assign(in, in + n_in);
+    hadamard_rows_cpu(q.input.data(), n_rows, in_dim, block);
+    q.input_keep.assign(n_in, 1);
+    if (quant_.activations.enabled())
+        fake_quant_cpu(q.input.data(), q.input_keep.data(), q.input.data(), n_rows, in_dim, quant_.activations,
+                       quant_.trust);
+    q.weight.assign(weight, weight + n_w);
+    q.weight_keep.assign(n_w, 1);
+    if (!quant_.weights_offline) {
+        hadamard_rows_cpu(q.weight.data(), out_dim, in_dim, block);
+        if (quant_.weights.enabled())
+            fake_quant_cpu(q.weight.data(), q.weight_keep.data(), q.weight.data(), out_dim, in_dim, quant_.weights,
+                           quant_.trust);
+    }
+    matmul_forward_cpu(out, q.input.data(), q.weight.data(), bias, n_rows, in_dim, out_dim);
+}
+
+// dx = ((dout Q_w) * m_a) H and dw = ((dout^T Q_a) * m_w) H, accumulated (quant/linear_quant.hpp).
+template <typename T>
+void CpuModel<T>::linear_backward(int layer, Site site, T* din, T* dweight, T* dbias, const T* dout, const T* in,
+                                  const T* weight, int n_rows, int in_dim, int out_dim) {
+    if (!quant_.enabled()) return matmul_backward_cpu(din, dweight, dbias, dout, in, weight, n_rows, in_dim, out_dim);
+    QuantSite& q = quant_sites_[size_t(layer) * kSites + site];
+    const int block = hadamard_block_for(in_dim, quant_.hadamard_block);
+    const size_t n_in = size_t(n_rows) * in_dim, n_w = size_t(out_dim) * in_dim;
+    std::vector<T> d_input(din ? n_in : 0, T(0)), d_weight(n_w, T(0));
+    matmul_backward_cpu(din ? d_input.data() : nullptr, d_weight.data(), dbias, dout, q.input.data(),
+                        q.weight.data(), n_rows, in_dim, out_dim);
+    if (din) {
+        for (size_t i = 0; i < n_in; ++i) d_input[i] *= T(q.input_keep[i]);
+        hadamard_rows_cpu(d_input.data(), n_rows, in_dim, block);
+        for (size_t i = 0; i < n_in; ++i) din[i] += d_input[i];
+    }
+    for (size_t i = 0; i < n_w; ++i) d_weight[i] *= T(q.weight_keep[i]);
+    if (!quant_.weights_offline) hadamard_rows_cpu(d_weight.data(), out_dim, in_dim, block);
+    for (size_t i = 0; i < n_w; ++i) dweight[i] += d_weight[i];
 }
 
 template <typename T>
@@ -95,7 +148,7 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
                                   P + o.norm1_b, n, C, eps);
             attn_in = a.norm_in.data();
         }
-        matmul_forward_cpu(a.qkv.data(), attn_in, P + o.qkv_w, p(o.qkv_b), n, C, 3 * C);
+        linear_forward(l, kQkv, a.qkv.data(), attn_in, P + o.qkv_w, p(o.qkv_b), n, C, 3 * C);
         for (size_t r = 0; r < N; ++r) {
             const T* row = a.qkv.data() + r * 3 * C;
             std::copy(row, row + C, a.q.data() + r * C);
@@ -112,7 +165,7 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
             k = a.k_rot.data();
         }
         attention_forward_cpu(a.attn.data(), a.probs.data(), q, k, a.v.data(), batch, seq_len, H, hd);
-        matmul_forward_cpu(a.proj.data(), a.attn.data(), P + o.out_w, p(o.out_b), n, C, C);
+        linear_forward(l, kOut, a.proj.data(), a.attn.data(), P + o.out_w, p(o.out_b), n, C, C);
         const T* attn_branch = a.proj.data();
         if (!gpt2) {
             rmsnorm_forward_cpu(a.proj_normed.data(), a.rstd_proj.data(), a.proj.data(), P + o.norm1_w, n, C, eps);
@@ -125,10 +178,10 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
                                   P + o.norm2_b, n, C, eps);
             mlp_in = a.mlp_in.data();
         }
-        matmul_forward_cpu(a.up.data(), mlp_in, P + o.up_w, p(o.up_b), n, C, F);
+        linear_forward(l, kUp, a.up.data(), mlp_in, P + o.up_w, p(o.up_b), n, C, F);
         if (gpt2) gelu_forward_cpu(a.act.data(), a.up.data(), N * F);
         else relu2_forward_cpu(a.act.data(), a.up.data(), N * F);
-        matmul_forward_cpu(a.down.data(), a.act.data(), P + o.down_w, p(o.down_b), n, F, C);
+        linear_forward(l, kDown, a.down.data(), a.act.data(), P + o.down_w, p(o.down_b), n, F, C);
         const T* mlp_branch = a.down.data();
         if (!gpt2) {
             rmsnorm_forward_cpu(a.down_normed.data(), a.rstd_down.data(), a.down.data(), P + o.norm2_w, n, C, eps);
@@ -176,18 +229,18 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
             d_down = d_a_.data();
         }
         zero(d_wide_);
-        matmul_backward_cpu(d_wide_.data(), G + o.down_w, g(o.down_b), d_down, a.act.data(), P + o.down_w, n, F, C);
+        linear_backward(l, kDown, d_wide_.data(), G + o.down_w, g(o.down_b), d_down, a.act.data(), P + o.down_w, n, F, C);
         zero(d_wide2_);
         if (gpt2) gelu_backward_cpu(d_wide2_.data(), d_wide_.data(), a.up.data(), N * F);
         else relu2_backward_cpu(d_wide2_.data(), d_wide_.data(), a.up.data(), N * F);
         if (gpt2) {
             zero(d_b_);
-            matmul_backward_cpu(d_b_.data(), G + o.up_w, g(o.up_b), d_wide2_.data(), a.mlp_in.data(), P + o.up_w, n, C,
+            linear_backward(l, kUp, d_b_.data(), G + o.up_w, g(o.up_b), d_wide2_.data(), a.mlp_in.data(), P + o.up_w, n, C,
                                 F);
             layernorm_backward_cpu(d_residual_.data(), G + o.norm2_w, G + o.norm2_b, d_b_.data(), a.residual.data(),
                                    P + o.norm2_w, a.mean2.data(), a.rstd2.data(), n, C);
         } else {
-            matmul_backward_cpu(d_residual_.data(), G + o.up_w, g(o.up_b), d_wide2_.data(), a.residual.data(),
+            linear_backward(l, kUp, d_residual_.data(), G + o.up_w, g(o.up_b), d_wide2_.data(), a.residual.data(),
                                 P + o.up_w, n, C, F);
         }
         // h = x + attn_branch: d(attn_branch) = dh, dx starts as dh.
@@ -199,7 +252,7 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
             d_proj = d_a_.data();
         }
         zero(d_b_);
-        matmul_backward_cpu(d_b_.data(), G + o.out_w, g(o.out_b), d_proj, a.attn.data(), P + o.out_w, n, C, C);
+        linear_backward(l, kOut, d_b_.data(), G + o.out_w, g(o.out_b), d_proj, a.attn.data(), P + o.out_w, n, C, C);
         // d_qkv_ holds [dq | dk | dv] per row; attention writes dq/dk into d_c_/d_a_ first when
         // they still have to pass through RoPE and QK-norm.
         std::vector<T> dq(N * C, T(0)), dk(N * C, T(0)), dv(N * C, T(0));
@@ -224,12 +277,12 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
         }
         if (gpt2) {
             zero(d_c_);
-            matmul_backward_cpu(d_c_.data(), G + o.qkv_w, g(o.qkv_b), d_qkv_.data(), a.norm_in.data(), P + o.qkv_w, n,
+            linear_backward(l, kQkv, d_c_.data(), G + o.qkv_w, g(o.qkv_b), d_qkv_.data(), a.norm_in.data(), P + o.qkv_w, n,
                                 C, 3 * C);
             layernorm_backward_cpu(d_residual_.data(), G + o.norm1_w, G + o.norm1_b, d_c_.data(), a.input.data(),
                                    P + o.norm1_w, a.mean1.data(), a.rstd1.data(), n, C);
         } else {
-            matmul_backward_cpu(d_residual_.data(), G + o.qkv_w, g(o.qkv_b), d_qkv_.data(), a.input.data(),
+            linear_backward(l, kQkv, d_residual_.data(), G + o.qkv_w, g(o.qkv_b), d_qkv_.data(), a.input.data(),
                                 P + o.qkv_w, n, C, 3 * C);
         }
     }

@@ -7,6 +7,7 @@
 
 #include "model/config.hpp"
 #include "model/params.hpp"
+#include "quant/linear_quant.hpp"
 
 namespace qopt {
 
@@ -33,6 +34,10 @@ public:
     // Per-token losses of the last call, [B*T].
     const std::vector<T>& token_losses() const { return losses_; }
 
+    // Quantized hidden linear layers (QAT / PTQ evaluation; quant/linear_quant.hpp). Off by default.
+    void set_linear_quant(const LinearQuantConfig& quant);
+    const LinearQuantConfig& linear_quant() const { return quant_; }
+
 private:
     struct LayerActs {
         std::vector<T> input, norm_in, mean1, rstd1;      // gpt2: LN before attention
@@ -43,6 +48,19 @@ private:
         std::vector<T> up, act, down, down_normed, rstd_down;
     };
     void allocate(int batch, int seq_len);
+    // One quantized linear layer's saved operands: the rotated, quantized input and weight
+    // and their estimator masks.
+    struct QuantSite {
+        std::vector<T> input, weight;
+        std::vector<uint8_t> input_keep, weight_keep;
+    };
+    enum Site { kQkv, kOut, kUp, kDown, kSites };
+    // out = in W^T + b, through the quantizer when one is set; backward accumulates like
+    // matmul_backward_cpu.
+    void linear_forward(int layer, Site site, T* out, const T* in, const T* weight, const T* bias, int n_rows,
+                        int in_dim, int out_dim);
+    void linear_backward(int layer, Site site, T* din, T* dweight, T* dbias, const T* dout, const T* in,
+                         const T* weight, int n_rows, int in_dim, int out_dim);
 
     ModelConfig config_;
     ParamLayout layout_;
@@ -51,6 +69,8 @@ private:
     std::vector<LayerActs> acts_;
     std::vector<T> embedded_, output_, final_normed_, final_mean_, final_rstd_, losses_;
     std::vector<T> d_residual_, d_a_, d_b_, d_c_, d_qkv_, d_wide_, d_wide2_;
+    LinearQuantConfig quant_;
+    std::vector<QuantSite> quant_sites_;  // [n_layers * kSites] when quantized
 };
 
 extern template class CpuModel<float>;

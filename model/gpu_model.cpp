@@ -9,6 +9,8 @@
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 #include "kernels/rope.hpp"
+#include "quant/hadamard.hpp"
+#include "quant/quant_gpu.hpp"
 
 namespace qopt {
 
@@ -36,6 +38,14 @@ struct LayerActivations {
     DeviceBuffer<float> mean1, rstd1, mean2, rstd2;
 };
 
+// A quantized linear layer's operands as the product sees them (rotated, fake-quantized) and
+// the estimator's masks (empty when that side is not quantized).
+struct QuantSite {
+    DeviceBuffer<bf16> input, weight;
+    DeviceBuffer<uint8_t> input_keep, weight_keep;
+};
+enum Site { kQkv, kOut, kUp, kDown, kSites };
+
 struct GpuModel::State {
     DeviceBuffer<float> params, grads;
     DeviceBuffer<bf16> weights;  // bf16 mirror of params
@@ -54,6 +64,14 @@ struct GpuModel::State {
     DeviceBuffer<bf16> d_residual, d_a, d_b, d_q, d_k, d_qkv, d_wide, d_wide2;
     DeviceBuffer<float> delta;
     size_t activation_bytes = 0;
+    // Quantized linear layers
+    LinearQuantConfig quant;
+    std::vector<QuantSite> quant_sites;     // [n_layers * kSites]
+    QuantSite shared_down;                  // with recompute: the one MLP-down input all blocks share
+    DeviceBuffer<bf16> quant_d_input;       // d(quantized input) before the mask and rotation
+    DeviceBuffer<float> quant_d_weight;     // d(quantized weight), likewise
+    DeviceBuffer<double> quant_stats;       // per-tensor statistics scratch
+    size_t quant_weight_bytes = 0;
 };
 
 GpuModel::GpuModel(const ModelConfig& config)
@@ -145,13 +163,32 @@ void GpuModel::allocate(int batch, int seq_len) {
     bf(s.d_wide, N * F), bf(s.d_wide2, N * F);
     if (!gpt2) bf(s.d_q, N * C), bf(s.d_k, N * C);
     fp(s.delta, BHT);
+    if (s.quant.enabled()) {
+        auto u8 = [&](DeviceBuffer<uint8_t>& buffer, size_t n) { buffer.resize(n), bytes += n; };
+        const bool act_masks = s.quant.activations.enabled();
+        for (int l = 0; l < config_.n_layers; ++l)
+            for (int site = 0; site < kSites; ++site) {
+                QuantSite& q = s.quant_sites[size_t(l) * kSites + site];
+                const size_t in_dim = site == kDown ? F : C;
+                if (site == kDown && s.recompute) continue;
+                bf(q.input, N * in_dim);
+                if (act_masks) u8(q.input_keep, N * in_dim);
+            }
+        if (s.recompute) {
+            bf(s.shared_down.input, N * F);
+            if (act_masks) u8(s.shared_down.input_keep, N * F);
+        }
+        bf(s.quant_d_input, N * F);
+        fp(s.quant_d_weight, std::max(3 * C * C, F * C));
+        s.quant_stats.resize((std::max(N, 3 * C + F) + 1) * 4), bytes += s.quant_stats.size() * sizeof(double);
+    }
     s.activation_bytes = bytes;
     s.batch = batch;
     s.seq_len = seq_len;
 }
 
 size_t GpuModel::device_bytes() const {
-    return layout_.total * (2 * sizeof(float) + sizeof(bf16)) + state_->activation_bytes;
+    return layout_.total * (2 * sizeof(float) + sizeof(bf16)) + state_->quant_weight_bytes + state_->activation_bytes;
 }
 
 std::string GpuModel::memory_report() const {
@@ -159,8 +196,99 @@ std::string GpuModel::memory_report() const {
     const size_t logit_bytes = size_t(state_->batch) * state_->seq_len * config_.padded_vocab_size * sizeof(bf16);
     return "weights " + gigabytes(weight_bytes) + " (fp32 master + fp32 grads + bf16 copy), activations " +
            gigabytes(state_->activation_bytes - logit_bytes) + " + logits " + gigabytes(logit_bytes) + " for " +
-           std::to_string(state_->batch) + " x " + std::to_string(state_->seq_len) + " tokens";
+           std::to_string(state_->batch) + " x " + std::to_string(state_->seq_len) + " tokens" +
+           (state_->quant.enabled() ? ", quantized weights and masks " + gigabytes(state_->quant_weight_bytes) +
+                                          " (inputs and masks counted in activations)"
+                                    : "");
 }
+
+namespace {
+
+struct LinearOperands {
+    const bf16* input;
+    const bf16* weight;
+};
+
+// The rotated, fake-quantized copy of `in` (or the weight) that the product uses.
+void quantize_rows(const LinearQuantConfig& quant, bf16* out, uint8_t* keep, const bf16* in, long rows, int cols,
+                   const QuantSpec& spec, double* stats) {
+    const int block = hadamard_block_for(cols, quant.hadamard_block);
+    if (spec.enabled()) {
+        rotate_fake_quant_rows_gpu(out, keep, in, rows, cols, block, spec, quant.trust, stats);
+    } else {
+        CUDA_CHECK(cudaMemcpyAsync(out, in, size_t(rows) * cols * sizeof(bf16), cudaMemcpyDeviceToDevice));
+        hadamard_rows_gpu(out, rows, cols, block);
+    }
+}
+
+// Where layer l's quantized input for `site` lives (with recompute, the MLP-down inputs of all
+// blocks share one buffer and are recomputed in the backward pass).
+QuantSite& input_site(GpuModel::State& s, int layer, Site site) {
+    return site == kDown && s.recompute ? s.shared_down : s.quant_sites[size_t(layer) * kSites + site];
+}
+
+// The product's operands for layer l's `site`: rotated and quantized input and weight when the
+// layers are quantized, else the input and the bf16 weight as they are.
+LinearOperands linear_operands(GpuModel::State& s, const bf16* weights, int layer, Site site, const bf16* in,
+                               size_t weight_offset, int n_rows, int in_dim) {
+    if (!s.quant.enabled()) return {in, weights + weight_offset};
+    QuantSite& q = input_site(s, layer, site);
+    quantize_rows(s.quant, q.input.data(), q.input_keep.data(), in, n_rows, in_dim, s.quant.activations,
+                  s.quant_stats.data());
+    const bf16* weight = s.quant.weights_offline ? weights + weight_offset
+                                                 : s.quant_sites[size_t(layer) * kSites + site].weight.data();
+    return {q.input.data(), weight};
+}
+
+}  // namespace
+
+void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
+    quant.validate(config_.d_model, config_.d_ff);
+    State& s = *state_;
+    s.quant = quant;
+    s.quant_sites.clear();
+    s.quant_weight_bytes = 0;
+    if (quant.enabled()) {
+        s.quant_sites.resize(size_t(config_.n_layers) * kSites);
+        const size_t C = size_t(config_.d_model), F = size_t(config_.d_ff);
+        const size_t weight_sizes[kSites] = {3 * C * C, C * C, F * C, C * F};
+        for (size_t i = 0; i < s.quant_sites.size() && !quant.weights_offline; ++i) {
+            // (offline weights: the bf16 copy is used as it is)
+            QuantSite& site = s.quant_sites[i];
+            const size_t n = weight_sizes[i % kSites];
+            site.weight.resize(n), s.quant_weight_bytes += n * sizeof(bf16);
+            if (quant.weights.enabled()) site.weight_keep.resize(n), s.quant_weight_bytes += n;
+        }
+    }
+    s.batch = s.seq_len = 0;  // re-plan the activations on the next allocate()
+}
+
+const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
+
+// Every hidden matrix, rotated and fake-quantized from the fp32 masters (QAT), once per forward.
+void GpuModel::quantize_weights() {
+    State& s = *state_;
+    const int C = config_.d_model, F = config_.d_ff;
+    for (int l = 0; l < config_.n_layers; ++l) {
+        const LayerOffsets& o = layout_.layers[size_t(l)];
+        const struct {
+            Site site;
+            size_t offset;
+            int rows, cols;
+        } matrices[] = {{kQkv, o.qkv_w, 3 * C, C}, {kOut, o.out_w, C, C}, {kUp, o.up_w, F, C}, {kDown, o.down_w, C, F}};
+        for (const auto& m : matrices) {
+            QuantSite& q = s.quant_sites[size_t(l) * kSites + m.site];
+            if (s.quant.weights.enabled())
+                rotate_fake_quant_rows_gpu(q.weight.data(), q.weight_keep.data(), s.params.data() + m.offset, m.rows,
+                                           m.cols, hadamard_block_for(m.cols, s.quant.hadamard_block), s.quant.weights,
+                                           s.quant.trust, s.quant_stats.data());
+            else
+                quantize_rows(s.quant, q.weight.data(), nullptr, s.weights.data() + m.offset, m.rows, m.cols,
+                              s.quant.weights, nullptr);
+        }
+    }
+}
+
 
 void GpuModel::set_recompute(bool recompute) {
     if (recompute == state_->recompute) return;
@@ -192,6 +320,10 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
     const float* P = s.params.data();
     const bf16* W = s.weights.data();
     auto w = [&](size_t offset) { return offset == kAbsent ? nullptr : W + offset; };
+    if (s.quant.enabled() && !s.quant.weights_offline) quantize_weights();
+    auto operands = [&](int l, Site site, const bf16* in, size_t weight_offset, int in_dim) {
+        return linear_operands(s, W, l, site, in, weight_offset, N, in_dim);
+    };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
     if (gpt2) {  // later LN1s are fused with the residual add that ends the previous block
         const LayerOffsets& o = layout_.layers[0];
@@ -206,15 +338,19 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         bf16* y = s.residual[size_t(l) + 1].data();
         bf16* qkv = a.qkv.data();
         if (gpt2) {
-            matmul_forward_gpu(qkv, a.ln1.data(), W + o.qkv_w, w(o.qkv_b), N, C, 3 * C);
+            const LinearOperands qkv_in = operands(l, kQkv, a.ln1.data(), o.qkv_w, C);
+            matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, w(o.qkv_b), N, C, 3 * C);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
-            matmul_forward_gpu(s.branch.data(), a.attn.data(), W + o.out_w, w(o.out_b), N, C, C);
+            const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
+            matmul_forward_gpu(s.branch.data(), out_in.input, out_in.weight, w(o.out_b), N, C, C);
             add_layernorm_forward_gpu(a.h.data(), a.ln2.data(), a.mean2.data(), a.rstd2.data(), x, s.branch.data(),
                                       P + o.norm2_w, P + o.norm2_b, N, C, eps);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
-            matmul_forward_gelu_gpu(act, a.up.data(), a.ln2.data(), W + o.up_w, w(o.up_b), N, C, F);
-            matmul_forward_gpu(s.branch.data(), act, W + o.down_w, w(o.down_b), N, F, C);
+            const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
+            matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
+            const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
+            matmul_forward_gpu(s.branch.data(), down_in.input, down_in.weight, w(o.down_b), N, F, C);
             // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
             if (l + 1 < config_.n_layers) {
                 const LayerOffsets& next = layout_.layers[size_t(l) + 1];
@@ -227,7 +363,8 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
                                           P + layout_.final_norm_b, N, C, eps);
             }
         } else {
-            matmul_forward_gpu(qkv, x, W + o.qkv_w, nullptr, N, C, 3 * C);
+            const LinearOperands qkv_in = operands(l, kQkv, x, o.qkv_w, C);
+            matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, nullptr, N, C, 3 * C);
             // QK-norm over the full q / k projections, then RoPE in place.
             rmsnorm_forward_gpu({a.q_rot.data(), C}, a.rstd_q.data(), {qkv, 3 * C}, P + o.q_norm_w, N, C, eps);
             rmsnorm_forward_gpu({a.k_rot.data(), C}, a.rstd_k.data(), {qkv + C, 3 * C}, P + o.k_norm_w, N, C, eps);
@@ -235,12 +372,15 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             rope_forward_gpu(a.k_rot.data(), a.k_rot.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C}, {a.k_rot.data(), C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
-            matmul_forward_gpu(a.proj.data(), a.attn.data(), W + o.out_w, nullptr, N, C, C);
+            const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
+            matmul_forward_gpu(a.proj.data(), out_in.input, out_in.weight, nullptr, N, C, C);
             rmsnorm_add_forward_gpu(a.h.data(), a.rstd_proj.data(), x, a.proj.data(), P + o.norm1_w, N, C, eps);
-            matmul_forward_gpu(a.up.data(), a.h.data(), W + o.up_w, nullptr, N, C, F);
+            const LinearOperands up_in = operands(l, kUp, a.h.data(), o.up_w, C);
+            matmul_forward_gpu(a.up.data(), up_in.input, up_in.weight, nullptr, N, C, F);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
-            matmul_forward_gpu(a.down.data(), act, W + o.down_w, nullptr, N, F, C);
+            const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
+            matmul_forward_gpu(a.down.data(), down_in.input, down_in.weight, nullptr, N, F, C);
             rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);
         }
     }
@@ -263,6 +403,28 @@ void GpuModel::backward() {
     const bf16* W = s.weights.data();
     float* G = s.grads.data();
     bf16 *d_res = s.d_residual.data(), *d_a = s.d_a.data(), *d_b = s.d_b.data();
+    const bool quantized = s.quant.enabled();
+    // A linear layer's input and weight gradients (din written, or added with accumulate; the
+    // weight gradient added), through the quantizer's estimator when the layers are quantized.
+    auto linear_backward = [&](int l, Site site, bf16* din, bool accumulate, size_t weight_offset, const bf16* dout,
+                               const bf16* in, int in_dim, int out_dim) {
+        if (!quantized) {
+            matmul_backward_input_gpu(din, dout, W + weight_offset, N, in_dim, out_dim, accumulate);
+            matmul_backward_weight_gpu(G + weight_offset, dout, in, N, in_dim, out_dim);
+            return;
+        }
+        const QuantSite& q = input_site(s, l, site);
+        const QuantSite& qw = s.quant_sites[size_t(l) * kSites + site];
+        const bool offline = s.quant.weights_offline;
+        const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
+        matmul_backward_input_gpu(s.quant_d_input.data(), dout, offline ? W + weight_offset : qw.weight.data(), N,
+                                  in_dim, out_dim);
+        masked_hadamard_rows_gpu(din, s.quant_d_input.data(), q.input_keep.data(), N, in_dim, block, accumulate);
+        CUDA_CHECK(cudaMemsetAsync(s.quant_d_weight.data(), 0, size_t(out_dim) * in_dim * sizeof(float)));
+        matmul_backward_weight_gpu(s.quant_d_weight.data(), dout, q.input.data(), N, in_dim, out_dim);
+        masked_hadamard_rows_gpu(G + weight_offset, s.quant_d_weight.data(), qw.weight_keep.data(), out_dim, in_dim,
+                                 offline ? 0 : block, /*accumulate=*/true);
+    };
 
     // Head: d(final_normed) = dlogits E, dE += dlogits^T final_normed.
     matmul_backward_input_gpu(d_a, s.logits.data(), W + layout_.embed, N, C, Vp);
@@ -283,42 +445,43 @@ void GpuModel::backward() {
         bf16* d_qkv = s.d_qkv.data();
         if (gpt2) {
             // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
-            matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             if (s.recompute) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
-            matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
+            if (quantized) {
+                if (s.recompute) linear_operands(s, W, l, kDown, act, o.down_w, N, F);  // its quantized input again
+                linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_res, act, F, C);
+                gelu_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+            } else {
+                matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
+                matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
+            }
             matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
-            matmul_backward_input_gpu(d_b, s.d_wide2.data(), W + o.up_w, N, C, F);
-            matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.ln2.data(), N, C, F);
+            linear_backward(l, kUp, d_b, false, o.up_w, s.d_wide2.data(), a.ln2.data(), C, F);
             matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);
             layernorm_backward_gpu(d_res, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w,
                                    a.mean2.data(), a.rstd2.data(), N, C, /*accumulate=*/true);
             // h = x + out(attn(qkv(LN1(x)))) ; d_res becomes dx.
-            matmul_backward_input_gpu(d_b, d_res, W + o.out_w, N, C, C);
-            matmul_backward_weight_gpu(G + o.out_w, d_res, a.attn.data(), N, C, C);
+            linear_backward(l, kOut, d_b, false, o.out_w, d_res, a.attn.data(), C, C);
             matmul_backward_bias_gpu(G + o.out_b, d_res, N, C);
             attention_backward_gpu({d_qkv, 3 * C}, {d_qkv + C, 3 * C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
                                    {d_b, C}, {a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                    {qkv + 2 * C, 3 * C}, batch, T, H, hd);
-            matmul_backward_input_gpu(d_b, d_qkv, W + o.qkv_w, N, C, 3 * C);
-            matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, a.ln1.data(), N, C, 3 * C);
+            linear_backward(l, kQkv, d_b, false, o.qkv_w, d_qkv, a.ln1.data(), C, 3 * C);
             matmul_backward_bias_gpu(G + o.qkv_b, d_qkv, N, 3 * C);
             layernorm_backward_gpu(d_res, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
                                    a.rstd1.data(), N, C, /*accumulate=*/true);
         } else {
             // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
             rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);
-            matmul_backward_input_gpu(s.d_wide.data(), d_a, W + o.down_w, N, F, C);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             if (s.recompute) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
-            matmul_backward_weight_gpu(G + o.down_w, d_a, act, N, F, C);
+            if (s.recompute && quantized) linear_operands(s, W, l, kDown, act, o.down_w, N, F);
+            linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_a, act, F, C);
             relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
-            matmul_backward_input_gpu(d_res, s.d_wide2.data(), W + o.up_w, N, C, F, /*accumulate=*/true);
-            matmul_backward_weight_gpu(G + o.up_w, s.d_wide2.data(), a.h.data(), N, C, F);
+            linear_backward(l, kUp, d_res, /*accumulate=*/true, o.up_w, s.d_wide2.data(), a.h.data(), C, F);
             // h = x + Norm1(out(attn(rope(qknorm(qkv(x)))))) ; d_res becomes dx.
             rmsnorm_backward_gpu(d_a, G + o.norm1_w, d_res, a.proj.data(), P + o.norm1_w, a.rstd_proj.data(), N, C);
-            matmul_backward_input_gpu(d_b, d_a, W + o.out_w, N, C, C);
-            matmul_backward_weight_gpu(G + o.out_w, d_a, a.attn.data(), N, C, C);
+            linear_backward(l, kOut, d_b, false, o.out_w, d_a, a.attn.data(), C, C);
             attention_backward_gpu({s.d_q.data(), C}, {s.d_k.data(), C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
                                    {d_b, C}, {a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C},
                                    {a.k_rot.data(), C}, {qkv + 2 * C, 3 * C}, batch, T, H, hd);
@@ -328,8 +491,7 @@ void GpuModel::backward() {
                                  a.rstd_q.data(), N, C);
             rmsnorm_backward_gpu({d_qkv + C, 3 * C}, G + o.k_norm_w, {s.d_k.data(), C}, {qkv + C, 3 * C},
                                  P + o.k_norm_w, a.rstd_k.data(), N, C);
-            matmul_backward_input_gpu(d_res, d_qkv, W + o.qkv_w, N, C, 3 * C, /*accumulate=*/true);
-            matmul_backward_weight_gpu(G + o.qkv_w, d_qkv, x, N, C, 3 * C);
+            linear_backward(l, kQkv, d_res, /*accumulate=*/true, o.qkv_w, d_qkv, x, C, 3 * C);
         }
     }
     // Embeddings: the batch's positions grouped by token id for a deterministic sum.

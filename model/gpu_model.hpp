@@ -13,6 +13,7 @@
 #include "kernels/gpu.hpp"
 #include "model/config.hpp"
 #include "model/params.hpp"
+#include "quant/linear_quant.hpp"
 
 namespace qopt {
 
@@ -42,6 +43,10 @@ public:
     // saving n_layers x B x T x d_ff bf16 for one extra elementwise pass per block.
     void set_recompute(bool recompute);
     bool recompute() const;
+    // Quantized hidden linear layers (QAT / PTQ evaluation; quant/linear_quant.hpp), as
+    // CpuModel::set_linear_quant. Adds each layer's quantized inputs and masks to the plan.
+    void set_linear_quant(const LinearQuantConfig& quant);
+    const LinearQuantConfig& linear_quant() const;
     // Plans every activation for this shape (no-op when unchanged).
     void allocate(int batch, int seq_len);
     // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."
@@ -62,9 +67,11 @@ public:
     double mean_loss();
     std::vector<float> token_losses();
 
+    struct State;  // buffers and plan (model/gpu_model.cpp); public only so its helpers can name it
+
 private:
     void refresh_compute_weights();  // bf16 mirror <- fp32 masters
-    struct State;
+    void quantize_weights();         // quantized linear layers: their weights from the masters
     ModelConfig config_;
     ParamLayout layout_;
     std::unique_ptr<State> state_;

@@ -43,6 +43,7 @@ public:
     void step(double lr, double grad_scale) override {
         optimizer_->step(model_.params().data(), model_.grads().data(), lr, grad_scale);
     }
+    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
     std::string memory_report(int, int) override { return ""; }
 
 private:
@@ -81,6 +82,7 @@ public:
         optimizer_.step(model_.params_device(), model_.grads_device(), lr, grad_scale,
                         model_.compute_weights_device());
     }
+    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
     std::string memory_report(int batch, int seq_len) override {
         model_.allocate(batch, seq_len);
         return model_.memory_report();

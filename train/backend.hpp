@@ -8,6 +8,7 @@
 
 #include "model/config.hpp"
 #include "optim/optimizer.hpp"
+#include "quant/linear_quant.hpp"
 
 namespace qopt {
 
@@ -32,6 +33,8 @@ public:
     // One optimizer step at the method's scheduled learning rate on grad_scale * gradients
     // (grad_scale < 1 when clipping).
     virtual void step(double lr, double grad_scale) = 0;
+    // Quantized hidden linear layers (QAT, PTQ evaluation); off by default.
+    virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;
     // Extra line for the run's summary (the GPU's memory plan), empty if none.
     virtual std::string memory_report(int batch, int seq_len) = 0;
 };

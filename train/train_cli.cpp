@@ -4,6 +4,7 @@
 
 #include "model/params.hpp"
 #include "optim/optimizer_cli.hpp"
+#include "quant/quant_cli.hpp"
 
 namespace qopt {
 
@@ -34,6 +35,7 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
                  "(saves layers x B x T x d_ff bf16)")
         ->group("Device");
 
+    add_quant_flags(app, o.qat, "qat", QuantStyle::Quest);
     add_optimizer_flags(app, o.optimizer, o.optim);
     app.add_option("--schedule", o.schedule, "Learning-rate schedule: cosine, linear, wsd or constant")
         ->group("Optimizer");

@@ -72,6 +72,7 @@ void validate_options(const TrainOptions& o) {
     QOPT_CHECK(o.device == "cpu" || o.device == "cuda" || o.device == "auto", "--device must be cpu, cuda or auto, got '",
                o.device, "'");
     resolve_optimizer_config(o);
+    resolve_linear_quant(o.qat, QuantStyle::Quest).validate(config.d_model, config.d_ff);
     QOPT_CHECK(o.batch_size > 0, "--batch-size must be positive, got ", o.batch_size);
     QOPT_CHECK(o.seq_len > 0, "--seq-len must be positive, got ", o.seq_len);
     QOPT_CHECK(o.seq_len <= config.max_seq_len, "--seq-len ", o.seq_len, " exceeds the model's max_seq_len ",
@@ -123,6 +124,7 @@ static Json run_settings(const TrainOptions& o, const OptimizerConfig& optimizer
     run["grad_clip"] = o.grad_clip;
     run["seed"] = o.seed;
     run["train_data"] = o.train_data;
+    run["qat"] = resolve_linear_quant(o.qat, QuantStyle::Quest).to_json();
     return run;
 }
 
@@ -162,6 +164,8 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
 
     std::unique_ptr<TrainBackend> backend =
         use_cuda ? make_cuda_backend(config, optimizer, options.recompute) : make_cpu_backend(config, optimizer);
+    const LinearQuantConfig qat = resolve_linear_quant(options.qat, QuantStyle::Quest);
+    backend->set_linear_quant(qat);
     const ParamLayout layout = ParamLayout::build(config);
     TrainState state;
     Rng rng(options.seed ^ 0x5DEECE66Dull);
@@ -176,6 +180,12 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         if (!diff.empty()) fail(resume_from, ": checkpoint was written for a different model (", diff, ")");
         QOPT_CHECK(ckpt.state.step <= total_steps, resume_from, ": checkpoint is at step ", ckpt.state.step,
                    ", past this run's ", total_steps, " steps");
+        // A QAT run resumes only as the same QAT run (older checkpoints have no "qat": full precision).
+        const std::string saved_qat =
+            ckpt.run.is_object() && ckpt.run.contains("qat") ? LinearQuantConfig::from_json(ckpt.run.at("qat")).describe()
+                                                             : std::string("off");
+        if (saved_qat != qat.describe())
+            fail(resume_from, ": checkpoint was trained with --qat ", saved_qat, ", not ", qat.describe());
         backend->set_params(ckpt.params);
         if (ckpt.optimizer.optimizer != optimizer_name(optimizer.kind))
             fail(resume_from, ": checkpoint was written by --optimizer ", ckpt.optimizer.optimizer, ", not ",
@@ -217,6 +227,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     log << ", weight decay " << optimizer.weight_decay() << " on 2-D tensors, clip " << options.grad_clip << "; "
         << total_steps << " steps\n";
     log << "optimizer routing: " << routing.describe() << "\n";
+    if (qat.enabled()) log << "quantization-aware training: " << qat.describe() << "\n";
     log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB\n";
 
     std::ofstream metrics(options.out_dir + "/metrics.jsonl", std::ios::app);

@@ -8,6 +8,7 @@
 
 #include "model/config.hpp"
 #include "optim/optimizer.hpp"
+#include "quant/linear_quant.hpp"
 
 namespace qopt {
 
@@ -20,6 +21,7 @@ struct TrainOptions {
     std::string device = "auto";  // cpu | cuda | auto
     int threads = 0;              // OpenMP threads for the CPU path (0: OpenMP's default)
     bool recompute = false;       // GPU: recompute MLP activations in the backward pass
+    QuantOptions qat;             // --qat w4a4 and its flags (QuEST defaults); format "off": full precision
 
     // Optimization
     std::string optimizer = "adamw";  // --optimizer; resolve_optimizer_config() turns it into optim.kind
