@@ -2,11 +2,19 @@
 // estimator's mask, and the masked rotation of the backward pass. Math and CPU references:
 // quant/hadamard.hpp, quant/quantizer.hpp (grid arithmetic shared with the CPU, bit for bit).
 //
-// One CTA per row: the row is staged in shared memory as fp32, rotated there by the butterfly
-// stages (the same additions in the same order as hadamard_rows_cpu, so the rotation is
-// exact to the bit), then each group's grid is chosen by a team reduction (the whole CTA for
-// a per-row group, one warp per group for per-group quantization) and the row written back.
-// Sums of squares and MSE errors accumulate in fp64 like the CPU reference.
+// Two paths, both doing the butterfly's additions in the same order as hadamard_rows_cpu (so
+// the rotation is exact to the bit) and accumulating sums of squares / MSE errors in fp64 like
+// the CPU reference:
+//  - fast (the training path: rows a multiple of 128, Hadamard block <= 128, one scale per
+//    row, absmax/clip/gaussian): registers only. A warp holds 128-element chunks, 4
+//    consecutive elements per lane; butterfly stages 1 and 2 run inside a lane, stages 4..64
+//    across lanes by shuffles. A row's chunks are spread over up to 8 chunks per warp; the
+//    row's statistics are a warp reduction (plus one shared-memory step when a row spans
+//    several warps). One read of the input, one write of the output and the mask.
+//  - general (any power-of-two block up to the row, groups, per-tensor, mse): one CTA per row
+//    staged in shared memory, each group's grid chosen by a team reduction (the whole CTA for
+//    a per-row group, one warp per group for per-group quantization).
+#include <algorithm>
 #include <cfloat>
 
 #include "kernels/cuda_common.cuh"
@@ -43,6 +51,9 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(bf16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+
+// ---------------------------------------------------------------- general path (shared memory)
 
 // In-place butterfly stages over a staged row; all threads of the CTA take part.
 __device__ void hadamard_smem(float* row, int cols, int block, float norm) {
@@ -163,6 +174,165 @@ __device__ void quantize_group(bf16* out, uint8_t* keep, const float* x, int cou
     }
 }
 
+// ---------------------------------------------------------------- fast path (registers)
+
+constexpr int kChunk = 128;          // elements per warp step: 4 per lane
+constexpr int kMaxChunksPerWarp = 8; // 32 fp32 registers per lane
+
+__device__ __forceinline__ void load4(float v[4], const float* p) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+}
+__device__ __forceinline__ void load4(float v[4], const bf16* p) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&x.x);
+    const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&x.y);
+    v[0] = __low2float(a), v[1] = __high2float(a), v[2] = __low2float(b), v[3] = __high2float(b);
+}
+__device__ __forceinline__ void store4(float* p, const float v[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(bf16* p, const float v[4]) {
+    __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 x;
+    x.x = *reinterpret_cast<uint32_t*>(&a);
+    x.y = *reinterpret_cast<uint32_t*>(&b);
+    *reinterpret_cast<uint2*>(p) = x;
+}
+
+// x H_block over a 128-element chunk held 4 per lane (element 4 * lane + i); block <= 128.
+__device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm) {
+    if (block < 2) return;
+    float a = v[0], b = v[1], c = v[2], d = v[3];
+    v[0] = a + b, v[1] = a - b, v[2] = c + d, v[3] = c - d;  // h = 1
+    if (block >= 4) {                                         // h = 2
+        a = v[0], b = v[1], c = v[2], d = v[3];
+        v[0] = a + c, v[1] = b + d, v[2] = a - c, v[3] = b - d;
+    }
+    const int lane = threadIdx.x % 32;
+    for (int h = 4; h < block; h *= 2) {
+        const int mask = h / 4;
+        const bool upper = lane & mask;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float other = __shfl_xor_sync(0xffffffffu, v[i], mask);
+            v[i] = upper ? other - v[i] : v[i] + other;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(v[i], norm);
+}
+
+struct FastShape {
+    int warps_per_row, rows_per_cta;
+};
+
+FastShape fast_shape(int cols) {
+    const int chunks = cols / kChunk;
+    FastShape f;
+    f.warps_per_row = (chunks + kMaxChunksPerWarp - 1) / kMaxChunksPerWarp;
+    f.rows_per_cta = f.warps_per_row >= 8 ? 1 : 8 / f.warps_per_row;
+    return f;
+}
+
+template <typename InT>
+__global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out, uint8_t* keep, const InT* in,
+                                                                     long rows, int cols, int warps_per_row,
+                                                                     Params p) {
+    __shared__ Stats partial[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int rows_per_cta = blockDim.x / 32 / warps_per_row;
+    const int row_in_cta = warp / warps_per_row, part = warp % warps_per_row;
+    const long r = long(blockIdx.x) * rows_per_cta + row_in_cta;
+    const bool active = r < rows;
+    const int chunks = cols / kChunk;
+    float v[kMaxChunksPerWarp][4];
+    Stats s{0.0f, FLT_MAX, -FLT_MAX, 0.0};
+    // All loads first (several 8-16 byte loads in flight per lane), then the arithmetic.
+#pragma unroll
+    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
+        const int c = part + k * warps_per_row;
+        if (active && c < chunks) load4(v[k], in + r * cols + c * kChunk + lane * 4);
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
+        const int c = part + k * warps_per_row;
+        if (!active || c >= chunks) continue;
+        hadamard_chunk(v[k], p.block, p.norm);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s.absmax = fmaxf(s.absmax, fabsf(v[k][i]));
+            s.lo = fminf(s.lo, v[k][i]);
+            s.hi = fmaxf(s.hi, v[k][i]);
+            s.sum_squares += double(v[k][i]) * double(v[k][i]);
+        }
+    }
+    s = warp_reduce(s);
+    if (warps_per_row > 1) {
+        if (lane == 0) partial[warp] = s;
+        __syncthreads();
+        s = Stats{0.0f, FLT_MAX, -FLT_MAX, 0.0};
+        for (int w = 0; w < warps_per_row; ++w) {  // the same order in every warp of the row
+            const Stats t = partial[row_in_cta * warps_per_row + w];
+            s.absmax = fmaxf(s.absmax, t.absmax), s.lo = fminf(s.lo, t.lo), s.hi = fmaxf(s.hi, t.hi);
+            s.sum_squares += t.sum_squares;
+        }
+    }
+    if (!active) return;
+    GroupGrid g;
+    if (p.rule == ScaleRule::Gaussian) {
+        const float range = mul_rn(p.alpha, rms_of(s, cols)) + 1e-8f;
+        g = make_grid(p.grid, p.bits, -range, range);
+    } else {
+        g = grid_at_ratio(p, s, p.rule == ScaleRule::Clip ? p.clip_ratio : 1.0f);
+    }
+    const float threshold = p.trust > 0 ? mul_rn(p.trust, rms_of(s, cols)) : mul_rn(mul_rn(0.5f, g.step), 1.0001f);
+#pragma unroll
+    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
+        const int c = part + k * warps_per_row;
+        if (c >= chunks) continue;
+        float q[4];
+        uint32_t kept = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            q[i] = quant_value(g, quant_code(g, v[k][i]));
+            kept |= uint32_t(p.trust < 0 || fabsf(q[i] - v[k][i]) <= threshold) << (8 * i);
+        }
+        const long at = r * cols + c * kChunk + lane * 4;
+        store4(out + at, q);
+        if (keep) *reinterpret_cast<uint32_t*>(keep + at) = kept;
+    }
+}
+
+// out = (grad * keep) H per 128-chunk, written or accumulated; one warp per chunk, grid-stride.
+template <typename T>
+__global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint8_t* keep, long chunks, int block,
+                                            float norm, bool accumulate) {
+    const int lane = threadIdx.x % 32;
+    const long warps = long(gridDim.x) * blockDim.x / 32;
+    for (long chunk = (long(blockIdx.x) * blockDim.x + threadIdx.x) / 32; chunk < chunks; chunk += warps) {
+        const long at = chunk * kChunk + lane * 4;
+        float v[4];
+        load4(v, grad + at);
+        if (keep) {
+            const uint32_t kept = *reinterpret_cast<const uint32_t*>(keep + at);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (!((kept >> (8 * i)) & 0xFFu)) v[i] = 0.0f;
+        }
+        hadamard_chunk(v, block, norm);
+        if (accumulate) {
+            float old[4];
+            load4(old, out + at);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] = old[i] + v[i];
+        }
+        store4(out + at, v);
+    }
+}
+
+// ---------------------------------------------------------------- general path, continued
+
 template <typename InT>
 __device__ void stage_row(float* row, const InT* in, int cols) {
     for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] = to_float(in[i]);
@@ -256,6 +426,14 @@ void check_shape(long rows, int cols, int block, const char* what) {
                " is not a power of two dividing ", cols);
 }
 
+// The register path needs whole 128-element chunks, a block within one chunk and vector alignment.
+template <typename T>
+bool fast_path(const T* data, int cols, int block) {
+    return cols % kChunk == 0 && block <= kChunk && cols / kChunk <= 32 * kMaxChunksPerWarp &&
+           is_aligned(data, 4 * sizeof(T));
+}
+bool keep_aligned(const uint8_t* keep) { return keep == nullptr || is_aligned(keep, 4); }
+
 float hadamard_norm(int block) { return block > 1 ? float(1.0 / std::sqrt(double(block))) : 1.0f; }
 
 Params make_params(long rows, int cols, int block, const QuantSpec& spec, float trust) {
@@ -283,6 +461,15 @@ void rotate_fake_quant(bf16* out, uint8_t* keep, const InT* in, long rows, int c
     QOPT_CHECK(spec.enabled(), "rotate_fake_quant_rows_gpu needs a quantizing spec (bits 2..8)");
     if (rows == 0) return;
     const Params p = make_params(rows, cols, block, spec, trust);
+    if (fast_path(in, cols, block) && keep_aligned(keep) && is_aligned(out, 8) && !p.per_tensor && p.group == cols &&
+        spec.rule != ScaleRule::Mse) {
+        const FastShape f = fast_shape(cols);
+        const long ctas = (rows + f.rows_per_cta - 1) / f.rows_per_cta;
+        rotate_fake_quant_fast_kernel<InT><<<unsigned(ctas), 32 * f.warps_per_row * f.rows_per_cta, 0, stream>>>(
+            out, keep, in, rows, cols, f.warps_per_row, p);
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
     Stats* stats = nullptr;
     const int threads = threads_for(cols);
     if (p.per_tensor) {
@@ -303,9 +490,14 @@ void rotate_fake_quant(bf16* out, uint8_t* keep, const InT* in, long rows, int c
 }
 
 template <typename T>
+void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int cols, int block, bool accumulate,
+                     cudaStream_t stream);
+
+template <typename T>
 void hadamard_rows(T* data, long rows, int cols, int block, cudaStream_t stream) {
     check_shape(rows, cols, block, "Hadamard");
     if (rows == 0 || block <= 1) return;
+    if (fast_path(data, cols, block)) return masked_hadamard(data, data, nullptr, rows, cols, block, false, stream);
     hadamard_kernel<T><<<unsigned(rows), threads_for(cols), row_smem(hadamard_kernel<T>, cols), stream>>>(
         data, cols, block, hadamard_norm(block));
     CUDA_CHECK_LAUNCH();
@@ -316,6 +508,14 @@ void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int 
                      cudaStream_t stream) {
     check_shape(rows, cols, block, "masked Hadamard");
     if (rows == 0) return;
+    if (fast_path(grad, cols, block) && fast_path(out, cols, block) && keep_aligned(keep)) {
+        const long chunks = rows * cols / kChunk;
+        const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
+        masked_hadamard_fast_kernel<T><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, block > 1 ? block : 0,
+                                                                 hadamard_norm(block), accumulate);
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
     masked_hadamard_kernel<T><<<unsigned(rows), threads_for(cols), row_smem(masked_hadamard_kernel<T>, cols),
                                 stream>>>(out, grad, keep, cols, block > 1 ? block : 0, hadamard_norm(block),
                                           accumulate);

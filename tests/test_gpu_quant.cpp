@@ -127,7 +127,9 @@ TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU referen
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    const int rows = 29, cols = 3072, block = 128;
+    const int rows = 29, cols = 3072;
+    for (int block : {128, 256, 32}) {  // register path (<= 128) and shared-memory path
+    CAPTURE(block);
     const std::vector<float> grad = random_vector<float>(size_t(rows) * cols, gen);
     const std::vector<float> base = random_vector<float>(size_t(rows) * cols, gen);
     std::vector<uint8_t> keep(grad.size());
@@ -152,4 +154,5 @@ TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU referen
     DeviceBuffer<bf16> grad_bd = uploaded(grad_b);
     masked_hadamard_rows_gpu(acc.data(), grad_bd.data(), keep_d.data(), rows, cols, block, true);
     CHECK(relative_error(bf16_to_float(acc.download()), expected) < 4e-3);
+    }
 }

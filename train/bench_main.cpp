@@ -28,6 +28,7 @@
 #include "model/gpu_model.hpp"
 #include "optim/gpu_optimizer.hpp"
 #include "optim/optimizer_cli.hpp"
+#include "quant/quant_cli.hpp"
 
 namespace qopt {
 namespace {
@@ -113,13 +114,15 @@ double newton_schulz_flops(const Routing& routing, int ns_steps) {
     return flops;
 }
 
-void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute,
-                    const OptimizerConfig& optimizer_config) {
+// Returns the median step time (ms).
+double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute,
+                      const OptimizerConfig& optimizer_config, const LinearQuantConfig& quant) {
     ModelConfig config = preset_config(bc.preset);
     QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
                config.max_seq_len);
     GpuModel model(config);
     model.set_recompute(recompute);
+    model.set_linear_quant(quant);
     {
         std::vector<float> params(model.layout().total);
         init_params(model.layout(), 1234, params.data());
@@ -167,10 +170,11 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
     const double flops_per_token =
         6.0 * params + 12.0 * config.n_layers * double(config.d_model) * double(bc.seq_len);
     const double tflops = flops_per_token * tokens_per_second / 1e12;
-    std::printf("%-11s B=%-3d T=%-5d%s %-7s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
+    std::printf("%-11s B=%-3d T=%-5d%s %-7s%s%s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
                 "MFU %4.1f%% | memory planned %.2f GB, in use %.2f GB | loss %.3f\n",
                 bc.preset.c_str(), bc.batch, bc.seq_len, recompute ? " recompute" : "",
-                optimizer_name(optimizer_config.kind), tokens_per_second, ms, median(forward_ms), median(backward_ms),
+                optimizer_name(optimizer_config.kind), quant.enabled() ? " qat " : "",
+                quant.enabled() ? quant.short_name().c_str() : "", tokens_per_second, ms, median(forward_ms), median(backward_ms),
                 median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops, double(model.device_bytes()) / 1e9,
                 double(total_bytes - free_bytes) / 1e9, loss);
     // The optimizer's share: mean step time (includes the gradient norm) over mean fwd+bwd.
@@ -188,6 +192,7 @@ void bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tf
                     ns_flops / (opt_mean * 1e-3) / 1e12);
     std::printf("\n");
     std::fflush(stdout);
+    return ms;
 }
 
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
@@ -237,6 +242,8 @@ int main(int argc, char** argv) {
     std::string optimizer_flag = "adamw";
     qopt::OptimizerConfig optimizer_config;
     qopt::add_optimizer_flags(app, optimizer_flag, optimizer_config);
+    qopt::QuantOptions qat_options;
+    qopt::add_quant_flags(app, qat_options, "qat", qopt::QuantStyle::Quest);
     app.add_option("--optimizers", optimizers,
                    "Optimizers to bench in turn, e.g. adamw muon scion (default: --optimizer)");
     app.add_option("--config", configs,
@@ -278,9 +285,18 @@ int main(int argc, char** argv) {
             if (!problem.empty()) qopt::fail(problem);
             optimizer_configs.push_back(c);
         }
+        // With --qat, each configuration runs in full precision and quantized, and the ratio is printed.
+        const qopt::LinearQuantConfig qat = qopt::resolve_linear_quant(qat_options, qopt::QuantStyle::Quest);
+        if (qat.enabled()) std::printf("QAT: %s\n", qat.describe().c_str());
         if (!skip_training)
             for (const auto& c : parsed)
-                for (const auto& o : optimizer_configs) qopt::bench_training(c, warmup, steps, peak, recompute, o);
+                for (const auto& o : optimizer_configs) {
+                    const double full_ms = qopt::bench_training(c, warmup, steps, peak, recompute, o, {});
+                    if (!qat.enabled()) continue;
+                    const double qat_ms = qopt::bench_training(c, warmup, steps, peak, recompute, o, qat);
+                    std::printf("  QAT %s step / full-precision step: %.3fx (%.2f ms vs %.2f ms)\n",
+                                qat.short_name().c_str(), qat_ms / full_ms, qat_ms, full_ms);
+                }
         return 0;
     } catch (const qopt::Error& e) {
         std::cerr << "bench: error: " << e.what() << "\n";
