@@ -30,7 +30,7 @@ LIB_CU := $(foreach d,$(SRC_DIRS),$(wildcard $(d)/*.cu))
 LIB_OBJ := $(LIB_CPP:%.cpp=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.cu.o)
 LIB := $(BUILD)/libqopt.a
 
-BINARIES := train tokenize prepare_brown bench init_model optim_replay
+BINARIES := train tokenize prepare_brown bench init_model optim_replay ptq
 BIN := $(BINARIES:%=$(BUILD)/bin/%)
 TEST_SRC := $(wildcard tests/*.cpp)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/obj/%.o)
@@ -67,6 +67,7 @@ $(BUILD)/bin/bench: $(BUILD)/obj/train/bench_main.o $(LIB)
 $(BUILD)/bin/init_model: $(BUILD)/obj/tools/init_model_main.o $(LIB)
 $(BUILD)/bin/prepare_brown: $(BUILD)/obj/tools/prepare_brown_main.o $(LIB)
 $(BUILD)/bin/optim_replay: $(BUILD)/obj/tools/optim_replay_main.o $(LIB)
+$(BUILD)/bin/ptq: $(BUILD)/obj/train/ptq_main.o $(LIB)
 $(BUILD)/bin/%:
 	@mkdir -p $(dir $@)
 	$(CXX) $^ -o $@ $(LDFLAGS)

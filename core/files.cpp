@@ -43,7 +43,7 @@ uint64_t file_size(const std::string& path) {
     return uint64_t(info.st_size);
 }
 
-static std::string parent_directory(const std::string& path) {
+std::string parent_directory(const std::string& path) {
     size_t slash = path.find_last_of('/');
     if (slash == std::string::npos) return ".";
     if (slash == 0) return "/";

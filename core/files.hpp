@@ -25,6 +25,9 @@ void check_writable_directory(const std::string& path);
 // pattern is empty or matches nothing, naming it.
 std::vector<std::string> expand_glob(const std::string& pattern, const char* what);
 
+// The directory part of a file path ("runs/a.jsonl" -> "runs", "a.jsonl" -> ".").
+std::string parent_directory(const std::string& path);
+
 // Lists the entries of a directory (names only, sorted); empty when it does not exist.
 std::vector<std::string> list_directory(const std::string& path);
 

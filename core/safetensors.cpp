@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string_view>
 
 #include "core/error.hpp"
 #include "core/files.hpp"
@@ -32,13 +33,13 @@ std::string safetensors_serialize(const std::vector<TensorView>& tensors,
     uint64_t offset = 0;
     for (const auto& t : tensors) {
         Json entry = Json::object();
-        entry["dtype"] = "F32";
+        entry["dtype"] = t.bytes ? "U8" : "F32";
         Json shape = Json::array();
         for (int64_t d : t.shape) shape.push_back(Json(d));
         entry["shape"] = shape;
         Json offsets = Json::array();
         offsets.push_back(Json(offset));
-        offset += t.numel() * sizeof(float);
+        offset += t.numel() * (t.bytes ? 1 : sizeof(float));
         offsets.push_back(Json(offset));
         entry["data_offsets"] = offsets;
         header.append_member(t.name, entry);
@@ -51,8 +52,9 @@ std::string safetensors_serialize(const std::vector<TensorView>& tensors,
     std::memcpy(&bytes[8], header_text.data(), header_size);
     size_t at = 8 + header_size;
     for (const auto& t : tensors) {
-        std::memcpy(&bytes[at], t.data, t.numel() * sizeof(float));
-        at += t.numel() * sizeof(float);
+        const size_t size = t.numel() * (t.bytes ? 1 : sizeof(float));
+        std::memcpy(&bytes[at], t.bytes ? static_cast<const void*>(t.bytes) : t.data, size);
+        at += size;
     }
     return bytes;
 }
@@ -143,17 +145,31 @@ std::vector<int64_t> SafetensorsFile::shape(const std::string& name) const {
     return it->second.shape;
 }
 
-std::vector<float> SafetensorsFile::f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
-    auto it = index_.find(name);
-    if (it == index_.end()) fail(origin_, ": missing tensor '", name, "'");
-    const Entry& e = it->second;
-    if (e.dtype != "F32") fail(origin_, ": tensor '", name, "' is ", e.dtype, ", expected F32");
+// Raw bytes of tensor `name` after checking its dtype and shape.
+static std::string_view checked_tensor(const std::map<std::string, SafetensorsFile::Entry>& index,
+                                       const std::string& origin, const std::string& bytes, size_t data_start,
+                                       const std::string& name, const char* dtype,
+                                       const std::vector<int64_t>& expected_shape) {
+    auto it = index.find(name);
+    if (it == index.end()) fail(origin, ": missing tensor '", name, "'");
+    const auto& e = it->second;
+    if (e.dtype != dtype) fail(origin, ": tensor '", name, "' is ", e.dtype, ", expected ", dtype);
     if (e.shape != expected_shape)
-        fail(origin_, ": tensor '", name, "' has shape ", shape_string(e.shape), ", expected ",
+        fail(origin, ": tensor '", name, "' has shape ", shape_string(e.shape), ", expected ",
              shape_string(expected_shape));
-    std::vector<float> values((e.end - e.begin) / sizeof(float));
-    std::memcpy(values.data(), bytes_.data() + data_start_ + e.begin, e.end - e.begin);
+    return std::string_view(bytes.data() + data_start + e.begin, e.end - e.begin);
+}
+
+std::vector<float> SafetensorsFile::f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+    const std::string_view raw = checked_tensor(index_, origin_, bytes_, data_start_, name, "F32", expected_shape);
+    std::vector<float> values(raw.size() / sizeof(float));
+    std::memcpy(values.data(), raw.data(), raw.size());
     return values;
+}
+
+std::vector<uint8_t> SafetensorsFile::u8(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+    const std::string_view raw = checked_tensor(index_, origin_, bytes_, data_start_, name, "U8", expected_shape);
+    return std::vector<uint8_t>(raw.begin(), raw.end());
 }
 
 }  // namespace qopt

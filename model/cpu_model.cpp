@@ -35,7 +35,10 @@ void CpuModel<T>::set_linear_quant(const LinearQuantConfig& quant) {
 template <typename T>
 void CpuModel<T>::linear_forward(int layer, Site site, T* out, const T* in, const T* weight, const T* bias,
                                  int n_rows, int in_dim, int out_dim) {
-    if (!quant_.enabled()) return matmul_forward_cpu(out, in, weight, bias, n_rows, in_dim, out_dim);
+    if (!quant_.enabled()) {
+        if (input_hook_) input_hook_(layer, site, in, n_rows, in_dim);
+        return matmul_forward_cpu(out, in, weight, bias, n_rows, in_dim, out_dim);
+    }
     QuantSite& q = quant_sites_[size_t(layer) * kSites + site];
     const int block = hadamard_block_for(in_dim, quant_.hadamard_block);
     const size_t n_in = size_t(n_rows) * in_dim, n_w = size_t(out_dim) * in_dim;
@@ -53,6 +56,7 @@ void CpuModel<T>::linear_forward(int layer, Site site, T* out, const T* in, cons
             fake_quant_cpu(q.weight.data(), q.weight_keep.data(), q.weight.data(), out_dim, in_dim, quant_.weights,
                            quant_.trust);
     }
+    if (input_hook_) input_hook_(layer, site, q.input.data(), n_rows, in_dim);
     matmul_forward_cpu(out, q.input.data(), q.weight.data(), bias, n_rows, in_dim, out_dim);
 }
 

@@ -3,6 +3,7 @@
 // checkable code over speed. Templated on the scalar: float for training, double for the
 // finite-difference gradient checks.
 #pragma once
+#include <functional>
 #include <vector>
 
 #include "model/config.hpp"
@@ -37,6 +38,11 @@ public:
     // Quantized hidden linear layers (QAT / PTQ evaluation; quant/linear_quant.hpp). Off by default.
     void set_linear_quant(const LinearQuantConfig& quant);
     const LinearQuantConfig& linear_quant() const { return quant_; }
+    // Called in the forward pass with every hidden linear layer's input as the product sees it
+    // (rotated and quantized when so configured): [rows, cols] for (layer, site) (LinearSite).
+    // PTQ calibration collects GPTQ's Hessians through it. Empty: none.
+    using InputHook = std::function<void(int layer, int site, const T* input, int rows, int cols)>;
+    void set_input_hook(InputHook hook) { input_hook_ = std::move(hook); }
 
 private:
     struct LayerActs {
@@ -54,7 +60,7 @@ private:
         std::vector<T> input, weight;
         std::vector<uint8_t> input_keep, weight_keep;
     };
-    enum Site { kQkv, kOut, kUp, kDown, kSites };
+    enum Site { kQkv = kSiteQkv, kOut = kSiteOut, kUp = kSiteUp, kDown = kSiteDown, kSites = kLinearSites };
     // out = in W^T + b, through the quantizer when one is set; backward accumulates like
     // matmul_backward_cpu.
     void linear_forward(int layer, Site site, T* out, const T* in, const T* weight, const T* bias, int n_rows,
@@ -71,6 +77,7 @@ private:
     std::vector<T> d_residual_, d_a_, d_b_, d_c_, d_qkv_, d_wide_, d_wide2_;
     LinearQuantConfig quant_;
     std::vector<QuantSite> quant_sites_;  // [n_layers * kSites] when quantized
+    InputHook input_hook_;
 };
 
 extern template class CpuModel<float>;

@@ -44,7 +44,7 @@ struct QuantSite {
     DeviceBuffer<bf16> input, weight;
     DeviceBuffer<uint8_t> input_keep, weight_keep;
 };
-enum Site { kQkv, kOut, kUp, kDown, kSites };
+enum Site { kQkv = kSiteQkv, kOut = kSiteOut, kUp = kSiteUp, kDown = kSiteDown, kSites = kLinearSites };
 
 struct GpuModel::State {
     DeviceBuffer<float> params, grads;
@@ -72,6 +72,7 @@ struct GpuModel::State {
     DeviceBuffer<float> quant_d_weight;     // d(quantized weight), likewise
     DeviceBuffer<double> quant_stats;       // per-tensor statistics scratch
     size_t quant_weight_bytes = 0;
+    GpuModel::InputHook input_hook;
 };
 
 GpuModel::GpuModel(const ModelConfig& config)
@@ -231,12 +232,16 @@ QuantSite& input_site(GpuModel::State& s, int layer, Site site) {
 // layers are quantized, else the input and the bf16 weight as they are.
 LinearOperands linear_operands(GpuModel::State& s, const bf16* weights, int layer, Site site, const bf16* in,
                                size_t weight_offset, int n_rows, int in_dim) {
-    if (!s.quant.enabled()) return {in, weights + weight_offset};
+    if (!s.quant.enabled()) {
+        if (s.input_hook) s.input_hook(layer, site, in, n_rows, in_dim);
+        return {in, weights + weight_offset};
+    }
     QuantSite& q = input_site(s, layer, site);
     quantize_rows(s.quant, q.input.data(), q.input_keep.data(), in, n_rows, in_dim, s.quant.activations,
                   s.quant_stats.data());
     const bf16* weight = s.quant.weights_offline ? weights + weight_offset
                                                  : s.quant_sites[size_t(layer) * kSites + site].weight.data();
+    if (s.input_hook) s.input_hook(layer, site, q.input.data(), n_rows, in_dim);
     return {q.input.data(), weight};
 }
 
@@ -264,28 +269,20 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
 }
 
 const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
+void GpuModel::set_input_hook(InputHook hook) { state_->input_hook = std::move(hook); }
 
 // Every hidden matrix, rotated and fake-quantized from the fp32 masters (QAT), once per forward.
 void GpuModel::quantize_weights() {
     State& s = *state_;
-    const int C = config_.d_model, F = config_.d_ff;
-    for (int l = 0; l < config_.n_layers; ++l) {
-        const LayerOffsets& o = layout_.layers[size_t(l)];
-        const struct {
-            Site site;
-            size_t offset;
-            int rows, cols;
-        } matrices[] = {{kQkv, o.qkv_w, 3 * C, C}, {kOut, o.out_w, C, C}, {kUp, o.up_w, F, C}, {kDown, o.down_w, C, F}};
-        for (const auto& m : matrices) {
-            QuantSite& q = s.quant_sites[size_t(l) * kSites + m.site];
-            if (s.quant.weights.enabled())
-                rotate_fake_quant_rows_gpu(q.weight.data(), q.weight_keep.data(), s.params.data() + m.offset, m.rows,
-                                           m.cols, hadamard_block_for(m.cols, s.quant.hadamard_block), s.quant.weights,
-                                           s.quant.trust, s.quant_stats.data());
-            else
-                quantize_rows(s.quant, q.weight.data(), nullptr, s.weights.data() + m.offset, m.rows, m.cols,
-                              s.quant.weights, nullptr);
-        }
+    for (const LinearMatrix& m : linear_matrices(config_, layout_)) {
+        QuantSite& q = s.quant_sites[size_t(m.layer) * kSites + m.site];
+        if (s.quant.weights.enabled())
+            rotate_fake_quant_rows_gpu(q.weight.data(), q.weight_keep.data(), s.params.data() + m.offset, m.rows,
+                                       m.cols, hadamard_block_for(m.cols, s.quant.hadamard_block), s.quant.weights,
+                                       s.quant.trust, s.quant_stats.data());
+        else
+            quantize_rows(s.quant, q.weight.data(), nullptr, s.weights.data() + m.offset, m.rows, m.cols,
+                          s.quant.weights, nullptr);
     }
 }
 

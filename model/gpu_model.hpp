@@ -6,6 +6,7 @@
 // planned once by allocate(); memory_report() prints the footprint before step 1.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,6 +48,9 @@ public:
     // CpuModel::set_linear_quant. Adds each layer's quantized inputs and masks to the plan.
     void set_linear_quant(const LinearQuantConfig& quant);
     const LinearQuantConfig& linear_quant() const;
+    // As CpuModel::set_input_hook, with the bf16 device pointer of the product's input.
+    using InputHook = std::function<void(int layer, int site, const bf16* input, int rows, int cols)>;
+    void set_input_hook(InputHook hook);
     // Plans every activation for this shape (no-op when unchanged).
     void allocate(int batch, int seq_len);
     // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."

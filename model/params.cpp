@@ -79,4 +79,17 @@ const ParamTensor* ParamLayout::find(const std::string& name) const {
     return nullptr;
 }
 
+std::vector<LinearMatrix> linear_matrices(const ModelConfig& c, const ParamLayout& layout) {
+    std::vector<LinearMatrix> out;
+    const int C = c.d_model, F = c.d_ff;
+    for (int l = 0; l < int(layout.layers.size()); ++l) {
+        const LayerOffsets& o = layout.layers[size_t(l)];
+        out.push_back({l, kSiteQkv, o.qkv_w, 3 * C, C});
+        out.push_back({l, kSiteOut, o.out_w, C, C});
+        out.push_back({l, kSiteUp, o.up_w, F, C});
+        out.push_back({l, kSiteDown, o.down_w, C, F});
+    }
+    return out;
+}
+
 }  // namespace qopt

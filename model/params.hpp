@@ -45,6 +45,17 @@ struct ParamLayout {
     const ParamTensor* find(const std::string& name) const;
 };
 
+// The hidden linear layers of every block, in the order the quantized paths use them
+// (site 0..3: fused q/k/v, attention output, MLP up, MLP down): the weight's offset and its
+// [out, in] shape. The tied embedding/head is not among them.
+enum LinearSite : int { kSiteQkv = 0, kSiteOut = 1, kSiteUp = 2, kSiteDown = 3, kLinearSites = 4 };
+struct LinearMatrix {
+    int layer, site;
+    size_t offset;
+    int rows, cols;  // out, in
+};
+std::vector<LinearMatrix> linear_matrices(const ModelConfig& config, const ParamLayout& layout);
+
 // Fills `params` (size layout.total) with the initial values, deterministically from seed.
 template <typename T>
 void init_params(const ParamLayout& layout, uint64_t seed, T* params) {

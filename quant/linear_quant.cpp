@@ -64,12 +64,12 @@ std::string LinearQuantConfig::short_name() const {
     return concat("w", weights.bits, "a", activations.bits);
 }
 
-std::string LinearQuantConfig::describe() const {
+std::string LinearQuantConfig::describe(bool with_estimator) const {
     if (!enabled()) return "off";
     std::string text = short_name() + " (weights: " + (weights_offline ? "quantized offline" : weights.describe()) +
                        "; activations: " + activations.describe();
     text += hadamard_block > 1 ? concat("; Hadamard blocks of ", hadamard_block) : std::string("; no rotation");
-    if (activations.enabled() || (weights.enabled() && !weights_offline))
+    if (with_estimator && (activations.enabled() || (weights.enabled() && !weights_offline)))
         text += trust < 0 ? "; straight-through estimator"
                           : trust == 0 ? "; trust estimator (half a step)" : concat("; trust estimator ", trust, " RMS");
     return text + ")";
@@ -110,7 +110,9 @@ LinearQuantConfig resolve_linear_quant(const QuantOptions& o, QuantStyle style) 
     const std::string default_rule = quest ? "gaussian" : "absmax";
     c.weights.rule = parse_scale_rule(!o.weight_rule.empty() ? o.weight_rule : default_rule);
     c.activations.rule = parse_scale_rule(!o.act_rule.empty() ? o.act_rule : default_rule);
-    c.hadamard_block = o.hadamard >= 0 ? o.hadamard : (quest ? 128 : 0);
+    // QuEST rotates by default, but only when something is quantized (format off means off).
+    const bool quantizing = weight_bits <= 8 || act_bits <= 8;
+    c.hadamard_block = o.hadamard >= 0 ? o.hadamard : (quest && quantizing ? 128 : 0);
     const std::string estimator = o.estimator.empty() ? "trust" : o.estimator;
     QOPT_CHECK(estimator == "trust" || estimator == "ste", "unknown estimator '", estimator, "' (trust or ste)");
     QOPT_CHECK(o.trust >= 0, "trust factor must be >= 0 (0: half a quantization step), not ", o.trust);

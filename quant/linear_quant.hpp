@@ -26,7 +26,9 @@ struct LinearQuantConfig {
 
     bool enabled() const { return weights.enabled() || activations.enabled() || hadamard_block > 1; }
     void validate(int d_model, int d_ff) const;  // throws naming the problem
-    std::string describe() const;                // "W4A4 (weights: int4 centered gaussian per-row; ...)"
+    // "w4a4 (weights: int4 centered gaussian per-row; ...; trust estimator ...)"; the estimator
+    // only matters for training.
+    std::string describe(bool with_estimator = true) const;
     std::string short_name() const;              // "w4a4", "w4a16", "off"
     Json to_json() const;
     static LinearQuantConfig from_json(const Json& json);

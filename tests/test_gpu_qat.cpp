@@ -11,7 +11,10 @@
 #include "gpu_helpers.hpp"
 #include "model/cpu_model.hpp"
 #include "model/gpu_model.hpp"
+#include "quant/hadamard.hpp"
 #include "quant/linear_quant.hpp"
+#include "quant/ptq.hpp"
+#include "train/checkpoint.hpp"
 #include "train_helpers.hpp"
 
 using namespace qopt;
@@ -96,5 +99,58 @@ TEST_CASE("GPU QAT training (w4a4, AdamW and Muon) learns on the synthetic strea
         const TrainResult r = run_training(o, log);
         CAPTURE(log.str());
         CHECK(r.val_loss_end < r.val_loss_start - 0.3);
+    }
+}
+
+TEST_CASE("GPU PTQ evaluation equals the GPU QAT forward of the same weights; ptq on GPU agrees with the CPU") {
+    REQUIRE_GPU();
+    const ModelConfig config = preset_config("olmo2-tiny");
+    std::vector<float> masters(ParamLayout::build(config).total);
+    init_params(ParamLayout::build(config), fresh_seed(), masters.data());
+    std::mt19937_64 gen(fresh_seed());
+    const auto inputs = random_tokens(128, config.vocab_size, gen), targets = random_tokens(128, config.vocab_size, gen);
+    QuantOptions options;
+    options.format = "w4a4";
+    options.hadamard = 64;
+    const LinearQuantConfig qat = resolve_linear_quant(options, QuantStyle::Quest);
+    GpuModel model(config);
+    model.upload_params(masters);
+    model.set_linear_quant(qat);
+    const double loss_qat = model.loss(inputs.data(), targets.data(), 2, 64);
+    std::vector<float> offline = masters;
+    for (const LinearMatrix& m : linear_matrices(config, model.layout())) {
+        std::vector<float> w(masters.begin() + long(m.offset), masters.begin() + long(m.offset) + long(m.rows) * m.cols);
+        hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, qat.hadamard_block));
+        const std::vector<float> deq = quantize_cpu(w.data(), m.rows, m.cols, qat.weights).dequantize();
+        std::copy(deq.begin(), deq.end(), offline.begin() + long(m.offset));
+    }
+    LinearQuantConfig ptq = qat;
+    ptq.weights_offline = true;
+    model.upload_params(offline);
+    model.set_linear_quant(ptq);
+    CHECK(model.loss(inputs.data(), targets.data(), 2, 64) == doctest::Approx(loss_qat).epsilon(1e-4));
+
+    // The ptq pipeline itself on both devices (GPU Hessians in fp32 from bf16 inputs).
+    TempDir dir;
+    TrainOptions o = tiny_run(dir, 30);
+    o.device = "cpu";
+    std::ostringstream train_log;
+    run_training(o, train_log);
+    for (const std::string method : {"rtn", "gptq"}) {
+        CAPTURE(method);
+        PtqOptions p;
+        p.checkpoint = list_checkpoints(o.out_dir).front();
+        p.quant.format = "w4a8";
+        p.method = method;
+        p.calib_data = o.train_data, p.val_data = o.val_data;
+        p.calib_batches = 4, p.val_batches = 4, p.batch_size = 4;
+        p.results = dir / "ptq.jsonl";
+        std::ostringstream log;
+        p.device = "cpu";
+        const PtqResult cpu = run_ptq(p, log);
+        p.device = "cuda";
+        const PtqResult gpu = run_ptq(p, log);
+        CHECK(gpu.val_loss_full == doctest::Approx(cpu.val_loss_full).epsilon(5e-3));
+        CHECK(gpu.val_loss_quantized == doctest::Approx(cpu.val_loss_quantized).epsilon(2e-2));
     }
 }

@@ -18,22 +18,6 @@ using namespace qopt::test;
 
 namespace {
 
-struct Matrix {
-    size_t offset;
-    int rows, cols;
-};
-
-std::vector<Matrix> hidden_matrices(const ModelConfig& c, const ParamLayout& layout) {
-    std::vector<Matrix> out;
-    for (const auto& o : layout.layers) {
-        out.push_back({o.qkv_w, 3 * c.d_model, c.d_model});
-        out.push_back({o.out_w, c.d_model, c.d_model});
-        out.push_back({o.up_w, c.d_ff, c.d_model});
-        out.push_back({o.down_w, c.d_model, c.d_ff});
-    }
-    return out;
-}
-
 std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
     std::vector<int> tokens(n);
     for (auto& t : tokens) t = int(gen() % uint64_t(vocab));
@@ -96,7 +80,7 @@ TEST_CASE("QAT reference: weight quantization with STE is the plain model at Q(W
             const LinearQuantConfig trust = quant_config("w3a16", hadamard, "trust");
             plain.params() = qat.params();
             std::vector<double> keep_of_param(qat.layout().total, 1.0);
-            for (const Matrix& m : hidden_matrices(config, qat.layout())) {
+            for (const LinearMatrix& m : linear_matrices(config, qat.layout())) {
                 const int block = hadamard_block_for(m.cols, hadamard);
                 std::vector<double> w(qat.params().begin() + long(m.offset),
                                       qat.params().begin() + long(m.offset) + long(m.rows) * m.cols);

@@ -28,7 +28,9 @@
 #include "model/gpu_model.hpp"
 #include "optim/gpu_optimizer.hpp"
 #include "optim/optimizer_cli.hpp"
+#include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
+#include "quant/quant_gpu.hpp"
 
 namespace qopt {
 namespace {
@@ -195,6 +197,34 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     return ms;
 }
 
+// Quantization kernels alone, on an activation-shaped tensor [rows, cols]: bytes moved per
+// call over time, against the memory roofline. Forward: read bf16, write bf16 + a mask byte;
+// backward (masked rotation, accumulating into bf16): read grad, mask and out, write out.
+void bench_quant_kernels(const LinearQuantConfig& quant, long rows, int cols) {
+    DeviceBuffer<bf16> in(size_t(rows) * cols), out(size_t(rows) * cols);
+    DeviceBuffer<uint8_t> keep(size_t(rows) * cols);
+    in.fill_bytes(0x3c), out.fill_bytes(0);
+    const int block = hadamard_block_for(cols, quant.hadamard_block);
+    Timer timer;
+    std::vector<double> forward_ms, backward_ms;
+    for (int i = 0; i < 12; ++i) {
+        timer.start();
+        rotate_fake_quant_rows_gpu(out.data(), keep.data(), in.data(), rows, cols, block, quant.activations,
+                                   quant.trust);
+        const double f = timer.stop();
+        timer.start();
+        masked_hadamard_rows_gpu(out.data(), in.data(), keep.data(), rows, cols, block, true);
+        const double b = timer.stop();
+        if (i >= 2) forward_ms.push_back(f), backward_ms.push_back(b);
+    }
+    const double n = double(rows) * cols;
+    const double f = median(forward_ms), b = median(backward_ms);
+    std::printf("quant kernels [%ld x %d] block %d: rotate+fake-quant %.3f ms (%.0f GB/s), masked rotation (accumulate) "
+                "%.3f ms (%.0f GB/s)\n",
+                rows, cols, block, f, 5.0 * n / (f * 1e-3) / 1e9, b, 7.0 * n / (b * 1e-3) / 1e9);
+    std::fflush(stdout);
+}
+
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
 // backward (the 5 products of the math; the kernels recompute P once more).
 void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
@@ -287,7 +317,11 @@ int main(int argc, char** argv) {
         }
         // With --qat, each configuration runs in full precision and quantized, and the ratio is printed.
         const qopt::LinearQuantConfig qat = qopt::resolve_linear_quant(qat_options, qopt::QuantStyle::Quest);
-        if (qat.enabled()) std::printf("QAT: %s\n", qat.describe().c_str());
+        if (qat.enabled()) {
+            std::printf("QAT: %s\n", qat.describe().c_str());
+            if (qat.activations.enabled())
+                for (int cols : {768, 3072}) qopt::bench_quant_kernels(qat, 32768, cols);
+        }
         if (!skip_training)
             for (const auto& c : parsed)
                 for (const auto& o : optimizer_configs) {

@@ -1,0 +1,136 @@
+#include "quant/gptq.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.hpp"
+
+namespace qopt {
+
+// Reverse the order of rows and columns: A = P H P. Its lower Cholesky factor L gives
+// H = R R^T with R = P L P upper triangular, so H^-1 = R^-T R^-1 and U = R^-1.
+std::vector<double> upper_cholesky_of_inverse(const std::vector<double>& hessian, int n) {
+    std::vector<double> L(size_t(n) * n, 0.0);
+    auto A = [&](int i, int j) { return hessian[size_t(n - 1 - i) * n + (n - 1 - j)]; };
+    for (int j = 0; j < n; ++j) {
+        double diagonal = A(j, j);
+        const double* lj = &L[size_t(j) * n];
+        for (int k = 0; k < j; ++k) diagonal -= lj[k] * lj[k];
+        if (!(diagonal > 0)) fail("GPTQ: the Hessian is not positive definite (raise --damp)");
+        const double ljj = std::sqrt(diagonal);
+        L[size_t(j) * n + j] = ljj;
+#pragma omp parallel for schedule(static)
+        for (int i = j + 1; i < n; ++i) {
+            const double* li = &L[size_t(i) * n];
+            double sum = A(i, j);
+            for (int k = 0; k < j; ++k) sum -= li[k] * lj[k];
+            L[size_t(i) * n + j] = sum / ljj;
+        }
+    }
+    // R[i][j] = L[n-1-i][n-1-j] (upper). U = R^-1, row by row: U[i][i] = 1 / R[i][i],
+    // U[i][j] = -(sum_{k=i}^{j-1} U[i][k] R[k][j]) / R[j][j]; rows are independent.
+    auto R = [&](int i, int j) { return L[size_t(n - 1 - i) * n + (n - 1 - j)]; };
+    std::vector<double> U(size_t(n) * n, 0.0);
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int i = 0; i < n; ++i) {
+        double* ui = &U[size_t(i) * n];
+        ui[i] = 1.0 / R(i, i);
+        for (int j = i + 1; j < n; ++j) {
+            double sum = 0;
+            for (int k = i; k < j; ++k) sum += ui[k] * R(k, j);
+            ui[j] = -sum / R(j, j);
+        }
+    }
+    return U;
+}
+
+QuantizedTensor gptq_quantize(const float* weight, int rows, int cols, const std::vector<double>& hessian,
+                              const QuantSpec& spec, const GptqOptions& options) {
+    QOPT_CHECK(spec.enabled(), "GPTQ needs a quantizing spec (bits 2..8)");
+    spec.validate(cols);
+    QOPT_CHECK(hessian.size() == size_t(cols) * cols, "GPTQ: Hessian of ", hessian.size(), " values for ", cols,
+               " inputs");
+    QOPT_CHECK(!(options.act_order && spec.granularity == Granularity::Group),
+               "GPTQ: --act-order with per-group scales is not supported");
+    QOPT_CHECK(options.damp >= 0, "GPTQ: damping must be >= 0");
+    const int n = cols;
+    std::vector<double> H = hessian;
+    std::vector<float> W(weight, weight + size_t(rows) * cols);
+    // Dead inputs: no signal, so their weights cannot matter; zero them.
+    for (int i = 0; i < n; ++i)
+        if (H[size_t(i) * n + i] == 0) {
+            H[size_t(i) * n + i] = 1;
+            for (int r = 0; r < rows; ++r) W[size_t(r) * cols + i] = 0;
+        }
+    double mean_diagonal = 0;
+    for (int i = 0; i < n; ++i) mean_diagonal += H[size_t(i) * n + i];
+    mean_diagonal /= n;
+    for (int i = 0; i < n; ++i) H[size_t(i) * n + i] += options.damp * mean_diagonal;
+
+    std::vector<int> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    if (options.act_order)
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int a, int b) { return H[size_t(a) * n + a] > H[size_t(b) * n + b]; });
+    std::vector<double> Hp(size_t(n) * n);
+    for (int a = 0; a < n; ++a)
+        for (int b = 0; b < n; ++b) Hp[size_t(a) * n + b] = H[size_t(order[size_t(a)]) * n + order[size_t(b)]];
+    const std::vector<double> U = upper_cholesky_of_inverse(Hp, n);
+
+    QuantizedTensor q;
+    q.rows = rows, q.cols = cols, q.spec = spec;
+    q.codes.resize(size_t(rows) * cols);
+    const bool per_group = spec.granularity == Granularity::Group;
+    const int group = spec.group_cols(cols);
+    // Per-row and per-tensor grids come from the (dead-zeroed) weights before any update.
+    if (spec.granularity == Granularity::Tensor) {
+        q.grids = {choose_grid(spec, W.data(), long(W.size()))};
+    } else {
+        q.grids.resize(per_group ? size_t(rows) * (cols / group) : size_t(rows));
+        if (!per_group)
+            for (int r = 0; r < rows; ++r) q.grids[size_t(r)] = choose_grid(spec, &W[size_t(r) * cols], cols);
+    }
+    auto grid_of = [&](int r, int column) -> GroupGrid& {
+        if (spec.granularity == Granularity::Tensor) return q.grids[0];
+        if (per_group) return q.grids[size_t(r) * (cols / group) + column / group];
+        return q.grids[size_t(r)];
+    };
+
+    constexpr int kTile = 32;
+    const int tiles = (rows + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < tiles; ++t) {
+        const int r0 = t * kTile, tile_rows = std::min(kTile, rows - r0);
+        // The tile column-major in the processing order: Wt[a][r] = W[r0 + r][order[a]].
+        std::vector<double> Wt(size_t(n) * kTile, 0.0), err(kTile);
+        for (int a = 0; a < n; ++a)
+            for (int r = 0; r < tile_rows; ++r) Wt[size_t(a) * kTile + r] = W[size_t(r0 + r) * cols + order[size_t(a)]];
+        std::vector<float> group_values(static_cast<size_t>(group));
+        for (int j = 0; j < n; ++j) {
+            if (per_group && j % group == 0)
+                for (int r = 0; r < tile_rows; ++r) {
+                    for (int c = 0; c < group; ++c) group_values[size_t(c)] = float(Wt[size_t(j + c) * kTile + r]);
+                    grid_of(r0 + r, j) = choose_grid(spec, group_values.data(), group);
+                }
+            const double ujj = U[size_t(j) * n + j];
+            for (int r = 0; r < tile_rows; ++r) {
+                const GroupGrid& g = grid_of(r0 + r, order[size_t(j)]);
+                const float w = float(Wt[size_t(j) * kTile + r]);
+                const int code = quant_code(g, w);
+                q.codes[size_t(r0 + r) * cols + order[size_t(j)]] = int8_t(code);
+                err[size_t(r)] = (double(w) - double(quant_value(g, code))) / ujj;
+            }
+            const double* uj = &U[size_t(j) * n];
+            for (int k = j + 1; k < n; ++k) {
+                double* wk = &Wt[size_t(k) * kTile];
+                const double u = uj[k];
+#pragma omp simd
+                for (int r = 0; r < kTile; ++r) wk[r] -= err[size_t(r)] * u;
+            }
+        }
+    }
+    return q;
+}
+
+}  // namespace qopt

@@ -1,0 +1,289 @@
+#include "quant/ptq.hpp"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <memory>
+
+#include "core/error.hpp"
+#include "core/files.hpp"
+#include "data/loader.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
+#include "model/cpu_model.hpp"
+#include "model/gpu_model.hpp"
+#include "quant/hadamard.hpp"
+#include "quant/packed_checkpoint.hpp"
+#include "train/checkpoint.hpp"
+
+namespace qopt {
+
+namespace {
+
+// The model as PTQ needs it: loss only, quantized linear layers, and the Hessians
+// H = sum over calibration tokens of x x^T of every hidden linear layer's input.
+class EvalModel {
+public:
+    virtual ~EvalModel() = default;
+    virtual std::string describe() const = 0;
+    virtual void set_params(const std::vector<float>& params) = 0;
+    virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;
+    virtual double loss(const int* inputs, const int* targets, int batch, int seq_len) = 0;
+    virtual void start_hessians() = 0;  // from now on every forward adds to the Hessians
+    virtual std::vector<std::vector<double>> finish_hessians() = 0;  // [layer * 4 + site], row-major
+};
+
+class CpuEvalModel final : public EvalModel {
+public:
+    explicit CpuEvalModel(const ModelConfig& config) : model_(config) {}
+    std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
+    void set_params(const std::vector<float>& params) override { model_.params() = params; }
+    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
+    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
+        return model_.loss(inputs, targets, batch, seq_len);
+    }
+    void start_hessians() override {
+        const ModelConfig& c = model_.config();
+        hessians_.assign(size_t(c.n_layers) * kLinearSites, {});
+        model_.set_input_hook([this](int layer, int site, const float* x, int rows, int cols) {
+            std::vector<double>& h = hessians_[size_t(layer) * kLinearSites + site];
+            h.resize(size_t(cols) * cols, 0.0);
+#pragma omp parallel for schedule(dynamic, 4)
+            for (int i = 0; i < cols; ++i)
+                for (int n = 0; n < rows; ++n) {
+                    const double xi = x[size_t(n) * cols + i];
+                    const float* row = x + size_t(n) * cols;
+                    double* hi = &h[size_t(i) * cols];
+                    for (int j = 0; j < cols; ++j) hi[j] += xi * double(row[j]);
+                }
+        });
+    }
+    std::vector<std::vector<double>> finish_hessians() override {
+        model_.set_input_hook(nullptr);
+        return std::move(hessians_);
+    }
+
+private:
+    CpuModel<float> model_;
+    std::vector<std::vector<double>> hessians_;
+};
+
+class GpuEvalModel final : public EvalModel {
+public:
+    GpuEvalModel(const ModelConfig& config, std::string device) : model_(config), device_(std::move(device)) {}
+    std::string describe() const override { return "cuda, " + device_; }
+    void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
+    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
+    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
+        return model_.loss(inputs, targets, batch, seq_len);
+    }
+    // x^T x accumulates in fp32 on the device: the weight-gradient product with dout = in = x.
+    void start_hessians() override {
+        const ModelConfig& c = model_.config();
+        hessians_.clear();
+        hessians_.resize(size_t(c.n_layers) * kLinearSites);
+        model_.set_input_hook([this](int layer, int site, const bf16* x, int rows, int cols) {
+            DeviceBuffer<float>& h = hessians_[size_t(layer) * kLinearSites + site];
+            if (h.size() == 0) h.resize(size_t(cols) * cols), h.fill_bytes(0);
+            matmul_backward_weight_gpu(h.data(), x, x, rows, cols, cols);
+        });
+    }
+    std::vector<std::vector<double>> finish_hessians() override {
+        model_.set_input_hook(nullptr);
+        std::vector<std::vector<double>> out;
+        for (auto& h : hessians_) {
+            const std::vector<float> host = h.download();
+            out.emplace_back(host.begin(), host.end());
+            h.release();
+        }
+        return out;
+    }
+
+private:
+    GpuModel model_;
+    std::string device_;
+    std::vector<DeviceBuffer<float>> hessians_;
+};
+
+double mean_loss(EvalModel& model, TokenLoader& loader, int batches, const PtqOptions& o) {
+    loader.reset();
+    std::vector<int> inputs, targets;
+    double sum = 0;
+    for (int b = 0; b < batches; ++b) {
+        loader.next_batch(inputs, targets);
+        sum += model.loss(inputs.data(), targets.data(), o.batch_size, o.seq_len);
+    }
+    return sum / batches;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+std::string utc_now() {
+    const std::time_t now = std::time(nullptr);
+    char text[32];
+    std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    return text;
+}
+
+}  // namespace
+
+PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
+    PtqOptions o = options;
+    QOPT_CHECK(!o.checkpoint.empty(), "--checkpoint is required");
+    QOPT_CHECK(o.method == "rtn" || o.method == "gptq", "--method must be rtn or gptq, got '", o.method, "'");
+    QOPT_CHECK(o.device == "cpu" || o.device == "cuda" || o.device == "auto", "--device must be cpu, cuda or auto");
+    QOPT_CHECK(o.batch_size > 0 && o.seq_len >= 0, "--batch-size must be positive and --seq-len non-negative");
+    QOPT_CHECK(o.val_batches > 0, "--val-batches must be positive");
+    QOPT_CHECK(o.method != "gptq" || o.calib_batches > 0, "--calib-batches must be positive for GPTQ");
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+
+    LinearQuantConfig quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
+    QOPT_CHECK(quant.weights.enabled() || quant.activations.enabled(), "--format ", o.quant.format,
+               " quantizes nothing");
+    const Checkpoint ckpt = read_checkpoint(o.checkpoint);
+    const ModelConfig& config = ckpt.config;
+    quant.validate(config.d_model, config.d_ff);
+    if (o.seq_len == 0)  // the training run's sequence length
+        o.seq_len = ckpt.run.is_object() && ckpt.run.contains("seq_len") ? int(ckpt.run.at("seq_len").as_int())
+                                                                         : config.max_seq_len;
+    QOPT_CHECK(o.seq_len <= config.max_seq_len, "--seq-len ", o.seq_len, " exceeds the model's max_seq_len ",
+               config.max_seq_len);
+    TokenLoader val(o.val_data, config.vocab_size, o.batch_size, o.seq_len, "--val-data");
+    const int val_batches = int(std::min<uint64_t>(uint64_t(o.val_batches), val.batches_per_epoch()));
+    std::unique_ptr<TokenLoader> calib;
+    if (o.method == "gptq")
+        calib = std::make_unique<TokenLoader>(o.calib_data, config.vocab_size, o.batch_size, o.seq_len, "--calib-data");
+    if (!o.out.empty()) check_writable_directory(parent_directory(o.out));
+    check_writable_directory(parent_directory(o.results));
+
+    const CudaDeviceInfo gpu = query_cuda_device();
+    const bool use_cuda = o.device == "cuda" || (o.device == "auto" && gpu.usable &&
+                                                 GpuModel::unsupported_reason(config).empty());
+    if (o.device == "cuda" && !gpu.usable) fail("--device cuda: ", gpu.problem);
+    std::unique_ptr<EvalModel> model;
+    if (use_cuda) model = std::make_unique<GpuEvalModel>(config, gpu.description);
+    else model = std::make_unique<CpuEvalModel>(config);
+    model->set_params(ckpt.params);
+    const std::string optimizer = ckpt.optimizer.optimizer;
+    const std::string preset = ckpt.run.is_object() && ckpt.run.contains("preset") ? ckpt.run.at("preset").as_string()
+                                                                                   : std::string("?");
+    const std::string trained_qat = ckpt.run.is_object() && ckpt.run.contains("qat")
+                                        ? LinearQuantConfig::from_json(ckpt.run.at("qat")).short_name()
+                                        : std::string("off");
+    log << "checkpoint: " << o.checkpoint << " (" << preset << ", " << optimizer << ", step " << ckpt.state.step
+        << (trained_qat != "off" ? ", trained with QAT " + trained_qat : std::string()) << ")\n";
+    log << "device: " << model->describe() << "\n";
+    log << "quantization: " << o.method << ", " << quant.describe(false) << "\n";
+
+    const double loss_full = mean_loss(*model, val, val_batches, o);
+    log << "val loss full precision: " << loss_full << " (" << val_batches << " batches of " << o.batch_size << " x "
+        << o.seq_len << ")\n";
+
+    // GPTQ's Hessians, in the rotated basis when rotating (the forward rotates, nothing else).
+    const auto quantize_start = std::chrono::steady_clock::now();
+    std::vector<std::vector<double>> hessians;
+    if (o.method == "gptq") {
+        LinearQuantConfig rotate_only;
+        rotate_only.hadamard_block = quant.hadamard_block;
+        model->set_linear_quant(rotate_only);
+        model->start_hessians();
+        calib->reset();
+        std::vector<int> inputs, targets;
+        for (int b = 0; b < o.calib_batches; ++b) {
+            calib->next_batch(inputs, targets);
+            model->loss(inputs.data(), targets.data(), o.batch_size, o.seq_len);
+        }
+        hessians = model->finish_hessians();
+        log << "calibration: " << o.calib_batches << " batches (" << o.calib_batches * o.batch_size * o.seq_len
+            << " tokens) in " << seconds_since(quantize_start) << " s\n";
+    }
+
+    // Weights: rotate, quantize (RTN or GPTQ), store the dequantized values in the rotated basis.
+    const ParamLayout layout = ParamLayout::build(config);
+    std::vector<float> params = ckpt.params;
+    std::vector<NamedQuantizedTensor> packed;
+    double error_sum = 0, norm_sum = 0;
+    QuantSpec weight_spec = quant.weights;
+    if (!weight_spec.enabled()) weight_spec.bits = 16;
+    for (const LinearMatrix& m : linear_matrices(config, layout)) {
+        const size_t n = size_t(m.rows) * m.cols;
+        std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + n));
+        hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, quant.hadamard_block));
+        if (!weight_spec.enabled()) {  // W16: only rotated
+            std::copy(w.begin(), w.end(), params.begin() + long(m.offset));
+            continue;
+        }
+        QuantizedTensor q = o.method == "gptq"
+                                ? gptq_quantize(w.data(), m.rows, m.cols,
+                                                hessians[size_t(m.layer) * kLinearSites + m.site], weight_spec, o.gptq)
+                                : quantize_cpu(w.data(), m.rows, m.cols, weight_spec);
+        const std::vector<float> deq = q.dequantize();
+        for (size_t i = 0; i < n; ++i) {
+            error_sum += double(deq[i] - w[i]) * double(deq[i] - w[i]);
+            norm_sum += double(w[i]) * double(w[i]);
+        }
+        std::copy(deq.begin(), deq.end(), params.begin() + long(m.offset));
+        for (const auto& t : layout.tensors)
+            if (t.offset == m.offset) packed.push_back({t.name, std::move(q)});
+    }
+    const double quantize_seconds = seconds_since(quantize_start);
+    const double weight_error = norm_sum > 0 ? std::sqrt(error_sum / norm_sum) : 0.0;
+    log << "weights quantized in " << quantize_seconds << " s; relative weight error " << weight_error << "\n";
+
+    LinearQuantConfig eval_quant = quant;
+    eval_quant.weights_offline = true;
+    model->set_params(params);
+    model->set_linear_quant(eval_quant);
+    const double loss_quant = mean_loss(*model, val, val_batches, o);
+    char line[200];
+    std::snprintf(line, sizeof line, "val loss %s: %.4f (perplexity %.2f) vs %.4f (perplexity %.2f): %+.4f\n",
+                  quant.short_name().c_str(), loss_quant, std::exp(loss_quant), loss_full, std::exp(loss_full),
+                  loss_quant - loss_full);
+    log << line;
+
+    if (!o.out.empty()) {
+        write_quantized_checkpoint(o.out, config, layout, params, packed, quant);
+        log << "quantized checkpoint: " << o.out << "\n";
+    }
+
+    Json row = Json::object();
+    row["time"] = utc_now();
+    row["checkpoint"] = o.checkpoint;
+    row["model"] = preset;
+    row["arch"] = arch_name(config.arch);
+    row["parameters"] = uint64_t(layout.total);
+    row["optimizer"] = optimizer;
+    row["step"] = int64_t(ckpt.state.step);
+    row["trained_qat"] = trained_qat;
+    row["method"] = o.method;
+    row["format"] = quant.short_name();
+    row["quant"] = quant.to_json();
+    if (o.method == "gptq") {
+        row["gptq_damp"] = o.gptq.damp;
+        row["gptq_act_order"] = o.gptq.act_order;
+        row["calib_tokens"] = int64_t(o.calib_batches) * o.batch_size * o.seq_len;
+    }
+    row["val_tokens"] = int64_t(val_batches) * o.batch_size * o.seq_len;
+    row["val_loss_full"] = loss_full;
+    row["val_loss_quantized"] = loss_quant;
+    row["perplexity_full"] = std::exp(loss_full);
+    row["perplexity_quantized"] = std::exp(loss_quant);
+    row["loss_increase"] = loss_quant - loss_full;
+    row["relative_weight_error"] = weight_error;
+    row["quantize_seconds"] = quantize_seconds;
+    {
+        std::ofstream results(o.results, std::ios::app);
+        if (!results) fail(o.results, ": cannot open for appending");
+        results << row.dump() << "\n";
+    }
+    log << "results: appended to " << o.results << "\n";
+    return PtqResult{loss_full, loss_quant, row};
+}
+
+}  // namespace qopt
