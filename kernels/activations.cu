@@ -2,36 +2,13 @@
 // Elementwise, fp32 math on bf16 values; the backward kernels write din (no accumulation).
 #include <cstdint>
 
+#include "kernels/activation_functors.cuh"
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
 namespace qopt {
 
 namespace {
-
-constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
-
-// One formula per functor: forward ops read x, backward ops read (dout, x).
-struct GeluForward {
-    __device__ float operator()(float x, float) const {
-        return 0.5f * x * (1.0f + tanhf(kGeluK * (x + 0.044715f * x * x * x)));
-    }
-};
-struct GeluBackward {
-    __device__ float operator()(float dout, float x) const {
-        const float t = tanhf(kGeluK * (x + 0.044715f * x * x * x));
-        return dout * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kGeluK * (1.0f + 3.0f * 0.044715f * x * x));
-    }
-};
-struct Relu2Forward {
-    __device__ float operator()(float x, float) const {
-        const float r = fmaxf(x, 0.0f);
-        return r * r;
-    }
-};
-struct Relu2Backward {
-    __device__ float operator()(float dout, float x) const { return dout * 2.0f * fmaxf(x, 0.0f); }
-};
 
 // out[i] = op(a[i], b[i]) (b may be null: unary). Eight elements per step with 16-byte loads
 // when every pointer allows (`vector`), element by element otherwise and for the tail.

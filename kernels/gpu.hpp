@@ -127,9 +127,9 @@ void matmul_backward_input_dgelu_gpu(bf16* d_pre_activation, const bf16* dout, c
 // din = dout W (written; with accumulate, din += dout W).
 void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, int n_rows, int in_dim, int out_dim,
                                bool accumulate = false, cudaStream_t stream = 0);
-// dweight (fp32) += dout^T in.
+// dweight (fp32) += dout^T in (written instead with accumulate false).
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
-                                cudaStream_t stream = 0);
+                                bool accumulate = true, cudaStream_t stream = 0);
 // dbias (fp32) += column sums of dout, deterministic (shares the norms' two-stage reduction
 // in kernels/norms.cu).
 void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);

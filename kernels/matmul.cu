@@ -150,8 +150,9 @@ void matmul_backward_input_gpu(bf16* din, const bf16* dout, const bf16* weight, 
 }
 
 void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in, int n_rows, int in_dim, int out_dim,
-                                cudaStream_t stream) {
-    lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, 1.0f, nullptr, stream);
+                                bool accumulate, cudaStream_t stream) {
+    lt_matmul(dweight, CUDA_R_32F, in, false, dout, true, in_dim, out_dim, n_rows, accumulate ? 1.0f : 0.0f, nullptr,
+              stream);
 }
 
 // Row-major D[m, n] = alpha op(A) op(B) + beta C is column-major D^T = op(B)^T op(A)^T: the

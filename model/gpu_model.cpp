@@ -403,8 +403,10 @@ void GpuModel::backward() {
     const bool quantized = s.quant.enabled();
     // A linear layer's input and weight gradients (din written, or added with accumulate; the
     // weight gradient added), through the quantizer's estimator when the layers are quantized.
+    // With pre_activation (quantized layers only): din = act'(pre_activation) * d(input), in the same pass.
     auto linear_backward = [&](int l, Site site, bf16* din, bool accumulate, size_t weight_offset, const bf16* dout,
-                               const bf16* in, int in_dim, int out_dim) {
+                               const bf16* in, int in_dim, int out_dim, const bf16* pre_activation = nullptr,
+                               ActivationGrad activation = ActivationGrad::Gelu) {
         if (!quantized) {
             matmul_backward_input_gpu(din, dout, W + weight_offset, N, in_dim, out_dim, accumulate);
             matmul_backward_weight_gpu(G + weight_offset, dout, in, N, in_dim, out_dim);
@@ -416,9 +418,13 @@ void GpuModel::backward() {
         const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
         matmul_backward_input_gpu(s.quant_d_input.data(), dout, offline ? W + weight_offset : qw.weight.data(), N,
                                   in_dim, out_dim);
-        masked_hadamard_rows_gpu(din, s.quant_d_input.data(), q.input_keep.data(), N, in_dim, block, accumulate);
-        CUDA_CHECK(cudaMemsetAsync(s.quant_d_weight.data(), 0, size_t(out_dim) * in_dim * sizeof(float)));
-        matmul_backward_weight_gpu(s.quant_d_weight.data(), dout, q.input.data(), N, in_dim, out_dim);
+        if (pre_activation)
+            masked_hadamard_activation_rows_gpu(din, s.quant_d_input.data(), q.input_keep.data(), pre_activation,
+                                                activation, N, in_dim, block);
+        else
+            masked_hadamard_rows_gpu(din, s.quant_d_input.data(), q.input_keep.data(), N, in_dim, block, accumulate);
+        matmul_backward_weight_gpu(s.quant_d_weight.data(), dout, q.input.data(), N, in_dim, out_dim,
+                                   /*accumulate=*/false);
         masked_hadamard_rows_gpu(G + weight_offset, s.quant_d_weight.data(), qw.weight_keep.data(), out_dim, in_dim,
                                  offline ? 0 : block, /*accumulate=*/true);
     };
@@ -446,8 +452,8 @@ void GpuModel::backward() {
             if (s.recompute) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
             if (quantized) {
                 if (s.recompute) linear_operands(s, W, l, kDown, act, o.down_w, N, F);  // its quantized input again
-                linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_res, act, F, C);
-                gelu_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_res, act, F, C, a.up.data(),
+                                ActivationGrad::Gelu);
             } else {
                 matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
                 matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
@@ -473,8 +479,13 @@ void GpuModel::backward() {
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             if (s.recompute) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
             if (s.recompute && quantized) linear_operands(s, W, l, kDown, act, o.down_w, N, F);
-            linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_a, act, F, C);
-            relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+            if (quantized) {
+                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_a, act, F, C, a.up.data(),
+                                ActivationGrad::Relu2);
+            } else {
+                linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_a, act, F, C);
+                relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
+            }
             linear_backward(l, kUp, d_res, /*accumulate=*/true, o.up_w, s.d_wide2.data(), a.h.data(), C, F);
             // h = x + Norm1(out(attn(rope(qknorm(qkv(x)))))) ; d_res becomes dx.
             rmsnorm_backward_gpu(d_a, G + o.norm1_w, d_res, a.proj.data(), P + o.norm1_w, a.rstd_proj.data(), N, C);

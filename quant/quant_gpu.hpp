@@ -31,4 +31,12 @@ void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, 
 void masked_hadamard_rows_gpu(float* out, const float* grad, const uint8_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream = 0);
 
+// The same for a layer whose input was act(pre_activation) (the MLP's down projection):
+//   out = act'(pre_activation) * ((grad * keep) H)
+// in one pass (written, not accumulated), so the activation's backward needs no pass of its own.
+enum class ActivationGrad { Gelu, Relu2 };
+void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, const bf16* pre_activation,
+                                         ActivationGrad activation, long rows, int cols, int hadamard_block,
+                                         cudaStream_t stream = 0);
+
 }  // namespace qopt

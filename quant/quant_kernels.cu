@@ -4,7 +4,7 @@
 //
 // Two paths, both doing the butterfly's additions in the same order as hadamard_rows_cpu (so
 // the rotation is exact to the bit) and accumulating sums of squares / MSE errors in fp64 like
-// the CPU reference:
+// the CPU reference (the fast path sums each lane's few squares in fp32 first):
 //  - fast (the training path: rows a multiple of 128, Hadamard block <= 128, one scale per
 //    row, absmax/clip/gaussian): registers only. A warp holds 128-element chunks, 4
 //    consecutive elements per lane; butterfly stages 1 and 2 run inside a lane, stages 4..64
@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cfloat>
 
+#include "kernels/activation_functors.cuh"
 #include "kernels/cuda_common.cuh"
 #include "quant/hadamard.hpp"
 #include "quant/quant_gpu.hpp"
@@ -248,6 +249,7 @@ __global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out,
     const int chunks = cols / kChunk;
     float v[kMaxChunksPerWarp][4];
     Stats s{0.0f, FLT_MAX, -FLT_MAX, 0.0};
+    float lane_squares = 0;  // a lane's <= 32 squares in fp32, then fp64 across lanes (conversions are slow)
     // All loads first (several 8-16 byte loads in flight per lane), then the arithmetic.
 #pragma unroll
     for (int k = 0; k < kMaxChunksPerWarp; ++k) {
@@ -264,9 +266,10 @@ __global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out,
             s.absmax = fmaxf(s.absmax, fabsf(v[k][i]));
             s.lo = fminf(s.lo, v[k][i]);
             s.hi = fmaxf(s.hi, v[k][i]);
-            s.sum_squares += double(v[k][i]) * double(v[k][i]);
+            lane_squares += v[k][i] * v[k][i];
         }
     }
+    s.sum_squares = double(lane_squares);
     s = warp_reduce(s);
     if (warps_per_row > 1) {
         if (lane == 0) partial[warp] = s;
@@ -304,10 +307,17 @@ __global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out,
     }
 }
 
-// out = (grad * keep) H per 128-chunk, written or accumulated; one warp per chunk, grid-stride.
-template <typename T>
+// No activation after the rotation.
+struct NoActivation {
+    __device__ float operator()(float dout, float) const { return dout; }
+};
+
+// out = act'(pre) * ((grad * keep) H) per 128-chunk, written or accumulated; one warp per chunk,
+// grid-stride. pre is read only with an activation functor.
+template <typename T, typename Activation = NoActivation>
 __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint8_t* keep, long chunks, int block,
-                                            float norm, bool accumulate) {
+                                            float norm, bool accumulate, const T* pre = nullptr,
+                                            Activation activation = {}) {
     const int lane = threadIdx.x % 32;
     const long warps = long(gridDim.x) * blockDim.x / 32;
     for (long chunk = (long(blockIdx.x) * blockDim.x + threadIdx.x) / 32; chunk < chunks; chunk += warps) {
@@ -321,6 +331,12 @@ __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint8_t
                 if (!((kept >> (8 * i)) & 0xFFu)) v[i] = 0.0f;
         }
         hadamard_chunk(v, block, norm);
+        if (pre) {
+            float x[4];
+            load4(x, pre + at);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] = activation(v[i], x[i]);
+        }
         if (accumulate) {
             float old[4];
             load4(old, out + at);
@@ -523,6 +539,31 @@ void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int 
 }
 
 }  // namespace
+
+void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, const bf16* pre_activation,
+                                         ActivationGrad activation, long rows, int cols, int block,
+                                         cudaStream_t stream) {
+    check_shape(rows, cols, block, "masked Hadamard");
+    if (rows == 0) return;
+    if (fast_path(grad, cols, block) && fast_path(out, cols, block) && fast_path(pre_activation, cols, block) &&
+        keep_aligned(keep)) {
+        const long chunks = rows * cols / kChunk;
+        const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
+        const int b = block > 1 ? block : 0;
+        if (activation == ActivationGrad::Gelu)
+            masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
+                                                                  false, pre_activation, GeluBackward{});
+        else
+            masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
+                                                                  false, pre_activation, Relu2Backward{});
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
+    // Other shapes: the two passes.
+    masked_hadamard(out, grad, keep, rows, cols, block, false, stream);
+    if (activation == ActivationGrad::Gelu) gelu_backward_gpu(out, out, pre_activation, size_t(rows) * cols, stream);
+    else relu2_backward_gpu(out, out, pre_activation, size_t(rows) * cols, stream);
+}
 
 void hadamard_rows_gpu(float* data, long rows, int cols, int block, cudaStream_t stream) {
     hadamard_rows(data, rows, cols, block, stream);

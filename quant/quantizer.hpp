@@ -6,7 +6,7 @@
 // (per output channel for weights [out, in], per token for activations [tokens, dim]), or
 // `group_size` consecutive elements of a row. A group's grid is affine,
 //     value(code) = (code + offset) * step,   code in [code_min, code_max],
-//     code(x)     = clamp(rint(x / step - offset), code_min, code_max)     (rint: ties to even)
+//     code(x)     = clamp(rint(x * (1 / step) - offset), code_min, code_max)   (rint: ties to even)
 // with three shapes:
 //   symmetric  codes -(2^(b-1)-1) .. 2^(b-1)-1, offset 0, step = range / (2^(b-1)-1)   (has a zero)
 //   asymmetric codes -2^(b-1) .. 2^(b-1)-1, step = (hi - lo) / (2^b-1) over [lo, hi], offset =
@@ -62,6 +62,7 @@ float gaussian_clip_multiple(int bits);
 // One group's grid.
 struct GroupGrid {
     float step = 0, offset = 0;
+    float inv_step = 0;  // 1 / step, rounded once: codes multiply by it (a division per element is slow on GPUs)
     int code_min = 0, code_max = 0;
 };
 
@@ -104,12 +105,13 @@ QOPT_HD inline GroupGrid make_grid(QuantGrid grid, int bits, float lo, float hi)
         g.step = fmaxf(hi - lo, tiny) / float(levels - 1);
         g.offset = float(levels / 2) - rintf(-lo / g.step);  // codes shifted to signed: 2^(b-1) - zero point
     }
+    g.inv_step = 1.0f / g.step;
     return g;
 }
 inline GroupGrid make_grid(const QuantSpec& spec, float lo, float hi) { return make_grid(spec.grid, spec.bits, lo, hi); }
 
 QOPT_HD inline int quant_code(const GroupGrid& g, float x) {
-    float code = rintf(x / g.step - g.offset);
+    float code = rintf(mul_rn(x, g.inv_step) - g.offset);
     code = fminf(fmaxf(code, float(g.code_min)), float(g.code_max));
     return int(code);
 }

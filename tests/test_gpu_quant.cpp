@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "gpu_helpers.hpp"
+#include "kernels/activations.hpp"
 #include "kernels/elementwise.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_gpu.hpp"
@@ -155,4 +156,31 @@ TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU referen
     masked_hadamard_rows_gpu(acc.data(), grad_bd.data(), keep_d.data(), rows, cols, block, true);
     CHECK(relative_error(bf16_to_float(acc.download()), expected) < 4e-3);
     }
+}
+
+TEST_CASE("GPU masked Hadamard with the activation's derivative equals rotation then the CPU activation backward") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int rows = 19;
+    for (int cols : {3072, 96})  // register path and the two-pass fallback
+        for (ActivationGrad activation : {ActivationGrad::Gelu, ActivationGrad::Relu2}) {
+            CAPTURE(cols);
+            const int block = cols == 96 ? 32 : 128;
+            const Bf16Input grad = random_bf16(size_t(rows) * cols, gen), pre = random_bf16(size_t(rows) * cols, gen);
+            std::vector<uint8_t> keep(grad.exact.size());
+            for (auto& k : keep) k = uint8_t(gen() % 5 != 0);
+            std::vector<double> rotated(grad.exact.size()), expected(grad.exact.size(), 0.0);
+            for (size_t i = 0; i < rotated.size(); ++i) rotated[i] = keep[i] ? grad.exact[i] : 0.0;
+            hadamard_rows_cpu(rotated.data(), rows, cols, block);
+            if (activation == ActivationGrad::Gelu) gelu_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
+            else relu2_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
+            DeviceBuffer<bf16> grad_d = uploaded(grad.device_values), pre_d = uploaded(pre.device_values);
+            DeviceBuffer<uint8_t> keep_d = uploaded(keep);
+            DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
+            masked_hadamard_activation_rows_gpu(out.data(), grad_d.data(), keep_d.data(), pre_d.data(), activation, rows,
+                                                cols, block);
+            CHECK(relative_error(to_double(out.download()), expected) < 1e-2);
+        }
 }
