@@ -51,5 +51,6 @@ template class DeviceBuffer<int>;
 template class DeviceBuffer<int64_t>;
 template class DeviceBuffer<double>;
 template class DeviceBuffer<uint8_t>;
+template class DeviceBuffer<uint32_t>;
 
 }  // namespace qopt

@@ -42,7 +42,7 @@ struct LayerActivations {
 // the estimator's masks (empty when that side is not quantized).
 struct QuantSite {
     DeviceBuffer<bf16> input, weight;
-    DeviceBuffer<uint8_t> input_keep, weight_keep;
+    DeviceBuffer<uint32_t> input_keep, weight_keep;  // bit masks (quant/quant_gpu.hpp)
 };
 enum Site { kQkv = kSiteQkv, kOut = kSiteOut, kUp = kSiteUp, kDown = kSiteDown, kSites = kLinearSites };
 
@@ -165,7 +165,9 @@ void GpuModel::allocate(int batch, int seq_len) {
     if (!gpt2) bf(s.d_q, N * C), bf(s.d_k, N * C);
     fp(s.delta, BHT);
     if (s.quant.enabled()) {
-        auto u8 = [&](DeviceBuffer<uint8_t>& buffer, size_t n) { buffer.resize(n), bytes += n; };
+        auto mask = [&](DeviceBuffer<uint32_t>& buffer, size_t n) {
+            buffer.resize(keep_mask_words(n)), bytes += keep_mask_words(n) * sizeof(uint32_t);
+        };
         const bool act_masks = s.quant.activations.enabled();
         for (int l = 0; l < config_.n_layers; ++l)
             for (int site = 0; site < kSites; ++site) {
@@ -173,11 +175,11 @@ void GpuModel::allocate(int batch, int seq_len) {
                 const size_t in_dim = site == kDown ? F : C;
                 if (site == kDown && s.recompute) continue;
                 bf(q.input, N * in_dim);
-                if (act_masks) u8(q.input_keep, N * in_dim);
+                if (act_masks) mask(q.input_keep, N * in_dim);
             }
         if (s.recompute) {
             bf(s.shared_down.input, N * F);
-            if (act_masks) u8(s.shared_down.input_keep, N * F);
+            if (act_masks) mask(s.shared_down.input_keep, N * F);
         }
         bf(s.quant_d_input, N * F);
         fp(s.quant_d_weight, std::max(3 * C * C, F * C));
@@ -211,7 +213,7 @@ struct LinearOperands {
 };
 
 // The rotated, fake-quantized copy of `in` (or the weight) that the product uses.
-void quantize_rows(const LinearQuantConfig& quant, bf16* out, uint8_t* keep, const bf16* in, long rows, int cols,
+void quantize_rows(const LinearQuantConfig& quant, bf16* out, uint32_t* keep, const bf16* in, long rows, int cols,
                    const QuantSpec& spec, double* stats) {
     const int block = hadamard_block_for(cols, quant.hadamard_block);
     if (spec.enabled()) {
@@ -262,7 +264,8 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
             QuantSite& site = s.quant_sites[i];
             const size_t n = weight_sizes[i % kSites];
             site.weight.resize(n), s.quant_weight_bytes += n * sizeof(bf16);
-            if (quant.weights.enabled()) site.weight_keep.resize(n), s.quant_weight_bytes += n;
+            if (quant.weights.enabled())
+                site.weight_keep.resize(keep_mask_words(n)), s.quant_weight_bytes += keep_mask_words(n) * sizeof(uint32_t);
         }
     }
     s.batch = s.seq_len = 0;  // re-plan the activations on the next allocate()

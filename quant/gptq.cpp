@@ -28,18 +28,24 @@ std::vector<double> upper_cholesky_of_inverse(const std::vector<double>& hessian
             L[size_t(i) * n + j] = sum / ljj;
         }
     }
-    // R[i][j] = L[n-1-i][n-1-j] (upper). U = R^-1, row by row: U[i][i] = 1 / R[i][i],
-    // U[i][j] = -(sum_{k=i}^{j-1} U[i][k] R[k][j]) / R[j][j]; rows are independent.
-    auto R = [&](int i, int j) { return L[size_t(n - 1 - i) * n + (n - 1 - j)]; };
+    // R[i][j] = L[n-1-i][n-1-j] (upper). U = R^-1 row by row (rows are independent): from
+    // U R = I, U[i][k] R[k][k] = [k == i] - sum_{m<k} U[i][m] R[m][k]; the sums are kept in
+    // `acc` and grow by one row of R per step (contiguous reads of L's rows).
     std::vector<double> U(size_t(n) * n, 0.0);
-#pragma omp parallel for schedule(dynamic, 8)
-    for (int i = 0; i < n; ++i) {
-        double* ui = &U[size_t(i) * n];
-        ui[i] = 1.0 / R(i, i);
-        for (int j = i + 1; j < n; ++j) {
-            double sum = 0;
-            for (int k = i; k < j; ++k) sum += ui[k] * R(k, j);
-            ui[j] = -sum / R(j, j);
+#pragma omp parallel
+    {
+        std::vector<double> acc(static_cast<size_t>(n));
+#pragma omp for schedule(dynamic, 8)
+        for (int i = 0; i < n; ++i) {
+            double* ui = &U[size_t(i) * n];
+            std::fill(acc.begin() + i, acc.end(), 0.0);
+            for (int k = i; k < n; ++k) {
+                const double* lrow = &L[size_t(n - 1 - k) * n];  // R(k, j) = lrow[n - 1 - j]
+                ui[k] = ((k == i ? 1.0 : 0.0) - acc[size_t(k)]) / lrow[n - 1 - k];
+                const double u = ui[k];
+#pragma omp simd
+                for (int j = k + 1; j < n; ++j) acc[size_t(j)] += u * lrow[n - 1 - j];
+            }
         }
     }
     return U;

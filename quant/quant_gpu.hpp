@@ -1,6 +1,11 @@
 // Host-side API of the quantization kernels (quant/quant_kernels.cu). CPU references:
 // quant/hadamard.hpp (hadamard_rows_cpu) and quant/quantizer.hpp (fake_quant_cpu).
 // Rows are contiguous ([rows, cols] row-major); cols <= 32768.
+//
+// The estimator's mask ("keep": does the gradient pass this element?) is one bit per element,
+// laid out for the register path: the tensor's elements in row-major order e are cut into
+// chunks of 128; chunk c owns words 4c .. 4c+3, element e = 128 c + 4 l + i sits in word 4c + i,
+// bit l (the l-th lane's i-th element; the kernels build each word with one warp ballot).
 #pragma once
 #include <cstdint>
 
@@ -8,6 +13,11 @@
 #include "quant/quantizer.hpp"
 
 namespace qopt {
+
+inline size_t keep_mask_words(size_t elements) { return (elements + 127) / 128 * 4; }
+QOPT_HD inline bool keep_mask_bit(const uint32_t* words, size_t e) {
+    return (words[(e >> 7) * 4 + (e & 3)] >> ((e & 127) >> 2)) & 1u;
+}
 
 // In place: every row rotated block-diagonally by H_block (block a power of two dividing cols).
 void hadamard_rows_gpu(float* data, long rows, int cols, int block, cudaStream_t stream = 0);
@@ -17,25 +27,25 @@ void hadamard_rows_gpu(bf16* data, long rows, int cols, int block, cudaStream_t 
 // a quantized linear layer's input or weight. hadamard_block 0: no rotation. trust as in
 // fake_quant_cpu (< 0: STE). Per-tensor granularity uses `scratch` (rows * 4 doubles, may be
 // null otherwise) and does not support the mse rule. out may equal in (bf16).
-void rotate_fake_quant_rows_gpu(bf16* out, uint8_t* keep, const bf16* in, long rows, int cols, int hadamard_block,
+void rotate_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const bf16* in, long rows, int cols, int hadamard_block,
                                 const QuantSpec& spec, float trust, double* scratch = nullptr,
                                 cudaStream_t stream = 0);
-void rotate_fake_quant_rows_gpu(bf16* out, uint8_t* keep, const float* in, long rows, int cols, int hadamard_block,
+void rotate_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const float* in, long rows, int cols, int hadamard_block,
                                 const QuantSpec& spec, float trust, double* scratch = nullptr,
                                 cudaStream_t stream = 0);
 
 // The backward half: out = rotate(grad * keep) (keep may be null: all pass), written or, with
 // accumulate, added. H is symmetric, so the gradient of x -> x H is g -> g H.
-void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, long rows, int cols,
+void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream = 0);
-void masked_hadamard_rows_gpu(float* out, const float* grad, const uint8_t* keep, long rows, int cols,
+void masked_hadamard_rows_gpu(float* out, const float* grad, const uint32_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream = 0);
 
 // The same for a layer whose input was act(pre_activation) (the MLP's down projection):
 //   out = act'(pre_activation) * ((grad * keep) H)
 // in one pass (written, not accumulated), so the activation's backward needs no pass of its own.
 enum class ActivationGrad { Gelu, Relu2 };
-void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, const bf16* pre_activation,
+void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, const bf16* pre_activation,
                                          ActivationGrad activation, long rows, int cols, int hadamard_block,
                                          cudaStream_t stream = 0);
 

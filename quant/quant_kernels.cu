@@ -162,7 +162,7 @@ __device__ GroupGrid choose_grid(const Params& p, const Team<Cta>& team, const S
 
 // Quantizes one group of `count` staged values into out/keep.
 template <bool Cta>
-__device__ void quantize_group(bf16* out, uint8_t* keep, const float* x, int count, const Params& p,
+__device__ void quantize_group(bf16* out, uint32_t* keep, long base, const float* x, int count, const Params& p,
                                const Team<Cta>& team, const Stats* tensor_stats) {
     const Stats s = p.per_tensor ? *tensor_stats : team.reduce(stats_of(x, count, team.rank(), team.size()));
     const long n = p.per_tensor ? p.tensor_count : long(count);
@@ -171,7 +171,10 @@ __device__ void quantize_group(bf16* out, uint8_t* keep, const float* x, int cou
     for (int i = team.rank(); i < count; i += team.size()) {
         const float q = quant_value(g, quant_code(g, x[i]));
         out[i] = __float2bfloat16_rn(q);
-        if (keep) keep[i] = uint8_t(p.trust < 0 || fabsf(q - x[i]) <= threshold);
+        if (keep && (p.trust < 0 || fabsf(q - x[i]) <= threshold)) {  // words zeroed by the launcher
+            const long e = base + i;
+            atomicOr(&keep[(e >> 7) * 4 + (e & 3)], 1u << ((e & 127) >> 2));
+        }
     }
 }
 
@@ -237,7 +240,7 @@ FastShape fast_shape(int cols) {
 }
 
 template <typename InT>
-__global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out, uint8_t* keep, const InT* in,
+__global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out, uint32_t* keep, const InT* in,
                                                                      long rows, int cols, int warps_per_row,
                                                                      Params p) {
     __shared__ Stats partial[32];
@@ -295,15 +298,16 @@ __global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out,
         const int c = part + k * warps_per_row;
         if (c >= chunks) continue;
         float q[4];
-        uint32_t kept = 0;
+        uint32_t word = 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             q[i] = quant_value(g, quant_code(g, v[k][i]));
-            kept |= uint32_t(p.trust < 0 || fabsf(q[i] - v[k][i]) <= threshold) << (8 * i);
+            const uint32_t bits = __ballot_sync(0xffffffffu, p.trust < 0 || fabsf(q[i] - v[k][i]) <= threshold);
+            if (lane == i) word = bits;
         }
         const long at = r * cols + c * kChunk + lane * 4;
         store4(out + at, q);
-        if (keep) *reinterpret_cast<uint32_t*>(keep + at) = kept;
+        if (keep && lane < 4) keep[(at - lane * 4) / kChunk * 4 + lane] = word;
     }
 }
 
@@ -315,7 +319,7 @@ struct NoActivation {
 // out = act'(pre) * ((grad * keep) H) per 128-chunk, written or accumulated; one warp per chunk,
 // grid-stride. pre is read only with an activation functor.
 template <typename T, typename Activation = NoActivation>
-__global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint8_t* keep, long chunks, int block,
+__global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint32_t* keep, long chunks, int block,
                                             float norm, bool accumulate, const T* pre = nullptr,
                                             Activation activation = {}) {
     const int lane = threadIdx.x % 32;
@@ -325,10 +329,11 @@ __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint8_t
         float v[4];
         load4(v, grad + at);
         if (keep) {
-            const uint32_t kept = *reinterpret_cast<const uint32_t*>(keep + at);
+            const uint4 words = *reinterpret_cast<const uint4*>(keep + chunk * 4);
+            const uint32_t word[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i)
-                if (!((kept >> (8 * i)) & 0xFFu)) v[i] = 0.0f;
+                if (!((word[i] >> lane) & 1u)) v[i] = 0.0f;
         }
         hadamard_chunk(v, block, norm);
         if (pre) {
@@ -356,7 +361,7 @@ __device__ void stage_row(float* row, const InT* in, int cols) {
 }
 
 template <typename InT>
-__global__ void rotate_fake_quant_kernel(bf16* out, uint8_t* keep, const InT* in, int cols, Params p,
+__global__ void rotate_fake_quant_kernel(bf16* out, uint32_t* keep, const InT* in, int cols, Params p,
                                          const Stats* tensor_stats) {
     extern __shared__ float row[];
     __shared__ Stats scratch[32];
@@ -364,13 +369,12 @@ __global__ void rotate_fake_quant_kernel(bf16* out, uint8_t* keep, const InT* in
     stage_row(row, in + r * cols, cols);
     hadamard_smem(row, cols, p.block, p.norm);
     bf16* out_row = out + r * cols;
-    uint8_t* keep_row = keep ? keep + r * cols : nullptr;
     if (p.group == cols) {
-        quantize_group(out_row, keep_row, row, cols, p, Team<true>{scratch}, tensor_stats);
+        quantize_group(out_row, keep, r * cols, row, cols, p, Team<true>{scratch}, tensor_stats);
     } else {
         const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
         for (int g0 = warp * p.group; g0 < cols; g0 += warps * p.group)
-            quantize_group(out_row + g0, keep_row ? keep_row + g0 : nullptr, row + g0, p.group, p, Team<false>{nullptr},
+            quantize_group(out_row + g0, keep, r * cols + g0, row + g0, p.group, p, Team<false>{nullptr},
                            tensor_stats);
     }
 }
@@ -411,12 +415,12 @@ __global__ void hadamard_kernel(T* data, int cols, int block, float norm) {
 }
 
 template <typename T>
-__global__ void masked_hadamard_kernel(T* out, const T* grad, const uint8_t* keep, int cols, int block, float norm,
+__global__ void masked_hadamard_kernel(T* out, const T* grad, const uint32_t* keep, int cols, int block, float norm,
                                        bool accumulate) {
     extern __shared__ float row[];
     const long base = long(blockIdx.x) * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
-        row[i] = (keep && !keep[base + i]) ? 0.0f : to_float(grad[base + i]);
+        row[i] = (keep && !keep_mask_bit(keep, size_t(base + i))) ? 0.0f : to_float(grad[base + i]);
     __syncthreads();
     hadamard_smem(row, cols, block, norm);
     for (int i = threadIdx.x; i < cols; i += blockDim.x)
@@ -448,7 +452,7 @@ bool fast_path(const T* data, int cols, int block) {
     return cols % kChunk == 0 && block <= kChunk && cols / kChunk <= 32 * kMaxChunksPerWarp &&
            is_aligned(data, 4 * sizeof(T));
 }
-bool keep_aligned(const uint8_t* keep) { return keep == nullptr || is_aligned(keep, 4); }
+bool keep_aligned(const uint32_t* keep) { return keep == nullptr || is_aligned(keep, 16); }
 
 float hadamard_norm(int block) { return block > 1 ? float(1.0 / std::sqrt(double(block))) : 1.0f; }
 
@@ -471,7 +475,7 @@ Params make_params(long rows, int cols, int block, const QuantSpec& spec, float 
 }
 
 template <typename InT>
-void rotate_fake_quant(bf16* out, uint8_t* keep, const InT* in, long rows, int cols, int block, const QuantSpec& spec,
+void rotate_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, int block, const QuantSpec& spec,
                        float trust, double* scratch, cudaStream_t stream) {
     check_shape(rows, cols, block, "fake-quant");
     QOPT_CHECK(spec.enabled(), "rotate_fake_quant_rows_gpu needs a quantizing spec (bits 2..8)");
@@ -500,13 +504,14 @@ void rotate_fake_quant(bf16* out, uint8_t* keep, const InT* in, long rows, int c
         CUDA_CHECK_LAUNCH();
         stats += rows;
     }
+    if (keep) CUDA_CHECK(cudaMemsetAsync(keep, 0, keep_mask_words(size_t(rows) * cols) * sizeof(uint32_t), stream));
     rotate_fake_quant_kernel<InT><<<unsigned(rows), threads, row_smem(rotate_fake_quant_kernel<InT>, cols), stream>>>(
         out, keep, in, cols, p, stats);
     CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
-void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int cols, int block, bool accumulate,
+void masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block, bool accumulate,
                      cudaStream_t stream);
 
 template <typename T>
@@ -520,7 +525,7 @@ void hadamard_rows(T* data, long rows, int cols, int block, cudaStream_t stream)
 }
 
 template <typename T>
-void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int cols, int block, bool accumulate,
+void masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block, bool accumulate,
                      cudaStream_t stream) {
     check_shape(rows, cols, block, "masked Hadamard");
     if (rows == 0) return;
@@ -540,7 +545,7 @@ void masked_hadamard(T* out, const T* grad, const uint8_t* keep, long rows, int 
 
 }  // namespace
 
-void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, const bf16* pre_activation,
+void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, const bf16* pre_activation,
                                          ActivationGrad activation, long rows, int cols, int block,
                                          cudaStream_t stream) {
     check_shape(rows, cols, block, "masked Hadamard");
@@ -571,19 +576,19 @@ void hadamard_rows_gpu(float* data, long rows, int cols, int block, cudaStream_t
 void hadamard_rows_gpu(bf16* data, long rows, int cols, int block, cudaStream_t stream) {
     hadamard_rows(data, rows, cols, block, stream);
 }
-void rotate_fake_quant_rows_gpu(bf16* out, uint8_t* keep, const bf16* in, long rows, int cols, int hadamard_block,
+void rotate_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const bf16* in, long rows, int cols, int hadamard_block,
                                 const QuantSpec& spec, float trust, double* scratch, cudaStream_t stream) {
     rotate_fake_quant(out, keep, in, rows, cols, hadamard_block, spec, trust, scratch, stream);
 }
-void rotate_fake_quant_rows_gpu(bf16* out, uint8_t* keep, const float* in, long rows, int cols, int hadamard_block,
+void rotate_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const float* in, long rows, int cols, int hadamard_block,
                                 const QuantSpec& spec, float trust, double* scratch, cudaStream_t stream) {
     rotate_fake_quant(out, keep, in, rows, cols, hadamard_block, spec, trust, scratch, stream);
 }
-void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint8_t* keep, long rows, int cols,
+void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream) {
     masked_hadamard(out, grad, keep, rows, cols, hadamard_block, accumulate, stream);
 }
-void masked_hadamard_rows_gpu(float* out, const float* grad, const uint8_t* keep, long rows, int cols,
+void masked_hadamard_rows_gpu(float* out, const float* grad, const uint32_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream) {
     masked_hadamard(out, grad, keep, rows, cols, hadamard_block, accumulate, stream);
 }

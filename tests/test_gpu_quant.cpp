@@ -24,6 +24,19 @@ std::vector<float> bf16_to_float(const std::vector<bf16>& v) {
     return out;
 }
 
+// Byte masks (the CPU reference's) <-> the kernels' bit masks.
+std::vector<uint32_t> pack_keep(const std::vector<uint8_t>& keep) {
+    std::vector<uint32_t> words(keep_mask_words(keep.size()), 0);
+    for (size_t e = 0; e < keep.size(); ++e)
+        if (keep[e]) words[(e >> 7) * 4 + (e & 3)] |= 1u << ((e & 127) >> 2);
+    return words;
+}
+std::vector<uint8_t> unpack_keep(const std::vector<uint32_t>& words, size_t n) {
+    std::vector<uint8_t> keep(n);
+    for (size_t e = 0; e < n; ++e) keep[e] = keep_mask_bit(words.data(), e);
+    return keep;
+}
+
 float round_bf16(float x) {
     const uint32_t bits = uint32_t(to_bf16_bits_cpu(x)) << 16;
     float out;
@@ -90,7 +103,7 @@ TEST_CASE("GPU rotate + fake-quant equals the CPU reference for every grid, rule
                     fake_quant_cpu(expected.data(), expected_keep.data(), rotated.data(), rows, cols, spec, trust);
 
                     DeviceBuffer<bf16> out = poisoned<bf16>(x.size());
-                    DeviceBuffer<uint8_t> keep = poisoned<uint8_t>(x.size());
+                    DeviceBuffer<uint32_t> keep = poisoned<uint32_t>(keep_mask_words(x.size()));
                     DeviceBuffer<double> scratch((size_t(rows) + 1) * 4);
                     if (fp32_input) {
                         DeviceBuffer<float> in = uploaded(x);
@@ -104,7 +117,7 @@ TEST_CASE("GPU rotate + fake-quant equals the CPU reference for every grid, rule
                                                    scratch.data());
                     }
                     const std::vector<float> got = bf16_to_float(out.download());
-                    const std::vector<uint8_t> got_keep = keep.download();
+                    const std::vector<uint8_t> got_keep = unpack_keep(keep.download(), x.size());
                     long value_mismatch = 0, keep_mismatch = 0;
                     double worst = 0;
                     for (size_t i = 0; i < x.size(); ++i) {
@@ -139,7 +152,7 @@ TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU referen
     for (size_t i = 0; i < grad.size(); ++i) masked[i] = keep[i] ? grad[i] : 0.0f;
     hadamard_rows_cpu(masked.data(), rows, cols, block);
     DeviceBuffer<float> grad_d = uploaded(grad);
-    DeviceBuffer<uint8_t> keep_d = uploaded(keep);
+    DeviceBuffer<uint32_t> keep_d = uploaded(pack_keep(keep));
     DeviceBuffer<float> out = poisoned<float>(grad.size());
     masked_hadamard_rows_gpu(out.data(), grad_d.data(), keep_d.data(), rows, cols, block, false);
     CHECK(out.download() == masked);
@@ -177,7 +190,7 @@ TEST_CASE("GPU masked Hadamard with the activation's derivative equals rotation 
             if (activation == ActivationGrad::Gelu) gelu_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
             else relu2_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
             DeviceBuffer<bf16> grad_d = uploaded(grad.device_values), pre_d = uploaded(pre.device_values);
-            DeviceBuffer<uint8_t> keep_d = uploaded(keep);
+            DeviceBuffer<uint32_t> keep_d = uploaded(pack_keep(keep));
             DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
             masked_hadamard_activation_rows_gpu(out.data(), grad_d.data(), keep_d.data(), pre_d.data(), activation, rows,
                                                 cols, block);
