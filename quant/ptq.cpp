@@ -146,7 +146,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     LinearQuantConfig quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
     QOPT_CHECK(quant.weights.enabled() || quant.activations.enabled(), "--format ", o.quant.format,
                " quantizes nothing");
-    const Checkpoint ckpt = read_checkpoint(o.checkpoint);
+    const Checkpoint ckpt = read_checkpoint(o.checkpoint, /*with_optimizer_state=*/false);
     const ModelConfig& config = ckpt.config;
     quant.validate(config.d_model, config.d_ff);
     if (o.seq_len == 0)  // the training run's sequence length
@@ -179,11 +179,11 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     log << "checkpoint: " << o.checkpoint << " (" << preset << ", " << optimizer << ", step " << ckpt.state.step
         << (trained_qat != "off" ? ", trained with QAT " + trained_qat : std::string()) << ")\n";
     log << "device: " << model->describe() << "\n";
-    log << "quantization: " << o.method << ", " << quant.describe(false) << "\n";
+    log << "quantization: " << o.method << ", " << quant.describe(false) << std::endl;
 
     const double loss_full = mean_loss(*model, val, val_batches, o);
     log << "val loss full precision: " << loss_full << " (" << val_batches << " batches of " << o.batch_size << " x "
-        << o.seq_len << ")\n";
+        << o.seq_len << ")" << std::endl;
 
     // GPTQ's Hessians, in the rotated basis when rotating (the forward rotates, nothing else).
     const auto quantize_start = std::chrono::steady_clock::now();
@@ -201,7 +201,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
         }
         hessians = model->finish_hessians();
         log << "calibration: " << o.calib_batches << " batches (" << o.calib_batches * o.batch_size * o.seq_len
-            << " tokens) in " << seconds_since(quantize_start) << " s\n";
+            << " tokens) in " << seconds_since(quantize_start) << " s" << std::endl;
     }
 
     // Weights: rotate, quantize (RTN or GPTQ), store the dequantized values in the rotated basis.
@@ -231,10 +231,13 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
         std::copy(deq.begin(), deq.end(), params.begin() + long(m.offset));
         for (const auto& t : layout.tensors)
             if (t.offset == m.offset) packed.push_back({t.name, std::move(q)});
+        if (m.site == kSiteDown && o.method == "gptq")
+            log << "  block " << m.layer + 1 << "/" << config.n_layers << " quantized (" << seconds_since(quantize_start)
+                << " s)" << std::endl;
     }
     const double quantize_seconds = seconds_since(quantize_start);
     const double weight_error = norm_sum > 0 ? std::sqrt(error_sum / norm_sum) : 0.0;
-    log << "weights quantized in " << quantize_seconds << " s; relative weight error " << weight_error << "\n";
+    log << "weights quantized in " << quantize_seconds << " s; relative weight error " << weight_error << std::endl;
 
     LinearQuantConfig eval_quant = quant;
     eval_quant.weights_offline = true;

@@ -86,7 +86,7 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt)
     return final_dir;
 }
 
-Checkpoint read_checkpoint(const std::string& directory) {
+Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_state) {
     if (!is_directory(directory)) fail(directory, ": no such checkpoint directory");
     Checkpoint ckpt;
     Json state;
@@ -129,12 +129,13 @@ Checkpoint read_checkpoint(const std::string& directory) {
         return SafetensorsFile::parse(std::move(bytes), path);
     };
     const SafetensorsFile model = load_verified(kModelFile);
-    const SafetensorsFile optimizer = load_verified(kOptimizerFile);
     ckpt.params.resize(layout.total);
     for (const auto& t : layout.tensors) {
         const std::vector<float> values = model.f32(t.name, t.shape);
         std::copy(values.begin(), values.end(), ckpt.params.begin() + long(t.offset));
     }
+    if (!with_optimizer_state) return ckpt;
+    const SafetensorsFile optimizer = load_verified(kOptimizerFile);
     for (const std::string& name : optimizer.names()) {
         StateTensor tensor;
         tensor.name = name;

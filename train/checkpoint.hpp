@@ -47,7 +47,8 @@ std::string checkpoints_root(const std::string& out_dir);
 std::string write_checkpoint(const std::string& out_dir, const Checkpoint& checkpoint);
 
 // Reads and verifies one checkpoint directory; throws qopt::Error naming what is wrong.
-Checkpoint read_checkpoint(const std::string& directory);
+// Without the optimizer state (evaluation, PTQ) its file is neither read nor verified.
+Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_state = true);
 
 // Checkpoint directories under out_dir, newest first (by step number).
 std::vector<std::string> list_checkpoints(const std::string& out_dir);
