@@ -30,6 +30,13 @@ std::vector<T> random_vector(size_t n, std::mt19937_64& gen, double scale = 1.0)
     return v;
 }
 
+// n token ids uniform in [0, vocab).
+inline std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
+    std::vector<int> tokens(n);
+    for (auto& t : tokens) t = int(gen() % uint64_t(vocab));
+    return tokens;
+}
+
 // ||a - b|| / ||b||
 template <typename A, typename B>
 double relative_error(const std::vector<A>& a, const std::vector<B>& b) {

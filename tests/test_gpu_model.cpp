@@ -27,11 +27,6 @@ std::vector<float> bf16_exact_params(const ParamLayout& layout, uint64_t seed) {
     return params;
 }
 
-std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
-    std::vector<int> tokens(n);
-    for (auto& t : tokens) t = int(gen() % uint64_t(vocab));
-    return tokens;
-}
 
 }  // namespace
 

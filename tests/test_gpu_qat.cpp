@@ -20,16 +20,6 @@
 using namespace qopt;
 using namespace qopt::test;
 
-namespace {
-
-std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
-    std::vector<int> tokens(n);
-    for (auto& t : tokens) t = int(gen() % uint64_t(vocab));
-    return tokens;
-}
-
-}  // namespace
-
 TEST_CASE("GPU QAT: loss and gradients match the CPU reference (olmo2-tiny, gpt2-tiny; w8a8, w4a4)") {
     REQUIRE_GPU();
     for (const std::string preset : {"olmo2-tiny", "gpt2-tiny"})

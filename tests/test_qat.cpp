@@ -18,12 +18,6 @@ using namespace qopt::test;
 
 namespace {
 
-std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
-    std::vector<int> tokens(n);
-    for (auto& t : tokens) t = int(gen() % uint64_t(vocab));
-    return tokens;
-}
-
 LinearQuantConfig quant_config(const std::string& format, int hadamard, const std::string& estimator) {
     QuantOptions o;
     o.format = format;
