@@ -25,8 +25,8 @@ void add_quant_flags(CLI::App& app, QuantOptions& o, const std::string& prefix, 
         ->group(group);
     app.add_option(flag("group-size"), o.group_size, "Elements per group (granularity group)")->group(group);
     app.add_option(flag("hadamard"), o.hadamard,
-                   std::string("Hadamard block size along the input dimension (power of two; 0: no rotation) "
-                               "(default: ") + (quest ? "128 when quantizing)" : "0)"))
+                   std::string("Hadamard block size along the input dimension (power of two; 0: no rotation; -1: "
+                               "the default, ") + (quest ? "128 when quantizing)" : "0)"))
         ->group(group);
     app.add_option(flag("clip-ratio"), o.clip_ratio, "Clip ratio of the clip rule")->group(group);
     if (quest) {
