@@ -134,6 +134,11 @@ void matmul_backward_weight_gpu(float* dweight, const bf16* dout, const bf16* in
 // in kernels/norms.cu).
 void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int out_dim, cudaStream_t stream = 0);
 
+// out[n, o] = sum_i in[n, i] weight[o, i], int8 operands, exact int32 result (W8A8's integer
+// product; sizes multiples of 4). CPU reference: int8_matmul_cpu in kernels/matmul.hpp.
+void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim, int out_dim,
+                     cudaStream_t stream = 0);
+
 // Batched row-major product for the optimizers (bf16 in and out, fp32 accumulation): for each
 // of `batch` problems, D[m, n] = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n]; the
 // b-th problem's matrices start stride_* elements after the previous one's (C and D share

@@ -52,5 +52,6 @@ template class DeviceBuffer<int64_t>;
 template class DeviceBuffer<double>;
 template class DeviceBuffer<uint8_t>;
 template class DeviceBuffer<uint32_t>;
+template class DeviceBuffer<int8_t>;
 
 }  // namespace qopt

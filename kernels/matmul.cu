@@ -125,6 +125,46 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
 
 }  // namespace
 
+// The integer product for W8A8: int8 operands, int32 accumulation and output, exact. The
+// layouts are the forward's (weight transposed, "TN"), the one cuBLASLt's int8 kernels take.
+void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim, int out_dim,
+                     cudaStream_t stream) {
+    QOPT_CHECK(n_rows % 4 == 0 && in_dim % 4 == 0 && out_dim % 4 == 0, "int8 matmul: sizes ", n_rows, " x ", in_dim,
+               " x ", out_dim, " must be multiples of 4");
+    const int m = out_dim, n = n_rows, k = in_dim;
+    cublasLtMatmulDesc_t op;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_8I, k, m, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_8I, k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, CUDA_R_32I, m, n, m));
+    static std::map<std::tuple<int, int, int>, cublasLtMatmulAlgo_t> cache;
+    auto found = cache.find({m, n, k});
+    if (found == cache.end()) {
+        cublasLtMatmulPreference_t preference;
+        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &kWorkspaceBytes, sizeof kWorkspaceBytes));
+        cublasLtMatmulHeuristicResult_t heuristic;
+        int returned = 0;
+        CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference,
+                                                    1, &heuristic, &returned));
+        cublasLtMatmulPreferenceDestroy(preference);
+        if (returned == 0) fail("cuBLASLt has no int8 algorithm for a ", m, "x", n, "x", k, " matmul");
+        found = cache.emplace(std::make_tuple(m, n, k), heuristic.algo).first;
+    }
+    const int32_t alpha = 1, beta = 0;
+    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, weight, layout_a, in, layout_b, &beta, out, layout_c, out,
+                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
+    cublasLtMatrixLayoutDestroy(layout_a);
+    cublasLtMatrixLayoutDestroy(layout_b);
+    cublasLtMatrixLayoutDestroy(layout_c);
+    cublasLtMatmulDescDestroy(op);
+}
+
 void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
                         int out_dim, cudaStream_t stream) {
     lt_matmul(out, CUDA_R_16BF, weight, true, in, false, out_dim, n_rows, in_dim, 0.0f, bias, stream);

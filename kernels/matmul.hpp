@@ -8,6 +8,7 @@
 // results do not depend on the thread count.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace qopt {
@@ -84,6 +85,18 @@ void matmul_backward_cpu(T* din, T* dweight, T* dbias, const T* dout, const T* i
         }
         if (dbias) dbias[o] += bias_sum;
     }
+}
+
+// The exact integer product of W8A8: out[n, o] = sum_i in[n, i] * weight[o, i] in int32.
+inline void int8_matmul_cpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim,
+                            int out_dim) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < n_rows; ++n)
+        for (int o = 0; o < out_dim; ++o) {
+            int32_t sum = 0;
+            for (int i = 0; i < in_dim; ++i) sum += int32_t(in[size_t(n) * in_dim + i]) * weight[size_t(o) * in_dim + i];
+            out[size_t(n) * out_dim + o] = sum;
+        }
 }
 
 }  // namespace qopt

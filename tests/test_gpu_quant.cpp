@@ -7,7 +7,9 @@
 #include <tuple>
 
 #include "gpu_helpers.hpp"
+#include "core/error.hpp"
 #include "kernels/activations.hpp"
+#include "kernels/matmul.hpp"
 #include "kernels/elementwise.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_gpu.hpp"
@@ -196,4 +198,29 @@ TEST_CASE("GPU masked Hadamard with the activation's derivative equals rotation 
                                                 cols, block);
             CHECK(relative_error(to_double(out.download()), expected) < 1e-2);
         }
+}
+
+TEST_CASE("GPU int8 GEMM (cuBLASLt) equals the exact integer product bit for bit") {
+    REQUIRE_GPU();
+    std::mt19937_64 gen(fresh_seed());
+    for (auto [rows, in_dim, out_dim] : {std::tuple{64, 768, 2304}, std::tuple{148, 768, 768}, std::tuple{32, 3072, 768},
+                                         std::tuple{4, 16, 8}}) {
+        CAPTURE(rows);
+        CAPTURE(in_dim);
+        CAPTURE(out_dim);
+        std::vector<int8_t> in(size_t(rows) * in_dim), weight(size_t(out_dim) * in_dim);
+        for (auto& v : in) v = int8_t(int(gen() % 255) - 127);
+        for (auto& v : weight) v = int8_t(int(gen() % 255) - 127);
+        std::vector<int32_t> expected(size_t(rows) * out_dim);
+        int8_matmul_cpu(expected.data(), in.data(), weight.data(), rows, in_dim, out_dim);
+        DeviceBuffer<int8_t> in_d = uploaded(in), weight_d = uploaded(weight);
+        DeviceBuffer<int32_t> out = poisoned<int32_t>(expected.size());
+        int8_matmul_gpu(out.data(), in_d.data(), weight_d.data(), rows, in_dim, out_dim);
+        CHECK(out.download() == expected);
+    }
+    std::vector<int8_t> small(12);
+    DeviceBuffer<int8_t> a = uploaded(small);
+    DeviceBuffer<int32_t> c(9);
+    CHECK_THROWS_WITH_AS(int8_matmul_gpu(c.data(), a.data(), a.data(), 3, 4, 3), doctest::Contains("multiples of 4"),
+                         Error);
 }

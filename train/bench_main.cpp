@@ -225,6 +225,33 @@ void bench_quant_kernels(const LinearQuantConfig& quant, long rows, int cols) {
     std::fflush(stdout);
 }
 
+// One linear layer's forward product, bf16 (cuBLASLt) against int8 (cuBLASLt, int32 result),
+// for [rows, in_dim] x [out_dim, in_dim]^T: median of 10 after 2 warm-up calls.
+void bench_int8_gemm(int rows, int in_dim, int out_dim) {
+    DeviceBuffer<bf16> a(size_t(rows) * in_dim), w(size_t(out_dim) * in_dim), c(size_t(rows) * out_dim);
+    DeviceBuffer<int8_t> a8(size_t(rows) * in_dim), w8(size_t(out_dim) * in_dim);
+    DeviceBuffer<int32_t> c32(size_t(rows) * out_dim);
+    a.fill_bytes(0x3c), w.fill_bytes(0x3c), a8.fill_bytes(3), w8.fill_bytes(5);
+    Timer timer;
+    auto time = [&](auto&& call) {
+        std::vector<double> ms;
+        for (int i = 0; i < 12; ++i) {
+            timer.start();
+            call();
+            const double t = timer.stop();
+            if (i >= 2) ms.push_back(t);
+        }
+        return median(ms);
+    };
+    const double bf16_ms = time([&] { matmul_forward_gpu(c.data(), a.data(), w.data(), nullptr, rows, in_dim, out_dim); });
+    const double int8_ms = time([&] { int8_matmul_gpu(c32.data(), a8.data(), w8.data(), rows, in_dim, out_dim); });
+    const double ops = 2.0 * rows * in_dim * out_dim;
+    std::printf("GEMM %6d x %5d -> %5d: bf16 %.3f ms (%.0f TFLOP/s), int8 %.3f ms (%.0f TOP/s), int8 speedup %.2fx\n",
+                rows, in_dim, out_dim, bf16_ms, ops / (bf16_ms * 1e-3) / 1e12, int8_ms, ops / (int8_ms * 1e-3) / 1e12,
+                bf16_ms / int8_ms);
+    std::fflush(stdout);
+}
+
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
 // backward (the 5 products of the math; the kernels recompute P once more).
 void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
@@ -284,6 +311,9 @@ int main(int argc, char** argv) {
     app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
     app.add_flag("--attention-only", skip_training, "only the attention kernels");
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
+    bool int8_gemm = false;
+    app.add_flag("--int8-gemm", int8_gemm,
+                 "also time the int8 GEMM against bf16 on gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens)");
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
@@ -306,6 +336,10 @@ int main(int argc, char** argv) {
                 for (int seq_len : {1024, 4096})
                     qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
         }
+        if (int8_gemm)
+            for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
+                                           std::pair{3072, 768}, std::pair{2048, 6144}, std::pair{8192, 2048}})
+                qopt::bench_int8_gemm(32768, in_dim, out_dim);
         if (optimizers.empty()) optimizers.push_back(optimizer_flag);
         std::vector<qopt::OptimizerConfig> optimizer_configs;
         for (const auto& name : optimizers) {
