@@ -49,6 +49,23 @@ enum class Epilogue { None, Gelu, DGelu };
 // the epilogue (bias first, for forward products). aux is [m, n] column-major like C.
 // Batched (batch > 1): the b-th product reads A + b * stride_a, B + b * stride_b and C/D +
 // b * stride_c. c_in (if given) is the C read by beta * C while the result goes to c.
+// The heuristic's first algorithm for this product (callers cache it per shape).
+cublasLtMatmulAlgo_t first_algorithm(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t layout_a,
+                                     cublasLtMatrixLayout_t layout_b, cublasLtMatrixLayout_t layout_c, int m, int n,
+                                     int k) {
+    cublasLtMatmulPreference_t preference;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &kWorkspaceBytes, sizeof kWorkspaceBytes));
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int returned = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference, 1,
+                                                &heuristic, &returned));
+    cublasLtMatmulPreferenceDestroy(preference);
+    if (returned == 0) fail("cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " matmul");
+    return heuristic.algo;
+}
+
 struct Batch {
     int count = 1;
     int64_t stride_a = 0, stride_b = 0, stride_c = 0;
@@ -101,19 +118,7 @@ void lt_matmul(void* c, cudaDataType_t c_type, const bf16* a, bool transpose_a, 
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
     const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count};
     auto found = cache.find(key);
-    if (found == cache.end()) {
-        cublasLtMatmulPreference_t preference;
-        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                          &kWorkspaceBytes, sizeof kWorkspaceBytes));
-        cublasLtMatmulHeuristicResult_t heuristic;
-        int returned = 0;
-        CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference,
-                                                    1, &heuristic, &returned));
-        cublasLtMatmulPreferenceDestroy(preference);
-        if (returned == 0) fail("cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " matmul");
-        found = cache.emplace(key, heuristic.algo).first;
-    }
+    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
                                 layout_c,
                                 &found->second, lt().workspace, kWorkspaceBytes, stream));
@@ -143,19 +148,8 @@ void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, CUDA_R_32I, m, n, m));
     static std::map<std::tuple<int, int, int>, cublasLtMatmulAlgo_t> cache;
     auto found = cache.find({m, n, k});
-    if (found == cache.end()) {
-        cublasLtMatmulPreference_t preference;
-        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                          &kWorkspaceBytes, sizeof kWorkspaceBytes));
-        cublasLtMatmulHeuristicResult_t heuristic;
-        int returned = 0;
-        CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference,
-                                                    1, &heuristic, &returned));
-        cublasLtMatmulPreferenceDestroy(preference);
-        if (returned == 0) fail("cuBLASLt has no int8 algorithm for a ", m, "x", n, "x", k, " matmul");
-        found = cache.emplace(std::make_tuple(m, n, k), heuristic.algo).first;
-    }
+    if (found == cache.end())
+        found = cache.emplace(std::make_tuple(m, n, k), first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
     const int32_t alpha = 1, beta = 0;
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, weight, layout_a, in, layout_b, &beta, out, layout_c, out,
                                 layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));

@@ -209,20 +209,18 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     std::vector<float> params = ckpt.params;
     std::vector<NamedQuantizedTensor> packed;
     double error_sum = 0, norm_sum = 0;
-    QuantSpec weight_spec = quant.weights;
-    if (!weight_spec.enabled()) weight_spec.bits = 16;
     for (const LinearMatrix& m : linear_matrices(config, layout)) {
         const size_t n = size_t(m.rows) * m.cols;
         std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + n));
         hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, quant.hadamard_block));
-        if (!weight_spec.enabled()) {  // W16: only rotated
+        if (!quant.weights.enabled()) {  // W16: only rotated
             std::copy(w.begin(), w.end(), params.begin() + long(m.offset));
             continue;
         }
         QuantizedTensor q = o.method == "gptq"
                                 ? gptq_quantize(w.data(), m.rows, m.cols,
-                                                hessians[size_t(m.layer) * kLinearSites + m.site], weight_spec, o.gptq)
-                                : quantize_cpu(w.data(), m.rows, m.cols, weight_spec);
+                                                hessians[size_t(m.layer) * kLinearSites + m.site], quant.weights, o.gptq)
+                                : quantize_cpu(w.data(), m.rows, m.cols, quant.weights);
         const std::vector<float> deq = q.dequantize();
         for (size_t i = 0; i < n; ++i) {
             error_sum += double(deq[i] - w[i]) * double(deq[i] - w[i]);

@@ -28,10 +28,7 @@ namespace {
 
 constexpr int kMaxCols = 32768;
 
-struct Stats {
-    float absmax, lo, hi;
-    double sum_squares;
-};
+using Stats = GroupStats;  // quant/quantizer.hpp
 
 struct Params {
     int bits;
@@ -123,41 +120,25 @@ __device__ Stats stats_of(const float* x, int n, int rank, int size) {
     return s;
 }
 
-__device__ GroupGrid grid_at_ratio(const Params& p, const Stats& s, float ratio) {
-    if (p.grid == QuantGrid::Asymmetric) return make_grid(p.grid, p.bits, mul_rn(ratio, s.lo), mul_rn(ratio, s.hi));
-    return make_grid(p.grid, p.bits, -mul_rn(ratio, s.absmax), mul_rn(ratio, s.absmax));
-}
-
-__device__ float rms_of(const Stats& s, long n) { return float(sqrt(s.sum_squares / double(n))); }
-
-// The group's grid by the spec's rule (mirrors choose_grid in quant/quantizer.cpp).
+// The group's grid by the spec's rule (the CPU's choose_grid in quant/quantizer.cpp; the mse
+// search sums each candidate's error over the team).
 template <bool Cta>
 __device__ GroupGrid choose_grid(const Params& p, const Team<Cta>& team, const Stats& s, long n, const float* x,
                                  int count) {
-    switch (p.rule) {
-        case ScaleRule::Absmax: return grid_at_ratio(p, s, 1.0f);
-        case ScaleRule::Clip: return grid_at_ratio(p, s, p.clip_ratio);
-        case ScaleRule::Gaussian: {
-            const float range = mul_rn(p.alpha, rms_of(s, n)) + 1e-8f;
-            return make_grid(p.grid, p.bits, -range, range);
+    if (p.rule != ScaleRule::Mse) return grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, s, n);
+    GroupGrid best = grid_at_ratio(p.grid, p.bits, s, 1.0f);
+    double best_error = INFINITY;
+    for (int k = p.mse_grid; k * 5 >= p.mse_grid; --k) {
+        const GroupGrid g = grid_at_ratio(p.grid, p.bits, s, float(k) / float(p.mse_grid));
+        double error = 0;
+        for (int i = team.rank(); i < count; i += team.size()) {
+            const double d = double(quant_value(g, quant_code(g, x[i]))) - double(x[i]);
+            error += d * d;
         }
-        case ScaleRule::Mse: {
-            GroupGrid best = grid_at_ratio(p, s, 1.0f);
-            double best_error = INFINITY;
-            for (int k = p.mse_grid; k * 5 >= p.mse_grid; --k) {
-                const GroupGrid g = grid_at_ratio(p, s, float(k) / float(p.mse_grid));
-                double error = 0;
-                for (int i = team.rank(); i < count; i += team.size()) {
-                    const double d = double(quant_value(g, quant_code(g, x[i]))) - double(x[i]);
-                    error += d * d;
-                }
-                error = team.sum(error);
-                if (error < best_error) best_error = error, best = g;
-            }
-            return best;
-        }
+        error = team.sum(error);
+        if (error < best_error) best_error = error, best = g;
     }
-    return grid_at_ratio(p, s, 1.0f);
+    return best;
 }
 
 // Quantizes one group of `count` staged values into out/keep.
@@ -167,7 +148,7 @@ __device__ void quantize_group(bf16* out, uint32_t* keep, long base, const float
     const Stats s = p.per_tensor ? *tensor_stats : team.reduce(stats_of(x, count, team.rank(), team.size()));
     const long n = p.per_tensor ? p.tensor_count : long(count);
     const GroupGrid g = choose_grid(p, team, s, n, x, count);
-    const float threshold = p.trust > 0 ? mul_rn(p.trust, rms_of(s, n)) : mul_rn(mul_rn(0.5f, g.step), 1.0001f);
+    const float threshold = keep_threshold(p.trust, s, n, g);
     for (int i = team.rank(); i < count; i += team.size()) {
         const float q = quant_value(g, quant_code(g, x[i]));
         out[i] = __float2bfloat16_rn(q);
@@ -285,14 +266,8 @@ __global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out,
         }
     }
     if (!active) return;
-    GroupGrid g;
-    if (p.rule == ScaleRule::Gaussian) {
-        const float range = mul_rn(p.alpha, rms_of(s, cols)) + 1e-8f;
-        g = make_grid(p.grid, p.bits, -range, range);
-    } else {
-        g = grid_at_ratio(p, s, p.rule == ScaleRule::Clip ? p.clip_ratio : 1.0f);
-    }
-    const float threshold = p.trust > 0 ? mul_rn(p.trust, rms_of(s, cols)) : mul_rn(mul_rn(0.5f, g.step), 1.0001f);
+    const GroupGrid g = grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, s, cols);
+    const float threshold = keep_threshold(p.trust, s, cols, g);
 #pragma unroll
     for (int k = 0; k < kMaxChunksPerWarp; ++k) {
         const int c = part + k * warps_per_row;

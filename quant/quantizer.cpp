@@ -91,15 +91,8 @@ std::string QuantSpec::describe() const {
     return text;
 }
 
-// Statistics of a group that every rule starts from.
-struct GroupStats {
-    float absmax = 0, lo = 0, hi = 0;
-    double sum_squares = 0;
-};
-
 static GroupStats group_stats(const float* x, long n) {
-    GroupStats s;
-    s.lo = s.hi = n > 0 ? x[0] : 0.0f;
+    GroupStats s{0.0f, n > 0 ? x[0] : 0.0f, n > 0 ? x[0] : 0.0f, 0.0};
     for (long i = 0; i < n; ++i) {
         s.absmax = std::max(s.absmax, std::fabs(x[i]));
         s.lo = std::min(s.lo, x[i]);
@@ -109,39 +102,28 @@ static GroupStats group_stats(const float* x, long n) {
     return s;
 }
 
-// The grid for clip ratio r of the group's range.
-static GroupGrid grid_at_ratio(const QuantSpec& spec, const GroupStats& s, float ratio) {
-    if (spec.grid == QuantGrid::Asymmetric) return make_grid(spec, ratio * s.lo, ratio * s.hi);
-    return make_grid(spec, -ratio * s.absmax, ratio * s.absmax);
+// The grid of a group whose statistics are known.
+static GroupGrid choose_grid(const QuantSpec& spec, const GroupStats& s, const float* values, long n) {
+    if (spec.rule != ScaleRule::Mse)
+        return grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio,
+                               spec.rule == ScaleRule::Gaussian ? gaussian_clip_multiple(spec.bits) : 0.0f, s, n);
+    // Ratios k / mse_grid from 1 down to 1/5; the first smallest squared error wins.
+    GroupGrid best = grid_at_ratio(spec.grid, spec.bits, s, 1.0f);
+    double best_error = INFINITY;
+    for (int k = spec.mse_grid; k * 5 >= spec.mse_grid; --k) {
+        const GroupGrid g = grid_at_ratio(spec.grid, spec.bits, s, float(k) / float(spec.mse_grid));
+        double error = 0;
+        for (long i = 0; i < n; ++i) {
+            const double d = double(quant_value(g, quant_code(g, values[i]))) - double(values[i]);
+            error += d * d;
+        }
+        if (error < best_error) best_error = error, best = g;
+    }
+    return best;
 }
 
 GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n) {
-    const GroupStats s = group_stats(values, n);
-    switch (spec.rule) {
-        case ScaleRule::Absmax: return grid_at_ratio(spec, s, 1.0f);
-        case ScaleRule::Clip: return grid_at_ratio(spec, s, spec.clip_ratio);
-        case ScaleRule::Gaussian: {
-            const float rms = float(std::sqrt(s.sum_squares / double(std::max(n, 1L))));
-            const float range = gaussian_clip_multiple(spec.bits) * rms + 1e-8f;
-            return make_grid(spec, -range, range);
-        }
-        case ScaleRule::Mse: {
-            // Ratios k / mse_grid from 1 down to 1/5; the first smallest squared error wins.
-            GroupGrid best = grid_at_ratio(spec, s, 1.0f);
-            double best_error = INFINITY;
-            for (int k = spec.mse_grid; k * 5 >= spec.mse_grid; --k) {
-                const GroupGrid g = grid_at_ratio(spec, s, float(k) / float(spec.mse_grid));
-                double error = 0;
-                for (long i = 0; i < n; ++i) {
-                    const double d = double(quant_value(g, quant_code(g, values[i]))) - double(values[i]);
-                    error += d * d;
-                }
-                if (error < best_error) best_error = error, best = g;
-            }
-            return best;
-        }
-    }
-    return grid_at_ratio(spec, s, 1.0f);
+    return choose_grid(spec, group_stats(values, n), values, n);
 }
 
 QuantizedTensor quantize_cpu(const float* values, int rows, int cols, const QuantSpec& spec) {
@@ -186,13 +168,9 @@ void fake_quant_cpu(T* out, uint8_t* keep, const T* in, int rows, int cols, cons
 #pragma omp parallel for schedule(static)
     for (long gi = 0; gi < n_groups; ++gi) {
         std::vector<float> x(in + gi * group, in + (gi + 1) * group);
-        const GroupGrid g = choose_grid(spec, x.data(), group);
-        double sum_squares = 0;
-        for (float v : x) sum_squares += double(v) * double(v);
-        const float rms = float(std::sqrt(sum_squares / double(group)));
-        // Half a step, with room for the rounding of x / step (the error inside the clip
-        // range is at most step/2 in exact arithmetic).
-        const float threshold = trust > 0 ? trust * rms : 0.5f * g.step * 1.0001f;
+        const GroupStats stats = group_stats(x.data(), group);
+        const GroupGrid g = choose_grid(spec, stats, x.data(), group);
+        const float threshold = keep_threshold(trust, stats, group, g);
         for (long i = 0; i < group; ++i) {
             const float q = quant_value(g, quant_code(g, x[size_t(i)]));
             out[gi * group + i] = T(q);

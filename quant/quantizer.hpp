@@ -117,6 +117,36 @@ QOPT_HD inline int quant_code(const GroupGrid& g, float x) {
 }
 QOPT_HD inline float quant_value(const GroupGrid& g, int code) { return mul_rn(float(code) + g.offset, g.step); }
 
+// A group's statistics: every rule but mse picks its grid from them alone.
+struct GroupStats {
+    float absmax, lo, hi;
+    double sum_squares;
+};
+QOPT_HD inline float group_rms(const GroupStats& s, long n) { return float(sqrt(s.sum_squares / double(n))); }
+
+// The grid clipping the group's range (asymmetric: its [lo, hi]) at `ratio`.
+QOPT_HD inline GroupGrid grid_at_ratio(QuantGrid grid, int bits, const GroupStats& s, float ratio) {
+    if (grid == QuantGrid::Asymmetric) return make_grid(grid, bits, mul_rn(ratio, s.lo), mul_rn(ratio, s.hi));
+    return make_grid(grid, bits, -mul_rn(ratio, s.absmax), mul_rn(ratio, s.absmax));
+}
+
+// absmax, clip and gaussian (alpha: gaussian_clip_multiple(bits)) from the statistics of n values.
+QOPT_HD inline GroupGrid grid_from_stats(QuantGrid grid, int bits, ScaleRule rule, float clip_ratio, float alpha,
+                                         const GroupStats& s, long n) {
+    if (rule == ScaleRule::Gaussian) {
+        const float range = mul_rn(alpha, group_rms(s, n)) + 1e-8f;
+        return make_grid(grid, bits, -range, range);
+    }
+    return grid_at_ratio(grid, bits, s, rule == ScaleRule::Clip ? clip_ratio : 1.0f);
+}
+
+// The estimator's bound on |q(x) - x| for the gradient to pass: trust * RMS, or with trust 0
+// half a step, with room for the rounding of x / step (inside the clip range the error is at
+// most step/2 in exact arithmetic). trust < 0 (STE) passes everything; callers test that.
+QOPT_HD inline float keep_threshold(float trust, const GroupStats& s, long n, const GroupGrid& g) {
+    return trust > 0 ? mul_rn(trust, group_rms(s, n)) : mul_rn(mul_rn(0.5f, g.step), 1.0001f);
+}
+
 // The grid the spec's rule picks for these n values (read with a stride of 1).
 GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n);
 
