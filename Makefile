@@ -30,7 +30,7 @@ LIB_CU := $(foreach d,$(SRC_DIRS),$(wildcard $(d)/*.cu))
 LIB_OBJ := $(LIB_CPP:%.cpp=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.cu.o)
 LIB := $(BUILD)/libqopt.a
 
-BINARIES := train tokenize prepare_brown bench init_model optim_replay ptq
+BINARIES := train tokenize prepare_brown bench init_model optim_replay ptq eval analyze
 BIN := $(BINARIES:%=$(BUILD)/bin/%)
 TEST_SRC := $(wildcard tests/*.cpp)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/obj/%.o)
@@ -68,6 +68,8 @@ $(BUILD)/bin/init_model: $(BUILD)/obj/tools/init_model_main.o $(LIB)
 $(BUILD)/bin/prepare_brown: $(BUILD)/obj/tools/prepare_brown_main.o $(LIB)
 $(BUILD)/bin/optim_replay: $(BUILD)/obj/tools/optim_replay_main.o $(LIB)
 $(BUILD)/bin/ptq: $(BUILD)/obj/train/ptq_main.o $(LIB)
+$(BUILD)/bin/eval: $(BUILD)/obj/train/eval_main.o $(LIB)
+$(BUILD)/bin/analyze: $(BUILD)/obj/train/analyze_main.o $(LIB)
 $(BUILD)/bin/%:
 	@mkdir -p $(dir $@)
 	$(CXX) $^ -o $@ $(LDFLAGS)

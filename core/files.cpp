@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <sstream>
 
@@ -160,6 +161,21 @@ std::string hex64(uint64_t value) {
     char buf[17];
     std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(value));
     return buf;
+}
+
+void append_line(const std::string& path, const std::string& line) {
+    std::ofstream out(path, std::ios::app);
+    if (!out) fail(path, ": cannot open for appending");
+    out << line << "\n";
+    out.flush();
+    if (!out) fail(path, ": write failed");
+}
+
+std::string utc_timestamp() {
+    const std::time_t now = std::time(nullptr);
+    char text[32];
+    std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    return text;
 }
 
 }  // namespace qopt

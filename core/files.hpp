@@ -28,6 +28,13 @@ std::vector<std::string> expand_glob(const std::string& pattern, const char* wha
 // The directory part of a file path ("runs/a.jsonl" -> "runs", "a.jsonl" -> ".").
 std::string parent_directory(const std::string& path);
 
+// Appends one line (a newline is added) to a results table such as a JSONL file, creating
+// it; throws naming the path when it cannot be written.
+void append_line(const std::string& path, const std::string& line);
+
+// The current time as "2026-11-24T10:00:00Z".
+std::string utc_timestamp();
+
 // Lists the entries of a directory (names only, sorted); empty when it does not exist.
 std::vector<std::string> list_directory(const std::string& path);
 

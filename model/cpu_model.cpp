@@ -60,6 +60,32 @@ void CpuModel<T>::linear_forward(int layer, Site site, T* out, const T* in, cons
     matmul_forward_cpu(out, q.input.data(), q.weight.data(), bias, n_rows, in_dim, out_dim);
 }
 
+template <typename T>
+void CpuModel<T>::linear_apply(int layer, int site, T* out, const T* in, int rows, bool quantize_weight,
+                               bool quantize_input, bool add_bias) const {
+    QOPT_CHECK(layer >= 0 && layer < config_.n_layers && site >= 0 && site < kSites, "linear_apply: no layer ", layer,
+               " site ", site);
+    QOPT_CHECK(!(quantize_weight || quantize_input) || !quant_.weights_offline,
+               "linear_apply: quantizing needs weights quantized on the fly, not offline");
+    const LinearMatrix m = linear_matrices(config_, layout_)[size_t(layer) * kSites + size_t(site)];
+    const LayerOffsets& o = layout_.layers[size_t(layer)];
+    const size_t bias_offsets[kSites] = {o.qkv_b, o.out_b, o.up_b, o.down_b};
+    const T* bias = add_bias && bias_offsets[site] != kAbsent ? params_.data() + bias_offsets[site] : nullptr;
+    const T* weight = params_.data() + m.offset;
+    if (!quantize_weight && !quantize_input)
+        return matmul_forward_cpu(out, in, weight, bias, rows, m.cols, m.rows);
+    // Both operands in the rotated basis; each quantized when asked and its quantizer is on.
+    const int block = hadamard_block_for(m.cols, quant_.hadamard_block);
+    std::vector<T> x(in, in + size_t(rows) * m.cols), w(weight, weight + size_t(m.rows) * m.cols);
+    hadamard_rows_cpu(x.data(), rows, m.cols, block);
+    hadamard_rows_cpu(w.data(), m.rows, m.cols, block);
+    if (quantize_input && quant_.activations.enabled())
+        fake_quant_cpu(x.data(), static_cast<uint8_t*>(nullptr), x.data(), rows, m.cols, quant_.activations, quant_.trust);
+    if (quantize_weight && quant_.weights.enabled())
+        fake_quant_cpu(w.data(), static_cast<uint8_t*>(nullptr), w.data(), m.rows, m.cols, quant_.weights, quant_.trust);
+    matmul_forward_cpu(out, x.data(), w.data(), bias, rows, m.cols, m.rows);
+}
+
 // dx = ((dout Q_w) * m_a) H and dw = ((dout^T Q_a) * m_w) H, accumulated (quant/linear_quant.hpp).
 template <typename T>
 void CpuModel<T>::linear_backward(int layer, Site site, T* din, T* dweight, T* dbias, const T* dout, const T* in,
@@ -142,6 +168,10 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
     // ---------------- forward
     embedding_forward_cpu(embedded_.data(), inputs, P + layout_.embed, p(layout_.pos_embed), n, seq_len, C);
     const T* x = embedded_.data();
+    auto tap = [&](int layer, Module module, const T* out, int width) {
+        if (module_hook_) module_hook_(layer, module, out, n, width);
+    };
+    tap(-1, Module::Embedding, x, C);
     for (int l = 0; l < config_.n_layers; ++l) {
         const LayerOffsets& o = layout_.layers[size_t(l)];
         LayerActs& a = acts_[size_t(l)];
@@ -151,8 +181,10 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
             layernorm_forward_cpu(a.norm_in.data(), a.mean1.data(), a.rstd1.data(), a.input.data(), P + o.norm1_w,
                                   P + o.norm1_b, n, C, eps);
             attn_in = a.norm_in.data();
+            tap(l, Module::AttnNorm, attn_in, C);
         }
         linear_forward(l, kQkv, a.qkv.data(), attn_in, P + o.qkv_w, p(o.qkv_b), n, C, 3 * C);
+        tap(l, Module::Qkv, a.qkv.data(), 3 * C);
         for (size_t r = 0; r < N; ++r) {
             const T* row = a.qkv.data() + r * 3 * C;
             std::copy(row, row + C, a.q.data() + r * C);
@@ -169,30 +201,40 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
             k = a.k_rot.data();
         }
         attention_forward_cpu(a.attn.data(), a.probs.data(), q, k, a.v.data(), batch, seq_len, H, hd);
+        tap(l, Module::Attention, a.attn.data(), C);
         linear_forward(l, kOut, a.proj.data(), a.attn.data(), P + o.out_w, p(o.out_b), n, C, C);
+        tap(l, Module::OutProj, a.proj.data(), C);
         const T* attn_branch = a.proj.data();
         if (!gpt2) {
             rmsnorm_forward_cpu(a.proj_normed.data(), a.rstd_proj.data(), a.proj.data(), P + o.norm1_w, n, C, eps);
             attn_branch = a.proj_normed.data();
+            tap(l, Module::AttnNorm, attn_branch, C);
         }
         for (size_t i = 0; i < N * C; ++i) a.residual[i] = a.input[i] + attn_branch[i];
+        tap(l, Module::AttnResidual, a.residual.data(), C);
         const T* mlp_in = a.residual.data();
         if (gpt2) {
             layernorm_forward_cpu(a.mlp_in.data(), a.mean2.data(), a.rstd2.data(), a.residual.data(), P + o.norm2_w,
                                   P + o.norm2_b, n, C, eps);
             mlp_in = a.mlp_in.data();
+            tap(l, Module::MlpNorm, mlp_in, C);
         }
         linear_forward(l, kUp, a.up.data(), mlp_in, P + o.up_w, p(o.up_b), n, C, F);
+        tap(l, Module::Up, a.up.data(), F);
         if (gpt2) gelu_forward_cpu(a.act.data(), a.up.data(), N * F);
         else relu2_forward_cpu(a.act.data(), a.up.data(), N * F);
+        tap(l, Module::Activation, a.act.data(), F);
         linear_forward(l, kDown, a.down.data(), a.act.data(), P + o.down_w, p(o.down_b), n, F, C);
+        tap(l, Module::Down, a.down.data(), C);
         const T* mlp_branch = a.down.data();
         if (!gpt2) {
             rmsnorm_forward_cpu(a.down_normed.data(), a.rstd_down.data(), a.down.data(), P + o.norm2_w, n, C, eps);
             mlp_branch = a.down_normed.data();
+            tap(l, Module::MlpNorm, mlp_branch, C);
         }
         T* out = (l + 1 < config_.n_layers) ? acts_[size_t(l) + 1].input.data() : output_.data();
         for (size_t i = 0; i < N * C; ++i) out[i] = a.residual[i] + mlp_branch[i];
+        tap(l, Module::MlpResidual, out, C);
         x = out;
     }
     if (gpt2)
@@ -201,6 +243,7 @@ double CpuModel<T>::forward_backward(const int* inputs, const int* targets, int 
     else
         rmsnorm_forward_cpu(final_normed_.data(), final_rstd_.data(), output_.data(), P + layout_.final_norm_w, n, C,
                             eps);
+    tap(config_.n_layers, Module::FinalNorm, final_normed_.data(), C);
 
     // Loss (and, when training, dlogits -> d(final_normed) and d(embed) in the same sweep).
     const T token_scale = grad_scale / T(N);

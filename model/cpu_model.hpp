@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/config.hpp"
+#include "model/modules.hpp"
 #include "model/params.hpp"
 #include "quant/linear_quant.hpp"
 
@@ -43,6 +44,14 @@ public:
     // PTQ calibration collects GPTQ's Hessians through it. Empty: none.
     using InputHook = std::function<void(int layer, int site, const T* input, int rows, int cols)>;
     void set_input_hook(InputHook hook) { input_hook_ = std::move(hook); }
+    // Called in the forward pass with every module's output, [rows, cols] (model/modules.hpp).
+    using ModuleHook = std::function<void(int layer, Module module, const T* output, int rows, int cols)>;
+    void set_module_hook(ModuleHook hook) { module_hook_ = std::move(hook); }
+    // Hidden linear layer (layer, site) alone on `rows` input rows: out = in W^T (+ bias), with
+    // the input and/or the weight rotated and quantized by the current linear quant (a side
+    // whose quantizer is off is only rotated). Weights quantized on the fly (not offline).
+    void linear_apply(int layer, int site, T* out, const T* in, int rows, bool quantize_weight,
+                      bool quantize_input, bool add_bias) const;
 
 private:
     struct LayerActs {
@@ -78,6 +87,7 @@ private:
     LinearQuantConfig quant_;
     std::vector<QuantSite> quant_sites_;  // [n_layers * kSites] when quantized
     InputHook input_hook_;
+    ModuleHook module_hook_;
 };
 
 extern template class CpuModel<float>;

@@ -73,6 +73,9 @@ struct GpuModel::State {
     DeviceBuffer<double> quant_stats;       // per-tensor statistics scratch
     size_t quant_weight_bytes = 0;
     GpuModel::InputHook input_hook;
+    GpuModel::ModuleHook module_hook;
+    DeviceBuffer<bf16> tap_norm, apply_input;  // module-hook norm outputs; linear_apply's rotated input
+    DeviceBuffer<float> tap_rstd;
 };
 
 GpuModel::GpuModel(const ModelConfig& config)
@@ -273,6 +276,39 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
 
 const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
 void GpuModel::set_input_hook(InputHook hook) { state_->input_hook = std::move(hook); }
+void GpuModel::set_module_hook(ModuleHook hook) { state_->module_hook = std::move(hook); }
+
+void GpuModel::linear_apply(int layer, int site, bf16* out, const bf16* in, int rows, bool quantize_weight,
+                            bool quantize_input, bool add_bias) {
+    State& s = *state_;
+    QOPT_CHECK(layer >= 0 && layer < config_.n_layers && site >= 0 && site < kSites, "linear_apply: no layer ", layer,
+               " site ", site);
+    QOPT_CHECK(rows > 0 && rows <= s.batch * s.seq_len, "linear_apply: ", rows, " rows, planned ", s.batch * s.seq_len);
+    const bool quantized = quantize_weight || quantize_input;
+    QOPT_CHECK(!quantized || (s.quant.enabled() && !s.quant.weights_offline),
+               "linear_apply: quantizing needs a quantized forward with weights quantized on the fly");
+    const LinearMatrix m = linear_matrices(config_, layout_)[size_t(layer) * kSites + size_t(site)];
+    const LayerOffsets& o = layout_.layers[size_t(layer)];
+    const size_t bias_offsets[kSites] = {o.qkv_b, o.out_b, o.up_b, o.down_b};
+    const bf16* bias = add_bias && bias_offsets[site] != kAbsent ? s.weights.data() + bias_offsets[site] : nullptr;
+    if (!quantized) return matmul_forward_gpu(out, in, s.weights.data() + m.offset, bias, rows, m.cols, m.rows);
+    // Rotated operands; the weight's quantized copy is the forward's (only rotated when its
+    // quantizer is off), an unquantized weight is rotated here into the same scratch.
+    const size_t input_size = size_t(rows) * m.cols, weight_size = size_t(m.rows) * m.cols;
+    if (s.apply_input.size() < input_size + weight_size) s.apply_input.resize(input_size + weight_size);
+    bf16* x = s.apply_input.data();
+    QuantSpec off;
+    off.bits = 16;
+    quantize_rows(s.quant, x, nullptr, in, rows, m.cols, quantize_input ? s.quant.activations : off,
+                  s.quant_stats.data());
+    const bf16* weight = s.quant_sites[size_t(layer) * kSites + size_t(site)].weight.data();
+    if (!quantize_weight && s.quant.weights.enabled()) {
+        bf16* rotated = x + input_size;
+        quantize_rows(s.quant, rotated, nullptr, s.weights.data() + m.offset, m.rows, m.cols, off, nullptr);
+        weight = rotated;
+    }
+    matmul_forward_gpu(out, x, weight, bias, rows, m.cols, m.rows);
+}
 
 // Every hidden matrix, rotated and fake-quantized from the fp32 masters (QAT), once per forward.
 void GpuModel::quantize_weights() {
@@ -325,6 +361,17 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         return linear_operands(s, W, l, site, in, weight_offset, N, in_dim);
     };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
+    auto tap = [&](int layer, Module module, const bf16* out, int width) {
+        if (s.module_hook) s.module_hook(layer, module, out, N, width);
+    };
+    // olmo2's post-sublayer norm, fused with the residual add in the forward, written out for the hook.
+    auto tap_norm = [&](int layer, Module module, const bf16* branch, size_t norm_w) {
+        if (!s.module_hook) return;
+        if (s.tap_norm.size() < size_t(N) * C) s.tap_norm.resize(size_t(N) * C), s.tap_rstd.resize(size_t(N));
+        rmsnorm_forward_gpu(s.tap_norm.data(), s.tap_rstd.data(), branch, P + norm_w, N, C, eps);
+        tap(layer, module, s.tap_norm.data(), C);
+    };
+    tap(-1, Module::Embedding, s.residual[0].data(), C);
     if (gpt2) {  // later LN1s are fused with the residual add that ends the previous block
         const LayerOffsets& o = layout_.layers[0];
         LayerActivations& a = s.layers[0];
@@ -338,19 +385,28 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         bf16* y = s.residual[size_t(l) + 1].data();
         bf16* qkv = a.qkv.data();
         if (gpt2) {
+            tap(l, Module::AttnNorm, a.ln1.data(), C);
             const LinearOperands qkv_in = operands(l, kQkv, a.ln1.data(), o.qkv_w, C);
             matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, w(o.qkv_b), N, C, 3 * C);
+            tap(l, Module::Qkv, qkv, 3 * C);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            tap(l, Module::Attention, a.attn.data(), C);
             const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
             matmul_forward_gpu(s.branch.data(), out_in.input, out_in.weight, w(o.out_b), N, C, C);
+            tap(l, Module::OutProj, s.branch.data(), C);
             add_layernorm_forward_gpu(a.h.data(), a.ln2.data(), a.mean2.data(), a.rstd2.data(), x, s.branch.data(),
                                       P + o.norm2_w, P + o.norm2_b, N, C, eps);
+            tap(l, Module::AttnResidual, a.h.data(), C);
+            tap(l, Module::MlpNorm, a.ln2.data(), C);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
             matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
+            tap(l, Module::Up, a.up.data(), F);
+            tap(l, Module::Activation, act, F);
             const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
             matmul_forward_gpu(s.branch.data(), down_in.input, down_in.weight, w(o.down_b), N, F, C);
+            tap(l, Module::Down, s.branch.data(), C);
             // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
             if (l + 1 < config_.n_layers) {
                 const LayerOffsets& next = layout_.layers[size_t(l) + 1];
@@ -362,9 +418,11 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
                                           a.h.data(), s.branch.data(), P + layout_.final_norm_w,
                                           P + layout_.final_norm_b, N, C, eps);
             }
+            tap(l, Module::MlpResidual, y, C);
         } else {
             const LinearOperands qkv_in = operands(l, kQkv, x, o.qkv_w, C);
             matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, nullptr, N, C, 3 * C);
+            tap(l, Module::Qkv, qkv, 3 * C);
             // QK-norm over the full q / k projections, then RoPE in place.
             rmsnorm_forward_gpu({a.q_rot.data(), C}, a.rstd_q.data(), {qkv, 3 * C}, P + o.q_norm_w, N, C, eps);
             rmsnorm_forward_gpu({a.k_rot.data(), C}, a.rstd_k.data(), {qkv + C, 3 * C}, P + o.k_norm_w, N, C, eps);
@@ -372,21 +430,31 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             rope_forward_gpu(a.k_rot.data(), a.k_rot.data(), s.rope_cos.data(), s.rope_sin.data(), N, T, H, hd);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C}, {a.k_rot.data(), C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
+            tap(l, Module::Attention, a.attn.data(), C);
             const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
             matmul_forward_gpu(a.proj.data(), out_in.input, out_in.weight, nullptr, N, C, C);
+            tap(l, Module::OutProj, a.proj.data(), C);
+            tap_norm(l, Module::AttnNorm, a.proj.data(), o.norm1_w);
             rmsnorm_add_forward_gpu(a.h.data(), a.rstd_proj.data(), x, a.proj.data(), P + o.norm1_w, N, C, eps);
+            tap(l, Module::AttnResidual, a.h.data(), C);
             const LinearOperands up_in = operands(l, kUp, a.h.data(), o.up_w, C);
             matmul_forward_gpu(a.up.data(), up_in.input, up_in.weight, nullptr, N, C, F);
+            tap(l, Module::Up, a.up.data(), F);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
+            tap(l, Module::Activation, act, F);
             const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
             matmul_forward_gpu(a.down.data(), down_in.input, down_in.weight, nullptr, N, F, C);
+            tap(l, Module::Down, a.down.data(), C);
+            tap_norm(l, Module::MlpNorm, a.down.data(), o.norm2_w);
             rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);
+            tap(l, Module::MlpResidual, y, C);
         }
     }
     if (!gpt2)
         rmsnorm_forward_gpu(s.final_normed.data(), s.final_rstd.data(), s.residual.back().data(),
                             P + layout_.final_norm_w, N, C, eps);
+    tap(config_.n_layers, Module::FinalNorm, s.final_normed.data(), C);
     // Tied head: logits = x E^T over the padded vocabulary; the fused kernel turns them into
     // losses and (when training) dlogits in place.
     matmul_forward_gpu(s.logits.data(), s.final_normed.data(), W + layout_.embed, nullptr, N, C, Vp);

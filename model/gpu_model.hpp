@@ -13,6 +13,7 @@
 
 #include "kernels/gpu.hpp"
 #include "model/config.hpp"
+#include "model/modules.hpp"
 #include "model/params.hpp"
 #include "quant/linear_quant.hpp"
 
@@ -51,6 +52,15 @@ public:
     // As CpuModel::set_input_hook, with the bf16 device pointer of the product's input.
     using InputHook = std::function<void(int layer, int site, const bf16* input, int rows, int cols)>;
     void set_input_hook(InputHook hook);
+    // As CpuModel::set_module_hook, with bf16 device pointers valid during the call. (olmo2's
+    // post-sublayer norms are fused with the residual add; with a hook set they are also
+    // written to a scratch buffer so that they can be shown.)
+    using ModuleHook = std::function<void(int layer, Module module, const bf16* output, int rows, int cols)>;
+    void set_module_hook(ModuleHook hook);
+    // As CpuModel::linear_apply, on device rows (at most the planned batch x seq_len of the
+    // last forward, whose quantized weights it uses).
+    void linear_apply(int layer, int site, bf16* out, const bf16* in, int rows, bool quantize_weight,
+                      bool quantize_input, bool add_bias);
     // Plans every activation for this shape (no-op when unchanged).
     void allocate(int batch, int seq_len);
     // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."

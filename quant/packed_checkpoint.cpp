@@ -47,7 +47,7 @@ std::vector<int8_t> unpack_codes(const std::vector<uint8_t>& packed, int rows, i
 
 void write_quantized_checkpoint(const std::string& path, const ModelConfig& config, const ParamLayout& layout,
                                 const std::vector<float>& params, const std::vector<NamedQuantizedTensor>& weights,
-                                const LinearQuantConfig& quant) {
+                                const LinearQuantConfig& quant, const Json& source) {
     std::set<std::string> quantized;
     for (const auto& w : weights) quantized.insert(w.name);
     // F32 first, U8 last, so every F32 tensor stays 4-byte aligned in the file.
@@ -76,7 +76,8 @@ void write_quantized_checkpoint(const std::string& path, const ModelConfig& conf
         views.push_back(v);
     }
     std::map<std::string, std::string> metadata = {{"qopt_config", config.to_json().dump()},
-                                                   {"qopt_quant", quant.to_json().dump()}};
+                                                   {"qopt_quant", quant.to_json().dump()},
+                                                   {"qopt_source", source.dump()}};
     write_file_atomic(path, safetensors_serialize(views, metadata));
 }
 

@@ -1,6 +1,7 @@
 // The quantized checkpoint `ptq --out` writes: one safetensors file that common tools load.
 //   metadata  qopt_config  the model config (JSON, as in training checkpoints)
 //             qopt_quant   the LinearQuantConfig (JSON): bit widths, grids, rules, Hadamard block
+//             qopt_source  where it came from (JSON): checkpoint, preset, optimizer, step, seq_len
 //   F32       every parameter that is not a hidden linear weight, under its usual name
 //   F32       <name>.step, <name>.offset   one per group (row-major groups: per-tensor 1,
 //             per-row rows, per-group rows * cols / group_size)
@@ -15,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/json.hpp"
 #include "model/config.hpp"
 #include "model/params.hpp"
 #include "quant/linear_quant.hpp"
@@ -33,6 +35,6 @@ std::vector<int8_t> unpack_codes(const std::vector<uint8_t>& packed, int rows, i
 // Writes the file atomically.
 void write_quantized_checkpoint(const std::string& path, const ModelConfig& config, const ParamLayout& layout,
                                 const std::vector<float>& params, const std::vector<NamedQuantizedTensor>& weights,
-                                const LinearQuantConfig& quant);
+                                const LinearQuantConfig& quant, const Json& source = Json::object());
 
 }  // namespace qopt

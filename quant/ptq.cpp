@@ -5,17 +5,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <ctime>
-#include <fstream>
 #include <memory>
 
 #include "core/error.hpp"
 #include "core/files.hpp"
 #include "data/loader.hpp"
-#include "kernels/device.hpp"
-#include "kernels/gpu.hpp"
-#include "model/cpu_model.hpp"
-#include "model/gpu_model.hpp"
+#include "eval/eval_model.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/packed_checkpoint.hpp"
 #include "train/checkpoint.hpp"
@@ -24,111 +19,8 @@ namespace qopt {
 
 namespace {
 
-// The model as PTQ needs it: loss only, quantized linear layers, and the Hessians
-// H = sum over calibration tokens of x x^T of every hidden linear layer's input.
-class EvalModel {
-public:
-    virtual ~EvalModel() = default;
-    virtual std::string describe() const = 0;
-    virtual void set_params(const std::vector<float>& params) = 0;
-    virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;
-    virtual double loss(const int* inputs, const int* targets, int batch, int seq_len) = 0;
-    virtual void start_hessians() = 0;  // from now on every forward adds to the Hessians
-    virtual std::vector<std::vector<double>> finish_hessians() = 0;  // [layer * 4 + site], row-major
-};
-
-class CpuEvalModel final : public EvalModel {
-public:
-    explicit CpuEvalModel(const ModelConfig& config) : model_(config) {}
-    std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
-    void set_params(const std::vector<float>& params) override { model_.params() = params; }
-    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
-    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
-        return model_.loss(inputs, targets, batch, seq_len);
-    }
-    void start_hessians() override {
-        const ModelConfig& c = model_.config();
-        hessians_.assign(size_t(c.n_layers) * kLinearSites, {});
-        model_.set_input_hook([this](int layer, int site, const float* x, int rows, int cols) {
-            std::vector<double>& h = hessians_[size_t(layer) * kLinearSites + site];
-            h.resize(size_t(cols) * cols, 0.0);
-#pragma omp parallel for schedule(dynamic, 4)
-            for (int i = 0; i < cols; ++i)
-                for (int n = 0; n < rows; ++n) {
-                    const double xi = x[size_t(n) * cols + i];
-                    const float* row = x + size_t(n) * cols;
-                    double* hi = &h[size_t(i) * cols];
-                    for (int j = 0; j < cols; ++j) hi[j] += xi * double(row[j]);
-                }
-        });
-    }
-    std::vector<std::vector<double>> finish_hessians() override {
-        model_.set_input_hook(nullptr);
-        return std::move(hessians_);
-    }
-
-private:
-    CpuModel<float> model_;
-    std::vector<std::vector<double>> hessians_;
-};
-
-class GpuEvalModel final : public EvalModel {
-public:
-    GpuEvalModel(const ModelConfig& config, std::string device) : model_(config), device_(std::move(device)) {}
-    std::string describe() const override { return "cuda, " + device_; }
-    void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
-    void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
-    double loss(const int* inputs, const int* targets, int batch, int seq_len) override {
-        return model_.loss(inputs, targets, batch, seq_len);
-    }
-    // x^T x accumulates in fp32 on the device: the weight-gradient product with dout = in = x.
-    void start_hessians() override {
-        const ModelConfig& c = model_.config();
-        hessians_.clear();
-        hessians_.resize(size_t(c.n_layers) * kLinearSites);
-        model_.set_input_hook([this](int layer, int site, const bf16* x, int rows, int cols) {
-            DeviceBuffer<float>& h = hessians_[size_t(layer) * kLinearSites + site];
-            if (h.size() == 0) h.resize(size_t(cols) * cols), h.fill_bytes(0);
-            matmul_backward_weight_gpu(h.data(), x, x, rows, cols, cols);
-        });
-    }
-    std::vector<std::vector<double>> finish_hessians() override {
-        model_.set_input_hook(nullptr);
-        std::vector<std::vector<double>> out;
-        for (auto& h : hessians_) {
-            const std::vector<float> host = h.download();
-            out.emplace_back(host.begin(), host.end());
-            h.release();
-        }
-        return out;
-    }
-
-private:
-    GpuModel model_;
-    std::string device_;
-    std::vector<DeviceBuffer<float>> hessians_;
-};
-
-double mean_loss(EvalModel& model, TokenLoader& loader, int batches, const PtqOptions& o) {
-    loader.reset();
-    std::vector<int> inputs, targets;
-    double sum = 0;
-    for (int b = 0; b < batches; ++b) {
-        loader.next_batch(inputs, targets);
-        sum += model.loss(inputs.data(), targets.data(), o.batch_size, o.seq_len);
-    }
-    return sum / batches;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-std::string utc_now() {
-    const std::time_t now = std::time(nullptr);
-    char text[32];
-    std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-    return text;
 }
 
 }  // namespace
@@ -162,13 +54,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     if (!o.out.empty()) check_writable_directory(parent_directory(o.out));
     check_writable_directory(parent_directory(o.results));
 
-    const CudaDeviceInfo gpu = query_cuda_device();
-    const bool use_cuda = o.device == "cuda" || (o.device == "auto" && gpu.usable &&
-                                                 GpuModel::unsupported_reason(config).empty());
-    if (o.device == "cuda" && !gpu.usable) fail("--device cuda: ", gpu.problem);
-    std::unique_ptr<EvalModel> model;
-    if (use_cuda) model = std::make_unique<GpuEvalModel>(config, gpu.description);
-    else model = std::make_unique<CpuEvalModel>(config);
+    std::unique_ptr<EvalModel> model = make_eval_model(config, o.device);
     model->set_params(ckpt.params);
     const std::string optimizer = ckpt.optimizer.optimizer;
     const std::string preset = ckpt.run.is_object() && ckpt.run.contains("preset") ? ckpt.run.at("preset").as_string()
@@ -181,7 +67,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     log << "device: " << model->describe() << "\n";
     log << "quantization: " << o.method << ", " << quant.describe(false) << std::endl;
 
-    const double loss_full = mean_loss(*model, val, val_batches, o);
+    const double loss_full = mean_loss(*model, val, val_batches, o.batch_size, o.seq_len);
     log << "val loss full precision: " << loss_full << " (" << val_batches << " batches of " << o.batch_size << " x "
         << o.seq_len << ")" << std::endl;
 
@@ -241,7 +127,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     eval_quant.weights_offline = true;
     model->set_params(params);
     model->set_linear_quant(eval_quant);
-    const double loss_quant = mean_loss(*model, val, val_batches, o);
+    const double loss_quant = mean_loss(*model, val, val_batches, o.batch_size, o.seq_len);
     char line[200];
     std::snprintf(line, sizeof line, "val loss %s: %.4f (perplexity %.2f) vs %.4f (perplexity %.2f): %+.4f\n",
                   quant.short_name().c_str(), loss_quant, std::exp(loss_quant), loss_full, std::exp(loss_full),
@@ -249,12 +135,20 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     log << line;
 
     if (!o.out.empty()) {
-        write_quantized_checkpoint(o.out, config, layout, params, packed, quant);
+        Json source = Json::object();
+        source["checkpoint"] = o.checkpoint;
+        source["preset"] = preset;
+        source["optimizer"] = optimizer;
+        source["step"] = int64_t(ckpt.state.step);
+        source["seq_len"] = o.seq_len;
+        source["trained_qat"] = trained_qat;
+        source["method"] = o.method;
+        write_quantized_checkpoint(o.out, config, layout, params, packed, quant, source);
         log << "quantized checkpoint: " << o.out << "\n";
     }
 
     Json row = Json::object();
-    row["time"] = utc_now();
+    row["time"] = utc_timestamp();
     row["checkpoint"] = o.checkpoint;
     row["model"] = preset;
     row["arch"] = arch_name(config.arch);
@@ -278,11 +172,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     row["loss_increase"] = loss_quant - loss_full;
     row["relative_weight_error"] = weight_error;
     row["quantize_seconds"] = quantize_seconds;
-    {
-        std::ofstream results(o.results, std::ios::app);
-        if (!results) fail(o.results, ": cannot open for appending");
-        results << row.dump() << "\n";
-    }
+    append_line(o.results, row.dump());
     log << "results: appended to " << o.results << "\n";
     return PtqResult{loss_full, loss_quant, row};
 }

@@ -1,0 +1,30 @@
+// What an evaluation job loads: a training checkpoint directory (…/checkpoints/step_N) or a
+// quantized checkpoint file written by `ptq --out` (quant/packed_checkpoint.hpp). Either way
+// the result is fp32 parameters for the model; a quantized file's weights are dequantized (in
+// the rotated basis) and come with the quantization to evaluate them under (weights offline,
+// inputs quantized on the fly by the same quantizer code), so the fake-quant path reproduces
+// what ptq measured.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/json.hpp"
+#include "model/config.hpp"
+#include "quant/linear_quant.hpp"
+
+namespace qopt {
+
+struct EvalCheckpoint {
+    ModelConfig config;
+    std::vector<float> params;
+    LinearQuantConfig quant;          // enabled only for a quantized file
+    std::string optimizer = "?", preset = "?", trained_qat = "off";
+    long step = -1;
+    int train_seq_len = 0;            // the run's sequence length (0: unknown)
+    bool quantized_file = false;
+    std::string describe() const;     // "olmo2-50m, muon, step 300 (quantized w4a4 ...)"
+};
+
+EvalCheckpoint load_eval_checkpoint(const std::string& path);
+
+}  // namespace qopt
