@@ -101,8 +101,10 @@ EvalCheckpoint load_eval_checkpoint(const std::string& path) {
     out.optimizer = ckpt.optimizer.optimizer;
     out.step = ckpt.state.step;
     out.preset = string_or(ckpt.run, "preset", "?");
-    if (ckpt.run.is_object() && ckpt.run.contains("qat"))
-        out.trained_qat = LinearQuantConfig::from_json(ckpt.run.at("qat")).short_name();
+    if (ckpt.run.is_object() && ckpt.run.contains("qat")) {
+        out.quant = LinearQuantConfig::from_json(ckpt.run.at("qat"));
+        out.trained_qat = out.quant.short_name();
+    }
     if (ckpt.run.is_object() && ckpt.run.contains("seq_len")) out.train_seq_len = int(ckpt.run.at("seq_len").as_int());
     return out;
 }

@@ -17,7 +17,8 @@ namespace qopt {
 struct EvalCheckpoint {
     ModelConfig config;
     std::vector<float> params;
-    LinearQuantConfig quant;          // enabled only for a quantized file
+    LinearQuantConfig quant;          // a quantized file's quantization (weights offline), or the
+                                      // QAT quantizer a training checkpoint was trained with
     std::string optimizer = "?", preset = "?", trained_qat = "off";
     long step = -1;
     int train_seq_len = 0;            // the run's sequence length (0: unknown)

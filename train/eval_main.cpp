@@ -56,13 +56,19 @@ int run(EvalOptions& o) {
     QOPT_CHECK(o.val_batches >= -1, "--val-batches must be -1 (all), 0 (skip) or positive");
     EvalCheckpoint ckpt = load_eval_checkpoint(o.checkpoint);
     const ModelConfig& config = ckpt.config;
-    LinearQuantConfig quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
-    if (quant.enabled()) {
-        QOPT_CHECK(!ckpt.quantized_file, o.checkpoint, " is already quantized; --format applies to full-precision "
-                   "checkpoints");
-        quant.validate(config.d_model, config.d_ff);
-    } else if (ckpt.quantized_file) {
+    // The quantization evaluated: --format wXaY quantizes a full-precision checkpoint on the fly
+    // (RTN); by default ("checkpoint") a quantized file is evaluated with its own quantization and
+    // a QAT checkpoint with the quantizer it was trained with; --format off: none at all.
+    LinearQuantConfig quant;
+    if (o.quant.format == "checkpoint") {
         quant = ckpt.quant;
+    } else {
+        quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
+        QOPT_CHECK(!(quant.enabled() && ckpt.quantized_file), o.checkpoint,
+                   " is already quantized; --format applies to full-precision checkpoints");
+        QOPT_CHECK(quant.enabled() || !ckpt.quantized_file, o.checkpoint,
+                   " holds quantized weights; they cannot be evaluated unquantized");
+        quant.validate(config.d_model, config.d_ff);
     }
     int seq_len = o.seq_len ? o.seq_len : (ckpt.train_seq_len ? ckpt.train_seq_len : config.max_seq_len);
     QOPT_CHECK(seq_len <= config.max_seq_len, "--seq-len ", seq_len, " exceeds the model's max_seq_len ",
@@ -160,6 +166,7 @@ int main(int argc, char** argv) {
         "qopt eval: validation loss/perplexity, zero-shot multiple-choice accuracy (LM Evaluation Harness scoring) "
         "and text generation for a training checkpoint or a ptq quantized file"};
     EvalOptions o;
+    o.quant.format = "checkpoint";
     app.option_defaults()->always_capture_default();
     app.add_option("--checkpoint", o.checkpoint,
                    "Training checkpoint directory (…/checkpoints/step_N) or quantized .safetensors from ptq --out")
@@ -188,6 +195,9 @@ int main(int argc, char** argv) {
         ->group("Generation");
     app.add_option("--seed", o.generate.seed, "Sampling seed")->group("Generation");
     qopt::add_quant_flags(app, o.quant, "", qopt::QuantStyle::Rtn);
+    app.get_option("--format")
+        ->description("checkpoint (default: a quantized file's own quantization, a QAT checkpoint's training "
+                      "quantizer, else none), off, or wXaY to quantize a full-precision checkpoint on the fly (RTN)");
     app.add_option("--device", o.device, "cpu, cuda or auto")->group("Device");
     app.add_option("--threads", o.threads, "OpenMP threads (0: all cores)")->group("Device");
     app.add_option("--results", o.results, "Results table (JSONL) the row is appended to")->group("Output");
