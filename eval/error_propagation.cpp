@@ -193,19 +193,25 @@ Json PropagationResult::summary() const {
     s["loss_increase"] = loss_quantized - loss_full;
     s["tokens"] = int64_t(tokens);
     double mmr_median = 0, mmr_mean = 0, kurt = 0, mmr_max = 0, kurt_max = 0, g = 0, g1 = 0, g2 = 0, local = 0;
-    int linear = 0, gains = 0;
+    int linear = 0, gains = 0, median_layers = 0;
     for (const ModuleRecord& r : modules) {
         if (r.module == Module::MlpResidual) s["R_last_block"] = r.R;
         if (r.module == Module::FinalNorm) s["R_final_norm"] = r.R;
         if (r.site < 0) continue;
         ++linear;
-        mmr_median += r.input_mmr_median, mmr_mean += r.input_mmr_mean, kurt += r.input_kurtosis;
-        mmr_max = std::max(mmr_max, r.input_mmr_median), kurt_max = std::max(kurt_max, r.input_kurtosis);
+        // max/median is left out for the down projections: their inputs (ReLU^2 / GELU outputs)
+        // are mostly (near) zero, so the median is ~0 and the ratio says nothing.
+        if (r.site != kSiteDown) {
+            ++median_layers;
+            mmr_median += r.input_mmr_median, mmr_max = std::max(mmr_max, r.input_mmr_median);
+        }
+        mmr_mean += r.input_mmr_mean, kurt += r.input_kurtosis;
+        kurt_max = std::max(kurt_max, r.input_kurtosis);
         local += r.local_error;
         if (r.G >= 0) g += r.G, g1 += r.G1, g2 += r.G2, ++gains;
     }
     if (linear) {
-        s["mmr_median_mean"] = mmr_median / linear;
+        s["mmr_median_mean"] = median_layers ? mmr_median / median_layers : 0.0;
         s["mmr_mean_mean"] = mmr_mean / linear;
         s["kurtosis_mean"] = kurt / linear;
         s["mmr_median_max"] = mmr_max;

@@ -92,4 +92,10 @@ std::vector<LinearMatrix> linear_matrices(const ModelConfig& c, const ParamLayou
     return out;
 }
 
+size_t non_embedding_parameters(const ModelConfig& config, const ParamLayout& layout) {
+    size_t embedding = size_t(config.padded_vocab_size) * config.d_model;
+    if (layout.pos_embed != kAbsent) embedding += size_t(config.max_seq_len) * config.d_model;
+    return layout.total - embedding;
+}
+
 }  // namespace qopt

@@ -54,6 +54,10 @@ struct LinearMatrix {
     size_t offset;
     int rows, cols;  // out, in
 };
+// Parameters outside the token (and learned position) embedding: the "N" of scaling laws
+// that count only the transformer's own weights (the tied head is the embedding).
+size_t non_embedding_parameters(const ModelConfig& config, const ParamLayout& layout);
+
 std::vector<LinearMatrix> linear_matrices(const ModelConfig& config, const ParamLayout& layout);
 
 // Fills `params` (size layout.total) with the initial values, deterministically from seed.

@@ -153,6 +153,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     row["model"] = preset;
     row["arch"] = arch_name(config.arch);
     row["parameters"] = uint64_t(layout.total);
+    row["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, layout));
     row["optimizer"] = optimizer;
     row["step"] = int64_t(ckpt.state.step);
     row["trained_qat"] = trained_qat;

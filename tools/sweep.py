@@ -314,7 +314,7 @@ class Sweep:
         if c["eval"] is not None:
             row_file = os.path.join(run_dir, "eval_row.jsonl")
             command = [self.binary("eval"), "--checkpoint", ckpt, "--device", c["device"], "--val-data", c["val_data"],
-                       "--val-batches", str(c["eval"]["val_batches"]), "-t", str(t["seq_len"]),
+                       "--val-batches", str(c["eval"]["val_batches"]), "-b", str(t["batch_size"]), "-t", str(t["seq_len"]),
                        "--results", row_file, *c["eval"]["extra"]]
             for task in c["eval"]["tasks"]:
                 command += ["--task", task]
@@ -327,7 +327,7 @@ class Sweep:
             command = [self.binary("ptq"), "--checkpoint", ckpt, "--device", c["device"], "--format", p["format"],
                        "--method", p["method"], "--hadamard", str(p["hadamard"]), "--calib-data", c["train_data"],
                        "--val-data", c["val_data"], "--val-batches", str(c["eval"]["val_batches"] if c["eval"] else 20),
-                       "-t", str(t["seq_len"]), "--results", row_file, *p["extra"]]
+                       "-b", str(t["batch_size"]), "-t", str(t["seq_len"]), "--results", row_file, *p["extra"]]
             self.job(run["name"] + "/ptq-" + tag, command, run, "ptq", row_file)
         if c["analyze"] is not None:
             a = c["analyze"]

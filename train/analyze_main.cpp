@@ -86,6 +86,7 @@ int run(const AnalyzeOptions& o) {
     header["model"] = ckpt.preset;
     header["arch"] = arch_name(config.arch);
     header["parameters"] = uint64_t(ParamLayout::build(config).total);
+    header["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, ParamLayout::build(config)));
     header["optimizer"] = ckpt.optimizer;
     header["step"] = int64_t(ckpt.step);
     header["trained_qat"] = ckpt.trained_qat;
