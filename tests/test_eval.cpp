@@ -5,6 +5,7 @@
 // only weights are quantized), quantized files that load to the loss ptq measured, and the
 // eval / analyze binaries end to end with clear errors on bad input.
 #include <cstring>
+#include <sstream>
 #include <fstream>
 
 #include "core/error.hpp"
@@ -368,4 +369,85 @@ TEST_CASE("eval and analyze binaries on a tiny checkpoint; bad input gives one c
     CHECK(run_command(bin_dir() + "/analyze" + common + " --format off", output) == 1);
     CHECK(output.find("quantizes nothing") != std::string::npos);
     CHECK(run_command(bin_dir() + "/eval --checkpoint x --temperature abc", output) != 0);
+}
+
+namespace {
+
+// The python3 that has the report's modules (Debian's), or empty.
+std::string python_with(const char* modules) {
+    for (const char* python : {"/usr/bin/python3", "python3"}) {
+        std::string output;
+        if (run_command(std::string(python) + " -c 'import " + modules + "'", output) == 0) return python;
+    }
+    return "";
+}
+
+}  // namespace
+
+TEST_CASE("sweep driver: bad configs refused; a tiny CPU sweep runs, resumes without rerunning, and reports") {
+    const std::string python = python_with("json");
+    if (python.empty()) {
+        MESSAGE("skipped: no python3 (sweep driver test)");
+        return;
+    }
+    TempDir dir;
+    const std::string sweep = python + " tools/sweep.py ";
+    std::string output;
+    write_text(dir / "bad.json", "{\"name\": \"x\", \"out_dir\": \"o\", \"models\": [\"olmo2-tiny\"], \"optimizers\": "
+                                 "[\"adamw\"], \"train\": {\"steps\": 1}, \"colour\": 1}");
+    CHECK(run_command(sweep + (dir / "bad.json"), output) == 2);
+    CHECK(output.find("unknown key(s) colour") != std::string::npos);
+    write_text(dir / "bad2.json", "{\"name\": \"x\", \"out_dir\": \"o\", \"models\": [\"olmo2-tiny\"], \"optimizers\": "
+                                  "[\"adamw\"], \"train\": {\"steps\": 1, \"tokens\": 5}}");
+    CHECK(run_command(sweep + (dir / "bad2.json"), output) == 2);
+    CHECK(output.find("exactly one of steps") != std::string::npos);
+    write_text(dir / "broken.json", "{\"name\": ");
+    CHECK(run_command(sweep + (dir / "broken.json"), output) == 2);
+    CHECK(output.find("invalid JSON") != std::string::npos);
+
+    const std::string data = data_dir() + "/brown";
+    if (!is_directory(data)) {
+        MESSAGE("skipped: no Brown shards at " << data << " (run make setup)");
+        return;
+    }
+    write_text(dir / "tiny.json",
+               "{\"name\": \"tiny\", \"out_dir\": \"" + (dir / "out") + "\", \"bin_dir\": \"" + bin_dir() +
+                   "\", \"device\": \"cpu\", \"train_data\": \"" + data + "/brown_train_*.bin\", \"val_data\": \"" +
+                   data + "/brown_val_*.bin\", \"models\": [{\"name\": \"t\", \"preset\": \"olmo2-tiny\", "
+                   "\"max_seq_len\": 32}], \"optimizers\": [\"adamw\"], \"qat\": [\"off\", \"w4a4\"], "
+                   "\"train\": {\"steps\": 4, \"batch_size\": 2, \"seq_len\": 32, \"val_batches\": 2}, "
+                   "\"ptq\": [{\"format\": \"w4a4\"}], \"eval\": {\"val_batches\": 2}, "
+                   "\"analyze\": {\"format\": \"w4a4\", \"batch_size\": 2}}");
+    REQUIRE(run_command(sweep + (dir / "tiny.json") + " --parallel 2", output) == 0);
+    CAPTURE(output);
+    auto rows = [&] {
+        std::vector<Json> out;
+        std::istringstream text(read_file(dir / "out/results.jsonl"));
+        for (std::string line; std::getline(text, line);)
+            if (!line.empty()) out.push_back(Json::parse(line));
+        return out;
+    };
+    // off: train, eval, ptq, analyze; w4a4: train, eval.
+    const std::vector<Json> first = rows();
+    REQUIRE(first.size() == 6);
+    int analyses = 0;
+    for (const Json& r : first) {
+        CHECK(r.at("sweep").as_string() == "tiny");
+        analyses += r.at("job").as_string() == "analyze";
+    }
+    CHECK(analyses == 1);
+    REQUIRE(run_command(sweep + (dir / "tiny.json"), output) == 0);
+    CHECK(output.find("/train:") == std::string::npos);  // nothing ran again
+    CHECK(rows().size() == 6);
+
+    const std::string report_python = python_with("numpy, scipy, matplotlib");
+    if (report_python.empty()) {
+        MESSAGE("skipped: no python3 with numpy, scipy and matplotlib (study report)");
+        return;
+    }
+    REQUIRE(run_command(report_python + " tools/study_report.py " + (dir / "out") + " --markdown " + (dir / "r.md"),
+                        output) == 0);
+    const std::string report = read_file(dir / "r.md");
+    CHECK(report.find("| t | ") != std::string::npos);
+    CHECK(file_exists(dir / "out/report/ptq_degradation.png"));
 }

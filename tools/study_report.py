@@ -196,7 +196,9 @@ def plot(out_dir, rows, evals, analyses, increase, models, optimizers, qats, siz
                     r = json.loads(line)
                     if r.get("type") == "train":
                         steps.append(r["step"]), losses.append(r["loss"])
-            k = 20  # moving average
+            if not losses:
+                continue
+            k = max(1, min(20, len(losses) // 5))  # moving average
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
             ax.plot(steps[k - 1:], smooth, style, color=colors[o], label=f"{o} {'bf16' if q == 'off' else 'QAT ' + q}")
     ax.set_xlabel("step"), ax.set_ylabel("train loss (moving average)"), ax.set_title(f"{largest}: training loss")
