@@ -88,6 +88,29 @@ std::string EvalCheckpoint::describe() const {
     return text;
 }
 
+Json EvalCheckpoint::row_header(const std::string& path) const {
+    const ParamLayout layout = ParamLayout::build(config);
+    Json row = Json::object();
+    row["time"] = utc_timestamp();
+    row["checkpoint"] = path;
+    row["model"] = preset;
+    row["arch"] = arch_name(config.arch);
+    row["parameters"] = uint64_t(layout.total);
+    row["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, layout));
+    row["optimizer"] = optimizer;
+    row["step"] = int64_t(step);
+    row["trained_qat"] = trained_qat;
+    return row;
+}
+
+int EvalCheckpoint::seq_len_or(int requested) const {
+    QOPT_CHECK(requested >= 0, "--seq-len must be non-negative, got ", requested);
+    const int seq_len = requested ? requested : (train_seq_len ? train_seq_len : config.max_seq_len);
+    QOPT_CHECK(seq_len <= config.max_seq_len, "--seq-len ", seq_len, " exceeds the model's max_seq_len ",
+               config.max_seq_len);
+    return seq_len;
+}
+
 EvalCheckpoint load_eval_checkpoint(const std::string& path) {
     QOPT_CHECK(!path.empty(), "--checkpoint is required");
     if (!is_directory(path)) {

@@ -24,6 +24,12 @@ struct EvalCheckpoint {
     int train_seq_len = 0;            // the run's sequence length (0: unknown)
     bool quantized_file = false;
     std::string describe() const;     // "olmo2-50m, muon, step 300 (quantized w4a4 ...)"
+    // The first fields of a results-table row about this checkpoint: time, checkpoint (path),
+    // model, arch, parameters, non_embedding_parameters, optimizer, step, trained_qat.
+    Json row_header(const std::string& path) const;
+    // The sequence length to evaluate at: `requested`, or (0) the training run's, else the
+    // model's max_seq_len; throws when it exceeds max_seq_len.
+    int seq_len_or(int requested) const;
 };
 
 EvalCheckpoint load_eval_checkpoint(const std::string& path);

@@ -13,7 +13,7 @@
 #include "eval/eval_model.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/packed_checkpoint.hpp"
-#include "train/checkpoint.hpp"
+#include "eval/model_source.hpp"
 
 namespace qopt {
 
@@ -38,14 +38,11 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     LinearQuantConfig quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
     QOPT_CHECK(quant.weights.enabled() || quant.activations.enabled(), "--format ", o.quant.format,
                " quantizes nothing");
-    const Checkpoint ckpt = read_checkpoint(o.checkpoint, /*with_optimizer_state=*/false);
+    const EvalCheckpoint ckpt = load_eval_checkpoint(o.checkpoint);
+    QOPT_CHECK(!ckpt.quantized_file, o.checkpoint, ": already quantized; ptq takes a training checkpoint");
     const ModelConfig& config = ckpt.config;
     quant.validate(config.d_model, config.d_ff);
-    if (o.seq_len == 0)  // the training run's sequence length
-        o.seq_len = ckpt.run.is_object() && ckpt.run.contains("seq_len") ? int(ckpt.run.at("seq_len").as_int())
-                                                                         : config.max_seq_len;
-    QOPT_CHECK(o.seq_len <= config.max_seq_len, "--seq-len ", o.seq_len, " exceeds the model's max_seq_len ",
-               config.max_seq_len);
+    o.seq_len = ckpt.seq_len_or(o.seq_len);
     TokenLoader val(o.val_data, config.vocab_size, o.batch_size, o.seq_len, "--val-data");
     const int val_batches = int(std::min<uint64_t>(uint64_t(o.val_batches), val.batches_per_epoch()));
     std::unique_ptr<TokenLoader> calib;
@@ -56,14 +53,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
 
     std::unique_ptr<EvalModel> model = make_eval_model(config, o.device);
     model->set_params(ckpt.params);
-    const std::string optimizer = ckpt.optimizer.optimizer;
-    const std::string preset = ckpt.run.is_object() && ckpt.run.contains("preset") ? ckpt.run.at("preset").as_string()
-                                                                                   : std::string("?");
-    const std::string trained_qat = ckpt.run.is_object() && ckpt.run.contains("qat")
-                                        ? LinearQuantConfig::from_json(ckpt.run.at("qat")).short_name()
-                                        : std::string("off");
-    log << "checkpoint: " << o.checkpoint << " (" << preset << ", " << optimizer << ", step " << ckpt.state.step
-        << (trained_qat != "off" ? ", trained with QAT " + trained_qat : std::string()) << ")\n";
+    log << "checkpoint: " << o.checkpoint << " (" << ckpt.describe() << ")\n";
     log << "device: " << model->describe() << "\n";
     log << "quantization: " << o.method << ", " << quant.describe(false) << std::endl;
 
@@ -137,26 +127,17 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
     if (!o.out.empty()) {
         Json source = Json::object();
         source["checkpoint"] = o.checkpoint;
-        source["preset"] = preset;
-        source["optimizer"] = optimizer;
-        source["step"] = int64_t(ckpt.state.step);
+        source["preset"] = ckpt.preset;
+        source["optimizer"] = ckpt.optimizer;
+        source["step"] = int64_t(ckpt.step);
         source["seq_len"] = o.seq_len;
-        source["trained_qat"] = trained_qat;
+        source["trained_qat"] = ckpt.trained_qat;
         source["method"] = o.method;
         write_quantized_checkpoint(o.out, config, layout, params, packed, quant, source);
         log << "quantized checkpoint: " << o.out << "\n";
     }
 
-    Json row = Json::object();
-    row["time"] = utc_timestamp();
-    row["checkpoint"] = o.checkpoint;
-    row["model"] = preset;
-    row["arch"] = arch_name(config.arch);
-    row["parameters"] = uint64_t(layout.total);
-    row["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, layout));
-    row["optimizer"] = optimizer;
-    row["step"] = int64_t(ckpt.state.step);
-    row["trained_qat"] = trained_qat;
+    Json row = ckpt.row_header(o.checkpoint);
     row["method"] = o.method;
     row["format"] = quant.short_name();
     row["quant"] = quant.to_json();

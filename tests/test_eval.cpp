@@ -305,11 +305,8 @@ TEST_CASE("error propagation (CPU): R = A + B + C, b = 0 outside linear layers, 
 
 TEST_CASE("a quantized file from ptq loads to the loss ptq measured; damaged files are refused") {
     TempDir dir;
-    TrainOptions o = tiny_run(dir, 20);
-    o.device = "cpu";
-    std::ostringstream train_log;
-    run_training(o, train_log);
-    const std::string checkpoint = list_checkpoints(o.out_dir).front();
+    TrainOptions o;
+    const std::string checkpoint = trained_tiny_checkpoint(dir, 20, &o);
     PtqOptions p;
     p.checkpoint = checkpoint;
     p.quant.format = "w4a4";
@@ -339,11 +336,8 @@ TEST_CASE("a quantized file from ptq loads to the loss ptq measured; damaged fil
 
 TEST_CASE("eval and analyze binaries on a tiny checkpoint; bad input gives one clear line") {
     TempDir dir;
-    TrainOptions o = tiny_run(dir, 10);
-    o.device = "cpu";
-    std::ostringstream train_log;
-    run_training(o, train_log);
-    const std::string checkpoint = list_checkpoints(o.out_dir).front();
+    TrainOptions o;
+    const std::string checkpoint = trained_tiny_checkpoint(dir, 10, &o);
     std::string output;
     const std::string common = " --checkpoint " + checkpoint + " --device cpu --threads 2";
     REQUIRE(run_command(bin_dir() + "/eval" + common + " --val-data " + o.val_data +

@@ -149,11 +149,8 @@ TEST_CASE("QAT forward equals the PTQ evaluation of the same weights (CPU, same 
 
 TEST_CASE("ptq binary: RTN and GPTQ on a trained tiny checkpoint; results row; packed checkpoint; bad input") {
     TempDir dir;
-    TrainOptions o = tiny_run(dir, 40);
-    o.device = "cpu";
-    std::ostringstream train_log;
-    run_training(o, train_log);
-    const std::string checkpoint = list_checkpoints(o.out_dir).front();
+    TrainOptions o;
+    const std::string checkpoint = trained_tiny_checkpoint(dir, 40, &o);
     const std::string results = dir / "ptq.jsonl";
     const std::string ptq = bin_dir() + "/ptq --device cpu --checkpoint " + checkpoint + " --calib-data " +
                             o.train_data + " --val-data " + o.val_data + " --val-batches 4 -b 4 --results " + results;

@@ -2,9 +2,11 @@
 // into `dir` on first use), shared by the training and optimizer tests.
 #pragma once
 #include <algorithm>
+#include <sstream>
 #include <string>
 
 #include "helpers.hpp"
+#include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
 namespace qopt::test {
@@ -41,6 +43,16 @@ inline TrainOptions tiny_optimizer_run(const TempDir& dir, const std::string& na
     o.keep_checkpoints = 3;
     o.out_dir = dir / ("run_" + name);
     return o;
+}
+
+// Trains tiny_run for `steps` on the CPU and returns the final checkpoint's directory.
+inline std::string trained_tiny_checkpoint(const TempDir& dir, long steps, TrainOptions* options = nullptr) {
+    TrainOptions o = tiny_run(dir, steps);
+    o.device = "cpu";
+    std::ostringstream log;
+    run_training(o, log);
+    if (options) *options = o;
+    return list_checkpoints(o.out_dir).front();
 }
 
 }  // namespace qopt::test

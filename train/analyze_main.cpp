@@ -43,9 +43,7 @@ int run(const AnalyzeOptions& o) {
     const LinearQuantConfig quant = resolve_linear_quant(o.quant, QuantStyle::Rtn);
     QOPT_CHECK(quant.enabled(), "--format ", o.quant.format, " quantizes nothing");
     quant.validate(config.d_model, config.d_ff);
-    const int seq_len = o.seq_len ? o.seq_len : (ckpt.train_seq_len ? ckpt.train_seq_len : config.max_seq_len);
-    QOPT_CHECK(seq_len <= config.max_seq_len, "--seq-len ", seq_len, " exceeds the model's max_seq_len ",
-               config.max_seq_len);
+    const int seq_len = ckpt.seq_len_or(o.seq_len);
     const std::string out = o.out.empty() ? o.checkpoint + "/analysis_" + quant.short_name() + ".json" : o.out;
     check_writable_directory(parent_directory(out));
     check_writable_directory(parent_directory(o.results));
@@ -81,15 +79,7 @@ int run(const AnalyzeOptions& o) {
     Json json = result.to_json();
     Json summary = result.summary();
     std::cout << "summary: " << summary.dump() << "\n";
-    Json header = Json::object();
-    header["checkpoint"] = o.checkpoint;
-    header["model"] = ckpt.preset;
-    header["arch"] = arch_name(config.arch);
-    header["parameters"] = uint64_t(ParamLayout::build(config).total);
-    header["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, ParamLayout::build(config)));
-    header["optimizer"] = ckpt.optimizer;
-    header["step"] = int64_t(ckpt.step);
-    header["trained_qat"] = ckpt.trained_qat;
+    Json header = ckpt.row_header(o.checkpoint);
     header["format"] = quant.short_name();
     header["quant"] = quant.to_json();
     header["seconds"] = seconds;
@@ -98,7 +88,6 @@ int run(const AnalyzeOptions& o) {
     full["modules"] = json.at("modules");
     write_file_atomic(out, full.dump() + "\n");
     Json row = header;
-    row["time"] = utc_timestamp();
     row["analysis"] = out;
     for (const auto& [key, value] : summary.items()) row[key] = value;
     append_line(o.results, row.dump());
@@ -121,19 +110,8 @@ int main(int argc, char** argv) {
     app.add_option("--batches", o.batches, "Calibration batches")->group("Data");
     app.add_option("--batch-size,-b", o.batch_size, "Sequences per batch")->group("Data");
     app.add_option("--seq-len,-t", o.seq_len, "Tokens per sequence (0: the training run's)")->group("Data");
-    app.add_option("--device", o.device, "cpu, cuda or auto")->group("Device");
-    app.add_option("--threads", o.threads, "OpenMP threads (0: all cores)")->group("Device");
+    qopt::add_device_flags(app, o.device, o.threads);
     app.add_option("--out", o.out, "Full result (JSON); default <checkpoint>/analysis_<format>.json")->group("Output");
     app.add_option("--results", o.results, "Summary table (JSONL) the row is appended to")->group("Output");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
-        return run(o);
-    } catch (const qopt::Error& e) {
-        std::cerr << "analyze: error: " << e.what() << "\n";
-        return 1;
-    }
+    return qopt::run_main(app, argc, argv, "analyze", [&] { return run(o); });
 }

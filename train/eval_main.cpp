@@ -70,9 +70,7 @@ int run(EvalOptions& o) {
                    " holds quantized weights; they cannot be evaluated unquantized");
         quant.validate(config.d_model, config.d_ff);
     }
-    int seq_len = o.seq_len ? o.seq_len : (ckpt.train_seq_len ? ckpt.train_seq_len : config.max_seq_len);
-    QOPT_CHECK(seq_len <= config.max_seq_len, "--seq-len ", seq_len, " exceeds the model's max_seq_len ",
-               config.max_seq_len);
+    const int seq_len = ckpt.seq_len_or(o.seq_len);
     check_writable_directory(parent_directory(o.results));
     std::unique_ptr<Tokenizer> tokenizer;
     if (!o.prompts.empty() || !o.tasks.empty()) {
@@ -90,16 +88,7 @@ int run(EvalOptions& o) {
     std::cout << "device: " << model->describe() << "\n";
     std::cout << "quantization: " << (quant.enabled() ? quant.describe(false) : std::string("off")) << std::endl;
 
-    Json row = Json::object();
-    row["time"] = utc_timestamp();
-    row["checkpoint"] = o.checkpoint;
-    row["model"] = ckpt.preset;
-    row["arch"] = arch_name(config.arch);
-    row["parameters"] = uint64_t(ParamLayout::build(config).total);
-    row["non_embedding_parameters"] = uint64_t(non_embedding_parameters(config, ParamLayout::build(config)));
-    row["optimizer"] = ckpt.optimizer;
-    row["step"] = int64_t(ckpt.step);
-    row["trained_qat"] = ckpt.trained_qat;
+    Json row = ckpt.row_header(o.checkpoint);
     row["format"] = quant.enabled() ? quant.short_name() : std::string("off");
     if (quant.enabled()) row["quant"] = quant.to_json();
 
@@ -210,18 +199,7 @@ int main(int argc, char** argv) {
     app.get_option("--format")
         ->description("checkpoint (default: a quantized file's own quantization, a QAT checkpoint's training "
                       "quantizer, else none), off, or wXaY to quantize a full-precision checkpoint on the fly (RTN)");
-    app.add_option("--device", o.device, "cpu, cuda or auto")->group("Device");
-    app.add_option("--threads", o.threads, "OpenMP threads (0: all cores)")->group("Device");
+    qopt::add_device_flags(app, o.device, o.threads);
     app.add_option("--results", o.results, "Results table (JSONL) the row is appended to")->group("Output");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
-        return run(o);
-    } catch (const qopt::Error& e) {
-        std::cerr << "eval: error: " << e.what() << "\n";
-        return 1;
-    }
+    return qopt::run_main(app, argc, argv, "eval", [&] { return run(o); });
 }

@@ -29,20 +29,11 @@ int main(int argc, char** argv) {
     app.add_option("--val-batches", o.val_batches, "Validation batches (at most the whole set)")->group("Data");
     app.add_option("--batch-size,-b", o.batch_size, "Sequences per batch")->group("Data");
     app.add_option("--seq-len,-t", o.seq_len, "Tokens per sequence (0: the training run's)")->group("Data");
-    app.add_option("--device", o.device, "cpu, cuda or auto")->group("Device");
-    app.add_option("--threads", o.threads, "OpenMP threads (0: all cores)")->group("Device");
+    qopt::add_device_flags(app, o.device, o.threads);
     app.add_option("--out", o.out, "Write the quantized checkpoint here (.safetensors; empty: do not)")->group("Output");
     app.add_option("--results", o.results, "Results table (JSONL) the row is appended to")->group("Output");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
+    return qopt::run_main(app, argc, argv, "ptq", [&] {
         qopt::run_ptq(o, std::cout);
         return 0;
-    } catch (const qopt::Error& e) {
-        std::cerr << "ptq: error: " << e.what() << "\n";
-        return 1;
-    }
+    });
 }

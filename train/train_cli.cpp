@@ -1,5 +1,9 @@
 #include "train/train_cli.hpp"
 
+#include <iostream>
+
+#include "core/error.hpp"
+
 #include <cstdio>
 
 #include "model/params.hpp"
@@ -84,6 +88,29 @@ std::string presets_table() {
         out += line;
     }
     return out;
+}
+
+int run_main(CLI::App& app, int argc, char** argv, const char* program, const std::function<int()>& body) {
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+    try {
+        return body();
+    } catch (const Error& e) {
+        std::cerr << program << ": error: " << e.what() << "\n";
+        return 1;
+    } catch (const std::exception& e) {
+        std::cerr << program << ": internal error: " << e.what() << "\n";
+        return 2;
+    }
+}
+
+void add_device_flags(CLI::App& app, std::string& device, int& threads) {
+    app.add_option("--device", device, "cpu, cuda or auto (auto: the GPU when a usable one is present)")
+        ->group("Device");
+    app.add_option("--threads", threads, "OpenMP threads for CPU work (0: all cores)")->group("Device");
 }
 
 }  // namespace qopt

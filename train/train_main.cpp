@@ -10,25 +10,14 @@ int main(int argc, char** argv) {
     qopt::add_train_flags(app, options);
     bool list_presets = false;
     app.add_flag("--list-presets", list_presets, "Print the model presets with exact parameter counts and exit");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    if (list_presets) {
-        std::cout << qopt::presets_table();
-        return 0;
-    }
-    try {
+    return qopt::run_main(app, argc, argv, "train", [&] {
+        if (list_presets) {
+            std::cout << qopt::presets_table();
+            return 0;
+        }
         qopt::install_stop_handlers();
         qopt::TrainResult result = qopt::run_training(options, std::cout);
         if (result.interrupted) std::cout << "interrupted; resume with --resume auto --out-dir " << options.out_dir << "\n";
         return 0;
-    } catch (const qopt::Error& e) {
-        std::cerr << "train: error: " << e.what() << "\n";
-        return 1;
-    } catch (const std::exception& e) {
-        std::cerr << "train: internal error: " << e.what() << "\n";
-        return 2;
-    }
+    });
 }
