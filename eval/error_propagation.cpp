@@ -237,7 +237,10 @@ Json PropagationResult::to_json() const {
         m["R"] = r.R, m["A"] = r.A, m["B"] = r.B, m["C"] = r.C;
         m["G"] = r.G >= 0 ? Json(r.G) : Json(nullptr);
         if (r.site >= 0) {
-            m["G1"] = r.G1, m["G2"] = r.G2, m["cos_phi"] = r.cos_phi, m["cos_psi"] = r.cos_psi;
+            // No incoming error (the first layer after the embedding): G2 and cos phi are undefined.
+            m["G1"] = r.G1, m["cos_psi"] = r.cos_psi;
+            m["G2"] = r.G >= 0 ? Json(r.G2) : Json(nullptr);
+            m["cos_phi"] = r.G >= 0 ? Json(r.cos_phi) : Json(nullptr);
             m["local_error"] = r.local_error;
             m["input_mmr_median"] = r.input_mmr_median, m["input_mmr_mean"] = r.input_mmr_mean;
             m["input_kurtosis"] = r.input_kurtosis, m["input_max_abs"] = r.input_max_abs;
