@@ -127,7 +127,7 @@ PropagationResult analyze_error_propagation(EvalModel& model, const std::vector<
                 dh.resize(h.size());
                 for (size_t i = 0; i < h.size(); ++i) dh[i] = previous[i] - h[i];
                 model.linear_apply(layer, site, dh_q, dh.data(), rows, true, false, false);
-                const bool has_bias = config.arch == Arch::Gpt2;
+                const bool has_bias = matrices[size_t(layer) * kLinearSites + size_t(site)].bias != kAbsent;
                 if (has_bias) model.linear_apply(layer, site, h_w, h.data(), rows, false, false, false);
                 double a2 = 0, b2 = 0, ab = 0, local2 = 0, dm2 = 0;
 #pragma omp parallel for reduction(+ : a2, b2, ab, local2, dm2) schedule(static)

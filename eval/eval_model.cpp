@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include <chrono>
+
 #include "core/error.hpp"
 #include "data/loader.hpp"
 #include "kernels/cuda_common.cuh"
@@ -33,7 +35,7 @@ public:
     }
     void linear_apply(int layer, int site, std::vector<float>& out, const float* input, int rows,
                       bool quantize_weight, bool quantize_input, bool add_bias) override {
-        const LinearMatrix m = linear_matrices(model_.config(), model_.layout())[size_t(layer) * kLinearSites + site];
+        const LinearMatrix m = linear_matrix(model_.config(), model_.layout(), layer, site);
         out.resize(size_t(rows) * m.rows);
         model_.linear_apply(layer, site, out.data(), input, rows, quantize_weight, quantize_input, add_bias);
     }
@@ -93,7 +95,7 @@ public:
     }
     void linear_apply(int layer, int site, std::vector<float>& out, const float* input, int rows,
                       bool quantize_weight, bool quantize_input, bool add_bias) override {
-        const LinearMatrix m = linear_matrices(model_.config(), model_.layout())[size_t(layer) * kLinearSites + site];
+        const LinearMatrix m = linear_matrix(model_.config(), model_.layout(), layer, site);
         std::vector<bf16> staged(size_t(rows) * m.cols);
 #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < staged.size(); ++i) staged[i] = __float2bfloat16(input[i]);
@@ -134,14 +136,19 @@ private:
 
 }  // namespace
 
-double mean_loss(EvalModel& model, TokenLoader& loader, int batches, int batch_size, int seq_len) {
+double mean_loss(EvalModel& model, TokenLoader& loader, int batches, int batch_size, int seq_len,
+                 double* seconds_after_first) {
     loader.reset();
     std::vector<int> inputs, targets;
     double sum = 0;
+    auto start = std::chrono::steady_clock::now();
     for (int b = 0; b < batches; ++b) {
+        if (b == 1) start = std::chrono::steady_clock::now();
         loader.next_batch(inputs, targets);
         sum += model.loss(inputs.data(), targets.data(), batch_size, seq_len);
     }
+    if (seconds_after_first)
+        *seconds_after_first = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return sum / batches;
 }
 

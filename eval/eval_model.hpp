@@ -41,8 +41,11 @@ public:
 };
 
 class TokenLoader;
-// Mean loss over the first `batches` batches of the loader (from its start).
-double mean_loss(EvalModel& model, TokenLoader& loader, int batches, int batch_size, int seq_len);
+// Mean loss over the first `batches` batches of the loader (from its start). With
+// seconds_after_first, also the time the batches after the first took (the first also plans
+// the model's buffers and picks the GEMM algorithms), for a steady-state throughput.
+double mean_loss(EvalModel& model, TokenLoader& loader, int batches, int batch_size, int seq_len,
+                 double* seconds_after_first = nullptr);
 
 // device: "cpu", "cuda" or "auto" (the GPU when usable and the model's shapes are supported).
 // Throws qopt::Error naming the reason when "cuda" cannot be had.

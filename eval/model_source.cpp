@@ -1,5 +1,7 @@
 #include "eval/model_source.hpp"
 
+#include <set>
+
 #include "core/error.hpp"
 #include "core/files.hpp"
 #include "core/safetensors.hpp"
@@ -41,26 +43,24 @@ EvalCheckpoint load_quantized_file(const std::string& path) {
     out.quant.validate(out.config.d_model, out.config.d_ff);
     const ParamLayout layout = ParamLayout::build(out.config);
     out.params.assign(layout.total, 0.0f);
-    std::vector<bool> is_linear(layout.tensors.size(), false);
+    std::set<size_t> linear_offsets;
     for (const LinearMatrix& m : linear_matrices(out.config, layout)) {
-        const ParamTensor* tensor = nullptr;
-        for (const auto& t : layout.tensors)
-            if (t.offset == m.offset) tensor = &t;
-        QOPT_CHECK(tensor, "layout has no tensor at a linear weight's offset");
-        if (file.has(tensor->name)) {  // stored in full precision (e.g. W16 formats)
-            const std::vector<float> w = file.f32(tensor->name, tensor->shape);
+        linear_offsets.insert(m.offset);
+        const ParamTensor& tensor = *layout.find(m.name);
+        if (file.has(m.name)) {  // stored in full precision (e.g. W16 formats)
+            const std::vector<float> w = file.f32(m.name, tensor.shape);
             std::copy(w.begin(), w.end(), out.params.begin() + long(m.offset));
             continue;
         }
         QuantizedTensor q;
         q.rows = m.rows, q.cols = m.cols, q.spec = out.quant.weights;
         const int64_t packed_cols = q.spec.bits > 4 ? q.cols : (q.cols + 1) / 2;
-        q.codes = unpack_codes(file.u8(tensor->name + ".qweight", {q.rows, packed_cols}), q.rows, q.cols, q.spec.bits);
+        q.codes = unpack_codes(file.u8(m.name + ".qweight", {q.rows, packed_cols}), q.rows, q.cols, q.spec.bits);
         const int64_t groups = q.spec.granularity == Granularity::Tensor
                                    ? 1
                                    : int64_t(q.rows) * q.cols / q.spec.group_cols(q.cols);
-        const std::vector<float> steps = file.f32(tensor->name + ".step", {groups});
-        const std::vector<float> offsets = file.f32(tensor->name + ".offset", {groups});
+        const std::vector<float> steps = file.f32(m.name + ".step", {groups});
+        const std::vector<float> offsets = file.f32(m.name + ".offset", {groups});
         for (int64_t g = 0; g < groups; ++g) {
             GroupGrid grid;
             grid.step = steps[size_t(g)], grid.offset = offsets[size_t(g)];
@@ -70,9 +70,7 @@ EvalCheckpoint load_quantized_file(const std::string& path) {
         std::copy(w.begin(), w.end(), out.params.begin() + long(m.offset));
     }
     for (const auto& t : layout.tensors) {
-        bool linear = false;
-        for (const LinearMatrix& m : linear_matrices(out.config, layout)) linear |= m.offset == t.offset;
-        if (linear) continue;
+        if (linear_offsets.count(t.offset)) continue;
         const std::vector<float> values = file.f32(t.name, t.shape);
         std::copy(values.begin(), values.end(), out.params.begin() + long(t.offset));
     }

@@ -63,14 +63,10 @@ void CpuModel<T>::linear_forward(int layer, Site site, T* out, const T* in, cons
 template <typename T>
 void CpuModel<T>::linear_apply(int layer, int site, T* out, const T* in, int rows, bool quantize_weight,
                                bool quantize_input, bool add_bias) const {
-    QOPT_CHECK(layer >= 0 && layer < config_.n_layers && site >= 0 && site < kSites, "linear_apply: no layer ", layer,
-               " site ", site);
     QOPT_CHECK(!(quantize_weight || quantize_input) || !quant_.weights_offline,
                "linear_apply: quantizing needs weights quantized on the fly, not offline");
-    const LinearMatrix m = linear_matrices(config_, layout_)[size_t(layer) * kSites + size_t(site)];
-    const LayerOffsets& o = layout_.layers[size_t(layer)];
-    const size_t bias_offsets[kSites] = {o.qkv_b, o.out_b, o.up_b, o.down_b};
-    const T* bias = add_bias && bias_offsets[site] != kAbsent ? params_.data() + bias_offsets[site] : nullptr;
+    const LinearMatrix m = linear_matrix(config_, layout_, layer, site);
+    const T* bias = add_bias && m.bias != kAbsent ? params_.data() + m.bias : nullptr;
     const T* weight = params_.data() + m.offset;
     if (!quantize_weight && !quantize_input)
         return matmul_forward_cpu(out, in, weight, bias, rows, m.cols, m.rows);

@@ -281,16 +281,12 @@ void GpuModel::set_module_hook(ModuleHook hook) { state_->module_hook = std::mov
 void GpuModel::linear_apply(int layer, int site, bf16* out, const bf16* in, int rows, bool quantize_weight,
                             bool quantize_input, bool add_bias) {
     State& s = *state_;
-    QOPT_CHECK(layer >= 0 && layer < config_.n_layers && site >= 0 && site < kSites, "linear_apply: no layer ", layer,
-               " site ", site);
     QOPT_CHECK(rows > 0 && rows <= s.batch * s.seq_len, "linear_apply: ", rows, " rows, planned ", s.batch * s.seq_len);
     const bool quantized = quantize_weight || quantize_input;
     QOPT_CHECK(!quantized || (s.quant.enabled() && !s.quant.weights_offline),
                "linear_apply: quantizing needs a quantized forward with weights quantized on the fly");
-    const LinearMatrix m = linear_matrices(config_, layout_)[size_t(layer) * kSites + size_t(site)];
-    const LayerOffsets& o = layout_.layers[size_t(layer)];
-    const size_t bias_offsets[kSites] = {o.qkv_b, o.out_b, o.up_b, o.down_b};
-    const bf16* bias = add_bias && bias_offsets[site] != kAbsent ? s.weights.data() + bias_offsets[site] : nullptr;
+    const LinearMatrix m = linear_matrix(config_, layout_, layer, site);
+    const bf16* bias = add_bias && m.bias != kAbsent ? s.weights.data() + m.bias : nullptr;
     if (!quantized) return matmul_forward_gpu(out, in, s.weights.data() + m.offset, bias, rows, m.cols, m.rows);
     // Rotated operands; the weight's quantized copy is the forward's (only rotated when its
     // quantizer is off), an unquantized weight is rotated here into the same scratch.

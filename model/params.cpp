@@ -84,12 +84,21 @@ std::vector<LinearMatrix> linear_matrices(const ModelConfig& c, const ParamLayou
     const int C = c.d_model, F = c.d_ff;
     for (int l = 0; l < int(layout.layers.size()); ++l) {
         const LayerOffsets& o = layout.layers[size_t(l)];
-        out.push_back({l, kSiteQkv, o.qkv_w, 3 * C, C});
-        out.push_back({l, kSiteOut, o.out_w, C, C});
-        out.push_back({l, kSiteUp, o.up_w, F, C});
-        out.push_back({l, kSiteDown, o.down_w, C, F});
+        out.push_back({l, kSiteQkv, o.qkv_w, 3 * C, C, o.qkv_b, {}});
+        out.push_back({l, kSiteOut, o.out_w, C, C, o.out_b, {}});
+        out.push_back({l, kSiteUp, o.up_w, F, C, o.up_b, {}});
+        out.push_back({l, kSiteDown, o.down_w, C, F, o.down_b, {}});
     }
+    for (LinearMatrix& m : out)
+        for (const ParamTensor& t : layout.tensors)
+            if (t.offset == m.offset) m.name = t.name;
     return out;
+}
+
+LinearMatrix linear_matrix(const ModelConfig& config, const ParamLayout& layout, int layer, int site) {
+    QOPT_CHECK(layer >= 0 && layer < config.n_layers && site >= 0 && site < kLinearSites, "no linear layer ", layer,
+               " site ", site);
+    return linear_matrices(config, layout)[size_t(layer) * kLinearSites + size_t(site)];
 }
 
 size_t non_embedding_parameters(const ModelConfig& config, const ParamLayout& layout) {

@@ -47,18 +47,23 @@ struct ParamLayout {
 
 // The hidden linear layers of every block, in the order the quantized paths use them
 // (site 0..3: fused q/k/v, attention output, MLP up, MLP down): the weight's offset and its
-// [out, in] shape. The tied embedding/head is not among them.
+// [out, in] shape, its parameter name and its bias's offset (kAbsent: none). The tied
+// embedding/head is not among them.
 enum LinearSite : int { kSiteQkv = 0, kSiteOut = 1, kSiteUp = 2, kSiteDown = 3, kLinearSites = 4 };
 struct LinearMatrix {
     int layer, site;
     size_t offset;
     int rows, cols;  // out, in
+    size_t bias = kAbsent;
+    std::string name;
 };
 // Parameters outside the token (and learned position) embedding: the "N" of scaling laws
 // that count only the transformer's own weights (the tied head is the embedding).
 size_t non_embedding_parameters(const ModelConfig& config, const ParamLayout& layout);
 
 std::vector<LinearMatrix> linear_matrices(const ModelConfig& config, const ParamLayout& layout);
+// The one of (layer, site); throws when there is none.
+LinearMatrix linear_matrix(const ModelConfig& config, const ParamLayout& layout, int layer, int site);
 
 // Fills `params` (size layout.total) with the initial values, deterministically from seed.
 template <typename T>

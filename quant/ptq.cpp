@@ -103,8 +103,7 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
             norm_sum += double(w[i]) * double(w[i]);
         }
         std::copy(deq.begin(), deq.end(), params.begin() + long(m.offset));
-        for (const auto& t : layout.tensors)
-            if (t.offset == m.offset) packed.push_back({t.name, std::move(q)});
+        packed.push_back({m.name, std::move(q)});
         if (m.site == kSiteDown && o.method == "gptq")
             log << "  block " << m.layer + 1 << "/" << config.n_layers << " quantized (" << seconds_since(quantize_start)
                 << " s)" << std::endl;

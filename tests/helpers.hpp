@@ -13,6 +13,7 @@
 
 #include "core/files.hpp"
 #include "data/shard.hpp"
+#include "model/config.hpp"
 
 namespace qopt::test {
 
@@ -88,6 +89,16 @@ inline std::vector<int> synthetic_tokens(size_t n, int vocab, uint64_t noise_see
     for (size_t i = 0; i < n; ++i)
         tokens[i] = (gen() % 10 == 0) ? int(gen() % uint64_t(vocab)) : sentence[i % sentence.size()];
     return tokens;
+}
+
+// A preset with a 96-token vocabulary and a 64-token window: whole-model evaluation tests that
+// score every vocabulary entry or run past the window stay small.
+inline ModelConfig small_vocab_config(const char* preset) {
+    ModelConfig config = preset_config(preset);
+    config.vocab_size = 96;
+    config.padded_vocab_size = 128;
+    config.max_seq_len = 64;
+    return config;
 }
 
 }  // namespace qopt::test

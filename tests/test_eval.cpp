@@ -61,13 +61,6 @@ std::string llmc_eval_bytes(const std::vector<ChoiceExample>& examples) {
     return bytes;
 }
 
-ModelConfig small_config(const char* preset) {
-    ModelConfig config = preset_config(preset);
-    config.vocab_size = 96;
-    config.padded_vocab_size = 128;
-    config.max_seq_len = 64;
-    return config;
-}
 
 }  // namespace
 
@@ -138,7 +131,7 @@ TEST_CASE("task readers: generic JSONL, HellaSwag JSONL, llm.c .bin; errors name
 }
 
 TEST_CASE("score_choices: batched and padded rows give each row's unpadded log-likelihood") {
-    const ModelConfig config = small_config("olmo2-tiny");
+    const ModelConfig config = small_vocab_config("olmo2-tiny");
     std::unique_ptr<EvalModel> model = make_eval_model(config, "cpu");
     std::vector<float> params(ParamLayout::build(config).total);
     init_params(ParamLayout::build(config), fresh_seed(), params.data());
@@ -188,7 +181,7 @@ TEST_CASE("sampling: greedy is the argmax, top-1 too; temperature sampling follo
 }
 
 TEST_CASE("greedy generation picks, at every step, the token of least loss") {
-    const ModelConfig config = small_config("gpt2-tiny");
+    const ModelConfig config = small_vocab_config("gpt2-tiny");
     const ParamLayout layout = ParamLayout::build(config);
     std::vector<float> params(layout.total);
     init_params(layout, fresh_seed(), params.data());
@@ -256,7 +249,7 @@ TEST_CASE("outlier metrics on known inputs; spectral norm by power iteration") {
 TEST_CASE("error propagation (CPU): R = A + B + C, b = 0 outside linear layers, G = G1 G2 for weights alone") {
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         CAPTURE(preset);
-        const ModelConfig config = small_config(preset);
+        const ModelConfig config = small_vocab_config(preset);
         const ParamLayout layout = ParamLayout::build(config);
         std::vector<float> params(layout.total);
         init_params(layout, fresh_seed(), params.data());

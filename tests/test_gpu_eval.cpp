@@ -13,14 +13,6 @@ using namespace qopt::test;
 
 namespace {
 
-ModelConfig gpu_test_config(const char* preset) {
-    ModelConfig config = preset_config(preset);
-    config.vocab_size = 96;
-    config.padded_vocab_size = 128;
-    config.max_seq_len = 64;
-    return config;
-}
-
 struct Pair {
     std::unique_ptr<EvalModel> cpu, gpu;
     std::vector<float> params;
@@ -49,7 +41,7 @@ TEST_CASE("GPU module hook shows the same outputs as the CPU reference, in the s
     REQUIRE_GPU();
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         CAPTURE(preset);
-        const ModelConfig config = gpu_test_config(preset);
+        const ModelConfig config = small_vocab_config(preset);
         Pair p = make_pair(config);
         std::mt19937_64 gen(fresh_seed());
         const std::vector<int> inputs = random_tokens(2 * 48, config.vocab_size, gen);
@@ -80,7 +72,7 @@ TEST_CASE("GPU linear_apply equals the CPU reference with each side quantized or
     REQUIRE_GPU();
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         CAPTURE(preset);
-        const ModelConfig config = gpu_test_config(preset);
+        const ModelConfig config = small_vocab_config(preset);
         Pair p = make_pair(config);
         const LinearQuantConfig quant = rtn("w8a8", 32);
         p.cpu->set_linear_quant(quant);
@@ -115,7 +107,7 @@ TEST_CASE("GPU multiple-choice log-likelihoods and error-propagation analysis ag
     REQUIRE_GPU();
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         CAPTURE(preset);
-        const ModelConfig config = gpu_test_config(preset);
+        const ModelConfig config = small_vocab_config(preset);
         Pair p = make_pair(config);
         std::mt19937_64 gen(fresh_seed());
         std::vector<ChoiceExample> examples(5);

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/error.hpp"
+#include "train/train_cli.hpp"
 #include "core/files.hpp"
 #include "optim/optimizer.hpp"
 #include "train/checkpoint.hpp"
@@ -23,12 +24,7 @@ int main(int argc, char** argv) {
     app.add_option("--vocab-size", o.vocab_size, "vocabulary size (0: the preset's value)");
     app.add_option("--seed", o.seed, "initialisation seed (as train --seed)")->capture_default_str();
     app.add_option("--out-dir", o.out_dir, "where checkpoints/step_00000000 is written")->required();
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
+    return qopt::run_main(app, argc, argv, "init_model", [&] {
         qopt::Checkpoint checkpoint;
         checkpoint.config = qopt::resolve_model_config(o);
         const qopt::ParamLayout layout = qopt::ParamLayout::build(checkpoint.config);
@@ -42,8 +38,5 @@ int main(int argc, char** argv) {
         qopt::check_writable_directory(o.out_dir);
         std::cout << qopt::write_checkpoint(o.out_dir, checkpoint) << "\n";
         return 0;
-    } catch (const qopt::Error& e) {
-        std::cerr << "init_model: error: " << e.what() << "\n";
-        return 1;
-    }
+    });
 }

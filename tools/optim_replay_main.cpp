@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/error.hpp"
+#include "train/train_cli.hpp"
 #include "core/files.hpp"
 #include "core/safetensors.hpp"
 #include "kernels/device.hpp"
@@ -32,12 +33,7 @@ int main(int argc, char** argv) {
     app.add_option("--device", device, "cpu (the reference) or cuda")->capture_default_str();
     app.add_option("--grad-scale", grad_scale, "Multiply every gradient by this (clipping)")->capture_default_str();
     qopt::add_optimizer_flags(app, optimizer_flag, config);
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
+    return qopt::run_main(app, argc, argv, "optim_replay", [&] {
         qopt::resolve_optimizer(optimizer_flag, config);
         QOPT_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda");
         const qopt::SafetensorsFile file = qopt::SafetensorsFile::load(in_path);
@@ -121,8 +117,5 @@ int main(int argc, char** argv) {
         std::cout << "optim_replay: " << state.optimizer << ", " << steps << " steps on " << layout.tensors.size()
                   << " tensors (" << route_parameters(layout, config).describe() << ") -> " << out_path << "\n";
         return 0;
-    } catch (const qopt::Error& e) {
-        std::cerr << "optim_replay: error: " << e.what() << "\n";
-        return 1;
-    }
+    });
 }

@@ -139,14 +139,13 @@ def load_config(path):
         raise ConfigError("train: give exactly one of steps, tokens, tokens_per_param")
     c["train"] = {k: need(train, k, float if k == "tokens_per_param" else int, "train") for k in budgets}
     for k, default in (("batch_size", 16), ("seq_len", 256), ("warmup_steps", 0), ("val_batches", 20)):
-        c["train"][k] = need(train, k, int, "train", default) if k in train else default
+        c["train"][k] = need(train, k, int, "train", default)
     c["train"]["extra"] = extra_args(train, "train")
     c["ptq"] = []
     for i, p in enumerate(need(config, "ptq", list, "config", [])):
         check_keys(p, PTQ_KEYS, f"ptq[{i}]")
-        entry = {"format": need(p, "format", str, f"ptq[{i}]"), "method": p.get("method", "rtn"),
-                 "hadamard": need(p, "hadamard", int, f"ptq[{i}]", 0) if "hadamard" in p else 0,
-                 "extra": extra_args(p, f"ptq[{i}]")}
+        entry = {"format": need(p, "format", str, f"ptq[{i}]"), "method": need(p, "method", str, f"ptq[{i}]", "rtn"),
+                 "hadamard": need(p, "hadamard", int, f"ptq[{i}]", 0), "extra": extra_args(p, f"ptq[{i}]")}
         if not FORMAT.match(entry["format"]) or entry["format"] == "off":
             raise ConfigError(f"ptq[{i}]: format {entry['format']!r} is not wXaY")
         if entry["method"] not in ("rtn", "gptq"):
@@ -156,16 +155,18 @@ def load_config(path):
     if config.get("eval") is not None:
         e = config["eval"]
         check_keys(e, EVAL_KEYS, "eval")
-        c["eval"] = {"val_batches": need(e, "val_batches", int, "eval", 20) if "val_batches" in e else 20,
-                     "tasks": need(e, "tasks", list, "eval", []) if "tasks" in e else [],
+        c["eval"] = {"val_batches": need(e, "val_batches", int, "eval", 20), "tasks": need(e, "tasks", list, "eval", []),
                      "extra": extra_args(e, "eval")}
     c["analyze"] = None
     if config.get("analyze") is not None:
         a = config["analyze"]
         check_keys(a, ANALYZE_KEYS, "analyze")
-        c["analyze"] = {"format": a.get("format", "w4a4"), "hadamard": a.get("hadamard", 0),
-                        "batches": a.get("batches", 1), "batch_size": a.get("batch_size", 4),
-                        "extra": extra_args(a, "analyze")}
+        c["analyze"] = {"format": need(a, "format", str, "analyze", "w4a4"),
+                        "hadamard": need(a, "hadamard", int, "analyze", 0),
+                        "batches": need(a, "batches", int, "analyze", 1),
+                        "batch_size": need(a, "batch_size", int, "analyze", 4), "extra": extra_args(a, "analyze")}
+        if not FORMAT.match(c["analyze"]["format"]) or c["analyze"]["format"] == "off":
+            raise ConfigError(f"analyze: format {c['analyze']['format']!r} is not wXaY")
     return c
 
 
@@ -293,7 +294,6 @@ class Sweep:
     def run_one(self, run):
         c, t = self.c, self.c["train"]
         run_dir = self.run_dir(run)
-        budget = []
         if "steps" in t:
             budget = ["--steps", str(t["steps"])]
         elif "tokens" in t:

@@ -22,6 +22,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/error.hpp"
+#include "train/train_cli.hpp"
 #include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
@@ -314,12 +315,7 @@ int main(int argc, char** argv) {
     bool int8_gemm = false;
     app.add_flag("--int8-gemm", int8_gemm,
                  "also time the int8 GEMM against bf16 on gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens)");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        return app.exit(e);
-    }
-    try {
+    return qopt::run_main(app, argc, argv, "bench", [&] {
         QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
         const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
         if (!gpu.usable) qopt::fail(gpu.problem);
@@ -366,8 +362,5 @@ int main(int argc, char** argv) {
                                 qat.short_name().c_str(), qat_ms / full_ms, qat_ms, full_ms);
                 }
         return 0;
-    } catch (const qopt::Error& e) {
-        std::cerr << "bench: error: " << e.what() << "\n";
-        return 1;
-    }
+    });
 }

@@ -95,18 +95,8 @@ int run(EvalOptions& o) {
     if (val) {
         const uint64_t available = val->batches_per_epoch();
         const int batches = int(o.val_batches < 0 ? available : std::min<uint64_t>(uint64_t(o.val_batches), available));
-        // Throughput after the first batch, which also plans the buffers and picks the GEMM algorithms.
-        std::vector<int> inputs, targets;
-        double loss_sum = 0;
-        auto start = std::chrono::steady_clock::now();
-        val->reset();
-        for (int b = 0; b < batches; ++b) {
-            if (b == 1) start = std::chrono::steady_clock::now();
-            val->next_batch(inputs, targets);
-            loss_sum += model->loss(inputs.data(), targets.data(), o.batch_size, seq_len);
-        }
-        const double seconds = seconds_since(start);
-        const double loss = loss_sum / batches;
+        double seconds = 0;
+        const double loss = mean_loss(*model, *val, batches, o.batch_size, seq_len, &seconds);
         const double tokens = double(batches) * o.batch_size * seq_len;
         const double tokens_per_second = batches > 1 ? double(batches - 1) * o.batch_size * seq_len / seconds : 0.0;
         char line[200];
