@@ -21,7 +21,7 @@ CXXFLAGS ?= -O3 -march=$(CPU_ARCH) -g
 CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -isystem $(CUDA_HOME)/include -MMD -MP
 NVCCFLAGS ?= -O3
 NVCCFLAGS += $(EXTRA_NVCCFLAGS) -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
-LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart_static -ldl -lrt -lpthread
+LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcusolver -lcublas -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # Library: every .cpp/.cu under the source folders except the binaries' main files.
 SRC_DIRS := core data model kernels optim quant eval train

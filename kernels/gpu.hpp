@@ -146,6 +146,25 @@ void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n
 void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
                         int m, int n, int k, float alpha, float beta, int batch, int64_t stride_a, int64_t stride_b,
                         int64_t stride_c, cudaStream_t stream = 0);
+// The same in fp32 throughout (operands, product and result; no TF32): the preconditioners'
+// factor statistics and rotations (Shampoo, SOAP, PSGD), whose state is fp32.
+void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool transpose_a, const float* b,
+                            bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
+                            int64_t stride_a, int64_t stride_b, int64_t stride_c, cudaStream_t stream = 0);
+
+// ---- dense linear algebra for the preconditioned optimizers (kernels/linalg.cu: cuSOLVER and
+// cuBLAS; CPU references in optim/dense.hpp). `batch` row-major fp32 matrices back to back;
+// scratch holds batch * n * n floats; results are ordered on the default stream.
+// Symmetric a: values descending, column j of vectors [n, n] the unit eigenvector of values[j]
+// (as symmetric_eigen; only the lower triangle of a is read).
+void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch);
+// The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
+// signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
+void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
+// x [rows, n] <- x u^-1 for upper-triangular u [n, n] (as solve_upper_right).
+void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
+// x [n, cols] <- u^-T x for upper-triangular u [n, n].
+void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch);
 
 // ---- elementwise helpers (kernels/elementwise.cu; CPU reference in kernels/elementwise.hpp)
 // out = bf16(in), round to nearest even.

@@ -9,17 +9,15 @@
 
 namespace qopt {
 
-std::string GpuOptimizer::unsupported_reason(OptimizerKind kind) {
-    if (kind == OptimizerKind::AdamW || kind == OptimizerKind::Muon || kind == OptimizerKind::Scion) return "";
-    return std::string("--optimizer ") + optimizer_name(kind) +
-           " has only its CPU reference so far (GPU: adamw, muon, scion); use --device cpu";
-}
-
 GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config)
     : config_(config), routing_(route_parameters(layout, config)) {
     config_.validate();
-    const std::string problem = unsupported_reason(config_.kind);
-    if (!problem.empty()) fail(problem);
+    switch (config_.kind) {
+        case OptimizerKind::Shampoo: method_ = make_gpu_shampoo(routing_, config_); break;
+        case OptimizerKind::Soap: method_ = make_gpu_soap(routing_, config_); break;
+        case OptimizerKind::Psgd: method_ = make_gpu_psgd(routing_, config_); break;
+        default: break;
+    }
 
     // AdamW: state packed in slot order; a chunk table over all slots.
     std::vector<int64_t> chunks;
@@ -67,9 +65,9 @@ GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& con
     scion_momentum_.resize(scion_total);
     if (scion_total) scion_momentum_.fill_bytes(0);
 
-    // Hidden matrices grouped by shape.
+    // Muon / Scion: hidden matrices grouped by shape.
     std::map<std::pair<int, int>, size_t> group_of;
-    for (size_t i = 0; i < routing_.matrices.size(); ++i) {
+    for (size_t i = 0; i < (method_ ? 0 : routing_.matrices.size()); ++i) {
         const MatrixSlot& m = routing_.matrices[i];
         auto [it, added] = group_of.emplace(std::make_pair(m.rows, m.cols), groups_.size());
         if (added) {
@@ -109,6 +107,7 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
                      float(wd), step_, float(grad_scale));
     scion_rows_gpu(params, grads, scion_momentum_.data(), params_bf16, scion_tasks_.data(), n_scion_tasks_, float(lr),
                    float(config_.scion.momentum), config_.scion.unconstrained, float(wd), float(grad_scale));
+    if (method_) method_->step(params, grads, lr, grad_scale, params_bf16, step_);
     if (groups_.empty()) return;
 
     const bool muon = config_.kind == OptimizerKind::Muon;
@@ -175,6 +174,7 @@ OptimizerState GpuOptimizer::state() const {
                                      {all.begin() + long(j * n), all.begin() + long((j + 1) * n)}});
         }
     }
+    if (method_) method_->save(state);
     return state;
 }
 
@@ -209,13 +209,16 @@ void GpuOptimizer::load_state(const OptimizerState& state) {
         }
         g.momentum.upload_prefix(all);
     }
+    if (method_) method_->load(state);
     step_ = state.step;
 }
 
 size_t GpuOptimizer::state_bytes() const {
     size_t floats = adam_m_.size() + adam_v_.size() + scion_momentum_.size();
     for (const Group& g : groups_) floats += g.momentum.size();
-    return floats * sizeof(float) + (ns_x_.size() + ns_x2_.size() + ns_a_.size() + ns_p_.size()) * sizeof(bf16);
+    const size_t method_bytes = method_ ? method_->state_bytes() + method_->scratch_bytes() : 0;
+    return floats * sizeof(float) + (ns_x_.size() + ns_x2_.size() + ns_a_.size() + ns_p_.size()) * sizeof(bf16) +
+           method_bytes;
 }
 
 }  // namespace qopt

@@ -1,32 +1,31 @@
 // The optimizers on the GPU, over a model's flat fp32 parameter and gradient buffers, with
 // the same routing, update rules and state names as the CPU references (optim/optimizer.hpp).
 // Per step: one launch updates every AdamW-routed tensor (chunk table), one launch Scion's
-// element-wise rows, and per group of same-shape hidden matrices a momentum/normalise pass,
-// Newton-Schulz as batched bf16 GEMMs through cuBLASLt (all matrices of the group in one call
-// per product), and one apply pass that also writes the bf16 compute copy.
-// Shampoo, SOAP and PSGD run on the CPU only so far (unsupported_reason says so).
+// element-wise rows; Muon and Scion then take, per group of same-shape hidden matrices, a
+// momentum/normalise pass, Newton-Schulz as batched bf16 GEMMs through cuBLASLt (all matrices
+// of the group in one call per product), and one apply pass that also writes the bf16 compute
+// copy. Shampoo, SOAP and PSGD hand the hidden matrices to their GpuMatrixMethod
+// (optim/gpu_matrix_method.hpp: batched fp32 GEMMs, cuSOLVER eigendecompositions and QR).
 #pragma once
 #include <string>
 #include <vector>
 
 #include "kernels/gpu.hpp"
 #include "model/params.hpp"
+#include "optim/gpu_matrix_method.hpp"
 #include "optim/optimizer.hpp"
 
 namespace qopt {
 
 class GpuOptimizer {
 public:
-    // "" when the GPU implements `kind`, else why not.
-    static std::string unsupported_reason(OptimizerKind kind);
-
     GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config);
     // As Optimizer::step; params_bf16 (may be null) receives the bf16 copy of updated weights.
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16);
     long step_count() const { return step_; }
     OptimizerState state() const;
     void load_state(const OptimizerState& state);
-    size_t state_bytes() const;
+    size_t state_bytes() const;  // state and work buffers
 
 private:
     struct Group {  // hidden matrices of one shape
@@ -46,7 +45,8 @@ private:
     std::vector<size_t> scion_offsets_;
     DeviceBuffer<int64_t> scion_tasks_;
     int n_scion_tasks_ = 0;
-    std::vector<Group> groups_;
+    std::vector<Group> groups_;  // Muon and Scion
+    std::unique_ptr<GpuMatrixMethod> method_;  // Shampoo, SOAP, PSGD
     DeviceBuffer<bf16> ns_x_, ns_x2_, ns_a_, ns_p_;  // Newton-Schulz scratch, sized for the largest group
     DeviceBuffer<float> ns_partials_;
 };

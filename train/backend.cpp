@@ -105,8 +105,6 @@ std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const
                                                 bool recompute) {
     const CudaDeviceInfo gpu = query_cuda_device();
     if (!gpu.usable) fail("--device cuda: ", gpu.problem);
-    const std::string problem = GpuOptimizer::unsupported_reason(optimizer.kind);
-    if (!problem.empty()) fail("--device cuda: ", problem);
     return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute);
 }
 

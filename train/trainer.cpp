@@ -17,7 +17,6 @@
 #include "kernels/device.hpp"
 #include "optim/schedule.hpp"
 #include "model/gpu_model.hpp"
-#include "optim/gpu_optimizer.hpp"
 #include "train/backend.hpp"
 #include "train/checkpoint.hpp"
 
@@ -137,7 +136,6 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     const OptimizerConfig optimizer = resolve_optimizer_config(options);
     const CudaDeviceInfo gpu = query_cuda_device();
     std::string gpu_problem = GpuModel::unsupported_reason(config);
-    if (gpu_problem.empty()) gpu_problem = GpuOptimizer::unsupported_reason(optimizer.kind);
     const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable && gpu_problem.empty());
     if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
         log << "device: the CPU, since the GPU cannot run this: " << gpu_problem << "\n";

@@ -1,0 +1,74 @@
+// The preconditioned methods on the GPU (Shampoo, SOAP, PSGD-Kron): the part of a step that
+// updates the hidden matrices, behind one interface that GpuOptimizer calls after its fused
+// AdamW pass. Each method batches its work over groups of same-shape tiles (a tile is a whole
+// matrix, or a Shampoo block of one): the tiles' gradients are gathered into one contiguous
+// [count, rows, cols] buffer, every product of the group is one strided-batched fp32 GEMM, and
+// one pass writes the new fp32 weights and their bf16 copy back. State is fp32, named and
+// shaped as the CPU references name it (optim/cpu_optimizer.cpp), so checkpoints move freely
+// between CPU and GPU runs.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/gpu.hpp"
+#include "optim/optimizer.hpp"
+
+namespace qopt {
+
+// A tile of the flat parameter buffer: rows x cols starting at `offset`, rows `ld` apart.
+struct Tile {
+    size_t offset;
+    int ld;
+};
+
+// Same-shape tiles, with their table on the device ({offset, ld} per tile) and the gathered
+// gradients.
+struct TileGroup {
+    int rows = 0, cols = 0;
+    std::vector<Tile> tiles;
+    std::vector<std::string> names;  // state-name prefix of each tile
+    std::vector<int> matrix_index;   // the tile's matrix in Routing::matrices
+    DeviceBuffer<int64_t> table;
+    DeviceBuffer<float> grads;  // count x rows x cols
+    int count() const { return int(tiles.size()); }
+    size_t tile_size() const { return size_t(rows) * cols; }
+    void upload_table();
+    // grads = grad_scale * the tiles of `all_grads`.
+    void gather(const float* all_grads, float grad_scale);
+};
+
+class GpuMatrixMethod {
+public:
+    virtual ~GpuMatrixMethod() = default;
+    // step: the optimizer's step count after incrementing (1, 2, ...).
+    virtual void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16,
+                      long step) = 0;
+    virtual void save(OptimizerState& state) const = 0;  // appends tensors (and scalars to extra)
+    virtual void load(const OptimizerState& state) = 0;
+    virtual size_t state_bytes() const = 0;    // persistent state
+    virtual size_t scratch_bytes() const = 0;  // per-step work buffers
+};
+
+std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config);
+std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config);
+std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config);
+
+// Groups whole matrices by shape, in routing order within each group.
+std::vector<TileGroup> group_whole_matrices(const Routing& routing);
+
+// d[t] = alpha op(a[t]) op(b[t]) + beta d[t] for each of `count` contiguous matrices
+// (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM. d must not alias a or b.
+inline void group_gemm(float* d, const float* a, bool transpose_a, const float* b, bool transpose_b, int m, int n, int k,
+                       int count, float alpha = 1.0f, float beta = 0.0f) {
+    batched_matmul_f32_gpu(d, d, a, transpose_a, b, transpose_b, m, n, k, alpha, beta, count, int64_t(m) * k,
+                           int64_t(k) * n, int64_t(m) * n);
+}
+
+// State helpers: a [count, ...] device buffer split into / filled from named tensors.
+void save_group_tensors(OptimizerState& state, const TileGroup& group, const std::string& suffix,
+                        std::vector<int64_t> shape, const DeviceBuffer<float>& values);
+void load_group_tensors(const OptimizerState& state, const TileGroup& group, const std::string& suffix,
+                        DeviceBuffer<float>& values);
+
+}  // namespace qopt

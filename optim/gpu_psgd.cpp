@@ -1,0 +1,179 @@
+// PSGD-Kron on the GPU: the CPU reference's step (optim/psgd.hpp) over groups of same-shape
+// matrices, with the schedule's decisions shared by all (as the reference). Per step and
+// group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2
+// (4 batched GEMMs), its RMS clip (per-matrix sums of squares) and the apply pass. On the
+// steps the schedule picks, the factor update: the probe V (the same counter-based normal
+// numbers as the CPU), A = Q1 D Q2^T (2 GEMMs), B = Q1^-T V Q2^-1 (2 batched triangular
+// solves), the four Gram matrices (4 GEMMs), the spectral-norm lower bound (one block per
+// matrix) and Q -= triu(.) Q (2 GEMMs).
+#include <cmath>
+
+#include "core/error.hpp"
+#include "kernels/cuda_common.cuh"
+#include "optim/gpu_matrix_method.hpp"
+#include "optim/preconditioner_kernels.hpp"
+
+namespace qopt {
+
+namespace {
+
+class GpuPsgd final : public GpuMatrixMethod {
+public:
+    GpuPsgd(const Routing& routing, const OptimizerConfig& config)
+        : config_(config.psgd), weight_decay_(config.weight_decay()) {
+        groups_ = group_whole_matrices(routing);
+        size_t work = 0, factor = 0, dim = 0;
+        for (TileGroup& g : groups_) {
+            const int m = g.rows, n = g.cols, count = g.count();
+            State& s = state_.emplace_back();
+            // Initial state exactly as the CPU's (identity factors times sqrt(init_scale)).
+            PsgdMatrixState initial;
+            initial.init(m, n, config_);
+            std::vector<float> momentum, left, right;
+            for (int t = 0; t < count; ++t) {
+                momentum.insert(momentum.end(), initial.momentum.begin(), initial.momentum.end());
+                left.insert(left.end(), initial.q_left.begin(), initial.q_left.end());
+                right.insert(right.end(), initial.q_right.begin(), initial.q_right.end());
+            }
+            s.momentum.upload(momentum);
+            s.q_left.upload(left);
+            s.q_right.upload(right);
+            s.matrix_index.upload(g.matrix_index);
+            work = std::max(work, g.tile_size() * count);
+            factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
+            dim = std::max(dim, size_t(std::max(m, n)) * count);
+        }
+        for (DeviceBuffer<float>* b : {&debiased_, &probe_, &work_t_, &work_a_, &work_b_}) b->resize(work);
+        for (DeviceBuffer<float>* b : {&factor_a_, &factor_b_, &factor_c_}) b->resize(factor);
+        bound_work_.resize(dim);
+        scalars_.resize(4 * size_t(std::max<size_t>(1, dim)));
+    }
+
+    void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
+        const PsgdConfig& c = config_;
+        const PsgdSchedule::Decision decision = schedule_.next(c);
+        const double debias = 1 - std::pow(c.beta1, double(step));
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            const int m = g.rows, n = g.cols, count = g.count();
+            const int64_t size = int64_t(g.tile_size());
+            g.gather(grads, float(grad_scale));
+            float* d = debiased_.data();
+            psgd_momentum_gpu(d, s.momentum.data(), g.grads.data(), size * count, float(c.beta1), float(debias));
+            float* scalars = scalars_.data();
+            if (decision.balance) {
+                max_abs_gpu(scalars, s.q_left.data(), count, int64_t(m) * m);
+                max_abs_gpu(scalars + count, s.q_right.data(), count, int64_t(n) * n);
+                psgd_balance_gpu(s.q_left.data(), s.q_right.data(), scalars, scalars + count, count, int64_t(m) * m,
+                                 int64_t(n) * n);
+            }
+            if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
+            // U = Q1^T Q1 D Q2^T Q2 -> work_a.
+            group_gemm(factor_a_.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
+            group_gemm(factor_b_.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
+            group_gemm(work_t_.data(), factor_a_.data(), false, d, false, m, n, m, count);
+            group_gemm(work_a_.data(), work_t_.data(), false, factor_b_.data(), false, m, n, n, count);
+            sum_squares_gpu(scalars, work_a_.data(), count, size);
+            psgd_clip_scale_gpu(scalars, scalars, count, size);
+            apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
+                            m, n, float(1 - lr * weight_decay_), float(lr));
+        }
+    }
+
+    void save(OptimizerState& state) const override {
+        state.extra["psgd_schedule"] = schedule_.to_json();
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            const State& s = state_[gi];
+            const int64_t m = g.rows, n = g.cols;
+            save_group_tensors(state, g, "momentum", {m, n}, s.momentum);
+            save_group_tensors(state, g, "q_left", {m, m}, s.q_left);
+            save_group_tensors(state, g, "q_right", {n, n}, s.q_right);
+        }
+    }
+
+    void load(const OptimizerState& state) override {
+        QOPT_CHECK(state.extra.contains("psgd_schedule"), "the checkpoint's PSGD state has no psgd_schedule");
+        schedule_ = PsgdSchedule::from_json(state.extra.at("psgd_schedule"));
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            load_group_tensors(state, g, "momentum", s.momentum);
+            load_group_tensors(state, g, "q_left", s.q_left);
+            load_group_tensors(state, g, "q_right", s.q_right);
+        }
+    }
+
+    size_t state_bytes() const override {
+        size_t floats = 0;
+        for (const State& s : state_) floats += s.momentum.size() + s.q_left.size() + s.q_right.size();
+        return floats * sizeof(float);
+    }
+
+    size_t scratch_bytes() const override {
+        size_t floats = debiased_.size() + probe_.size() + work_t_.size() + work_a_.size() + work_b_.size() +
+                        factor_a_.size() + factor_b_.size() + factor_c_.size() + bound_work_.size() + scalars_.size();
+        for (const TileGroup& g : groups_) floats += g.grads.size();
+        return floats * sizeof(float);
+    }
+
+private:
+    struct State {
+        DeviceBuffer<float> momentum, q_left, q_right;
+        DeviceBuffer<int> matrix_index;
+    };
+
+    // x (the debiased momentum or the gradient) is perturbed in place, as the reference does.
+    void update_preconditioner(TileGroup& g, State& s, long step, float* x) {
+        const PsgdConfig& c = config_;
+        const int m = g.rows, n = g.cols, count = g.count();
+        const int64_t size = int64_t(g.tile_size());
+        float* mean_abs = scalars_.data() + 2 * size_t(count);
+        mean_abs_gpu(mean_abs, x, count, size);
+        psgd_probe_perturb_gpu(probe_.data(), x, mean_abs, s.matrix_index.data(), count, size, c.seed, step,
+                               std::sqrt(1.1920928955078125e-07f));
+        // A = Q1 X Q2^T -> work_a;  B = Q1^-T V Q2^-1 -> work_b.
+        group_gemm(work_t_.data(), s.q_left.data(), false, x, false, m, n, m, count);
+        group_gemm(work_a_.data(), work_t_.data(), false, s.q_right.data(), true, m, n, n, count);
+        CUDA_CHECK(cudaMemcpy(work_b_.data(), probe_.data(), size_t(size) * count * sizeof(float),
+                              cudaMemcpyDeviceToDevice));
+        solve_upper_transposed_left_batched_gpu(work_b_.data(), s.q_left.data(), m, n, count);
+        solve_upper_right_batched_gpu(work_b_.data(), s.q_right.data(), m, n, count);
+        // Q1 -= lr_p / lb(AA^T + BB^T) triu(AA^T - BB^T) Q1, then Q2 likewise with A^T A, B^T B.
+        group_gemm(factor_a_.data(), work_a_.data(), false, work_a_.data(), true, m, m, n, count);
+        group_gemm(factor_b_.data(), work_b_.data(), false, work_b_.data(), true, m, m, n, count);
+        update_factor(s.q_left, m, count);
+        group_gemm(factor_a_.data(), work_a_.data(), true, work_a_.data(), false, n, n, m, count);
+        group_gemm(factor_b_.data(), work_b_.data(), true, work_b_.data(), false, n, n, m, count);
+        update_factor(s.q_right, n, count);
+    }
+
+    // With t1 in factor_a, t2 in factor_b: q = q - triu(t1 - t2) lr_p / lb(t1 + t2) q.
+    void update_factor(DeviceBuffer<float>& q, int n, int count) {
+        float* bound = scalars_.data() + 3 * size_t(count);
+        psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
+        psgd_triu_step_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
+                           float(config_.precond_lr));
+        const size_t bytes = size_t(n) * n * count * sizeof(float);
+        CUDA_CHECK(cudaMemcpy(factor_a_.data(), q.data(), bytes, cudaMemcpyDeviceToDevice));
+        group_gemm(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
+        CUDA_CHECK(cudaMemcpy(q.data(), factor_a_.data(), bytes, cudaMemcpyDeviceToDevice));
+    }
+
+    PsgdConfig config_;
+    double weight_decay_;
+    PsgdSchedule schedule_;
+    std::vector<TileGroup> groups_;
+    std::vector<State> state_;
+    DeviceBuffer<float> debiased_, probe_, work_t_, work_a_, work_b_, factor_a_, factor_b_, factor_c_, bound_work_,
+        scalars_;
+};
+
+}  // namespace
+
+std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config) {
+    return std::make_unique<GpuPsgd>(routing, config);
+}
+
+}  // namespace qopt

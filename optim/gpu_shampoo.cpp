@@ -1,0 +1,190 @@
+// Shampoo on the GPU: the CPU reference's step (optim/shampoo.hpp) over groups of same-shape
+// blocks (every matrix cut into blocks of at most block_size; blocks of one shape from all
+// matrices form one group). Per step and group: the factor statistics L += G G^T, R += G^T G
+// (2 batched GEMMs), the filtered gradient and Adam grafting (one element-wise pass), the
+// preconditioned direction L_root F R_root (2 GEMMs), the grafting norms (per-block sums of
+// squares) and one pass that applies momentum, decay and the step. Every
+// precondition_frequency steps the inverse roots: a batched symmetric eigendecomposition
+// (cuSOLVER), the eigenvalue powers on the eigenvector columns, and one GEMM V' V^T.
+#include <cmath>
+#include <map>
+
+#include "core/error.hpp"
+#include "optim/gpu_matrix_method.hpp"
+#include "optim/preconditioner_kernels.hpp"
+
+namespace qopt {
+
+namespace {
+
+class GpuShampoo final : public GpuMatrixMethod {
+public:
+    GpuShampoo(const Routing& routing, const OptimizerConfig& config)
+        : config_(config.shampoo), weight_decay_(config.weight_decay()) {
+        std::map<std::pair<int, int>, size_t> group_of;
+        for (size_t i = 0; i < routing.matrices.size(); ++i) {
+            const MatrixSlot& m = routing.matrices[i];
+            const auto blocks = shampoo_blocks(m.rows, m.cols, config_.block_size);
+            for (size_t b = 0; b < blocks.size(); ++b) {
+                const ShampooBlock& block = blocks[b];
+                auto [it, added] = group_of.emplace(std::make_pair(block.block_rows, block.block_cols), groups_.size());
+                if (added) {
+                    groups_.emplace_back();
+                    groups_.back().rows = block.block_rows;
+                    groups_.back().cols = block.block_cols;
+                }
+                TileGroup& g = groups_[it->second];
+                g.tiles.push_back({m.offset + size_t(block.row0) * m.cols + size_t(block.col0), m.cols});
+                g.names.push_back(m.name + ".block" + std::to_string(b));
+                g.matrix_index.push_back(int(i));
+            }
+        }
+        size_t work = 0, factor = 0, dim = 0;
+        for (TileGroup& g : groups_) {
+            g.upload_table();
+            const int br = g.rows, bc = g.cols, count = g.count();
+            State& s = state_.emplace_back();
+            auto zeros = [](DeviceBuffer<float>& buffer, size_t n) {
+                buffer.resize(n);
+                buffer.fill_bytes(0);
+            };
+            zeros(s.left, size_t(br) * br * count);
+            zeros(s.right, size_t(bc) * bc * count);
+            zeros(s.left_root, size_t(br) * br * count);
+            zeros(s.right_root, size_t(bc) * bc * count);
+            zeros(s.filtered, g.tile_size() * count);
+            zeros(s.graft_sq, g.tile_size() * count);
+            if (config_.momentum > 0) zeros(s.momentum, g.tile_size() * count);
+            work = std::max(work, g.tile_size() * count);
+            factor = std::max(factor, size_t(std::max(br, bc)) * std::max(br, bc) * count);
+            dim = std::max(dim, size_t(std::max(br, bc)) * count);
+        }
+        work_a_.resize(work);
+        work_b_.resize(work);
+        work_c_.resize(work);
+        factor_a_.resize(factor);
+        factor_b_.resize(factor);
+        values_.resize(dim);
+        norms_.resize(3 * dim);
+    }
+
+    void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
+        const ShampooConfig& c = config_;
+        const double bias1 = 1 - std::pow(c.beta1, double(step));
+        const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
+        const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
+        const bool refresh_roots = step % c.precondition_frequency == 0;
+        const bool precondition = step >= c.start_step() && step >= c.precondition_frequency;
+        // beta2 = 1: the factors are sums; else an EMA (bias-corrected at the root).
+        const float keep_factor = c.beta2 < 1 ? float(c.beta2) : 1.0f, add_factor = c.beta2 < 1 ? float(1 - c.beta2) : 1.0f;
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            const int br = g.rows, bc = g.cols, count = g.count();
+            const int64_t n = int64_t(g.tile_size());
+            g.gather(grads, float(grad_scale));
+            const float* grad = g.grads.data();
+            group_gemm(s.left.data(), grad, false, grad, true, br, br, bc, count, add_factor, keep_factor);
+            group_gemm(s.right.data(), grad, true, grad, false, bc, bc, br, count, add_factor, keep_factor);
+            if (refresh_roots) {
+                inverse_root(s.left_root.data(), s.left.data(), br, count, factor_bias);
+                inverse_root(s.right_root.data(), s.right.data(), bc, count, factor_bias);
+            }
+            // F_hat -> work_a, grafting direction A -> work_b.
+            shampoo_filter_graft_gpu(work_a_.data(), work_b_.data(), s.filtered.data(), s.graft_sq.data(), grad,
+                                     n * count, float(c.beta1), float(bias1), c.adam_grafting, float(c.graft_beta2),
+                                     float(graft_bias2), float(c.graft_eps));
+            const float* direction = work_b_.data();
+            const float* scale = nullptr;
+            if (precondition) {
+                // S = L_root F_hat R_root -> work_a.
+                group_gemm(work_c_.data(), s.left_root.data(), false, work_a_.data(), false, br, bc, br, count);
+                group_gemm(work_a_.data(), work_c_.data(), false, s.right_root.data(), false, br, bc, bc, count);
+                direction = work_a_.data();
+                if (c.adam_grafting) {
+                    float* graft_sq = norms_.data();
+                    float* shampoo_sq = norms_.data() + count;
+                    float* ratio = norms_.data() + 2 * count;
+                    sum_squares_gpu(graft_sq, work_b_.data(), count, n);
+                    sum_squares_gpu(shampoo_sq, work_a_.data(), count, n);
+                    norm_ratio_gpu(ratio, graft_sq, shampoo_sq, count);
+                    scale = ratio;
+                }
+            }
+            apply_tiles_gpu(params, params_bf16, direction, scale, c.momentum > 0 ? s.momentum.data() : nullptr,
+                            float(c.momentum), c.nesterov, g.table.data(), count, br, bc,
+                            float(1 - lr * weight_decay_), float(lr));
+        }
+    }
+
+    void save(OptimizerState& state) const override {
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            const State& s = state_[gi];
+            const int64_t br = g.rows, bc = g.cols;
+            save_group_tensors(state, g, "left", {br, br}, s.left);
+            save_group_tensors(state, g, "right", {bc, bc}, s.right);
+            save_group_tensors(state, g, "left_root", {br, br}, s.left_root);
+            save_group_tensors(state, g, "right_root", {bc, bc}, s.right_root);
+            save_group_tensors(state, g, "filtered", {br, bc}, s.filtered);
+            save_group_tensors(state, g, "graft_sq", {br, bc}, s.graft_sq);
+            if (s.momentum.size()) save_group_tensors(state, g, "momentum", {br, bc}, s.momentum);
+        }
+    }
+
+    void load(const OptimizerState& state) override {
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            load_group_tensors(state, g, "left", s.left);
+            load_group_tensors(state, g, "right", s.right);
+            load_group_tensors(state, g, "left_root", s.left_root);
+            load_group_tensors(state, g, "right_root", s.right_root);
+            load_group_tensors(state, g, "filtered", s.filtered);
+            load_group_tensors(state, g, "graft_sq", s.graft_sq);
+            if (s.momentum.size()) load_group_tensors(state, g, "momentum", s.momentum);
+        }
+    }
+
+    size_t state_bytes() const override {
+        size_t floats = 0;
+        for (const State& s : state_)
+            floats += s.left.size() + s.right.size() + s.left_root.size() + s.right_root.size() + s.filtered.size() +
+                      s.graft_sq.size() + s.momentum.size();
+        return floats * sizeof(float);
+    }
+
+    size_t scratch_bytes() const override {
+        size_t floats = work_a_.size() + work_b_.size() + work_c_.size() + factor_a_.size() + factor_b_.size() +
+                        values_.size() + norms_.size();
+        for (const TileGroup& g : groups_) floats += g.grads.size();
+        return floats * sizeof(float);
+    }
+
+private:
+    struct State {
+        DeviceBuffer<float> left, right, left_root, right_root, filtered, graft_sq, momentum;
+    };
+
+    // root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first).
+    void inverse_root(float* root, const float* factor, int n, int count, double divisor) {
+        symmetric_eigen_batched_gpu(factor_a_.data(), values_.data(), factor, n, count, factor_b_.data());
+        inverse_root_columns_gpu(factor_b_.data(), factor_a_.data(), values_.data(), n, count, float(divisor),
+                                 config_.eps, config_.root());
+        group_gemm(root, factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
+    }
+
+    ShampooConfig config_;
+    double weight_decay_;
+    std::vector<TileGroup> groups_;
+    std::vector<State> state_;
+    DeviceBuffer<float> work_a_, work_b_, work_c_, factor_a_, factor_b_, values_, norms_;
+};
+
+}  // namespace
+
+std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config) {
+    return std::make_unique<GpuShampoo>(routing, config);
+}
+
+}  // namespace qopt

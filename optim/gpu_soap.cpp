@@ -1,0 +1,204 @@
+// SOAP on the GPU: the CPU reference's step (optim/soap.hpp) over groups of same-shape
+// matrices. Per step and group: the rotation QL^T G QR and back (4 batched GEMMs), Adam in the
+// rotated basis (one element-wise pass), the factor EMAs (2 GEMMs with beta = shampoo_beta),
+// the weight update (one pass). Every precondition_frequency updates: M back to parameter
+// space and into the new bases (4 GEMMs), and per factor one power-iteration step L Q (a GEMM),
+// the eigenvalue estimates diag(Q^T L Q) (sorted on the host, as the reference sorts them) and
+// a Householder QR. The first call takes full eigendecompositions (cuSOLVER, batched).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.hpp"
+#include "kernels/cuda_common.cuh"
+#include "optim/gpu_matrix_method.hpp"
+#include "optim/preconditioner_kernels.hpp"
+
+namespace qopt {
+
+namespace {
+
+class GpuSoap final : public GpuMatrixMethod {
+public:
+    GpuSoap(const Routing& routing, const OptimizerConfig& config)
+        : config_(config.soap), weight_decay_(config.weight_decay()) {
+        groups_ = group_whole_matrices(routing);
+        size_t work = 0, factor = 0, dim = 0;
+        for (TileGroup& g : groups_) {
+            const int m = g.rows, n = g.cols, count = g.count();
+            QOPT_CHECK(m <= config_.max_precond_dim && n <= config_.max_precond_dim, "SOAP on the GPU: a ", m, " x ",
+                       n, " matrix exceeds --soap-max-precond-dim ", config_.max_precond_dim,
+                       " (one-sided SOAP is not implemented)");
+            State& s = state_.emplace_back();
+            auto zeros = [](DeviceBuffer<float>& b, size_t n_values) {
+                b.resize(n_values);
+                b.fill_bytes(0);
+            };
+            zeros(s.left, size_t(m) * m * count);
+            zeros(s.right, size_t(n) * n * count);
+            zeros(s.left_basis, size_t(m) * m * count);
+            zeros(s.right_basis, size_t(n) * n * count);
+            zeros(s.exp_avg, g.tile_size() * count);
+            zeros(s.exp_avg_sq, g.tile_size() * count);
+            work = std::max(work, g.tile_size() * count);
+            factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
+            dim = std::max(dim, size_t(std::max(m, n)) * count);
+        }
+        work_a_.resize(work);
+        work_b_.resize(work);
+        factor_a_.resize(factor);
+        factor_b_.resize(factor);
+        values_.resize(dim);
+        orders_.resize(2 * dim);
+    }
+
+    void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long call) override {
+        const SoapConfig& c = config_;
+        const float factor_beta = float(c.factor_beta());
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            const int m = g.rows, n = g.cols, count = g.count();
+            g.gather(grads, float(grad_scale));
+            const float* grad = g.grads.data();
+            if (call == 1) {
+                update_factors(g, s, factor_beta);
+                symmetric_eigen_batched_gpu(s.left_basis.data(), values_.data(), s.left.data(), m, count, factor_a_.data());
+                symmetric_eigen_batched_gpu(s.right_basis.data(), values_.data(), s.right.data(), n, count,
+                                            factor_a_.data());
+                continue;
+            }
+            const long t = call - 1;
+            // rotated = QL^T G QR -> work_b; direction (in place) -> work_b; update = QL D QR^T -> work_b.
+            group_gemm(work_a_.data(), s.left_basis.data(), true, grad, false, m, n, m, count);
+            group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+            soap_adam_gpu(work_b_.data(), s.exp_avg.data(), s.exp_avg_sq.data(), work_b_.data(),
+                          int64_t(g.tile_size()) * count, float(c.beta1), float(c.beta2), float(c.eps));
+            group_gemm(work_a_.data(), s.left_basis.data(), false, work_b_.data(), false, m, n, m, count);
+            group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+            const float* scale = nullptr;
+            if (c.normalize_grads) {
+                sum_squares_gpu(values_.data(), work_b_.data(), count, int64_t(g.tile_size()));
+                inverse_rms_gpu(values_.data(), values_.data(), count, int64_t(g.tile_size()));
+                scale = values_.data();
+            }
+            double step_size = lr;
+            if (c.correct_bias)
+                step_size *= std::sqrt(1 - std::pow(c.beta2, double(t))) / (1 - std::pow(c.beta1, double(t)));
+            // The reference subtracts the step, then decays: W = (W - s U)(1 - lr wd).
+            const double keep = 1 - lr * weight_decay_;
+            apply_tiles_gpu(params, params_bf16, work_b_.data(), scale, nullptr, 0.0f, false, g.table.data(), count, m,
+                            n, float(keep), float(step_size * keep));
+            update_factors(g, s, factor_beta);
+            if (t % c.precondition_frequency == 0) refresh(g, s);
+        }
+    }
+
+    void save(OptimizerState& state) const override {
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            const State& s = state_[gi];
+            const int64_t m = g.rows, n = g.cols;
+            save_group_tensors(state, g, "left", {m, m}, s.left);
+            save_group_tensors(state, g, "right", {n, n}, s.right);
+            save_group_tensors(state, g, "left_basis", {m, m}, s.left_basis);
+            save_group_tensors(state, g, "right_basis", {n, n}, s.right_basis);
+            save_group_tensors(state, g, "exp_avg", {m, n}, s.exp_avg);
+            save_group_tensors(state, g, "exp_avg_sq", {m, n}, s.exp_avg_sq);
+        }
+    }
+
+    void load(const OptimizerState& state) override {
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            State& s = state_[gi];
+            load_group_tensors(state, g, "left", s.left);
+            load_group_tensors(state, g, "right", s.right);
+            load_group_tensors(state, g, "left_basis", s.left_basis);
+            load_group_tensors(state, g, "right_basis", s.right_basis);
+            load_group_tensors(state, g, "exp_avg", s.exp_avg);
+            load_group_tensors(state, g, "exp_avg_sq", s.exp_avg_sq);
+        }
+    }
+
+    size_t state_bytes() const override {
+        size_t floats = 0;
+        for (const State& s : state_)
+            floats += s.left.size() + s.right.size() + s.left_basis.size() + s.right_basis.size() + s.exp_avg.size() +
+                      s.exp_avg_sq.size();
+        return floats * sizeof(float);
+    }
+
+    size_t scratch_bytes() const override {
+        size_t bytes = (work_a_.size() + work_b_.size() + factor_a_.size() + factor_b_.size() + values_.size()) *
+                       sizeof(float);
+        for (const TileGroup& g : groups_) bytes += g.grads.size() * sizeof(float);
+        return bytes + orders_.size() * sizeof(int);
+    }
+
+private:
+    struct State {
+        DeviceBuffer<float> left, right, left_basis, right_basis, exp_avg, exp_avg_sq;
+    };
+
+    // L = b L + (1 - b) G G^T,  R = b R + (1 - b) G^T G.
+    void update_factors(TileGroup& g, State& s, float beta) {
+        const int m = g.rows, n = g.cols, count = g.count();
+        group_gemm(s.left.data(), g.grads.data(), false, g.grads.data(), true, m, m, n, count, 1 - beta, beta);
+        group_gemm(s.right.data(), g.grads.data(), true, g.grads.data(), false, n, n, m, count, 1 - beta, beta);
+    }
+
+    // New bases for the group; exp_avg follows them, exp_avg_sq's axes are permuted as the
+    // bases' columns were sorted.
+    void refresh(TileGroup& g, State& s) {
+        const int m = g.rows, n = g.cols, count = g.count();
+        // M in parameter space: QL M QR^T -> work_b.
+        group_gemm(work_a_.data(), s.left_basis.data(), false, s.exp_avg.data(), false, m, n, m, count);
+        group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+        int* left_order = orders_.data();
+        int* right_order = orders_.data() + size_t(m) * count;
+        refresh_basis(s.left.data(), s.left_basis.data(), left_order, m, count);
+        refresh_basis(s.right.data(), s.right_basis.data(), right_order, n, count);
+        permute_rows_columns_gpu(work_a_.data(), s.exp_avg_sq.data(), left_order, right_order, m, n, count);
+        CUDA_CHECK(cudaMemcpy(s.exp_avg_sq.data(), work_a_.data(), g.tile_size() * count * sizeof(float),
+                              cudaMemcpyDeviceToDevice));
+        // M into the new bases: QL^T M QR.
+        group_gemm(work_a_.data(), s.left_basis.data(), true, work_b_.data(), false, m, n, m, count);
+        group_gemm(s.exp_avg.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+    }
+
+    // One power-iteration step with QR: sort Q's columns by diag(Q^T F Q) (descending, stable),
+    // Q = qr(F Q_sorted). order receives the permutation (n ints per matrix).
+    void refresh_basis(const float* factor, float* basis, int* order, int n, int count) {
+        float* projected = factor_a_.data();
+        group_gemm(projected, factor, false, basis, false, n, n, n, count);
+        column_dots_gpu(values_.data(), basis, projected, n, count);
+        std::vector<float> diag(size_t(n) * count);
+        CUDA_CHECK(cudaMemcpy(diag.data(), values_.data(), diag.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        std::vector<int> host_order(size_t(n) * count);
+        for (int t = 0; t < count; ++t) {
+            int* o = host_order.data() + size_t(t) * n;
+            const float* d = diag.data() + size_t(t) * n;
+            std::iota(o, o + n, 0);
+            std::stable_sort(o, o + n, [&](int a, int b) { return d[a] > d[b]; });
+        }
+        CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
+        permute_columns_gpu(factor_b_.data(), projected, order, n, count);
+        householder_q_batched_gpu(basis, factor_b_.data(), n, count, factor_a_.data());
+    }
+
+    SoapConfig config_;
+    double weight_decay_;
+    std::vector<TileGroup> groups_;
+    std::vector<State> state_;
+    DeviceBuffer<float> work_a_, work_b_, factor_a_, factor_b_, values_;
+    DeviceBuffer<int> orders_;
+};
+
+}  // namespace
+
+std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config) {
+    return std::make_unique<GpuSoap>(routing, config);
+}
+
+}  // namespace qopt

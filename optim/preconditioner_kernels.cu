@@ -1,0 +1,405 @@
+#include <cfloat>
+
+#include "kernels/cuda_common.cuh"
+#include "optim/optimizer_state.hpp"
+#include "optim/preconditioner_kernels.hpp"
+
+namespace qopt {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Reduction over the block in a fixed order (warp shuffles, then the warps' results by
+// thread 0); every thread gets the result. `combine` is + or max.
+template <typename T, typename Combine>
+__device__ T block_reduce(T value, Combine combine) {
+    __shared__ T warp_results[32];
+    __shared__ T result;
+    for (int o = 16; o > 0; o >>= 1) value = combine(value, __shfl_xor_sync(0xffffffffu, value, o));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) warp_results[warp] = value;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        T total = warp_results[0];
+        for (int w = 1; w < int(blockDim.x + 31) / 32; ++w) total = combine(total, warp_results[w]);
+        result = total;
+    }
+    __syncthreads();
+    return result;
+}
+
+struct Add {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+__global__ void gather_tiles_kernel(float* out, const float* grads, const int64_t* table, int rows, int cols,
+                                    float grad_scale) {
+    const int t = blockIdx.y;
+    const int64_t offset = table[2 * t], ld = table[2 * t + 1], n = int64_t(rows) * cols;
+    float* dst = out + t * n;
+    GRID_STRIDE(i, n) dst[i] = grads[offset + (i / cols) * ld + i % cols] * grad_scale;
+}
+
+__global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
+                                   float* momentum, float mu, bool nesterov, const int64_t* table, int rows, int cols,
+                                   float keep, float step) {
+    const int t = blockIdx.y;
+    const int64_t offset = table[2 * t], ld = table[2 * t + 1], n = int64_t(rows) * cols;
+    const float scale = tile_scale ? tile_scale[t] : 1.0f;
+    GRID_STRIDE(i, n) {
+        float d = scale * direction[t * n + i];
+        if (momentum) {
+            const float k = mu * momentum[t * n + i] + d;
+            momentum[t * n + i] = k;
+            d = nesterov ? d + mu * k : k;
+        }
+        const int64_t p = offset + (i / cols) * ld + i % cols;
+        const float w = keep * params[p] - step * d;
+        params[p] = w;
+        if (params_bf16) params_bf16[p] = __float2bfloat16(w);
+    }
+}
+
+__global__ void sum_squares_kernel(float* out, const float* x, int64_t n) {
+    const float* m = x + blockIdx.x * n;
+    double sum = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += double(m[i]) * m[i];
+    sum = block_reduce(sum, Add{});
+    if (threadIdx.x == 0) out[blockIdx.x] = float(sum);
+}
+
+__global__ void shampoo_filter_graft_kernel(float* filtered_hat, float* graft, float* filtered, float* graft_sq,
+                                            const float* g, int64_t n, float beta1, float bias1, bool adam_grafting,
+                                            float graft_beta2, float graft_bias, float graft_eps) {
+    GRID_STRIDE(i, n) {
+        const float gi = g[i];
+        const float f = beta1 * filtered[i] + (1.0f - beta1) * gi;
+        filtered[i] = f;
+        const float fh = f / bias1;
+        filtered_hat[i] = fh;
+        if (adam_grafting) {
+            const float v = graft_beta2 * graft_sq[i] + (1.0f - graft_beta2) * gi * gi;
+            graft_sq[i] = v;
+            graft[i] = fh / (sqrtf(v / graft_bias) + graft_eps);
+        } else {
+            graft[i] = fh;
+        }
+    }
+}
+
+__global__ void norm_ratio_kernel(float* scale, const float* numerator_sq, const float* denominator_sq, int count) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < count) scale[t] = denominator_sq[t] > 0 ? sqrtf(numerator_sq[t] / denominator_sq[t]) : 0.0f;
+}
+
+__global__ void inverse_root_columns_kernel(float* scaled, const float* vectors, const float* values, int n,
+                                            float divisor, double eps, int root) {
+    const int t = blockIdx.y;
+    const float* lambda = values + int64_t(t) * n;
+    const double shift = fmin(double(lambda[n - 1]) / divisor, 0.0);
+    const int64_t size = int64_t(n) * n;
+    GRID_STRIDE(i, size) {
+        const int j = int(i % n);
+        const double power = pow(double(lambda[j]) / divisor - shift + eps, -1.0 / root);
+        scaled[t * size + i] = float(double(vectors[t * size + i]) * power);
+    }
+}
+
+__global__ void soap_adam_kernel(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n,
+                                 float beta1, float beta2, float eps) {
+    GRID_STRIDE(i, n) {
+        const float x = rotated[i];
+        const float m = beta1 * exp_avg[i] + (1.0f - beta1) * x;
+        const float v = beta2 * exp_avg_sq[i] + (1.0f - beta2) * x * x;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        direction[i] = m / (sqrtf(v) + eps);
+    }
+}
+
+// One thread per column j of matrix t (blockIdx.y): coalesced over j.
+__global__ void column_dots_kernel(float* diag, const float* basis, const float* projected, int n) {
+    const int t = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    const int64_t base = int64_t(t) * n * n;
+    double sum = 0;
+    for (int r = 0; r < n; ++r) sum += double(basis[base + int64_t(r) * n + j]) * projected[base + int64_t(r) * n + j];
+    diag[int64_t(t) * n + j] = float(sum);
+}
+
+__global__ void permute_rows_columns_kernel(float* out, const float* in, const int* row_order, const int* col_order,
+                                            int rows, int cols) {
+    const int t = blockIdx.y;
+    const int64_t n = int64_t(rows) * cols;
+    const int* ro = row_order ? row_order + int64_t(t) * rows : nullptr;
+    const int* co = col_order + int64_t(t) * cols;
+    GRID_STRIDE(i, n) {
+        const int r = int(i / cols), c = int(i % cols);
+        out[t * n + i] = in[t * n + int64_t(ro ? ro[r] : r) * cols + co[c]];
+    }
+}
+
+__global__ void psgd_momentum_kernel(float* debiased, float* momentum, const float* g, int64_t n, float beta1,
+                                     float debias) {
+    GRID_STRIDE(i, n) {
+        const float m = beta1 * momentum[i] + (1.0f - beta1) * g[i];
+        momentum[i] = m;
+        debiased[i] = m / debias;
+    }
+}
+
+__global__ void mean_abs_kernel(float* out, const float* x, int64_t n) {
+    const float* m = x + blockIdx.x * n;
+    double sum = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += fabs(double(m[i]));
+    sum = block_reduce(sum, Add{});
+    if (threadIdx.x == 0) out[blockIdx.x] = float(sum / double(n));
+}
+
+__global__ void max_abs_kernel(float* out, const float* x, int64_t n) {
+    const float* m = x + blockIdx.x * n;
+    float best = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) best = fmaxf(best, fabsf(m[i]));
+    best = block_reduce(best, Max{});
+    if (threadIdx.x == 0) out[blockIdx.x] = best;
+}
+
+__global__ void psgd_probe_perturb_kernel(float* probe, float* x, const float* mean_abs, const int* matrix_index,
+                                          int64_t n, uint64_t seed, long step, float noise_scale) {
+    const int t = blockIdx.y;
+    const uint64_t stream = (uint64_t(step) << 20) ^ uint64_t(matrix_index[t]);
+    const float noise = noise_scale * mean_abs[t];
+    GRID_STRIDE(i, n) {
+        const float v = counter_normal(seed, stream, uint64_t(i));
+        probe[t * n + i] = v;
+        x[t * n + i] += noise * v;
+    }
+}
+
+__global__ void psgd_balance_kernel(float* q_left, float* q_right, const float* left_max, const float* right_max,
+                                    int64_t left_n, int64_t right_n) {
+    const int t = blockIdx.y;
+    const double mean = sqrt(double(left_max[t]) * double(right_max[t]));
+    const float left_scale = float(mean / left_max[t]), right_scale = float(mean / right_max[t]);
+    GRID_STRIDE(i, left_n) q_left[t * left_n + i] *= left_scale;
+    GRID_STRIDE(i, right_n) q_right[t * right_n + i] *= right_scale;
+}
+
+// PSGD's lower bound of ||a||_2 (a = t1 + t2 symmetric), one block per matrix, in double as
+// the CPU reference: scale by max|a|; x = the column with the largest norm (the first on
+// ties); y = x^T a / ||x^T a||; bound = ||a y|| max|a|. work holds y.
+constexpr int kBoundThreads = 256;
+
+__global__ void __launch_bounds__(kBoundThreads) psgd_norm_lower_bound_kernel(float* bound, const float* t1, const float* t2, float* work, int n) {
+    const int t = blockIdx.x;
+    const int64_t base = int64_t(t) * n * n;
+    auto a = [&](int r, int c) { return double(t1[base + int64_t(r) * n + c]) + double(t2[base + int64_t(r) * n + c]); };
+    double max_abs = 0;
+    for (int64_t i = threadIdx.x; i < int64_t(n) * n; i += blockDim.x)
+        max_abs = fmax(max_abs, fabs(double(t1[base + i]) + double(t2[base + i])));
+    max_abs = block_reduce(max_abs, Max{});
+    if (max_abs == 0) {
+        if (threadIdx.x == 0) bound[t] = 0;
+        return;
+    }
+    // Column norms (unscaled: the arg max is the same), packed with the column index so that
+    // the max picks the largest norm and, among equal ones, the smallest index.
+    double best_sq = -1;
+    int best = 0;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        double sq = 0;
+        for (int r = 0; r < n; ++r) sq += a(r, c) * a(r, c);
+        if (sq > best_sq) best_sq = sq, best = c;
+    }
+    __shared__ double column_sq[kBoundThreads];
+    __shared__ int column_index[kBoundThreads];
+    column_sq[threadIdx.x] = best_sq;
+    column_index[threadIdx.x] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int i = 1; i < int(blockDim.x); ++i)
+            if (column_sq[i] > column_sq[0] || (column_sq[i] == column_sq[0] && column_index[i] < column_index[0]))
+                column_sq[0] = column_sq[i], column_index[0] = column_index[i];
+    }
+    __syncthreads();
+    const int chosen = column_index[0];
+    float* y = work + int64_t(t) * n;
+    // y_j = sum_i x_i a_ij with x = a[:, chosen] / max_abs (a / max_abs throughout).
+    double norm_sq = 0;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        double sum = 0;
+        for (int r = 0; r < n; ++r) sum += (a(r, chosen) / max_abs) * (a(r, c) / max_abs);
+        y[c] = float(sum);
+        norm_sq += sum * sum;
+    }
+    norm_sq = block_reduce(norm_sq, Add{});
+    __syncthreads();
+    const double norm = sqrt(norm_sq);
+    double out = 0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        double sum = 0;
+        for (int c = 0; c < n; ++c) sum += (a(r, c) / max_abs) * (double(y[c]) / norm);
+        out += sum * sum;
+    }
+    out = block_reduce(out, Add{});
+    if (threadIdx.x == 0) bound[t] = float(sqrt(out) * max_abs);
+}
+
+__global__ void psgd_triu_step_kernel(float* step, const float* t1, const float* t2, const float* bound, int n,
+                                      float precond_lr) {
+    const int t = blockIdx.y;
+    const int64_t size = int64_t(n) * n;
+    const float factor = precond_lr / fmaxf(bound[t], FLT_MIN);
+    GRID_STRIDE(i, size) {
+        const int r = int(i / n), c = int(i % n);
+        step[t * size + i] = c >= r ? (t1[t * size + i] - t2[t * size + i]) * factor : 0.0f;
+    }
+}
+
+__global__ void psgd_clip_scale_kernel(float* scale, const float* sum_sq, int count, int64_t n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < count) scale[t] = float(fmin(1.0, 1.1 / (sqrt(double(sum_sq[t]) / double(n)) + 1e-12)));
+}
+
+__global__ void inverse_rms_kernel(float* scale, const float* sum_sq, int count, int64_t n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < count) scale[t] = float(1.0 / (1e-30 + sqrt(double(sum_sq[t]) / double(n))));
+}
+
+// Blocks for a per-matrix grid-stride loop: (x blocks per matrix, count matrices).
+dim3 per_matrix_grid(int64_t n, int count) {
+    const int64_t blocks = (n + kThreads - 1) / kThreads;
+    const int64_t cap = std::max<int64_t>(1, 4096 / std::max(count, 1));
+    return dim3(unsigned(std::max<int64_t>(1, std::min(blocks, cap))), unsigned(count));
+}
+
+}  // namespace
+
+void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int count, int rows, int cols,
+                      float grad_scale) {
+    if (count == 0) return;
+    gather_tiles_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(out, grads, table, rows, cols,
+                                                                                     grad_scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
+                     float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
+                     float keep, float step) {
+    if (count == 0) return;
+    apply_tiles_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(
+        params, params_bf16, direction, tile_scale, momentum, mu, nesterov, table, rows, cols, keep, step);
+    CUDA_CHECK_LAUNCH();
+}
+
+void sum_squares_gpu(float* out, const float* x, int count, int64_t n) {
+    if (count == 0) return;
+    sum_squares_kernel<<<count, 1024>>>(out, x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
+                              int64_t n, float beta1, float bias1, bool adam_grafting, float graft_beta2,
+                              float graft_bias, float graft_eps) {
+    shampoo_filter_graft_kernel<<<grid_for(size_t(n)), kThreads>>>(filtered_hat, graft, filtered, graft_sq, g, n, beta1,
+                                                                   bias1, adam_grafting, graft_beta2, graft_bias,
+                                                                   graft_eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denominator_sq, int count) {
+    norm_ratio_kernel<<<(count + 255) / 256, 256>>>(scale, numerator_sq, denominator_sq, count);
+    CUDA_CHECK_LAUNCH();
+}
+
+void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
+                              float divisor, double eps, int root) {
+    inverse_root_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(scaled, vectors, values, n,
+                                                                                       divisor, eps, root);
+    CUDA_CHECK_LAUNCH();
+}
+
+void soap_adam_gpu(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n, float beta1,
+                   float beta2, float eps) {
+    soap_adam_kernel<<<grid_for(size_t(n)), kThreads>>>(direction, exp_avg, exp_avg_sq, rotated, n, beta1, beta2, eps);
+    CUDA_CHECK_LAUNCH();
+}
+
+void column_dots_gpu(float* diag, const float* basis, const float* projected, int n, int count) {
+    column_dots_kernel<<<dim3((n + 127) / 128, count), 128>>>(diag, basis, projected, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void permute_columns_gpu(float* out, const float* in, const int* order, int n, int count) {
+    permute_rows_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(out, in, nullptr, order, n, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void permute_rows_columns_gpu(float* out, const float* in, const int* row_order, const int* col_order, int rows,
+                              int cols, int count) {
+    permute_rows_columns_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(out, in, row_order,
+                                                                                            col_order, rows, cols);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_momentum_gpu(float* debiased, float* momentum, const float* g, int64_t n, float beta1, float debias) {
+    psgd_momentum_kernel<<<grid_for(size_t(n)), kThreads>>>(debiased, momentum, g, n, beta1, debias);
+    CUDA_CHECK_LAUNCH();
+}
+
+void mean_abs_gpu(float* mean_abs, const float* x, int count, int64_t n) {
+    mean_abs_kernel<<<count, 1024>>>(mean_abs, x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void max_abs_gpu(float* max_abs, const float* x, int count, int64_t n) {
+    max_abs_kernel<<<count, 1024>>>(max_abs, x, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_probe_perturb_gpu(float* probe, float* x, const float* mean_abs, const int* matrix_index, int count,
+                            int64_t n, uint64_t seed, long step, float noise_scale) {
+    psgd_probe_perturb_kernel<<<per_matrix_grid(n, count), kThreads>>>(probe, x, mean_abs, matrix_index, n, seed, step,
+                                                                      noise_scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, const float* right_max, int count,
+                      int64_t left_n, int64_t right_n) {
+    psgd_balance_kernel<<<per_matrix_grid(std::max(left_n, right_n), count), kThreads>>>(q_left, q_right, left_max,
+                                                                                         right_max, left_n, right_n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count) {
+    psgd_norm_lower_bound_kernel<<<count, kBoundThreads>>>(bound, t1, t2, work, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_triu_step_gpu(float* step, const float* t1, const float* t2, const float* bound, int n, int count,
+                        float precond_lr) {
+    psgd_triu_step_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(step, t1, t2, bound, n, precond_lr);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_clip_scale_gpu(float* scale, const float* sum_sq, int count, int64_t n) {
+    psgd_clip_scale_kernel<<<(count + 255) / 256, 256>>>(scale, sum_sq, count, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void inverse_rms_gpu(float* scale, const float* sum_sq, int count, int64_t n) {
+    inverse_rms_kernel<<<(count + 255) / 256, 256>>>(scale, sum_sq, count, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace qopt

@@ -1,0 +1,80 @@
+// GPU kernels of the preconditioned methods (optim/preconditioner_kernels.cu): the element-wise
+// and per-matrix pieces between their batched GEMMs. The CPU references are the methods' own
+// per-matrix functions (shampoo.cpp, soap.cpp, psgd.cpp); tests/test_gpu_optimizers.cpp
+// compares whole GPU steps against them. Buffers hold `count` row-major matrices back to back.
+#pragma once
+#include <cstdint>
+
+#include "kernels/gpu.hpp"
+
+namespace qopt {
+
+// out[t] = grad_scale * tile t of grads (table: {offset, ld} per tile; tiles rows x cols).
+void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int count, int rows, int cols,
+                      float grad_scale);
+
+// For each tile t (scale[t] = 1 when tile_scale is null):
+//   d = tile_scale[t] * direction
+//   with momentum K (if given): K = mu K + d;  d = nesterov ? d + mu K : K
+//   W = keep W - step d, and the bf16 copy of W (if given).
+void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
+                     float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
+                     float keep, float step);
+
+// out[t] = sum of squares of matrix t (n elements each); one block per matrix, fixed order.
+void sum_squares_gpu(float* out, const float* x, int count, int64_t n);
+
+// Shampoo's filtered gradient and Adam grafting, element-wise over count * n elements:
+//   F = b1 F + (1 - b1) G, F_hat = F / bias1;  V = bg V + (1 - bg) G^2,
+//   A = F_hat / (sqrt(V / graft_bias) + graft_eps)   (without grafting: A = F_hat, V untouched)
+void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
+                              int64_t n, float beta1, float bias1, bool adam_grafting, float graft_beta2,
+                              float graft_bias, float graft_eps);
+
+// Ratio per matrix: scale[t] = sqrt(numerator_sq[t] / denominator_sq[t]), 0 when the
+// denominator is 0 (Shampoo's grafting: ||A|| / ||S||).
+void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denominator_sq, int count);
+
+// From eigenvectors (columns, values descending) of factor / divisor:
+//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(values[n-1] / divisor, 0) + eps)^(-1/root)
+// so that scaled vectors^T = (factor / divisor + eps I)^(-1/root) after the shift.
+void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
+                              float divisor, double eps, int root);
+
+// SOAP's Adam in the rotated basis, element-wise:
+//   M = b1 M + (1 - b1) X,  V = b2 V + (1 - b2) X^2,  direction = M / (sqrt(V) + eps)
+void soap_adam_gpu(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n, float beta1,
+                   float beta2, float eps);
+
+// diag[t][j] = sum_r basis[t][r, j] * projected[t][r, j]  (= (Q^T L Q)_jj with projected = L Q)
+void column_dots_gpu(float* diag, const float* basis, const float* projected, int n, int count);
+// out[t][r, j] = in[t][r, order[t][j]]  (n x n matrices; order: n ints per matrix)
+void permute_columns_gpu(float* out, const float* in, const int* order, int n, int count);
+// out[t][r, c] = in[t][row_order[t][r], col_order[t][c]]  (rows x cols matrices)
+void permute_rows_columns_gpu(float* out, const float* in, const int* row_order, const int* col_order, int rows,
+                              int cols, int count);
+
+// PSGD: M = b1 M + (1 - b1) G, D = M / debias.
+void psgd_momentum_gpu(float* debiased, float* momentum, const float* g, int64_t n, float beta1, float debias);
+// mean_abs[t] = mean |x[t]| over n elements (one block per matrix).
+void mean_abs_gpu(float* mean_abs, const float* x, int count, int64_t n);
+// max_abs[t] = max |x[t]|.
+void max_abs_gpu(float* max_abs, const float* x, int count, int64_t n);
+// probe[t][i] = counter_normal(seed, (step << 20) ^ matrix_index[t], i) (as psgd_probe);
+// x[t][i] += noise_scale * mean_abs[t] * probe[t][i].
+void psgd_probe_perturb_gpu(float* probe, float* x, const float* mean_abs, const int* matrix_index, int count,
+                            int64_t n, uint64_t seed, long step, float noise_scale);
+// Both factors scaled to the geometric mean of their max-abs values (PSGD's balancing).
+void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, const float* right_max, int count,
+                      int64_t left_n, int64_t right_n);
+// bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work: count * n floats.
+void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count);
+// step[t] = triu(t1[t] - t2[t]) * precond_lr / max(bound[t], tiny)  (then Q -= step Q by GEMM)
+void psgd_triu_step_gpu(float* step, const float* t1, const float* t2, const float* bound, int n, int count,
+                        float precond_lr);
+// scale[t] = min(1, 1.1 / (sqrt(sum_sq[t] / n) + 1e-12))  (PSGD's update RMS clip)
+void psgd_clip_scale_gpu(float* scale, const float* sum_sq, int count, int64_t n);
+// scale[t] = 1 / (1e-30 + sqrt(sum_sq[t] / n))  (SOAP's normalize_grads)
+void inverse_rms_gpu(float* scale, const float* sum_sq, int count, int64_t n);
+
+}  // namespace qopt
