@@ -1,7 +1,7 @@
 // PSGD-Kron on the GPU: the CPU reference's step (optim/psgd.hpp) over groups of same-shape
 // matrices, with the schedule's decisions shared by all (as the reference). Per step and
 // group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2
-// (4 batched GEMMs), its RMS clip (per-matrix sums of squares) and the apply pass. On the
+// (2 batched GEMMs; the products Q^T Q are kept until the factors change), its RMS clip (per-matrix sums of squares) and the apply pass. On the
 // steps the schedule picks, the factor update: the probe V (the same counter-based normal
 // numbers as the CPU), A = Q1 D Q2^T (2 GEMMs), B = Q1^-T V Q2^-1 (2 batched triangular
 // solves), the four Gram matrices (4 GEMMs), the spectral-norm lower bound (one block per
@@ -39,13 +39,15 @@ public:
             s.q_left.upload(left);
             s.q_right.upload(right);
             s.matrix_index.upload(g.matrix_index);
+            s.left_product.resize(left.size());
+            s.right_product.resize(right.size());
             work = std::max(work, g.tile_size() * count);
             factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
             dim = std::max(dim, size_t(std::max(m, n)) * count);
         }
         for (DeviceBuffer<float>* b : {&debiased_, &probe_, &work_t_, &work_a_, &work_b_}) b->resize(work);
         for (DeviceBuffer<float>* b : {&factor_a_, &factor_b_, &factor_c_}) b->resize(factor);
-        bound_work_.resize(dim);
+        bound_work_.resize(3 * dim);
         scalars_.resize(4 * size_t(std::max<size_t>(1, dim)));
     }
 
@@ -69,11 +71,15 @@ public:
                                  int64_t(n) * n);
             }
             if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
-            // U = Q1^T Q1 D Q2^T Q2 -> work_a.
-            group_gemm(factor_a_.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
-            group_gemm(factor_b_.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
-            group_gemm(work_t_.data(), factor_a_.data(), false, d, false, m, n, m, count);
-            group_gemm(work_a_.data(), work_t_.data(), false, factor_b_.data(), false, m, n, n, count);
+            // P1 = Q1^T Q1 and P2 = Q2^T Q2 change only with the factors (kept between updates).
+            if (decision.update || decision.balance || !s.products_current) {
+                group_gemm(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
+                group_gemm(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
+                s.products_current = true;
+            }
+            // U = P1 D P2 -> work_a.
+            group_gemm(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
+            group_gemm(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
             apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
@@ -102,6 +108,7 @@ public:
             load_group_tensors(state, g, "momentum", s.momentum);
             load_group_tensors(state, g, "q_left", s.q_left);
             load_group_tensors(state, g, "q_right", s.q_right);
+            s.products_current = false;
         }
     }
 
@@ -112,7 +119,9 @@ public:
     }
 
     size_t scratch_bytes() const override {
-        size_t floats = debiased_.size() + probe_.size() + work_t_.size() + work_a_.size() + work_b_.size() +
+        size_t floats = 0;
+        for (const State& s : state_) floats += s.left_product.size() + s.right_product.size();
+        floats += debiased_.size() + probe_.size() + work_t_.size() + work_a_.size() + work_b_.size() +
                         factor_a_.size() + factor_b_.size() + factor_c_.size() + bound_work_.size() + scalars_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
         return floats * sizeof(float);
@@ -121,6 +130,8 @@ public:
 private:
     struct State {
         DeviceBuffer<float> momentum, q_left, q_right;
+        DeviceBuffer<float> left_product, right_product;  // Q1^T Q1, Q2^T Q2 (derived, not saved)
+        bool products_current = false;
         DeviceBuffer<int> matrix_index;
     };
 

@@ -195,64 +195,82 @@ __global__ void psgd_balance_kernel(float* q_left, float* q_right, const float* 
     GRID_STRIDE(i, right_n) q_right[t * right_n + i] *= right_scale;
 }
 
-// PSGD's lower bound of ||a||_2 (a = t1 + t2 symmetric), one block per matrix, in double as
-// the CPU reference: scale by max|a|; x = the column with the largest norm (the first on
-// ties); y = x^T a / ||x^T a||; bound = ||a y|| max|a|. work holds y.
-constexpr int kBoundThreads = 256;
+// PSGD's lower bound of ||a||_2 for symmetric a = t1 + t2, as the CPU reference computes it
+// (there on a / max|a|, which changes nothing but rounding):
+//   x = the column of a with the largest norm (the first on ties);  y = a^T x;
+//   bound = ||a y|| / ||y||
+// In four passes, each parallel over columns or rows of every matrix (count in blockIdx.y).
+__device__ inline double sum_entry(const float* t1, const float* t2, int64_t i) { return double(t1[i]) + double(t2[i]); }
 
-__global__ void __launch_bounds__(kBoundThreads) psgd_norm_lower_bound_kernel(float* bound, const float* t1, const float* t2, float* work, int n) {
-    const int t = blockIdx.x;
+// column_sq[t][c] = sum_r a(r, c)^2 (one thread per column, coalesced).
+__global__ void column_norms_kernel(float* column_sq, const float* t1, const float* t2, int n) {
+    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
     const int64_t base = int64_t(t) * n * n;
-    auto a = [&](int r, int c) { return double(t1[base + int64_t(r) * n + c]) + double(t2[base + int64_t(r) * n + c]); };
-    double max_abs = 0;
-    for (int64_t i = threadIdx.x; i < int64_t(n) * n; i += blockDim.x)
-        max_abs = fmax(max_abs, fabs(double(t1[base + i]) + double(t2[base + i])));
-    max_abs = block_reduce(max_abs, Max{});
-    if (max_abs == 0) {
-        if (threadIdx.x == 0) bound[t] = 0;
-        return;
+    double sq = 0;
+    for (int r = 0; r < n; ++r) {
+        const double a = sum_entry(t1, t2, base + int64_t(r) * n + c);
+        sq += a * a;
     }
-    // Column norms (unscaled: the arg max is the same), packed with the column index so that
-    // the max picks the largest norm and, among equal ones, the smallest index.
-    double best_sq = -1;
-    int best = 0;
-    for (int c = threadIdx.x; c < n; c += blockDim.x) {
-        double sq = 0;
-        for (int r = 0; r < n; ++r) sq += a(r, c) * a(r, c);
-        if (sq > best_sq) best_sq = sq, best = c;
-    }
-    __shared__ double column_sq[kBoundThreads];
-    __shared__ int column_index[kBoundThreads];
-    column_sq[threadIdx.x] = best_sq;
-    column_index[threadIdx.x] = best;
+    column_sq[int64_t(t) * n + c] = float(sq);
+}
+
+// chosen[t] = arg max of column_sq[t] (the first on ties); one block per matrix.
+__global__ void choose_column_kernel(int* chosen, const float* column_sq, int n) {
+    const float* sq = column_sq + int64_t(blockIdx.x) * n;
+    float best = -1;
+    int best_index = 0;
+    for (int c = threadIdx.x; c < n; c += blockDim.x)
+        if (sq[c] > best) best = sq[c], best_index = c;
+    __shared__ float values[256];
+    __shared__ int indices[256];
+    values[threadIdx.x] = best;
+    indices[threadIdx.x] = best_index;
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int i = 1; i < int(blockDim.x); ++i)
-            if (column_sq[i] > column_sq[0] || (column_sq[i] == column_sq[0] && column_index[i] < column_index[0]))
-                column_sq[0] = column_sq[i], column_index[0] = column_index[i];
+            if (values[i] > values[0] || (values[i] == values[0] && indices[i] < indices[0]))
+                values[0] = values[i], indices[0] = indices[i];
+        chosen[blockIdx.x] = indices[0];
     }
-    __syncthreads();
-    const int chosen = column_index[0];
-    float* y = work + int64_t(t) * n;
-    // y_j = sum_i x_i a_ij with x = a[:, chosen] / max_abs (a / max_abs throughout).
-    double norm_sq = 0;
-    for (int c = threadIdx.x; c < n; c += blockDim.x) {
-        double sum = 0;
-        for (int r = 0; r < n; ++r) sum += (a(r, chosen) / max_abs) * (a(r, c) / max_abs);
-        y[c] = float(sum);
-        norm_sq += sum * sum;
+}
+
+// y[t][c] = sum_r a(r, chosen) a(r, c).
+__global__ void project_column_kernel(float* y, const int* chosen, const float* t1, const float* t2, int n) {
+    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    const int64_t base = int64_t(t) * n * n;
+    const int x = chosen[t];
+    double sum = 0;
+    for (int r = 0; r < n; ++r)
+        sum += sum_entry(t1, t2, base + int64_t(r) * n + x) * sum_entry(t1, t2, base + int64_t(r) * n + c);
+    y[int64_t(t) * n + c] = float(sum);
+}
+
+// row_sq[t][r] = (sum_c a(r, c) y_c)^2, one warp per row.
+__global__ void apply_rows_kernel(float* row_sq, const float* y, const float* t1, const float* t2, int n) {
+    const int t = blockIdx.y;
+    const int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= n) return;
+    const int64_t base = int64_t(t) * n * n + int64_t(r) * n;
+    const float* yt = y + int64_t(t) * n;
+    double sum = 0;
+    for (int c = lane; c < n; c += 32) sum += sum_entry(t1, t2, base + c) * double(yt[c]);
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) row_sq[int64_t(t) * n + r] = float(sum * sum);
+}
+
+// bound[t] = sqrt(sum row_sq) / ||y||  (0 when a is 0); one block per matrix.
+__global__ void finish_bound_kernel(float* bound, const float* row_sq, const float* y, int n) {
+    const int t = blockIdx.x;
+    double rows = 0, norm = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        rows += double(row_sq[int64_t(t) * n + i]);
+        norm += double(y[int64_t(t) * n + i]) * y[int64_t(t) * n + i];
     }
-    norm_sq = block_reduce(norm_sq, Add{});
-    __syncthreads();
-    const double norm = sqrt(norm_sq);
-    double out = 0;
-    for (int r = threadIdx.x; r < n; r += blockDim.x) {
-        double sum = 0;
-        for (int c = 0; c < n; ++c) sum += (a(r, c) / max_abs) * (double(y[c]) / norm);
-        out += sum * sum;
-    }
-    out = block_reduce(out, Add{});
-    if (threadIdx.x == 0) bound[t] = float(sqrt(out) * max_abs);
+    rows = block_reduce(rows, Add{});
+    norm = block_reduce(norm, Add{});
+    if (threadIdx.x == 0) bound[t] = norm > 0 ? float(sqrt(rows) / sqrt(norm)) : 0.0f;
 }
 
 __global__ void psgd_triu_step_kernel(float* step, const float* t1, const float* t2, const float* bound, int n,
@@ -382,7 +400,19 @@ void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, cons
 }
 
 void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count) {
-    psgd_norm_lower_bound_kernel<<<count, kBoundThreads>>>(bound, t1, t2, work, n);
+    float* column_sq = work;  // later the rows' squares
+    float* y = work + size_t(n) * count;
+    int* chosen = reinterpret_cast<int*>(work + 2 * size_t(n) * count);
+    const dim3 columns((n + 127) / 128, count);
+    column_norms_kernel<<<columns, 128>>>(column_sq, t1, t2, n);
+    CUDA_CHECK_LAUNCH();
+    choose_column_kernel<<<count, 256>>>(chosen, column_sq, n);
+    CUDA_CHECK_LAUNCH();
+    project_column_kernel<<<columns, 128>>>(y, chosen, t1, t2, n);
+    CUDA_CHECK_LAUNCH();
+    apply_rows_kernel<<<dim3((n + 7) / 8, count), 256>>>(column_sq, y, t1, t2, n);
+    CUDA_CHECK_LAUNCH();
+    finish_bound_kernel<<<count, 256>>>(bound, column_sq, y, n);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -67,7 +67,7 @@ void psgd_probe_perturb_gpu(float* probe, float* x, const float* mean_abs, const
 // Both factors scaled to the geometric mean of their max-abs values (PSGD's balancing).
 void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, const float* right_max, int count,
                       int64_t left_n, int64_t right_n);
-// bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work: count * n floats.
+// bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work: 3 * count * n floats.
 void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count);
 // step[t] = triu(t1[t] - t2[t]) * precond_lr / max(bound[t], tiny)  (then Q -= step Q by GEMM)
 void psgd_triu_step_gpu(float* step, const float* t1, const float* t2, const float* bound, int n, int count,
