@@ -72,13 +72,13 @@ struct Batch {
 };
 
 // Operands are bf16 unless ab_type says fp32 (CUDA_R_32F: then C is fp32 too and the product
-// runs in full fp32, no TF32).
+// runs in full fp32, or on TF32 tensor cores with `tf32`).
 void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, const void* b, bool transpose_b,
                int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
                Epilogue extra = Epilogue::None, void* aux = nullptr, float alpha = 1.0f, const void* c_in = nullptr,
-               Batch batch = Batch{}, cudaDataType_t ab_type = CUDA_R_16BF) {
+               Batch batch = Batch{}, cudaDataType_t ab_type = CUDA_R_16BF, bool tf32 = false) {
     cublasLtMatmulDesc_t op;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -116,9 +116,10 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
     }
 
     // Algorithm: the heuristic's first choice for this shape, cached.
-    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int>;
+    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int, bool>;
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
-    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count, int(ab_type)};
+    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count, int(ab_type),
+                  tf32};
     auto found = cache.find(key);
     if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
@@ -202,9 +203,9 @@ void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a,
 
 void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool transpose_a, const float* b,
                             bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
-                            int64_t stride_a, int64_t stride_b, int64_t stride_c, cudaStream_t stream) {
+                            int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32, cudaStream_t stream) {
     lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
-              alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F);
+              alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, tf32);
 }
 
 }  // namespace qopt

@@ -58,12 +58,16 @@ std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const Opt
 std::vector<TileGroup> group_whole_matrices(const Routing& routing);
 
 // d[t] = alpha op(a[t]) op(b[t]) + beta d[t] for each of `count` contiguous matrices
-// (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM. d must not alias a or b.
-inline void group_gemm(float* d, const float* a, bool transpose_a, const float* b, bool transpose_b, int m, int n, int k,
-                       int count, float alpha = 1.0f, float beta = 0.0f) {
-    batched_matmul_f32_gpu(d, d, a, transpose_a, b, transpose_b, m, n, k, alpha, beta, count, int64_t(m) * k,
-                           int64_t(k) * n, int64_t(m) * n);
-}
+// (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM, its products on TF32
+// tensor cores when `tf32` (--precond-tf32). d must not alias a or b.
+struct GroupGemm {
+    bool tf32 = false;
+    void operator()(float* d, const float* a, bool transpose_a, const float* b, bool transpose_b, int m, int n, int k,
+                    int count, float alpha = 1.0f, float beta = 0.0f) const {
+        batched_matmul_f32_gpu(d, d, a, transpose_a, b, transpose_b, m, n, k, alpha, beta, count, int64_t(m) * k,
+                               int64_t(k) * n, int64_t(m) * n, tf32);
+    }
+};
 
 // State helpers: a [count, ...] device buffer split into / filled from named tensors.
 void save_group_tensors(OptimizerState& state, const TileGroup& group, const std::string& suffix,

@@ -20,7 +20,7 @@ namespace {
 class GpuPsgd final : public GpuMatrixMethod {
 public:
     GpuPsgd(const Routing& routing, const OptimizerConfig& config)
-        : config_(config.psgd), weight_decay_(config.weight_decay()) {
+        : config_(config.psgd), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         groups_ = group_whole_matrices(routing);
         size_t work = 0, factor = 0, dim = 0;
         for (TileGroup& g : groups_) {
@@ -73,13 +73,13 @@ public:
             if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
             // P1 = Q1^T Q1 and P2 = Q2^T Q2 change only with the factors (kept between updates).
             if (decision.update || decision.balance || !s.products_current) {
-                group_gemm(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
-                group_gemm(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
+                gemm_(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
+                gemm_(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
                 s.products_current = true;
             }
             // U = P1 D P2 -> work_a.
-            group_gemm(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
-            group_gemm(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
+            gemm_(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
+            gemm_(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
             apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
@@ -145,18 +145,18 @@ private:
         psgd_probe_perturb_gpu(probe_.data(), x, mean_abs, s.matrix_index.data(), count, size, c.seed, step,
                                std::sqrt(1.1920928955078125e-07f));
         // A = Q1 X Q2^T -> work_a;  B = Q1^-T V Q2^-1 -> work_b.
-        group_gemm(work_t_.data(), s.q_left.data(), false, x, false, m, n, m, count);
-        group_gemm(work_a_.data(), work_t_.data(), false, s.q_right.data(), true, m, n, n, count);
+        gemm_(work_t_.data(), s.q_left.data(), false, x, false, m, n, m, count);
+        gemm_(work_a_.data(), work_t_.data(), false, s.q_right.data(), true, m, n, n, count);
         CUDA_CHECK(cudaMemcpy(work_b_.data(), probe_.data(), size_t(size) * count * sizeof(float),
                               cudaMemcpyDeviceToDevice));
         solve_upper_transposed_left_batched_gpu(work_b_.data(), s.q_left.data(), m, n, count);
         solve_upper_right_batched_gpu(work_b_.data(), s.q_right.data(), m, n, count);
         // Q1 -= lr_p / lb(AA^T + BB^T) triu(AA^T - BB^T) Q1, then Q2 likewise with A^T A, B^T B.
-        group_gemm(factor_a_.data(), work_a_.data(), false, work_a_.data(), true, m, m, n, count);
-        group_gemm(factor_b_.data(), work_b_.data(), false, work_b_.data(), true, m, m, n, count);
+        gemm_(factor_a_.data(), work_a_.data(), false, work_a_.data(), true, m, m, n, count);
+        gemm_(factor_b_.data(), work_b_.data(), false, work_b_.data(), true, m, m, n, count);
         update_factor(s.q_left, m, count);
-        group_gemm(factor_a_.data(), work_a_.data(), true, work_a_.data(), false, n, n, m, count);
-        group_gemm(factor_b_.data(), work_b_.data(), true, work_b_.data(), false, n, n, m, count);
+        gemm_(factor_a_.data(), work_a_.data(), true, work_a_.data(), false, n, n, m, count);
+        gemm_(factor_b_.data(), work_b_.data(), true, work_b_.data(), false, n, n, m, count);
         update_factor(s.q_right, n, count);
     }
 
@@ -168,12 +168,13 @@ private:
                            float(config_.precond_lr));
         const size_t bytes = size_t(n) * n * count * sizeof(float);
         CUDA_CHECK(cudaMemcpy(factor_a_.data(), q.data(), bytes, cudaMemcpyDeviceToDevice));
-        group_gemm(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
+        gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
         CUDA_CHECK(cudaMemcpy(q.data(), factor_a_.data(), bytes, cudaMemcpyDeviceToDevice));
     }
 
     PsgdConfig config_;
     double weight_decay_;
+    GroupGemm gemm_;
     PsgdSchedule schedule_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;

@@ -20,7 +20,7 @@ namespace {
 class GpuShampoo final : public GpuMatrixMethod {
 public:
     GpuShampoo(const Routing& routing, const OptimizerConfig& config)
-        : config_(config.shampoo), weight_decay_(config.weight_decay()) {
+        : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         std::map<std::pair<int, int>, size_t> group_of;
         for (size_t i = 0; i < routing.matrices.size(); ++i) {
             const MatrixSlot& m = routing.matrices[i];
@@ -84,8 +84,8 @@ public:
             const int64_t n = int64_t(g.tile_size());
             g.gather(grads, float(grad_scale));
             const float* grad = g.grads.data();
-            group_gemm(s.left.data(), grad, false, grad, true, br, br, bc, count, add_factor, keep_factor);
-            group_gemm(s.right.data(), grad, true, grad, false, bc, bc, br, count, add_factor, keep_factor);
+            gemm_(s.left.data(), grad, false, grad, true, br, br, bc, count, add_factor, keep_factor);
+            gemm_(s.right.data(), grad, true, grad, false, bc, bc, br, count, add_factor, keep_factor);
             if (refresh_roots) {
                 inverse_root(s.left_root.data(), s.left.data(), br, count, factor_bias);
                 inverse_root(s.right_root.data(), s.right.data(), bc, count, factor_bias);
@@ -98,8 +98,8 @@ public:
             const float* scale = nullptr;
             if (precondition) {
                 // S = L_root F_hat R_root -> work_a.
-                group_gemm(work_c_.data(), s.left_root.data(), false, work_a_.data(), false, br, bc, br, count);
-                group_gemm(work_a_.data(), work_c_.data(), false, s.right_root.data(), false, br, bc, bc, count);
+                gemm_(work_c_.data(), s.left_root.data(), false, work_a_.data(), false, br, bc, br, count);
+                gemm_(work_a_.data(), work_c_.data(), false, s.right_root.data(), false, br, bc, bc, count);
                 direction = work_a_.data();
                 if (c.adam_grafting) {
                     float* graft_sq = norms_.data();
@@ -171,11 +171,12 @@ private:
         symmetric_eigen_batched_gpu(factor_a_.data(), values_.data(), factor, n, count, factor_b_.data());
         inverse_root_columns_gpu(factor_b_.data(), factor_a_.data(), values_.data(), n, count, float(divisor),
                                  config_.eps, config_.root());
-        group_gemm(root, factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
+        gemm_(root, factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
     }
 
     ShampooConfig config_;
     double weight_decay_;
+    GroupGemm gemm_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_a_, factor_b_, values_, norms_;

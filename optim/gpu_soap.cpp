@@ -21,7 +21,7 @@ namespace {
 class GpuSoap final : public GpuMatrixMethod {
 public:
     GpuSoap(const Routing& routing, const OptimizerConfig& config)
-        : config_(config.soap), weight_decay_(config.weight_decay()) {
+        : config_(config.soap), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         groups_ = group_whole_matrices(routing);
         size_t work = 0, factor = 0, dim = 0;
         for (TileGroup& g : groups_) {
@@ -70,12 +70,12 @@ public:
             }
             const long t = call - 1;
             // rotated = QL^T G QR -> work_b; direction (in place) -> work_b; update = QL D QR^T -> work_b.
-            group_gemm(work_a_.data(), s.left_basis.data(), true, grad, false, m, n, m, count);
-            group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+            gemm_(work_a_.data(), s.left_basis.data(), true, grad, false, m, n, m, count);
+            gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
             soap_adam_gpu(work_b_.data(), s.exp_avg.data(), s.exp_avg_sq.data(), work_b_.data(),
                           int64_t(g.tile_size()) * count, float(c.beta1), float(c.beta2), float(c.eps));
-            group_gemm(work_a_.data(), s.left_basis.data(), false, work_b_.data(), false, m, n, m, count);
-            group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+            gemm_(work_a_.data(), s.left_basis.data(), false, work_b_.data(), false, m, n, m, count);
+            gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
             const float* scale = nullptr;
             if (c.normalize_grads) {
                 sum_squares_gpu(values_.data(), work_b_.data(), count, int64_t(g.tile_size()));
@@ -144,8 +144,8 @@ private:
     // L = b L + (1 - b) G G^T,  R = b R + (1 - b) G^T G.
     void update_factors(TileGroup& g, State& s, float beta) {
         const int m = g.rows, n = g.cols, count = g.count();
-        group_gemm(s.left.data(), g.grads.data(), false, g.grads.data(), true, m, m, n, count, 1 - beta, beta);
-        group_gemm(s.right.data(), g.grads.data(), true, g.grads.data(), false, n, n, m, count, 1 - beta, beta);
+        gemm_(s.left.data(), g.grads.data(), false, g.grads.data(), true, m, m, n, count, 1 - beta, beta);
+        gemm_(s.right.data(), g.grads.data(), true, g.grads.data(), false, n, n, m, count, 1 - beta, beta);
     }
 
     // New bases for the group; exp_avg follows them, exp_avg_sq's axes are permuted as the
@@ -153,8 +153,8 @@ private:
     void refresh(TileGroup& g, State& s) {
         const int m = g.rows, n = g.cols, count = g.count();
         // M in parameter space: QL M QR^T -> work_b.
-        group_gemm(work_a_.data(), s.left_basis.data(), false, s.exp_avg.data(), false, m, n, m, count);
-        group_gemm(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+        gemm_(work_a_.data(), s.left_basis.data(), false, s.exp_avg.data(), false, m, n, m, count);
+        gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
         int* left_order = orders_.data();
         int* right_order = orders_.data() + size_t(m) * count;
         refresh_basis(s.left.data(), s.left_basis.data(), left_order, m, count);
@@ -163,15 +163,15 @@ private:
         CUDA_CHECK(cudaMemcpy(s.exp_avg_sq.data(), work_a_.data(), g.tile_size() * count * sizeof(float),
                               cudaMemcpyDeviceToDevice));
         // M into the new bases: QL^T M QR.
-        group_gemm(work_a_.data(), s.left_basis.data(), true, work_b_.data(), false, m, n, m, count);
-        group_gemm(s.exp_avg.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+        gemm_(work_a_.data(), s.left_basis.data(), true, work_b_.data(), false, m, n, m, count);
+        gemm_(s.exp_avg.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
     }
 
     // One power-iteration step with QR: sort Q's columns by diag(Q^T F Q) (descending, stable),
     // Q = qr(F Q_sorted). order receives the permutation (n ints per matrix).
     void refresh_basis(const float* factor, float* basis, int* order, int n, int count) {
         float* projected = factor_a_.data();
-        group_gemm(projected, factor, false, basis, false, n, n, n, count);
+        gemm_(projected, factor, false, basis, false, n, n, n, count);
         column_dots_gpu(values_.data(), basis, projected, n, count);
         std::vector<float> diag(size_t(n) * count);
         CUDA_CHECK(cudaMemcpy(diag.data(), values_.data(), diag.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -189,6 +189,7 @@ private:
 
     SoapConfig config_;
     double weight_decay_;
+    GroupGemm gemm_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;
     DeviceBuffer<float> work_a_, work_b_, factor_a_, factor_b_, values_;

@@ -70,6 +70,8 @@ Json OptimizerConfig::to_json() const {
     j["lr"] = method_lr();
     j["adamw_lr"] = aux_adamw_lr();
     j["adamw"] = adamw.to_json();
+    if (kind == OptimizerKind::Shampoo || kind == OptimizerKind::Soap || kind == OptimizerKind::Psgd)
+        j["precond_tf32"] = precond_tf32;
     switch (kind) {
         case OptimizerKind::AdamW: break;
         case OptimizerKind::Muon: {

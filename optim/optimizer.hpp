@@ -46,6 +46,9 @@ struct OptimizerConfig {
     ShampooConfig shampoo;
     SoapConfig soap;
     PsgdConfig psgd;
+    // GPU only: Shampoo's, SOAP's and PSGD's fp32 products on TF32 tensor cores (10-bit
+    // mantissa inputs, fp32 accumulation) instead of full fp32; off by default, as the references.
+    bool precond_tf32 = false;
 
     double method_lr() const;      // lr, or the method's default
     double aux_adamw_lr() const;   // adamw_lr, or its default
