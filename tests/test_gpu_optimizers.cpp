@@ -171,19 +171,24 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
     // roots there, follow rounding and legitimately differ between the two. So most cases
     // start the GPU from the CPU's state after 6 steps (factors of full rank by then, as a
     // CPU checkpoint resumed on the GPU), and the first steps from scratch are compared on
-    // square matrices, whose factors have full rank from the first step.
+    // square matrices, whose factors have full rank from the first step. SOAP sorts its basis
+    // by estimated eigenvalues before each QR; two estimates within rounding of each other may
+    // sort differently on the two sides, and QR is not permutation-equivariant, so SOAP's bases
+    // (and exp_avg_sq, whose axes follow them) can part slightly: 4.6e-3 on the weight changes
+    // in one of four runs with fresh seeds, hence 1e-2 there.
     struct Case {
         std::string label;
         const char* optimizer;
         std::function<void(OptimizerConfig&)> setup;
         bool square;
         int warm_steps, steps;
+        double bound;  // on the weight changes' relative difference
         std::vector<std::string> compared_state;  // suffixes compared value by value (basis-free state)
     };
     const std::vector<Case> cases = {
-        {"shampoo from scratch", "shampoo", [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 2; }, true, 0, 5,
+        {"shampoo from scratch", "shampoo", [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 2; }, true, 0, 5, 2e-3,
          {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
-        {"shampoo", "shampoo", [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 2; }, false, 6, 4,
+        {"shampoo", "shampoo", [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 2; }, false, 6, 4, 2e-3,
          {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
         {"shampoo blocks 48, momentum, nesterov, EMA factors", "shampoo",
          [](OptimizerConfig& c) {
@@ -193,14 +198,14 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
              c.shampoo.nesterov = true;
              c.shampoo.beta2 = 0.99;
          },
-         false, 6, 3, {"left", "right", "left_root", "right_root", "momentum"}},
+         false, 6, 3, 2e-3, {"left", "right", "left_root", "right_root", "momentum"}},
         {"shampoo without grafting", "shampoo",
-         [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.adam_grafting = false; }, false, 6, 2,
+         [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.adam_grafting = false; }, false, 6, 2, 2e-3,
          {"left_root", "right_root"}},
         {"soap from scratch", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, true, 0, 6,
+         1e-2, {"left", "right"}},
+        {"soap", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, false, 6, 5, 1e-2,
          {"left", "right"}},
-        {"soap", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, false, 6, 5,
-         {"left", "right", "exp_avg_sq"}},
         {"soap normalized, shampoo beta, no bias correction", "soap",
          [](OptimizerConfig& c) {
              c.soap.precondition_frequency = 1;
@@ -208,14 +213,14 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
              c.soap.shampoo_beta = 0.9;
              c.soap.correct_bias = false;
          },
-         false, 6, 3, {"left", "right"}},
-        {"psgd", "psgd", [](OptimizerConfig&) {}, false, 0, 4, {"momentum", "q_left", "q_right"}},
+         false, 6, 3, 1e-2, {"left", "right"}},
+        {"psgd", "psgd", [](OptimizerConfig&) {}, false, 0, 4, 2e-3, {"momentum", "q_left", "q_right"}},
         {"psgd balanced, gradient into the update", "psgd",
          [](OptimizerConfig& c) {
              c.psgd.balance_probability = 1.0;
              c.psgd.momentum_into_precond_update = false;
          },
-         false, 6, 3, {"momentum", "q_left", "q_right"}},
+         false, 6, 3, 2e-3, {"momentum", "q_left", "q_right"}},
     };
     for (const Case& k : cases) {
         CAPTURE(k.label);
@@ -223,7 +228,9 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
         c.kind = parse_optimizer(k.optimizer);
         k.setup(c);
         const SideBySide r = run_side_by_side(k.square ? square_layout : layout, c, k.warm_steps, k.steps, seed);
-        CHECK(relative_error(r.gpu_change, r.cpu_change) < 2e-3);
+        const double error = relative_error(r.gpu_change, r.cpu_change);
+        MESSAGE(k.label << ": relative difference of the weight changes " << error);
+        CHECK(error < k.bound);
         REQUIRE(r.gpu_state.tensors.size() == r.cpu_state.tensors.size());
         CHECK(r.gpu_state.step == k.warm_steps + k.steps);
         for (const auto& t : r.cpu_state.tensors) {
