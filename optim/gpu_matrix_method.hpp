@@ -69,6 +69,12 @@ struct GroupGemm {
     }
 };
 
+// buffer = n zeros (fresh state).
+inline void zeroed(DeviceBuffer<float>& buffer, size_t n) {
+    buffer.resize(n);
+    buffer.fill_bytes(0);
+}
+
 // State helpers: a [count, ...] device buffer split into / filled from named tensors.
 void save_group_tensors(OptimizerState& state, const TileGroup& group, const std::string& suffix,
                         std::vector<int64_t> shape, const DeviceBuffer<float>& values);

@@ -44,17 +44,13 @@ public:
             g.upload_table();
             const int br = g.rows, bc = g.cols, count = g.count();
             State& s = state_.emplace_back();
-            auto zeros = [](DeviceBuffer<float>& buffer, size_t n) {
-                buffer.resize(n);
-                buffer.fill_bytes(0);
-            };
-            zeros(s.left, size_t(br) * br * count);
-            zeros(s.right, size_t(bc) * bc * count);
-            zeros(s.left_root, size_t(br) * br * count);
-            zeros(s.right_root, size_t(bc) * bc * count);
-            zeros(s.filtered, g.tile_size() * count);
-            zeros(s.graft_sq, g.tile_size() * count);
-            if (config_.momentum > 0) zeros(s.momentum, g.tile_size() * count);
+            zeroed(s.left, size_t(br) * br * count);
+            zeroed(s.right, size_t(bc) * bc * count);
+            zeroed(s.left_root, size_t(br) * br * count);
+            zeroed(s.right_root, size_t(bc) * bc * count);
+            zeroed(s.filtered, g.tile_size() * count);
+            zeroed(s.graft_sq, g.tile_size() * count);
+            if (config_.momentum > 0) zeroed(s.momentum, g.tile_size() * count);
             work = std::max(work, g.tile_size() * count);
             factor = std::max(factor, size_t(std::max(br, bc)) * std::max(br, bc) * count);
             dim = std::max(dim, size_t(std::max(br, bc)) * count);

@@ -30,16 +30,12 @@ public:
                        n, " matrix exceeds --soap-max-precond-dim ", config_.max_precond_dim,
                        " (one-sided SOAP is not implemented)");
             State& s = state_.emplace_back();
-            auto zeros = [](DeviceBuffer<float>& b, size_t n_values) {
-                b.resize(n_values);
-                b.fill_bytes(0);
-            };
-            zeros(s.left, size_t(m) * m * count);
-            zeros(s.right, size_t(n) * n * count);
-            zeros(s.left_basis, size_t(m) * m * count);
-            zeros(s.right_basis, size_t(n) * n * count);
-            zeros(s.exp_avg, g.tile_size() * count);
-            zeros(s.exp_avg_sq, g.tile_size() * count);
+            zeroed(s.left, size_t(m) * m * count);
+            zeroed(s.right, size_t(n) * n * count);
+            zeroed(s.left_basis, size_t(m) * m * count);
+            zeroed(s.right_basis, size_t(n) * n * count);
+            zeroed(s.exp_avg, g.tile_size() * count);
+            zeroed(s.exp_avg_sq, g.tile_size() * count);
             work = std::max(work, g.tile_size() * count);
             factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
             dim = std::max(dim, size_t(std::max(m, n)) * count);
