@@ -21,47 +21,78 @@ void TileGroup::gather(const float* all_grads, float grad_scale) {
     gather_tiles_gpu(grads.data(), all_grads, table.data(), count(), rows, cols, grad_scale);
 }
 
-std::vector<TileGroup> group_whole_matrices(const Routing& routing) {
+std::vector<TileGroup> group_tiles(const Routing& routing, int block_size) {
     std::vector<TileGroup> groups;
     std::map<std::pair<int, int>, size_t> group_of;
     for (size_t i = 0; i < routing.matrices.size(); ++i) {
         const MatrixSlot& m = routing.matrices[i];
-        auto [it, added] = group_of.emplace(std::make_pair(m.rows, m.cols), groups.size());
-        if (added) {
-            groups.emplace_back();
-            groups.back().rows = m.rows;
-            groups.back().cols = m.cols;
+        const auto blocks = block_size > 0 ? shampoo_blocks(m.rows, m.cols, block_size)
+                                           : std::vector<ShampooBlock>{{0, 0, m.rows, m.cols}};
+        for (size_t b = 0; b < blocks.size(); ++b) {
+            const ShampooBlock& block = blocks[b];
+            auto [it, added] = group_of.emplace(std::make_pair(block.block_rows, block.block_cols), groups.size());
+            if (added) {
+                groups.emplace_back();
+                groups.back().rows = block.block_rows;
+                groups.back().cols = block.block_cols;
+            }
+            TileGroup& g = groups[it->second];
+            g.tiles.push_back({m.offset + size_t(block.row0) * m.cols + size_t(block.col0), m.cols});
+            g.names.push_back(block_size > 0 ? m.name + ".block" + std::to_string(b) : m.name);
+            g.matrix_index.push_back(int(i));
         }
-        TileGroup& g = groups[it->second];
-        g.tiles.push_back({m.offset, m.cols});
-        g.names.push_back(m.name);
-        g.matrix_index.push_back(int(i));
     }
     for (TileGroup& g : groups) g.upload_table();
     return groups;
 }
 
-void save_group_tensors(OptimizerState& state, const TileGroup& group, const std::string& suffix,
-                        std::vector<int64_t> shape, const DeviceBuffer<float>& values) {
-    const std::vector<float> all = values.download();
-    size_t per = 1;
-    for (int64_t d : shape) per *= size_t(d);
-    QOPT_CHECK(all.size() == per * group.tiles.size(), "optimizer state ", suffix, ": ", all.size(), " values for ",
-               group.tiles.size(), " tiles of ", per);
-    for (size_t t = 0; t < group.tiles.size(); ++t)
-        state.tensors.push_back({group.names[t] + "." + suffix, shape,
-                                 {all.begin() + long(t * per), all.begin() + long((t + 1) * per)}});
+GroupScratch group_scratch(const std::vector<TileGroup>& groups) {
+    GroupScratch sizes;
+    for (const TileGroup& g : groups) {
+        const size_t side = size_t(std::max(g.rows, g.cols)), count = size_t(g.count());
+        sizes.work = std::max(sizes.work, g.tile_size() * count);
+        sizes.factor = std::max(sizes.factor, side * side * count);
+        sizes.dim = std::max(sizes.dim, side * count);
+    }
+    return sizes;
 }
 
-void load_group_tensors(const OptimizerState& state, const TileGroup& group, const std::string& suffix,
-                        DeviceBuffer<float>& values) {
-    const size_t per = values.size() / std::max<size_t>(1, group.tiles.size());
-    std::vector<float> all(values.size());
-    for (size_t t = 0; t < group.tiles.size(); ++t) {
-        const auto& v = state.values(group.names[t] + "." + suffix, per);
-        std::copy(v.begin(), v.end(), all.begin() + long(t * per));
-    }
-    values.upload_prefix(all);
+void GpuMatrixMethod::save(OptimizerState& state) const {
+    // visit_state only reads the buffers here.
+    const_cast<GpuMatrixMethod*>(this)->visit_state(
+        [&](const TileGroup& group, const std::string& suffix, std::vector<int64_t> shape, DeviceBuffer<float>& values) {
+            const std::vector<float> all = values.download();
+            size_t per = 1;
+            for (int64_t d : shape) per *= size_t(d);
+            QOPT_CHECK(all.size() == per * group.tiles.size(), "optimizer state ", suffix, ": ", all.size(),
+                       " values for ", group.tiles.size(), " tiles of ", per);
+            for (size_t t = 0; t < group.tiles.size(); ++t)
+                state.tensors.push_back({group.names[t] + "." + suffix, shape,
+                                         {all.begin() + long(t * per), all.begin() + long((t + 1) * per)}});
+        });
+}
+
+void GpuMatrixMethod::load(const OptimizerState& state) {
+    visit_state([&](const TileGroup& group, const std::string& suffix, std::vector<int64_t> shape,
+                    DeviceBuffer<float>& values) {
+        size_t per = 1;
+        for (int64_t d : shape) per *= size_t(d);
+        std::vector<float> all(values.size());
+        for (size_t t = 0; t < group.tiles.size(); ++t) {
+            const auto& v = state.values(group.names[t] + "." + suffix, per);
+            std::copy(v.begin(), v.end(), all.begin() + long(t * per));
+        }
+        values.upload_prefix(all);
+    });
+}
+
+size_t GpuMatrixMethod::state_bytes() const {
+    size_t floats = 0;
+    const_cast<GpuMatrixMethod*>(this)->visit_state(
+        [&](const TileGroup&, const std::string&, std::vector<int64_t>, DeviceBuffer<float>& values) {
+            floats += values.size();
+        });
+    return floats * sizeof(float);
 }
 
 }  // namespace qopt

@@ -7,6 +7,7 @@
 // shaped as the CPU references name it (optim/cpu_optimizer.cpp), so checkpoints move freely
 // between CPU and GPU runs.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,18 +45,35 @@ public:
     // step: the optimizer's step count after incrementing (1, 2, ...).
     virtual void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16,
                       long step) = 0;
-    virtual void save(OptimizerState& state) const = 0;  // appends tensors (and scalars to extra)
-    virtual void load(const OptimizerState& state) = 0;
-    virtual size_t state_bytes() const = 0;    // persistent state
+    // Appends every state buffer as named tensors (and, in overrides, scalars to extra).
+    virtual void save(OptimizerState& state) const;
+    virtual void load(const OptimizerState& state);
+    size_t state_bytes() const;                // persistent state
     virtual size_t scratch_bytes() const = 0;  // per-step work buffers
+
+protected:
+    // Each state buffer of a group: its name suffix, one tile's shape, and the [count, ...]
+    // buffer; one list per method serves save, load and state_bytes.
+    using StateVisitor = std::function<void(const TileGroup& group, const std::string& suffix,
+                                            std::vector<int64_t> shape, DeviceBuffer<float>& values)>;
+    virtual void visit_state(const StateVisitor& fn) = 0;
 };
+
+// Scratch sizes over a method's groups: the largest group's count x rows x cols (work), count x
+// side^2 (factor) and count x side (dim), side = max(rows, cols).
+struct GroupScratch {
+    size_t work = 0, factor = 0, dim = 0;
+};
+GroupScratch group_scratch(const std::vector<TileGroup>& groups);
 
 std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config);
 std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config);
 std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config);
 
-// Groups whole matrices by shape, in routing order within each group.
-std::vector<TileGroup> group_whole_matrices(const Routing& routing);
+// Groups the routed matrices' tiles by shape, in routing order within each group: whole
+// matrices (block_size 0; state named after the matrix), or Shampoo's blocks of at most
+// block_size (shampoo_blocks; state named "<matrix>.block<b>").
+std::vector<TileGroup> group_tiles(const Routing& routing, int block_size = 0);
 
 // d[t] = alpha op(a[t]) op(b[t]) + beta d[t] for each of `count` contiguous matrices
 // (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM, its products on TF32
@@ -75,10 +93,5 @@ inline void zeroed(DeviceBuffer<float>& buffer, size_t n) {
     buffer.fill_bytes(0);
 }
 
-// State helpers: a [count, ...] device buffer split into / filled from named tensors.
-void save_group_tensors(OptimizerState& state, const TileGroup& group, const std::string& suffix,
-                        std::vector<int64_t> shape, const DeviceBuffer<float>& values);
-void load_group_tensors(const OptimizerState& state, const TileGroup& group, const std::string& suffix,
-                        DeviceBuffer<float>& values);
 
 }  // namespace qopt

@@ -21,8 +21,7 @@ class GpuPsgd final : public GpuMatrixMethod {
 public:
     GpuPsgd(const Routing& routing, const OptimizerConfig& config)
         : config_(config.psgd), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
-        groups_ = group_whole_matrices(routing);
-        size_t work = 0, factor = 0, dim = 0;
+        groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
             State& s = state_.emplace_back();
@@ -41,14 +40,12 @@ public:
             s.matrix_index.upload(g.matrix_index);
             s.left_product.resize(left.size());
             s.right_product.resize(right.size());
-            work = std::max(work, g.tile_size() * count);
-            factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
-            dim = std::max(dim, size_t(std::max(m, n)) * count);
         }
-        for (DeviceBuffer<float>* b : {&debiased_, &probe_, &work_t_, &work_a_, &work_b_}) b->resize(work);
-        for (DeviceBuffer<float>* b : {&factor_a_, &factor_b_, &factor_c_}) b->resize(factor);
-        bound_work_.resize(3 * dim);
-        scalars_.resize(4 * size_t(std::max<size_t>(1, dim)));
+        const GroupScratch sizes = group_scratch(groups_);
+        for (DeviceBuffer<float>* b : {&debiased_, &probe_, &work_t_, &work_a_, &work_b_}) b->resize(sizes.work);
+        for (DeviceBuffer<float>* b : {&factor_a_, &factor_b_, &factor_c_}) b->resize(sizes.factor);
+        bound_work_.resize(3 * sizes.dim);
+        scalars_.resize(4 * std::max<size_t>(1, sizes.dim));
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -89,33 +86,25 @@ public:
 
     void save(OptimizerState& state) const override {
         state.extra["psgd_schedule"] = schedule_.to_json();
-        for (size_t gi = 0; gi < groups_.size(); ++gi) {
-            const TileGroup& g = groups_[gi];
-            const State& s = state_[gi];
-            const int64_t m = g.rows, n = g.cols;
-            save_group_tensors(state, g, "momentum", {m, n}, s.momentum);
-            save_group_tensors(state, g, "q_left", {m, m}, s.q_left);
-            save_group_tensors(state, g, "q_right", {n, n}, s.q_right);
-        }
+        GpuMatrixMethod::save(state);
     }
 
     void load(const OptimizerState& state) override {
         QOPT_CHECK(state.extra.contains("psgd_schedule"), "the checkpoint's PSGD state has no psgd_schedule");
         schedule_ = PsgdSchedule::from_json(state.extra.at("psgd_schedule"));
+        GpuMatrixMethod::load(state);
+        for (State& s : state_) s.products_current = false;
+    }
+
+    void visit_state(const StateVisitor& fn) override {
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             const TileGroup& g = groups_[gi];
             State& s = state_[gi];
-            load_group_tensors(state, g, "momentum", s.momentum);
-            load_group_tensors(state, g, "q_left", s.q_left);
-            load_group_tensors(state, g, "q_right", s.q_right);
-            s.products_current = false;
+            const int64_t m = g.rows, n = g.cols;
+            fn(g, "momentum", {m, n}, s.momentum);
+            fn(g, "q_left", {m, m}, s.q_left);
+            fn(g, "q_right", {n, n}, s.q_right);
         }
-    }
-
-    size_t state_bytes() const override {
-        size_t floats = 0;
-        for (const State& s : state_) floats += s.momentum.size() + s.q_left.size() + s.q_right.size();
-        return floats * sizeof(float);
     }
 
     size_t scratch_bytes() const override {

@@ -7,7 +7,6 @@
 // precondition_frequency steps the inverse roots: a batched symmetric eigendecomposition
 // (cuSOLVER), the eigenvalue powers on the eigenvector columns, and one GEMM V' V^T.
 #include <cmath>
-#include <map>
 
 #include "core/error.hpp"
 #include "optim/gpu_matrix_method.hpp"
@@ -21,27 +20,8 @@ class GpuShampoo final : public GpuMatrixMethod {
 public:
     GpuShampoo(const Routing& routing, const OptimizerConfig& config)
         : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
-        std::map<std::pair<int, int>, size_t> group_of;
-        for (size_t i = 0; i < routing.matrices.size(); ++i) {
-            const MatrixSlot& m = routing.matrices[i];
-            const auto blocks = shampoo_blocks(m.rows, m.cols, config_.block_size);
-            for (size_t b = 0; b < blocks.size(); ++b) {
-                const ShampooBlock& block = blocks[b];
-                auto [it, added] = group_of.emplace(std::make_pair(block.block_rows, block.block_cols), groups_.size());
-                if (added) {
-                    groups_.emplace_back();
-                    groups_.back().rows = block.block_rows;
-                    groups_.back().cols = block.block_cols;
-                }
-                TileGroup& g = groups_[it->second];
-                g.tiles.push_back({m.offset + size_t(block.row0) * m.cols + size_t(block.col0), m.cols});
-                g.names.push_back(m.name + ".block" + std::to_string(b));
-                g.matrix_index.push_back(int(i));
-            }
-        }
-        size_t work = 0, factor = 0, dim = 0;
+        groups_ = group_tiles(routing, config_.block_size);
         for (TileGroup& g : groups_) {
-            g.upload_table();
             const int br = g.rows, bc = g.cols, count = g.count();
             State& s = state_.emplace_back();
             zeroed(s.left, size_t(br) * br * count);
@@ -51,17 +31,15 @@ public:
             zeroed(s.filtered, g.tile_size() * count);
             zeroed(s.graft_sq, g.tile_size() * count);
             if (config_.momentum > 0) zeroed(s.momentum, g.tile_size() * count);
-            work = std::max(work, g.tile_size() * count);
-            factor = std::max(factor, size_t(std::max(br, bc)) * std::max(br, bc) * count);
-            dim = std::max(dim, size_t(std::max(br, bc)) * count);
         }
-        work_a_.resize(work);
-        work_b_.resize(work);
-        work_c_.resize(work);
-        factor_a_.resize(factor);
-        factor_b_.resize(factor);
-        values_.resize(dim);
-        norms_.resize(3 * dim);
+        const GroupScratch sizes = group_scratch(groups_);
+        work_a_.resize(sizes.work);
+        work_b_.resize(sizes.work);
+        work_c_.resize(sizes.work);
+        factor_a_.resize(sizes.factor);
+        factor_b_.resize(sizes.factor);
+        values_.resize(sizes.dim);
+        norms_.resize(3 * sizes.dim);
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -113,41 +91,19 @@ public:
         }
     }
 
-    void save(OptimizerState& state) const override {
-        for (size_t gi = 0; gi < groups_.size(); ++gi) {
-            const TileGroup& g = groups_[gi];
-            const State& s = state_[gi];
-            const int64_t br = g.rows, bc = g.cols;
-            save_group_tensors(state, g, "left", {br, br}, s.left);
-            save_group_tensors(state, g, "right", {bc, bc}, s.right);
-            save_group_tensors(state, g, "left_root", {br, br}, s.left_root);
-            save_group_tensors(state, g, "right_root", {bc, bc}, s.right_root);
-            save_group_tensors(state, g, "filtered", {br, bc}, s.filtered);
-            save_group_tensors(state, g, "graft_sq", {br, bc}, s.graft_sq);
-            if (s.momentum.size()) save_group_tensors(state, g, "momentum", {br, bc}, s.momentum);
-        }
-    }
-
-    void load(const OptimizerState& state) override {
+    void visit_state(const StateVisitor& fn) override {
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             const TileGroup& g = groups_[gi];
             State& s = state_[gi];
-            load_group_tensors(state, g, "left", s.left);
-            load_group_tensors(state, g, "right", s.right);
-            load_group_tensors(state, g, "left_root", s.left_root);
-            load_group_tensors(state, g, "right_root", s.right_root);
-            load_group_tensors(state, g, "filtered", s.filtered);
-            load_group_tensors(state, g, "graft_sq", s.graft_sq);
-            if (s.momentum.size()) load_group_tensors(state, g, "momentum", s.momentum);
+            const int64_t br = g.rows, bc = g.cols;
+            fn(g, "left", {br, br}, s.left);
+            fn(g, "right", {bc, bc}, s.right);
+            fn(g, "left_root", {br, br}, s.left_root);
+            fn(g, "right_root", {bc, bc}, s.right_root);
+            fn(g, "filtered", {br, bc}, s.filtered);
+            fn(g, "graft_sq", {br, bc}, s.graft_sq);
+            if (s.momentum.size()) fn(g, "momentum", {br, bc}, s.momentum);
         }
-    }
-
-    size_t state_bytes() const override {
-        size_t floats = 0;
-        for (const State& s : state_)
-            floats += s.left.size() + s.right.size() + s.left_root.size() + s.right_root.size() + s.filtered.size() +
-                      s.graft_sq.size() + s.momentum.size();
-        return floats * sizeof(float);
     }
 
     size_t scratch_bytes() const override {

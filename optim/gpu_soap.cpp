@@ -22,8 +22,7 @@ class GpuSoap final : public GpuMatrixMethod {
 public:
     GpuSoap(const Routing& routing, const OptimizerConfig& config)
         : config_(config.soap), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
-        groups_ = group_whole_matrices(routing);
-        size_t work = 0, factor = 0, dim = 0;
+        groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
             QOPT_CHECK(m <= config_.max_precond_dim && n <= config_.max_precond_dim, "SOAP on the GPU: a ", m, " x ",
@@ -36,16 +35,14 @@ public:
             zeroed(s.right_basis, size_t(n) * n * count);
             zeroed(s.exp_avg, g.tile_size() * count);
             zeroed(s.exp_avg_sq, g.tile_size() * count);
-            work = std::max(work, g.tile_size() * count);
-            factor = std::max(factor, size_t(std::max(m, n)) * std::max(m, n) * count);
-            dim = std::max(dim, size_t(std::max(m, n)) * count);
         }
-        work_a_.resize(work);
-        work_b_.resize(work);
-        factor_a_.resize(factor);
-        factor_b_.resize(factor);
-        values_.resize(dim);
-        orders_.resize(2 * dim);
+        const GroupScratch sizes = group_scratch(groups_);
+        work_a_.resize(sizes.work);
+        work_b_.resize(sizes.work);
+        factor_a_.resize(sizes.factor);
+        factor_b_.resize(sizes.factor);
+        values_.resize(sizes.dim);
+        orders_.resize(2 * sizes.dim);
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long call) override {
@@ -90,39 +87,18 @@ public:
         }
     }
 
-    void save(OptimizerState& state) const override {
-        for (size_t gi = 0; gi < groups_.size(); ++gi) {
-            const TileGroup& g = groups_[gi];
-            const State& s = state_[gi];
-            const int64_t m = g.rows, n = g.cols;
-            save_group_tensors(state, g, "left", {m, m}, s.left);
-            save_group_tensors(state, g, "right", {n, n}, s.right);
-            save_group_tensors(state, g, "left_basis", {m, m}, s.left_basis);
-            save_group_tensors(state, g, "right_basis", {n, n}, s.right_basis);
-            save_group_tensors(state, g, "exp_avg", {m, n}, s.exp_avg);
-            save_group_tensors(state, g, "exp_avg_sq", {m, n}, s.exp_avg_sq);
-        }
-    }
-
-    void load(const OptimizerState& state) override {
+    void visit_state(const StateVisitor& fn) override {
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             const TileGroup& g = groups_[gi];
             State& s = state_[gi];
-            load_group_tensors(state, g, "left", s.left);
-            load_group_tensors(state, g, "right", s.right);
-            load_group_tensors(state, g, "left_basis", s.left_basis);
-            load_group_tensors(state, g, "right_basis", s.right_basis);
-            load_group_tensors(state, g, "exp_avg", s.exp_avg);
-            load_group_tensors(state, g, "exp_avg_sq", s.exp_avg_sq);
+            const int64_t m = g.rows, n = g.cols;
+            fn(g, "left", {m, m}, s.left);
+            fn(g, "right", {n, n}, s.right);
+            fn(g, "left_basis", {m, m}, s.left_basis);
+            fn(g, "right_basis", {n, n}, s.right_basis);
+            fn(g, "exp_avg", {m, n}, s.exp_avg);
+            fn(g, "exp_avg_sq", {m, n}, s.exp_avg_sq);
         }
-    }
-
-    size_t state_bytes() const override {
-        size_t floats = 0;
-        for (const State& s : state_)
-            floats += s.left.size() + s.right.size() + s.left_basis.size() + s.right_basis.size() + s.exp_avg.size() +
-                      s.exp_avg_sq.size();
-        return floats * sizeof(float);
     }
 
     size_t scratch_bytes() const override {
