@@ -97,4 +97,6 @@ clean:
 distclean:
 	rm -rf $(BUILD)
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(BUILD)/obj/train/train_main.d $(BUILD)/obj/train/tokenize_main.d $(BUILD)/obj/tools/prepare_brown_main.d
+# Every object's header dependencies (the binaries' main files too: a stale main object that
+# still sees an old class layout links and then misbehaves).
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

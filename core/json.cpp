@@ -144,8 +144,10 @@ void Json::dump_to(std::string& out) const {
             } else if (!std::isfinite(number_)) {
                 out += "null";  // JSON has no NaN/Inf; readers see a missing value
             } else {
+                // The shortest of 15 or 17 significant digits that reads back as the same double.
                 char buf[32];
-                std::snprintf(buf, sizeof buf, "%.9g", number_);
+                std::snprintf(buf, sizeof buf, "%.15g", number_);
+                if (std::strtod(buf, nullptr) != number_) std::snprintf(buf, sizeof buf, "%.17g", number_);
                 out += buf;
             }
             break;

@@ -79,17 +79,21 @@ public:
                                      config_.scion.hidden_scale, lr, wd, config_.scion);
                     break;
                 case OptimizerKind::Shampoo:
-                    shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr, wd, step_, config_.shampoo);
+                    rejected_ += shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr, wd, step_, config_.shampoo);
                     break;
-                case OptimizerKind::Soap: soap_update_cpu(p, g, soap_[i], m.rows, m.cols, lr, wd, step_, config_.soap); break;
+                case OptimizerKind::Soap:
+                    rejected_ += soap_update_cpu(p, g, soap_[i], m.rows, m.cols, lr, wd, step_, config_.soap);
+                    break;
                 case OptimizerKind::Psgd:
-                    psgd_update_cpu(p, g, psgd_[i], m.rows, m.cols, lr, wd, step_, int(i), psgd_decision, config_.psgd);
+                    rejected_ += psgd_update_cpu(p, g, psgd_[i], m.rows, m.cols, lr, wd, step_, int(i), psgd_decision,
+                                                 config_.psgd);
                     break;
             }
         }
     }
 
     long step_count() const override { return step_; }
+    long rejected_preconditioners() const override { return rejected_; }
 
     OptimizerState state() const override {
         OptimizerState state;
@@ -178,6 +182,7 @@ private:
     OptimizerConfig config_;
     Routing routing_;
     long step_ = 0;
+    long rejected_ = 0;
     std::vector<std::vector<float>> adam_m_, adam_v_, scion_momentum_, momentum_;
     std::vector<SoapMatrixState> soap_;
     std::vector<std::vector<ShampooBlockState>> shampoo_;

@@ -159,4 +159,22 @@ void store_floats(const Dense& d, std::vector<float>& out) {
     for (size_t i = 0; i < d.values.size(); ++i) out[i] = float(d.values[i]);
 }
 
+bool all_finite(const Dense& a) {
+    for (double x : a.values)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+bool commit_preconditioner(std::vector<float>& kept, const Dense& candidate) {
+    bool finite = true;
+    for (double x : candidate.values) finite = finite && std::isfinite(float(x));
+    if (finite) {
+        store_floats(candidate, kept);
+        return true;
+    }
+    if (std::all_of(kept.begin(), kept.end(), [](float x) { return x == 0.0f; }))
+        store_floats(Dense::identity(candidate.rows), kept);
+    return false;
+}
+
 }  // namespace qopt

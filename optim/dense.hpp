@@ -43,4 +43,12 @@ double frobenius_norm(const Dense& a);
 Dense dense_from(const float* values, int rows, int cols);
 void store_floats(const Dense& d, std::vector<float>& out);
 
+bool all_finite(const Dense& a);
+
+// A freshly computed preconditioner matrix (inverse root, eigenbasis, Kronecker factor; square)
+// replaces `kept` only when every entry is finite, and fits fp32. Otherwise the last good one
+// stays, or the identity when there was none yet (kept all zero). Returns whether it was taken;
+// the GPU methods apply the same rule (commit_finite_tiles_gpu).
+bool commit_preconditioner(std::vector<float>& kept, const Dense& candidate);
+
 }  // namespace qopt

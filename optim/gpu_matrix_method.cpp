@@ -86,6 +86,10 @@ void GpuMatrixMethod::load(const OptimizerState& state) {
     });
 }
 
+GpuMatrixMethod::GpuMatrixMethod() : rejected_(1) { rejected_.fill_bytes(0); }
+
+long GpuMatrixMethod::rejected_preconditioners() const { return rejected_.download()[0]; }
+
 size_t GpuMatrixMethod::state_bytes() const {
     size_t floats = 0;
     const_cast<GpuMatrixMethod*>(this)->visit_state(

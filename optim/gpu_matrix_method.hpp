@@ -41,6 +41,7 @@ struct TileGroup {
 
 class GpuMatrixMethod {
 public:
+    GpuMatrixMethod();
     virtual ~GpuMatrixMethod() = default;
     // step: the optimizer's step count after incrementing (1, 2, ...).
     virtual void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16,
@@ -50,13 +51,22 @@ public:
     virtual void load(const OptimizerState& state);
     size_t state_bytes() const;                // persistent state
     virtual size_t scratch_bytes() const = 0;  // per-step work buffers
+    // Preconditioner matrices computed non-finite and not taken so far (Optimizer::
+    // rejected_preconditioners); reads a device counter (waits for the GPU).
+    long rejected_preconditioners() const;
 
 protected:
+    // The counter commit_finite_tiles_gpu adds to.
+    int* rejected_counter() { return rejected_.data(); }
+
     // Each state buffer of a group: its name suffix, one tile's shape, and the [count, ...]
     // buffer; one list per method serves save, load and state_bytes.
     using StateVisitor = std::function<void(const TileGroup& group, const std::string& suffix,
                                             std::vector<int64_t> shape, DeviceBuffer<float>& values)>;
     virtual void visit_state(const StateVisitor& fn) = 0;
+
+private:
+    DeviceBuffer<int> rejected_;
 };
 
 // Scratch sizes over a method's groups: the largest group's count x rows x cols (work), count x

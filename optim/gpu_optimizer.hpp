@@ -26,6 +26,7 @@ public:
     OptimizerState state() const;
     void load_state(const OptimizerState& state);
     size_t state_bytes() const;  // state and work buffers
+    long rejected_preconditioners() const { return method_ ? method_->rejected_preconditioners() : 0; }
 
 private:
     struct Group {  // hidden matrices of one shape

@@ -149,7 +149,8 @@ private:
         update_factor(s.q_right, n, count);
     }
 
-    // With t1 in factor_a, t2 in factor_b: q = q - triu(t1 - t2) lr_p / lb(t1 + t2) q.
+    // With t1 in factor_a, t2 in factor_b: q = q - triu(t1 - t2) lr_p / lb(t1 + t2) q, taken only
+    // where it came out finite.
     void update_factor(DeviceBuffer<float>& q, int n, int count) {
         float* bound = scalars_.data() + 3 * size_t(count);
         psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
@@ -158,7 +159,7 @@ private:
         const size_t bytes = size_t(n) * n * count * sizeof(float);
         CUDA_CHECK(cudaMemcpy(factor_a_.data(), q.data(), bytes, cudaMemcpyDeviceToDevice));
         gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
-        CUDA_CHECK(cudaMemcpy(q.data(), factor_a_.data(), bytes, cudaMemcpyDeviceToDevice));
+        commit_finite_tiles_gpu(q.data(), factor_a_.data(), n, count, nullptr, rejected_counter());
     }
 
     PsgdConfig config_;

@@ -38,6 +38,7 @@ public:
         work_c_.resize(sizes.work);
         factor_a_.resize(sizes.factor);
         factor_b_.resize(sizes.factor);
+        candidate_.resize(sizes.factor);
         values_.resize(sizes.dim);
         norms_.resize(3 * sizes.dim);
     }
@@ -108,7 +109,7 @@ public:
 
     size_t scratch_bytes() const override {
         size_t floats = work_a_.size() + work_b_.size() + work_c_.size() + factor_a_.size() + factor_b_.size() +
-                        values_.size() + norms_.size();
+                        candidate_.size() + values_.size() + norms_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
         return floats * sizeof(float);
     }
@@ -118,12 +119,14 @@ private:
         DeviceBuffer<float> left, right, left_root, right_root, filtered, graft_sq, momentum;
     };
 
-    // root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first).
+    // root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first), taken
+    // only where it came out finite (commit_finite_tiles_gpu).
     void inverse_root(float* root, const float* factor, int n, int count, double divisor) {
         symmetric_eigen_batched_gpu(factor_a_.data(), values_.data(), factor, n, count, factor_b_.data());
         inverse_root_columns_gpu(factor_b_.data(), factor_a_.data(), values_.data(), n, count, float(divisor),
                                  config_.eps, config_.root());
-        gemm_(root, factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
+        gemm_(candidate_.data(), factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
+        commit_finite_tiles_gpu(root, candidate_.data(), n, count, nullptr, rejected_counter());
     }
 
     ShampooConfig config_;
@@ -131,7 +134,7 @@ private:
     GroupGemm gemm_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;
-    DeviceBuffer<float> work_a_, work_b_, work_c_, factor_a_, factor_b_, values_, norms_;
+    DeviceBuffer<float> work_a_, work_b_, work_c_, factor_a_, factor_b_, candidate_, values_, norms_;
 };
 
 }  // namespace

@@ -41,8 +41,12 @@ public:
         work_b_.resize(sizes.work);
         factor_a_.resize(sizes.factor);
         factor_b_.resize(sizes.factor);
+        candidate_.resize(sizes.factor);
         values_.resize(sizes.dim);
         orders_.resize(2 * sizes.dim);
+        size_t most_tiles = 0;
+        for (const TileGroup& g : groups_) most_tiles = std::max(most_tiles, size_t(g.count()));
+        accepted_.resize(most_tiles);
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long call) override {
@@ -56,9 +60,12 @@ public:
             const float* grad = g.grads.data();
             if (call == 1) {
                 update_factors(g, s, factor_beta);
-                symmetric_eigen_batched_gpu(s.left_basis.data(), values_.data(), s.left.data(), m, count, factor_a_.data());
-                symmetric_eigen_batched_gpu(s.right_basis.data(), values_.data(), s.right.data(), n, count,
+                // Initial bases, taken where finite (else the identity).
+                symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.left.data(), m, count, factor_a_.data());
+                commit_finite_tiles_gpu(s.left_basis.data(), candidate_.data(), m, count, nullptr, rejected_counter());
+                symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.right.data(), n, count,
                                             factor_a_.data());
+                commit_finite_tiles_gpu(s.right_basis.data(), candidate_.data(), n, count, nullptr, rejected_counter());
                 continue;
             }
             const long t = call - 1;
@@ -102,10 +109,11 @@ public:
     }
 
     size_t scratch_bytes() const override {
-        size_t bytes = (work_a_.size() + work_b_.size() + factor_a_.size() + factor_b_.size() + values_.size()) *
+        size_t bytes = (work_a_.size() + work_b_.size() + factor_a_.size() + factor_b_.size() + candidate_.size() +
+                        values_.size()) *
                        sizeof(float);
         for (const TileGroup& g : groups_) bytes += g.grads.size() * sizeof(float);
-        return bytes + orders_.size() * sizeof(int);
+        return bytes + (orders_.size() + accepted_.size()) * sizeof(int);
     }
 
 private:
@@ -140,7 +148,8 @@ private:
     }
 
     // One power-iteration step with QR: sort Q's columns by diag(Q^T F Q) (descending, stable),
-    // Q = qr(F Q_sorted). order receives the permutation (n ints per matrix).
+    // Q = qr(F Q_sorted). order receives the permutation (n ints per matrix). A basis that comes
+    // out non-finite is not taken: Q stays, and its order is the identity.
     void refresh_basis(const float* factor, float* basis, int* order, int n, int count) {
         float* projected = factor_a_.data();
         gemm_(projected, factor, false, basis, false, n, n, n, count);
@@ -156,7 +165,9 @@ private:
         }
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
-        householder_q_batched_gpu(basis, factor_b_.data(), n, count, factor_a_.data());
+        householder_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());
+        commit_finite_tiles_gpu(basis, candidate_.data(), n, count, accepted_.data(), rejected_counter());
+        identity_order_where_rejected_gpu(order, accepted_.data(), n, count);
     }
 
     SoapConfig config_;
@@ -164,8 +175,8 @@ private:
     GroupGemm gemm_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;
-    DeviceBuffer<float> work_a_, work_b_, factor_a_, factor_b_, values_;
-    DeviceBuffer<int> orders_;
+    DeviceBuffer<float> work_a_, work_b_, factor_a_, factor_b_, candidate_, values_;
+    DeviceBuffer<int> orders_, accepted_;
 };
 
 }  // namespace

@@ -97,6 +97,9 @@ public:
     virtual OptimizerState state() const = 0;
     virtual void load_state(const OptimizerState& state) = 0;
     virtual size_t state_bytes() const = 0;
+    // Preconditioner matrices (Shampoo roots, SOAP bases, PSGD factors) computed non-finite and
+    // not taken since this object was made: the last good ones were kept (commit_preconditioner).
+    virtual long rejected_preconditioners() const { return 0; }
 };
 
 std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config);

@@ -149,6 +149,31 @@ __global__ void permute_rows_columns_kernel(float* out, const float* in, const i
     }
 }
 
+__global__ void commit_finite_tiles_kernel(float* kept, const float* candidate, int n, int* accepted,
+                                           int* rejected_count) {
+    const int64_t size = int64_t(n) * n, base = int64_t(blockIdx.x) * size;
+    int bad = 0, set = 0;
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+        bad |= !isfinite(candidate[base + i]);
+        set |= kept[base + i] != 0.0f;
+    }
+    bad = block_reduce(bad, Max());
+    if (!bad) {
+        for (int64_t i = threadIdx.x; i < size; i += blockDim.x) kept[base + i] = candidate[base + i];
+    } else if (!block_reduce(set, Max())) {
+        for (int64_t i = threadIdx.x; i < size; i += blockDim.x) kept[base + i] = i / n == i % n ? 1.0f : 0.0f;
+    }
+    if (threadIdx.x == 0) {
+        if (bad) atomicAdd(rejected_count, 1);
+        if (accepted) accepted[blockIdx.x] = !bad;
+    }
+}
+
+__global__ void identity_order_where_rejected_kernel(int* order, const int* accepted, int n) {
+    if (accepted[blockIdx.x]) return;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) order[int64_t(blockIdx.x) * n + j] = j;
+}
+
 __global__ void psgd_momentum_kernel(float* debiased, float* momentum, const float* g, int64_t n, float beta1,
                                      float debias) {
     GRID_STRIDE(i, n) {
@@ -367,6 +392,16 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
                               int cols, int count) {
     permute_rows_columns_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(out, in, row_order,
                                                                                             col_order, rows, cols);
+    CUDA_CHECK_LAUNCH();
+}
+
+void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count) {
+    commit_finite_tiles_kernel<<<count, kThreads>>>(kept, candidate, n, accepted, rejected_count);
+    CUDA_CHECK_LAUNCH();
+}
+
+void identity_order_where_rejected_gpu(int* order, const int* accepted, int n, int count) {
+    identity_order_where_rejected_kernel<<<count, kThreads>>>(order, accepted, n);
     CUDA_CHECK_LAUNCH();
 }
 

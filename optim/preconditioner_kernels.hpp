@@ -54,6 +54,13 @@ void permute_columns_gpu(float* out, const float* in, const int* order, int n, i
 void permute_rows_columns_gpu(float* out, const float* in, const int* row_order, const int* col_order, int rows,
                               int cols, int count);
 
+// The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t: a finite
+// candidate[t] is copied into kept[t]; otherwise kept[t] stays (the identity when it is all
+// zero: none computed yet), *rejected_count += 1, and accepted[t] (when given) is 0, else 1.
+void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count);
+// order[t] = 0, 1, ..., n-1 where accepted[t] == 0 (a rejected SOAP basis keeps its column order).
+void identity_order_where_rejected_gpu(int* order, const int* accepted, int n, int count);
+
 // PSGD: M = b1 M + (1 - b1) G, D = M / debias.
 void psgd_momentum_gpu(float* debiased, float* momentum, const float* g, int64_t n, float beta1, float debias);
 // mean_abs[t] = mean |x[t]| over n elements (one block per matrix).

@@ -119,8 +119,8 @@ double psgd_norm_lower_bound(const Dense& input) {
 
 namespace {
 
-// q -= lr_p / lb(t1 + t2) * triu(t1 - t2) q
-void update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t2, double precond_lr) {
+// q -= lr_p / lb(t1 + t2) * triu(t1 - t2) q; false when the result was not finite (q kept).
+bool update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t2, double precond_lr) {
     const int n = t1.rows;
     Dense sum = t1, diff = t1;
     for (size_t i = 0; i < sum.values.size(); ++i) {
@@ -132,17 +132,19 @@ void update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < n; ++c) diff(r, c) = c >= r ? diff(r, c) * precond_lr / bound : 0.0;
     const Dense q = dense_from(q_values.data(), n, n);
-    const Dense step = matmul(diff, q);
-    for (size_t i = 0; i < q_values.size(); ++i) q_values[i] = float(q.values[i] - step.values[i]);
+    Dense updated = matmul(diff, q);
+    for (size_t i = 0; i < updated.values.size(); ++i) updated.values[i] = q.values[i] - updated.values[i];
+    return commit_preconditioner(q_values, updated);
 }
 
 }  // namespace
 
-void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int rows, int cols, double lr,
+int psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int rows, int cols, double lr,
                      double weight_decay, long step, int matrix_index, PsgdSchedule::Decision decision,
                      const PsgdConfig& c) {
     const size_t n = size_t(rows) * cols;
     const double debias = 1 - std::pow(c.beta1, double(step));
+    int rejected = 0;
     Dense d(rows, cols);
     for (size_t i = 0; i < n; ++i) {
         s.momentum[i] = float(c.beta1 * s.momentum[i] + (1 - c.beta1) * grad[i]);
@@ -172,8 +174,8 @@ void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int ro
         const Dense a = matmul(matmul(q1, g), q2, false, true);  // Q1 G Q2^T
         // B = Q1^-T V Q2^-1:  (V^T Q1^-1)^T Q2^-1
         const Dense b = solve_upper_right(solve_upper_right(probe.transposed(), q1).transposed(), q2);
-        update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
-        update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
+        rejected += !update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
+        rejected += !update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
     }
     const Dense q1 = dense_from(s.q_left.data(), rows, rows), q2 = dense_from(s.q_right.data(), cols, cols);
     const Dense left = matmul(q1, q1, true, false), right = matmul(q2, q2, true, false);
@@ -184,6 +186,7 @@ void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int ro
         const double p = param[i];
         param[i] = float(p - lr * (u.values[i] * clip + weight_decay * p));
     }
+    return rejected;
 }
 
 }  // namespace qopt

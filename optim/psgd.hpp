@@ -63,7 +63,9 @@ float psgd_probe(const PsgdConfig& c, long step, int matrix_index, size_t elemen
 // lb(a): the reference's lower bound of ||a||_2 for symmetric a, from its largest column.
 double psgd_norm_lower_bound(const Dense& a);
 
-void psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& state, int rows, int cols, double lr,
+// A factor update that comes out non-finite is not taken: the factor stays as it was
+// (commit_preconditioner). Returns the number of factor updates not taken.
+int psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& state, int rows, int cols, double lr,
                      double weight_decay, long step, int matrix_index, PsgdSchedule::Decision decision,
                      const PsgdConfig& c);
 

@@ -67,7 +67,7 @@ Dense shampoo_inverse_root(const Dense& a, double eps, int root) {
     return matmul(scaled, e.vectors, false, true);
 }
 
-void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
+int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
                         double lr, double weight_decay, long step, const ShampooConfig& c) {
     const auto blocks = shampoo_blocks(rows, cols, c.block_size);
     QOPT_CHECK(states.size() == blocks.size(), "shampoo: state has ", states.size(), " blocks, expected ",
@@ -75,6 +75,7 @@ void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBloc
     const double bias1 = 1 - std::pow(c.beta1, double(step));
     const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
     const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
+    int rejected = 0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
         const ShampooBlock& b = blocks[bi];
         ShampooBlockState& s = states[bi];
@@ -94,8 +95,9 @@ void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBloc
             auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out) {
                 Dense d(n, n);
                 for (size_t i = 0; i < f.size(); ++i) d.values[i] = f[i] / factor_bias;
-                const Dense inv = shampoo_inverse_root(d, c.eps, c.root());
-                for (size_t i = 0; i < out.size(); ++i) out[i] = float(inv.values[i]);
+                // A non-finite factor has no root (and would only cost a full eigen sweep).
+                const Dense inv = all_finite(d) ? shampoo_inverse_root(d, c.eps, c.root()) : Dense(n, n, NAN);
+                if (!commit_preconditioner(out, inv)) ++rejected;
             };
             root_of(s.left, br, s.left_root);
             root_of(s.right, bc, s.right_root);
@@ -138,6 +140,7 @@ void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBloc
                 p = float(double(p) * (1 - lr * weight_decay) - lr * direction(r, j));
             }
     }
+    return rejected;
 }
 
 }  // namespace qopt

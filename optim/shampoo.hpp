@@ -51,8 +51,10 @@ struct ShampooBlockState {
 // (a + eps I)^(-1/root) for symmetric positive semi-definite a.
 Dense shampoo_inverse_root(const Dense& a, double eps, int root);
 
-// step: 1, 2, ... (the optimizer's step after incrementing).
-void shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& blocks, int rows, int cols,
+// step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
+// (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).
+// Returns the number of roots not taken.
+int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& blocks, int rows, int cols,
                         double lr, double weight_decay, long step, const ShampooConfig& c);
 
 }  // namespace qopt

@@ -63,18 +63,21 @@ Dense soap_refresh_basis(const Dense& factor, const Dense& basis, std::vector<in
     return householder_q(matmul(factor, sorted));
 }
 
-void soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int rows, int cols, double lr,
+int soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int rows, int cols, double lr,
                      double weight_decay, long call, const SoapConfig& c) {
     const Dense g = dense_from(grad, rows, cols);
     const double factor_beta = c.factor_beta();
     if (call == 1) {
         lerp_factor(s.left, matmul(g, g, false, true), factor_beta);
         lerp_factor(s.right, matmul(g, g, true, false), factor_beta);
-        store_floats(soap_initial_basis(dense_from(s.left.data(), rows, rows)), s.left_basis);
-        store_floats(soap_initial_basis(dense_from(s.right.data(), cols, cols)), s.right_basis);
-        return;
+        const Dense left = dense_from(s.left.data(), rows, rows), right = dense_from(s.right.data(), cols, cols);
+        const int rejected =
+            !commit_preconditioner(s.left_basis, all_finite(left) ? soap_initial_basis(left) : Dense(rows, rows, NAN)) +
+            !commit_preconditioner(s.right_basis, all_finite(right) ? soap_initial_basis(right) : Dense(cols, cols, NAN));
+        return rejected;
     }
     const long t = call - 1;
+    int rejected = 0;
     Dense ql = dense_from(s.left_basis.data(), rows, rows), qr = dense_from(s.right_basis.data(), cols, cols);
     const Dense rotated = matmul(matmul(ql, g, true, false), qr);
     Dense direction(rows, cols);
@@ -104,17 +107,28 @@ void soap_update_cpu(float* param, const float* grad, SoapMatrixState& s, int ro
         // M back to the parameter space with the old bases, new bases, then M into the new ones.
         const Dense m_original = matmul(matmul(ql, dense_from(s.exp_avg.data(), rows, cols)), qr, false, true);
         std::vector<int> left_order, right_order;
-        ql = soap_refresh_basis(dense_from(s.left.data(), rows, rows), ql, left_order);
-        qr = soap_refresh_basis(dense_from(s.right.data(), cols, cols), qr, right_order);
+        auto refresh = [&](const std::vector<float>& factor_values, std::vector<float>& basis_values, Dense& basis,
+                           std::vector<int>& order, int n) {
+            const Dense factor = dense_from(factor_values.data(), n, n);
+            const Dense candidate = all_finite(factor) ? soap_refresh_basis(factor, basis, order) : Dense(n, n, NAN);
+            if (commit_preconditioner(basis_values, candidate)) {
+                basis = candidate;
+                return 0;
+            }
+            order.resize(n);  // the old basis stays, its columns in their old order
+            std::iota(order.begin(), order.end(), 0);
+            return 1;
+        };
+        rejected += refresh(s.left, s.left_basis, ql, left_order, rows);
+        rejected += refresh(s.right, s.right_basis, qr, right_order, cols);
         std::vector<float> v_sorted(s.exp_avg_sq.size());
         for (int r = 0; r < rows; ++r)
             for (int j = 0; j < cols; ++j)
                 v_sorted[size_t(r) * cols + j] = s.exp_avg_sq[size_t(left_order[r]) * cols + right_order[j]];
         s.exp_avg_sq = v_sorted;
-        store_floats(ql, s.left_basis);
-        store_floats(qr, s.right_basis);
         store_floats(matmul(matmul(ql, m_original, true, false), qr), s.exp_avg);
     }
+    return rejected;
 }
 
 }  // namespace qopt

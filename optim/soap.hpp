@@ -39,7 +39,10 @@ struct SoapMatrixState {
 };
 
 // call: 1 on the first call (which only sets up the bases), then 2, 3, ...
-void soap_update_cpu(float* param, const float* grad, SoapMatrixState& state, int rows, int cols, double lr,
+// A basis that comes out non-finite (overflowing factors) is not taken: the matrix keeps its
+// last good basis, or the identity at the first call (commit_preconditioner), and its moments
+// stay as they are. Returns the number of bases not taken.
+int soap_update_cpu(float* param, const float* grad, SoapMatrixState& state, int rows, int cols, double lr,
                      double weight_decay, long call, const SoapConfig& c);
 
 // The eigenvectors of a symmetric matrix as SOAP's first call takes them (descending order).

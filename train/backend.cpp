@@ -31,6 +31,7 @@ public:
     OptimizerState optimizer_state() override { return optimizer_->state(); }
     long optimizer_step() const override { return optimizer_->step_count(); }
     size_t optimizer_state_bytes() const override { return optimizer_->state_bytes(); }
+    long rejected_preconditioners() const override { return optimizer_->rejected_preconditioners(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {
@@ -66,6 +67,7 @@ public:
     OptimizerState optimizer_state() override { return optimizer_.state(); }
     long optimizer_step() const override { return optimizer_.step_count(); }
     size_t optimizer_state_bytes() const override { return optimizer_.state_bytes(); }
+    long rejected_preconditioners() const override { return optimizer_.rejected_preconditioners(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {

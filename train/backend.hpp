@@ -23,6 +23,8 @@ public:
     virtual OptimizerState optimizer_state() = 0;
     virtual long optimizer_step() const = 0;
     virtual size_t optimizer_state_bytes() const = 0;
+    // Preconditioner matrices computed non-finite and not taken (Optimizer::rejected_preconditioners).
+    virtual long rejected_preconditioners() const = 0;
 
     // As CpuModel::forward_backward: gradients are added to the gradient buffer.
     virtual void zero_grads() = 0;

@@ -1,5 +1,6 @@
 #include "train/checkpoint.hpp"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -49,6 +50,9 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt)
         state["step"] = int64_t(ckpt.state.step);
         state["tokens_seen"] = ckpt.state.tokens_seen;
         state["skipped_steps"] = int64_t(ckpt.state.skipped_steps);
+        state["loss_spikes"] = int64_t(ckpt.state.loss_spikes);
+        state["loss_average"] = ckpt.state.loss_average;
+        state["loss_average_count"] = int64_t(ckpt.state.loss_average_count);
         Json data = Json::object();
         data["shard_index"] = ckpt.state.train_position.shard_index;
         data["token_offset"] = ckpt.state.train_position.token_offset;
@@ -103,6 +107,11 @@ Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_sta
         ckpt.state.step = long(state.at("step").as_int("step"));
         ckpt.state.tokens_seen = state.at("tokens_seen").as_uint("tokens_seen");
         ckpt.state.skipped_steps = long(state.at("skipped_steps").as_int("skipped_steps"));
+        if (state.contains("loss_average")) {  // absent in checkpoints from before the spike check
+            ckpt.state.loss_spikes = long(state.at("loss_spikes").as_int("loss_spikes"));
+            ckpt.state.loss_average = state.at("loss_average").as_double("loss_average");
+            ckpt.state.loss_average_count = long(state.at("loss_average_count").as_int("loss_average_count"));
+        }
         const Json& data = state.at("train_data_position");
         ckpt.state.train_position.shard_index = data.at("shard_index").as_uint("shard_index");
         ckpt.state.train_position.token_offset = data.at("token_offset").as_uint("token_offset");
@@ -177,6 +186,32 @@ void prune_checkpoints(const std::string& out_dir, int keep) {
     if (keep <= 0) return;
     const auto paths = list_checkpoints(out_dir);
     for (size_t i = size_t(keep); i < paths.size(); ++i) remove_all(paths[i]);
+}
+
+std::vector<std::string> recover_interrupted_writes(const std::string& out_dir) {
+    std::vector<std::string> actions;
+    const std::string root = checkpoints_root(out_dir);
+    for (const auto& name : list_directory(root)) {
+        // step_<8 digits>.<tmp|old>.<pid>
+        long step = -1, pid = -1;
+        char kind[4] = {};
+        int used = 0;
+        if (std::sscanf(name.c_str(), "step_%8ld.%3[a-z].%ld%n", &step, kind, &pid, &used) != 3 ||
+            size_t(used) != name.size() || pid <= 0)
+            continue;
+        const std::string kind_name = kind;
+        if (kind_name != "tmp" && kind_name != "old") continue;
+        if (pid != long(::getpid()) && ::kill(pid_t(pid), 0) == 0) continue;  // its writer still runs
+        const std::string path = root + "/" + name, final_dir = root + "/" + checkpoint_name(step);
+        if (kind_name == "old" && !is_directory(final_dir) && std::rename(path.c_str(), final_dir.c_str()) == 0) {
+            actions.push_back("restored " + final_dir + " from an interrupted replacement");
+            continue;
+        }
+        remove_all(path);
+        actions.push_back("removed " + path + (kind_name == "tmp" ? " (a checkpoint write that never finished)"
+                                                                  : " (superseded by a complete checkpoint)"));
+    }
+    return actions;
 }
 
 }  // namespace qopt

@@ -28,6 +28,9 @@ struct TrainState {
     long step = 0;  // optimizer steps completed
     uint64_t tokens_seen = 0;
     long skipped_steps = 0;  // steps whose update was skipped (non-finite loss or gradients)
+    long loss_spikes = 0;    // steps logged as loss spikes
+    double loss_average = 0;  // the spike check's running average (an EMA of finite losses) ...
+    long loss_average_count = 0;  // ... over this many steps
     LoaderPosition train_position;
     std::array<uint64_t, 4> rng_state{};
 };
@@ -59,5 +62,11 @@ std::string latest_valid_checkpoint(const std::string& out_dir, std::ostream& lo
 
 // Removes all but the newest `keep` checkpoints (keep <= 0 keeps all).
 void prune_checkpoints(const std::string& out_dir, int keep);
+
+// Tidies what a writer killed mid-write (SIGKILL, power loss) left in <out_dir>/checkpoints:
+// a half-built "step_N.tmp.<pid>" is removed; a "step_N.old.<pid>" (the previous checkpoint of
+// a step being replaced) is renamed back when step_N itself is missing, else removed. Entries
+// of a process that is still running are left alone. Returns one line per action, for the log.
+std::vector<std::string> recover_interrupted_writes(const std::string& out_dir);
 
 }  // namespace qopt

@@ -52,6 +52,9 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
     app.add_option("--nan-policy", o.nan_policy,
                    "Non-finite loss or gradient: skip (skip the update, warn, count) or stop (checkpoint and exit)")
         ->group("Optimizer");
+    app.add_option("--loss-spike-factor", o.loss_spike_factor,
+                   "Log a loss spike when a step's loss exceeds this multiple of the recent average (0: off)")
+        ->group("Optimizer");
 
     app.add_option("--train-data", o.train_data, "Training shards (glob pattern, llm.c .bin format)")->group("Data");
     app.add_option("--val-data", o.val_data, "Validation shards (glob pattern; empty: no validation)")->group("Data");

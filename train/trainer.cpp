@@ -29,6 +29,9 @@ static void on_stop_signal(int) { g_stop_requested.store(1); }
 void install_stop_handlers() {
     std::signal(SIGINT, on_stop_signal);
     std::signal(SIGTERM, on_stop_signal);
+    // A write past the file-size limit then fails with EFBIG (reported, old checkpoint kept)
+    // instead of killing the process.
+    std::signal(SIGXFSZ, SIG_IGN);
 }
 
 void request_stop() { g_stop_requested.store(1); }
@@ -86,6 +89,8 @@ void validate_options(const TrainOptions& o) {
     QOPT_CHECK(o.checkpoint_every >= 0, "--checkpoint-every must be non-negative");
     QOPT_CHECK(o.log_every > 0, "--log-every must be positive");
     QOPT_CHECK(o.threads >= 0, "--threads must be non-negative");
+    QOPT_CHECK(o.loss_spike_factor == 0 || o.loss_spike_factor > 1, "--loss-spike-factor must be above 1 (0: off), got ",
+               o.loss_spike_factor);
     QOPT_CHECK(o.nan_policy == "skip" || o.nan_policy == "stop", "--nan-policy must be skip or stop, got '",
                o.nan_policy, "'");
     QOPT_CHECK(!o.train_data.empty(), "--train-data is required");
@@ -127,6 +132,33 @@ static Json run_settings(const TrainOptions& o, const OptimizerConfig& optimizer
     return run;
 }
 
+// A resumed run redoes the steps after its checkpoint: their records (and a line cut short by
+// a kill) are dropped from metrics.jsonl, so the file holds each step once. Val records at the
+// checkpoint's step go too (the resumed run writes its own "at" record).
+static void trim_metrics(const std::string& path, long resumed_step, std::ostream& log) {
+    if (!file_exists(path)) return;
+    std::istringstream lines(read_file(path));
+    std::string line, kept;
+    long dropped = 0;
+    while (std::getline(lines, line)) {
+        bool keep = false;
+        try {
+            const Json record = Json::parse(line);
+            const long step = long(record.at("step").as_int("step"));
+            const bool is_train = record.at("type").as_string("type") == "train";
+            keep = step < resumed_step || (step == resumed_step && is_train);
+        } catch (const Error&) {
+            keep = false;  // a line cut short by a kill
+        }
+        if (keep) kept += line + "\n";
+        else ++dropped;
+    }
+    if (dropped == 0) return;
+    write_file_atomic(path, kept);
+    log << "metrics: dropped " << dropped << " record(s) past step " << resumed_step << " from " << path
+        << " (those steps run again)\n";
+}
+
 TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     validate_options(options);
     const ModelConfig config = resolve_model_config(options);
@@ -153,6 +185,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
 
     // Everything that can fail on bad input is checked before the first step.
     check_writable_directory(options.out_dir);
+    for (const std::string& action : recover_interrupted_writes(options.out_dir)) log << "checkpoints: " << action << "\n";
     TokenLoader train_loader(options.train_data, config.vocab_size, options.batch_size, options.seq_len,
                              "--train-data");
     std::unique_ptr<TokenLoader> val_loader;
@@ -193,6 +226,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         train_loader.set_position(state.train_position);
         rng.set_state(state.rng_state);
         log << "resumed from " << resume_from << " at step " << state.step << "\n";
+        trim_metrics(options.out_dir + "/metrics.jsonl", state.step, log);
     } else {
         std::vector<float> params(layout.total);
         init_params(layout, options.seed, params.data());
@@ -260,7 +294,8 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         record["val_loss"] = val_loss;
         write_metrics(record);
     };
-    auto save = [&]() {
+    TrainResult result;
+    auto save = [&](bool must_succeed) -> std::string {
         Checkpoint ckpt;
         ckpt.config = config;
         state.train_position = train_loader.position();
@@ -269,13 +304,24 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         ckpt.run = run_settings(options, optimizer, total_steps);
         ckpt.params = backend->params();
         ckpt.optimizer = backend->optimizer_state();
-        std::string path = write_checkpoint(options.out_dir, ckpt);
+        std::string path;
+        try {
+            path = write_checkpoint(options.out_dir, ckpt);
+        } catch (const Error& e) {
+            // A periodic checkpoint that cannot be written (disk full, quota) costs nothing yet:
+            // the previous one is intact (the write is atomic), and the next interval tries again.
+            if (must_succeed) throw;
+            log << "warning: checkpoint at step " << state.step << " not written: " << e.what() << "; "
+                << (result.last_checkpoint.empty() ? std::string("no earlier checkpoint")
+                                                   : "the previous one (" + result.last_checkpoint + ") is intact")
+                << ", training goes on\n";
+            return result.last_checkpoint;
+        }
         prune_checkpoints(options.out_dir, options.keep_checkpoints);
         log << "checkpoint: " << path << "\n";
         return path;
     };
 
-    TrainResult result;
     result.val_loss_start = evaluate();
     report_val("at", result.val_loss_start);
 
@@ -299,13 +345,20 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             const double clip_scale =
                 options.grad_clip > 0 && grad_norm > options.grad_clip ? options.grad_clip / grad_norm : 1.0;
             backend->step(lr, clip_scale);
+            const long rejected = backend->rejected_preconditioners();
+            if (rejected > result.rejected_preconditioners) {
+                log << "warning: step " << state.step + 1 << ": " << rejected - result.rejected_preconditioners
+                    << " preconditioner matrix(es) came out non-finite and were not used; the last good ones stay ("
+                    << rejected << " in this run)\n";
+                result.rejected_preconditioners = rejected;
+            }
         } else {
             ++state.skipped_steps;
             log << "warning: step " << state.step + 1 << " has a non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
                 << " (loss " << loss << ", grad norm " << grad_norm << "); update skipped (" << state.skipped_steps
                 << " so far)\n";
             if (options.nan_policy == "stop") {
-                result.last_checkpoint = save();
+                result.last_checkpoint = save(true);
                 fail("stopping on a non-finite step (--nan-policy stop); last good state saved in ",
                      result.last_checkpoint);
             }
@@ -313,6 +366,27 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         ++state.step;
         state.tokens_seen += tokens_per_step;
         result.train_losses.push_back(loss);
+        // Loss spikes: loss above loss_spike_factor x the running average (EMA, beta 0.9,
+        // bias-corrected) of the finite losses before it, checked once 10 are in.
+        bool spike = false;
+        if (finite) {
+            const double beta = 0.9;
+            if (options.loss_spike_factor > 0 && state.loss_average_count >= 10) {
+                const double average = state.loss_average / (1 - std::pow(beta, double(state.loss_average_count)));
+                if (loss > options.loss_spike_factor * average) {
+                    spike = true;
+                    ++state.loss_spikes;
+                    char line[200];
+                    std::snprintf(line, sizeof line,
+                                  "warning: loss spike at step %ld: loss %.4f is %.2fx the recent average %.4f (%ld so "
+                                  "far)\n",
+                                  state.step, loss, loss / average, average, state.loss_spikes);
+                    log << line;
+                }
+            }
+            state.loss_average = beta * state.loss_average + (1 - beta) * loss;
+            ++state.loss_average_count;
+        }
 
         const auto now = std::chrono::steady_clock::now();
         const double step_seconds = std::chrono::duration<double>(now - step_start).count();
@@ -337,12 +411,13 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         record["tokens_per_second"] = tokens_per_second;
         record["tokens_seen"] = state.tokens_seen;
         record["skipped"] = !finite;
+        if (spike) record["spike"] = true;
         write_metrics(record);
 
         if (options.eval_every > 0 && state.step % options.eval_every == 0 && state.step < total_steps)
             report_val("after", evaluate());
         if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
-            result.last_checkpoint = save();
+            result.last_checkpoint = save(false);
         if (g_stop_requested.load()) {
             log << "stop requested: saving a checkpoint at step " << state.step << " and exiting\n";
             result.interrupted = true;
@@ -353,9 +428,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         result.val_loss_end = evaluate();
         report_val("after", result.val_loss_end);
     }
-    result.last_checkpoint = save();
+    result.last_checkpoint = save(true);
     result.final_step = state.step;
     result.skipped_steps = state.skipped_steps;
+    result.loss_spikes = state.loss_spikes;
     return result;
 }
 

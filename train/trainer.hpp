@@ -32,6 +32,9 @@ struct TrainOptions {
     double wsd_decay_fraction = 0.2;
     double grad_clip = 1.0;  // 0 disables clipping
     std::string nan_policy = "skip";  // skip | stop
+    // A step whose loss exceeds this multiple of the recent average (an EMA over ~10 finite
+    // steps, from step 10 on) is logged as a loss spike; 0 turns the check off.
+    double loss_spike_factor = 1.5;
 
     // Data and batch
     std::string train_data, val_data;
@@ -55,6 +58,8 @@ struct TrainResult {
     double val_loss_start = NAN, val_loss_end = NAN;
     long final_step = 0;
     long skipped_steps = 0;
+    long loss_spikes = 0;
+    long rejected_preconditioners = 0;  // see Optimizer::rejected_preconditioners
     bool interrupted = false;
     std::string last_checkpoint;
 };
