@@ -37,4 +37,16 @@ CudaDeviceInfo query_cuda_device() {
     return info;
 }
 
+GpuMemory gpu_memory() {
+    GpuMemory memory;
+    if (cudaMemGetInfo(&memory.free, &memory.total) != cudaSuccess) cudaGetLastError();
+    return memory;
+}
+
+std::string gigabytes(size_t bytes) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.2f GB", double(bytes) / 1e9);
+    return text;
+}
+
 }  // namespace qopt

@@ -13,4 +13,13 @@ struct CudaDeviceInfo {
 
 CudaDeviceInfo query_cuda_device();
 
+// GPU 0's free and total memory now (cudaMemGetInfo; the CUDA context is created first).
+struct GpuMemory {
+    size_t free = 0, total = 0;
+};
+GpuMemory gpu_memory();
+
+// "1.23 GB" (decimal, as memory reports print sizes).
+std::string gigabytes(size_t bytes);
+
 }  // namespace qopt

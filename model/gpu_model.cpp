@@ -7,6 +7,7 @@
 
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
+#include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "kernels/rope.hpp"
 #include "quant/hadamard.hpp"
@@ -14,15 +15,6 @@
 
 namespace qopt {
 
-namespace {
-
-std::string gigabytes(size_t bytes) {
-    char text[32];
-    std::snprintf(text, sizeof text, "%.2f GB", double(bytes) / 1e9);
-    return text;
-}
-
-}  // namespace
 
 // Activations of one transformer block (bf16 unless marked fp32). Which exist depends on
 // the layout: olmo2 normalises q/k (QK-norm), rotates them (RoPE) and normalises each
@@ -131,6 +123,19 @@ void GpuModel::zero_grads() { state_->grads.fill_bytes(0); }
 void GpuModel::allocate(int batch, int seq_len) {
     State& s = *state_;
     if (batch == s.batch && seq_len == s.seq_len) return;
+    s.activation_bytes = plan(batch, seq_len, true);
+    s.batch = batch;
+    s.seq_len = seq_len;
+}
+
+size_t GpuModel::planned_activation_bytes(int batch, int seq_len) const {
+    return const_cast<GpuModel*>(this)->plan(batch, seq_len, false);
+}
+
+// The activation plan for (batch, seq_len): every buffer's size, allocated when `allocate`,
+// else only counted (planned_activation_bytes: the same code, so the estimate is exact).
+size_t GpuModel::plan(int batch, int seq_len, bool allocate) {
+    State& s = *state_;
     QOPT_CHECK(batch > 0 && seq_len > 0, "batch and sequence length must be positive");
     QOPT_CHECK(seq_len <= config_.max_seq_len, "sequence length ", seq_len, " exceeds the model's max_seq_len ",
                config_.max_seq_len);
@@ -138,11 +143,20 @@ void GpuModel::allocate(int batch, int seq_len) {
     const size_t BHT = size_t(batch) * config_.n_heads * seq_len;
     const bool gpt2 = config_.arch == Arch::Gpt2;
     size_t bytes = 0;
-    auto bf = [&](DeviceBuffer<bf16>& buffer, size_t n) { buffer.resize(n), bytes += n * sizeof(bf16); };
-    auto fp = [&](DeviceBuffer<float>& buffer, size_t n) { buffer.resize(n), bytes += n * sizeof(float); };
-    s.layers.clear();
-    s.layers.resize(size_t(config_.n_layers));
-    for (auto& a : s.layers) {
+    auto sized = [&](auto& buffer, size_t n) {
+        if (allocate) buffer.resize(n);
+        bytes += n * sizeof(*buffer.data());
+    };
+    auto bf = [&](DeviceBuffer<bf16>& buffer, size_t n) { sized(buffer, n); };
+    auto fp = [&](DeviceBuffer<float>& buffer, size_t n) { sized(buffer, n); };
+    // Counting only: stand-in buffers (never allocated) for the per-layer lists.
+    std::vector<LayerActivations> counted_layers;
+    std::vector<DeviceBuffer<bf16>> counted_residual;
+    auto& layers = allocate ? s.layers : counted_layers;
+    auto& residual = allocate ? s.residual : counted_residual;
+    layers.clear();
+    layers.resize(size_t(config_.n_layers));
+    for (auto& a : layers) {
         bf(a.qkv, N * 3 * C), bf(a.attn, N * C), bf(a.h, N * C), bf(a.up, N * F);
         if (!s.recompute) bf(a.act, N * F);
         fp(a.lse, BHT);
@@ -155,22 +169,20 @@ void GpuModel::allocate(int batch, int seq_len) {
         }
     }
     if (s.recompute) bf(s.act_scratch, N * F);
-    s.residual.clear();
-    s.residual.resize(size_t(config_.n_layers) + 1);
-    for (auto& r : s.residual) bf(r, N * C);
+    residual.clear();
+    residual.resize(size_t(config_.n_layers) + 1);
+    for (auto& r : residual) bf(r, N * C);
     bf(s.final_normed, N * C), bf(s.branch, N * C);
     bf(s.logits, N * size_t(config_.padded_vocab_size));
     fp(s.final_mean, N), fp(s.final_rstd, N), fp(s.losses, N);
-    s.inputs.resize(N), s.targets.resize(N);
-    s.bucket_tokens.resize(N), s.bucket_offsets.resize(N + 1), s.bucket_positions.resize(N);
+    sized(s.inputs, N), sized(s.targets, N);
+    sized(s.bucket_tokens, N), sized(s.bucket_offsets, N + 1), sized(s.bucket_positions, N);
     bf(s.d_residual, N * C), bf(s.d_a, N * C), bf(s.d_b, N * C), bf(s.d_qkv, N * 3 * C);
     bf(s.d_wide, N * F), bf(s.d_wide2, N * F);
     if (!gpt2) bf(s.d_q, N * C), bf(s.d_k, N * C);
     fp(s.delta, BHT);
     if (s.quant.enabled()) {
-        auto mask = [&](DeviceBuffer<uint32_t>& buffer, size_t n) {
-            buffer.resize(keep_mask_words(n)), bytes += keep_mask_words(n) * sizeof(uint32_t);
-        };
+        auto mask = [&](DeviceBuffer<uint32_t>& buffer, size_t n) { sized(buffer, keep_mask_words(n)); };
         const bool act_masks = s.quant.activations.enabled();
         for (int l = 0; l < config_.n_layers; ++l)
             for (int site = 0; site < kSites; ++site) {
@@ -186,16 +198,16 @@ void GpuModel::allocate(int batch, int seq_len) {
         }
         bf(s.quant_d_input, N * F);
         fp(s.quant_d_weight, std::max(3 * C * C, F * C));
-        s.quant_stats.resize((std::max(N, 3 * C + F) + 1) * 4), bytes += s.quant_stats.size() * sizeof(double);
+        sized(s.quant_stats, (std::max(N, 3 * C + F) + 1) * 4);
     }
-    s.activation_bytes = bytes;
-    s.batch = batch;
-    s.seq_len = seq_len;
+    return bytes;
 }
 
-size_t GpuModel::device_bytes() const {
-    return layout_.total * (2 * sizeof(float) + sizeof(bf16)) + state_->quant_weight_bytes + state_->activation_bytes;
+size_t GpuModel::weight_bytes() const {
+    return layout_.total * (2 * sizeof(float) + sizeof(bf16)) + state_->quant_weight_bytes;
 }
+
+size_t GpuModel::device_bytes() const { return weight_bytes() + state_->activation_bytes; }
 
 std::string GpuModel::memory_report() const {
     const size_t weight_bytes = layout_.total * (2 * sizeof(float) + sizeof(bf16));

@@ -63,6 +63,9 @@ public:
                       bool quantize_input, bool add_bias);
     // Plans every activation for this shape (no-op when unchanged).
     void allocate(int batch, int seq_len);
+    // The bytes allocate(batch, seq_len) would take for activations, without allocating.
+    size_t planned_activation_bytes(int batch, int seq_len) const;
+    size_t weight_bytes() const;  // fp32 master + fp32 grads + bf16 copy (+ quantized weights)
     // "weights 0.50 GB (fp32 master + grads + bf16 copy), activations 9.1 GB, logits 3.3 GB ..."
     std::string memory_report() const;
     size_t device_bytes() const;
@@ -84,6 +87,7 @@ public:
     struct State;  // buffers and plan (model/gpu_model.cpp); public only so its helpers can name it
 
 private:
+    size_t plan(int batch, int seq_len, bool allocate);
     void refresh_compute_weights();  // bf16 mirror <- fp32 masters
     void quantize_weights();         // quantized linear layers: their weights from the masters
     ModelConfig config_;

@@ -86,6 +86,26 @@ public:
     }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
     std::string memory_report(int batch, int seq_len) override {
+        // The weights and optimizer state are allocated by now; the activations are planned
+        // (exactly, by the code that allocates them) and refused before allocating when they
+        // would not fit in what is free, less headroom for the cuBLASLt/cuSOLVER workspaces.
+        const size_t activations = model_.planned_activation_bytes(batch, seq_len);
+        const GpuMemory memory = gpu_memory();
+        const size_t headroom = size_t(512) << 20;
+        if (activations + headroom > memory.free) {
+            std::string recompute_hint;
+            if (!model_.recompute()) {
+                model_.set_recompute(true);
+                recompute_hint = ", --recompute (activations then " +
+                                 gigabytes(model_.planned_activation_bytes(batch, seq_len)) + ")";
+                model_.set_recompute(false);
+            }
+            fail("the run does not fit in GPU memory: activations for ", batch, " x ", seq_len, " tokens need ",
+                 gigabytes(activations), " but ", gigabytes(memory.free), " of ", gigabytes(memory.total),
+                 " are free beside the weights (", gigabytes(model_.weight_bytes()), ") and optimizer state (",
+                 gigabytes(optimizer_.state_bytes()), "); use a smaller --batch-size with a larger --grad-accum (same "
+                 "tokens per step)", recompute_hint, ", or a shorter --seq-len");
+        }
         model_.allocate(batch, seq_len);
         return model_.memory_report();
     }
@@ -107,7 +127,17 @@ std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const
                                                 bool recompute) {
     const CudaDeviceInfo gpu = query_cuda_device();
     if (!gpu.usable) fail("--device cuda: ", gpu.problem);
-    return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute);
+    const GpuMemory memory = gpu_memory();
+    try {
+        return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute);
+    } catch (const Error& e) {
+        if (std::string(e.what()).find("out of memory") == std::string::npos) throw;
+        const size_t weights = ParamLayout::build(config).total * (2 * sizeof(float) + sizeof(bf16));
+        fail("the model does not fit in GPU memory: its weights take ", gigabytes(weights),
+             " (fp32 master + fp32 grads + bf16 copy) before the ", optimizer_name(optimizer.kind), " state, and ",
+             gigabytes(memory.free), " of ", gigabytes(memory.total),
+             " were free; use a smaller model, or an optimizer with less state (AdamW: 8 bytes per parameter)");
+    }
 }
 
 }  // namespace qopt

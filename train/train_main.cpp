@@ -5,6 +5,9 @@
 #include "train/train_cli.hpp"
 
 int main(int argc, char** argv) {
+    // First of all: a SIGTERM during start-up then stops the run after its first step (with a
+    // checkpoint) instead of killing it.
+    qopt::install_stop_handlers();
     CLI::App app{"qopt train: train an OLMo2-style or GPT-2 model on token shards, with checkpoints and exact resume"};
     qopt::TrainOptions options;
     qopt::add_train_flags(app, options);
@@ -15,7 +18,6 @@ int main(int argc, char** argv) {
             std::cout << qopt::presets_table();
             return 0;
         }
-        qopt::install_stop_handlers();
         qopt::TrainResult result = qopt::run_training(options, std::cout);
         if (result.interrupted) std::cout << "interrupted; resume with --resume auto --out-dir " << options.out_dir << "\n";
         return 0;

@@ -162,7 +162,6 @@ static void trim_metrics(const std::string& path, long resumed_step, std::ostrea
 TrainResult run_training(const TrainOptions& options, std::ostream& log) {
     validate_options(options);
     const ModelConfig config = resolve_model_config(options);
-    g_stop_requested.store(0);
 
     // Device: "auto" takes a usable GPU when there is one.
     const OptimizerConfig optimizer = resolve_optimizer_config(options);
@@ -418,7 +417,9 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             report_val("after", evaluate());
         if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
             result.last_checkpoint = save(false);
-        if (g_stop_requested.load()) {
+        // A request that came during start-up is acted on here, after the first step; it is
+        // consumed, so a later run in the same process starts clean.
+        if (g_stop_requested.exchange(0)) {
             log << "stop requested: saving a checkpoint at step " << state.step << " and exiting\n";
             result.interrupted = true;
             break;
