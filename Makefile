@@ -6,6 +6,7 @@
 #                       BUILD (output folder, default build), EXTRA_NVCCFLAGS (kernel knobs, e.g.
 #                       -DQOPT_KV_QUERY_TILE=32, to build variants side by side).
 
+SHELL := /bin/bash
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(CUDA_HOME)/bin/nvcc
 CUDA_ARCH ?= sm_90
@@ -32,11 +33,11 @@ LIB := $(BUILD)/libqopt.a
 
 BINARIES := train tokenize prepare_brown bench init_model optim_replay ptq eval analyze
 BIN := $(BINARIES:%=$(BUILD)/bin/%)
-TEST_SRC := $(wildcard tests/*.cpp)
+TEST_SRC := $(wildcard tests/*.cpp) tests/fuzz/fuzz_targets.cpp
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/obj/%.o)
 TEST_BIN := $(BUILD)/bin/tests
 
-.PHONY: all setup test run clean distclean deps
+.PHONY: all setup test run clean distclean deps fuzz fuzz-merge soak
 all: deps $(BIN) $(TEST_BIN)
 
 # Header-only dependencies are copied into build/deps/include by setup (tools/setup.sh), so
@@ -96,6 +97,55 @@ clean:
 
 distclean:
 	rm -rf $(BUILD)
+
+# Fuzzing (clang with libFuzzer, AddressSanitizer and UBSan; not part of `all`): one binary per
+# target in tests/fuzz/fuzz_targets.hpp, each run FUZZ_SECONDS from the kept corpus
+# (tests/fuzz/corpus/<target>, replayed by the tests) plus a working corpus in build/fuzz.
+# A crash stops make and names the input (build/fuzz/crashes/); fix it and copy the input into
+# the kept corpus. `make fuzz-merge` folds the working corpus's new coverage into the kept one.
+FUZZ_CXX ?= clang++
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := shard safetensors checkpoint_state tokenizer json
+FUZZ_SRC := $(wildcard core/*.cpp) data/shard.cpp data/tokenizer.cpp train/checkpoint.cpp model/config.cpp \
+            model/params.cpp optim/optimizer_state.cpp tests/fuzz/fuzz_targets.cpp
+FUZZ_FLAGS := -std=c++17 -O1 -g -I. -isystem $(CUDA_HOME)/include -fsanitize=address,undefined \
+              -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_OBJ := $(FUZZ_SRC:%.cpp=$(BUILD)/fuzz/obj/%.o)
+FUZZ_BIN := $(FUZZ_TARGETS:%=$(BUILD)/fuzz/fuzz_%)
+.SECONDARY: $(FUZZ_OBJ)
+
+$(BUILD)/fuzz/obj/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/libfuzzer_main.cpp $(FUZZ_OBJ)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer -DQOPT_FUZZ_TARGET=$* $^ -o $@
+
+fuzz: $(FUZZ_BIN)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(BUILD)/fuzz/corpus/$$t $(BUILD)/fuzz/crashes tests/fuzz/corpus/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  $(BUILD)/fuzz/fuzz_$$t $(BUILD)/fuzz/corpus/$$t tests/fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+	    -artifact_prefix=$(BUILD)/fuzz/crashes/$$t- 2>&1 | grep -E "^(stat::|#[0-9]+ *DONE|==[0-9]+==|SUMMARY|artifact)" ; \
+	  test $${PIPESTATUS[0]} -eq 0 || { echo "fuzz: $$t found a crash (build/fuzz/crashes/$$t-*)"; exit 1; }; \
+	done
+	@echo "fuzz: sweep_config (tools/sweep.py, Python) for $(FUZZ_SECONDS) s"
+	python3 tools/fuzz_sweep_config.py --seconds $(FUZZ_SECONDS) --corpus tests/fuzz/corpus/sweep_config
+
+fuzz-merge: $(FUZZ_BIN)
+	@for t in $(FUZZ_TARGETS); do \
+	  $(BUILD)/fuzz/fuzz_$$t -merge=1 tests/fuzz/corpus/$$t $(BUILD)/fuzz/corpus/$$t 2>&1 | tail -n 1; \
+	done
+
+# The crash-safety soak on the GPU (see tools/soak.py): gpt2-124m on the bundled data, killed
+# SOAK_KILLS times at random moments, against an uninterrupted run.
+SOAK_KILLS ?= 25
+soak: all
+	python3 tools/soak.py --bin-dir $(BUILD)/bin --out-dir $(BUILD)/soak --kills $(SOAK_KILLS) --min-delay 3 \
+	  --max-delay 20 --report $(BUILD)/soak/../soak_report.json -- --preset gpt2-124m --device cuda \
+	  --train-data '$(DATA_DIR)/brown/brown_train_*.bin' --val-data '$(DATA_DIR)/brown/brown_val_*.bin' \
+	  --val-batches 4 -b 8 -t 512 --steps 600 --checkpoint-every 25 --keep-checkpoints 2 --log-every 1
 
 # Every object's header dependencies (the binaries' main files too: a stale main object that
 # still sees an old class layout links and then misbehaves).

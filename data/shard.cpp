@@ -55,14 +55,17 @@ uint64_t shard_token_count(const std::string& path) {
 }
 
 std::vector<uint16_t> read_shard(const std::string& path, int vocab_size) {
-    const std::string bytes = read_file(path);
+    return parse_shard(read_file(path), vocab_size, path);
+}
+
+std::vector<uint16_t> parse_shard(const std::string& bytes, int vocab_size, const std::string& path) {
     if (bytes.size() < kShardHeaderInts * sizeof(int32_t))
         fail(path, ": too short for a shard header (", bytes.size(), " bytes)");
     int32_t header[kShardHeaderInts];
     std::memcpy(header, bytes.data(), sizeof header);
     const uint64_t count = validate_header(path, header, bytes.size());
     std::vector<uint16_t> tokens(count);
-    std::memcpy(tokens.data(), bytes.data() + sizeof header, count * sizeof(uint16_t));
+    if (count) std::memcpy(tokens.data(), bytes.data() + sizeof header, count * sizeof(uint16_t));
     for (uint64_t i = 0; i < count; ++i)
         if (tokens[i] >= vocab_size)
             fail(path, ": token id ", tokens[i], " at position ", i, " is not below the vocabulary size ",

@@ -19,6 +19,9 @@ void write_shard(const std::string& path, const std::vector<int>& tokens);
 // every token id below `vocab_size`.
 std::vector<uint16_t> read_shard(const std::string& path, int vocab_size);
 
+// The same from a shard's bytes in memory (errors name `origin`).
+std::vector<uint16_t> parse_shard(const std::string& bytes, int vocab_size, const std::string& origin);
+
 // Header only (count of tokens), validated against the file length.
 uint64_t shard_token_count(const std::string& path);
 

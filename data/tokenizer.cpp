@@ -159,13 +159,18 @@ Tokenizer Tokenizer::load_dir(const std::string& directory) {
 }
 
 Tokenizer Tokenizer::load(const std::string& encoder_json_path, const std::string& vocab_bpe_path) {
+    const std::string encoder_text = read_file(encoder_json_path);  // errors name the path already
+    return parse(encoder_text, read_file(vocab_bpe_path), encoder_json_path, vocab_bpe_path);
+}
+
+Tokenizer Tokenizer::parse(const std::string& encoder_text, const std::string& merges_text,
+                           const std::string& encoder_json_path, const std::string& vocab_bpe_path) {
     Tokenizer tok;
     uint32_t b2u[256];
     byte_to_unicode(b2u);
     std::unordered_map<uint32_t, int> unicode_to_byte;
     for (int b = 0; b < 256; ++b) unicode_to_byte[b2u[b]] = b;
 
-    const std::string encoder_text = read_file(encoder_json_path);  // errors name the path already
     Json encoder;
     try {
         encoder = Json::parse(encoder_text);
@@ -214,7 +219,6 @@ Tokenizer Tokenizer::load(const std::string& encoder_json_path, const std::strin
         tok.byte_ids_[b] = it->second;
     }
 
-    const std::string merges_text = read_file(vocab_bpe_path);
     size_t pos = 0;
     int rank = 0, line_number = 0;
     while (pos < merges_text.size()) {

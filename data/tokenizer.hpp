@@ -20,6 +20,9 @@ public:
     // Loads GPT-2's encoder.json (token string -> id) and vocab.bpe (merges by rank).
     // Throws qopt::Error naming the file on anything malformed.
     static Tokenizer load(const std::string& encoder_json_path, const std::string& vocab_bpe_path);
+    // The same from the files' contents (errors name the two origins).
+    static Tokenizer parse(const std::string& encoder_json_text, const std::string& vocab_bpe_text,
+                           const std::string& encoder_json_path, const std::string& vocab_bpe_path);
     // Loads encoder.json and vocab.bpe from one directory.
     static Tokenizer load_dir(const std::string& directory);
 

@@ -26,6 +26,16 @@ void ModelConfig::validate() const {
     QOPT_CHECK(max_seq_len > 0, "max_seq_len must be positive, got ", max_seq_len);
     QOPT_CHECK(rope_theta > 0, "rope_theta must be positive");
     QOPT_CHECK(norm_eps > 0, "norm_eps must be positive");
+    // Far above any real model, low enough that laying one out cannot exhaust memory (a damaged
+    // checkpoint's config is refused here, before anything is allocated for it).
+    auto at_most = [](const char* what, int value, int limit) {
+        QOPT_CHECK(value <= limit, what, " ", value, " is above the supported maximum ", limit);
+    };
+    at_most("padded_vocab_size", padded_vocab_size, 1 << 24);
+    at_most("n_layers", n_layers, 1024);
+    at_most("d_model", d_model, 1 << 16);
+    at_most("d_ff", d_ff, 1 << 18);
+    at_most("max_seq_len", max_seq_len, 1 << 20);
 }
 
 Json ModelConfig::to_json() const {

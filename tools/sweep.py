@@ -90,6 +90,8 @@ def load_config(path):
         raise ConfigError(f"{path}: {e.strerror}")
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})")
     check_keys(config, TOP_KEYS, "config")
     c = {"name": need(config, "name", str, "config"), "out_dir": need(config, "out_dir", str, "config"),
          "bin_dir": need(config, "bin_dir", str, "config", "build/bin"),
@@ -115,7 +117,7 @@ def load_config(path):
         c["models"].append(model)
     c["optimizers"] = need(config, "optimizers", list, "config")
     for o in c["optimizers"]:
-        if o not in OPTIMIZERS:
+        if not isinstance(o, str) or o not in OPTIMIZERS:
             raise ConfigError(f"config: unknown optimizer {o!r} (known: {', '.join(sorted(OPTIMIZERS))})")
     lrs = need(config, "learning_rates", dict, "config", {})
     for o, values in lrs.items():
@@ -157,6 +159,8 @@ def load_config(path):
         check_keys(e, EVAL_KEYS, "eval")
         c["eval"] = {"val_batches": need(e, "val_batches", int, "eval", 20), "tasks": need(e, "tasks", list, "eval", []),
                      "extra": extra_args(e, "eval")}
+        if not all(isinstance(t, str) and t for t in c["eval"]["tasks"]):
+            raise ConfigError("eval: 'tasks' must be a list of file paths")
     c["analyze"] = None
     if config.get("analyze") is not None:
         a = config["analyze"]

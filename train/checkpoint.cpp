@@ -90,13 +90,12 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& ckpt)
     return final_dir;
 }
 
-Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_state) {
-    if (!is_directory(directory)) fail(directory, ": no such checkpoint directory");
+Checkpoint parse_checkpoint_state(const std::string& text, const std::string& state_path,
+                                  std::map<std::string, std::string>* checksums) {
     Checkpoint ckpt;
     Json state;
-    const std::string state_path = directory + "/" + kStateFile;
     try {
-        state = Json::parse(read_file(state_path));
+        state = Json::parse(text);
     } catch (const Error& e) {
         fail(state_path, ": unreadable checkpoint state: ", e.what());
     }
@@ -124,20 +123,43 @@ Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_sta
         ckpt.optimizer.optimizer = state.contains("optimizer") ? state.at("optimizer").as_string("optimizer") : "adamw";
         if (state.contains("optimizer_extra")) ckpt.optimizer.extra = state.at("optimizer_extra");
         ckpt.run = state.at("run");
+        for (const char* file : {kModelFile, kOptimizerFile}) {
+            const std::string sum = state.at("checksums").at(file).as_string("checksum");
+            if (checksums) (*checksums)[file] = sum;
+        }
     } catch (const Error& e) {
         fail(state_path, ": ", e.what());
     }
+    return ckpt;
+}
+
+Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_state) {
+    if (!is_directory(directory)) fail(directory, ": no such checkpoint directory");
+    const std::string state_path = directory + "/" + kStateFile;
+    std::map<std::string, std::string> checksums;
+    Checkpoint ckpt = parse_checkpoint_state(read_file(state_path), state_path, &checksums);
     const ParamLayout layout = ParamLayout::build(ckpt.config);
     auto load_verified = [&](const char* file) {
         const std::string path = directory + "/" + file;
         std::string bytes = read_file(path);
-        const std::string expected = state.at("checksums").at(file).as_string("checksum");
+        const std::string& expected = checksums.at(file);
         const std::string actual = hex64(checksum64(bytes.data(), bytes.size()));
         if (actual != expected)
             fail(path, ": checksum mismatch (file damaged or truncated: ", actual, " vs ", expected, ")");
         return SafetensorsFile::parse(std::move(bytes), path);
     };
     const SafetensorsFile model = load_verified(kModelFile);
+    // Sized from the file's own tensors before the buffer is: a state.json whose config does not
+    // match its model file is refused, not allocated for.
+    uint64_t stored = 0;
+    for (const std::string& name : model.names()) {
+        uint64_t numel = 1;
+        for (int64_t d : model.shape(name)) numel *= uint64_t(d);
+        stored += numel;
+    }
+    if (stored < layout.total)
+        fail(directory, "/", kModelFile, ": holds ", stored, " values, fewer than the ", layout.total,
+             " parameters of the model its state.json describes");
     ckpt.params.resize(layout.total);
     for (const auto& t : layout.tensors) {
         const std::vector<float> values = model.f32(t.name, t.shape);

@@ -11,6 +11,7 @@
 // checksums and refuses a damaged checkpoint with a message.
 #pragma once
 #include <array>
+#include <map>
 #include <cstdint>
 #include <ostream>
 #include <string>
@@ -52,6 +53,11 @@ std::string write_checkpoint(const std::string& out_dir, const Checkpoint& check
 // Reads and verifies one checkpoint directory; throws qopt::Error naming what is wrong.
 // Without the optimizer state (evaluation, PTQ) its file is neither read nor verified.
 Checkpoint read_checkpoint(const std::string& directory, bool with_optimizer_state = true);
+
+// state.json's contents: the checkpoint without its tensors (config, counters, run settings),
+// and the expected checksum of each .safetensors file. Throws naming `state_path`.
+Checkpoint parse_checkpoint_state(const std::string& text, const std::string& state_path,
+                                  std::map<std::string, std::string>* checksums = nullptr);
 
 // Checkpoint directories under out_dir, newest first (by step number).
 std::vector<std::string> list_checkpoints(const std::string& out_dir);
