@@ -140,12 +140,12 @@ fuzz-merge: $(FUZZ_BIN)
 
 # The crash-safety soak on the GPU (see tools/soak.py): gpt2-124m on the bundled data, killed
 # SOAK_KILLS times at random moments, against an uninterrupted run.
-SOAK_KILLS ?= 25
+SOAK_KILLS ?= 20
 soak: all
-	python3 tools/soak.py --bin-dir $(BUILD)/bin --out-dir $(BUILD)/soak --kills $(SOAK_KILLS) --min-delay 3 \
-	  --max-delay 20 --report $(BUILD)/soak/../soak_report.json -- --preset gpt2-124m --device cuda \
+	python3 tools/soak.py --bin-dir $(BUILD)/bin --out-dir $(BUILD)/soak --kills $(SOAK_KILLS) --min-delay 2 \
+	  --max-delay 15 --report $(BUILD)/soak_report.json -- --preset gpt2-124m --device cuda \
 	  --train-data '$(DATA_DIR)/brown/brown_train_*.bin' --val-data '$(DATA_DIR)/brown/brown_val_*.bin' \
-	  --val-batches 4 -b 8 -t 512 --steps 600 --checkpoint-every 25 --keep-checkpoints 2 --log-every 1
+	  --val-batches 4 -b 8 -t 512 --steps 600 --checkpoint-every 50 --keep-checkpoints 2
 
 # Every object's header dependencies (the binaries' main files too: a stale main object that
 # still sees an old class layout links and then misbehaves).
