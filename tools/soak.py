@@ -53,7 +53,7 @@ def train_command(args, out_dir, resume):
     return command + (["--resume", "auto"] if resume else [])
 
 
-def curve(out_dir):
+def curve(out_dir, problems):
     """{step: loss} of the train records, and the last validation loss."""
     losses, val = {}, None
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -61,7 +61,7 @@ def curve(out_dir):
             record = json.loads(line)
             if record["type"] == "train":
                 if record["step"] in losses:
-                    raise SystemExit(f"soak: step {record['step']} appears twice in {out_dir}/metrics.jsonl")
+                    problems.append(f"step {record['step']} appears twice in {out_dir}/metrics.jsonl")
                 losses[record["step"]] = record["loss"]
             elif record["type"] == "val":
                 val = record["val_loss"]
@@ -130,8 +130,8 @@ def main():
         if logged is not None or resumed_step is not None:
             last_step_before_kill = logged if logged is not None else resumed_step
 
-    reference, reference_val = curve(reference_dir)
-    soaked, soaked_val = curve(soak_dir)
+    reference, reference_val = curve(reference_dir, problems)
+    soaked, soaked_val = curve(soak_dir, problems)
     mismatched = [s for s in sorted(reference) if soaked.get(s) != reference[s]]
     if sorted(soaked) != sorted(reference):
         problems.append(f"the interrupted run logged steps {min(soaked, default=None)}..{max(soaked, default=None)} "

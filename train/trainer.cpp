@@ -132,9 +132,9 @@ static Json run_settings(const TrainOptions& o, const OptimizerConfig& optimizer
     return run;
 }
 
-// A resumed run redoes the steps after its checkpoint: their records (and a line cut short by
-// a kill) are dropped from metrics.jsonl, so the file holds each step once. Val records at the
-// checkpoint's step go too (the resumed run writes its own "at" record).
+// A resumed run redoes the steps after its checkpoint (a fresh start: all of them): their
+// records (and a line cut short by a kill) are dropped from metrics.jsonl, so the file holds
+// each step once. Val records at the checkpoint's step go too (the run writes its own "at" record).
 static void trim_metrics(const std::string& path, long resumed_step, std::ostream& log) {
     if (!file_exists(path)) return;
     std::istringstream lines(read_file(path));
@@ -225,12 +225,15 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         train_loader.set_position(state.train_position);
         rng.set_state(state.rng_state);
         log << "resumed from " << resume_from << " at step " << state.step << "\n";
-        trim_metrics(options.out_dir + "/metrics.jsonl", state.step, log);
     } else {
         std::vector<float> params(layout.total);
         init_params(layout, options.seed, params.data());
         backend->set_params(params);
     }
+
+    // A fresh start drops every record (those of a killed earlier start of this run), a resume
+    // those past its checkpoint.
+    trim_metrics(options.out_dir + "/metrics.jsonl", state.step, log);
 
     // Summary of what will run.
     uint64_t embedding_params = 0;
