@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cfloat>
 
 #include "kernels/cuda_common.cuh"
@@ -149,24 +150,35 @@ __global__ void permute_rows_columns_kernel(float* out, const float* in, const i
     }
 }
 
-__global__ void commit_finite_tiles_kernel(float* kept, const float* candidate, int n, int* accepted,
-                                           int* rejected_count) {
-    const int64_t size = int64_t(n) * n, base = int64_t(blockIdx.x) * size;
+// Commit in two passes over a (chunks, count) grid, so that large matrices are spread over the
+// whole GPU: first per matrix whether the candidate has a non-finite entry (flags[2t]) and
+// whether the kept one has a non-zero entry (flags[2t + 1]), then the copy (or the identity).
+__global__ void commit_flags_kernel(int* flags, const float* kept, const float* candidate, int64_t size) {
+    const int64_t base = int64_t(blockIdx.y) * size;
     int bad = 0, set = 0;
-    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
         bad |= !isfinite(candidate[base + i]);
         set |= kept[base + i] != 0.0f;
     }
     bad = block_reduce(bad, Max());
-    if (!bad) {
-        for (int64_t i = threadIdx.x; i < size; i += blockDim.x) kept[base + i] = candidate[base + i];
-    } else if (!block_reduce(set, Max())) {
-        for (int64_t i = threadIdx.x; i < size; i += blockDim.x) kept[base + i] = i / n == i % n ? 1.0f : 0.0f;
-    }
+    set = block_reduce(set, Max());
     if (threadIdx.x == 0) {
-        if (bad) atomicAdd(rejected_count, 1);
-        if (accepted) accepted[blockIdx.x] = !bad;
+        if (bad) atomicOr(&flags[2 * blockIdx.y], 1);
+        if (set) atomicOr(&flags[2 * blockIdx.y + 1], 1);
     }
+}
+
+__global__ void commit_copy_kernel(float* kept, const float* candidate, const int* flags, int n, int* accepted,
+                                   int* rejected_count) {
+    const int64_t size = int64_t(n) * n, base = int64_t(blockIdx.y) * size;
+    const bool bad = flags[2 * blockIdx.y], set = flags[2 * blockIdx.y + 1];
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        if (bad) atomicAdd(rejected_count, 1);
+        if (accepted) accepted[blockIdx.y] = !bad;
+    }
+    if (bad && set) return;  // the last good one stays
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x)
+        kept[base + i] = bad ? (i / n == i % n ? 1.0f : 0.0f) : candidate[base + i];
 }
 
 __global__ void identity_order_where_rejected_kernel(int* order, const int* accepted, int n) {
@@ -396,7 +408,20 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 }
 
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count) {
-    commit_finite_tiles_kernel<<<count, kThreads>>>(kept, candidate, n, accepted, rejected_count);
+    // Two flags per matrix; grown as needed, kept for the process (never freed).
+    static int* flags = nullptr;
+    static int capacity = 0;
+    if (capacity < 2 * count) {
+        if (flags) CUDA_CHECK(cudaFree(flags));
+        CUDA_CHECK(cudaMalloc(&flags, size_t(2 * count) * sizeof(int)));
+        capacity = 2 * count;
+    }
+    CUDA_CHECK(cudaMemsetAsync(flags, 0, size_t(2 * count) * sizeof(int)));
+    const int64_t size = int64_t(n) * n;
+    const dim3 grid(unsigned(std::min<int64_t>((size + kThreads * 8 - 1) / (kThreads * 8), 1024)), unsigned(count));
+    commit_flags_kernel<<<grid, kThreads>>>(flags, kept, candidate, size);
+    CUDA_CHECK_LAUNCH();
+    commit_copy_kernel<<<grid, kThreads>>>(kept, candidate, flags, n, accepted, rejected_count);
     CUDA_CHECK_LAUNCH();
 }
 
