@@ -18,14 +18,6 @@ using namespace qopt::test;
 
 namespace {
 
-ModelConfig small_model() {
-    ModelConfig c = preset_config("gpt2-tiny");
-    c.vocab_size = 40;
-    c.padded_vocab_size = 48;
-    c.max_seq_len = 8;
-    return c;
-}
-
 // The state tensors whose names end in one of `suffixes` (the preconditioner matrices).
 std::vector<const StateTensor*> pick(const OptimizerState& state, const std::vector<std::string>& suffixes) {
     std::vector<const StateTensor*> out;
@@ -113,7 +105,7 @@ void check_kept(const FaultCase& k, const FaultRun& r) {
 }  // namespace
 
 TEST_CASE("a non-finite preconditioner is not used: the last good one stays and is counted (CPU references)") {
-    const ParamLayout layout = ParamLayout::build(small_model());
+    const ParamLayout layout = ParamLayout::build(small_vocab_config("gpt2-tiny"));
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     for (const FaultCase& k : fault_cases()) {
@@ -145,7 +137,7 @@ TEST_CASE("a non-finite preconditioner is not used: the last good one stays and 
 
 TEST_CASE("GPU: a non-finite preconditioner is not used: the last good one stays and is counted, as on the CPU") {
     REQUIRE_GPU();
-    const ParamLayout layout = ParamLayout::build(small_model());
+    const ParamLayout layout = ParamLayout::build(small_vocab_config("gpt2-tiny"));
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     for (const FaultCase& k : fault_cases()) {

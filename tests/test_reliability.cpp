@@ -66,23 +66,7 @@ TEST_CASE("exact resume for every optimizer, with and without QAT: N + resume + 
                 full.optim.psgd.update_prob_flat_start = 1;
                 full.optim.psgd.update_prob_decay = 0.3;
                 full.optim.psgd.balance_probability = 0.5;
-                full.checkpoint_every = 5;
-                full.out_dir = dir / (std::string("full_") + device + optimizer + qat);
-                const TrainResult a = run_training(full, log);
-                TrainOptions resumed = full;
-                resumed.out_dir = dir / (std::string("resumed_") + device + optimizer + qat);
-                resumed.resume = full.out_dir + "/checkpoints/" + checkpoint_name(5);
-                const TrainResult b = run_training(resumed, log);
-                REQUIRE(b.train_losses.size() == 7);
-                for (size_t i = 0; i < 7; ++i) CHECK(b.train_losses[i] == a.train_losses[5 + i]);  // exact
-                CHECK(b.val_loss_end == a.val_loss_end);
-                const Checkpoint end_a = read_checkpoint(a.last_checkpoint), end_b = read_checkpoint(b.last_checkpoint);
-                CHECK(end_a.params == end_b.params);
-                REQUIRE(end_a.optimizer.tensors.size() == end_b.optimizer.tensors.size());
-                for (size_t i = 0; i < end_a.optimizer.tensors.size(); ++i)
-                    CHECK(end_a.optimizer.tensors[i].values == end_b.optimizer.tensors[i].values);
-                CHECK(end_a.optimizer.extra.dump() == end_b.optimizer.extra.dump());
-                CHECK(end_a.state.rng_state == end_b.state.rng_state);
+                check_exact_resume(full, 5, std::string(device) + optimizer + qat, log);
             }
 }
 

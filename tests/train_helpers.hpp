@@ -45,6 +45,31 @@ inline TrainOptions tiny_optimizer_run(const TempDir& dir, const std::string& na
     return o;
 }
 
+// Runs `full` (with a checkpoint at `resume_step`), then the same run resumed from that
+// checkpoint in another folder, and checks that the resumed steps, the final validation loss,
+// weights, optimizer state and RNG equal the uninterrupted run's bit for bit.
+inline void check_exact_resume(TrainOptions full, long resume_step, const std::string& label, std::ostream& log) {
+    full.checkpoint_every = resume_step;
+    full.out_dir = full.out_dir + "_full_" + label;
+    const TrainResult a = run_training(full, log);
+    TrainOptions resumed = full;
+    resumed.out_dir = full.out_dir + "_resumed";
+    resumed.resume = full.out_dir + "/checkpoints/" + checkpoint_name(resume_step);
+    const TrainResult b = run_training(resumed, log);
+    const size_t rest = a.train_losses.size() - size_t(resume_step);
+    REQUIRE(b.train_losses.size() == rest);
+    for (size_t i = 0; i < rest; ++i) CHECK(b.train_losses[i] == a.train_losses[size_t(resume_step) + i]);  // exact
+    CHECK(b.val_loss_end == a.val_loss_end);
+    const Checkpoint end_a = read_checkpoint(a.last_checkpoint), end_b = read_checkpoint(b.last_checkpoint);
+    CHECK(end_a.params == end_b.params);
+    REQUIRE(end_a.optimizer.tensors.size() == end_b.optimizer.tensors.size());
+    for (size_t i = 0; i < end_a.optimizer.tensors.size(); ++i)
+        CHECK(end_a.optimizer.tensors[i].values == end_b.optimizer.tensors[i].values);
+    CHECK(end_a.optimizer.extra.dump() == end_b.optimizer.extra.dump());
+    CHECK(end_a.state.rng_state == end_b.state.rng_state);
+    CHECK(end_a.state.train_position.token_offset == end_b.state.train_position.token_offset);
+}
+
 // Trains tiny_run for `steps` on the CPU and returns the final checkpoint's directory.
 inline std::string trained_tiny_checkpoint(const TempDir& dir, long steps, TrainOptions* options = nullptr) {
     TrainOptions o = tiny_run(dir, steps);
