@@ -225,6 +225,15 @@ TEST_CASE("GPU: a run whose activations will not fit is refused before allocatin
                          Error);
     CHECK_THROWS_WITH_AS(run_training(o, log), doctest::Contains("--grad-accum"), Error);
     CHECK(list_checkpoints(o.out_dir).empty());
+    // Weights that do not fit at all (olmo2-1.5b widened to 200 blocks: 10 billion parameters,
+    // 101 GB of weights): refused with the weight size, not a bare CUDA error.
+    TrainOptions huge = o;
+    huge.preset = "olmo2-1.5b";
+    huge.n_layers = 200;
+    huge.batch_size = 1;
+    huge.seq_len = 16;
+    CHECK_THROWS_WITH_AS(run_training(huge, log), doctest::Contains("the model does not fit in GPU memory: its weights take"),
+                         Error);
     // The plan's estimate is what allocation then takes.
     GpuModel model(resolve_model_config(o));
     const size_t planned = model.planned_activation_bytes(4, 256);
