@@ -56,8 +56,9 @@ public:
     long rejected_preconditioners() const;
 
 protected:
-    // The counter commit_finite_tiles_gpu adds to.
-    int* rejected_counter() { return rejected_.data(); }
+    // commit_finite_tiles_gpu with this method's rejection counter: candidate[t] replaces
+    // kept[t] (n x n, count of them) where finite; accepted[t] (when given) says where.
+    void commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted = nullptr);
 
     // Each state buffer of a group: its name suffix, one tile's shape, and the [count, ...]
     // buffer; one list per method serves save, load and state_bytes.
@@ -67,6 +68,7 @@ protected:
 
 private:
     DeviceBuffer<int> rejected_;
+    DeviceBuffer<int> commit_flags_;  // commit_tiles' scratch, grown as needed
 };
 
 // Scratch sizes over a method's groups: the largest group's count x rows x cols (work), count x

@@ -159,7 +159,7 @@ private:
         const size_t bytes = size_t(n) * n * count * sizeof(float);
         CUDA_CHECK(cudaMemcpy(factor_a_.data(), q.data(), bytes, cudaMemcpyDeviceToDevice));
         gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
-        commit_finite_tiles_gpu(q.data(), factor_a_.data(), n, count, nullptr, rejected_counter());
+        commit_tiles(q.data(), factor_a_.data(), n, count);
     }
 
     PsgdConfig config_;

@@ -120,13 +120,13 @@ private:
     };
 
     // root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first), taken
-    // only where it came out finite (commit_finite_tiles_gpu).
+    // only where it came out finite (commit_tiles).
     void inverse_root(float* root, const float* factor, int n, int count, double divisor) {
         symmetric_eigen_batched_gpu(factor_a_.data(), values_.data(), factor, n, count, factor_b_.data());
         inverse_root_columns_gpu(factor_b_.data(), factor_a_.data(), values_.data(), n, count, float(divisor),
                                  config_.eps, config_.root());
         gemm_(candidate_.data(), factor_b_.data(), false, factor_a_.data(), true, n, n, n, count);
-        commit_finite_tiles_gpu(root, candidate_.data(), n, count, nullptr, rejected_counter());
+        commit_tiles(root, candidate_.data(), n, count);
     }
 
     ShampooConfig config_;

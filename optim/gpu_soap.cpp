@@ -62,10 +62,10 @@ public:
                 update_factors(g, s, factor_beta);
                 // Initial bases, taken where finite (else the identity).
                 symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.left.data(), m, count, factor_a_.data());
-                commit_finite_tiles_gpu(s.left_basis.data(), candidate_.data(), m, count, nullptr, rejected_counter());
+                commit_tiles(s.left_basis.data(), candidate_.data(), m, count);
                 symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.right.data(), n, count,
                                             factor_a_.data());
-                commit_finite_tiles_gpu(s.right_basis.data(), candidate_.data(), n, count, nullptr, rejected_counter());
+                commit_tiles(s.right_basis.data(), candidate_.data(), n, count);
                 continue;
             }
             const long t = call - 1;
@@ -166,7 +166,7 @@ private:
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
         householder_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());
-        commit_finite_tiles_gpu(basis, candidate_.data(), n, count, accepted_.data(), rejected_counter());
+        commit_tiles(basis, candidate_.data(), n, count, accepted_.data());
         identity_order_where_rejected_gpu(order, accepted_.data(), n, count);
     }
 

@@ -407,15 +407,8 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
     CUDA_CHECK_LAUNCH();
 }
 
-void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count) {
-    // Two flags per matrix; grown as needed, kept for the process (never freed).
-    static int* flags = nullptr;
-    static int capacity = 0;
-    if (capacity < 2 * count) {
-        if (flags) CUDA_CHECK(cudaFree(flags));
-        CUDA_CHECK(cudaMalloc(&flags, size_t(2 * count) * sizeof(int)));
-        capacity = 2 * count;
-    }
+void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
+                             int* flags) {
     CUDA_CHECK(cudaMemsetAsync(flags, 0, size_t(2 * count) * sizeof(int)));
     const int64_t size = int64_t(n) * n;
     const dim3 grid(unsigned(std::min<int64_t>((size + kThreads * 8 - 1) / (kThreads * 8), 1024)), unsigned(count));

@@ -57,7 +57,9 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 // The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t: a finite
 // candidate[t] is copied into kept[t]; otherwise kept[t] stays (the identity when it is all
 // zero: none computed yet), *rejected_count += 1, and accepted[t] (when given) is 0, else 1.
-void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count);
+// flags: 2 * count ints of scratch.
+void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
+                             int* flags);
 // order[t] = 0, 1, ..., n-1 where accepted[t] == 0 (a rejected SOAP basis keeps its column order).
 void identity_order_where_rejected_gpu(int* order, const int* accepted, int n, int count);
 

@@ -64,6 +64,7 @@ inline std::string env_or(const char* name, const char* fallback) {
     return value && *value ? value : fallback;
 }
 inline std::string bin_dir() { return env_or("QOPT_BIN_DIR", "build/bin"); }
+inline std::string bin(const char* name) { return bin_dir() + "/" + name; }
 inline std::string data_dir() { return env_or("QOPT_DATA_DIR", "build/data"); }
 
 // Runs a shell command; returns its exit status and fills `output` with stdout+stderr.

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <random>
 
 #include "gpu_helpers.hpp"
@@ -71,103 +72,81 @@ std::vector<float> gradients(const ParamLayout& layout, uint64_t seed, long step
     return g;
 }
 
-// Runs good_steps normal steps and one faulty step through `step`; returns the state before
-// and after the fault, and the failures counted.
-struct FaultRun {
-    OptimizerState before, after;
-    long rejected = 0;
+// One optimizer with its weights, on the CPU or the GPU, behind the calls the checks need.
+struct CpuSide {
+    std::vector<float> params;
+    std::unique_ptr<Optimizer> optimizer;
+    CpuSide(const ParamLayout& layout, const OptimizerConfig& c)
+        : params(layout.total, 0.01f), optimizer(make_cpu_optimizer(layout, c)) {}
+    void step(std::vector<float> grads) { optimizer->step(params.data(), grads.data(), 1e-3, 1.0); }
+    OptimizerState state() const { return optimizer->state(); }
+    long rejected() const { return optimizer->rejected_preconditioners(); }
+    std::vector<float> weights() const { return params; }
 };
 
-template <typename Step, typename State, typename Rejected>
-FaultRun run_fault(const FaultCase& k, const ParamLayout& layout, uint64_t seed, Step step, State state,
-                   Rejected rejected) {
-    FaultRun r;
-    for (long s = 1; s <= k.good_steps; ++s) step(gradients(layout, seed, s, false, k));
-    r.before = state();
-    CHECK(rejected() == 0);
-    step(gradients(layout, seed, k.good_steps + 1, true, k));
-    r.after = state();
-    r.rejected = rejected();
-    return r;
-}
-
-void check_kept(const FaultCase& k, const FaultRun& r) {
-    const auto before = pick(r.before, k.preconditioners), after = pick(r.after, k.preconditioners);
-    REQUIRE(before.size() == after.size());
-    REQUIRE(!before.empty());
-    CHECK(r.rejected == long(after.size()));  // every matrix's refresh failed, each counted once
-    for (size_t i = 0; i < before.size(); ++i) {
-        CAPTURE(after[i]->name);
-        CHECK(after[i]->values == before[i]->values);  // the last good one, bit for bit
+struct GpuSide {
+    GpuOptimizer optimizer;
+    DeviceBuffer<float> params, grads;
+    GpuSide(const ParamLayout& layout, const OptimizerConfig& c)
+        : optimizer(layout, c), params(uploaded(std::vector<float>(layout.total, 0.01f))), grads(layout.total) {}
+    void step(const std::vector<float>& host_grads) {
+        grads.upload(host_grads);
+        optimizer.step(params.data(), grads.data(), 1e-3, 1.0, nullptr);
     }
+    OptimizerState state() const { return optimizer.state(); }
+    long rejected() const { return optimizer.rejected_preconditioners(); }
+    std::vector<float> weights() const { return params.download(); }
+};
+
+// Every fault case on one side: good_steps normal steps, then the faulty one; the
+// preconditioners must be the ones from before the fault, bit for bit, each rejection counted
+// once, and (overflowing factors) the weights finite. Then a fault before any good basis: the
+// identity stands in (SOAP's first call).
+template <typename Side>
+void check_fault_cases() {
+    const ParamLayout layout = ParamLayout::build(small_vocab_config("gpt2-tiny"));
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    for (const FaultCase& k : fault_cases()) {
+        CAPTURE(k.optimizer);
+        OptimizerConfig c;
+        c.kind = parse_optimizer(k.optimizer);
+        k.setup(c);
+        Side side(layout, c);
+        for (long s = 1; s <= k.good_steps; ++s) side.step(gradients(layout, seed, s, false, k));
+        const OptimizerState before = side.state();
+        CHECK(side.rejected() == 0);
+        side.step(gradients(layout, seed, k.good_steps + 1, true, k));
+        const OptimizerState after = side.state();
+        const auto kept_before = pick(before, k.preconditioners), kept_after = pick(after, k.preconditioners);
+        REQUIRE(kept_before.size() == kept_after.size());
+        REQUIRE(!kept_before.empty());
+        CHECK(side.rejected() == long(kept_after.size()));  // every matrix's refresh failed, each counted once
+        for (size_t i = 0; i < kept_before.size(); ++i) {
+            CAPTURE(kept_after[i]->name);
+            CHECK(kept_after[i]->values == kept_before[i]->values);  // the last good one, bit for bit
+        }
+        const std::vector<float> weights = side.weights();
+        if (!k.infinite_entry)  // an overflowing factor must not reach the weights
+            CHECK(std::all_of(weights.begin(), weights.end(), [](float p) { return std::isfinite(p); }));
+    }
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Soap;
+    Side soap(layout, c);
+    soap.step(gradients(layout, seed, 1, true, fault_cases()[1]));
+    const OptimizerState state = soap.state();
+    const auto bases = pick(state, {"left_basis", "right_basis"});
+    CHECK(soap.rejected() == long(bases.size()));
+    for (const StateTensor* t : bases) CHECK(is_identity(*t));
 }
 
 }  // namespace
 
 TEST_CASE("a non-finite preconditioner is not used: the last good one stays and is counted (CPU references)") {
-    const ParamLayout layout = ParamLayout::build(small_vocab_config("gpt2-tiny"));
-    const uint64_t seed = fresh_seed();
-    INFO("seed " << seed);
-    for (const FaultCase& k : fault_cases()) {
-        CAPTURE(k.optimizer);
-        OptimizerConfig c;
-        c.kind = parse_optimizer(k.optimizer);
-        k.setup(c);
-        std::vector<float> params(layout.total, 0.01f);
-        auto optimizer = make_cpu_optimizer(layout, c);
-        const FaultRun r = run_fault(
-            k, layout, seed, [&](std::vector<float> g) { optimizer->step(params.data(), g.data(), 1e-3, 1.0); },
-            [&] { return optimizer->state(); }, [&] { return optimizer->rejected_preconditioners(); });
-        check_kept(k, r);
-        if (!k.infinite_entry)  // an overflowing factor must not reach the weights
-            CHECK(std::all_of(params.begin(), params.end(), [](float p) { return std::isfinite(p); }));
-    }
-    // A fault before any good basis or root: the identity stands in (SOAP's first call).
-    OptimizerConfig c;
-    c.kind = OptimizerKind::Soap;
-    auto soap = make_cpu_optimizer(layout, c);
-    std::vector<float> params(layout.total, 0.01f);
-    std::vector<float> huge = gradients(layout, seed, 1, true, fault_cases()[1]);
-    soap->step(params.data(), huge.data(), 1e-3, 1.0);
-    const OptimizerState state = soap->state();
-    const auto bases = pick(state, {"left_basis", "right_basis"});
-    CHECK(soap->rejected_preconditioners() == long(bases.size()));
-    for (const StateTensor* t : bases) CHECK(is_identity(*t));
+    check_fault_cases<CpuSide>();
 }
 
 TEST_CASE("GPU: a non-finite preconditioner is not used: the last good one stays and is counted, as on the CPU") {
     REQUIRE_GPU();
-    const ParamLayout layout = ParamLayout::build(small_vocab_config("gpt2-tiny"));
-    const uint64_t seed = fresh_seed();
-    INFO("seed " << seed);
-    for (const FaultCase& k : fault_cases()) {
-        CAPTURE(k.optimizer);
-        OptimizerConfig c;
-        c.kind = parse_optimizer(k.optimizer);
-        k.setup(c);
-        GpuOptimizer optimizer(layout, c);
-        DeviceBuffer<float> params = uploaded(std::vector<float>(layout.total, 0.01f));
-        DeviceBuffer<float> grads(layout.total);
-        const FaultRun r = run_fault(
-            k, layout, seed,
-            [&](std::vector<float> g) {
-                grads.upload(g);
-                optimizer.step(params.data(), grads.data(), 1e-3, 1.0, nullptr);
-            },
-            [&] { return optimizer.state(); }, [&] { return optimizer.rejected_preconditioners(); });
-        check_kept(k, r);
-        const std::vector<float> updated = params.download();
-        if (!k.infinite_entry)
-            CHECK(std::all_of(updated.begin(), updated.end(), [](float p) { return std::isfinite(p); }));
-    }
-    OptimizerConfig c;
-    c.kind = OptimizerKind::Soap;
-    GpuOptimizer soap(layout, c);
-    DeviceBuffer<float> params = uploaded(std::vector<float>(layout.total, 0.01f));
-    DeviceBuffer<float> grads = uploaded(gradients(layout, seed, 1, true, fault_cases()[1]));
-    soap.step(params.data(), grads.data(), 1e-3, 1.0, nullptr);
-    const OptimizerState state = soap.state();
-    const auto bases = pick(state, {"left_basis", "right_basis"});
-    CHECK(soap.rejected_preconditioners() == long(bases.size()));
-    for (const StateTensor* t : bases) CHECK(is_identity(*t));
+    check_fault_cases<GpuSide>();
 }

@@ -21,14 +21,6 @@ using namespace qopt::test;
 
 namespace {
 
-std::vector<std::string> devices() {
-    if (gpu_available()) return {"cpu", "cuda"};
-    MESSAGE("the --device cuda variant is skipped: " << query_cuda_device().problem);
-    return {"cpu"};
-}
-
-std::string bin(const char* name) { return bin_dir() + "/" + name; }
-
 // The train records of a run's metrics.jsonl as (step, loss), in file order.
 std::vector<std::pair<long, double>> train_records(const std::string& out_dir) {
     std::vector<std::pair<long, double>> records;

@@ -20,19 +20,6 @@
 using namespace qopt;
 using namespace qopt::test;
 
-namespace {
-
-std::string bin(const char* name) { return bin_dir() + "/" + name; }
-
-// The CPU always; the CUDA path too where a GPU is present (said once where it is not).
-std::vector<std::string> devices() {
-    if (gpu_available()) return {"cpu", "cuda"};
-    MESSAGE("the --device cuda variant is skipped: " << query_cuda_device().problem);
-    return {"cpu"};
-}
-
-}  // namespace
-
 TEST_CASE("a short training run's loss falls well below its start") {
     TempDir dir;
     std::ostringstream log;

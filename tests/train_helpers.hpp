@@ -6,10 +6,19 @@
 #include <string>
 
 #include "helpers.hpp"
+#include "kernels/device.hpp"
+#include "kernels/gpu.hpp"
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
 namespace qopt::test {
+
+// The CPU always; the CUDA path too where a GPU is present (said once where it is not).
+inline std::vector<std::string> devices() {
+    if (gpu_available()) return {"cpu", "cuda"};
+    MESSAGE("the --device cuda variant is skipped: " << query_cuda_device().problem);
+    return {"cpu"};
+}
 
 inline TrainOptions tiny_run(const TempDir& dir, long steps) {
     if (!file_exists(dir / "train.bin")) {
