@@ -20,6 +20,7 @@ class CpuEvalModel final : public EvalModel {
 public:
     explicit CpuEvalModel(const ModelConfig& config) : model_(config) {}
     std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
+    bool on_gpu() const override { return false; }
     const ModelConfig& config() const override { return model_.config(); }
     void set_params(const std::vector<float>& params) override { model_.params() = params; }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
@@ -78,6 +79,7 @@ class GpuEvalModel final : public EvalModel {
 public:
     GpuEvalModel(const ModelConfig& config, std::string device) : model_(config), device_(std::move(device)) {}
     std::string describe() const override { return "cuda, " + device_; }
+    bool on_gpu() const override { return true; }
     const ModelConfig& config() const override { return model_.config(); }
     void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }

@@ -17,6 +17,7 @@ class EvalModel {
 public:
     virtual ~EvalModel() = default;
     virtual std::string describe() const = 0;  // "cpu, 16 threads" / "cuda, NVIDIA H100 ..."
+    virtual bool on_gpu() const = 0;
     virtual const ModelConfig& config() const = 0;
     virtual void set_params(const std::vector<float>& params) = 0;
     virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;

@@ -166,6 +166,14 @@ void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].
 void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch);
+// GPTQ's factor: symmetric positive definite h [n, n] (float64, row-major) is overwritten so
+// that its upper triangle holds U with U^T U = h^-1 (the lower triangle is left undefined), as
+// upper_cholesky_of_inverse in quant/gptq.hpp. Throws when h is not positive definite.
+void upper_cholesky_of_inverse_gpu(double* h, int n);
+// Row-major c [m, n] (leading dimension ldc) = alpha op(a) b + beta c, op(a) [m, k] (a is
+// stored [k, m] when transpose_a), b [k, n]; full fp32 (no TF32), on the default stream.
+void matmul_f32_strided_gpu(float* c, int ldc, const float* a, int lda, bool transpose_a, const float* b, int ldb,
+                            int m, int n, int k, float alpha, float beta);
 
 // ---- elementwise helpers (kernels/elementwise.cu; CPU reference in kernels/elementwise.hpp)
 // out = bf16(in), round to nearest even.

@@ -1,8 +1,9 @@
-// Dense linear algebra for the preconditioned optimizers (Shampoo, SOAP, PSGD) on the GPU,
-// over batches of row-major fp32 matrices: the symmetric eigendecomposition (cuSOLVER's
+// Dense linear algebra on the GPU for the preconditioned optimizers (Shampoo, SOAP, PSGD) and
+// GPTQ. For the optimizers, over batches of row-major fp32 matrices: the symmetric eigendecomposition (cuSOLVER's
 // batched syev), the Q factor of a Householder QR (cuSOLVER geqrf + orgqr, one matrix per
 // worker stream) and triangular solves (cuBLAS batched trsm). This file owns the cuSOLVER
-// and cuBLAS handles and their workspaces. CPU references: optim/dense.hpp (symmetric_eigen,
+// and cuBLAS handles and their workspaces. For GPTQ: the Cholesky factor of the inverse Hessian
+// (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block updates. CPU references: optim/dense.hpp (symmetric_eigen,
 // householder_q, solve_upper_right), checked against these in tests/test_gpu_optimizers.cpp.
 //
 // Row-major X [r, c] is column-major X^T, which is how the row-major matrices are handed to
@@ -18,6 +19,7 @@
 #include <cublas_v2.h>
 #include <cusolverDn.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
@@ -199,6 +201,41 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
     BLAS_CHECK(cublasSetStream(blas(), 0));
     BLAS_CHECK(cublasStrsmBatched(blas(), CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT,
                                   cols, n, &one, us, n, xs, cols, batch));
+}
+
+void upper_cholesky_of_inverse_gpu(double* h, int n) {
+    // Column-major, LOWER throughout: potrf gives h = L L^T; potri overwrites the lower triangle
+    // with h^-1; potrf of that gives h^-1 = L2 L2^T. The row-major view of column-major L2 is
+    // L2^T =: U, upper, with U^T U = L2 L2^T = h^-1.
+    SolverWorker& w = workers()[0];
+    int* info = static_cast<int*>(w.info.at_least(sizeof(int)));
+    auto check_info = [&](const char* what) {
+        int host_info = 0;
+        CUDA_CHECK(cudaMemcpyAsync(&host_info, info, sizeof(int), cudaMemcpyDeviceToHost, w.stream));
+        CUDA_CHECK(cudaStreamSynchronize(w.stream));
+        if (host_info > 0) fail("GPTQ: the Hessian is not positive definite (raise --damp)");
+        if (host_info < 0) fail("cuSOLVER ", what, ": argument ", -host_info, " is wrong");
+    };
+    int potrf_doubles = 0, potri_doubles = 0;
+    SOLVER_CHECK(cusolverDnDpotrf_bufferSize(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, &potrf_doubles));
+    SOLVER_CHECK(cusolverDnDpotri_bufferSize(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, &potri_doubles));
+    const int work_doubles = std::max(potrf_doubles, potri_doubles) + 1;
+    double* work = static_cast<double*>(w.device_work.at_least(size_t(work_doubles) * sizeof(double)));
+    SOLVER_CHECK(cusolverDnDpotrf(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, work, work_doubles, info));
+    check_info("potrf");
+    SOLVER_CHECK(cusolverDnDpotri(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, work, work_doubles, info));
+    check_info("potri");
+    SOLVER_CHECK(cusolverDnDpotrf(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, work, work_doubles, info));
+    check_info("potrf");
+}
+
+void matmul_f32_strided_gpu(float* c, int ldc, const float* a, int lda, bool transpose_a, const float* b, int ldb,
+                            int m, int n, int k, float alpha, float beta) {
+    // Row-major C = op(A) B  <=>  column-major C^T = B^T op(A)^T; a row-major buffer is its own
+    // transpose in column-major, so B goes in untransposed and A transposed only when stored [k, m].
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    BLAS_CHECK(cublasSgemm(blas(), CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a,
+                           lda, &beta, c, ldc));
 }
 
 }  // namespace qopt

@@ -51,52 +51,72 @@ std::vector<double> upper_cholesky_of_inverse(const std::vector<double>& hessian
     return U;
 }
 
-QuantizedTensor gptq_quantize(const float* weight, int rows, int cols, const std::vector<double>& hessian,
-                              const QuantSpec& spec, const GptqOptions& options) {
+GptqProblem prepare_gptq(const float* weight, int rows, int cols, const std::vector<double>& hessian,
+                         const QuantSpec& spec, const GptqOptions& options) {
     QOPT_CHECK(spec.enabled(), "GPTQ needs a quantizing spec (bits 2..8)");
     spec.validate(cols);
+    QOPT_CHECK(rows > 0 && cols > 0, "GPTQ: empty weight [", rows, ", ", cols, "]");
     QOPT_CHECK(hessian.size() == size_t(cols) * cols, "GPTQ: Hessian of ", hessian.size(), " values for ", cols,
                " inputs");
     QOPT_CHECK(!(options.act_order && spec.granularity == Granularity::Group),
                "GPTQ: --act-order with per-group scales is not supported");
     QOPT_CHECK(options.damp >= 0, "GPTQ: damping must be >= 0");
     const int n = cols;
+    GptqProblem p;
     std::vector<double> H = hessian;
-    std::vector<float> W(weight, weight + size_t(rows) * cols);
+    p.weight.assign(weight, weight + size_t(rows) * cols);
     // Dead inputs: no signal, so their weights cannot matter; zero them.
     for (int i = 0; i < n; ++i)
         if (H[size_t(i) * n + i] == 0) {
             H[size_t(i) * n + i] = 1;
-            for (int r = 0; r < rows; ++r) W[size_t(r) * cols + i] = 0;
+            for (int r = 0; r < rows; ++r) p.weight[size_t(r) * cols + i] = 0;
         }
     double mean_diagonal = 0;
     for (int i = 0; i < n; ++i) mean_diagonal += H[size_t(i) * n + i];
     mean_diagonal /= n;
     for (int i = 0; i < n; ++i) H[size_t(i) * n + i] += options.damp * mean_diagonal;
 
-    std::vector<int> order(static_cast<size_t>(n));
-    std::iota(order.begin(), order.end(), 0);
+    p.order.resize(static_cast<size_t>(n));
+    std::iota(p.order.begin(), p.order.end(), 0);
     if (options.act_order)
-        std::stable_sort(order.begin(), order.end(),
+        std::stable_sort(p.order.begin(), p.order.end(),
                          [&](int a, int b) { return H[size_t(a) * n + a] > H[size_t(b) * n + b]; });
-    std::vector<double> Hp(size_t(n) * n);
-    for (int a = 0; a < n; ++a)
-        for (int b = 0; b < n; ++b) Hp[size_t(a) * n + b] = H[size_t(order[size_t(a)]) * n + order[size_t(b)]];
-    const std::vector<double> U = upper_cholesky_of_inverse(Hp, n);
+    if (options.act_order) {
+        p.hessian.resize(size_t(n) * n);
+#pragma omp parallel for schedule(static)
+        for (int a = 0; a < n; ++a)
+            for (int b = 0; b < n; ++b)
+                p.hessian[size_t(a) * n + b] = H[size_t(p.order[size_t(a)]) * n + p.order[size_t(b)]];
+    } else {
+        p.hessian = std::move(H);
+    }
 
-    QuantizedTensor q;
+    QuantizedTensor& q = p.result;
     q.rows = rows, q.cols = cols, q.spec = spec;
     q.codes.resize(size_t(rows) * cols);
-    const bool per_group = spec.granularity == Granularity::Group;
-    const int group = spec.group_cols(cols);
     // Per-row and per-tensor grids come from the (dead-zeroed) weights before any update.
     if (spec.granularity == Granularity::Tensor) {
-        q.grids = {choose_grid(spec, W.data(), long(W.size()))};
+        q.grids = {choose_grid(spec, p.weight.data(), long(p.weight.size()))};
+    } else if (spec.granularity == Granularity::Group) {
+        q.grids.resize(size_t(rows) * (cols / spec.group_size));
     } else {
-        q.grids.resize(per_group ? size_t(rows) * (cols / group) : size_t(rows));
-        if (!per_group)
-            for (int r = 0; r < rows; ++r) q.grids[size_t(r)] = choose_grid(spec, &W[size_t(r) * cols], cols);
+        q.grids.resize(size_t(rows));
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; ++r) q.grids[size_t(r)] = choose_grid(spec, &p.weight[size_t(r) * cols], cols);
     }
+    return p;
+}
+
+QuantizedTensor gptq_quantize(const float* weight, int rows, int cols, const std::vector<double>& hessian,
+                              const QuantSpec& spec, const GptqOptions& options) {
+    GptqProblem p = prepare_gptq(weight, rows, cols, hessian, spec, options);
+    const int n = cols;
+    const std::vector<double> U = upper_cholesky_of_inverse(p.hessian, n);
+    const std::vector<int>& order = p.order;
+    const std::vector<float>& W = p.weight;
+    QuantizedTensor& q = p.result;
+    const bool per_group = spec.granularity == Granularity::Group;
+    const int group = spec.group_cols(cols);
     auto grid_of = [&](int r, int column) -> GroupGrid& {
         if (spec.granularity == Granularity::Tensor) return q.grids[0];
         if (per_group) return q.grids[size_t(r) * (cols / group) + column / group];
@@ -136,7 +156,7 @@ QuantizedTensor gptq_quantize(const float* weight, int rows, int cols, const std
             }
         }
     }
-    return q;
+    return std::move(q);
 }
 
 }  // namespace qopt

@@ -93,9 +93,11 @@ PtqResult run_ptq(const PtqOptions& options, std::ostream& log) {
             std::copy(w.begin(), w.end(), params.begin() + long(m.offset));
             continue;
         }
+        // GPTQ runs where the model runs (the GPU version: quant/gptq_gpu.cu).
+        const auto gptq = model->on_gpu() ? gptq_quantize_gpu : gptq_quantize;
         QuantizedTensor q = o.method == "gptq"
-                                ? gptq_quantize(w.data(), m.rows, m.cols,
-                                                hessians[size_t(m.layer) * kLinearSites + m.site], quant.weights, o.gptq)
+                                ? gptq(w.data(), m.rows, m.cols, hessians[size_t(m.layer) * kLinearSites + m.site],
+                                       quant.weights, o.gptq)
                                 : quantize_cpu(w.data(), m.rows, m.cols, quant.weights);
         const std::vector<float> deq = q.dequantize();
         for (size_t i = 0; i < n; ++i) {

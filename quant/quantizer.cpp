@@ -91,41 +91,6 @@ std::string QuantSpec::describe() const {
     return text;
 }
 
-static GroupStats group_stats(const float* x, long n) {
-    GroupStats s{0.0f, n > 0 ? x[0] : 0.0f, n > 0 ? x[0] : 0.0f, 0.0};
-    for (long i = 0; i < n; ++i) {
-        s.absmax = std::max(s.absmax, std::fabs(x[i]));
-        s.lo = std::min(s.lo, x[i]);
-        s.hi = std::max(s.hi, x[i]);
-        s.sum_squares += double(x[i]) * double(x[i]);
-    }
-    return s;
-}
-
-// The grid of a group whose statistics are known.
-static GroupGrid choose_grid(const QuantSpec& spec, const GroupStats& s, const float* values, long n) {
-    if (spec.rule != ScaleRule::Mse)
-        return grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio,
-                               spec.rule == ScaleRule::Gaussian ? gaussian_clip_multiple(spec.bits) : 0.0f, s, n);
-    // Ratios k / mse_grid from 1 down to 1/5; the first smallest squared error wins.
-    GroupGrid best = grid_at_ratio(spec.grid, spec.bits, s, 1.0f);
-    double best_error = INFINITY;
-    for (int k = spec.mse_grid; k * 5 >= spec.mse_grid; --k) {
-        const GroupGrid g = grid_at_ratio(spec.grid, spec.bits, s, float(k) / float(spec.mse_grid));
-        double error = 0;
-        for (long i = 0; i < n; ++i) {
-            const double d = double(quant_value(g, quant_code(g, values[i]))) - double(values[i]);
-            error += d * d;
-        }
-        if (error < best_error) best_error = error, best = g;
-    }
-    return best;
-}
-
-GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n) {
-    return choose_grid(spec, group_stats(values, n), values, n);
-}
-
 QuantizedTensor quantize_cpu(const float* values, int rows, int cols, const QuantSpec& spec) {
     QOPT_CHECK(spec.enabled(), "quantize_cpu needs a quantizing spec (bits 2..8)");
     spec.validate(cols);
@@ -169,7 +134,7 @@ void fake_quant_cpu(T* out, uint8_t* keep, const T* in, int rows, int cols, cons
     for (long gi = 0; gi < n_groups; ++gi) {
         std::vector<float> x(in + gi * group, in + (gi + 1) * group);
         const GroupStats stats = group_stats(x.data(), group);
-        const GroupGrid g = choose_grid(spec, stats, x.data(), group);
+        const GroupGrid g = choose_grid(spec, rule_alpha(spec), stats, x.data(), group);
         const float threshold = keep_threshold(trust, stats, group, g);
         for (long i = 0; i < group; ++i) {
             const float q = quant_value(g, quant_code(g, x[size_t(i)]));

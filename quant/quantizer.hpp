@@ -147,8 +147,49 @@ QOPT_HD inline float keep_threshold(float trust, const GroupStats& s, long n, co
     return trust > 0 ? mul_rn(trust, group_rms(s, n)) : mul_rn(mul_rn(0.5f, g.step), 1.0001f);
 }
 
+// Statistics of n values read with a stride.
+QOPT_HD inline GroupStats group_stats(const float* x, long n, long stride = 1) {
+    GroupStats s{0.0f, n > 0 ? x[0] : 0.0f, n > 0 ? x[0] : 0.0f, 0.0};
+    for (long i = 0; i < n; ++i) {
+        const float v = x[i * stride];
+        s.absmax = fmaxf(s.absmax, fabsf(v));
+        s.lo = fminf(s.lo, v);
+        s.hi = fmaxf(s.hi, v);
+        s.sum_squares += double(v) * double(v);
+    }
+    return s;
+}
+
+// The grid the spec's rule picks for n values (read with a stride) whose statistics are s;
+// alpha as in grid_from_stats. The mse rule tries the ratios k / mse_grid from 1 down to 1/5;
+// the first smallest squared error wins. Host and device (GPTQ's per-group grids on the GPU).
+QOPT_HD inline GroupGrid choose_grid(const QuantSpec& spec, float alpha, const GroupStats& s, const float* values,
+                                     long n, long stride = 1) {
+    if (spec.rule != ScaleRule::Mse) return grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio, alpha, s, n);
+    GroupGrid best = grid_at_ratio(spec.grid, spec.bits, s, 1.0f);
+    double best_error = INFINITY;
+    for (int k = spec.mse_grid; k * 5 >= spec.mse_grid; --k) {
+        const GroupGrid g = grid_at_ratio(spec.grid, spec.bits, s, float(k) / float(spec.mse_grid));
+        double error = 0;
+        for (long i = 0; i < n; ++i) {
+            const float v = values[i * stride];
+            const double d = double(quant_value(g, quant_code(g, v))) - double(v);
+            error += d * d;
+        }
+        if (error < best_error) best_error = error, best = g;
+    }
+    return best;
+}
+
+// The alpha choose_grid needs for this spec (0 unless the rule is gaussian).
+inline float rule_alpha(const QuantSpec& spec) {
+    return spec.rule == ScaleRule::Gaussian ? gaussian_clip_multiple(spec.bits) : 0.0f;
+}
+
 // The grid the spec's rule picks for these n values (read with a stride of 1).
-GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n);
+inline GroupGrid choose_grid(const QuantSpec& spec, const float* values, long n) {
+    return choose_grid(spec, rule_alpha(spec), group_stats(values, n), values, n);
+}
 
 // Quantized tensor [rows, cols]: integer codes (int8 holds every width up to 8 bits) and one
 // grid per group, groups in row-major order (per-tensor: 1; per-row: rows; per-group:

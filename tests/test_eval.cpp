@@ -7,6 +7,7 @@
 #include <cstring>
 #include <sstream>
 #include <fstream>
+#include <map>
 
 #include "core/error.hpp"
 #include "core/rng.hpp"
@@ -401,10 +402,10 @@ TEST_CASE("sweep driver: bad configs refused; a tiny CPU sweep runs, resumes wit
                "{\"name\": \"tiny\", \"out_dir\": \"" + (dir / "out") + "\", \"bin_dir\": \"" + bin_dir() +
                    "\", \"device\": \"cpu\", \"train_data\": \"" + data + "/brown_train_*.bin\", \"val_data\": \"" +
                    data + "/brown_val_*.bin\", \"models\": [{\"name\": \"t\", \"preset\": \"olmo2-tiny\", "
-                   "\"max_seq_len\": 32}], \"optimizers\": [\"adamw\"], \"qat\": [\"off\", \"w4a4\"], "
+                   "\"max_seq_len\": 32}], \"optimizers\": [\"adamw\", \"muon\"], \"qat\": [\"off\", \"w4a4\"], "
                    "\"train\": {\"steps\": 4, \"batch_size\": 2, \"seq_len\": 32, \"val_batches\": 2}, "
                    "\"ptq\": [{\"format\": \"w4a4\"}], \"eval\": {\"val_batches\": 2}, "
-                   "\"analyze\": {\"format\": \"w4a4\", \"batch_size\": 2}}");
+                   "\"analyze\": {\"format\": \"w4a4\", \"batch_size\": 2}, \"common_loss\": {\"eval_every\": 1}}");
     REQUIRE(run_command(sweep + (dir / "tiny.json") + " --parallel 2", output) == 0);
     CAPTURE(output);
     auto rows = [&] {
@@ -414,18 +415,45 @@ TEST_CASE("sweep driver: bad configs refused; a tiny CPU sweep runs, resumes wit
             if (!line.empty()) out.push_back(Json::parse(line));
         return out;
     };
-    // off: train, eval, ptq, analyze; w4a4: train, eval.
+    // Per optimizer: off: train, eval, ptq, analyze; w4a4: train, eval; common loss: train, ptq.
     const std::vector<Json> first = rows();
-    REQUIRE(first.size() == 6);
+    REQUIRE(first.size() == 16);
     int analyses = 0;
+    std::map<std::string, double> best_loss;  // per optimizer, its full-precision run's best validation loss
     for (const Json& r : first) {
         CHECK(r.at("sweep").as_string() == "tiny");
         analyses += r.at("job").as_string() == "analyze";
+        if (r.at("job").as_string() == "train" && r.at("protocol").as_string() == "budget" &&
+            r.at("qat").as_string() == "off") {
+            std::istringstream metrics(read_file(dir / ("out/runs/" + r.at("run").as_string() + "/metrics.jsonl")));
+            double best = INFINITY;
+            for (std::string line; std::getline(metrics, line);) {
+                const Json m = Json::parse(line);
+                if (m.at("type").as_string() == "val") best = std::min(best, m.at("val_loss").as_double());
+            }
+            best_loss[r.at("optimizer").as_string()] = best;
+        }
     }
-    CHECK(analyses == 1);
+    CHECK(analyses == 2);
+    REQUIRE(best_loss.size() == 2);
+    // The common-loss target is the larger best loss; both CL runs stopped at or below it.
+    const double target = std::max(best_loss["adamw"], best_loss["muon"]);
+    int cl_trains = 0, cl_ptqs = 0;
+    for (const Json& r : first) {
+        if (r.at("protocol").as_string() != "common_loss") continue;
+        CHECK(r.at("target_loss").as_double() == target);
+        if (r.at("job").as_string() == "train") {
+            ++cl_trains;
+            CHECK(r.at("val_loss").as_double() <= target);
+            CHECK(r.at("steps").as_int() <= 4);
+        }
+        cl_ptqs += r.at("job").as_string() == "ptq";
+    }
+    CHECK(cl_trains == 2);
+    CHECK(cl_ptqs == 2);
     REQUIRE(run_command(sweep + (dir / "tiny.json"), output) == 0);
     CHECK(output.find("/train:") == std::string::npos);  // nothing ran again
-    CHECK(rows().size() == 6);
+    CHECK(rows().size() == 16);
 
     const std::string report_python = python_with("numpy, scipy, matplotlib");
     if (report_python.empty()) {
@@ -436,5 +464,6 @@ TEST_CASE("sweep driver: bad configs refused; a tiny CPU sweep runs, resumes wit
                         output) == 0);
     const std::string report = read_file(dir / "r.md");
     CHECK(report.find("| t | ") != std::string::npos);
+    CHECK(report.find("PTQ at a common loss") != std::string::npos);
     CHECK(file_exists(dir / "out/report/ptq_degradation.png"));
 }

@@ -2,12 +2,12 @@
 // the layer-output error it minimises; U^T U = H^-1), packed codes round-trip, the quantized
 // forward of QAT equals the PTQ evaluation of the same weights (same quantizer code), and the
 // `ptq` binary end to end on a tiny trained checkpoint (results row, quantized checkpoint,
-// clear errors on bad input).
+// clear errors on bad input); the GPU GPTQ against the CPU one (skips without a GPU).
 #include <fstream>
 
 #include "core/error.hpp"
 #include "core/safetensors.hpp"
-#include "helpers.hpp"
+#include "gpu_helpers.hpp"
 #include "model/cpu_model.hpp"
 #include "quant/gptq.hpp"
 #include "quant/hadamard.hpp"
@@ -103,6 +103,86 @@ TEST_CASE("GPTQ: U^T U = H^-1; identity Hessian gives RTN; lower output error th
     act_order.act_order = true;
     CHECK_THROWS_WITH_AS(gptq_quantize(w.data(), rows, cols, h, group_spec, act_order),
                          doctest::Contains("act-order"), Error);
+}
+
+TEST_CASE("GPU GPTQ matches the CPU reference (blocks, groups inside and across blocks, act-order, every rule)") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    struct Case {
+        int rows, cols;
+        QuantGrid grid;
+        ScaleRule rule;
+        Granularity granularity;
+        int bits, group;
+        bool act_order;
+    };
+    // 200 and 400 columns: blocks of 128 plus a partial one; groups of 40 (blocks of 120), 100
+    // and 200 (a group spans two blocks of 100).
+    const Case cases[] = {
+        {100, 200, QuantGrid::Symmetric, ScaleRule::Absmax, Granularity::Row, 4, 0, false},
+        {100, 200, QuantGrid::Symmetric, ScaleRule::Absmax, Granularity::Row, 4, 0, true},
+        {70, 200, QuantGrid::Asymmetric, ScaleRule::Mse, Granularity::Group, 3, 40, false},
+        {130, 200, QuantGrid::Centered, ScaleRule::Gaussian, Granularity::Group, 4, 100, false},
+        {60, 400, QuantGrid::Symmetric, ScaleRule::Clip, Granularity::Group, 4, 200, false},
+        {90, 200, QuantGrid::Symmetric, ScaleRule::Absmax, Granularity::Tensor, 8, 0, true},
+    };
+    for (const Case& c : cases) {
+        QuantSpec spec;
+        spec.bits = c.bits, spec.grid = c.grid, spec.rule = c.rule, spec.granularity = c.granularity;
+        spec.group_size = c.group, spec.clip_ratio = 0.9f;
+        GptqOptions options;
+        options.act_order = c.act_order;
+        CAPTURE(spec.describe());
+        CAPTURE(c.act_order);
+        const int samples = 2 * c.cols;
+        std::vector<double> x;
+        const std::vector<double> h = correlated_inputs(samples, c.cols, gen, x);
+        const std::vector<float> w = random_vector<float>(size_t(c.rows) * c.cols, gen);
+        const QuantizedTensor cpu = gptq_quantize(w.data(), c.rows, c.cols, h, spec, options);
+        const QuantizedTensor gpu = gptq_quantize_gpu(w.data(), c.rows, c.cols, h, spec, options);
+        REQUIRE(gpu.codes.size() == cpu.codes.size());
+        REQUIRE(gpu.grids.size() == cpu.grids.size());
+        size_t same = 0;
+        for (size_t i = 0; i < cpu.codes.size(); ++i) same += gpu.codes[i] == cpu.codes[i];
+        const double agreement = double(same) / double(cpu.codes.size());
+        // fp32 sums vs float64 ones: a code at a rounding boundary may flip, and its error then
+        // moves the row's later columns a little; what GPTQ minimises must not get worse.
+        const double cpu_error = output_error(x, samples, w, cpu.dequantize(), c.rows, c.cols);
+        const double gpu_error = output_error(x, samples, w, gpu.dequantize(), c.rows, c.cols);
+        CAPTURE(agreement);
+        CAPTURE(cpu_error);
+        CAPTURE(gpu_error);
+        CHECK(agreement > 0.97);
+        CHECK(gpu_error < 1.02 * cpu_error);
+        bool codes_in_range = true;
+        for (int8_t code : gpu.codes) codes_in_range = codes_in_range && gpu.grids[0].code_min <= code && code <= gpu.grids[0].code_max;
+        CHECK(codes_in_range);
+
+        // With an identity Hessian no error moves: the GPU gives RTN's codes and grids exactly.
+        std::vector<double> identity(size_t(c.cols) * c.cols, 0.0);
+        for (int i = 0; i < c.cols; ++i) identity[size_t(i) * c.cols + i] = 1.0;
+        const QuantizedTensor rtn = quantize_cpu(w.data(), c.rows, c.cols, spec);
+        const QuantizedTensor same_as_rtn = gptq_quantize_gpu(w.data(), c.rows, c.cols, identity, spec, options);
+        CHECK(same_as_rtn.codes == rtn.codes);
+        bool grids_equal = true;
+        for (size_t i = 0; i < rtn.grids.size(); ++i)
+            grids_equal = grids_equal && same_as_rtn.grids[i].step == rtn.grids[i].step &&
+                          same_as_rtn.grids[i].offset == rtn.grids[i].offset;
+        CHECK(grids_equal);
+    }
+    // Not positive definite: the CPU's message, from cuSOLVER's report.
+    const int cols = 64;
+    std::vector<double> negative(size_t(cols) * cols, 0.0);
+    for (int i = 0; i < cols; ++i) negative[size_t(i) * cols + i] = -1.0;
+    const std::vector<float> w = random_vector<float>(size_t(8) * cols, gen);
+    QuantSpec spec;
+    spec.bits = 4;
+    CHECK_THROWS_WITH_AS(gptq_quantize_gpu(w.data(), 8, cols, negative, spec, GptqOptions{}),
+                         doctest::Contains("not positive definite"), Error);
+    CHECK_THROWS_WITH_AS(gptq_quantize(w.data(), 8, cols, negative, spec, GptqOptions{}),
+                         doctest::Contains("not positive definite"), Error);
 }
 
 TEST_CASE("Packed codes round-trip for every width") {

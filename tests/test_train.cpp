@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "core/error.hpp"
+#include "core/files.hpp"
+#include "core/json.hpp"
 #include "helpers.hpp"
 #include "train_helpers.hpp"
 #include "kernels/device.hpp"
@@ -122,6 +124,54 @@ TEST_CASE("option validation names the flag") {
     expect(with([](TrainOptions& o) { o.n_heads = 5; }), "not divisible by n_heads 5");
     expect(with([](TrainOptions& o) { o.optim.lr = -1; }), "--lr must be positive");
     expect(with([](TrainOptions& o) { o.vocab_size = 10; }), "is not below the vocabulary size 10");
+    expect(with([](TrainOptions& o) { o.target_loss = 3; }), "--target-loss needs --val-data and --eval-every");
+    expect(with([](TrainOptions& o) { o.target_loss = -1; }), "--target-loss must be a non-negative number");
+}
+
+TEST_CASE("--target-loss stops at the first validation at or below it: the full run cut short (common loss)") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions full = tiny_run(dir, 30);
+    full.eval_every = 5;
+    full.out_dir = dir / "full";
+    const TrainResult whole = run_training(full, log);
+    // The validation losses of the full run at steps 5, 10, ...: the target is the one at step 15.
+    std::vector<double> val_losses;
+    std::istringstream metrics(read_file(full.out_dir + "/metrics.jsonl"));
+    for (std::string line; std::getline(metrics, line);) {
+        const Json record = Json::parse(line);
+        if (record.at("type").as_string() == "val") val_losses.push_back(record.at("val_loss").as_double());
+    }
+    REQUIRE(val_losses.size() == 7);  // start, 5, 10, ..., 25, end
+    REQUIRE(val_losses[3] < *std::min_element(val_losses.begin(), val_losses.begin() + 3));
+    TrainOptions cut = full;
+    cut.out_dir = dir / "cut";
+    cut.target_loss = val_losses[3];
+    const TrainResult r = run_training(cut, log);
+    CHECK(r.reached_target);
+    CHECK(r.final_step == 15);
+    CHECK(r.val_loss_end == val_losses[3]);
+    CHECK(std::equal(r.train_losses.begin(), r.train_losses.end(), whole.train_losses.begin()));
+    CHECK(log.str().find("reached the target validation loss") != std::string::npos);
+    CHECK(read_file(cut.out_dir + "/metrics.jsonl").find("\"type\":\"target\"") != std::string::npos);
+    REQUIRE(list_checkpoints(cut.out_dir).size() == 1);
+    CHECK(read_checkpoint(list_checkpoints(cut.out_dir)[0]).state.step == 15);
+    // Resumed with the same target: it is still reached, so nothing more is trained.
+    cut.resume = "auto";
+    const TrainResult again = run_training(cut, log);
+    CHECK(again.reached_target);
+    CHECK(again.train_losses.empty());
+    CHECK(again.final_step == 15);
+    // A target below anything reached: the whole budget runs, and the log says so.
+    TrainOptions unreachable = full;
+    unreachable.out_dir = dir / "unreachable";
+    unreachable.target_loss = 1e-3;
+    std::ostringstream log2;
+    const TrainResult u = run_training(unreachable, log2);
+    CHECK(!u.reached_target);
+    CHECK(u.final_step == 30);
+    CHECK(u.val_loss_end == whole.val_loss_end);
+    CHECK(log2.str().find("was not reached") != std::string::npos);
 }
 
 TEST_CASE("a checkpoint from a different model config is refused") {

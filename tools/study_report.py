@@ -56,7 +56,9 @@ def main():
 
     evals = {r["run"]: r for r in rows if r["job"] == "eval"}
     analyses = {r["run"]: r for r in rows if r["job"] == "analyze"}
-    ptqs = [r for r in rows if r["job"] == "ptq"]
+    ptqs = [r for r in rows if r["job"] == "ptq" and r.get("protocol", "budget") == "budget"]
+    cl_ptqs = [r for r in rows if r["job"] == "ptq" and r.get("protocol") == "common_loss"]
+    trains = [r for r in rows if r["job"] == "train"]
     size_of = {}
     for r in list(evals.values()) + list(analyses.values()):
         size_of[r["model_name"]] = r.get("non_embedding_parameters", r.get("parameters"))
@@ -100,6 +102,44 @@ def main():
                 continue
             emit(f"| {m} | {o} | " + " | ".join(f"{increase.get((m, o, t), float('nan')):+.4f}" for t in tags) + " |")
     emit()
+
+    # Table 2b: PTQ at a common loss (the paper's CL protocol).
+    if cl_ptqs:
+        cl_tags = sorted({ptq_tag(r) for r in cl_ptqs})
+        budget_steps = {(r["model_name"], r["optimizer"], r["seed"]): r["steps"] for r in trains
+                        if r.get("protocol", "budget") == "budget" and r["qat"] == "off"}
+        cl_train = {(r["model_name"], r["optimizer"], r["seed"]): r for r in trains if r.get("protocol") == "common_loss"}
+        cl_increase = {(r["model_name"], r["optimizer"], r["seed"], ptq_tag(r)): r for r in cl_ptqs}
+        emit("PTQ at a common loss (CL): each optimizer's full-precision run trained again until its validation loss "
+             "reached the model's target (the largest of the optimizers' best losses; same schedule, stopped early), "
+             "then quantized:")
+        emit()
+        emit("| model | seed | target | optimizer | steps (of budget) | val loss | " +
+             " | ".join(f"PTQ {t}" for t in cl_tags) + " |")
+        emit("|---|---|---|---|---|---|" + "---|" * len(cl_tags))
+        for m in models:
+            for key in sorted(k for k in cl_train if k[0] == m):
+                tr = cl_train[key]
+                cells = []
+                for t in cl_tags:
+                    r = cl_increase.get(key + (t,))
+                    cells.append(f"{r['loss_increase']:+.4f}" if r else "-")
+                emit(f"| {m} | {key[2]} | {tr.get('target_loss', float('nan')):.4f} | {key[1]} | "
+                     f"{tr['steps']} ({budget_steps.get(key, '?')}) | {tr['val_loss']:.4f} | " + " | ".join(cells) + " |")
+        emit()
+        emit("Mean PTQ increase per optimizer over the models, at the common loss vs at the full budget:")
+        emit()
+        emit("| optimizer | " + " | ".join(f"{t} CL | {t} budget" for t in cl_tags) + " |")
+        emit("|---|" + "---|---|" * len(cl_tags))
+        for o in optimizers:
+            cells = []
+            for t in cl_tags:
+                at_cl = [r["loss_increase"] for k, r in cl_increase.items() if k[1] == o and k[3] == t]
+                at_budget = [v for (m, oo, tt), v in increase.items() if oo == o and tt == t]
+                cells += [f"{np.mean(at_cl):+.4f}" if at_cl else "-", f"{np.mean(at_budget):+.4f}" if at_budget else "-"]
+            if any(c != "-" for c in cells):
+                emit(f"| {o} | " + " | ".join(cells) + " |")
+        emit()
 
     # Table 3: analysis metrics with the PTQ degradation of the analysed format, and correlations.
     if analyses:

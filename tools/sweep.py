@@ -27,12 +27,21 @@ Config (JSON; unknown keys are refused):
                 "hadamard", "extra"}
   eval          {"val_batches", "tasks": [paths], "extra"} or null
   analyze       {"format", "hadamard", "batches", "batch_size", "extra"} or null
+  common_loss   {"eval_every": N} or null: the paper's common-loss (CL) protocol. After the runs,
+                for each model and seed the target is the lowest validation loss every optimizer
+                reached in its full-precision run (the largest of their best losses; with learning-
+                rate sweeps, each optimizer's best run); each optimizer's run is trained again with
+                `train --target-loss TARGET --eval-every N` (same schedule, stopped at the first
+                validation at or below the target: run <name>_cl) and goes through every PTQ
+                configuration. Its rows carry "protocol": "common_loss" and "target_loss" (the
+                others "protocol": "budget").
 """
 import argparse
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,12 +49,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 TOP_KEYS = {"name", "out_dir", "bin_dir", "device", "train_data", "val_data", "models", "optimizers",
-            "learning_rates", "seeds", "qat", "train", "ptq", "eval", "analyze"}
+            "learning_rates", "seeds", "qat", "train", "ptq", "eval", "analyze", "common_loss"}
 MODEL_KEYS = {"name", "preset", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len"}
 TRAIN_KEYS = {"steps", "tokens", "tokens_per_param", "batch_size", "seq_len", "warmup_steps", "val_batches", "extra"}
 PTQ_KEYS = {"format", "method", "hadamard", "extra"}
 EVAL_KEYS = {"val_batches", "tasks", "extra"}
 ANALYZE_KEYS = {"format", "hadamard", "batches", "batch_size", "extra"}
+COMMON_LOSS_KEYS = {"eval_every"}
 OPTIMIZERS = {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}
 FORMAT = re.compile(r"^(off|w(2|3|4|5|6|7|8|16)a(2|3|4|5|6|7|8|16))$")
 
@@ -171,6 +181,17 @@ def load_config(path):
                         "batch_size": need(a, "batch_size", int, "analyze", 4), "extra": extra_args(a, "analyze")}
         if not FORMAT.match(c["analyze"]["format"]) or c["analyze"]["format"] == "off":
             raise ConfigError(f"analyze: format {c['analyze']['format']!r} is not wXaY")
+    c["common_loss"] = None
+    if config.get("common_loss") is not None:
+        cl = config["common_loss"]
+        check_keys(cl, COMMON_LOSS_KEYS, "common_loss")
+        c["common_loss"] = {"eval_every": need(cl, "eval_every", int, "common_loss", 10)}
+        if c["common_loss"]["eval_every"] <= 0:
+            raise ConfigError("common_loss: eval_every must be positive")
+        if "off" not in c["qat"]:
+            raise ConfigError("common_loss: needs full-precision runs (\"off\" in qat)")
+        if not c["ptq"]:
+            raise ConfigError("common_loss: needs ptq configurations to apply at the common loss")
     return c
 
 
@@ -254,7 +275,9 @@ class Sweep:
             for row in rows:
                 row.update({"sweep": self.c["name"], "run": run["name"], "job": kind, "model_name": run["model"]["name"],
                             "optimizer": run["optimizer"], "lr": run["lr"], "seed": run["seed"], "qat": run["qat"],
-                            "job_seconds": round(seconds, 2)})
+                            "protocol": run.get("protocol", "budget"), "job_seconds": round(seconds, 2)})
+                if "target_loss" in run:
+                    row["target_loss"] = run["target_loss"]
                 f.write(json.dumps(row) + "\n")
             self.state[key] = "done"
             self.save_state()
@@ -264,16 +287,63 @@ class Sweep:
     def train_row(self, run):
         """The run's final validation loss and mean throughput, from its metrics.jsonl."""
         path = os.path.join(self.run_dir(run), "metrics.jsonl")
-        val, train = [], []
+        val, train, target = [], [], []
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                (val if r.get("type") == "val" else train).append(r)
+                {"val": val, "train": train, "target": target}.get(r.get("type"), []).append(r)
         tps = [r["tokens_per_second"] for r in train[len(train) // 10:]] if train else []
         return {"val_loss": val[-1]["val_loss"] if val else None, "steps": train[-1]["step"] if train else 0,
                 "tokens": train[-1]["tokens_seen"] if train else 0,
                 "tokens_per_second": sum(tps) / len(tps) if tps else None,
-                "skipped_steps": sum(1 for r in train if r.get("skipped"))}
+                "skipped_steps": sum(1 for r in train if r.get("skipped")), "reached_target": bool(target)}
+
+    def best_val_loss(self, run):
+        """The lowest validation loss in the run's metrics (None when it has none)."""
+        path = os.path.join(self.run_dir(run), "metrics.jsonl")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            losses = [r["val_loss"] for r in map(json.loads, filter(str.strip, f)) if r.get("type") == "val"]
+        return min(losses) if losses else None
+
+    def common_loss_runs(self, runs):
+        """The CL runs: per (model, seed), each optimizer's best full-precision run, trained again to
+        the largest of the optimizers' best validation losses."""
+        groups = {}
+        for run in runs:
+            if run["qat"] == "off" and "protocol" not in run:
+                groups.setdefault((run["model"]["name"], run["seed"]), []).append(run)
+        for (model, seed), members in groups.items():
+            best = {}
+            for run in members:
+                loss = self.best_val_loss(run) if self.state.get(run["name"] + "/train") == "done" else None
+                if loss is not None and (run["optimizer"] not in best or loss < best[run["optimizer"]][0]):
+                    best[run["optimizer"]] = (loss, run)
+            missing = sorted({r["optimizer"] for r in members} - set(best))
+            if missing:
+                print(f"[sweep] common loss {model} seed {seed}: no finished run of {', '.join(missing)}; "
+                      f"target over {', '.join(sorted(best)) or 'none'}", flush=True)
+            if not best:
+                continue
+            target = max(loss for loss, _ in best.values())
+            print(f"[sweep] common loss {model} seed {seed}: target {target:.4f} "
+                  f"({', '.join(f'{o} {l:.4f}' for o, (l, _) in sorted(best.items()))})", flush=True)
+            for _, run in best.values():
+                yield dict(run, name=run["name"] + "_cl", protocol="common_loss", target_loss=target)
+
+    def forget_changed_target(self, run):
+        """A CL run trained to another target (the set of runs changed) starts again."""
+        key = run["name"] + "/target"
+        with self.lock:
+            if self.state.get(key) == run["target_loss"]:
+                return
+            for k in [k for k in self.state if k.startswith(run["name"] + "/")]:
+                del self.state[k]
+            self.state[key] = run["target_loss"]
+            self.save_state()
+        if not self.dry_run and os.path.isdir(self.run_dir(run)):
+            shutil.rmtree(self.run_dir(run))
 
     def run_dir(self, run):
         return os.path.join(self.out, "runs", run["name"])
@@ -310,12 +380,16 @@ class Sweep:
                  "--val-batches", str(t["val_batches"]), "--train-data", c["train_data"], "--val-data",
                  c["val_data"], "--device", c["device"], "--out-dir", run_dir, "--log-every", "100",
                  *t["extra"]]
+        common_loss = run.get("protocol") == "common_loss"
+        if common_loss:
+            self.forget_changed_target(run)
+            train += ["--target-loss", repr(run["target_loss"]), "--eval-every", str(c["common_loss"]["eval_every"])]
         if os.path.isdir(os.path.join(run_dir, "checkpoints")) and self.state.get(run["name"] + "/train") != "done":
             train += ["--resume", "auto"]
         if not self.job(run["name"] + "/train", train, run, "train"):
             return
         ckpt = self.checkpoint(run)
-        if c["eval"] is not None:
+        if c["eval"] is not None and not common_loss:
             row_file = os.path.join(run_dir, "eval_row.jsonl")
             command = [self.binary("eval"), "--checkpoint", ckpt, "--device", c["device"], "--val-data", c["val_data"],
                        "--val-batches", str(c["eval"]["val_batches"]), "-b", str(t["batch_size"]), "-t", str(t["seq_len"]),
@@ -333,7 +407,7 @@ class Sweep:
                        "--val-data", c["val_data"], "--val-batches", str(c["eval"]["val_batches"] if c["eval"] else 20),
                        "-b", str(t["batch_size"]), "-t", str(t["seq_len"]), "--results", row_file, *p["extra"]]
             self.job(run["name"] + "/ptq-" + tag, command, run, "ptq", row_file)
-        if c["analyze"] is not None:
+        if c["analyze"] is not None and not common_loss:
             a = c["analyze"]
             row_file = os.path.join(run_dir, "analysis_row.jsonl")
             command = [self.binary("analyze"), "--checkpoint", ckpt, "--device", c["device"], "--format", a["format"],
@@ -354,6 +428,10 @@ class Sweep:
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             for future in [pool.submit(one, run) for run in runs]:
                 future.result()
+            if self.c["common_loss"] is not None and not self.dry_run:
+                cl_runs = list(self.common_loss_runs(runs))
+                for future in [pool.submit(one, run) for run in cl_runs]:
+                    future.result()
         if self.failed:
             print(f"[sweep] {len(self.failed)} job(s) failed: {', '.join(self.failed)}", flush=True)
             return 1

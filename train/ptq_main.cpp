@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
     app.option_defaults()->always_capture_default();
     app.add_option("--checkpoint", o.checkpoint, "Training checkpoint directory (…/checkpoints/step_N)")->required();
     qopt::add_quant_flags(app, o.quant, "", qopt::QuantStyle::Rtn);
-    app.add_option("--method", o.method, "Weight quantizer: rtn (round to nearest) or gptq")->group("Method");
+    app.add_option("--method", o.method, "Weight quantizer: rtn (round to nearest) or gptq (on the GPU when the model runs there)")->group("Method");
     app.add_option("--damp", o.gptq.damp, "GPTQ damping, a fraction of the Hessian's mean diagonal")->group("Method");
     app.add_flag("--act-order", o.gptq.act_order, "GPTQ: quantize columns by descending Hessian diagonal")
         ->group("Method");

@@ -69,6 +69,10 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
         ->group("Output");
     app.add_option("--val-batches", o.val_batches, "Validation batches per evaluation (0: whole set)")
         ->group("Output");
+    app.add_option("--target-loss", o.target_loss,
+                   "Stop at the first validation loss at or below this (0: off; the schedule stays the full "
+                   "budget's: the common-loss protocol; needs --eval-every)")
+        ->group("Output");
     app.add_option("--out-dir", o.out_dir, "Run directory: metrics.jsonl and checkpoints/")->group("Output");
     app.add_option("--checkpoint-every", o.checkpoint_every, "Checkpoint every N steps (0: only at the end)")
         ->group("Output");

@@ -85,6 +85,10 @@ void validate_options(const TrainOptions& o) {
     QOPT_CHECK(o.steps >= 0, "--steps must be positive, got ", o.steps);
     QOPT_CHECK(o.grad_clip >= 0, "--grad-clip must be non-negative, got ", o.grad_clip);
     QOPT_CHECK(o.eval_every >= 0, "--eval-every must be non-negative");
+    QOPT_CHECK(o.target_loss >= 0 && std::isfinite(o.target_loss), "--target-loss must be a non-negative number, got ",
+               o.target_loss);
+    QOPT_CHECK(o.target_loss == 0 || (!o.val_data.empty() && o.eval_every > 0),
+               "--target-loss needs --val-data and --eval-every (how often to check the validation loss)");
     QOPT_CHECK(o.val_batches >= 0, "--val-batches must be non-negative");
     QOPT_CHECK(o.checkpoint_every >= 0, "--checkpoint-every must be non-negative");
     QOPT_CHECK(o.log_every > 0, "--log-every must be positive");
@@ -129,6 +133,7 @@ static Json run_settings(const TrainOptions& o, const OptimizerConfig& optimizer
     run["seed"] = o.seed;
     run["train_data"] = o.train_data;
     run["qat"] = resolve_linear_quant(o.qat, QuantStyle::Quest).to_json();
+    if (o.target_loss > 0) run["target_loss"] = o.target_loss;
     return run;
 }
 
@@ -324,12 +329,32 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         return path;
     };
 
+    // The common-loss stop: true (and logged, and recorded in the metrics) once a validation
+    // loss is at or below the target.
+    auto reached_target = [&](double val_loss) {
+        if (!(options.target_loss > 0 && val_loss <= options.target_loss)) return false;
+        char line[200];
+        std::snprintf(line, sizeof line, "reached the target validation loss %.4f (%.4f) at step %ld: stopping\n",
+                      options.target_loss, val_loss, state.step);
+        log << line;
+        Json record = Json::object();
+        record["type"] = "target";
+        record["step"] = int64_t(state.step);
+        record["val_loss"] = val_loss;
+        record["target_loss"] = options.target_loss;
+        write_metrics(record);
+        result.reached_target = true;
+        result.val_loss_end = val_loss;
+        return true;
+    };
+
     result.val_loss_start = evaluate();
     report_val("at", result.val_loss_start);
+    reached_target(result.val_loss_start);  // a resumed run that had reached it trains no further
 
     const auto run_start = std::chrono::steady_clock::now();
     const long first_step = state.step;
-    while (state.step < total_steps) {
+    while (state.step < total_steps && !result.reached_target) {
         const auto step_start = std::chrono::steady_clock::now();
         const double lr = schedule.at(state.step);
         backend->zero_grads();
@@ -416,8 +441,11 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         if (spike) record["spike"] = true;
         write_metrics(record);
 
-        if (options.eval_every > 0 && state.step % options.eval_every == 0 && state.step < total_steps)
-            report_val("after", evaluate());
+        if (options.eval_every > 0 && state.step % options.eval_every == 0 && state.step < total_steps) {
+            const double val_loss = evaluate();
+            report_val("after", val_loss);
+            if (reached_target(val_loss)) break;
+        }
         if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
             result.last_checkpoint = save(false);
         // A request that came during start-up is acted on here, after the first step; it is
@@ -428,9 +456,15 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             break;
         }
     }
-    if (!result.interrupted) {
+    if (!result.interrupted && !result.reached_target) {
         result.val_loss_end = evaluate();
         report_val("after", result.val_loss_end);
+        if (options.target_loss > 0 && !reached_target(result.val_loss_end)) {
+            char line[160];
+            std::snprintf(line, sizeof line, "the target validation loss %.4f was not reached (%.4f at the end)\n",
+                          options.target_loss, result.val_loss_end);
+            log << line;
+        }
     }
     result.last_checkpoint = save(true);
     result.final_step = state.step;

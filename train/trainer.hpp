@@ -45,6 +45,10 @@ struct TrainOptions {
 
     // Evaluation, output, checkpoints
     long eval_every = 0;   // 0: only before the first and after the last step
+    // > 0: stop at the first validation (start, every eval_every steps, end) whose loss is at or
+    // below it — the paper's common-loss protocol. The schedule stays the full budget's, so the
+    // run is the full run cut short.
+    double target_loss = 0;
     int val_batches = 20;  // 0: the whole validation set
     std::string out_dir = "runs/default";
     long checkpoint_every = 0;  // 0: only at the end
@@ -61,6 +65,7 @@ struct TrainResult {
     long loss_spikes = 0;
     long rejected_preconditioners = 0;  // see Optimizer::rejected_preconditioners
     bool interrupted = false;
+    bool reached_target = false;  // target_loss > 0 and a validation reached it (training stopped there)
     std::string last_checkpoint;
 };
 
