@@ -60,8 +60,10 @@ __global__ void gptq_block_kernel(BlockArgs a) {
         const int row = row0 + r;
         const bool per_group = a.spec.granularity == Granularity::Group;
         const int group = per_group ? a.spec.group_size : 0;
-        GroupGrid g{};
-        if (!per_group) g = a.grids[a.spec.granularity == Granularity::Tensor ? 0 : row];
+        // The grid in force at col0 (per group: chosen by an earlier block when its group started
+        // there; a group starting at col0 is chosen below).
+        GroupGrid g = per_group ? a.grids[size_t(row) * (a.n / group) + a.col0 / group]
+                                : a.grids[a.spec.granularity == Granularity::Tensor ? 0 : row];
         for (int j = 0; j < a.width; ++j) {
             const int column = a.col0 + j;
             if (per_group && column % group == 0) {

@@ -27,7 +27,7 @@
 #include <vector>
 
 // Grid arithmetic is shared by the CPU reference and the CUDA kernels, with every operation
-// rounded on its own (no fused multiply-add on the device) so both give the same bits.
+// rounded on its own (no fused multiply-add on either side: mul_rn) so both give the same bits.
 #ifdef __CUDACC__
 #define QOPT_HD __host__ __device__
 #else
@@ -74,11 +74,14 @@ const char* quant_grid_name(QuantGrid grid);
 const char* scale_rule_name(ScaleRule rule);
 const char* granularity_name(Granularity granularity);
 
+// A product rounded on its own: never fused with a following add into one FMA (nvcc fuses
+// plain a * b + c; so may GCC with -ffp-contract=fast, its default, when -march has FMA).
 QOPT_HD inline float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
     return __fmul_rn(a, b);
 #else
-    return a * b;
+    volatile float product = a * b;
+    return product;
 #endif
 }
 
