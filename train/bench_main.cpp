@@ -31,6 +31,7 @@
 #include "optim/optimizer_cli.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
+#include "quant/int8_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
 namespace qopt {
@@ -251,6 +252,25 @@ void bench_int8_gemm(int rows, int in_dim, int out_dim) {
     std::printf("GEMM %6d x %5d -> %5d: bf16 %.3f ms (%.0f TFLOP/s), int8 %.3f ms (%.0f TOP/s), int8 speedup %.2fx\n",
                 rows, in_dim, out_dim, bf16_ms, ops / (bf16_ms * 1e-3) / 1e12, int8_ms, ops / (int8_ms * 1e-3) / 1e12,
                 bf16_ms / int8_ms);
+    // The whole W8A8 layer (quant/int8_linear.hpp): per-token quantization of the bf16 input,
+    // the int8 product, the scales into bf16; the two passes' bytes against the HBM rate.
+    QuantSpec spec;
+    spec.bits = 8;
+    DeviceBuffer<float> w_steps(static_cast<size_t>(out_dim)), x_steps(static_cast<size_t>(rows));
+    w_steps.fill_bytes(0x3c), x_steps.fill_bytes(0x3c);
+    Int8LinearScratch scratch;
+    const double layer_ms = time([&] {
+        int8_linear_forward_gpu(c.data(), a.data(), w8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec,
+                                scratch);
+    });
+    const double quantize_ms = time([&] { quantize_rows_int8_gpu(a8.data(), x_steps.data(), a.data(), rows, in_dim, spec); });
+    const double scales_ms = time([&] {
+        dequantize_product_gpu(c.data(), c32.data(), x_steps.data(), w_steps.data(), nullptr, rows, out_dim);
+    });
+    std::printf("  W8A8 layer %.3f ms (%.2fx bf16): quantize input %.3f ms (%.0f GB/s), int8 product %.3f ms, "
+                "scales %.3f ms (%.0f GB/s)\n",
+                layer_ms, bf16_ms / layer_ms, quantize_ms, 3.0 * rows * in_dim / (quantize_ms * 1e-3) / 1e9, int8_ms,
+                scales_ms, 6.0 * rows * out_dim / (scales_ms * 1e-3) / 1e9);
     std::fflush(stdout);
 }
 
@@ -315,7 +335,7 @@ int main(int argc, char** argv) {
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     bool int8_gemm = false;
     app.add_flag("--int8-gemm", int8_gemm,
-                 "also time the int8 GEMM against bf16 on gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens)");
+                 "also time the int8 GEMM and the whole W8A8 layer against bf16 on gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens)");
     return qopt::run_main(app, argc, argv, "bench", [&] {
         QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
         const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();

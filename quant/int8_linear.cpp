@@ -1,0 +1,41 @@
+#include "quant/int8_linear.hpp"
+
+#include "core/error.hpp"
+
+namespace qopt {
+
+void check_integer_spec(const QuantSpec& spec, bool activations) {
+    const char* what = activations ? "activations" : "weights";
+    QOPT_CHECK(spec.enabled(), "integer execution: the ", what, " are not quantized (", spec.describe(), ")");
+    spec.validate();
+    QOPT_CHECK(spec.grid == QuantGrid::Symmetric, "integer execution needs the symmetric grid for the ", what,
+               " (int8 tensor cores have no zero point or half-step offset), not ", quant_grid_name(spec.grid));
+    QOPT_CHECK(spec.granularity == Granularity::Row, "integer execution needs one scale per row for the ", what,
+               " (per token / per output channel), not per ", granularity_name(spec.granularity));
+    QOPT_CHECK(!activations || spec.rule != ScaleRule::Mse,
+               "integer execution quantizes activations by absmax, clip or gaussian, not the mse search");
+}
+
+void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec) {
+    check_integer_spec(spec, false);
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+        const float* row = x + size_t(r) * cols;
+        const GroupGrid g = choose_grid(spec, row, cols);
+        steps[r] = g.step;
+        for (int i = 0; i < cols; ++i) codes[size_t(r) * cols + i] = int8_t(quant_code(g, row[i]));
+    }
+}
+
+void dequantize_product_cpu(float* out, const int32_t* product, const float* in_steps, const float* w_steps,
+                            const float* bias, int n_rows, int out_dim) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < n_rows; ++n)
+        for (int o = 0; o < out_dim; ++o) {
+            const size_t i = size_t(n) * out_dim + o;
+            const float scaled = mul_rn(mul_rn(float(product[i]), in_steps[n]), w_steps[o]);
+            out[i] = bias ? scaled + bias[o] : scaled;
+        }
+}
+
+}  // namespace qopt

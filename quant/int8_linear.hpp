@@ -1,0 +1,49 @@
+// Linear layers executed in integers (W8A8, and any WbAb with b <= 8 on the same int8 tensor
+// cores): activations quantized per token to int8 codes with one fp32 step per row, weights
+// stored as int8 codes with one step per output channel (both symmetric: value = code * step),
+// the product in int32 (cuBLASLt, kernels/matmul.cu), the scales applied afterwards:
+//     out[n, o] = (sum_i xq[n, i] * wq[o, i]) * x_step[n] * w_step[o] + bias[o]
+// The integer sum is exact (|sum| <= in_dim * 127^2 < 2^31 for in_dim < 133,000), so this equals
+// the fake-quant product Q(x) Q(w)^T of the same codes up to the rounding of the final
+// multiplications — where the fake-quant path (bf16 operands) also rounds every dequantized
+// operand. CPU references here; CUDA kernels in quant/int8_linear.cu; tests in
+// tests/test_int8_linear.cpp.
+#pragma once
+#include <cstdint>
+
+#include "kernels/gpu.hpp"
+#include "quant/quantizer.hpp"
+
+namespace qopt {
+
+// The specs the integer path executes: 2..8 bits, symmetric grid (no zero point), one scale per
+// row (token / output channel). Activations are quantized at run time by absmax, clip or
+// gaussian (the mse search is not offered there). Throws qopt::Error naming what is not.
+void check_integer_spec(const QuantSpec& spec, bool activations);
+
+// Codes [rows, cols] and steps [rows] of x by the spec's per-row grids (= quantize_cpu).
+void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec);
+
+// The scale step: out[n, o] = mul(mul(float(product[n, o]), in_steps[n]), w_steps[o]) + bias[o]
+// (bias may be null), each operation rounded on its own, as on the GPU.
+void dequantize_product_cpu(float* out, const int32_t* product, const float* in_steps, const float* w_steps,
+                            const float* bias, int n_rows, int out_dim);
+
+// ---- GPU
+void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
+                            cudaStream_t stream = 0);
+void dequantize_product_gpu(bf16* out, const int32_t* product, const float* in_steps, const float* w_steps,
+                            const float* bias, long n_rows, int out_dim, cudaStream_t stream = 0);
+
+// Scratch of one integer layer (grown on demand): the input's codes and steps, the int32 product.
+struct Int8LinearScratch {
+    DeviceBuffer<int8_t> codes;
+    DeviceBuffer<float> steps;
+    DeviceBuffer<int32_t> product;
+};
+// The whole layer: quantize the input rows, int8 x int8 -> int32 product, scales (+ bias) -> bf16.
+void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
+                             const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
+                             Int8LinearScratch& scratch, cudaStream_t stream = 0);
+
+}  // namespace qopt

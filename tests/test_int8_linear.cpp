@@ -1,0 +1,151 @@
+// Integer linear layers (quant/int8_linear.*): the CPU reference against the quantizer and the
+// exact product it stands for; the GPU kernels against the CPU reference bit for bit (absmax and
+// clip; the gaussian rule's sum of squares is reduced in another order) and the whole layer
+// against the fake-quant path it replaces (bf16 operands: within bf16 rounding). GPU cases skip
+// without a GPU.
+#include "core/error.hpp"
+#include "gpu_helpers.hpp"
+#include "kernels/matmul.hpp"
+#include "quant/int8_linear.hpp"
+#include "quant/quant_gpu.hpp"
+
+using namespace qopt;
+using namespace qopt::test;
+
+namespace {
+
+QuantSpec row_spec(int bits, ScaleRule rule) {
+    QuantSpec spec;
+    spec.bits = bits, spec.rule = rule, spec.clip_ratio = 0.8f;
+    return spec;
+}
+
+// bf16 inputs with a few large entries per row (activation-like outliers), as exact floats.
+std::vector<float> bf16_rows(int rows, int cols, std::mt19937_64& gen) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(size_t(rows) * cols);
+    for (size_t i = 0; i < x.size(); ++i) {
+        const float v = normal(gen) * (gen() % 97 == 0 ? 20.0f : 1.0f);
+        x[i] = __bfloat162float(__float2bfloat16(v));
+    }
+    return x;
+}
+
+std::vector<bf16> to_bf16(const std::vector<float>& x) {
+    std::vector<bf16> out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16(x[i]);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("integer layer reference: the quantizer's codes, and the exact product scaled") {
+    std::mt19937_64 gen(fresh_seed());
+    const int rows = 9, in_dim = 40, out_dim = 7;
+    const std::vector<float> x = bf16_rows(rows, in_dim, gen), w = bf16_rows(out_dim, in_dim, gen);
+    for (int bits : {8, 4})
+        for (ScaleRule rule : {ScaleRule::Absmax, ScaleRule::Clip, ScaleRule::Gaussian, ScaleRule::Mse}) {
+            const QuantSpec spec = row_spec(bits, rule);
+            CAPTURE(spec.describe());
+            std::vector<int8_t> codes(x.size());
+            std::vector<float> steps(rows);
+            quantize_rows_int8_cpu(codes.data(), steps.data(), x.data(), rows, in_dim, spec);
+            const QuantizedTensor q = quantize_cpu(x.data(), rows, in_dim, spec);
+            CHECK(codes == q.codes);
+            for (int r = 0; r < rows; ++r) CHECK(steps[size_t(r)] == q.grids[size_t(r)].step);
+        }
+    // The scaled integer product equals sum_i (xq_i * sx)(wq_i * sw) + b, computed in float64.
+    const QuantSpec spec = row_spec(8, ScaleRule::Absmax);
+    std::vector<int8_t> xq(x.size()), wq(w.size());
+    std::vector<float> sx(rows), sw(out_dim), bias(out_dim, 0.25f), out(size_t(rows) * out_dim);
+    quantize_rows_int8_cpu(xq.data(), sx.data(), x.data(), rows, in_dim, spec);
+    quantize_rows_int8_cpu(wq.data(), sw.data(), w.data(), out_dim, in_dim, spec);
+    std::vector<int32_t> product(out.size());
+    int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
+    dequantize_product_cpu(out.data(), product.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
+    double worst = 0;
+    for (int n = 0; n < rows; ++n)
+        for (int o = 0; o < out_dim; ++o) {
+            double expected = bias[size_t(o)];
+            for (int i = 0; i < in_dim; ++i)
+                expected += double(xq[size_t(n) * in_dim + i]) * sx[size_t(n)] * double(wq[size_t(o) * in_dim + i]) *
+                            sw[size_t(o)];
+            worst = std::max(worst, std::fabs(out[size_t(n) * out_dim + o] - expected) / (std::fabs(expected) + 1e-3));
+        }
+    CHECK(worst < 1e-6);
+    // What the integer path cannot execute is refused by name.
+    QuantSpec centered = spec;
+    centered.grid = QuantGrid::Centered;
+    CHECK_THROWS_WITH_AS(check_integer_spec(centered, true), doctest::Contains("symmetric grid"), Error);
+    QuantSpec grouped = spec;
+    grouped.granularity = Granularity::Group, grouped.group_size = 32;
+    CHECK_THROWS_WITH_AS(check_integer_spec(grouped, false), doctest::Contains("one scale per row"), Error);
+    CHECK_THROWS_WITH_AS(check_integer_spec(row_spec(8, ScaleRule::Mse), true), doctest::Contains("mse"), Error);
+}
+
+TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference; close to the fake-quant path") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (auto [rows, in_dim, out_dim] : {std::tuple{37, 100, 36}, std::tuple{256, 768, 2304}, std::tuple{64, 3072, 768}}) {
+        CAPTURE(rows);
+        CAPTURE(in_dim);
+        const std::vector<float> x = bf16_rows(rows, in_dim, gen), w = bf16_rows(out_dim, in_dim, gen);
+        std::vector<float> bias(static_cast<size_t>(out_dim));
+        for (float& b : bias) b = float(int(gen() % 200) - 100) / 64.0f;
+        const DeviceBuffer<bf16> x_d = uploaded(to_bf16(x));
+        for (ScaleRule rule : {ScaleRule::Absmax, ScaleRule::Clip, ScaleRule::Gaussian}) {
+            const QuantSpec spec = row_spec(8, rule);
+            CAPTURE(spec.describe());
+            std::vector<int8_t> codes(x.size());
+            std::vector<float> steps(static_cast<size_t>(rows));
+            quantize_rows_int8_cpu(codes.data(), steps.data(), x.data(), rows, in_dim, spec);
+            DeviceBuffer<int8_t> codes_d = poisoned<int8_t>(codes.size());
+            DeviceBuffer<float> steps_d = poisoned<float>(steps.size());
+            quantize_rows_int8_gpu(codes_d.data(), steps_d.data(), x_d.data(), rows, in_dim, spec);
+            const std::vector<int8_t> codes_gpu = codes_d.download();
+            const std::vector<float> steps_gpu = steps_d.download();
+            if (rule != ScaleRule::Gaussian) {
+                CHECK(codes_gpu == codes);
+                CHECK(steps_gpu == steps);
+            } else {  // the RMS from another summation order: a step may move by an ulp
+                size_t differ = 0;
+                for (size_t i = 0; i < codes.size(); ++i) differ += codes_gpu[i] != codes[i];
+                CHECK(differ <= codes.size() / 1000 + 1);
+                CHECK(relative_error(steps_gpu, steps) < 1e-6);
+            }
+        }
+        // The whole layer (absmax, as the study's W8A8) against the CPU reference, to the bit.
+        const QuantSpec spec = row_spec(8, ScaleRule::Absmax);
+        std::vector<int8_t> xq(x.size()), wq(w.size());
+        std::vector<float> sx(static_cast<size_t>(rows)), sw(static_cast<size_t>(out_dim));
+        quantize_rows_int8_cpu(xq.data(), sx.data(), x.data(), rows, in_dim, spec);
+        quantize_rows_int8_cpu(wq.data(), sw.data(), w.data(), out_dim, in_dim, spec);
+        std::vector<int32_t> product(size_t(rows) * out_dim);
+        int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
+        std::vector<float> expected(product.size());
+        dequantize_product_cpu(expected.data(), product.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
+        const DeviceBuffer<int8_t> wq_d = uploaded(wq);
+        const DeviceBuffer<float> sw_d = uploaded(sw), bias_d = uploaded(bias);
+        DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
+        Int8LinearScratch scratch;
+        int8_linear_forward_gpu(out.data(), x_d.data(), wq_d.data(), sw_d.data(), bias_d.data(), rows, in_dim, out_dim,
+                                spec, scratch);
+        const std::vector<bf16> got = out.download();
+        size_t mismatches = 0;
+        for (size_t i = 0; i < got.size(); ++i)
+            mismatches += __bfloat162float(got[i]) != __bfloat162float(__float2bfloat16(expected[i]));
+        CHECK(mismatches == 0);
+        // The fake-quant path of the same layer: Q(x) (GPU kernel) times the dequantized weight in
+        // bf16, fp32 accumulation: equal up to the bf16 rounding of every operand.
+        DeviceBuffer<bf16> x_fake = poisoned<bf16>(x.size());
+        rotate_fake_quant_rows_gpu(x_fake.data(), nullptr, x_d.data(), rows, in_dim, 0, spec, -1.0f);
+        std::vector<float> w_fake(w.size());
+        for (size_t i = 0; i < w.size(); ++i) w_fake[i] = quant_value(GroupGrid{sw[i / in_dim], 0, 0, -127, 127}, wq[i]);
+        const DeviceBuffer<bf16> w_fake_d = uploaded(to_bf16(w_fake)), bias_bf16 = uploaded(to_bf16(bias));
+        DeviceBuffer<bf16> fake_out = poisoned<bf16>(expected.size());
+        matmul_forward_gpu(fake_out.data(), x_fake.data(), w_fake_d.data(), bias_bf16.data(), rows, in_dim, out_dim);
+        CHECK(relative_error(to_double(fake_out.download()), to_double(got)) < 1e-2);
+    }
+}
