@@ -42,6 +42,7 @@ struct Int8LinearScratch {
     DeviceBuffer<int32_t> product;
 };
 // The whole layer: quantize the input rows, int8 x int8 -> int32 product, scales (+ bias) -> bf16.
+// n_rows, in_dim and out_dim must be multiples of 4 (the int8 product's layout; refused otherwise).
 void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
                              Int8LinearScratch& scratch, cudaStream_t stream = 0);
