@@ -21,6 +21,9 @@ public:
     explicit CpuEvalModel(const ModelConfig& config) : model_(config) {}
     std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
     bool on_gpu() const override { return false; }
+    void run_in_integers(const std::vector<IntegerMatrix>&) override {
+        fail("integer execution (--integer) runs on the GPU only (int8 tensor cores): use --device cuda");
+    }
     const ModelConfig& config() const override { return model_.config(); }
     void set_params(const std::vector<float>& params) override { model_.params() = params; }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
@@ -80,6 +83,13 @@ public:
     GpuEvalModel(const ModelConfig& config, std::string device) : model_(config), device_(std::move(device)) {}
     std::string describe() const override { return "cuda, " + device_; }
     bool on_gpu() const override { return true; }
+    void run_in_integers(const std::vector<IntegerMatrix>& matrices) override {
+        LinearQuantConfig quant = model_.linear_quant();
+        QOPT_CHECK(quant.enabled(), "integer execution needs a quantized evaluation (--format wXaY or a quantized file)");
+        quant.weights_offline = true;  // the hidden weights come from `matrices`, not the bf16 copy
+        model_.set_linear_quant(quant);
+        model_.set_integer_weights(matrices);
+    }
     const ModelConfig& config() const override { return model_.config(); }
     void set_params(const std::vector<float>& params) override { model_.upload_params(params); }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }

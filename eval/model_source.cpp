@@ -68,6 +68,7 @@ EvalCheckpoint load_quantized_file(const std::string& path) {
         }
         const std::vector<float> w = q.dequantize();
         std::copy(w.begin(), w.end(), out.params.begin() + long(m.offset));
+        out.quantized.push_back(std::move(q));
     }
     for (const auto& t : layout.tensors) {
         if (linear_offsets.count(t.offset)) continue;

@@ -23,6 +23,7 @@ struct EvalCheckpoint {
     long step = -1;
     int train_seq_len = 0;            // the run's sequence length (0: unknown)
     bool quantized_file = false;
+    std::vector<QuantizedTensor> quantized;  // a quantized file's stored matrices (linear_matrices order)
     std::string describe() const;     // "olmo2-50m, muon, step 300 (quantized w4a4 ...)"
     // The first fields of a results-table row about this checkpoint: time, checkpoint (path),
     // model, arch, parameters, non_embedding_parameters, optimizer, step, trained_qat.

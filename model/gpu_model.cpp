@@ -11,6 +11,7 @@
 #include "kernels/gpu.hpp"
 #include "kernels/rope.hpp"
 #include "quant/hadamard.hpp"
+#include "quant/int8_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
 namespace qopt {
@@ -36,6 +37,10 @@ struct QuantSite {
     DeviceBuffer<bf16> input, weight;
     DeviceBuffer<uint32_t> input_keep, weight_keep;  // bit masks (quant/quant_gpu.hpp)
 };
+struct IntegerSite {  // one hidden matrix in integers: codes [rows, cols], steps [rows]
+    DeviceBuffer<int8_t> codes;
+    DeviceBuffer<float> steps;
+};
 enum Site { kQkv = kSiteQkv, kOut = kSiteOut, kUp = kSiteUp, kDown = kSiteDown, kSites = kLinearSites };
 
 struct GpuModel::State {
@@ -45,6 +50,8 @@ struct GpuModel::State {
     int batch = 0, seq_len = 0;
     float grad_scale = 0;  // of the last forward()
     std::vector<LayerActivations> layers;
+    std::vector<IntegerSite> integer_sites;  // non-empty: the hidden linear layers run in integers
+    Int8LinearScratch integer_scratch;
     std::vector<DeviceBuffer<bf16>> residual;  // residual[l]: input of block l; residual[L]: output
     DeviceBuffer<bf16> final_normed, logits, branch;
     bool recompute = false;
@@ -269,6 +276,7 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
     State& s = *state_;
     s.quant = quant;
     s.quant_sites.clear();
+    s.integer_sites.clear();  // integer weights belong to the previous configuration
     s.quant_weight_bytes = 0;
     if (quant.enabled()) {
         s.quant_sites.resize(size_t(config_.n_layers) * kSites);
@@ -284,6 +292,31 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
         }
     }
     s.batch = s.seq_len = 0;  // re-plan the activations on the next allocate()
+}
+
+void GpuModel::set_integer_weights(const std::vector<IntegerMatrix>& per_matrix) {
+    State& s = *state_;
+    s.integer_sites.clear();
+    if (per_matrix.empty()) return;
+    QOPT_CHECK(s.quant.enabled() && s.quant.weights_offline,
+               "integer execution needs a quantized configuration with offline weights");
+    check_integer_spec(s.quant.weights, false);
+    check_integer_spec(s.quant.activations, true);
+    const std::vector<LinearMatrix> matrices = linear_matrices(config_, layout_);
+    QOPT_CHECK(per_matrix.size() == matrices.size(), "integer execution: ", per_matrix.size(), " weights for ",
+               matrices.size(), " hidden matrices");
+    s.integer_sites.resize(size_t(config_.n_layers) * kSites);
+    for (size_t i = 0; i < matrices.size(); ++i) {
+        const LinearMatrix& m = matrices[i];
+        const IntegerMatrix& w = per_matrix[i];
+        QOPT_CHECK(w.codes.size() == size_t(m.rows) * m.cols && w.steps.size() == size_t(m.rows), "integer execution: ",
+                   m.name, " needs ", m.rows, " x ", m.cols, " codes and ", m.rows, " steps");
+        QOPT_CHECK(m.rows % 4 == 0 && m.cols % 4 == 0, "integer execution: ", m.name, " is ", m.rows, " x ", m.cols,
+                   "; the int8 product needs multiples of 4");
+        IntegerSite& site = s.integer_sites[size_t(m.layer) * kSites + m.site];
+        site.codes.upload(w.codes);
+        site.steps.upload(w.steps);
+    }
 }
 
 const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
@@ -368,6 +401,29 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
     auto operands = [&](int l, Site site, const bf16* in, size_t weight_offset, int in_dim) {
         return linear_operands(s, W, l, site, in, weight_offset, N, in_dim);
     };
+    // A hidden linear layer: in integers when set (the input rotated into the site's buffer
+    // first), else the (fake-quantized or plain) bf16 product.
+    const bool integer = !s.integer_sites.empty();
+    QOPT_CHECK(!integer || grad_scale == 0.0f, "integer execution is forward only (no gradients)");
+    QOPT_CHECK(!integer || N % 4 == 0, "integer execution: ", N, " tokens per batch; the int8 product needs a multiple of 4");
+    auto linear = [&](int l, Site site, bf16* out, const bf16* in, size_t weight_offset, size_t bias_offset, int in_dim,
+                      int out_dim) {
+        if (!integer) {
+            const LinearOperands x = operands(l, site, in, weight_offset, in_dim);
+            return matmul_forward_gpu(out, x.input, x.weight, w(bias_offset), N, in_dim, out_dim);
+        }
+        const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
+        if (block > 0) {
+            bf16* rotated = input_site(s, l, site).input.data();
+            CUDA_CHECK(cudaMemcpyAsync(rotated, in, size_t(N) * in_dim * sizeof(bf16), cudaMemcpyDeviceToDevice));
+            hadamard_rows_gpu(rotated, N, in_dim, block);
+            in = rotated;
+        }
+        const IntegerSite& weight = s.integer_sites[size_t(l) * kSites + site];
+        int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(),
+                                bias_offset == kAbsent ? nullptr : P + bias_offset, N, in_dim, out_dim,
+                                s.quant.activations, s.integer_scratch);
+    };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
     auto tap = [&](int layer, Module module, const bf16* out, int width) {
         if (s.module_hook) s.module_hook(layer, module, out, N, width);
@@ -394,26 +450,28 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         bf16* qkv = a.qkv.data();
         if (gpt2) {
             tap(l, Module::AttnNorm, a.ln1.data(), C);
-            const LinearOperands qkv_in = operands(l, kQkv, a.ln1.data(), o.qkv_w, C);
-            matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, w(o.qkv_b), N, C, 3 * C);
+            linear(l, kQkv, qkv, a.ln1.data(), o.qkv_w, o.qkv_b, C, 3 * C);
             tap(l, Module::Qkv, qkv, 3 * C);
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             tap(l, Module::Attention, a.attn.data(), C);
-            const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
-            matmul_forward_gpu(s.branch.data(), out_in.input, out_in.weight, w(o.out_b), N, C, C);
+            linear(l, kOut, s.branch.data(), a.attn.data(), o.out_w, o.out_b, C, C);
             tap(l, Module::OutProj, s.branch.data(), C);
             add_layernorm_forward_gpu(a.h.data(), a.ln2.data(), a.mean2.data(), a.rstd2.data(), x, s.branch.data(),
                                       P + o.norm2_w, P + o.norm2_b, N, C, eps);
             tap(l, Module::AttnResidual, a.h.data(), C);
             tap(l, Module::MlpNorm, a.ln2.data(), C);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
-            const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
-            matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
+            if (integer) {
+                linear(l, kUp, a.up.data(), a.ln2.data(), o.up_w, o.up_b, C, F);
+                gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
+            } else {
+                const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
+                matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
+            }
             tap(l, Module::Up, a.up.data(), F);
             tap(l, Module::Activation, act, F);
-            const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
-            matmul_forward_gpu(s.branch.data(), down_in.input, down_in.weight, w(o.down_b), N, F, C);
+            linear(l, kDown, s.branch.data(), act, o.down_w, o.down_b, F, C);
             tap(l, Module::Down, s.branch.data(), C);
             // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
             if (l + 1 < config_.n_layers) {
@@ -428,8 +486,7 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             }
             tap(l, Module::MlpResidual, y, C);
         } else {
-            const LinearOperands qkv_in = operands(l, kQkv, x, o.qkv_w, C);
-            matmul_forward_gpu(qkv, qkv_in.input, qkv_in.weight, nullptr, N, C, 3 * C);
+            linear(l, kQkv, qkv, x, o.qkv_w, kAbsent, C, 3 * C);
             tap(l, Module::Qkv, qkv, 3 * C);
             // QK-norm over the full q / k projections, then RoPE in place.
             rmsnorm_forward_gpu({a.q_rot.data(), C}, a.rstd_q.data(), {qkv, 3 * C}, P + o.q_norm_w, N, C, eps);
@@ -439,20 +496,17 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             attention_forward_gpu({a.attn.data(), C}, a.lse.data(), {a.q_rot.data(), C}, {a.k_rot.data(), C},
                                   {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             tap(l, Module::Attention, a.attn.data(), C);
-            const LinearOperands out_in = operands(l, kOut, a.attn.data(), o.out_w, C);
-            matmul_forward_gpu(a.proj.data(), out_in.input, out_in.weight, nullptr, N, C, C);
+            linear(l, kOut, a.proj.data(), a.attn.data(), o.out_w, kAbsent, C, C);
             tap(l, Module::OutProj, a.proj.data(), C);
             tap_norm(l, Module::AttnNorm, a.proj.data(), o.norm1_w);
             rmsnorm_add_forward_gpu(a.h.data(), a.rstd_proj.data(), x, a.proj.data(), P + o.norm1_w, N, C, eps);
             tap(l, Module::AttnResidual, a.h.data(), C);
-            const LinearOperands up_in = operands(l, kUp, a.h.data(), o.up_w, C);
-            matmul_forward_gpu(a.up.data(), up_in.input, up_in.weight, nullptr, N, C, F);
+            linear(l, kUp, a.up.data(), a.h.data(), o.up_w, kAbsent, C, F);
             tap(l, Module::Up, a.up.data(), F);
             bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
             relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
             tap(l, Module::Activation, act, F);
-            const LinearOperands down_in = operands(l, kDown, act, o.down_w, F);
-            matmul_forward_gpu(a.down.data(), down_in.input, down_in.weight, nullptr, N, F, C);
+            linear(l, kDown, a.down.data(), act, o.down_w, kAbsent, F, C);
             tap(l, Module::Down, a.down.data(), C);
             tap_norm(l, Module::MlpNorm, a.down.data(), o.norm2_w);
             rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);

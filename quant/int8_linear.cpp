@@ -1,6 +1,8 @@
 #include "quant/int8_linear.hpp"
 
 #include "core/error.hpp"
+#include "model/params.hpp"
+#include "quant/hadamard.hpp"
 
 namespace qopt {
 
@@ -36,6 +38,34 @@ void dequantize_product_cpu(float* out, const int32_t* product, const float* in_
             const float scaled = mul_rn(mul_rn(float(product[i]), in_steps[n]), w_steps[o]);
             out[i] = bias ? scaled + bias[o] : scaled;
         }
+}
+
+std::vector<IntegerMatrix> integer_matrices(const ModelConfig& config, const std::vector<float>& params,
+                                            const LinearQuantConfig& quant, const std::vector<QuantizedTensor>* stored) {
+    check_integer_spec(quant.weights, false);
+    const ParamLayout layout = ParamLayout::build(config);
+    const std::vector<LinearMatrix> matrices = linear_matrices(config, layout);
+    QOPT_CHECK(!stored || stored->size() == matrices.size(), "integer execution: ", stored ? stored->size() : 0,
+               " stored matrices for ", matrices.size());
+    std::vector<IntegerMatrix> out(matrices.size());
+    for (size_t i = 0; i < matrices.size(); ++i) {
+        const LinearMatrix& m = matrices[i];
+        IntegerMatrix& im = out[i];
+        if (stored) {  // a grid per row with offset 0 (symmetric, per row: checked above)
+            const QuantizedTensor& q = (*stored)[i];
+            QOPT_CHECK(q.rows == m.rows && q.cols == m.cols && q.grids.size() == size_t(m.rows), "integer execution: ",
+                       m.name, " is stored as ", q.rows, " x ", q.cols, " with ", q.grids.size(), " grids");
+            im.codes = q.codes;
+            for (const GroupGrid& g : q.grids) im.steps.push_back(g.step);
+            continue;
+        }
+        std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + size_t(m.rows) * m.cols));
+        hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, quant.hadamard_block));
+        im.codes.resize(w.size());
+        im.steps.resize(size_t(m.rows));
+        quantize_rows_int8_cpu(im.codes.data(), im.steps.data(), w.data(), m.rows, m.cols, quant.weights);
+    }
+    return out;
 }
 
 }  // namespace qopt

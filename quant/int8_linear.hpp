@@ -11,7 +11,11 @@
 #pragma once
 #include <cstdint>
 
+#include <vector>
+
 #include "kernels/gpu.hpp"
+#include "model/config.hpp"
+#include "quant/linear_quant.hpp"
 #include "quant/quantizer.hpp"
 
 namespace qopt {
@@ -28,6 +32,18 @@ void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int row
 // (bias may be null), each operation rounded on its own, as on the GPU.
 void dequantize_product_cpu(float* out, const int32_t* product, const float* in_steps, const float* w_steps,
                             const float* bias, int n_rows, int out_dim);
+
+// One hidden matrix ready for integer execution: codes [rows, cols] and one step per row.
+struct IntegerMatrix {
+    std::vector<int8_t> codes;
+    std::vector<float> steps;
+};
+// Every hidden matrix of the model (linear_matrices order) for integer execution under `quant`:
+// a quantized file's stored codes and steps when `stored` is given (one per matrix), else the
+// weights rotated as `quant` says and quantized per row by its weight spec (RTN, as ptq's RTN).
+std::vector<IntegerMatrix> integer_matrices(const ModelConfig& config, const std::vector<float>& params,
+                                            const LinearQuantConfig& quant,
+                                            const std::vector<QuantizedTensor>* stored = nullptr);
 
 // ---- GPU
 void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,

@@ -1,11 +1,14 @@
 // Integer linear layers (quant/int8_linear.*): the CPU reference against the quantizer and the
 // exact product it stands for; the GPU kernels against the CPU reference bit for bit (absmax and
 // clip; the gaussian rule's sum of squares is reduced in another order) and the whole layer
-// against the fake-quant path it replaces (bf16 operands: within bf16 rounding). GPU cases skip
-// without a GPU.
+// against the fake-quant path it replaces (bf16 operands: within bf16 rounding); whole models in
+// integers against their fake-quant evaluation. GPU cases skip without a GPU.
 #include "core/error.hpp"
+#include "eval/eval_model.hpp"
 #include "gpu_helpers.hpp"
 #include "kernels/matmul.hpp"
+#include "model/gpu_model.hpp"
+#include "quant/hadamard.hpp"
 #include "quant/int8_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
@@ -156,4 +159,83 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
     CHECK_THROWS_WITH_AS(int8_linear_forward_gpu(out.data(), x.data(), w.data(), steps.data(), nullptr, 37, 8, 4,
                                                  row_spec(8, ScaleRule::Absmax), scratch),
                          doctest::Contains("multiples of 4"), Error);
+}
+
+namespace {
+
+std::vector<float> tiny_params(const ModelConfig& config, uint64_t seed) {
+    std::vector<float> params(ParamLayout::build(config).total);
+    init_params(ParamLayout::build(config), seed, params.data());
+    for (float& p : params) p = __bfloat162float(__float2bfloat16(p));
+    return params;
+}
+
+LinearQuantConfig w8a8(int hadamard) {
+    QuantOptions options;
+    options.format = "w8a8";
+    options.hadamard = hadamard;
+    return resolve_linear_quant(options, QuantStyle::Rtn);
+}
+
+}  // namespace
+
+TEST_CASE("integer matrices: RTN of the rotated weights or a quantized file's stored codes; CPU refuses") {
+    const ModelConfig config = preset_config("olmo2-tiny");
+    const std::vector<float> params = tiny_params(config, fresh_seed());
+    const LinearQuantConfig quant = w8a8(64);
+    const std::vector<IntegerMatrix> matrices = integer_matrices(config, params, quant);
+    const std::vector<LinearMatrix> linears = linear_matrices(config, ParamLayout::build(config));
+    REQUIRE(matrices.size() == linears.size());
+    std::vector<QuantizedTensor> stored;
+    for (size_t i = 0; i < linears.size(); ++i) {
+        const LinearMatrix& m = linears[i];
+        std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + size_t(m.rows) * m.cols));
+        hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, 64));
+        stored.push_back(quantize_cpu(w.data(), m.rows, m.cols, quant.weights));
+        CHECK(matrices[i].codes == stored.back().codes);
+    }
+    const std::vector<IntegerMatrix> from_file = integer_matrices(config, params, quant, &stored);
+    for (size_t i = 0; i < matrices.size(); ++i) {
+        CHECK(from_file[i].codes == matrices[i].codes);
+        CHECK(from_file[i].steps == matrices[i].steps);
+    }
+    std::unique_ptr<EvalModel> cpu = make_eval_model(config, "cpu");
+    CHECK_THROWS_WITH_AS(cpu->run_in_integers(matrices), doctest::Contains("GPU only"), Error);
+}
+
+TEST_CASE("GPU model in integers: loss equals the fake-quant evaluation within rounding (olmo2, gpt2; W8A8, +-Hadamard)") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (const std::string preset : {"olmo2-tiny", "gpt2-tiny"})
+        for (int hadamard : {0, 64}) {
+            CAPTURE(preset);
+            CAPTURE(hadamard);
+            const ModelConfig config = preset_config(preset);
+            const std::vector<float> params = tiny_params(config, seed);
+            const int B = 2, T = 64;
+            const auto inputs = random_tokens(size_t(B) * T, config.vocab_size, gen);
+            const auto targets = random_tokens(size_t(B) * T, config.vocab_size, gen);
+            const LinearQuantConfig quant = w8a8(hadamard);
+            GpuModel fake(config);
+            fake.upload_params(params);
+            fake.set_linear_quant(quant);
+            const double fake_loss = fake.loss(inputs.data(), targets.data(), B, T);
+            GpuModel integer(config);
+            integer.upload_params(params);
+            LinearQuantConfig offline = quant;
+            offline.weights_offline = true;
+            integer.set_linear_quant(offline);
+            integer.set_integer_weights(integer_matrices(config, params, quant));
+            const double integer_loss = integer.loss(inputs.data(), targets.data(), B, T);
+            CAPTURE(fake_loss);
+            CAPTURE(integer_loss);
+            CHECK(std::isfinite(integer_loss));
+            CHECK(std::fabs(integer_loss - fake_loss) < 2e-3 * fake_loss);
+            CHECK_THROWS_WITH_AS(integer.forward_backward(inputs.data(), targets.data(), B, T, 1.0f),
+                                 doctest::Contains("forward only"), Error);
+            CHECK_THROWS_WITH_AS(integer.loss(inputs.data(), targets.data(), 1, 63),
+                                 doctest::Contains("multiple of 4"), Error);
+        }
 }

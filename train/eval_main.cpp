@@ -36,6 +36,7 @@ struct EvalOptions {
     std::vector<std::string> prompts;
     qopt::GenerateOptions generate;
     qopt::QuantOptions quant;
+    bool integer = false;
     std::string results = "runs/eval_results.jsonl";
 };
 
@@ -84,13 +85,20 @@ int run(EvalOptions& o) {
     std::unique_ptr<EvalModel> model = make_eval_model(config, o.device);
     model->set_params(ckpt.params);
     if (quant.enabled()) model->set_linear_quant(quant);
+    if (o.integer) {
+        QOPT_CHECK(quant.enabled(), "--integer needs a quantized evaluation (--format wXaY or a quantized file)");
+        model->run_in_integers(integer_matrices(config, ckpt.params, quant, ckpt.quantized_file ? &ckpt.quantized : nullptr));
+    }
     std::cout << "checkpoint: " << o.checkpoint << " (" << ckpt.describe() << ")\n";
     std::cout << "device: " << model->describe() << "\n";
-    std::cout << "quantization: " << (quant.enabled() ? quant.describe(false) : std::string("off")) << std::endl;
+    std::cout << "quantization: " << (quant.enabled() ? quant.describe(false) : std::string("off"))
+              << (quant.enabled() ? (o.integer ? ", executed in integers (int8 tensor cores)" : ", executed as fake-quant in bf16") : "")
+              << std::endl;
 
     Json row = ckpt.row_header(o.checkpoint);
     row["format"] = quant.enabled() ? quant.short_name() : std::string("off");
     if (quant.enabled()) row["quant"] = quant.to_json();
+    if (quant.enabled()) row["execution"] = o.integer ? "integer" : "fake-quant";
 
     if (val) {
         const uint64_t available = val->batches_per_epoch();
@@ -189,6 +197,10 @@ int main(int argc, char** argv) {
     app.get_option("--format")
         ->description("checkpoint (default: a quantized file's own quantization, a QAT checkpoint's training "
                       "quantizer, else none), off, or wXaY to quantize a full-precision checkpoint on the fly (RTN)");
+    app.add_flag("--integer", o.integer,
+                 "Run the quantized hidden layers in integers on int8 tensor cores (GPU; symmetric per-row weights, "
+                 "symmetric per-token activations) instead of fake-quant in bf16")
+        ->group("Quantization");
     qopt::add_device_flags(app, o.device, o.threads);
     app.add_option("--results", o.results, "Results table (JSONL) the row is appended to")->group("Output");
     return qopt::run_main(app, argc, argv, "eval", [&] { return run(o); });
