@@ -357,6 +357,27 @@ TEST_CASE("eval and analyze binaries on a tiny checkpoint; bad input gives one c
     CHECK(run_command(bin_dir() + "/analyze" + common + " --format off", output) == 1);
     CHECK(output.find("quantizes nothing") != std::string::npos);
     CHECK(run_command(bin_dir() + "/eval --checkpoint x --temperature abc", output) != 0);
+    CHECK(run_command(bin_dir() + "/eval" + common + " --val-batches 0 --integer", output) == 1);
+    CHECK(output.find("--integer needs a quantized evaluation") != std::string::npos);
+    CHECK(run_command(bin_dir() + "/eval" + common + " --val-batches 0 --format w8a8 --integer", output) == 1);
+    CHECK(output.find("GPU only") != std::string::npos);
+    if (!gpu_available()) {
+        MESSAGE("skipped: eval --integer on the GPU (" << query_cuda_device().problem << ")");
+        return;
+    }
+    // On the GPU: W8A8 in integers and as fake-quant give the same loss within rounding.
+    double losses[2];
+    for (int integer = 0; integer < 2; ++integer) {
+        const std::string results = dir / ("int" + std::to_string(integer) + ".jsonl");
+        REQUIRE(run_command(bin_dir() + "/eval --checkpoint " + checkpoint + " --device cuda --format w8a8 --val-data " +
+                                o.val_data + " --val-batches 2 --batch-size 2 --seq-len 32 --results " + results +
+                                (integer ? " --integer" : ""),
+                            output) == 0);
+        const Json r = Json::parse(read_file(results));
+        CHECK(r.at("execution").as_string() == (integer ? "integer" : "fake-quant"));
+        losses[integer] = r.at("val_loss").as_double();
+    }
+    CHECK(std::fabs(losses[1] - losses[0]) < 2e-3 * losses[0]);
 }
 
 namespace {
