@@ -361,11 +361,17 @@ TEST_CASE("eval and analyze binaries on a tiny checkpoint; bad input gives one c
     CHECK(output.find("--integer needs a quantized evaluation") != std::string::npos);
     CHECK(run_command(bin_dir() + "/eval" + common + " --val-batches 0 --format w8a8 --integer", output) == 1);
     CHECK(output.find("GPU only") != std::string::npos);
+}
+
+TEST_CASE("GPU eval --integer: W8A8 in integers and as fake-quant give the same loss within rounding") {
     if (!gpu_available()) {
-        MESSAGE("skipped: eval --integer on the GPU (" << query_cuda_device().problem << ")");
+        MESSAGE("skipped: " << query_cuda_device().problem << " (GPU test)");
         return;
     }
-    // On the GPU: W8A8 in integers and as fake-quant give the same loss within rounding.
+    TempDir dir;
+    TrainOptions o;
+    const std::string checkpoint = trained_tiny_checkpoint(dir, 10, &o);
+    std::string output;
     double losses[2];
     for (int integer = 0; integer < 2; ++integer) {
         const std::string results = dir / ("int" + std::to_string(integer) + ".jsonl");
