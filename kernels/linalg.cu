@@ -1,10 +1,12 @@
 // Dense linear algebra on the GPU for the preconditioned optimizers (Shampoo, SOAP, PSGD) and
-// GPTQ. For the optimizers, over batches of row-major fp32 matrices: the symmetric eigendecomposition (cuSOLVER's
-// batched syev), the Q factor of a Householder QR (cuSOLVER geqrf + orgqr, one matrix per
-// worker stream) and triangular solves (cuBLAS batched trsm). This file owns the cuSOLVER
-// and cuBLAS handles and their workspaces. For GPTQ: the Cholesky factor of the inverse Hessian
-// (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block updates. CPU references: optim/dense.hpp (symmetric_eigen,
-// householder_q, solve_upper_right), checked against these in tests/test_gpu_optimizers.cpp.
+// GPTQ. For the optimizers, over batches of row-major fp32 matrices: the symmetric
+// eigendecomposition (cuSOLVER's batched syev), the Q factor of a Householder QR (cuSOLVER
+// geqrf + orgqr, one matrix per worker stream) and triangular solves (cuBLAS batched trsm);
+// CPU references in optim/dense.hpp (symmetric_eigen, householder_q, solve_upper_right),
+// checked against these in tests/test_gpu_optimizers.cpp. For GPTQ: the Cholesky factor of the
+// inverse Hessian (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block
+// updates (reference: quant/gptq.cpp, checked in tests/test_ptq.cpp). This file owns the
+// cuSOLVER and cuBLAS handles and their workspaces.
 //
 // Row-major X [r, c] is column-major X^T, which is how the row-major matrices are handed to
 // the column-major libraries: a symmetric matrix needs no change, a QR input is transposed

@@ -412,11 +412,9 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             const LinearOperands x = operands(l, site, in, weight_offset, in_dim);
             return matmul_forward_gpu(out, x.input, x.weight, w(bias_offset), N, in_dim, out_dim);
         }
-        const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
-        if (block > 0) {
+        if (hadamard_block_for(in_dim, s.quant.hadamard_block) > 0) {  // rotated only (an off spec)
             bf16* rotated = input_site(s, l, site).input.data();
-            CUDA_CHECK(cudaMemcpyAsync(rotated, in, size_t(N) * in_dim * sizeof(bf16), cudaMemcpyDeviceToDevice));
-            hadamard_rows_gpu(rotated, N, in_dim, block);
+            quantize_rows(s.quant, rotated, nullptr, in, N, in_dim, QuantSpec{}, nullptr);
             in = rotated;
         }
         const IntegerSite& weight = s.integer_sites[size_t(l) * kSites + site];

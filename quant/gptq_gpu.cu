@@ -1,5 +1,5 @@
 // GPTQ on the GPU (declared in quant/gptq.hpp; the CPU reference gptq_quantize is the oracle,
-// compared in tests/test_gpu_gptq.cpp). The column loop is the CPU's, cut into blocks:
+// compared in tests/test_ptq.cpp). The column loop is the CPU's, cut into blocks:
 //   inside a block [col0, col0 + width): one thread per row, the block's columns of a tile of
 //     rows in shared memory; column j is quantized and its scaled error e_j = (w_j - q_j) / U_jj
 //     pushed onto the block's later columns (w_k -= e_j U_jk), exactly the CPU's update;

@@ -1,5 +1,7 @@
 #include "quant/int8_linear.hpp"
 
+#include <algorithm>
+
 #include "core/error.hpp"
 #include "model/params.hpp"
 #include "quant/hadamard.hpp"
@@ -18,15 +20,19 @@ void check_integer_spec(const QuantSpec& spec, bool activations) {
                "integer execution quantizes activations by absmax, clip or gaussian, not the mse search");
 }
 
+// A per-row symmetric quantized tensor as codes and steps (its grids' offsets are 0).
+static IntegerMatrix integer_matrix(QuantizedTensor q) {
+    IntegerMatrix m;
+    m.codes = std::move(q.codes);
+    for (const GroupGrid& g : q.grids) m.steps.push_back(g.step);
+    return m;
+}
+
 void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec) {
     check_integer_spec(spec, false);
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < rows; ++r) {
-        const float* row = x + size_t(r) * cols;
-        const GroupGrid g = choose_grid(spec, row, cols);
-        steps[r] = g.step;
-        for (int i = 0; i < cols; ++i) codes[size_t(r) * cols + i] = int8_t(quant_code(g, row[i]));
-    }
+    const IntegerMatrix m = integer_matrix(quantize_cpu(x, rows, cols, spec));
+    std::copy(m.codes.begin(), m.codes.end(), codes);
+    std::copy(m.steps.begin(), m.steps.end(), steps);
 }
 
 void dequantize_product_cpu(float* out, const int32_t* product, const float* in_steps, const float* w_steps,
@@ -47,23 +53,19 @@ std::vector<IntegerMatrix> integer_matrices(const ModelConfig& config, const std
     const std::vector<LinearMatrix> matrices = linear_matrices(config, layout);
     QOPT_CHECK(!stored || stored->size() == matrices.size(), "integer execution: ", stored ? stored->size() : 0,
                " stored matrices for ", matrices.size());
-    std::vector<IntegerMatrix> out(matrices.size());
+    std::vector<IntegerMatrix> out;
     for (size_t i = 0; i < matrices.size(); ++i) {
         const LinearMatrix& m = matrices[i];
-        IntegerMatrix& im = out[i];
         if (stored) {  // a grid per row with offset 0 (symmetric, per row: checked above)
             const QuantizedTensor& q = (*stored)[i];
             QOPT_CHECK(q.rows == m.rows && q.cols == m.cols && q.grids.size() == size_t(m.rows), "integer execution: ",
                        m.name, " is stored as ", q.rows, " x ", q.cols, " with ", q.grids.size(), " grids");
-            im.codes = q.codes;
-            for (const GroupGrid& g : q.grids) im.steps.push_back(g.step);
+            out.push_back(integer_matrix(q));
             continue;
         }
         std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + size_t(m.rows) * m.cols));
         hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, quant.hadamard_block));
-        im.codes.resize(w.size());
-        im.steps.resize(size_t(m.rows));
-        quantize_rows_int8_cpu(im.codes.data(), im.steps.data(), w.data(), m.rows, m.cols, quant.weights);
+        out.push_back(integer_matrix(quantize_cpu(w.data(), m.rows, m.cols, quant.weights)));
     }
     return out;
 }

@@ -120,8 +120,8 @@ __device__ Stats stats_of(const float* x, int n, int rank, int size) {
     return s;
 }
 
-// The group's grid by the spec's rule (the CPU's choose_grid in quant/quantizer.cpp; the mse
-// search sums each candidate's error over the team).
+// The group's grid by the spec's rule (the one-thread choose_grid in quant/quantizer.hpp; here
+// the mse search sums each candidate's error over the team).
 template <bool Cta>
 __device__ GroupGrid choose_grid(const Params& p, const Team<Cta>& team, const Stats& s, long n, const float* x,
                                  int count) {

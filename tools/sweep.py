@@ -292,14 +292,20 @@ class Sweep:
             print(f"[sweep] {key} done in {seconds:.1f} s", flush=True)
         return True
 
+    def metrics(self, run):
+        """The run's metrics.jsonl records by type ("train", "val", "target"); empty when it has none."""
+        records = {"train": [], "val": [], "target": []}
+        path = os.path.join(self.run_dir(run), "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                for r in map(json.loads, filter(str.strip, f)):
+                    records.get(r.get("type"), []).append(r)
+        return records
+
     def train_row(self, run):
         """The run's final validation loss and mean throughput, from its metrics.jsonl."""
-        path = os.path.join(self.run_dir(run), "metrics.jsonl")
-        val, train, target = [], [], []
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                {"val": val, "train": train, "target": target}.get(r.get("type"), []).append(r)
+        records = self.metrics(run)
+        val, train, target = records["val"], records["train"], records["target"]
         tps = [r["tokens_per_second"] for r in train[len(train) // 10:]] if train else []
         return {"val_loss": val[-1]["val_loss"] if val else None, "steps": train[-1]["step"] if train else 0,
                 "tokens": train[-1]["tokens_seen"] if train else 0,
@@ -308,11 +314,7 @@ class Sweep:
 
     def best_val_loss(self, run):
         """The lowest validation loss in the run's metrics (None when it has none)."""
-        path = os.path.join(self.run_dir(run), "metrics.jsonl")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            losses = [r["val_loss"] for r in map(json.loads, filter(str.strip, f)) if r.get("type") == "val"]
+        losses = [r["val_loss"] for r in self.metrics(run)["val"]]
         return min(losses) if losses else None
 
     def common_loss_runs(self, runs):
