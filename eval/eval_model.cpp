@@ -21,8 +21,8 @@ public:
     explicit CpuEvalModel(const ModelConfig& config) : model_(config) {}
     std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
     bool on_gpu() const override { return false; }
-    void run_in_integers(const std::vector<IntegerMatrix>&) override {
-        fail("integer execution (--integer) runs on the GPU only (int8 tensor cores): use --device cuda");
+    void run_in_integers(const std::vector<QuantizedTensor>&) override {
+        fail("integer execution (--integer) runs on the GPU only (int8 tensor cores, packed-weight GEMM): use --device cuda");
     }
     const ModelConfig& config() const override { return model_.config(); }
     void set_params(const std::vector<float>& params) override { model_.params() = params; }
@@ -83,7 +83,7 @@ public:
     GpuEvalModel(const ModelConfig& config, std::string device) : model_(config), device_(std::move(device)) {}
     std::string describe() const override { return "cuda, " + device_; }
     bool on_gpu() const override { return true; }
-    void run_in_integers(const std::vector<IntegerMatrix>& matrices) override {
+    void run_in_integers(const std::vector<QuantizedTensor>& matrices) override {
         LinearQuantConfig quant = model_.linear_quant();
         QOPT_CHECK(quant.enabled(), "integer execution needs a quantized evaluation (--format wXaY or a quantized file)");
         quant.weights_offline = true;  // the hidden weights come from `matrices`, not the bf16 copy

@@ -9,7 +9,7 @@
 
 #include "model/config.hpp"
 #include "model/modules.hpp"
-#include "quant/int8_linear.hpp"
+#include "quant/quantizer.hpp"
 #include "quant/linear_quant.hpp"
 
 namespace qopt {
@@ -22,9 +22,9 @@ public:
     virtual const ModelConfig& config() const = 0;
     virtual void set_params(const std::vector<float>& params) = 0;
     virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;
-    // Real integer execution of the hidden linear layers (quant/int8_linear.hpp) under the
+    // Real integer execution of the hidden linear layers (quant/integer_execution.hpp) under the
     // current quantized configuration, with these weights; GPU only (the CPU throws).
-    virtual void run_in_integers(const std::vector<IntegerMatrix>& matrices) = 0;
+    virtual void run_in_integers(const std::vector<QuantizedTensor>& matrices) = 0;
 
     // Mean loss of the batch; token_losses() then holds the B*T per-token losses.
     virtual double loss(const int* inputs, const int* targets, int batch, int seq_len) = 0;

@@ -12,6 +12,8 @@
 #include "kernels/rope.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/int8_linear.hpp"
+#include "quant/integer_execution.hpp"
+#include "quant/w4a16_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
 namespace qopt {
@@ -37,9 +39,10 @@ struct QuantSite {
     DeviceBuffer<bf16> input, weight;
     DeviceBuffer<uint32_t> input_keep, weight_keep;  // bit masks (quant/quant_gpu.hpp)
 };
-struct IntegerSite {  // one hidden matrix in integers: codes [rows, cols], steps [rows]
+struct IntegerSite {  // one hidden matrix in integers: int8 codes [rows, cols] + steps [rows], or packed
     DeviceBuffer<int8_t> codes;
     DeviceBuffer<float> steps;
+    DevicePackedWeights packed;
 };
 enum Site { kQkv = kSiteQkv, kOut = kSiteOut, kUp = kSiteUp, kDown = kSiteDown, kSites = kLinearSites };
 
@@ -51,6 +54,7 @@ struct GpuModel::State {
     float grad_scale = 0;  // of the last forward()
     std::vector<LayerActivations> layers;
     std::vector<IntegerSite> integer_sites;  // non-empty: the hidden linear layers run in integers
+    IntegerPath integer_path = IntegerPath::Int8Product;
     Int8LinearScratch integer_scratch;
     std::vector<DeviceBuffer<bf16>> residual;  // residual[l]: input of block l; residual[L]: output
     DeviceBuffer<bf16> final_normed, logits, branch;
@@ -294,29 +298,34 @@ void GpuModel::set_linear_quant(const LinearQuantConfig& quant) {
     s.batch = s.seq_len = 0;  // re-plan the activations on the next allocate()
 }
 
-void GpuModel::set_integer_weights(const std::vector<IntegerMatrix>& per_matrix) {
+void GpuModel::set_integer_weights(const std::vector<QuantizedTensor>& per_matrix) {
     State& s = *state_;
     s.integer_sites.clear();
     if (per_matrix.empty()) return;
     QOPT_CHECK(s.quant.enabled() && s.quant.weights_offline,
                "integer execution needs a quantized configuration with offline weights");
-    check_integer_spec(s.quant.weights, false);
-    check_integer_spec(s.quant.activations, true);
+    s.integer_path = integer_path(s.quant);
     const std::vector<LinearMatrix> matrices = linear_matrices(config_, layout_);
     QOPT_CHECK(per_matrix.size() == matrices.size(), "integer execution: ", per_matrix.size(), " weights for ",
                matrices.size(), " hidden matrices");
-    s.integer_sites.resize(size_t(config_.n_layers) * kSites);
+    std::vector<IntegerSite> sites(size_t(config_.n_layers) * kSites);
     for (size_t i = 0; i < matrices.size(); ++i) {
         const LinearMatrix& m = matrices[i];
-        const IntegerMatrix& w = per_matrix[i];
-        QOPT_CHECK(w.codes.size() == size_t(m.rows) * m.cols && w.steps.size() == size_t(m.rows), "integer execution: ",
-                   m.name, " needs ", m.rows, " x ", m.cols, " codes and ", m.rows, " steps");
+        const QuantizedTensor& w = per_matrix[i];
+        QOPT_CHECK(w.rows == m.rows && w.cols == m.cols && w.codes.size() == size_t(m.rows) * m.cols,
+                   "integer execution: ", m.name, " needs ", m.rows, " x ", m.cols, " codes");
+        IntegerSite& site = sites[size_t(m.layer) * kSites + m.site];
+        if (s.integer_path == IntegerPath::PackedWeights) {
+            site.packed.upload(pack_weights(w));
+            continue;
+        }
         QOPT_CHECK(m.rows % 4 == 0 && m.cols % 4 == 0, "integer execution: ", m.name, " is ", m.rows, " x ", m.cols,
                    "; the int8 product needs multiples of 4");
-        IntegerSite& site = s.integer_sites[size_t(m.layer) * kSites + m.site];
-        site.codes.upload(w.codes);
-        site.steps.upload(w.steps);
+        const IntegerMatrix codes = integer_matrix(w);
+        site.codes.upload(codes.codes);
+        site.steps.upload(codes.steps);
     }
+    s.integer_sites = std::move(sites);
 }
 
 const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
@@ -405,7 +414,8 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
     // first), else the (fake-quantized or plain) bf16 product.
     const bool integer = !s.integer_sites.empty();
     QOPT_CHECK(!integer || grad_scale == 0.0f, "integer execution is forward only (no gradients)");
-    QOPT_CHECK(!integer || N % 4 == 0, "integer execution: ", N, " tokens per batch; the int8 product needs a multiple of 4");
+    QOPT_CHECK(!integer || s.integer_path != IntegerPath::Int8Product || N % 4 == 0, "integer execution: ", N,
+               " tokens per batch; the int8 product needs a multiple of 4");
     auto linear = [&](int l, Site site, bf16* out, const bf16* in, size_t weight_offset, size_t bias_offset, int in_dim,
                       int out_dim) {
         if (!integer) {
@@ -418,8 +428,9 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             in = rotated;
         }
         const IntegerSite& weight = s.integer_sites[size_t(l) * kSites + site];
-        int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(),
-                                bias_offset == kAbsent ? nullptr : P + bias_offset, N, in_dim, out_dim,
+        const float* bias = bias_offset == kAbsent ? nullptr : P + bias_offset;
+        if (s.integer_path == IntegerPath::PackedWeights) return w4a16_linear_forward_gpu(out, in, weight.packed, bias, N);
+        int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(), bias, N, in_dim, out_dim,
                                 s.quant.activations, s.integer_scratch);
     };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);

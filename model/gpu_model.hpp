@@ -15,7 +15,7 @@
 #include "model/config.hpp"
 #include "model/modules.hpp"
 #include "model/params.hpp"
-#include "quant/int8_linear.hpp"
+#include "quant/quantizer.hpp"
 #include "quant/linear_quant.hpp"
 
 namespace qopt {
@@ -50,13 +50,14 @@ public:
     // CpuModel::set_linear_quant. Adds each layer's quantized inputs and masks to the plan.
     void set_linear_quant(const LinearQuantConfig& quant);
     const LinearQuantConfig& linear_quant() const;
-    // Real integer execution (quant/int8_linear.hpp): from now on every hidden linear layer runs
-    // as int8 codes x int8 codes -> int32 -> scales, with the weights' codes and per-row steps
-    // given here per matrix (linear_matrices order; weights in the basis the config rotates to)
-    // and the inputs rotated and quantized per token at run time by the config's activation
-    // spec. Needs a quantized config with offline weights whose specs the integer path executes
-    // (check_integer_spec). Forward only; an empty list turns it off.
-    void set_integer_weights(const std::vector<IntegerMatrix>& per_matrix);
+    // Real integer execution (quant/integer_execution.hpp): from now on every hidden linear layer
+    // runs on the integer path of the config (integer_path): W8A8-style as int8 codes x int8
+    // codes -> int32 -> scales with the inputs quantized per token at run time by the config's
+    // activation spec, weight-only as the packed-4-bit GEMM on the bf16 inputs; inputs rotated
+    // first when the config rotates. The weights' codes and grids are given here per matrix
+    // (linear_matrices order, in the rotated basis). Needs a quantized config with offline
+    // weights. Forward only; an empty list turns it off.
+    void set_integer_weights(const std::vector<QuantizedTensor>& per_matrix);
     // As CpuModel::set_input_hook, with the bf16 device pointer of the product's input.
     using InputHook = std::function<void(int layer, int site, const bf16* input, int rows, int cols)>;
     void set_input_hook(InputHook hook);

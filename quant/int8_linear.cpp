@@ -3,8 +3,6 @@
 #include <algorithm>
 
 #include "core/error.hpp"
-#include "model/params.hpp"
-#include "quant/hadamard.hpp"
 
 namespace qopt {
 
@@ -20,8 +18,9 @@ void check_integer_spec(const QuantSpec& spec, bool activations) {
                "integer execution quantizes activations by absmax, clip or gaussian, not the mse search");
 }
 
-// A per-row symmetric quantized tensor as codes and steps (its grids' offsets are 0).
-static IntegerMatrix integer_matrix(QuantizedTensor q) {
+IntegerMatrix integer_matrix(QuantizedTensor q) {
+    check_integer_spec(q.spec, false);
+    QOPT_CHECK(q.grids.size() == size_t(q.rows), "integer execution: ", q.grids.size(), " grids for ", q.rows, " rows");
     IntegerMatrix m;
     m.codes = std::move(q.codes);
     for (const GroupGrid& g : q.grids) m.steps.push_back(g.step);
@@ -29,7 +28,6 @@ static IntegerMatrix integer_matrix(QuantizedTensor q) {
 }
 
 void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec) {
-    check_integer_spec(spec, false);
     const IntegerMatrix m = integer_matrix(quantize_cpu(x, rows, cols, spec));
     std::copy(m.codes.begin(), m.codes.end(), codes);
     std::copy(m.steps.begin(), m.steps.end(), steps);
@@ -44,30 +42,6 @@ void dequantize_product_cpu(float* out, const int32_t* product, const float* in_
             const float scaled = mul_rn(mul_rn(float(product[i]), in_steps[n]), w_steps[o]);
             out[i] = bias ? scaled + bias[o] : scaled;
         }
-}
-
-std::vector<IntegerMatrix> integer_matrices(const ModelConfig& config, const std::vector<float>& params,
-                                            const LinearQuantConfig& quant, const std::vector<QuantizedTensor>* stored) {
-    check_integer_spec(quant.weights, false);
-    const ParamLayout layout = ParamLayout::build(config);
-    const std::vector<LinearMatrix> matrices = linear_matrices(config, layout);
-    QOPT_CHECK(!stored || stored->size() == matrices.size(), "integer execution: ", stored ? stored->size() : 0,
-               " stored matrices for ", matrices.size());
-    std::vector<IntegerMatrix> out;
-    for (size_t i = 0; i < matrices.size(); ++i) {
-        const LinearMatrix& m = matrices[i];
-        if (stored) {  // a grid per row with offset 0 (symmetric, per row: checked above)
-            const QuantizedTensor& q = (*stored)[i];
-            QOPT_CHECK(q.rows == m.rows && q.cols == m.cols && q.grids.size() == size_t(m.rows), "integer execution: ",
-                       m.name, " is stored as ", q.rows, " x ", q.cols, " with ", q.grids.size(), " grids");
-            out.push_back(integer_matrix(q));
-            continue;
-        }
-        std::vector<float> w(params.begin() + long(m.offset), params.begin() + long(m.offset + size_t(m.rows) * m.cols));
-        hadamard_rows_cpu(w.data(), m.rows, m.cols, hadamard_block_for(m.cols, quant.hadamard_block));
-        out.push_back(integer_matrix(quantize_cpu(w.data(), m.rows, m.cols, quant.weights)));
-    }
-    return out;
 }
 
 }  // namespace qopt

@@ -14,8 +14,6 @@
 #include <vector>
 
 #include "kernels/gpu.hpp"
-#include "model/config.hpp"
-#include "quant/linear_quant.hpp"
 #include "quant/quantizer.hpp"
 
 namespace qopt {
@@ -33,17 +31,13 @@ void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int row
 void dequantize_product_cpu(float* out, const int32_t* product, const float* in_steps, const float* w_steps,
                             const float* bias, int n_rows, int out_dim);
 
-// One hidden matrix ready for integer execution: codes [rows, cols] and one step per row.
+// A weight matrix ready for the int8 product: codes [rows, cols] and one step per row, from a
+// per-row symmetric quantized tensor (checked: check_integer_spec).
 struct IntegerMatrix {
     std::vector<int8_t> codes;
     std::vector<float> steps;
 };
-// Every hidden matrix of the model (linear_matrices order) for integer execution under `quant`:
-// a quantized file's stored codes and steps when `stored` is given (one per matrix), else the
-// weights rotated as `quant` says and quantized per row by its weight spec (RTN, as ptq's RTN).
-std::vector<IntegerMatrix> integer_matrices(const ModelConfig& config, const std::vector<float>& params,
-                                            const LinearQuantConfig& quant,
-                                            const std::vector<QuantizedTensor>* stored = nullptr);
+IntegerMatrix integer_matrix(QuantizedTensor q);
 
 // ---- GPU
 void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,

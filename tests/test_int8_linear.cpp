@@ -10,6 +10,7 @@
 #include "model/gpu_model.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/int8_linear.hpp"
+#include "quant/integer_execution.hpp"
 #include "quant/quant_gpu.hpp"
 
 using namespace qopt;
@@ -185,7 +186,7 @@ TEST_CASE("integer matrices: RTN of the rotated weights or a quantized file's st
     const ModelConfig config = preset_config("olmo2-tiny");
     const std::vector<float> params = tiny_params(config, fresh_seed());
     const LinearQuantConfig quant = w8a8(64);
-    const std::vector<IntegerMatrix> matrices = integer_matrices(config, params, quant);
+    const std::vector<QuantizedTensor> matrices = integer_matrices(config, params, quant);
     const std::vector<LinearMatrix> linears = linear_matrices(config, ParamLayout::build(config));
     REQUIRE(matrices.size() == linears.size());
     std::vector<QuantizedTensor> stored;
@@ -196,10 +197,10 @@ TEST_CASE("integer matrices: RTN of the rotated weights or a quantized file's st
         stored.push_back(quantize_cpu(w.data(), m.rows, m.cols, quant.weights));
         CHECK(matrices[i].codes == stored.back().codes);
     }
-    const std::vector<IntegerMatrix> from_file = integer_matrices(config, params, quant, &stored);
+    const std::vector<QuantizedTensor> from_file = integer_matrices(config, params, quant, &stored);
     for (size_t i = 0; i < matrices.size(); ++i) {
         CHECK(from_file[i].codes == matrices[i].codes);
-        CHECK(from_file[i].steps == matrices[i].steps);
+        CHECK(integer_matrix(from_file[i]).steps == integer_matrix(matrices[i]).steps);
     }
     std::unique_ptr<EvalModel> cpu = make_eval_model(config, "cpu");
     CHECK_THROWS_WITH_AS(cpu->run_in_integers(matrices), doctest::Contains("GPU only"), Error);

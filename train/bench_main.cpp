@@ -32,6 +32,7 @@
 #include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
 #include "quant/int8_linear.hpp"
+#include "quant/w4a16_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
 namespace qopt {
@@ -228,9 +229,10 @@ void bench_quant_kernels(const LinearQuantConfig& quant, long rows, int cols) {
     std::fflush(stdout);
 }
 
-// One linear layer's forward product, bf16 (cuBLASLt) against int8 (cuBLASLt, int32 result),
-// for [rows, in_dim] x [out_dim, in_dim]^T: median of 10 after 2 warm-up calls.
-void bench_int8_gemm(int rows, int in_dim, int out_dim) {
+// One linear layer's forward product, bf16 (cuBLASLt) against int8 (cuBLASLt, int32 result) and
+// packed 4-bit weights (quant/w4a16_linear.hpp), for [rows, in_dim] x [out_dim, in_dim]^T: median
+// of 10 after 2 warm-up calls.
+void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     DeviceBuffer<bf16> a(size_t(rows) * in_dim), w(size_t(out_dim) * in_dim), c(size_t(rows) * out_dim);
     DeviceBuffer<int8_t> a8(size_t(rows) * in_dim), w8(size_t(out_dim) * in_dim);
     DeviceBuffer<int32_t> c32(size_t(rows) * out_dim);
@@ -271,6 +273,27 @@ void bench_int8_gemm(int rows, int in_dim, int out_dim) {
                 "scales %.3f ms (%.0f GB/s)\n",
                 layer_ms, bf16_ms / layer_ms, quantize_ms, 3.0 * rows * in_dim / (quantize_ms * 1e-3) / 1e9, int8_ms,
                 scales_ms, 6.0 * rows * out_dim / (scales_ms * 1e-3) / 1e9);
+    // Packed 4-bit weights (groups of 128, asymmetric: the usual W4A16 format) on the bf16 input:
+    // the prefill-sized product above, then decoding-sized ones (1, 4, 16 rows) where the weights'
+    // bytes dominate — reported as the weights' read rate (bf16: 2 bytes per weight; packed: 0.5 +
+    // 8 bytes per group of 128).
+    PackedWeights host_packed;
+    host_packed.rows = out_dim, host_packed.cols = in_dim, host_packed.group_cols = 128;
+    host_packed.packed.assign(size_t(out_dim) * in_dim / 2, 0x5a);
+    host_packed.steps.assign(size_t(out_dim) * in_dim / 128, 0.01f);
+    host_packed.offsets.assign(host_packed.steps.size(), 0.5f);
+    DevicePackedWeights packed;
+    packed.upload(host_packed);
+    const double w4_ms = time([&] { w4a16_linear_forward_gpu(c.data(), a.data(), packed, nullptr, rows); });
+    std::printf("  W4A16 layer (packed, g128) %.3f ms (%.0f TFLOP/s, %.2fx bf16)\n", w4_ms,
+                ops / (w4_ms * 1e-3) / 1e12, bf16_ms / w4_ms);
+    const double bf16_weight_bytes = 2.0 * in_dim * out_dim, packed_weight_bytes = 0.5 * in_dim * out_dim + 8.0 * in_dim * out_dim / 128;
+    for (int decode_rows : {1, 4, 16}) {
+        const double b = time([&] { matmul_forward_gpu(c.data(), a.data(), w.data(), nullptr, decode_rows, in_dim, out_dim); });
+        const double p = time([&] { w4a16_linear_forward_gpu(c.data(), a.data(), packed, nullptr, decode_rows); });
+        std::printf("  %2d rows: bf16 %.4f ms (weights %.0f GB/s), W4A16 %.4f ms (weights %.0f GB/s), %.2fx bf16\n",
+                    decode_rows, b, bf16_weight_bytes / (b * 1e-3) / 1e9, p, packed_weight_bytes / (p * 1e-3) / 1e9, b / p);
+    }
     std::fflush(stdout);
 }
 
@@ -333,9 +356,10 @@ int main(int argc, char** argv) {
     app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
     app.add_flag("--attention-only", skip_training, "only the attention kernels");
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
-    bool int8_gemm = false;
-    app.add_flag("--int8-gemm", int8_gemm,
-                 "also time the int8 GEMM and the whole W8A8 layer against bf16 on gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens)");
+    bool integer_gemm = false;
+    app.add_flag("--integer-gemm", integer_gemm,
+                 "also time the int8 GEMM, the whole W8A8 layer and the packed-4-bit W4A16 layer against bf16 on "
+                 "gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens; W4A16 also at 1, 4, 16 tokens)");
     return qopt::run_main(app, argc, argv, "bench", [&] {
         QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
         const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
@@ -353,10 +377,10 @@ int main(int argc, char** argv) {
                 for (int seq_len : {1024, 4096})
                     qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
         }
-        if (int8_gemm)
+        if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
                                            std::pair{3072, 768}, std::pair{2048, 6144}, std::pair{8192, 2048}})
-                qopt::bench_int8_gemm(32768, in_dim, out_dim);
+                qopt::bench_integer_gemm(32768, in_dim, out_dim);
         if (optimizers.empty()) optimizers.push_back(optimizer_flag);
         std::vector<qopt::OptimizerConfig> optimizer_configs;
         for (const auto& name : optimizers) {

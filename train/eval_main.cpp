@@ -20,6 +20,7 @@
 #include "eval/model_source.hpp"
 #include "eval/multiple_choice.hpp"
 #include "model/params.hpp"
+#include "quant/integer_execution.hpp"
 #include "quant/quant_cli.hpp"
 #include "train/train_cli.hpp"
 
@@ -92,7 +93,9 @@ int run(EvalOptions& o) {
     std::cout << "checkpoint: " << o.checkpoint << " (" << ckpt.describe() << ")\n";
     std::cout << "device: " << model->describe() << "\n";
     std::cout << "quantization: " << (quant.enabled() ? quant.describe(false) : std::string("off"))
-              << (quant.enabled() ? (o.integer ? ", executed in integers (int8 tensor cores)" : ", executed as fake-quant in bf16") : "")
+              << (quant.enabled() ? (o.integer ? std::string(", executed in integers (") + integer_path_name(integer_path(quant)) + ")"
+                                               : std::string(", executed as fake-quant in bf16"))
+                                  : std::string())
               << std::endl;
 
     Json row = ckpt.row_header(o.checkpoint);
@@ -198,8 +201,10 @@ int main(int argc, char** argv) {
         ->description("checkpoint (default: a quantized file's own quantization, a QAT checkpoint's training "
                       "quantizer, else none), off, or wXaY to quantize a full-precision checkpoint on the fly (RTN)");
     app.add_flag("--integer", o.integer,
-                 "Run the quantized hidden layers in integers on int8 tensor cores (GPU; symmetric per-row weights, "
-                 "symmetric per-token activations) instead of fake-quant in bf16")
+                 "Run the quantized hidden layers in integers instead of fake-quant in bf16 (GPU): W8A8-style formats "
+                 "(symmetric per-row weights, symmetric per-token activations) on int8 tensor cores, weight-only "
+                 "formats with 2-4-bit weights (any grid, groups of a multiple of 16) as packed 4-bit weights "
+                 "dequantized inside the GEMM")
         ->group("Quantization");
     qopt::add_device_flags(app, o.device, o.threads);
     app.add_option("--results", o.results, "Results table (JSONL) the row is appended to")->group("Output");
