@@ -1,12 +1,10 @@
 // Weight-only layers with packed 2..4-bit weights (quant/w4a16_linear.*): the packed weights
 // dequantize to the fake-quant path's weights bit for bit (every grid and granularity); the GPU
 // layer (GEMV for 1..16 rows, tensor-core GEMM beyond) against the CPU reference within bf16
-// rounding and against the fake-quant bf16 product; whole models with packed weights against
-// their fake-quant evaluation. GPU cases skip without a GPU.
+// rounding (whole models with packed weights: tests/test_int8_linear.cpp, with the W8A8 path).
+// GPU cases skip without a GPU.
 #include "core/error.hpp"
 #include "gpu_helpers.hpp"
-#include "model/gpu_model.hpp"
-#include "model/params.hpp"
 #include "quant/integer_execution.hpp"
 #include "quant/w4a16_linear.hpp"
 
@@ -160,46 +158,4 @@ TEST_CASE("GPU W4A16 layer: the CPU reference within bf16 rounding (GEMV and GEM
     DeviceBuffer<bf16> x(8 * 64 + 1), out(8 * 64);
     CHECK_THROWS_WITH_AS(w4a16_linear_forward_gpu(out.data(), x.data() + 1, packed_d, nullptr, 8),
                          doctest::Contains("16-byte aligned"), Error);
-}
-
-TEST_CASE("GPU model with packed 4-bit weights: loss equals the fake-quant evaluation (olmo2, gpt2; +-Hadamard, groups)") {
-    REQUIRE_GPU();
-    const uint64_t seed = fresh_seed();
-    INFO("seed " << seed);
-    std::mt19937_64 gen(seed);
-    for (const std::string preset : {"olmo2-tiny", "gpt2-tiny"})
-        for (int variant = 0; variant < 3; ++variant) {
-            CAPTURE(preset);
-            CAPTURE(variant);
-            const ModelConfig config = preset_config(preset);
-            const ParamLayout layout = ParamLayout::build(config);
-            std::vector<float> params(layout.total);
-            init_params(layout, seed, params.data());
-            for (float& p : params) p = bf16_round(p);
-            const int B = 2, T = 63;  // B*T odd: the packed path takes any number of tokens
-            const auto inputs = random_tokens(size_t(B) * T, config.vocab_size, gen);
-            const auto targets = random_tokens(size_t(B) * T, config.vocab_size, gen);
-            QuantOptions options;
-            options.format = "w4a16";
-            options.hadamard = variant == 1 ? 64 : 0;
-            if (variant == 2) options.granularity = "group", options.group_size = 32, options.grid = "asymmetric";
-            const LinearQuantConfig quant = resolve_linear_quant(options, QuantStyle::Rtn);
-            GpuModel fake(config);
-            fake.upload_params(params);
-            fake.set_linear_quant(quant);
-            const double fake_loss = fake.loss(inputs.data(), targets.data(), B, T);
-            GpuModel packed(config);
-            packed.upload_params(params);
-            LinearQuantConfig offline = quant;
-            offline.weights_offline = true;
-            packed.set_linear_quant(offline);
-            packed.set_integer_weights(integer_matrices(config, params, quant));
-            const double packed_loss = packed.loss(inputs.data(), targets.data(), B, T);
-            CAPTURE(fake_loss);
-            CAPTURE(packed_loss);
-            CHECK(std::isfinite(packed_loss));
-            CHECK(std::fabs(packed_loss - fake_loss) < 1e-3 * fake_loss);
-            CHECK_THROWS_WITH_AS(packed.forward_backward(inputs.data(), targets.data(), B, T, 1.0f),
-                                 doctest::Contains("forward only"), Error);
-        }
 }
