@@ -9,12 +9,16 @@
 
 #include "core/error.hpp"
 
+// A failed call's error is also cleared (cudaGetLastError), so that a caught error — e.g. an
+// allocation refused by a size check's test — is not reported again by the next launch's check.
 #define CUDA_CHECK(call)                                                                              \
     do {                                                                                              \
         cudaError_t status_ = (call);                                                                 \
-        if (status_ != cudaSuccess)                                                                   \
+        if (status_ != cudaSuccess) {                                                                 \
+            (void)cudaGetLastError();                                                                 \
             ::qopt::fail("CUDA error ", cudaGetErrorString(status_), " in ", #call, " at ", __FILE__, \
                          ":", __LINE__);                                                              \
+        }                                                                                             \
     } while (0)
 
 // After a kernel launch: catches bad launch configurations at once.
