@@ -84,8 +84,7 @@ public:
     std::string describe() const override { return "cuda, " + device_; }
     bool on_gpu() const override { return true; }
     void run_in_integers(const std::vector<QuantizedTensor>& matrices) override {
-        LinearQuantConfig quant = model_.linear_quant();
-        QOPT_CHECK(quant.enabled(), "integer execution needs a quantized evaluation (--format wXaY or a quantized file)");
+        LinearQuantConfig quant = model_.linear_quant();  // (set_integer_weights checks it is quantized)
         quant.weights_offline = true;  // the hidden weights come from `matrices`, not the bf16 copy
         model_.set_linear_quant(quant);
         model_.set_integer_weights(matrices);

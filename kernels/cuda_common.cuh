@@ -26,8 +26,8 @@
 
 namespace qopt {
 
-// Whether p sits on a `bytes` boundary (vector loads of 4 or 16 bytes need it).
-inline bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+// Whether p sits on a `bytes` boundary (vector loads and stores of 4 or 16 bytes need it).
+__host__ __device__ inline bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Blocks of `threads` for a grid-stride loop over n elements: enough to cover n, capped at
 // 32 blocks per multiprocessor of an H100 (132) so each thread handles several elements.

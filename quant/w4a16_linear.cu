@@ -51,8 +51,6 @@ struct GemmShared {
     bf16 weight[2][kTileOutputs][kPitch];
 };
 
-__device__ __forceinline__ bool is_aligned_4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3) == 0; }
-
 // Nibble j (0..7) of a 32-bit word of packed codes, sign-extended from 4 bits.
 __device__ __forceinline__ int nibble(uint32_t word, int j) { return int(word << (28 - 4 * j)) >> 28; }
 
@@ -158,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(bf16* out, const b
     }
     // Epilogue: + bias, round to bf16. Fragment element (half, j): row lane/4 + 8 half, output
     // 2 (lane%4) + j; the pair j = 0, 1 goes out as one 4-byte store where it can.
-    const bool pair_stores = w.rows % 2 == 0 && is_aligned_4(out);
+    const bool pair_stores = w.rows % 2 == 0 && is_aligned(out, 4);
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll

@@ -38,6 +38,14 @@ inline std::vector<double> to_double(const std::vector<bf16>& v) {
     return out;
 }
 
+// x rounded to the nearest bf16, as a float; and a vector of floats as bf16.
+inline float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+inline std::vector<bf16> to_bf16(const std::vector<float>& x) {
+    std::vector<bf16> out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16_rn(x[i]);
+    return out;
+}
+
 template <typename T>
 DeviceBuffer<T> poisoned(size_t n) {
     DeviceBuffer<T> buffer(n);

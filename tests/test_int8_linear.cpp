@@ -30,15 +30,9 @@ std::vector<float> bf16_rows(int rows, int cols, std::mt19937_64& gen) {
     std::vector<float> x(size_t(rows) * cols);
     for (size_t i = 0; i < x.size(); ++i) {
         const float v = normal(gen) * (gen() % 97 == 0 ? 20.0f : 1.0f);
-        x[i] = __bfloat162float(__float2bfloat16(v));
+        x[i] = bf16_round(v);
     }
     return x;
-}
-
-std::vector<bf16> to_bf16(const std::vector<float>& x) {
-    std::vector<bf16> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16(x[i]);
-    return out;
 }
 
 }  // namespace
@@ -141,7 +135,7 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
         const std::vector<bf16> got = out.download();
         size_t mismatches = 0;
         for (size_t i = 0; i < got.size(); ++i)
-            mismatches += __bfloat162float(got[i]) != __bfloat162float(__float2bfloat16(expected[i]));
+            mismatches += __bfloat162float(got[i]) != bf16_round(expected[i]);
         CHECK(mismatches == 0);
         // The fake-quant path of the same layer: Q(x) (GPU kernel) times the dequantized weight in
         // bf16, fp32 accumulation: equal up to the bf16 rounding of every operand.
@@ -169,7 +163,7 @@ namespace {
 std::vector<float> tiny_params(const ModelConfig& config, uint64_t seed) {
     std::vector<float> params(ParamLayout::build(config).total);
     init_params(ParamLayout::build(config), seed, params.data());
-    for (float& p : params) p = __bfloat162float(__float2bfloat16(p));
+    for (float& p : params) p = bf16_round(p);
     return params;
 }
 

@@ -45,8 +45,6 @@ std::vector<float> random_floats(size_t n, std::mt19937_64& gen) {
     return x;
 }
 
-float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-
 }  // namespace
 
 TEST_CASE("packed W4A16 weights dequantize to the fake-quant weights bit for bit; the reference product; refusals") {
@@ -130,9 +128,7 @@ TEST_CASE("GPU W4A16 layer: the CPU reference within bf16 rounding (GEMV and GEM
             const std::vector<float> values = dequantized_weights(packed);
             DevicePackedWeights packed_d;
             packed_d.upload(packed);
-            std::vector<bf16> x_bf16(x.size());
-            for (size_t i = 0; i < x.size(); ++i) x_bf16[i] = __float2bfloat16_rn(x[i]);
-            const DeviceBuffer<bf16> x_d = uploaded(x_bf16);
+            const DeviceBuffer<bf16> x_d = uploaded(to_bf16(x));
             const DeviceBuffer<float> bias_d = uploaded(bias);
             DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
             w4a16_linear_forward_gpu(out.data(), x_d.data(), packed_d, with_bias ? bias_d.data() : nullptr, n_rows);
