@@ -54,5 +54,14 @@ void relu2_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream)
 void relu2_backward_gpu(bf16* din, const bf16* dout, const bf16* in, size_t n, cudaStream_t stream) {
     launch_map<Relu2Backward>(din, dout, in, n, stream);
 }
+void activation_forward_gpu(bf16* out, const bf16* in, MlpActivation activation, size_t n, cudaStream_t stream) {
+    if (activation == MlpActivation::Gelu) gelu_forward_gpu(out, in, n, stream);
+    else relu2_forward_gpu(out, in, n, stream);
+}
+void activation_backward_gpu(bf16* din, const bf16* dout, const bf16* in, MlpActivation activation, size_t n,
+                             cudaStream_t stream) {
+    if (activation == MlpActivation::Gelu) gelu_backward_gpu(din, dout, in, n, stream);
+    else relu2_backward_gpu(din, dout, in, n, stream);
+}
 
 }  // namespace qopt

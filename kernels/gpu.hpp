@@ -89,6 +89,11 @@ void gelu_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream =
 void gelu_backward_gpu(bf16* din, const bf16* dout, const bf16* in, size_t n, cudaStream_t stream = 0);
 void relu2_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream = 0);
 void relu2_backward_gpu(bf16* din, const bf16* dout, const bf16* in, size_t n, cudaStream_t stream = 0);
+// The MLP's activation named at run time (GPT-2: GELU, OLMo2: ReLU^2).
+enum class MlpActivation { Gelu, Relu2 };
+void activation_forward_gpu(bf16* out, const bf16* in, MlpActivation activation, size_t n, cudaStream_t stream = 0);
+void activation_backward_gpu(bf16* din, const bf16* dout, const bf16* in, MlpActivation activation, size_t n,
+                             cudaStream_t stream = 0);
 
 // ---- RoPE and embeddings (kernels/rope_embedding.cu)
 // cos/sin tables [seq_len, head_dim/2] from rope_angles (kernels/rope.hpp), uploaded once.

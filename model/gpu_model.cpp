@@ -169,7 +169,7 @@ size_t GpuModel::plan(int batch, int seq_len, bool allocate) {
     layers.resize(size_t(config_.n_layers));
     for (auto& a : layers) {
         bf(a.qkv, N * 3 * C), bf(a.attn, N * C), bf(a.h, N * C), bf(a.up, N * F);
-        if (!s.recompute) bf(a.act, N * F);
+        if (!s.recompute && !s.quant.enabled()) bf(a.act, N * F);
         fp(a.lse, BHT);
         if (gpt2) {
             bf(a.ln1, N * C), bf(a.ln2, N * C);
@@ -179,7 +179,7 @@ size_t GpuModel::plan(int batch, int seq_len, bool allocate) {
             fp(a.rstd_q, N), fp(a.rstd_k, N), fp(a.rstd_proj, N), fp(a.rstd_down, N);
         }
     }
-    if (s.recompute) bf(s.act_scratch, N * F);
+    if (s.recompute && !s.quant.enabled()) bf(s.act_scratch, N * F);
     residual.clear();
     residual.resize(size_t(config_.n_layers) + 1);
     for (auto& r : residual) bf(r, N * C);
@@ -270,6 +270,25 @@ LinearOperands linear_operands(GpuModel::State& s, const bf16* weights, int laye
     const bf16* weight = s.quant.weights_offline ? weights + weight_offset
                                                  : s.quant_sites[size_t(layer) * kSites + site].weight.data();
     if (s.input_hook) s.input_hook(layer, site, q.input.data(), n_rows, in_dim);
+    return {q.input.data(), weight};
+}
+
+// The same for the MLP down projection of quantized layers, its input act(pre_activation)
+// computed in the quantizing pass (act itself is never stored).
+LinearOperands activation_operands(GpuModel::State& s, const bf16* weights, int layer, const bf16* pre_activation,
+                                   MlpActivation activation, size_t weight_offset, int n_rows, int in_dim) {
+    QuantSite& q = input_site(s, layer, kDown);
+    const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
+    if (s.quant.activations.enabled()) {
+        activation_fake_quant_rows_gpu(q.input.data(), q.input_keep.data(), pre_activation, activation, n_rows, in_dim,
+                                       block, s.quant.activations, s.quant.trust, s.quant_stats.data());
+    } else {
+        activation_forward_gpu(q.input.data(), pre_activation, activation, size_t(n_rows) * in_dim);
+        hadamard_rows_gpu(q.input.data(), n_rows, in_dim, block);
+    }
+    const bf16* weight = s.quant.weights_offline ? weights + weight_offset
+                                                 : s.quant_sites[size_t(layer) * kSites + kDown].weight.data();
+    if (s.input_hook) s.input_hook(layer, kDown, q.input.data(), n_rows, in_dim);
     return {q.input.data(), weight};
 }
 
@@ -433,6 +452,20 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(), bias, N, in_dim, out_dim,
                                 s.quant.activations, s.integer_scratch);
     };
+    // Quantized layers (not in integers) never store the MLP activation: the down projection's
+    // input is quantized straight from the pre-activation. The activation is then written only
+    // for the module hook or the integer path, into d_wide (a backward buffer, free here).
+    const bool fused_activation = s.quant.enabled() && !integer;
+    auto forward_activation_buffer = [&](int l) {
+        return s.quant.enabled() ? s.d_wide.data() : activation_buffer(s.layers[size_t(l)], s.act_scratch, s.recompute);
+    };
+    auto down = [&](int l, bf16* out, const bf16* act, MlpActivation activation, size_t weight_offset,
+                    size_t bias_offset) {
+        if (!fused_activation) return linear(l, kDown, out, act, weight_offset, bias_offset, F, C);
+        const LinearOperands x =
+            activation_operands(s, W, l, s.layers[size_t(l)].up.data(), activation, weight_offset, N, F);
+        matmul_forward_gpu(out, x.input, x.weight, w(bias_offset), N, F, C);
+    };
     embedding_forward_gpu(s.residual[0].data(), s.inputs.data(), W + layout_.embed, w(layout_.pos_embed), N, T, C);
     auto tap = [&](int layer, Module module, const bf16* out, int width) {
         if (s.module_hook) s.module_hook(layer, module, out, N, width);
@@ -470,17 +503,21 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
                                       P + o.norm2_w, P + o.norm2_b, N, C, eps);
             tap(l, Module::AttnResidual, a.h.data(), C);
             tap(l, Module::MlpNorm, a.ln2.data(), C);
-            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+            bf16* act = forward_activation_buffer(l);
             if (integer) {
                 linear(l, kUp, a.up.data(), a.ln2.data(), o.up_w, o.up_b, C, F);
                 gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
+            } else if (s.quant.enabled()) {
+                const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
+                matmul_forward_gpu(a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
+                if (s.module_hook) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
             } else {
                 const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
                 matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
             }
             tap(l, Module::Up, a.up.data(), F);
             tap(l, Module::Activation, act, F);
-            linear(l, kDown, s.branch.data(), act, o.down_w, o.down_b, F, C);
+            down(l, s.branch.data(), act, MlpActivation::Gelu, o.down_w, o.down_b);
             tap(l, Module::Down, s.branch.data(), C);
             // y = h + branch, normalised by the next block's LN1 (or the final LN) in the same pass.
             if (l + 1 < config_.n_layers) {
@@ -512,10 +549,10 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             tap(l, Module::AttnResidual, a.h.data(), C);
             linear(l, kUp, a.up.data(), a.h.data(), o.up_w, kAbsent, C, F);
             tap(l, Module::Up, a.up.data(), F);
-            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
-            relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
+            bf16* act = forward_activation_buffer(l);
+            if (!fused_activation || s.module_hook) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
             tap(l, Module::Activation, act, F);
-            linear(l, kDown, a.down.data(), act, o.down_w, kAbsent, F, C);
+            down(l, a.down.data(), act, MlpActivation::Relu2, o.down_w, kAbsent);
             tap(l, Module::Down, a.down.data(), C);
             tap_norm(l, Module::MlpNorm, a.down.data(), o.norm2_w);
             rmsnorm_add_forward_gpu(y, a.rstd_down.data(), a.h.data(), a.down.data(), P + o.norm2_w, N, C, eps);
@@ -548,7 +585,7 @@ void GpuModel::backward() {
     // With pre_activation (quantized layers only): din = act'(pre_activation) * d(input), in the same pass.
     auto linear_backward = [&](int l, Site site, bf16* din, bool accumulate, size_t weight_offset, const bf16* dout,
                                const bf16* in, int in_dim, int out_dim, const bf16* pre_activation = nullptr,
-                               ActivationGrad activation = ActivationGrad::Gelu) {
+                               MlpActivation activation = MlpActivation::Gelu) {
         if (!quantized) {
             matmul_backward_input_gpu(din, dout, W + weight_offset, N, in_dim, out_dim, accumulate);
             matmul_backward_weight_gpu(G + weight_offset, dout, in, N, in_dim, out_dim);
@@ -590,13 +627,14 @@ void GpuModel::backward() {
         bf16* d_qkv = s.d_qkv.data();
         if (gpt2) {
             // y = h + down(gelu(up(LN2(h)))) ; d_res holds dy, becomes dh.
-            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
-            if (s.recompute) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
             if (quantized) {
-                if (s.recompute) linear_operands(s, W, l, kDown, act, o.down_w, N, F);  // its quantized input again
-                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_res, act, F, C, a.up.data(),
-                                ActivationGrad::Gelu);
+                if (s.recompute)  // its quantized input again
+                    activation_operands(s, W, l, a.up.data(), MlpActivation::Gelu, o.down_w, N, F);
+                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_res, nullptr, F, C, a.up.data(),
+                                MlpActivation::Gelu);
             } else {
+                bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+                if (s.recompute) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
                 matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
                 matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
             }
@@ -618,13 +656,14 @@ void GpuModel::backward() {
         } else {
             // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
             rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);
-            bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
-            if (s.recompute) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
-            if (s.recompute && quantized) linear_operands(s, W, l, kDown, act, o.down_w, N, F);
             if (quantized) {
-                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_a, act, F, C, a.up.data(),
-                                ActivationGrad::Relu2);
+                if (s.recompute)  // its quantized input again
+                    activation_operands(s, W, l, a.up.data(), MlpActivation::Relu2, o.down_w, N, F);
+                linear_backward(l, kDown, s.d_wide2.data(), false, o.down_w, d_a, nullptr, F, C, a.up.data(),
+                                MlpActivation::Relu2);
             } else {
+                bf16* act = activation_buffer(a, s.act_scratch, s.recompute);
+                if (s.recompute) relu2_forward_gpu(act, a.up.data(), size_t(N) * F);
                 linear_backward(l, kDown, s.d_wide.data(), false, o.down_w, d_a, act, F, C);
                 relu2_backward_gpu(s.d_wide2.data(), s.d_wide.data(), a.up.data(), size_t(N) * F);
             }

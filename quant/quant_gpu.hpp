@@ -41,12 +41,16 @@ void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep,
 void masked_hadamard_rows_gpu(float* out, const float* grad, const uint32_t* keep, long rows, int cols,
                               int hadamard_block, bool accumulate, cudaStream_t stream = 0);
 
-// The same for a layer whose input was act(pre_activation) (the MLP's down projection):
-//   out = act'(pre_activation) * ((grad * keep) H)
-// in one pass (written, not accumulated), so the activation's backward needs no pass of its own.
-enum class ActivationGrad { Gelu, Relu2 };
+// A layer whose input is act(pre_activation) (the MLP's down projection), the activation in the
+// same pass as the rotation, so act(pre_activation) is never written:
+//  forward:  out = fake_quant(rotate(act(pre_activation))), act rounded to bf16 first exactly as
+//            activation_forward_gpu rounds it (bit-identical to those two passes);
+//  backward: out = act'(pre_activation) * ((grad * keep) H) (written, not accumulated).
+void activation_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const bf16* pre_activation, MlpActivation activation,
+                                    long rows, int cols, int hadamard_block, const QuantSpec& spec, float trust,
+                                    double* scratch = nullptr, cudaStream_t stream = 0);
 void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, const bf16* pre_activation,
-                                         ActivationGrad activation, long rows, int cols, int hadamard_block,
+                                         MlpActivation activation, long rows, int cols, int hadamard_block,
                                          cudaStream_t stream = 0);
 
 }  // namespace qopt

@@ -16,6 +16,7 @@
 //    a per-row group, one warp per group for per-group quantization).
 #include <algorithm>
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/activation_functors.cuh"
 #include "kernels/cuda_common.cuh"
@@ -162,7 +163,9 @@ __device__ void quantize_group(bf16* out, uint32_t* keep, long base, const float
 // ---------------------------------------------------------------- fast path (registers)
 
 constexpr int kChunk = 128;          // elements per warp step: 4 per lane
-constexpr int kMaxChunksPerWarp = 8; // 32 fp32 registers per lane
+constexpr int kMaxChunksPerWarp = 4; // 16 fp32 registers per lane, and the next row's 8 raw
+constexpr int kNarrowThreads = 256;  // CTA size for rows of up to 8 warps (4096 elements)
+constexpr int kWideThreads = 1024;   // wider rows: up to 32 warps (16384 elements)
 
 __device__ __forceinline__ void load4(float v[4], const float* p) {
     const float4 x = *reinterpret_cast<const float4*>(p);
@@ -185,8 +188,23 @@ __device__ __forceinline__ void store4(bf16* p, const float v[4]) {
     *reinterpret_cast<uint2*>(p) = x;
 }
 
-// x H_block over a 128-element chunk held 4 per lane (element 4 * lane + i); block <= 128.
-__device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm) {
+// The butterfly signs of a lane for the cross-lane stages h = 4 .. 64: the lower half of a pair
+// keeps v + other (+1), the upper other - v (-1), one FMA with the sign, rounded like the add
+// or subtract. Computed once per kernel.
+struct LaneSigns {
+    float of_stage[5];
+    __device__ LaneSigns() {
+        const int lane = threadIdx.x % 32;
+#pragma unroll
+        for (int s = 0; s < 5; ++s) of_stage[s] = (lane >> s) & 1 ? -1.0f : 1.0f;
+    }
+};
+
+// x H_block over a 128-element chunk held 4 per lane (element 4 * lane + i); block <= 128,
+// a compile-time kBlock when known (0: the runtime `block`; the stages unroll either way).
+template <int kBlock>
+__device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm, const LaneSigns& signs) {
+    if (kBlock) block = kBlock;
     if (block < 2) return;
     float a = v[0], b = v[1], c = v[2], d = v[3];
     v[0] = a + b, v[1] = a - b, v[2] = c + d, v[3] = c - d;  // h = 1
@@ -194,110 +212,208 @@ __device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm
         a = v[0], b = v[1], c = v[2], d = v[3];
         v[0] = a + c, v[1] = b + d, v[2] = a - c, v[3] = b - d;
     }
-    const int lane = threadIdx.x % 32;
-    for (int h = 4; h < block; h *= 2) {
-        const int mask = h / 4;
-        const bool upper = lane & mask;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float other = __shfl_xor_sync(0xffffffffu, v[i], mask);
-            v[i] = upper ? other - v[i] : v[i] + other;
-        }
+    for (int s = 0; s < 5; ++s) {  // h = 4 << s, across lanes 1 << s apart
+        if ((4 << s) >= block) break;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            v[i] = __fmaf_rn(signs.of_stage[s], v[i], __shfl_xor_sync(0xffffffffu, v[i], 1 << s));
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(v[i], norm);
 }
 
+// Either Hadamard instantiation by the block (128, the default, fully unrolled).
+__device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm, const LaneSigns& signs) {
+    if (block == kChunk) hadamard_chunk<kChunk>(v, block, norm, signs);
+    else hadamard_chunk<0>(v, block, norm, signs);
+}
+
+// No activation: the value as it is (forward: op(x, _) = x; backward: op(dout, _) = dout).
+struct NoActivation {
+    __device__ float operator()(float x, float) const { return x; }
+};
+template <typename Activation>
+constexpr bool kHasActivation = !std::is_same<Activation, NoActivation>::value;
+
+// How the register path splits a row: K = chunks_per_warp chunks (a compile-time choice that
+// divides the row's chunks, so no lane idles), warps_per_row warps per row, rows_per_cta rows per
+// CTA of at most 8 warps; with 4 chunks per warp a row may take up to 32 warps (a wide CTA).
 struct FastShape {
-    int warps_per_row, rows_per_cta;
+    int chunks_per_warp = 0, warps_per_row = 0, rows_per_cta = 0;
 };
 
 FastShape fast_shape(int cols) {
     const int chunks = cols / kChunk;
-    FastShape f;
-    f.warps_per_row = (chunks + kMaxChunksPerWarp - 1) / kMaxChunksPerWarp;
-    f.rows_per_cta = f.warps_per_row >= 8 ? 1 : 8 / f.warps_per_row;
-    return f;
+    for (int k = kMaxChunksPerWarp; k >= 1; --k) {
+        const int warps = chunks / k;
+        if (chunks % k != 0 || !(warps <= 8 || (k == kMaxChunksPerWarp && warps <= 32))) continue;
+        return {k, warps, warps >= 8 ? 1 : 8 / warps};
+    }
+    return {};  // no split fits: the shared-memory path
 }
 
-template <typename InT>
-__global__ void __launch_bounds__(1024) rotate_fake_quant_fast_kernel(bf16* out, uint32_t* keep, const InT* in,
-                                                                     long rows, int cols, int warps_per_row,
-                                                                     Params p) {
-    __shared__ Stats partial[32];
+// Which range statistics the grid reads (the sum of squares is always kept: the Gaussian rule
+// and the trust bound read it): none, the absolute maximum, or [lo, hi] (asymmetric grid).
+enum class RangeStats { None, Absmax, LoHi };
+RangeStats range_stats(const Params& p) {
+    if (p.rule == ScaleRule::Gaussian) return RangeStats::None;
+    return p.grid == QuantGrid::Asymmetric ? RangeStats::LoHi : RangeStats::Absmax;
+}
+
+__device__ __forceinline__ Stats warp_reduce(Stats s, RangeStats range) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+        s.sum_squares += __shfl_xor_sync(0xffffffffu, s.sum_squares, offset);
+        if (range == RangeStats::Absmax) s.absmax = fmaxf(s.absmax, __shfl_xor_sync(0xffffffffu, s.absmax, offset));
+        if (range == RangeStats::LoHi) {
+            s.lo = fminf(s.lo, __shfl_xor_sync(0xffffffffu, s.lo, offset));
+            s.hi = fmaxf(s.hi, __shfl_xor_sync(0xffffffffu, s.hi, offset));
+        }
+    }
+    return s;
+}
+
+// A chunk's 4 values as loaded (bf16: 8 bytes, fp32: 16), held until the row is processed.
+template <typename T>
+struct RawChunk;
+template <>
+struct RawChunk<bf16> {
+    uint2 bits;
+    __device__ void load(const bf16* p) { bits = *reinterpret_cast<const uint2*>(p); }
+    __device__ void clear() { bits = make_uint2(0, 0); }
+    __device__ void unpack(float v[4]) const { load4(v, reinterpret_cast<const bf16*>(&bits)); }
+};
+template <>
+struct RawChunk<float> {
+    float4 bits;
+    __device__ void load(const float* p) { bits = *reinterpret_cast<const float4*>(p); }
+    __device__ void clear() { bits = make_float4(0, 0, 0, 0); }
+    __device__ void unpack(float v[4]) const { v[0] = bits.x, v[1] = bits.y, v[2] = bits.z, v[3] = bits.w; }
+};
+
+// A row's grid and mask threshold, picked by the row's first warp when several share the row.
+struct RowGrid {
+    GroupGrid grid;
+    float threshold;
+};
+
+// out = fake_quant(rotate(act(in))) for rows of whole chunks, one scale per row; the activation
+// (the MLP down projection's input computed from its pre-activation) rounds to bf16 first, as
+// the activation kernels do, so the result is bit-identical to the two passes.
+// The CTA's rows_per_cta rows advance together over the tensor (grid-stride; rows past the end
+// compute on zeros and store nothing, so every warp meets every barrier), and each warp loads
+// its part of the next row while it rotates, reduces and quantizes the current one. The kernel
+// is bound by instruction issue, so each element costs the butterfly (2 adds in the lane, 5
+// shuffle + FMA stages, the norm), a square, the quantization (8 float ops), the mask test and
+// a ballot; per-row work (the grid's divisions and square roots) runs once per row.
+template <int K, int kMaxThreads, typename InT, typename Activation>
+__global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * 4 / kMaxThreads)
+    rotate_fake_quant_fast_kernel(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, int warps_per_row,
+                                  Params p, RangeStats range, Activation activation) {
+    __shared__ Stats partial[kMaxThreads / 32];
+    __shared__ alignas(16) unsigned char row_grid_bytes[sizeof(RowGrid) * kNarrowThreads / 32];  // (GroupGrid
+    RowGrid* row_grids = reinterpret_cast<RowGrid*>(row_grid_bytes);  // has initializers: no __shared__ objects)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int rows_per_cta = blockDim.x / 32 / warps_per_row;
     const int row_in_cta = warp / warps_per_row, part = warp % warps_per_row;
-    const long r = long(blockIdx.x) * rows_per_cta + row_in_cta;
-    const bool active = r < rows;
-    const int chunks = cols / kChunk;
-    float v[kMaxChunksPerWarp][4];
-    Stats s{0.0f, FLT_MAX, -FLT_MAX, 0.0};
-    float lane_squares = 0;  // a lane's <= 32 squares in fp32, then fp64 across lanes (conversions are slow)
-    // All loads first (several 8-16 byte loads in flight per lane), then the arithmetic.
+    const long row_stride = long(gridDim.x) * rows_per_cta;
+    const bool keep_all = p.trust < 0;
+    const LaneSigns signs;
+    // This warp's chunks of a row start at `part * K` chunks: K consecutive chunks per warp.
+    const int lane_offset = part * K * kChunk + lane * 4;
+    RawChunk<InT> next[K];
+    auto load_row = [&](long r) {
 #pragma unroll
-    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
-        const int c = part + k * warps_per_row;
-        if (active && c < chunks) load4(v[k], in + r * cols + c * kChunk + lane * 4);
-    }
-#pragma unroll
-    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
-        const int c = part + k * warps_per_row;
-        if (!active || c >= chunks) continue;
-        hadamard_chunk(v[k], p.block, p.norm);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            s.absmax = fmaxf(s.absmax, fabsf(v[k][i]));
-            s.lo = fminf(s.lo, v[k][i]);
-            s.hi = fmaxf(s.hi, v[k][i]);
-            lane_squares += v[k][i] * v[k][i];
+        for (int k = 0; k < K; ++k) {
+            if (r < rows) next[k].load(in + r * cols + lane_offset + k * kChunk);
+            else next[k].clear();
         }
-    }
-    s.sum_squares = double(lane_squares);
-    s = warp_reduce(s);
-    if (warps_per_row > 1) {
-        if (lane == 0) partial[warp] = s;
-        __syncthreads();
-        s = Stats{0.0f, FLT_MAX, -FLT_MAX, 0.0};
-        for (int w = 0; w < warps_per_row; ++w) {  // the same order in every warp of the row
-            const Stats t = partial[row_in_cta * warps_per_row + w];
-            s.absmax = fmaxf(s.absmax, t.absmax), s.lo = fminf(s.lo, t.lo), s.hi = fmaxf(s.hi, t.hi);
-            s.sum_squares += t.sum_squares;
-        }
-    }
-    if (!active) return;
-    const GroupGrid g = grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, s, cols);
-    const float threshold = keep_threshold(p.trust, s, cols, g);
+    };
+    long first = long(blockIdx.x) * rows_per_cta;
+    load_row(first + row_in_cta);
+    for (; first < rows; first += row_stride) {
+        const long r = first + row_in_cta;
+        float v[K][4];
 #pragma unroll
-    for (int k = 0; k < kMaxChunksPerWarp; ++k) {
-        const int c = part + k * warps_per_row;
-        if (c >= chunks) continue;
-        float q[4];
-        uint32_t word = 0;
+        for (int k = 0; k < K; ++k) next[k].unpack(v[k]);
+        load_row(r + row_stride);
+        if (kHasActivation<Activation>) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            q[i] = quant_value(g, quant_code(g, v[k][i]));
-            const uint32_t bits = __ballot_sync(0xffffffffu, p.trust < 0 || fabsf(q[i] - v[k][i]) <= threshold);
-            if (lane == i) word = bits;
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) v[k][i] = __bfloat162float(__float2bfloat16(activation(v[k][i], 0.0f)));
         }
-        const long at = r * cols + c * kChunk + lane * 4;
-        store4(out + at, q);
-        if (keep && lane < 4) keep[(at - lane * 4) / kChunk * 4 + lane] = word;
+#pragma unroll
+        for (int k = 0; k < K; ++k) hadamard_chunk(v[k], p.block, p.norm, signs);
+        // Statistics (zeros from rows past the end change none of them that the grid reads:
+        // an asymmetric range always contains 0).
+        Stats s{0.0f, FLT_MAX, -FLT_MAX, 0.0};
+        float lane_squares = 0;  // a lane's <= 16 squares in fp32, then fp64 across lanes
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) lane_squares = __fmaf_rn(v[k][i], v[k][i], lane_squares);
+        if (range == RangeStats::Absmax) {
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s.absmax = fmaxf(s.absmax, fabsf(v[k][i]));
+        } else if (range == RangeStats::LoHi) {
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s.lo = fminf(s.lo, v[k][i]), s.hi = fmaxf(s.hi, v[k][i]);
+        }
+        s.sum_squares = double(lane_squares);
+        s = warp_reduce(s, range);
+        RowGrid row;
+        if (warps_per_row == 1) {
+            row.grid = grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, s, cols);
+            row.threshold = keep_threshold(p.trust, s, cols, row.grid);
+        } else {
+            if (lane == 0) partial[warp] = s;
+            __syncthreads();
+            if (part == 0) {  // the row's first warp folds the parts in order and picks the grid
+                Stats total{0.0f, FLT_MAX, -FLT_MAX, 0.0};
+                for (int w = 0; w < warps_per_row; ++w) {
+                    const Stats t = partial[warp + w];
+                    total.absmax = fmaxf(total.absmax, t.absmax), total.lo = fminf(total.lo, t.lo);
+                    total.hi = fmaxf(total.hi, t.hi), total.sum_squares += t.sum_squares;
+                }
+                row.grid = grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, total, cols);
+                row.threshold = keep_threshold(p.trust, total, cols, row.grid);
+                if (lane == 0) row_grids[row_in_cta] = row;
+            }
+            __syncthreads();
+            row = row_grids[row_in_cta];
+        }
+        if (r >= rows) continue;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            float q[4];
+            uint32_t word = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                q[i] = quant_value(row.grid, quant_code_float(row.grid, v[k][i]));
+                const uint32_t bits = __ballot_sync(0xffffffffu, keep_all || fabsf(q[i] - v[k][i]) <= row.threshold);
+                if (lane == i) word = bits;
+            }
+            const long at = r * cols + lane_offset + k * kChunk;
+            store4(out + at, q);
+            if (keep && lane < 4) keep[(at - lane * 4) / kChunk * 4 + lane] = word;
+        }
     }
 }
 
-// No activation after the rotation.
-struct NoActivation {
-    __device__ float operator()(float dout, float) const { return dout; }
-};
-
 // out = act'(pre) * ((grad * keep) H) per 128-chunk, written or accumulated; one warp per chunk,
 // grid-stride. pre is read only with an activation functor.
-template <typename T, typename Activation = NoActivation>
+template <int kBlock, typename T, typename Activation = NoActivation>
 __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint32_t* keep, long chunks, int block,
                                             float norm, bool accumulate, const T* pre = nullptr,
                                             Activation activation = {}) {
     const int lane = threadIdx.x % 32;
+    const LaneSigns signs;
     const long warps = long(gridDim.x) * blockDim.x / 32;
     for (long chunk = (long(blockIdx.x) * blockDim.x + threadIdx.x) / 32; chunk < chunks; chunk += warps) {
         const long at = chunk * kChunk + lane * 4;
@@ -310,8 +426,8 @@ __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint32_
             for (int i = 0; i < 4; ++i)
                 if (!((word[i] >> lane) & 1u)) v[i] = 0.0f;
         }
-        hadamard_chunk(v, block, norm);
-        if (pre) {
+        hadamard_chunk<kBlock>(v, block, norm, signs);
+        if (kHasActivation<Activation>) {
             float x[4];
             load4(x, pre + at);
 #pragma unroll
@@ -449,6 +565,50 @@ Params make_params(long rows, int cols, int block, const QuantSpec& spec, float 
     return p;
 }
 
+// The register path: whole chunks split evenly over warps, one scale per row, not mse, aligned vectors.
+template <typename InT>
+bool fast_fake_quant(const bf16* out, const uint32_t* keep, const InT* in, int cols, int block, const Params& p) {
+    return fast_path(in, cols, block) && fast_shape(cols).chunks_per_warp > 0 && keep_aligned(keep) &&
+           is_aligned(out, 8) && !p.per_tensor && p.group == cols && p.rule != ScaleRule::Mse;
+}
+
+// Enough CTAs to fill the GPU once (as many as fit per SM), each striding over its rows.
+template <typename Kernel>
+unsigned resident_ctas(Kernel kernel, int threads, long needed) {
+    int device = 0, sms = 0, per_sm = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    return unsigned(std::max(1L, std::min(needed, long(sms) * std::max(per_sm, 1))));
+}
+
+template <int K, int kMaxThreads, typename InT, typename Activation>
+void launch_fast_fake_quant_kernel(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, const Params& p,
+                                   Activation activation, cudaStream_t stream) {
+    const FastShape f = fast_shape(cols);
+    const int threads = 32 * f.warps_per_row * f.rows_per_cta;
+    auto kernel = rotate_fake_quant_fast_kernel<K, kMaxThreads, InT, Activation>;
+    const unsigned ctas = resident_ctas(kernel, threads, (rows + f.rows_per_cta - 1) / f.rows_per_cta);
+    kernel<<<ctas, threads, 0, stream>>>(out, keep, in, rows, cols, f.warps_per_row, p, range_stats(p), activation);
+    CUDA_CHECK_LAUNCH();
+}
+
+// The instantiation for the row's split (fast_shape: K = 1..4 chunks per warp).
+template <typename InT, typename Activation>
+void launch_fast_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, const Params& p,
+                            Activation activation, cudaStream_t stream) {
+    const FastShape f = fast_shape(cols);
+    static_assert(kMaxChunksPerWarp == 4, "one instantiation per chunks_per_warp below");
+    if (f.warps_per_row > 8)
+        return launch_fast_fake_quant_kernel<4, kWideThreads>(out, keep, in, rows, cols, p, activation, stream);
+    switch (f.chunks_per_warp) {
+        case 4: return launch_fast_fake_quant_kernel<4, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
+        case 3: return launch_fast_fake_quant_kernel<3, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
+        case 2: return launch_fast_fake_quant_kernel<2, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
+        default: return launch_fast_fake_quant_kernel<1, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
+    }
+}
+
 template <typename InT>
 void rotate_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, int block, const QuantSpec& spec,
                        float trust, double* scratch, cudaStream_t stream) {
@@ -456,15 +616,8 @@ void rotate_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int 
     QOPT_CHECK(spec.enabled(), "rotate_fake_quant_rows_gpu needs a quantizing spec (bits 2..8)");
     if (rows == 0) return;
     const Params p = make_params(rows, cols, block, spec, trust);
-    if (fast_path(in, cols, block) && keep_aligned(keep) && is_aligned(out, 8) && !p.per_tensor && p.group == cols &&
-        spec.rule != ScaleRule::Mse) {
-        const FastShape f = fast_shape(cols);
-        const long ctas = (rows + f.rows_per_cta - 1) / f.rows_per_cta;
-        rotate_fake_quant_fast_kernel<InT><<<unsigned(ctas), 32 * f.warps_per_row * f.rows_per_cta, 0, stream>>>(
-            out, keep, in, rows, cols, f.warps_per_row, p);
-        CUDA_CHECK_LAUNCH();
-        return;
-    }
+    if (fast_fake_quant(out, keep, in, cols, block, p))
+        return launch_fast_fake_quant(out, keep, in, rows, cols, p, NoActivation{}, stream);
     Stats* stats = nullptr;
     const int threads = threads_for(cols);
     if (p.per_tensor) {
@@ -485,9 +638,35 @@ void rotate_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int 
     CUDA_CHECK_LAUNCH();
 }
 
+// One grid-stride launch of the register path of the masked rotation.
+template <typename T, typename Activation>
+void launch_fast_masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block,
+                                 bool accumulate, const T* pre, Activation activation, cudaStream_t stream) {
+    const long chunks = rows * cols / kChunk;
+    const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
+    const int b = block > 1 ? block : 0;
+    if (b == kChunk)
+        masked_hadamard_fast_kernel<kChunk><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
+                                                                      accumulate, pre, activation);
+    else
+        masked_hadamard_fast_kernel<0><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
+                                                                 accumulate, pre, activation);
+    CUDA_CHECK_LAUNCH();
+}
+
 template <typename T>
 void masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block, bool accumulate,
-                     cudaStream_t stream);
+                     cudaStream_t stream) {
+    check_shape(rows, cols, block, "masked Hadamard");
+    if (rows == 0) return;
+    if (fast_path(grad, cols, block) && fast_path(out, cols, block) && keep_aligned(keep))
+        return launch_fast_masked_hadamard(out, grad, keep, rows, cols, block, accumulate, static_cast<const T*>(nullptr),
+                                           NoActivation{}, stream);
+    masked_hadamard_kernel<T><<<unsigned(rows), threads_for(cols), row_smem(masked_hadamard_kernel<T>, cols),
+                                stream>>>(out, grad, keep, cols, block > 1 ? block : 0, hadamard_norm(block),
+                                          accumulate);
+    CUDA_CHECK_LAUNCH();
+}
 
 template <typename T>
 void hadamard_rows(T* data, long rows, int cols, int block, cudaStream_t stream) {
@@ -499,50 +678,45 @@ void hadamard_rows(T* data, long rows, int cols, int block, cudaStream_t stream)
     CUDA_CHECK_LAUNCH();
 }
 
-template <typename T>
-void masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block, bool accumulate,
-                     cudaStream_t stream) {
-    check_shape(rows, cols, block, "masked Hadamard");
-    if (rows == 0) return;
-    if (fast_path(grad, cols, block) && fast_path(out, cols, block) && keep_aligned(keep)) {
-        const long chunks = rows * cols / kChunk;
-        const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
-        masked_hadamard_fast_kernel<T><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, block > 1 ? block : 0,
-                                                                 hadamard_norm(block), accumulate);
-        CUDA_CHECK_LAUNCH();
-        return;
-    }
-    masked_hadamard_kernel<T><<<unsigned(rows), threads_for(cols), row_smem(masked_hadamard_kernel<T>, cols),
-                                stream>>>(out, grad, keep, cols, block > 1 ? block : 0, hadamard_norm(block),
-                                          accumulate);
-    CUDA_CHECK_LAUNCH();
-}
-
 }  // namespace
 
+void activation_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const bf16* pre_activation, MlpActivation activation,
+                                    long rows, int cols, int hadamard_block, const QuantSpec& spec, float trust,
+                                    double* scratch, cudaStream_t stream) {
+    check_shape(rows, cols, hadamard_block, "fake-quant");
+    QOPT_CHECK(spec.enabled(), "activation_fake_quant_rows_gpu needs a quantizing spec (bits 2..8)");
+    if (rows == 0) return;
+    const Params p = make_params(rows, cols, hadamard_block, spec, trust);
+    if (fast_fake_quant(out, keep, pre_activation, cols, hadamard_block, p)) {
+        if (activation == MlpActivation::Gelu)
+            launch_fast_fake_quant(out, keep, pre_activation, rows, cols, p, GeluForward{}, stream);
+        else
+            launch_fast_fake_quant(out, keep, pre_activation, rows, cols, p, Relu2Forward{}, stream);
+        return;
+    }
+    // Other shapes: the activation into out, then rotated and quantized in place.
+    activation_forward_gpu(out, pre_activation, activation, size_t(rows) * cols, stream);
+    rotate_fake_quant(out, keep, out, rows, cols, hadamard_block, spec, trust, scratch, stream);
+}
+
 void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, const bf16* pre_activation,
-                                         ActivationGrad activation, long rows, int cols, int block,
+                                         MlpActivation activation, long rows, int cols, int block,
                                          cudaStream_t stream) {
     check_shape(rows, cols, block, "masked Hadamard");
     if (rows == 0) return;
     if (fast_path(grad, cols, block) && fast_path(out, cols, block) && fast_path(pre_activation, cols, block) &&
         keep_aligned(keep)) {
-        const long chunks = rows * cols / kChunk;
-        const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
-        const int b = block > 1 ? block : 0;
-        if (activation == ActivationGrad::Gelu)
-            masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
-                                                                  false, pre_activation, GeluBackward{});
+        if (activation == MlpActivation::Gelu)
+            launch_fast_masked_hadamard(out, grad, keep, rows, cols, block, false, pre_activation, GeluBackward{},
+                                        stream);
         else
-            masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
-                                                                  false, pre_activation, Relu2Backward{});
-        CUDA_CHECK_LAUNCH();
+            launch_fast_masked_hadamard(out, grad, keep, rows, cols, block, false, pre_activation, Relu2Backward{},
+                                        stream);
         return;
     }
     // Other shapes: the two passes.
     masked_hadamard(out, grad, keep, rows, cols, block, false, stream);
-    if (activation == ActivationGrad::Gelu) gelu_backward_gpu(out, out, pre_activation, size_t(rows) * cols, stream);
-    else relu2_backward_gpu(out, out, pre_activation, size_t(rows) * cols, stream);
+    activation_backward_gpu(out, out, pre_activation, activation, size_t(rows) * cols, stream);
 }
 
 void hadamard_rows_gpu(float* data, long rows, int cols, int block, cudaStream_t stream) {

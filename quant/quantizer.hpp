@@ -113,12 +113,33 @@ QOPT_HD inline GroupGrid make_grid(QuantGrid grid, int bits, float lo, float hi)
 }
 inline GroupGrid make_grid(const QuantSpec& spec, float lo, float hi) { return make_grid(spec.grid, spec.bits, lo, hi); }
 
-QOPT_HD inline int quant_code(const GroupGrid& g, float x) {
-    float code = rintf(mul_rn(x, g.inv_step) - g.offset);
-    code = fminf(fmaxf(code, float(g.code_min)), float(g.code_max));
-    return int(code);
+// A sum rounded on its own, never reassociated with the next one (the rounding trick below
+// depends on it; host compilers keep float sums in order without -ffast-math).
+QOPT_HD inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
 }
-QOPT_HD inline float quant_value(const GroupGrid& g, int code) { return mul_rn(float(code) + g.offset, g.step); }
+
+// x rounded to the nearest integer, ties to even, by the adder: x + 1.5 * 2^23 has no fraction
+// bits left (|x| < 2^22), so the sum is x rounded, and subtracting 1.5 * 2^23 again is exact.
+// Larger |x| come back with the same sign and at least 2^22 in magnitude, beyond every code
+// range, so the clamp that follows makes the code rintf's; NaN stays NaN. Two full-rate adds
+// instead of the GPU's quarter-rate rounding instruction (the fake-quant kernels' inner loop).
+QOPT_HD inline float round_to_code(float x) {
+    constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+    return add_rn(add_rn(x, kShift), -kShift);
+}
+
+// x's code on the grid, clamped to the code range, as a float (an integer value).
+QOPT_HD inline float quant_code_float(const GroupGrid& g, float x) {
+    const float code = round_to_code(mul_rn(x, g.inv_step) - g.offset);
+    return fminf(fmaxf(code, float(g.code_min)), float(g.code_max));
+}
+QOPT_HD inline int quant_code(const GroupGrid& g, float x) { return int(quant_code_float(g, x)); }
+QOPT_HD inline float quant_value(const GroupGrid& g, float code) { return mul_rn(code + g.offset, g.step); }
 
 // A group's statistics: every rule but mse picks its grid from them alone.
 struct GroupStats {

@@ -138,6 +138,107 @@ TEST_CASE("GPU rotate + fake-quant equals the CPU reference for every grid, rule
                 }
 }
 
+namespace {
+
+// How far a GPU fake-quant result is from the CPU reference: elements whose value or mask bit
+// differ, and the largest value difference.
+struct FakeQuantMismatch {
+    long values = 0, keep = 0;
+    double worst = 0;
+};
+FakeQuantMismatch compare_fake_quant(const DeviceBuffer<bf16>& out, const DeviceBuffer<uint32_t>& keep,
+                                     const std::vector<float>& expected, const std::vector<uint8_t>& expected_keep) {
+    const std::vector<float> got = bf16_to_float(out.download());
+    const std::vector<uint8_t> got_keep = unpack_keep(keep.download(), expected.size());
+    FakeQuantMismatch m;
+    for (size_t i = 0; i < expected.size(); ++i) {
+        const float want = round_bf16(expected[i]);
+        if (got[i] != want) ++m.values, m.worst = std::max(m.worst, double(std::fabs(got[i] - want)));
+        m.keep += got_keep[i] != expected_keep[i];
+    }
+    return m;
+}
+
+}  // namespace
+
+TEST_CASE("GPU rotate + fake-quant register path: rows of 1 to 32 warps, blocks below and at 128") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    QuantSpec gaussian;  // QuEST's default: centered grid, Gaussian scale, per row, trust bound
+    gaussian.bits = 4, gaussian.grid = QuantGrid::Centered, gaussian.rule = ScaleRule::Gaussian;
+    QuantSpec asymmetric;  // range statistics, half-step mask
+    asymmetric.bits = 3, asymmetric.grid = QuantGrid::Asymmetric, asymmetric.rule = ScaleRule::Absmax;
+    QuantSpec clipped;  // absmax statistics, STE (every bit set)
+    clipped.bits = 8, clipped.grid = QuantGrid::Symmetric, clipped.rule = ScaleRule::Clip, clipped.clip_ratio = 0.9f;
+    // 128 (1 chunk), 384 (3 of 8 chunk slots), 3072 (3 warps per row, 2 rows per CTA), 8192 (8
+    // warps: the last narrow shape), 12288 and 32768 (one CTA of 12 and 32 warps per row).
+    for (int cols : {128, 384, 3072, 8192, 12288, 32768})
+        for (int block : {128, 64})
+            for (auto [spec, trust] : {std::pair{gaussian, 0.3f}, std::pair{asymmetric, 0.0f}, std::pair{clipped, -1.0f}}) {
+                CAPTURE(cols);
+                CAPTURE(block);
+                CAPTURE(spec.describe());
+                const int rows = cols >= 8192 ? 5 : 21;
+                const Bf16Input xb = random_bf16(size_t(rows) * cols, gen, 2.0);
+                std::vector<float> rotated(xb.exact.begin(), xb.exact.end());
+                hadamard_rows_cpu(rotated.data(), rows, cols, block);
+                std::vector<float> expected(rotated.size());
+                std::vector<uint8_t> expected_keep(rotated.size());
+                fake_quant_cpu(expected.data(), expected_keep.data(), rotated.data(), rows, cols, spec, trust);
+                DeviceBuffer<bf16> in = uploaded(xb.device_values), out = poisoned<bf16>(rotated.size());
+                DeviceBuffer<uint32_t> keep = poisoned<uint32_t>(keep_mask_words(rotated.size()));
+                rotate_fake_quant_rows_gpu(out.data(), keep.data(), in.data(), rows, cols, block, spec, trust);
+                const FakeQuantMismatch m = compare_fake_quant(out, keep, expected, expected_keep);
+                CHECK(m.values <= long(rotated.size()) / 1000);
+                CHECK(m.keep <= long(rotated.size()) / 1000);
+                CHECK(m.worst <= 2.0);  // one step; the widest, 3-bit asymmetric, is about 2 * 5 / 7 here
+            }
+}
+
+TEST_CASE("GPU fake-quant of act(pre-activation) equals the activation pass then rotate + fake-quant") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    QuantSpec spec;  // QuEST's default
+    spec.bits = 4, spec.grid = QuantGrid::Centered, spec.rule = ScaleRule::Gaussian;
+    const int rows = 23;
+    for (int cols : {3072, 96})  // register path and the two-pass fallback (block 32, rows not of whole chunks)
+        for (MlpActivation activation : {MlpActivation::Gelu, MlpActivation::Relu2}) {
+            CAPTURE(cols);
+            const int block = cols == 96 ? 32 : 128;
+            const size_t n = size_t(rows) * cols;
+            const Bf16Input pre = random_bf16(n, gen, 2.0);
+            DeviceBuffer<bf16> pre_d = uploaded(pre.device_values);
+            DeviceBuffer<bf16> fused = poisoned<bf16>(n), act = poisoned<bf16>(n), two_pass = poisoned<bf16>(n);
+            DeviceBuffer<uint32_t> fused_keep = poisoned<uint32_t>(keep_mask_words(n));
+            DeviceBuffer<uint32_t> two_pass_keep = poisoned<uint32_t>(keep_mask_words(n));
+            activation_fake_quant_rows_gpu(fused.data(), fused_keep.data(), pre_d.data(), activation, rows, cols, block,
+                                           spec, 0.3f);
+            activation_forward_gpu(act.data(), pre_d.data(), activation, n);
+            rotate_fake_quant_rows_gpu(two_pass.data(), two_pass_keep.data(), act.data(), rows, cols, block, spec, 0.3f);
+            // The same kernels' arithmetic on the same bf16 activation: equal to the bit.
+            const std::vector<bf16> fused_values = fused.download(), two_pass_values = two_pass.download();
+            CHECK(std::memcmp(fused_values.data(), two_pass_values.data(), n * sizeof(bf16)) == 0);
+            CHECK(fused_keep.download() == two_pass_keep.download());
+            // And the CPU reference: the activation in float, rounded to bf16, rotated, quantized.
+            std::vector<float> activated(n);
+            std::vector<float> pre_values(pre.exact.begin(), pre.exact.end());
+            if (activation == MlpActivation::Gelu) gelu_forward_cpu(activated.data(), pre_values.data(), n);
+            else relu2_forward_cpu(activated.data(), pre_values.data(), n);
+            for (float& a : activated) a = round_bf16(a);
+            hadamard_rows_cpu(activated.data(), rows, cols, block);
+            std::vector<float> expected(n);
+            std::vector<uint8_t> expected_keep(n);
+            fake_quant_cpu(expected.data(), expected_keep.data(), activated.data(), rows, cols, spec, 0.3f);
+            const FakeQuantMismatch m = compare_fake_quant(fused, fused_keep, expected, expected_keep);
+            CHECK(m.values <= long(n) / 1000);
+            CHECK(m.keep <= long(n) / 1000);
+        }
+}
+
 TEST_CASE("GPU masked Hadamard (the estimator's backward) equals the CPU reference") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
@@ -180,7 +281,7 @@ TEST_CASE("GPU masked Hadamard with the activation's derivative equals rotation 
     std::mt19937_64 gen(seed);
     const int rows = 19;
     for (int cols : {3072, 96})  // register path and the two-pass fallback
-        for (ActivationGrad activation : {ActivationGrad::Gelu, ActivationGrad::Relu2}) {
+        for (MlpActivation activation : {MlpActivation::Gelu, MlpActivation::Relu2}) {
             CAPTURE(cols);
             const int block = cols == 96 ? 32 : 128;
             const Bf16Input grad = random_bf16(size_t(rows) * cols, gen), pre = random_bf16(size_t(rows) * cols, gen);
@@ -189,7 +290,7 @@ TEST_CASE("GPU masked Hadamard with the activation's derivative equals rotation 
             std::vector<double> rotated(grad.exact.size()), expected(grad.exact.size(), 0.0);
             for (size_t i = 0; i < rotated.size(); ++i) rotated[i] = keep[i] ? grad.exact[i] : 0.0;
             hadamard_rows_cpu(rotated.data(), rows, cols, block);
-            if (activation == ActivationGrad::Gelu) gelu_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
+            if (activation == MlpActivation::Gelu) gelu_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
             else relu2_backward_cpu(expected.data(), rotated.data(), pre.exact.data(), expected.size());
             DeviceBuffer<bf16> grad_d = uploaded(grad.device_values), pre_d = uploaded(pre.device_values);
             DeviceBuffer<uint32_t> keep_d = uploaded(pack_keep(keep));
