@@ -161,7 +161,7 @@ FakeQuantMismatch compare_fake_quant(const DeviceBuffer<bf16>& out, const Device
 
 }  // namespace
 
-TEST_CASE("GPU rotate + fake-quant register path: rows of 1 to 32 warps, blocks below and at 128") {
+TEST_CASE("GPU rotate + fake-quant register path: every split of a row over warps, blocks below and at 128") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
@@ -172,9 +172,11 @@ TEST_CASE("GPU rotate + fake-quant register path: rows of 1 to 32 warps, blocks 
     asymmetric.bits = 3, asymmetric.grid = QuantGrid::Asymmetric, asymmetric.rule = ScaleRule::Absmax;
     QuantSpec clipped;  // absmax statistics, STE (every bit set)
     clipped.bits = 8, clipped.grid = QuantGrid::Symmetric, clipped.rule = ScaleRule::Clip, clipped.clip_ratio = 0.9f;
-    // 128 (1 chunk), 384 (3 of 8 chunk slots), 3072 (3 warps per row, 2 rows per CTA), 8192 (8
-    // warps: the last narrow shape), 12288 and 32768 (one CTA of 12 and 32 warps per row).
-    for (int cols : {128, 384, 3072, 8192, 12288, 32768})
+    // Every split (quant_kernels.cu's fast_shape): 1, 2, 3, 4, 6 and 8 chunks per warp (128 ..
+    // 1024 columns), 5 warps of 1 chunk (640), 4 warps per row with 2 rows per CTA (3072), 8
+    // warps (8192), wide CTAs of 24 and 32 warps (12288, 16384), and past them the shared-memory
+    // path (32768).
+    for (int cols : {128, 256, 384, 512, 640, 768, 1024, 3072, 8192, 12288, 16384, 32768})
         for (int block : {128, 64})
             for (auto [spec, trust] : {std::pair{gaussian, 0.3f}, std::pair{asymmetric, 0.0f}, std::pair{clipped, -1.0f}}) {
                 CAPTURE(cols);
