@@ -258,6 +258,17 @@ QuantSite& input_site(GpuModel::State& s, int layer, Site site) {
 
 // The product's operands for layer l's `site`: rotated and quantized input and weight when the
 // layers are quantized, else the input and the bf16 weight as they are.
+// A quantized site's operands once its input is in the site's buffer: that input and the
+// weight the product uses (the offline-quantized bf16 copy, or this forward's quantized copy).
+LinearOperands quantized_operands(GpuModel::State& s, const bf16* weights, int layer, Site site,
+                                  size_t weight_offset, int n_rows, int in_dim) {
+    const QuantSite& q = input_site(s, layer, site);
+    const bf16* weight = s.quant.weights_offline ? weights + weight_offset
+                                                 : s.quant_sites[size_t(layer) * kSites + site].weight.data();
+    if (s.input_hook) s.input_hook(layer, site, q.input.data(), n_rows, in_dim);
+    return {q.input.data(), weight};
+}
+
 LinearOperands linear_operands(GpuModel::State& s, const bf16* weights, int layer, Site site, const bf16* in,
                                size_t weight_offset, int n_rows, int in_dim) {
     if (!s.quant.enabled()) {
@@ -267,10 +278,7 @@ LinearOperands linear_operands(GpuModel::State& s, const bf16* weights, int laye
     QuantSite& q = input_site(s, layer, site);
     quantize_rows(s.quant, q.input.data(), q.input_keep.data(), in, n_rows, in_dim, s.quant.activations,
                   s.quant_stats.data());
-    const bf16* weight = s.quant.weights_offline ? weights + weight_offset
-                                                 : s.quant_sites[size_t(layer) * kSites + site].weight.data();
-    if (s.input_hook) s.input_hook(layer, site, q.input.data(), n_rows, in_dim);
-    return {q.input.data(), weight};
+    return quantized_operands(s, weights, layer, site, weight_offset, n_rows, in_dim);
 }
 
 // The same for the MLP down projection of quantized layers, its input act(pre_activation)
@@ -286,10 +294,7 @@ LinearOperands activation_operands(GpuModel::State& s, const bf16* weights, int 
         activation_forward_gpu(q.input.data(), pre_activation, activation, size_t(n_rows) * in_dim);
         hadamard_rows_gpu(q.input.data(), n_rows, in_dim, block);
     }
-    const bf16* weight = s.quant.weights_offline ? weights + weight_offset
-                                                 : s.quant_sites[size_t(layer) * kSites + kDown].weight.data();
-    if (s.input_hook) s.input_hook(layer, kDown, q.input.data(), n_rows, in_dim);
-    return {q.input.data(), weight};
+    return quantized_operands(s, weights, layer, kDown, weight_offset, n_rows, in_dim);
 }
 
 }  // namespace

@@ -205,7 +205,7 @@ struct LaneSigns {
 // x H_block over a 128-element chunk held 4 per lane (element 4 * lane + i); block <= 128,
 // a compile-time kBlock when known (0: the runtime `block`; the stages unroll either way).
 template <int kBlock>
-__device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm, const LaneSigns& signs) {
+__device__ __forceinline__ void hadamard_chunk_stages(float v[4], int block, float norm, const LaneSigns& signs) {
     if (kBlock) block = kBlock;
     if (block < 2) return;
     float a = v[0], b = v[1], c = v[2], d = v[3];
@@ -225,10 +225,10 @@ __device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm
     for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(v[i], norm);
 }
 
-// Either Hadamard instantiation by the block (128, the default, fully unrolled).
+// The chunk's rotation, with the stages fixed at compile time for the default block of 128.
 __device__ __forceinline__ void hadamard_chunk(float v[4], int block, float norm, const LaneSigns& signs) {
-    if (block == kChunk) hadamard_chunk<kChunk>(v, block, norm, signs);
-    else hadamard_chunk<0>(v, block, norm, signs);
+    if (block == kChunk) hadamard_chunk_stages<kChunk>(v, block, norm, signs);
+    else hadamard_chunk_stages<0>(v, block, norm, signs);
 }
 
 // No activation: the value as it is (forward: op(x, _) = x; backward: op(dout, _) = dout).
@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * (K <= 4 ? 4 : 3)
 
 // out = act'(pre) * ((grad * keep) H) per 128-chunk, written or accumulated; one warp per chunk,
 // grid-stride. pre is read only with an activation functor.
-template <int kBlock, typename T, typename Activation = NoActivation>
+template <typename T, typename Activation = NoActivation>
 __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint32_t* keep, long chunks, int block,
                                             float norm, bool accumulate, const T* pre = nullptr,
                                             Activation activation = {}) {
@@ -431,7 +431,7 @@ __global__ void masked_hadamard_fast_kernel(T* out, const T* grad, const uint32_
             for (int i = 0; i < 4; ++i)
                 if (!((word[i] >> lane) & 1u)) v[i] = 0.0f;
         }
-        hadamard_chunk<kBlock>(v, block, norm, signs);
+        hadamard_chunk(v, block, norm, signs);
         if (kHasActivation<Activation>) {
             float x[4];
             load4(x, pre + at);
@@ -652,13 +652,8 @@ void launch_fast_masked_hadamard(T* out, const T* grad, const uint32_t* keep, lo
                                  bool accumulate, const T* pre, Activation activation, cudaStream_t stream) {
     const long chunks = rows * cols / kChunk;
     const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
-    const int b = block > 1 ? block : 0;
-    if (b == kChunk)
-        masked_hadamard_fast_kernel<kChunk><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
-                                                                      accumulate, pre, activation);
-    else
-        masked_hadamard_fast_kernel<0><<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, b, hadamard_norm(block),
-                                                                 accumulate, pre, activation);
+    masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, block > 1 ? block : 0,
+                                                          hadamard_norm(block), accumulate, pre, activation);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -46,6 +46,25 @@ float round_bf16(float x) {
     return out;
 }
 
+// How far a GPU fake-quant result is from the CPU reference: elements whose value or mask bit
+// differ, and the largest value difference.
+struct FakeQuantMismatch {
+    long values = 0, keep = 0;
+    double worst = 0;
+};
+FakeQuantMismatch compare_fake_quant(const DeviceBuffer<bf16>& out, const DeviceBuffer<uint32_t>& keep,
+                                     const std::vector<float>& expected, const std::vector<uint8_t>& expected_keep) {
+    const std::vector<float> got = bf16_to_float(out.download());
+    const std::vector<uint8_t> got_keep = unpack_keep(keep.download(), expected.size());
+    FakeQuantMismatch m;
+    for (size_t i = 0; i < expected.size(); ++i) {
+        const float want = round_bf16(expected[i]);
+        if (got[i] != want) ++m.values, m.worst = std::max(m.worst, double(std::fabs(got[i] - want)));
+        m.keep += got_keep[i] != expected_keep[i];
+    }
+    return m;
+}
+
 }  // namespace
 
 TEST_CASE("GPU Hadamard rotation equals the CPU reference (fp32 to the bit, bf16 within rounding)") {
@@ -118,48 +137,14 @@ TEST_CASE("GPU rotate + fake-quant equals the CPU reference for every grid, rule
                         rotate_fake_quant_rows_gpu(out.data(), keep.data(), in.data(), rows, cols, block, spec, trust,
                                                    scratch.data());
                     }
-                    const std::vector<float> got = bf16_to_float(out.download());
-                    const std::vector<uint8_t> got_keep = unpack_keep(keep.download(), x.size());
-                    long value_mismatch = 0, keep_mismatch = 0;
-                    double worst = 0;
-                    for (size_t i = 0; i < x.size(); ++i) {
-                        const float want = round_bf16(expected[i]);
-                        if (got[i] != want) {
-                            ++value_mismatch;
-                            worst = std::max(worst, double(std::fabs(got[i] - want)));
-                        }
-                        keep_mismatch += got_keep[i] != expected_keep[i];
-                    }
+                    const FakeQuantMismatch m = compare_fake_quant(out, keep, expected, expected_keep);
                     // One step of this data is at most 2 * 40 / 3 (3-bit absmax of the outlier row).
-                    CHECK(value_mismatch <= long(x.size()) / 1000);
-                    CHECK(worst <= 27.0);
-                    CHECK(keep_mismatch <= long(x.size()) / 1000);
-                    CHECK(std::isfinite(got[0]));
+                    CHECK(m.values <= long(x.size()) / 1000);
+                    CHECK(m.worst <= 27.0);
+                    CHECK(m.keep <= long(x.size()) / 1000);
+                    CHECK(std::isfinite(__bfloat162float(out.download()[0])));
                 }
 }
-
-namespace {
-
-// How far a GPU fake-quant result is from the CPU reference: elements whose value or mask bit
-// differ, and the largest value difference.
-struct FakeQuantMismatch {
-    long values = 0, keep = 0;
-    double worst = 0;
-};
-FakeQuantMismatch compare_fake_quant(const DeviceBuffer<bf16>& out, const DeviceBuffer<uint32_t>& keep,
-                                     const std::vector<float>& expected, const std::vector<uint8_t>& expected_keep) {
-    const std::vector<float> got = bf16_to_float(out.download());
-    const std::vector<uint8_t> got_keep = unpack_keep(keep.download(), expected.size());
-    FakeQuantMismatch m;
-    for (size_t i = 0; i < expected.size(); ++i) {
-        const float want = round_bf16(expected[i]);
-        if (got[i] != want) ++m.values, m.worst = std::max(m.worst, double(std::fabs(got[i] - want)));
-        m.keep += got_keep[i] != expected_keep[i];
-    }
-    return m;
-}
-
-}  // namespace
 
 TEST_CASE("GPU rotate + fake-quant register path: every split of a row over warps, blocks below and at 128") {
     REQUIRE_GPU();
