@@ -105,9 +105,9 @@ TEST_CASE("GPU linear_apply equals the CPU reference with each side quantized or
 
 TEST_CASE("GPU multiple-choice log-likelihoods and error-propagation analysis agree with the CPU") {
     REQUIRE_GPU();
-    for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
+    for (const std::string preset : {"olmo2-tiny", "gpt2-tiny"}) {
         CAPTURE(preset);
-        const ModelConfig config = small_vocab_config(preset);
+        const ModelConfig config = small_vocab_config(preset.c_str());
         Pair p = make_pair(config);
         std::mt19937_64 gen(fresh_seed());
         std::vector<ChoiceExample> examples(5);
@@ -130,7 +130,8 @@ TEST_CASE("GPU multiple-choice log-likelihoods and error-propagation analysis ag
         REQUIRE(rc.modules.size() == rg.modules.size());
         for (size_t i = 0; i < rc.modules.size(); ++i) {
             const ModuleRecord &c = rc.modules[i], &g = rg.modules[i];
-            CAPTURE(module_name(c.module));
+            const std::string module = module_name(c.module);
+            CAPTURE(module);
             CAPTURE(c.layer);
             // 4-bit errors are ~10%; bf16 activations move a few codes across rounding boundaries.
             CHECK(g.R == doctest::Approx(c.R).epsilon(0.15));
@@ -138,7 +139,9 @@ TEST_CASE("GPU multiple-choice log-likelihoods and error-propagation analysis ag
             if (c.site >= 0) {
                 CHECK(g.G1 == doctest::Approx(c.G1).epsilon(1e-3));
                 CHECK(g.local_error == doctest::Approx(c.local_error).epsilon(0.15));
-                CHECK(g.input_kurtosis == doctest::Approx(c.input_kurtosis).epsilon(0.05));
+                // A fourth moment of heavy-tailed inputs (ReLU^2 of 64 tokens: kurtosis 15-25) rests on
+                // its few largest values; their bf16 rounding moved it by up to 11% in 26 runs.
+                CHECK(g.input_kurtosis == doctest::Approx(c.input_kurtosis).epsilon(0.15));
             }
         }
         CHECK(rg.loss_full == doctest::Approx(rc.loss_full).epsilon(1e-2));
