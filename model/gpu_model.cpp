@@ -509,13 +509,9 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             tap(l, Module::AttnResidual, a.h.data(), C);
             tap(l, Module::MlpNorm, a.ln2.data(), C);
             bf16* act = forward_activation_buffer(l);
-            if (integer) {
+            if (integer || fused_activation) {  // GELU only where its output is read (as OLMo2's ReLU^2)
                 linear(l, kUp, a.up.data(), a.ln2.data(), o.up_w, o.up_b, C, F);
-                gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
-            } else if (s.quant.enabled()) {
-                const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
-                matmul_forward_gpu(a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);
-                if (s.module_hook) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
+                if (!fused_activation || s.module_hook) gelu_forward_gpu(act, a.up.data(), size_t(N) * F);
             } else {
                 const LinearOperands up_in = operands(l, kUp, a.ln2.data(), o.up_w, C);
                 matmul_forward_gelu_gpu(act, a.up.data(), up_in.input, up_in.weight, w(o.up_b), N, C, F);

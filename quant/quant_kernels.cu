@@ -72,6 +72,12 @@ __device__ void hadamard_smem(float* row, int cols, int block, float norm) {
     }
 }
 
+// s folded with t: the range statistics by min/max, the squares summed (t after s).
+__device__ __forceinline__ void merge_into(Stats& s, const Stats& t) {
+    s.absmax = fmaxf(s.absmax, t.absmax), s.lo = fminf(s.lo, t.lo), s.hi = fmaxf(s.hi, t.hi);
+    s.sum_squares += t.sum_squares;
+}
+
 __device__ Stats warp_reduce(Stats s) {
     for (int offset = 16; offset > 0; offset /= 2) {
         s.absmax = fmaxf(s.absmax, __shfl_xor_sync(0xffffffffu, s.absmax, offset));
@@ -165,7 +171,7 @@ __device__ void quantize_group(bf16* out, uint32_t* keep, long base, const float
 
 constexpr int kChunk = 128;          // elements per warp step: 4 per lane
 constexpr int kMaxChunksPerWarp = 8; // up to 32 fp32 registers per lane, and the next row's 16 raw
-constexpr int kNarrowThreads = 256;  // CTA size for rows of up to 8 warps (4096 elements)
+constexpr int kNarrowThreads = 256;  // CTA size for rows of up to 8 warps (8192 elements at 8 chunks each)
 constexpr int kWideThreads = 1024;   // wider rows: up to 32 warps of 4 chunks (16384 elements)
 constexpr int kWideChunksPerWarp = 4;
 
@@ -381,11 +387,7 @@ __global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * (K <= 4 ? 4 : 3)
             __syncthreads();
             if (part == 0) {  // the row's first warp folds the parts in order and picks the grid
                 Stats total{0.0f, FLT_MAX, -FLT_MAX, 0.0};
-                for (int w = 0; w < warps_per_row; ++w) {
-                    const Stats t = partial[warp + w];
-                    total.absmax = fmaxf(total.absmax, t.absmax), total.lo = fminf(total.lo, t.lo);
-                    total.hi = fmaxf(total.hi, t.hi), total.sum_squares += t.sum_squares;
-                }
+                for (int w = 0; w < warps_per_row; ++w) merge_into(total, partial[warp + w]);
                 row.grid = grid_from_stats(p.grid, p.bits, p.rule, p.clip_ratio, p.alpha, total, cols);
                 row.threshold = keep_threshold(p.trust, total, cols, row.grid);
                 if (lane == 0) row_grids[row_in_cta] = row;
@@ -492,11 +494,7 @@ __global__ void row_stats_kernel(Stats* row_stats, const InT* in, int cols, Para
 __global__ void fold_stats_kernel(Stats* row_stats, long rows) {
     __shared__ Stats scratch[32];
     Stats s{0.0f, FLT_MAX, -FLT_MAX, 0.0};
-    for (long r = threadIdx.x; r < rows; r += blockDim.x) {
-        const Stats t = row_stats[r];
-        s.absmax = fmaxf(s.absmax, t.absmax), s.lo = fminf(s.lo, t.lo), s.hi = fmaxf(s.hi, t.hi);
-        s.sum_squares += t.sum_squares;
-    }
+    for (long r = threadIdx.x; r < rows; r += blockDim.x) merge_into(s, row_stats[r]);
     s = Team<true>{scratch}.reduce(s);
     if (threadIdx.x == 0) row_stats[rows] = s;
 }
@@ -577,14 +575,15 @@ bool fast_fake_quant(const bf16* out, const uint32_t* keep, const InT* in, int c
            is_aligned(out, 8) && !p.per_tensor && p.group == cols && p.rule != ScaleRule::Mse;
 }
 
-// Enough CTAs to fill the GPU once (as many as fit per SM), each striding over its rows.
-template <typename Kernel>
-unsigned resident_ctas(Kernel kernel, int threads, long needed) {
-    int device = 0, sms = 0, per_sm = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-    return unsigned(std::max(1L, std::min(needed, long(sms) * std::max(per_sm, 1))));
+// The GPU's SM count, asked once (the grid-stride launches size their grids by it).
+int sm_count() {
+    static const int sms = [] {
+        int device = 0, count = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+        return count;
+    }();
+    return sms;
 }
 
 template <int K, int kMaxThreads, typename InT, typename Activation>
@@ -593,12 +592,22 @@ void launch_fast_fake_quant_kernel(bf16* out, uint32_t* keep, const InT* in, lon
     const FastShape f = fast_shape(cols);
     const int threads = 32 * f.warps_per_row * f.rows_per_cta;
     auto kernel = rotate_fake_quant_fast_kernel<K, kMaxThreads, InT, Activation>;
-    const unsigned ctas = resident_ctas(kernel, threads, (rows + f.rows_per_cta - 1) / f.rows_per_cta);
+    // Enough CTAs to fill the GPU once, each striding over its rows; CTAs per SM asked once per
+    // CTA size of this instantiation (the launches are on the training path's hot loop).
+    static int ctas_per_sm[kMaxThreads / 32 + 1] = {};
+    int& per_sm = ctas_per_sm[threads / 32];
+    if (per_sm == 0) {
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+        per_sm = std::max(per_sm, 1);
+    }
+    const long needed = (rows + f.rows_per_cta - 1) / f.rows_per_cta;
+    const unsigned ctas = unsigned(std::max(1L, std::min(needed, long(sm_count()) * per_sm)));
     kernel<<<ctas, threads, 0, stream>>>(out, keep, in, rows, cols, f.warps_per_row, p, range_stats(p), activation);
     CUDA_CHECK_LAUNCH();
 }
 
-// The instantiation for the row's split (fast_shape: K = 1..4 chunks per warp).
+// The instantiation for the row's split (fast_shape: K = 1, 2, 3, 4, 6 or 8 chunks per warp;
+// 4 in a wide CTA).
 template <typename InT, typename Activation>
 void launch_fast_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, const Params& p,
                             Activation activation, cudaStream_t stream) {
@@ -651,7 +660,7 @@ template <typename T, typename Activation>
 void launch_fast_masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block,
                                  bool accumulate, const T* pre, Activation activation, cudaStream_t stream) {
     const long chunks = rows * cols / kChunk;
-    const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, 132L * 16));
+    const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, long(sm_count()) * 16));
     masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, block > 1 ? block : 0,
                                                           hadamard_norm(block), accumulate, pre, activation);
     CUDA_CHECK_LAUNCH();
