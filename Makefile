@@ -1,7 +1,8 @@
 # qopt build. `make` builds every binary into build/bin; `make test` builds and runs the tests;
 # `make run` prepares the default data (once) and trains the CPU demo model on it.
 #
-# Variables users set:  CUDA_HOME (default /usr/local/cuda), CUDA_ARCH (default sm_90),
+# Variables users set:  CUDA_HOME (default /usr/local/cuda), CUDA_ARCH (default sm_90a: Hopper with its
+#                       wgmma attention kernels; sm_80, sm_89, sm_90 ... build the portable kernels only),
 #                       CPU_ARCH (default native; passed to -march), OMP_NUM_THREADS at run time,
 #                       BUILD (output folder, default build), EXTRA_NVCCFLAGS (kernel knobs, e.g.
 #                       -DQOPT_KV_QUERY_TILE=32, to build variants side by side).
@@ -9,7 +10,7 @@
 SHELL := /bin/bash
 CUDA_HOME ?= /usr/local/cuda
 NVCC ?= $(CUDA_HOME)/bin/nvcc
-CUDA_ARCH ?= sm_90
+CUDA_ARCH ?= sm_90a
 CPU_ARCH ?= native
 CXX ?= g++
 
@@ -22,6 +23,10 @@ CXXFLAGS ?= -O3 -march=$(CPU_ARCH) -g
 CXXFLAGS += -std=c++17 -fopenmp $(WARNINGS) -I. -isystem $(DEPS_INCLUDE) -isystem $(CUDA_HOME)/include -MMD -MP
 NVCCFLAGS ?= -O3
 NVCCFLAGS += $(EXTRA_NVCCFLAGS) -std=c++17 -arch=$(CUDA_ARCH) -I. -isystem $(DEPS_INCLUDE) -MMD -MP
+# sm_90a (arch-specific Hopper features) compiles the wgmma attention kernels in.
+ifeq ($(CUDA_ARCH),sm_90a)
+NVCCFLAGS += -DQOPT_WGMMA
+endif
 LDFLAGS += -fopenmp -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcusolver -lcublas -lcublasLt -lcudart_static -ldl -lrt -lpthread
 
 # Library: every .cpp/.cu under the source folders except the binaries' main files.

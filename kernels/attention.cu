@@ -22,28 +22,19 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "kernels/attention_tiles.cuh"
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 #include "kernels/mma.cuh"
 
 namespace qopt {
-
+namespace flash {
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 64;  // rows of a block tile (16 per warp)
 constexpr int kPad = 8;        // bf16 of padding per shared-memory row: ldmatrix without bank conflicts
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// Double buffering: before computing on tile i, issue the copy of tile i+1 (if any) into the
-// other buffer, then wait only for tile i's group.
-__device__ __forceinline__ void wait_current_tile(bool next_issued) {
-    if (next_issued) cp_async_wait<1>();
-    else cp_async_wait<0>();
-}
-
 // Copies rows first_row .. first_row+ROWS-1 (head slice of D columns) of a strided activation
 // into a padded shared tile; rows at or past seq_len become zeros.
 template <int ROWS, int D>
@@ -120,54 +111,6 @@ __device__ __forceinline__ void warp_mma_rb(float acc[][4], const uint32_t a[][4
     }
 }
 
-// A C-fragment tile (16 x N, fp32) as A fragments (16 x N, bf16) for the next product.
-template <int N>
-__device__ __forceinline__ void to_a_fragments(uint32_t a[][4], const float c[][4]) {
-#pragma unroll
-    for (int ks = 0; ks < N / 16; ++ks) {
-        a[ks][0] = pack_bf16x2(c[2 * ks][0], c[2 * ks][1]);
-        a[ks][1] = pack_bf16x2(c[2 * ks][2], c[2 * ks][3]);
-        a[ks][2] = pack_bf16x2(c[2 * ks + 1][0], c[2 * ks + 1][1]);
-        a[ks][3] = pack_bf16x2(c[2 * ks + 1][2], c[2 * ks + 1][3]);
-    }
-}
-
-template <int N>
-__device__ __forceinline__ void zero(float acc[][4]) {
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-}
-
-// Writes a warp's 16 x D fp32 tile (rows first_row + l/4 (+8)) times `scale` as bf16.
-template <int D>
-__device__ void store_rows(bf16* head_base, int stride, int first_row, int seq_len, const float acc[][4], float scale0,
-                           float scale1) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = first_row + lane / 4 + 8 * half;
-        if (row >= seq_len) continue;
-        const float scale = half ? scale1 : scale0;
-        bf16* out = head_base + size_t(row) * stride + 2 * (lane % 4);
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt)
-            *reinterpret_cast<uint32_t*>(out + nt * 8) =
-                pack_bf16x2(acc[nt][2 * half] * scale, acc[nt][2 * half + 1] * scale);
-    }
-}
-
-struct AttentionArgs {
-    Rows<const bf16> q, k, v;
-    int batch, seq_len, n_heads;
-    float scale;  // 1 / sqrt(head_dim)
-};
-
-// Pointer to head h of batch b's first row.
-template <typename T>
-__device__ T* head_base(Rows<T> rows, int b, int h, int seq_len, int head_dim) {
-    return rows.data + size_t(b) * seq_len * rows.stride + size_t(h) * head_dim;
-}
-
 // Key tile kt and its value tile into buffer kt % 2 of kv_tiles ([2][K, V][64 rows][D + pad]),
 // as one cp.async group.
 template <int D>
@@ -215,54 +158,15 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
         float s[kTileRows / 8][4];
         zero<kTileRows>(s);
         warp_mma_abt<D, kTileRows>(s, q_tile + warp * 16 * P, P, k_tile, P);
-        const bool diagonal = kt == q_tile_index;
-#pragma unroll
-        for (int nt = 0; nt < kTileRows / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = row0 + 8 * (e / 2), key = kt * kTileRows + nt * 8 + 2 * (lane % 4) + e % 2;
-                s[nt][e] = (diagonal && (key > row || key >= T)) ? -INFINITY : s[nt][e] * scale_log2;
-            }
-        // Online softmax: rescale what was accumulated under the old max.
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float tile_max = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < kTileRows / 8; ++nt)
-                tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xFFFFFFFF, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xFFFFFFFF, tile_max, 2));
-            const float new_max = fmaxf(row_max[half], tile_max);
-            const float reference = new_max == -INFINITY ? 0.0f : new_max;
-            const float correction = exp2f(row_max[half] - reference);
-            row_max[half] = new_max;
-            float tile_sum = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < kTileRows / 8; ++nt) {
-                s[nt][2 * half] = exp2f(s[nt][2 * half] - reference);
-                s[nt][2 * half + 1] = exp2f(s[nt][2 * half + 1] - reference);
-                tile_sum += s[nt][2 * half] + s[nt][2 * half + 1];
-            }
-            row_sum[half] = row_sum[half] * correction + tile_sum;
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) o[nt][2 * half] *= correction, o[nt][2 * half + 1] *= correction;
-        }
+        if (kt == q_tile_index) mask_scores<kTileRows>(s, row0, kt * kTileRows, T);
+        online_softmax_update<kTileRows, D>(s, o, row_max, row_sum, scale_log2);
         uint32_t p_fragments[kTileRows / 16][4];
         to_a_fragments<kTileRows>(p_fragments, s);
         warp_mma_rb<kTileRows, D>(o, p_fragments, v_tile, P);
         __syncthreads();  // this buffer is refilled next iteration
     }
-    float inverse[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float total = row_sum[half];
-        total += __shfl_xor_sync(0xFFFFFFFF, total, 1);
-        total += __shfl_xor_sync(0xFFFFFFFF, total, 2);
-        inverse[half] = 1.0f / total;
-        const int row = row0 + 8 * half;
-        if (lane % 4 == 0 && row < T) lse[size_t(blockIdx.y) * T + row] = (row_max[half] + log2f(total)) * kLn2;
-    }
-    store_rows<D>(head_base(out, b, h, T, D), out.stride, first_query + warp * 16, T, o, inverse[0], inverse[1]);
+    finish_forward_rows<D>(out, lse + size_t(blockIdx.y) * T, args, b, h, first_query + warp * 16, o, row_max,
+                           row_sum, scale_log2);
 }
 
 // ---------------------------------------------------------------- backward
@@ -518,11 +422,28 @@ void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> 
 }
 
 }  // namespace
+}  // namespace flash
+
+namespace {
+AttentionKernels attention_choice = AttentionKernels::automatic;
+
+bool use_wgmma(int head_dim) {
+    return attention_choice == AttentionKernels::automatic && flash::wgmma_kernels_available(head_dim);
+}
+}  // namespace
+
+void set_attention_kernels(AttentionKernels choice) { attention_choice = choice; }
+
+const char* attention_kernels_name(int head_dim) {
+    return use_wgmma(head_dim) ? "wgmma (Hopper)" : "mma.sync (portable)";
+}
 
 void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v,
                            int batch, int seq_len, int n_heads, int head_dim, cudaStream_t stream) {
+    using namespace flash;
     const AttentionArgs args = make_args(q, k, v, batch, seq_len, n_heads, head_dim);
     check_rows(out.data, out.stride, "out");
+    if (use_wgmma(head_dim)) return attention_forward_wgmma(out, lse, args, head_dim, stream);
     switch (head_dim) {
         case 16: forward_for<16>(out, lse, args, stream); break;
         case 32: forward_for<32>(out, lse, args, stream); break;
@@ -535,6 +456,7 @@ void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* 
                             Rows<const bf16> out, const float* lse, Rows<const bf16> q, Rows<const bf16> k,
                             Rows<const bf16> v, int batch, int seq_len, int n_heads, int head_dim,
                             cudaStream_t stream) {
+    using namespace flash;
     const AttentionArgs args = make_args(q, k, v, batch, seq_len, n_heads, head_dim);
     check_rows(dq.data, dq.stride, "dq");
     check_rows(dk.data, dk.stride, "dk");
@@ -546,6 +468,7 @@ void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* 
     attention_delta_kernel<<<unsigned((threads + 255) / 256), 256, 0, stream>>>(delta, dout, out, n_rows, seq_len,
                                                                                  n_heads, head_dim);
     CUDA_CHECK_LAUNCH();
+    if (use_wgmma(head_dim)) return attention_backward_wgmma(dq, dk, dv, dout, lse, delta, args, head_dim, stream);
     switch (head_dim) {
         case 16: backward_for<16>(dq, dk, dv, dout, lse, delta, args, stream); break;
         case 32: backward_for<32>(dq, dk, dv, dout, lse, delta, args, stream); break;

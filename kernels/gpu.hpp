@@ -187,6 +187,13 @@ void to_bf16_gpu(bf16* out, const float* in, size_t n, cudaStream_t stream = 0);
 // ---- causal flash attention (kernels/attention.cu); head_dim 16, 32, 64 or 128, any seq_len.
 // Head h of row n is columns h*head_dim .. of that row. lse [B, H, T] (fp32) is saved for the
 // backward pass, which needs delta [B, H, T] (fp32) as scratch and writes dq, dk, dv.
+// Two kernel families compute the same thing: Hopper's (wgmma; builds for sm_90a on an sm_90
+// GPU, head_dim 64 and 128) where available, else the portable ones (mma.sync, sm_80 up).
+// `portable` forces the latter everywhere (tests and bench compare the two).
+enum class AttentionKernels { automatic, portable };
+void set_attention_kernels(AttentionKernels choice);
+// Which family attention_*_gpu run for this head_dim on the current GPU, in words.
+const char* attention_kernels_name(int head_dim);
 void attention_forward_gpu(Rows<bf16> out, float* lse, Rows<const bf16> q, Rows<const bf16> k, Rows<const bf16> v,
                            int batch, int seq_len, int n_heads, int head_dim, cudaStream_t stream = 0);
 void attention_backward_gpu(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, float* delta, Rows<const bf16> dout,

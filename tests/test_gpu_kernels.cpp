@@ -312,14 +312,29 @@ TEST_CASE("GPU global gradient norm matches the float64 sum and is deterministic
 }
 
 // q, k, v live in one packed [N, 3C] buffer (as the model's QKV projection writes them) and
-// the gradients go into another, so the strided addressing is tested too.
+// the gradients go into another, so the strided addressing is tested too. Both kernel families
+// run: Hopper's (wgmma, where the build and GPU have it) and the portable one (mma.sync),
+// forced. Lengths cover partial tiles of 64 rows and blocks of 128, a lone row, and sequences
+// long enough for several blocks of each kernel.
 TEST_CASE("GPU flash attention forward and backward match the CPU reference (odd lengths, head_dim 64 and 128)") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    for (auto [B, T, H, hd] : {std::tuple{2, 100, 3, 64}, std::tuple{1, 257, 2, 128}, std::tuple{3, 64, 2, 64},
-                               std::tuple{2, 1, 2, 128}, std::tuple{1, 300, 1, 64}}) {
+    struct RestoreKernels {
+        ~RestoreKernels() { set_attention_kernels(AttentionKernels::automatic); }
+    } restore;
+    std::vector<std::tuple<AttentionKernels, int, int, int, int>> cases;  // kernels, B, T, H, head_dim
+    for (AttentionKernels kernels : {AttentionKernels::automatic, AttentionKernels::portable})
+        for (auto [B, T, H, hd] : {std::tuple{2, 100, 3, 64}, std::tuple{1, 257, 2, 128}, std::tuple{3, 64, 2, 64},
+                                   std::tuple{2, 1, 2, 128}, std::tuple{1, 300, 1, 64}, std::tuple{1, 700, 2, 64},
+                                   std::tuple{1, 129, 1, 64}, std::tuple{1, 520, 1, 128}})
+            cases.emplace_back(kernels, B, T, H, hd);
+    for (auto [kernels, B, T, H, hd] : cases) {
+        set_attention_kernels(kernels);
+        const std::string family = attention_kernels_name(hd);
+        if (T == 100) MESSAGE("attention kernels: " << family << " (head_dim " << hd << ")");
+        CAPTURE(family);
         CAPTURE(B);
         CAPTURE(T);
         CAPTURE(hd);

@@ -325,9 +325,10 @@ void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
         if (i >= 3) f_ms.push_back(f), b_ms.push_back(b);
     }
     const double forward_flops = 4.0 * batch * n_heads * double(seq_len) * seq_len * head_dim / 2.0;
-    std::printf("attention T=%-5d head_dim %-3d B=%d H=%d | forward %.3f ms, %.0f TFLOP/s | backward %.3f ms, %.0f "
-                "TFLOP/s\n",
-                seq_len, head_dim, batch, n_heads, median(f_ms), forward_flops / (median(f_ms) * 1e-3) / 1e12,
+    std::printf("attention T=%-5d head_dim %-3d B=%d H=%d, %s | forward %.3f ms, %.0f TFLOP/s | backward %.3f ms, "
+                "%.0f TFLOP/s\n",
+                seq_len, head_dim, batch, n_heads, attention_kernels_name(head_dim), median(f_ms),
+                forward_flops / (median(f_ms) * 1e-3) / 1e12,
                 median(b_ms), 2.5 * forward_flops / (median(b_ms) * 1e-3) / 1e12);
     std::fflush(stdout);
 }
@@ -373,9 +374,20 @@ int main(int argc, char** argv) {
         const double peak = qopt::measure_matmul_tflops();
         std::printf("bf16 matmul ceiling (cuBLASLt 8192^3): %.0f TFLOP/s\n", peak);
         if (attention || skip_training) {
-            for (int head_dim : {64, 128})
-                for (int seq_len : {1024, 4096})
-                    qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
+            // The kernels training uses, then the portable ones where those differ.
+            for (auto kernels : {qopt::AttentionKernels::automatic, qopt::AttentionKernels::portable}) {
+                qopt::set_attention_kernels(kernels);
+                for (int head_dim : {64, 128}) {
+                    qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
+                    const std::string automatic_name = qopt::attention_kernels_name(head_dim);
+                    qopt::set_attention_kernels(kernels);
+                    if (kernels == qopt::AttentionKernels::portable && automatic_name == qopt::attention_kernels_name(head_dim))
+                        continue;
+                    for (int seq_len : {1024, 4096})
+                        qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
+                }
+            }
+            qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
         }
         if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},

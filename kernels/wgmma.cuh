@@ -1,0 +1,130 @@
+// Hopper warpgroup MMA (wgmma.mma_async; needs sm_90a): the 4 warps of a warpgroup compute a
+// 64 x N product together, B (and optionally A) read straight from shared memory by the tensor
+// cores, without ldmatrix through registers. Used by the Hopper attention kernels
+// (kernels/attention_wgmma.cu); compiled only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
+//
+// Register layouts (PTX ISA, wgmma .m64nNk16) match mma.sync m16n8k16 per warp: warp w of the
+// warpgroup holds rows 16w .. 16w+15; an accumulator d[N/8][4] holds, in lane l, d[i][0..1] =
+// row 16w + l/4, columns 8i + 2(l%4) (+1), and d[i][2..3] the same columns of row +8; an A
+// fragment a[4] is laid out as mma.sync's (kernels/mma.cuh), so C fragments of scores turn into
+// A fragments of probabilities exactly as in the portable kernels.
+//
+// Shared-memory operands: a tile of R rows x 64 bf16 ("panel", 128 bytes per row, 1024-byte
+// aligned) whose 16-byte chunks are XOR-swizzled by the row: chunk c of row r sits at byte
+// r*128 + 16*(c ^ r%8) (the hardware's 128-byte swizzle; bank-conflict free for cp.async writes
+// and for the tensor cores' reads). A tile of R x 128 is two panels one after another.
+//  - K-major operand (the 64 columns are the contraction): k-step ks reads columns 16ks ..
+//    16ks+15: start address + 32 ks bytes; rows 8 apart are 1024 bytes apart (stride offset).
+//  - MN-major operand (the rows are the contraction, columns are N): k-step ks reads rows
+//    16ks .. 16ks+15: start address + 2048 ks bytes; stride offset 1024 (8 rows), leading
+//    offset = bytes of one panel (the next 64 columns of N).
+#pragma once
+#include <cstdint>
+
+#include "kernels/mma.cuh"
+
+namespace qopt {
+
+// Element offset of (row, 8-column chunk) within a swizzled panel.
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) { return row * 64 + ((chunk ^ (row & 7)) << 3); }
+
+// Matrix descriptor (PTX ISA "matrix descriptor format"): start address, leading and stride
+// byte offsets, each >> 4, in bits 0-13, 16-29, 32-45; 128-byte swizzle (mode 1) in bits 62-63.
+__device__ __forceinline__ uint64_t wgmma_descriptor(const void* start, uint32_t leading_bytes, uint32_t stride_bytes) {
+    return uint64_t((shared_address(start) & 0x3FFFF) >> 4) | (uint64_t((leading_bytes >> 4) & 0x3FFF) << 16) |
+           (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+// Descriptor of k-step ks of a K-major operand: rows first_row.. of a tile of panel_rows rows.
+__device__ __forceinline__ uint64_t k_major_descriptor(const bf16* tile, int panel_rows, int first_row, int ks) {
+    return wgmma_descriptor(tile + (ks / 4) * panel_rows * 64 + first_row * 64 + (ks % 4) * 16, 16, 1024);
+}
+
+// Descriptor of k-step ks of an MN-major operand (a tile of panel_rows rows, N = its columns).
+__device__ __forceinline__ uint64_t mn_major_descriptor(const bf16* tile, int panel_rows, int ks) {
+    return wgmma_descriptor(tile + ks * 16 * 64, uint32_t(panel_rows) * 128, 1024);
+}
+
+// Register writes before a wgmma (accumulators, A fragments) must be fenced off from it.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most `pending` committed groups are in flight.
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
+}
+
+// After wgmma_wait: keeps the compiler from reading accumulators before the wait.
+template <int N>
+__device__ __forceinline__ void wgmma_pin(float d[][4]) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// Same for A fragments read from registers by an in-flight wgmma: pinned after the wait, they
+// stay allocated (and unchanged) until the tensor cores are done with them.
+template <int K>
+__device__ __forceinline__ void wgmma_pin_fragments(uint32_t a[][4]) {
+#pragma unroll
+    for (int i = 0; i < K / 16; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+}
+
+// generic proxy writes to shared memory (cp.async, st.shared) -> visible to wgmma's reads.
+__device__ __forceinline__ void fence_shared_for_wgmma() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#define QOPT_D4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+
+// d (64 x 64) = A (64 x 16, shared, K-major) * B (16 x 64, shared, K-major) (+ d if accumulate).
+__device__ __forceinline__ void wgmma_ss_n64(float d[8][4], uint64_t a_descriptor, uint64_t b_descriptor,
+                                             int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : QOPT_D4(0), QOPT_D4(1), QOPT_D4(2), QOPT_D4(3), QOPT_D4(4), QOPT_D4(5), QOPT_D4(6), QOPT_D4(7)
+        : "l"(a_descriptor), "l"(b_descriptor), "r"(accumulate));
+}
+
+// d (64 x 64) = A (64 x 16, bf16 fragments in registers) * B (16 x 64, shared, MN-major) (+ d
+// if accumulate).
+__device__ __forceinline__ void wgmma_rs_n64(float d[8][4], const uint32_t a[4], uint64_t b_descriptor,
+                                              int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : QOPT_D4(0), QOPT_D4(1), QOPT_D4(2), QOPT_D4(3),
+          QOPT_D4(4), QOPT_D4(5), QOPT_D4(6), QOPT_D4(7)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_descriptor), "r"(accumulate));
+}
+
+// d (64 x 128) = A (64 x 16, bf16 fragments in registers) * B (16 x 128, shared, MN-major) (+ d
+// if accumulate).
+__device__ __forceinline__ void wgmma_rs_n128(float d[16][4], const uint32_t a[4], uint64_t b_descriptor,
+                                              int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : QOPT_D4(0), QOPT_D4(1), QOPT_D4(2), QOPT_D4(3),
+          QOPT_D4(4), QOPT_D4(5), QOPT_D4(6), QOPT_D4(7),
+          QOPT_D4(8), QOPT_D4(9), QOPT_D4(10), QOPT_D4(11),
+          QOPT_D4(12), QOPT_D4(13), QOPT_D4(14), QOPT_D4(15)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_descriptor), "r"(accumulate));
+}
+
+#undef QOPT_D4
+
+}  // namespace qopt
