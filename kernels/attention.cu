@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(Rows<bf16> 
         float s[kTileRows / 8][4];
         zero<kTileRows>(s);
         warp_mma_abt<D, kTileRows>(s, q_tile + warp * 16 * P, P, k_tile, P);
-        if (kt == q_tile_index) mask_scores<kTileRows>(s, row0, kt * kTileRows, T);
+        if (kt == q_tile_index) mask_scores<kTileRows>(s, row0, kt * kTileRows, T, -INFINITY);
         online_softmax_update<kTileRows, D>(s, o, row_max, row_sum, scale_log2);
         uint32_t p_fragments[kTileRows / 16][4];
         to_a_fragments<kTileRows>(p_fragments, s);
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int e = 0; e < 4; ++e) {
                 const int key = key0 + 8 * (e / 2), column = nt * 8 + 2 * (lane % 4) + e % 2;
                 const int query = first_query + column;
-                p[nt][e] = (query < key || key >= T) ? 0.0f : exp2f(p[nt][e] * scale_log2 - lse_tile[column]);
+                p[nt][e] = (query < key || key >= T) ? 0.0f : fast_exp2(p[nt][e] * scale_log2 - lse_tile[column]);
             }
         uint32_t fragments[BQ / 16][4];
         to_a_fragments<BQ>(fragments, p);
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kThreads)
             for (int e = 0; e < 4; ++e) {
                 const int half = e / 2, row = row0 + 8 * half, key = kt * kTileRows + nt * 8 + 2 * (lane % 4) + e % 2;
                 const float prob =
-                    (diagonal && (key > row || key >= T)) ? 0.0f : exp2f(p[nt][e] * scale_log2 - row_lse[half]);
+                    (diagonal && (key > row || key >= T)) ? 0.0f : fast_exp2(p[nt][e] * scale_log2 - row_lse[half]);
                 p[nt][e] = prob * (dp[nt][e] - row_delta[half]);  // dS
             }
         uint32_t fragments[kTileRows / 16][4];

@@ -53,18 +53,27 @@ __device__ __forceinline__ void to_a_fragments(uint32_t a[][4], const float c[][
     }
 }
 
-// On the diagonal tile (keys first_key ..), scores of keys after the lane's rows (row0,
-// row0 + 8) or past the sequence become -inf. Off the diagonal every key precedes every row and
-// lies inside the sequence: nothing to mask there.
+// 2^x by the hardware's approximate exp2 (the instruction exp2f uses), results below the
+// smallest normal float flushed to zero, which spares exp2f's rescaling around it.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float result;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+    return result;
+}
+
+// On the diagonal tile (keys first_key ..) of a queries x keys tile, entries whose key comes
+// after the lane's rows (row0, row0 + 8) or lies past the sequence become `value` (-inf for
+// scores, 0 for probabilities). Off the diagonal every key precedes every row and lies inside
+// the sequence: nothing to mask there, and the kernels skip this.
 template <int N>
-__device__ __forceinline__ void mask_scores(float s[][4], int row0, int first_key, int seq_len) {
+__device__ __forceinline__ void mask_scores(float s[][4], int row0, int first_key, int seq_len, float value) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int row = row0 + 8 * (e / 2), key = first_key + nt * 8 + 2 * (lane % 4) + e % 2;
-            if (key > row || key >= seq_len) s[nt][e] = -INFINITY;
+            if (key > row || key >= seq_len) s[nt][e] = value;
         }
 }
 
@@ -84,13 +93,13 @@ __device__ __forceinline__ void online_softmax_update(float s[][4], float o[][4]
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xFFFFFFFF, tile_max, 2));
         const float new_max = fmaxf(row_max[half], tile_max);
         const float reference = new_max == -INFINITY ? 0.0f : new_max * scale_log2;
-        const float correction = exp2f(row_max[half] * scale_log2 - reference);
+        const float correction = fast_exp2(row_max[half] * scale_log2 - reference);
         row_max[half] = new_max;
         float tile_sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt) {
-            s[nt][2 * half] = exp2f(fmaf(s[nt][2 * half], scale_log2, -reference));
-            s[nt][2 * half + 1] = exp2f(fmaf(s[nt][2 * half + 1], scale_log2, -reference));
+            s[nt][2 * half] = fast_exp2(fmaf(s[nt][2 * half], scale_log2, -reference));
+            s[nt][2 * half + 1] = fast_exp2(fmaf(s[nt][2 * half + 1], scale_log2, -reference));
             tile_sum += s[nt][2 * half] + s[nt][2 * half + 1];
         }
         row_sum[half] = row_sum[half] * correction + tile_sum;

@@ -46,16 +46,21 @@ __device__ __forceinline__ bf16* aligned_shared(unsigned char* bytes) {
 }
 
 // Rows first_row .. first_row+ROWS-1 (D columns of one head) into a swizzled tile of ROWS rows
-// (D/64 panels); rows at or past seq_len become zeros.
+// (D/64 panels); rows at or past seq_len become zeros. A thread copies the same 16-byte chunk
+// of every kRowsPerPass-th row, so its swizzle (row % 8) and addresses are worked out once.
 template <int ROWS, int D, int THREADS>
 __device__ __forceinline__ void load_swizzled(bf16* tile, const bf16* head, int stride, int first_row, int seq_len) {
     constexpr int kChunks = D / 8;  // 16-byte pieces per row
-#pragma unroll 4
-    for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
-        const int r = c / kChunks, chunk = c % kChunks;
-        const bool valid = first_row + r < seq_len;
-        const bf16* source = head + size_t(valid ? first_row + r : 0) * stride + chunk * 8;
-        cp_async_16(tile + (chunk / 8) * ROWS * 64 + swizzled_offset(r, chunk % 8), source, valid);
+    constexpr int kRowsPerPass = THREADS / kChunks;
+    static_assert(THREADS % kChunks == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0, "tile shape");
+    const int chunk = int(threadIdx.x) % kChunks, r0 = int(threadIdx.x) / kChunks;
+    bf16* destination = tile + (chunk / 8) * ROWS * 64 + swizzled_offset(r0, chunk % 8);
+    const bf16* source = head + size_t(first_row + r0) * stride + chunk * 8;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
+        const bool valid = first_row + r0 + pass * kRowsPerPass < seq_len;
+        cp_async_16(destination + pass * kRowsPerPass * 64, valid ? source + size_t(pass) * kRowsPerPass * stride : head,
+                    valid);
     }
 }
 
@@ -66,21 +71,23 @@ __device__ __forceinline__ void tile_ready(bool next_issued) {
     __syncthreads();
 }
 
-// d (64 x D) (+)= A (64 x 16, registers) * B (16 x D rows ks*16.. of an MN-major tile of 64 rows).
+__device__ constexpr uint32_t stream_tile_bytes(int head_dim) { return uint32_t(kGroupRows) * head_dim * sizeof(bf16); }
+
+// d (64 x D) (+)= A (64 x 16, registers) * B (rows 16 ks .. of a streamed tile, MN-major
+// descriptor b).
 template <int D>
-__device__ __forceinline__ void wgmma_rs(float d[][4], const uint32_t a[4], const bf16* tile, int ks) {
-    if constexpr (D == 64) wgmma_rs_n64(d, a, mn_major_descriptor(tile, kGroupRows, ks), 1);
-    else wgmma_rs_n128(d, a, mn_major_descriptor(tile, kGroupRows, ks), 1);
+__device__ __forceinline__ void wgmma_rs(float d[][4], const uint32_t a[4], uint64_t b, int ks) {
+    if constexpr (D == 64) wgmma_rs_n64(d, a, mn_major_step(b, ks), 1);
+    else wgmma_rs_n128(d, a, mn_major_step(b, ks), 1);
 }
 
-// s (64 x 64) = rows first_row.. of the K-major tile a (panel_rows rows) times the 64 rows of
-// the streamed tile b, transposed: A B^T over the D columns.
+// s (64 x 64) = A B^T over the D columns: A the 64 rows at descriptor a (K-major, in panels of
+// a_panel_rows rows), B the 64 rows of a streamed tile (K-major descriptor b).
 template <int D>
-__device__ __forceinline__ void wgmma_abt(float s[][4], const bf16* a, int panel_rows, int first_row, const bf16* b) {
+__device__ __forceinline__ void wgmma_abt(float s[][4], uint64_t a, int a_panel_rows, uint64_t b) {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-        wgmma_ss_n64(s, k_major_descriptor(a, panel_rows, first_row, ks), k_major_descriptor(b, kGroupRows, 0, ks),
-                     ks > 0);
+        wgmma_ss_n64(s, k_major_step(a, a_panel_rows, ks), k_major_step(b, kGroupRows, ks), ks > 0);
 }
 
 // Key tile kt and its value tile into buffer kt % 2 ([2][K, V][64 rows x D]), one group.
@@ -96,8 +103,9 @@ __device__ __forceinline__ void load_kv(bf16* kv_tiles, const bf16* k, const bf1
 #endif  // QOPT_HOPPER_BODY
 
 // ---------------------------------------------------------------- forward
+// Registers are capped for 4 warpgroups per SM (128 per thread).
 template <int D, int G>
-__global__ void __launch_bounds__(G * 128) forward_kernel(Rows<bf16> out, float* lse, AttentionArgs args) {
+__global__ void __launch_bounds__(G * 128, 4 / G) forward_kernel(Rows<bf16> out, float* lse, AttentionArgs args) {
 #ifdef QOPT_HOPPER_BODY
     constexpr int kBlockRows = G * kGroupRows, kBlockThreads = G * 128;
     extern __shared__ unsigned char shared_bytes[];
@@ -120,6 +128,9 @@ __global__ void __launch_bounds__(G * 128) forward_kernel(Rows<bf16> out, float*
 
     const float scale_log2 = args.scale * kLog2e;  // exp(scale x) = 2^(scale log2(e) x)
     const int row0 = group_first_row + warp * 16 + lane / 4;
+    constexpr uint32_t kTileBytes = stream_tile_bytes(D);
+    const uint64_t q_rows = advance(k_major_tile(q_tile), group * kGroupRows * 128);  // this warpgroup's queries
+    const uint64_t kv_k_major = k_major_tile(kv_tiles), kv_mn_major = mn_major_tile(kv_tiles, kGroupRows);
     float o[D / 8][4];
     zero<D>(o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
@@ -128,21 +139,21 @@ __global__ void __launch_bounds__(G * 128) forward_kernel(Rows<bf16> out, float*
         if (next) load_kv<D, kBlockThreads>(kv_tiles, k, v, args, kt + 1);
         tile_ready(next);
         if (group_active && kt <= diagonal_tile) {
-            const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kGroupRows * D;
-            const bf16* v_tile = k_tile + kGroupRows * D;
+            const uint32_t buffer = (kt % 2) * 2 * kTileBytes;  // K, then V
             float s[kGroupRows / 8][4];
             wgmma_fence();
-            wgmma_abt<D>(s, q_tile, kBlockRows, group * kGroupRows, k_tile);  // S = Q K^T
+            wgmma_abt<D>(s, q_rows, kBlockRows, advance(kv_k_major, buffer));  // S = Q K^T
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<kGroupRows>(s);
-            if (kt == diagonal_tile) mask_scores<kGroupRows>(s, row0, kt * kGroupRows, T);
+            if (kt == diagonal_tile) mask_scores<kGroupRows>(s, row0, kt * kGroupRows, T, -INFINITY);
             online_softmax_update<kGroupRows, D>(s, o, row_max, row_sum, scale_log2);
             uint32_t p_fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(p_fragments, s);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks) wgmma_rs<D>(o, p_fragments[ks], v_tile, ks);  // O += P V
+            for (int ks = 0; ks < kGroupRows / 16; ++ks)
+                wgmma_rs<D>(o, p_fragments[ks], advance(kv_mn_major, buffer + kTileBytes), ks);  // O += P V
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<D>(o);
@@ -157,9 +168,14 @@ __global__ void __launch_bounds__(G * 128) forward_kernel(Rows<bf16> out, float*
 }
 
 // ---------------------------------------------------------------- backward
+// Blocks per SM the register budget is cut for (65536 registers: 3 blocks of one warpgroup at
+// up to 168 registers, 4 at up to 128); more resident warpgroups hide each other's latency.
+constexpr int kv_blocks_per_sm(int head_dim, int groups) { return groups == 1 && head_dim == 64 ? 3 : 1; }
+constexpr int q_blocks_per_sm(int head_dim, int groups) { return groups == 1 ? (head_dim == 64 ? 4 : 3) : 1; }
+
 // dK and dV of G x 64 keys (64 per warpgroup): loop over the query tiles at or after the keys.
 template <int D, int G>
-__global__ void __launch_bounds__(G * 128)
+__global__ void __launch_bounds__(G * 128, kv_blocks_per_sm(D, G))
     backward_kv_kernel(Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> dout, const float* lse, const float* delta,
                        AttentionArgs args) {
 #ifdef QOPT_HOPPER_BODY
@@ -202,6 +218,11 @@ __global__ void __launch_bounds__(G * 128)
 
     const float scale_log2 = args.scale * kLog2e;
     const int key0 = group_first_key + warp * 16 + lane / 4;  // this lane's keys: key0 and key0 + 8
+    constexpr uint32_t kTileBytes = stream_tile_bytes(D);
+    const uint64_t k_rows = advance(k_major_tile(k_tile), group * kGroupRows * 128);  // this warpgroup's keys
+    const uint64_t v_rows = advance(k_major_tile(v_tile), group * kGroupRows * 128);
+    const uint64_t stream_k_major = k_major_tile(q_dout_tiles);
+    const uint64_t stream_mn_major = mn_major_tile(q_dout_tiles, kGroupRows);
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     zero<D>(dk_acc);
     zero<D>(dv_acc);
@@ -210,33 +231,35 @@ __global__ void __launch_bounds__(G * 128)
         if (next) load_queries(qt + 1);
         tile_ready(next);
         if (group_active && qt >= diagonal_tile) {
-            const bf16* q_tile = q_dout_tiles + (qt % 2) * 2 * kGroupRows * D;
-            const bf16* dout_tile = q_tile + kGroupRows * D;
+            const uint32_t q_bytes = (qt % 2) * 2 * kTileBytes, dout_bytes = q_bytes + kTileBytes;
             const float* lse_tile = stats + (qt % 2) * 2 * kGroupRows;
             const float* delta_tile = lse_tile + kGroupRows;
             float p[kGroupRows / 8][4], dp[kGroupRows / 8][4];  // P^T, dP^T: keys x queries
             wgmma_fence();
-            wgmma_abt<D>(p, k_tile, kBlockRows, group * kGroupRows, q_tile);      // S^T = K Q^T
-            wgmma_abt<D>(dp, v_tile, kBlockRows, group * kGroupRows, dout_tile);  // dP^T = V dout^T
+            wgmma_abt<D>(p, k_rows, kBlockRows, advance(stream_k_major, q_bytes));      // S^T = K Q^T
+            wgmma_abt<D>(dp, v_rows, kBlockRows, advance(stream_k_major, dout_bytes));  // dP^T = V dout^T
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<kGroupRows>(p);
             wgmma_pin<kGroupRows>(dp);
-            const bool diagonal = qt == diagonal_tile;
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int column = nt * 8 + 2 * (lane % 4) + e % 2;
-                    const int key = key0 + 8 * (e / 2), query = qt * kGroupRows + column;
-                    p[nt][e] = (diagonal && query < key) ? 0.0f : exp2f(p[nt][e] * scale_log2 - lse_tile[column]);
-                }
+                for (int e = 0; e < 4; ++e)
+                    p[nt][e] = fast_exp2(fmaf(p[nt][e], scale_log2, -lse_tile[nt * 8 + 2 * (lane % 4) + e % 2]));
+            if (qt == diagonal_tile)  // a query before the key sees none of it
+#pragma unroll
+                for (int nt = 0; nt < kGroupRows / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (qt * kGroupRows + nt * 8 + 2 * (lane % 4) + e % 2 < key0 + 8 * (e / 2)) p[nt][e] = 0.0f;
             uint32_t p_fragments[kGroupRows / 16][4], ds_fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(p_fragments, p);
             // dV += P^T dout runs on the tensor cores while dS^T = P^T * (dP^T - delta) is formed.
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks) wgmma_rs<D>(dv_acc, p_fragments[ks], dout_tile, ks);
+            for (int ks = 0; ks < kGroupRows / 16; ++ks)
+                wgmma_rs<D>(dv_acc, p_fragments[ks], advance(stream_mn_major, dout_bytes), ks);
             wgmma_commit();
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
@@ -246,7 +269,8 @@ __global__ void __launch_bounds__(G * 128)
             to_a_fragments<kGroupRows>(ds_fragments, dp);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks) wgmma_rs<D>(dk_acc, ds_fragments[ks], q_tile, ks);
+            for (int ks = 0; ks < kGroupRows / 16; ++ks)
+                wgmma_rs<D>(dk_acc, ds_fragments[ks], advance(stream_mn_major, q_bytes), ks);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<D>(dv_acc);
@@ -266,7 +290,7 @@ __global__ void __launch_bounds__(G * 128)
 
 // dQ of G x 64 queries (64 per warpgroup): loop over the key tiles up to the diagonal.
 template <int D, int G>
-__global__ void __launch_bounds__(G * 128)
+__global__ void __launch_bounds__(G * 128, q_blocks_per_sm(D, G))
     backward_q_kernel(Rows<bf16> dq, Rows<const bf16> dout, const float* lse, const float* delta, AttentionArgs args) {
 #ifdef QOPT_HOPPER_BODY
     constexpr int kBlockRows = G * kGroupRows, kBlockThreads = G * 128;
@@ -300,6 +324,10 @@ __global__ void __launch_bounds__(G * 128)
         row_lse[half] = valid ? lse[size_t(blockIdx.y) * T + row] * kLog2e : INFINITY;
         row_delta[half] = valid ? delta[size_t(blockIdx.y) * T + row] : 0.0f;
     }
+    constexpr uint32_t kTileBytes = stream_tile_bytes(D);
+    const uint64_t q_rows = advance(k_major_tile(q_tile), group * kGroupRows * 128);  // this warpgroup's queries
+    const uint64_t dout_rows = advance(k_major_tile(dout_tile), group * kGroupRows * 128);
+    const uint64_t kv_k_major = k_major_tile(kv_tiles), kv_mn_major = mn_major_tile(kv_tiles, kGroupRows);
     float dq_acc[D / 8][4];
     zero<D>(dq_acc);
     for (int kt = 0; kt <= last_tile; ++kt) {
@@ -307,33 +335,30 @@ __global__ void __launch_bounds__(G * 128)
         if (next) load_kv<D, kBlockThreads>(kv_tiles, k, v, args, kt + 1);
         tile_ready(next);
         if (group_active && kt <= diagonal_tile) {
-            const bf16* k_tile = kv_tiles + (kt % 2) * 2 * kGroupRows * D;
-            const bf16* v_tile = k_tile + kGroupRows * D;
+            const uint32_t k_bytes = (kt % 2) * 2 * kTileBytes, v_bytes = k_bytes + kTileBytes;
             float p[kGroupRows / 8][4], dp[kGroupRows / 8][4];
             wgmma_fence();
-            wgmma_abt<D>(p, q_tile, kBlockRows, group * kGroupRows, k_tile);      // S = Q K^T
-            wgmma_abt<D>(dp, dout_tile, kBlockRows, group * kGroupRows, v_tile);  // dP = dout V^T
+            wgmma_abt<D>(p, q_rows, kBlockRows, advance(kv_k_major, k_bytes));      // S = Q K^T
+            wgmma_abt<D>(dp, dout_rows, kBlockRows, advance(kv_k_major, v_bytes));  // dP = dout V^T
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<kGroupRows>(p);
             wgmma_pin<kGroupRows>(dp);
-            const bool diagonal = kt == diagonal_tile;
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int half = e / 2, row = row0 + 8 * half;
-                    const int key = kt * kGroupRows + nt * 8 + 2 * (lane % 4) + e % 2;
-                    const float prob = (diagonal && (key > row || key >= T))
-                                           ? 0.0f
-                                           : exp2f(p[nt][e] * scale_log2 - row_lse[half]);
-                    p[nt][e] = prob * (dp[nt][e] - row_delta[half]);  // dS
-                }
+                for (int e = 0; e < 4; ++e) p[nt][e] = fast_exp2(fmaf(p[nt][e], scale_log2, -row_lse[e / 2]));
+            if (kt == diagonal_tile) mask_scores<kGroupRows>(p, row0, kt * kGroupRows, T, 0.0f);
+#pragma unroll
+            for (int nt = 0; nt < kGroupRows / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - row_delta[e / 2];  // dS
             uint32_t fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(fragments, p);
             wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks) wgmma_rs<D>(dq_acc, fragments[ks], k_tile, ks);  // dQ += dS K
+            for (int ks = 0; ks < kGroupRows / 16; ++ks)
+                wgmma_rs<D>(dq_acc, fragments[ks], advance(kv_mn_major, k_bytes), ks);  // dQ += dS K
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<D>(dq_acc);

@@ -35,15 +35,25 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(const void* start, uint32_t
            (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
-// Descriptor of k-step ks of a K-major operand: rows first_row.. of a tile of panel_rows rows.
-__device__ __forceinline__ uint64_t k_major_descriptor(const bf16* tile, int panel_rows, int first_row, int ks) {
-    return wgmma_descriptor(tile + (ks / 4) * panel_rows * 64 + first_row * 64 + (ks % 4) * 16, 16, 1024);
+// Descriptors of a swizzled tile (its first panel at `tile`) read as a K-major operand, or as
+// an MN-major one whose panels hold panel_rows rows each.
+__device__ __forceinline__ uint64_t k_major_tile(const bf16* tile) { return wgmma_descriptor(tile, 16, 1024); }
+__device__ __forceinline__ uint64_t mn_major_tile(const bf16* tile, int panel_rows) {
+    return wgmma_descriptor(tile, uint32_t(panel_rows) * 128, 1024);
 }
 
-// Descriptor of k-step ks of an MN-major operand (a tile of panel_rows rows, N = its columns).
-__device__ __forceinline__ uint64_t mn_major_descriptor(const bf16* tile, int panel_rows, int ks) {
-    return wgmma_descriptor(tile + ks * 16 * 64, uint32_t(panel_rows) * 128, 1024);
+// A descriptor moved `bytes` further into shared memory (the start address is its low bits and
+// never carries out of them: shared memory ends below 2^18 bytes). Kernels build their tiles'
+// descriptors once and move them by constants, instead of rebuilding them per product.
+__device__ __forceinline__ uint64_t advance(uint64_t descriptor, uint32_t bytes) { return descriptor + (bytes >> 4); }
+
+// k-step ks of a K-major tile of panel_rows rows: columns 16 ks .. 16 ks + 15.
+__device__ __forceinline__ uint64_t k_major_step(uint64_t tile, int panel_rows, int ks) {
+    return advance(tile, uint32_t((ks / 4) * panel_rows * 128 + (ks % 4) * 32));
 }
+
+// k-step ks of an MN-major tile: rows 16 ks .. 16 ks + 15.
+__device__ __forceinline__ uint64_t mn_major_step(uint64_t tile, int ks) { return advance(tile, uint32_t(ks) * 2048); }
 
 // Register writes before a wgmma (accumulators, A fragments) must be fenced off from it.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
