@@ -59,8 +59,8 @@ __device__ __forceinline__ void load_swizzled(bf16* tile, const bf16* head, int 
 #pragma unroll
     for (int pass = 0; pass < ROWS / kRowsPerPass; ++pass) {
         const bool valid = first_row + r0 + pass * kRowsPerPass < seq_len;
-        cp_async_16(destination + pass * kRowsPerPass * 64, valid ? source + size_t(pass) * kRowsPerPass * stride : head,
-                    valid);
+        const bf16* row_source = valid ? source + size_t(pass) * kRowsPerPass * stride : head;
+        cp_async_16(destination + pass * kRowsPerPass * 64, row_source, valid);
     }
 }
 

@@ -84,7 +84,9 @@ __device__ __forceinline__ void wgmma_pin_fragments(uint32_t a[][4]) {
 }
 
 // generic proxy writes to shared memory (cp.async, st.shared) -> visible to wgmma's reads.
-__device__ __forceinline__ void fence_shared_for_wgmma() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_shared_for_wgmma() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 
 #define QOPT_D4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
 

@@ -381,8 +381,8 @@ int main(int argc, char** argv) {
                     qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
                     const std::string automatic_name = qopt::attention_kernels_name(head_dim);
                     qopt::set_attention_kernels(kernels);
-                    if (kernels == qopt::AttentionKernels::portable && automatic_name == qopt::attention_kernels_name(head_dim))
-                        continue;
+                    const bool same_as_automatic = automatic_name == qopt::attention_kernels_name(head_dim);
+                    if (kernels == qopt::AttentionKernels::portable && same_as_automatic) continue;
                     for (int seq_len : {1024, 4096})
                         qopt::bench_attention(seq_len, head_dim, 2048 / head_dim, 32768 / seq_len * 2);
                 }
