@@ -81,6 +81,24 @@ __device__ __forceinline__ void wgmma_rs(float d[][4], const uint32_t a[4], uint
     else wgmma_rs_n128(d, a, mn_major_step(b, ks), 1);
 }
 
+// Issues acc (64 x D) += A (64 x 64 keys or queries, bf16 fragments in registers) * B (the 64
+// rows of a streamed tile, MN-major descriptor b) as one wgmma group, not waited for.
+template <int D>
+__device__ __forceinline__ void issue_rs_products(float acc[][4], const uint32_t a[][4], uint64_t b) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kGroupRows / 16; ++ks) wgmma_rs<D>(acc, a[ks], b, ks);
+    wgmma_commit();
+}
+
+// Waits for every issued group; the accumulator and the A fragments it read are then free.
+template <int D>
+__device__ __forceinline__ void finish_rs_products(float acc[][4], uint32_t a[][4]) {
+    wgmma_wait<0>();
+    wgmma_pin<D>(acc);
+    wgmma_pin_fragments<kGroupRows>(a);
+}
+
 // s (64 x 64) = A B^T over the D columns: A the 64 rows at descriptor a (K-major, in panels of
 // a_panel_rows rows), B the 64 rows of a streamed tile (K-major descriptor b).
 template <int D>
@@ -88,6 +106,21 @@ __device__ __forceinline__ void wgmma_abt(float s[][4], uint64_t a, int a_panel_
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
         wgmma_ss_n64(s, k_major_step(a, a_panel_rows, ks), k_major_step(b, kGroupRows, ks), ks > 0);
+}
+
+// The backward kernels' two score-shaped products, waited for: s = A_s B_s^T and
+// dp = A_dp B_dp^T (A: 64 rows at the descriptors in panels of a_panel_rows rows, B: streamed
+// tiles) — S and dP in the dQ kernel, their transposes in the dK/dV kernel.
+template <int D>
+__device__ __forceinline__ void scores_and_their_gradients(float s[][4], float dp[][4], uint64_t a_s, uint64_t a_dp,
+                                                           int a_panel_rows, uint64_t b_s, uint64_t b_dp) {
+    wgmma_fence();
+    wgmma_abt<D>(s, a_s, a_panel_rows, b_s);
+    wgmma_abt<D>(dp, a_dp, a_panel_rows, b_dp);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin<kGroupRows>(s);
+    wgmma_pin<kGroupRows>(dp);
 }
 
 // Key tile kt and its value tile into buffer kt % 2 ([2][K, V][64 rows x D]), one group.
@@ -102,6 +135,26 @@ __device__ __forceinline__ void load_kv(bf16* kv_tiles, const bf16* k, const bf1
 
 #endif  // QOPT_HOPPER_BODY
 
+// Where a block of the forward or dQ kernel sits: G x 64 query rows of head (b, h), the
+// longest rows launched first; the key tiles the block streams (0 .. last_tile) and those its
+// warpgroup uses (0 .. diagonal_tile, the masked one).
+template <int G>
+struct QueryBlock {
+    int first_query, b, h, group, warp, lane, group_first_row, diagonal_tile, last_tile;
+    bool group_active;  // false: the warpgroup's rows all lie past the sequence
+    __device__ explicit QueryBlock(const AttentionArgs& args) {
+        const int T = args.seq_len, block_rows = G * kGroupRows;
+        const int n_blocks = (T + block_rows - 1) / block_rows, n_key_tiles = (T + kGroupRows - 1) / kGroupRows;
+        first_query = (n_blocks - 1 - int(blockIdx.x)) * block_rows;
+        b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
+        group = int(threadIdx.x) / 128, warp = (int(threadIdx.x) / 32) % 4, lane = int(threadIdx.x) % 32;
+        group_first_row = first_query + group * kGroupRows;
+        group_active = group_first_row < T;
+        diagonal_tile = group_first_row / kGroupRows;
+        last_tile = min(first_query / kGroupRows + G - 1, n_key_tiles - 1);
+    }
+};
+
 // ---------------------------------------------------------------- forward
 // Registers are capped for 4 warpgroups per SM (128 per thread).
 template <int D, int G>
@@ -112,33 +165,27 @@ __global__ void __launch_bounds__(G * 128, 4 / G) forward_kernel(Rows<bf16> out,
     bf16* q_tile = aligned_shared(shared_bytes);  // [G x 64 rows x D]
     bf16* kv_tiles = q_tile + kBlockRows * D;     // [2 buffers][K, V][64 rows x D]
     const int T = args.seq_len;
-    const int n_key_tiles = (T + kGroupRows - 1) / kGroupRows;
-    const int n_blocks = (T + kBlockRows - 1) / kBlockRows;
-    const int first_query = (n_blocks - 1 - int(blockIdx.x)) * kBlockRows;  // longest rows first
-    const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
-    const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int group_first_row = first_query + group * kGroupRows;
-    const bool group_active = group_first_row < T;
-    const int diagonal_tile = group_first_row / kGroupRows;
-    const int last_tile = min(first_query / kGroupRows + G - 1, n_key_tiles - 1);
+    const QueryBlock<G> at(args);
+    const int b = at.b, h = at.h, group = at.group, warp = at.warp, lane = at.lane;
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
-    load_swizzled<kBlockRows, D, kBlockThreads>(q_tile, head_base(args.q, b, h, T, D), args.q.stride, first_query, T);
+    const bf16* q = head_base(args.q, b, h, T, D);
+    load_swizzled<kBlockRows, D, kBlockThreads>(q_tile, q, args.q.stride, at.first_query, T);
     load_kv<D, kBlockThreads>(kv_tiles, k, v, args, 0);
 
     const float scale_log2 = args.scale * kLog2e;  // exp(scale x) = 2^(scale log2(e) x)
-    const int row0 = group_first_row + warp * 16 + lane / 4;
+    const int row0 = at.group_first_row + warp * 16 + lane / 4;
     constexpr uint32_t kTileBytes = stream_tile_bytes(D);
     const uint64_t q_rows = advance(k_major_tile(q_tile), group * kGroupRows * 128);  // this warpgroup's queries
     const uint64_t kv_k_major = k_major_tile(kv_tiles), kv_mn_major = mn_major_tile(kv_tiles, kGroupRows);
     float o[D / 8][4];
     zero<D>(o);
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-    for (int kt = 0; kt <= last_tile; ++kt) {
-        const bool next = kt < last_tile;
+    for (int kt = 0; kt <= at.last_tile; ++kt) {
+        const bool next = kt < at.last_tile;
         if (next) load_kv<D, kBlockThreads>(kv_tiles, k, v, args, kt + 1);
         tile_ready(next);
-        if (group_active && kt <= diagonal_tile) {
+        if (at.group_active && kt <= at.diagonal_tile) {
             const uint32_t buffer = (kt % 2) * 2 * kTileBytes;  // K, then V
             float s[kGroupRows / 8][4];
             wgmma_fence();
@@ -146,23 +193,17 @@ __global__ void __launch_bounds__(G * 128, 4 / G) forward_kernel(Rows<bf16> out,
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_pin<kGroupRows>(s);
-            if (kt == diagonal_tile) mask_scores<kGroupRows>(s, row0, kt * kGroupRows, T, -INFINITY);
+            if (kt == at.diagonal_tile) mask_scores<kGroupRows>(s, row0, kt * kGroupRows, T, -INFINITY);
             online_softmax_update<kGroupRows, D>(s, o, row_max, row_sum, scale_log2);
             uint32_t p_fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(p_fragments, s);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks)
-                wgmma_rs<D>(o, p_fragments[ks], advance(kv_mn_major, buffer + kTileBytes), ks);  // O += P V
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin<D>(o);
-            wgmma_pin_fragments<kGroupRows>(p_fragments);
+            issue_rs_products<D>(o, p_fragments, advance(kv_mn_major, buffer + kTileBytes));  // O += P V
+            finish_rs_products<D>(o, p_fragments);
         }
         __syncthreads();  // this buffer is refilled next iteration
     }
-    if (group_active)
-        finish_forward_rows<D>(out, lse + size_t(blockIdx.y) * T, args, b, h, group_first_row + warp * 16, o,
+    if (at.group_active)
+        finish_forward_rows<D>(out, lse + size_t(blockIdx.y) * T, args, b, h, at.group_first_row + warp * 16, o,
                                row_max, row_sum, scale_log2);
 #endif
 }
@@ -235,13 +276,9 @@ __global__ void __launch_bounds__(G * 128, kv_blocks_per_sm(D, G))
             const float* lse_tile = stats + (qt % 2) * 2 * kGroupRows;
             const float* delta_tile = lse_tile + kGroupRows;
             float p[kGroupRows / 8][4], dp[kGroupRows / 8][4];  // P^T, dP^T: keys x queries
-            wgmma_fence();
-            wgmma_abt<D>(p, k_rows, kBlockRows, advance(stream_k_major, q_bytes));      // S^T = K Q^T
-            wgmma_abt<D>(dp, v_rows, kBlockRows, advance(stream_k_major, dout_bytes));  // dP^T = V dout^T
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin<kGroupRows>(p);
-            wgmma_pin<kGroupRows>(dp);
+            // S^T = K Q^T, dP^T = V dout^T
+            scores_and_their_gradients<D>(p, dp, k_rows, v_rows, kBlockRows, advance(stream_k_major, q_bytes),
+                                          advance(stream_k_major, dout_bytes));
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
@@ -256,27 +293,16 @@ __global__ void __launch_bounds__(G * 128, kv_blocks_per_sm(D, G))
             uint32_t p_fragments[kGroupRows / 16][4], ds_fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(p_fragments, p);
             // dV += P^T dout runs on the tensor cores while dS^T = P^T * (dP^T - delta) is formed.
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks)
-                wgmma_rs<D>(dv_acc, p_fragments[ks], advance(stream_mn_major, dout_bytes), ks);
-            wgmma_commit();
+            issue_rs_products<D>(dv_acc, p_fragments, advance(stream_mn_major, dout_bytes));
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     dp[nt][e] = p[nt][e] * (dp[nt][e] - delta_tile[nt * 8 + 2 * (lane % 4) + e % 2]);
             to_a_fragments<kGroupRows>(ds_fragments, dp);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks)
-                wgmma_rs<D>(dk_acc, ds_fragments[ks], advance(stream_mn_major, q_bytes), ks);
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin<D>(dv_acc);
-            wgmma_pin_fragments<kGroupRows>(p_fragments);
-            wgmma_pin_fragments<kGroupRows>(ds_fragments);
-            wgmma_pin<D>(dk_acc);
+            issue_rs_products<D>(dk_acc, ds_fragments, advance(stream_mn_major, q_bytes));  // dK += dS^T Q
+            finish_rs_products<D>(dv_acc, p_fragments);
+            finish_rs_products<D>(dk_acc, ds_fragments);
         }
         __syncthreads();  // this buffer is refilled next iteration
     }
@@ -299,23 +325,17 @@ __global__ void __launch_bounds__(G * 128, q_blocks_per_sm(D, G))
     bf16* dout_tile = q_tile + kBlockRows * D;    // [G x 64 rows x D]
     bf16* kv_tiles = dout_tile + kBlockRows * D;  // [2 buffers][K, V][64 rows x D]
     const int T = args.seq_len;
-    const int n_key_tiles = (T + kGroupRows - 1) / kGroupRows;
-    const int n_blocks = (T + kBlockRows - 1) / kBlockRows;
-    const int first_query = (n_blocks - 1 - int(blockIdx.x)) * kBlockRows;
-    const int b = int(blockIdx.y) / args.n_heads, h = int(blockIdx.y) % args.n_heads;
-    const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int group_first_row = first_query + group * kGroupRows;
-    const bool group_active = group_first_row < T;
-    const int diagonal_tile = group_first_row / kGroupRows;
-    const int last_tile = min(first_query / kGroupRows + G - 1, n_key_tiles - 1);
+    const QueryBlock<G> at(args);
+    const int b = at.b, h = at.h, group = at.group, warp = at.warp, lane = at.lane;
     const bf16* k = head_base(args.k, b, h, T, D);
     const bf16* v = head_base(args.v, b, h, T, D);
-    load_swizzled<kBlockRows, D, kBlockThreads>(q_tile, head_base(args.q, b, h, T, D), args.q.stride, first_query, T);
-    load_swizzled<kBlockRows, D, kBlockThreads>(dout_tile, head_base(dout, b, h, T, D), dout.stride, first_query, T);
+    const bf16 *q = head_base(args.q, b, h, T, D), *g = head_base(dout, b, h, T, D);
+    load_swizzled<kBlockRows, D, kBlockThreads>(q_tile, q, args.q.stride, at.first_query, T);
+    load_swizzled<kBlockRows, D, kBlockThreads>(dout_tile, g, dout.stride, at.first_query, T);
     load_kv<D, kBlockThreads>(kv_tiles, k, v, args, 0);
 
     const float scale_log2 = args.scale * kLog2e;
-    const int row0 = group_first_row + warp * 16 + lane / 4;
+    const int row0 = at.group_first_row + warp * 16 + lane / 4;
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -330,44 +350,34 @@ __global__ void __launch_bounds__(G * 128, q_blocks_per_sm(D, G))
     const uint64_t kv_k_major = k_major_tile(kv_tiles), kv_mn_major = mn_major_tile(kv_tiles, kGroupRows);
     float dq_acc[D / 8][4];
     zero<D>(dq_acc);
-    for (int kt = 0; kt <= last_tile; ++kt) {
-        const bool next = kt < last_tile;
+    for (int kt = 0; kt <= at.last_tile; ++kt) {
+        const bool next = kt < at.last_tile;
         if (next) load_kv<D, kBlockThreads>(kv_tiles, k, v, args, kt + 1);
         tile_ready(next);
-        if (group_active && kt <= diagonal_tile) {
+        if (at.group_active && kt <= at.diagonal_tile) {
             const uint32_t k_bytes = (kt % 2) * 2 * kTileBytes, v_bytes = k_bytes + kTileBytes;
             float p[kGroupRows / 8][4], dp[kGroupRows / 8][4];
-            wgmma_fence();
-            wgmma_abt<D>(p, q_rows, kBlockRows, advance(kv_k_major, k_bytes));      // S = Q K^T
-            wgmma_abt<D>(dp, dout_rows, kBlockRows, advance(kv_k_major, v_bytes));  // dP = dout V^T
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin<kGroupRows>(p);
-            wgmma_pin<kGroupRows>(dp);
+            // S = Q K^T, dP = dout V^T
+            scores_and_their_gradients<D>(p, dp, q_rows, dout_rows, kBlockRows, advance(kv_k_major, k_bytes),
+                                          advance(kv_k_major, v_bytes));
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) p[nt][e] = fast_exp2(fmaf(p[nt][e], scale_log2, -row_lse[e / 2]));
-            if (kt == diagonal_tile) mask_scores<kGroupRows>(p, row0, kt * kGroupRows, T, 0.0f);
+            if (kt == at.diagonal_tile) mask_scores<kGroupRows>(p, row0, kt * kGroupRows, T, 0.0f);
 #pragma unroll
             for (int nt = 0; nt < kGroupRows / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) p[nt][e] *= dp[nt][e] - row_delta[e / 2];  // dS
             uint32_t fragments[kGroupRows / 16][4];
             to_a_fragments<kGroupRows>(fragments, p);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kGroupRows / 16; ++ks)
-                wgmma_rs<D>(dq_acc, fragments[ks], advance(kv_mn_major, k_bytes), ks);  // dQ += dS K
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_pin<D>(dq_acc);
-            wgmma_pin_fragments<kGroupRows>(fragments);
+            issue_rs_products<D>(dq_acc, fragments, advance(kv_mn_major, k_bytes));  // dQ += dS K
+            finish_rs_products<D>(dq_acc, fragments);
         }
         __syncthreads();  // this buffer is refilled next iteration
     }
-    if (group_active)
-        store_rows<D>(head_base(dq, b, h, T, D), dq.stride, group_first_row + warp * 16, T, dq_acc, args.scale,
+    if (at.group_active)
+        store_rows<D>(head_base(dq, b, h, T, D), dq.stride, at.group_first_row + warp * 16, T, dq_acc, args.scale,
                       args.scale);
 #endif
 }
