@@ -415,13 +415,51 @@ void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> 
     }
     const int n_tiles = (args.seq_len + kTileRows - 1) / kTileRows;
     const dim3 grid(n_tiles, args.batch * args.n_heads);
+    cudaStream_t side = fork_side_stream(stream);
     attention_backward_kv_kernel<D, BQ><<<grid, kThreads, kv_bytes, stream>>>(dk, dv, dout, lse, delta, args);
     CUDA_CHECK_LAUNCH();
-    attention_backward_q_kernel<D><<<grid, kThreads, q_bytes, stream>>>(dq, dout, lse, delta, args);
+    attention_backward_q_kernel<D><<<grid, kThreads, q_bytes, side>>>(dq, dout, lse, delta, args);
     CUDA_CHECK_LAUNCH();
+    join_side_stream(stream);
 }
 
 }  // namespace
+
+namespace {
+struct SideStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t forked = nullptr, joined = nullptr;
+};
+
+// The current device's side stream: non-blocking, so it overlaps even the legacy default stream.
+SideStream& side_stream() {
+    static SideStream per_device[64];
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    QOPT_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
+    SideStream& side = per_device[device];
+    if (!side.stream) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&side.forked, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&side.joined, cudaEventDisableTiming));
+    }
+    return side;
+}
+}  // namespace
+
+cudaStream_t fork_side_stream(cudaStream_t stream) {
+    SideStream& side = side_stream();
+    CUDA_CHECK(cudaEventRecord(side.forked, stream));
+    CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.forked, 0));
+    return side.stream;
+}
+
+void join_side_stream(cudaStream_t stream) {
+    SideStream& side = side_stream();
+    CUDA_CHECK(cudaEventRecord(side.joined, side.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(stream, side.joined, 0));
+}
+
 }  // namespace flash
 
 namespace {

@@ -146,6 +146,13 @@ __device__ __forceinline__ void finish_forward_rows(Rows<bf16> out, float* lse_b
     store_rows<D>(head_base(out, b, h, T, D), out.stride, first_row, T, o, inverse[0], inverse[1]);
 }
 
+// The backward's dK/dV and dQ kernels read the same inputs and write disjoint outputs: the dQ
+// kernel runs on a second stream beside `stream`, so each fills the SMs the other's last wave
+// leaves idle. fork_side_stream makes that stream (one per device, created once) wait for all
+// work issued on `stream` and returns it; join_side_stream makes `stream` wait for it.
+cudaStream_t fork_side_stream(cudaStream_t stream);
+void join_side_stream(cudaStream_t stream);
+
 // The Hopper kernels (kernels/attention_wgmma.cu), for head_dim 64 and 128. Available when the
 // build targets sm_90a (the Makefile then defines QOPT_WGMMA) and the GPU is an sm_90 one.
 bool wgmma_kernels_available(int head_dim);

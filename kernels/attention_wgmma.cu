@@ -416,10 +416,12 @@ void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> 
         configured = true;
     }
     const dim3 grid((args.seq_len + kBlockRows - 1) / kBlockRows, args.batch * args.n_heads);
+    cudaStream_t side = fork_side_stream(stream);
     backward_kv_kernel<D, G><<<grid, G * 128, kv_bytes, stream>>>(dk, dv, dout, lse, delta, args);
     CUDA_CHECK_LAUNCH();
-    backward_q_kernel<D, G><<<grid, G * 128, q_bytes, stream>>>(dq, dout, lse, delta, args);
+    backward_q_kernel<D, G><<<grid, G * 128, q_bytes, side>>>(dq, dout, lse, delta, args);
     CUDA_CHECK_LAUNCH();
+    join_side_stream(stream);
 }
 
 #ifdef QOPT_WGMMA
