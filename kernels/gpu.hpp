@@ -80,9 +80,12 @@ void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, c
                                const float* weight, const float* bias, int n_rows, int dim, float eps,
                                cudaStream_t stream = 0);
 // accumulate: din += (the residual stream's gradient gathers its branches in place).
+// dbranch_bias (may be null) += column sums of the updated din: where din is the gradient of a
+// residual stream that a biased linear layer's output was added into (gpt2's attention and MLP
+// output projections), that bias's gradient, summed in the same pass.
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
-                            bool accumulate = false, cudaStream_t stream = 0);
+                            bool accumulate = false, float* dbranch_bias = nullptr, cudaStream_t stream = 0);
 
 // ---- activations (kernels/activations.cu): din is written, not accumulated.
 void gelu_forward_gpu(bf16* out, const bf16* in, size_t n, cudaStream_t stream = 0);

@@ -1,7 +1,11 @@
 // RMSNorm and LayerNorm on the GPU (math and CPU reference: kernels/norms.hpp).
 // Forward and input-gradient kernels: one warp per row, fp32 accumulation.
 // Parameter gradients are summed deterministically in two stages: blocks of rows write
-// per-chunk partial sums in a fixed order, then one pass adds the chunks in order.
+// per-block partial sums in a fixed order, then one pass adds the blocks in order. Where the
+// row fits in registers (dim <= 1024) the backward pass produces the input gradient and the
+// partial sums in one read of dout and in (norm_backward_fused_kernel); elsewhere a second
+// pass over them does (norm_param_partials_kernel).
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <utility>
@@ -388,21 +392,40 @@ __global__ void norm_param_partials_kernel(float* partial_w, float* partial_b, R
     }
 }
 
-// target_w[i] += sum over chunks of partial_w[chunk, i] (in chunk order); same for b.
-__global__ void sum_partials_kernel(float* target_w, const float* partial_w, float* target_b, const float* partial_b,
-                                    int n_chunks, int dim) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= dim) return;
-    if (target_w) {
-        float acc = 0;
-        for (int c = 0; c < n_chunks; ++c) acc += partial_w[size_t(c) * dim + i];
-        target_w[i] += acc;
-    }
-    if (target_b) {
-        float acc = 0;
-        for (int c = 0; c < n_chunks; ++c) acc += partial_b[size_t(c) * dim + i];
-        target_b[i] += acc;
-    }
+// Second stage: target[i] += sum over blocks b of partial[b, i], for up to three (target,
+// partial) pairs (blockIdx.y picks one). Thread (x, y) of a 32 x kSumRowsY block adds blocks
+// y, y + kSumRowsY, ... of column 32 blockIdx.x + x; the kSumRowsY sums are then added in
+// order in shared memory, so the result does not depend on scheduling.
+constexpr int kSumRowsY = 16;
+
+struct ColumnSums {
+    float* target[3] = {};
+    const float* partial[3] = {};
+};
+
+__global__ void add_column_sums_kernel(ColumnSums sums, int n_blocks, int dim) {
+    const int pair = blockIdx.y;
+    const float* partial = pair == 0 ? sums.partial[0] : pair == 1 ? sums.partial[1] : sums.partial[2];
+    float* target = pair == 0 ? sums.target[0] : pair == 1 ? sums.target[1] : sums.target[2];
+    const int column = blockIdx.x * kWarp + threadIdx.x;
+    float acc = 0;
+    if (column < dim)
+#pragma unroll 4
+        for (int b = threadIdx.y; b < n_blocks; b += kSumRowsY) acc += partial[size_t(b) * dim + column];
+    __shared__ float rows[kSumRowsY][kWarp];
+    rows[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y != 0 || column >= dim) return;
+    float sum = 0;
+    for (int y = 0; y < kSumRowsY; ++y) sum += rows[y][threadIdx.x];
+    target[column] += sum;
+}
+
+void add_column_sums(const ColumnSums& sums, int n_pairs, int n_blocks, int dim, cudaStream_t stream) {
+    if (n_pairs == 0) return;
+    add_column_sums_kernel<<<dim3((dim + kWarp - 1) / kWarp, n_pairs), dim3(kWarp, kSumRowsY), 0, stream>>>(
+        sums, n_blocks, dim);
+    CUDA_CHECK_LAUNCH();
 }
 
 // Scratch for partial sums, grown on demand (one per process; launches on one stream).
@@ -435,10 +458,162 @@ void param_grads(float* dweight, float* dbias, Rows<const bf16> dout, Rows<const
         norm_param_partials_kernel<2><<<dim3((dim + 63) / 64, n_chunks), block, 0, stream>>>(
             partial_w, partial_b, dout, in, mean, rstd, n_rows, dim);
     CUDA_CHECK_LAUNCH();
-    const int threads = 128;
-    sum_partials_kernel<<<(dim + threads - 1) / threads, threads, 0, stream>>>(dweight, partial_w, dbias, partial_b,
-                                                                               n_chunks, dim);
+    ColumnSums sums;
+    int n_pairs = 0;
+    if (dweight) sums.target[n_pairs] = dweight, sums.partial[n_pairs++] = partial_w;
+    if (dbias) sums.target[n_pairs] = dbias, sums.partial[n_pairs++] = partial_b;
+    add_column_sums(sums, n_pairs, n_chunks, dim, stream);
+}
+
+// ---- Backward pass in one read (dim <= 1024, the register path's rows): a block of
+// kFusedWarps warps owns kFusedRowsPerBlock consecutive rows, warp w rows w, w + kFusedWarps,
+// ... in that order. Per row it writes the input gradient (as the row kernels above) and adds
+// into its own shared-memory slice:
+//   dweight += dy * x_hat         (x_hat = (x - mean) rstd for LayerNorm, x rstd for RMSNorm)
+//   dbias   += dy                 (LayerNorm)
+//   dbranch += bf16(din)          (optional: the column sums of the updated din, i.e. the
+//                                  gradient of the bias of the linear layer whose output was
+//                                  added into the stream din is the gradient of)
+// The slices are added over warps in order into one partial row per block, and the blocks in
+// order by add_column_sums: deterministic. Shared layout per warp and quantity: feature
+// 8 c + j at j * n_chunks + c, so a warp's lanes touch consecutive words (no bank conflicts).
+constexpr int kFusedWarps = 8;
+constexpr int kFusedRowsPerBlock = 128;  // gpt2-124m, B x T = 32768: 256 blocks, one wave at 2 per SM
+
+struct NormBackwardRows {
+    Rows<bf16> din;
+    Rows<const bf16> dout, in;
+    const float* weight;
+    const float* mean;  // null: RMSNorm
+    const float* rstd;
+    int n_rows, dim;
+    bool accumulate;
+};
+
+__device__ __forceinline__ void add_to_slice(float* slice, int n_chunks, int chunk, const float (&v)[8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) slice[j * n_chunks + chunk] += v[j];
+}
+
+// Quantities: 0 dweight, 1 dbias (LayerNorm), 2 dbranch (optional); partial[q] null when off.
+template <int kMaxChunks>
+__global__ void __launch_bounds__(kFusedWarps * kWarp, 2)
+    norm_backward_fused_kernel(NormBackwardRows a, float* partial_w, float* partial_b, float* partial_branch) {
+    extern __shared__ float slices[];  // [quantity in use][kFusedWarps][dim]
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int dim = a.dim, n_chunks = dim / 8;
+    // This warp's slice of each quantity in use (null when off).
+    int used = 0;
+    auto slice_of = [&](const float* partial) {
+        return partial ? slices + size_t(used++ * kFusedWarps + warp) * dim : nullptr;
+    };
+    float* const slice_w = slice_of(partial_w);
+    float* const slice_b = slice_of(partial_b);
+    float* const slice_branch = slice_of(partial_branch);
+    for (float* slice : {slice_w, slice_b, slice_branch})
+        if (slice)
+            for (int i = lane; i < dim; i += kWarp) slice[i] = 0.0f;
+    __syncwarp();  // the lanes then add into words others zeroed
+
+    const int first = blockIdx.x * kFusedRowsPerBlock, last = min(a.n_rows, first + kFusedRowsPerBlock);
+    for (int row = first + warp; row < last; row += kFusedWarps) {
+        float x[kMaxChunks][8], g[kMaxChunks][8];
+        load_row<kMaxChunks>(x, a.in.data + size_t(row) * a.in.stride, n_chunks);
+        load_row<kMaxChunks>(g, a.dout.data + size_t(row) * a.dout.stride, n_chunks);
+        const float m = a.mean ? a.mean[row] : 0.0f, s = a.rstd[row];
+        float sum_g = 0, sum_gxh = 0;
+#pragma unroll
+        for (int k = 0; k < kMaxChunks; ++k) {
+            const int c = lane + kWarp * k;
+            if (c >= n_chunks) break;
+            float w[8], xh[8];
+            load_params(w, a.weight, k);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xh[j] = (x[k][j] - m) * s;
+            if (slice_w) {
+                float dw[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) dw[j] = g[k][j] * xh[j];
+                add_to_slice(slice_w, n_chunks, c, dw);
+            }
+            if (slice_b) add_to_slice(slice_b, n_chunks, c, g[k]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                g[k][j] *= w[j];
+                sum_g += g[k][j];
+                sum_gxh += g[k][j] * (a.mean ? xh[j] : x[k][j]);
+            }
+        }
+        bf16* dx_row = a.din.data + size_t(row) * a.din.stride;
+        float previous[kMaxChunks][8];
+        if (a.accumulate) load_row<kMaxChunks>(previous, dx_row, n_chunks);
+        // LayerNorm: dx = s (g - mean(g) - x_hat mean(g x_hat)); RMSNorm: dx = s (g - x s^2 mean(g x)).
+        const float mean_g = a.mean ? warp_sum(sum_g) / dim : 0.0f, mean_gxh = warp_sum(sum_gxh) / dim;
+#pragma unroll
+        for (int k = 0; k < kMaxChunks; ++k) {
+            const int c = lane + kWarp * k;
+            if (c >= n_chunks) break;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float correction = a.mean ? mean_g + (x[k][j] - m) * s * mean_gxh : x[k][j] * s * s * mean_gxh;
+                g[k][j] = (a.accumulate ? previous[k][j] : 0.0f) + s * (g[k][j] - correction);
+                g[k][j] = __bfloat162float(__float2bfloat16(g[k][j]));  // as stored
+            }
+            if (slice_branch) add_to_slice(slice_branch, n_chunks, c, g[k]);
+        }
+        store_row<kMaxChunks>(dx_row, g, n_chunks);
+    }
+    __syncthreads();
+    // One partial row per block and quantity: the warps' slices added in warp order.
+    auto reduce = [&](const float* own_slice, float* partial) {
+        if (!own_slice) return;
+        const float* first_slice = own_slice - size_t(warp) * dim;
+        for (int column = threadIdx.x; column < dim; column += blockDim.x) {
+            const int at = (column % 8) * n_chunks + column / 8;
+            float sum = 0;
+            for (int w = 0; w < kFusedWarps; ++w) sum += first_slice[size_t(w) * dim + at];
+            partial[size_t(blockIdx.x) * dim + column] = sum;
+        }
+    };
+    reduce(slice_w, partial_w);
+    reduce(slice_b, partial_b);
+    reduce(slice_branch, partial_branch);
+}
+
+// The fused backward where the rows allow it (returns false otherwise): din written or
+// accumulated, dweight / dbias / dbranch (each may be null) accumulated.
+bool norm_backward_fused(const NormBackwardRows& a, float* dweight, float* dbias, float* dbranch, cudaStream_t stream) {
+    const int chunks = register_chunks(a.dim, {{a.din.data, a.din.stride}, {a.dout.data, a.dout.stride},
+                                               {a.in.data, a.in.stride}}, a.weight);
+    if (chunks != 4) return false;
+    const int n_blocks = (a.n_rows + kFusedRowsPerBlock - 1) / kFusedRowsPerBlock;
+    float* targets[3] = {dweight, dbias, dbranch};
+    float* partials[3] = {};
+    int used = 0;
+    ColumnSums sums;
+    for (int q = 0; q < 3; ++q) if (targets[q]) ++used;
+    float* scratch = partials_scratch(size_t(std::max(used, 1)) * n_blocks * a.dim);
+    for (int q = 0, k = 0; q < 3; ++q)
+        if (targets[q]) {
+            partials[q] = scratch + size_t(k) * n_blocks * a.dim;
+            sums.target[k] = targets[q], sums.partial[k] = partials[q];
+            ++k;
+        }
+    // Up to 3 quantities x 8 warps x 1024 features x 4 bytes = 96 KB of shared memory. Rows of
+    // up to 768 features (3 chunks per lane) get a kernel with 3 chunks' registers.
+    auto kernel = a.dim <= 3 * kWarp * 8 ? norm_backward_fused_kernel<3> : norm_backward_fused_kernel<4>;
+    static const bool opted_in = [] {
+        for (auto k : {norm_backward_fused_kernel<3>, norm_backward_fused_kernel<4>})
+            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            3 * kFusedWarps * 1024 * int(sizeof(float))));
+        return true;
+    }();
+    (void)opted_in;
+    const size_t shared = size_t(used) * kFusedWarps * a.dim * sizeof(float);
+    kernel<<<n_blocks, kFusedWarps * kWarp, shared, stream>>>(a, partials[0], partials[1], partials[2]);
     CUDA_CHECK_LAUNCH();
+    add_column_sums(sums, used, n_blocks, a.dim, stream);
+    return true;
 }
 
 constexpr int kRowsPerBlock = 8;  // warps per block in the row kernels
@@ -474,6 +649,9 @@ void rmsnorm_add_forward_gpu(bf16* out, float* rstd, const bf16* residual, const
 
 void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout, Rows<const bf16> in,
                           const float* weight, const float* rstd, int n_rows, int dim, cudaStream_t stream) {
+    if (norm_backward_fused({din, dout, in, weight, nullptr, rstd, n_rows, dim, false}, dweight, nullptr, nullptr,
+                            stream))
+        return;
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks =
         register_chunks(dim, {{din.data, din.stride}, {dout.data, dout.stride}, {in.data, in.stride}}, weight);
@@ -510,7 +688,10 @@ void layernorm_forward_gpu(bf16* out, float* mean, float* rstd, const bf16* in, 
 
 void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16* dout, const bf16* in,
                             const float* weight, const float* mean, const float* rstd, int n_rows, int dim,
-                            bool accumulate, cudaStream_t stream) {
+                            bool accumulate, float* dbranch_bias, cudaStream_t stream) {
+    if (norm_backward_fused({{din, dim}, {dout, dim}, {in, dim}, weight, mean, rstd, n_rows, dim, accumulate}, dweight,
+                            dbias, dbranch_bias, stream))
+        return;
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks = register_chunks(dim, {{din, dim}, {dout, dim}, {in, dim}}, weight);
     if (chunks == 4)
@@ -521,6 +702,7 @@ void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16*
         layernorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, dbias, Rows<const bf16>{dout, dim}, Rows<const bf16>{in, dim}, mean, rstd, n_rows, dim, stream);
+    if (dbranch_bias) matmul_backward_bias_gpu(dbranch_bias, din, n_rows, dim, stream);
 }
 
 }  // namespace qopt

@@ -613,9 +613,12 @@ void GpuModel::backward() {
     matmul_backward_input_gpu(d_a, s.logits.data(), W + layout_.embed, N, C, Vp);
     matmul_backward_weight_gpu(G + layout_.embed, s.logits.data(), s.final_normed.data(), N, C, Vp);
     const bf16* top = s.residual.back().data();
+    // gpt2: each LayerNorm backward also sums the bias gradient of the projection whose output
+    // joined the stream below it (the top layer's MLP down projection here).
     if (gpt2)
         layernorm_backward_gpu(d_res, G + layout_.final_norm_w, G + layout_.final_norm_b, d_a, top,
-                               P + layout_.final_norm_w, s.final_mean.data(), s.final_rstd.data(), N, C);
+                               P + layout_.final_norm_w, s.final_mean.data(), s.final_rstd.data(), N, C,
+                               /*accumulate=*/false, G + layout_.layers.back().down_b);
     else
         rmsnorm_backward_gpu(d_res, G + layout_.final_norm_w, d_a, top, P + layout_.final_norm_w, s.final_rstd.data(),
                              N, C);
@@ -639,21 +642,20 @@ void GpuModel::backward() {
                 matmul_backward_input_dgelu_gpu(s.d_wide2.data(), d_res, W + o.down_w, a.up.data(), N, F, C);
                 matmul_backward_weight_gpu(G + o.down_w, d_res, act, N, F, C);
             }
-            matmul_backward_bias_gpu(G + o.down_b, d_res, N, C);
             linear_backward(l, kUp, d_b, false, o.up_w, s.d_wide2.data(), a.ln2.data(), C, F);
             matmul_backward_bias_gpu(G + o.up_b, s.d_wide2.data(), N, F);
             layernorm_backward_gpu(d_res, G + o.norm2_w, G + o.norm2_b, d_b, a.h.data(), P + o.norm2_w,
-                                   a.mean2.data(), a.rstd2.data(), N, C, /*accumulate=*/true);
+                                   a.mean2.data(), a.rstd2.data(), N, C, /*accumulate=*/true, G + o.out_b);
             // h = x + out(attn(qkv(LN1(x)))) ; d_res becomes dx.
             linear_backward(l, kOut, d_b, false, o.out_w, d_res, a.attn.data(), C, C);
-            matmul_backward_bias_gpu(G + o.out_b, d_res, N, C);
             attention_backward_gpu({d_qkv, 3 * C}, {d_qkv + C, 3 * C}, {d_qkv + 2 * C, 3 * C}, s.delta.data(),
                                    {d_b, C}, {a.attn.data(), C}, a.lse.data(), {qkv, 3 * C}, {qkv + C, 3 * C},
                                    {qkv + 2 * C, 3 * C}, batch, T, H, hd);
             linear_backward(l, kQkv, d_b, false, o.qkv_w, d_qkv, a.ln1.data(), C, 3 * C);
             matmul_backward_bias_gpu(G + o.qkv_b, d_qkv, N, 3 * C);
             layernorm_backward_gpu(d_res, G + o.norm1_w, G + o.norm1_b, d_b, x, P + o.norm1_w, a.mean1.data(),
-                                   a.rstd1.data(), N, C, /*accumulate=*/true);
+                                   a.rstd1.data(), N, C, /*accumulate=*/true,
+                                   l > 0 ? G + layout_.layers[size_t(l) - 1].down_b : nullptr);
         } else {
             // y = h + Norm2(down(relu2(up(h)))) ; d_res holds dy, becomes dh.
             rmsnorm_backward_gpu(d_a, G + o.norm2_w, d_res, a.down.data(), P + o.norm2_w, a.rstd_down.data(), N, C);

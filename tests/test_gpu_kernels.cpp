@@ -4,6 +4,8 @@
 // relative (norm of difference / norm of reference), fp32 paths within 1e-5. Outputs are
 // poisoned with NaN bytes before each launch so unwritten elements fail the comparison.
 // Every test skips with a message where there is no usable GPU.
+#include <cstring>
+
 #include "gpu_helpers.hpp"
 #include "kernels/activations.hpp"
 #include "kernels/attention.hpp"
@@ -27,7 +29,10 @@ TEST_CASE("GPU rmsnorm forward and backward match the CPU reference") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    for (auto [N, C] : {std::pair{37, 768}, std::pair{5, 100}, std::pair{600, 64}, std::pair{9, 1536}, std::pair{3, 2056}}) {
+    // 300 x 768 and 130 x 1024: several blocks of the fused backward; 100, 1536, 2056: the
+    // two-pass kernels.
+    for (auto [N, C] : {std::pair{37, 768}, std::pair{300, 768}, std::pair{130, 1024}, std::pair{5, 100},
+                        std::pair{600, 64}, std::pair{9, 1536}, std::pair{3, 2056}}) {
         CAPTURE(N);
         CAPTURE(C);
         const Bf16Input x = random_bf16(size_t(N) * C, gen, 2.0), dy = random_bf16(size_t(N) * C, gen);
@@ -57,7 +62,8 @@ TEST_CASE("GPU rmsnorm forward and backward match the CPU reference") {
 TEST_CASE("GPU layernorm forward and backward match the CPU reference") {
     REQUIRE_GPU();
     std::mt19937_64 gen(fresh_seed());
-    for (auto [N, C] : {std::pair{37, 768}, std::pair{5, 100}, std::pair{64, 200}, std::pair{9, 1536}, std::pair{3, 2056}}) {
+    for (auto [N, C] : {std::pair{37, 768}, std::pair{300, 768}, std::pair{130, 1024}, std::pair{5, 100},
+                        std::pair{64, 200}, std::pair{9, 1536}, std::pair{3, 2056}}) {
         CAPTURE(N);
         CAPTURE(C);
         const Bf16Input x = random_bf16(size_t(N) * C, gen, 1.5), dy = random_bf16(size_t(N) * C, gen);
@@ -72,17 +78,27 @@ TEST_CASE("GPU layernorm forward and backward match the CPU reference") {
         auto d_x = uploaded(x.device_values), d_dy = uploaded(dy.device_values);
         auto d_w = uploaded(weight), d_b = uploaded(bias);
         auto d_dw = uploaded(std::vector<float>(C, 0.0f)), d_db = uploaded(std::vector<float>(C, 0.0f));
+        const std::vector<float> branch_init = random_vector<float>(C, gen);
+        auto d_branch = uploaded(branch_init);
         auto d_out = poisoned<bf16>(size_t(N) * C), d_din = poisoned<bf16>(size_t(N) * C);
         auto d_mean = poisoned<float>(N), d_rstd = poisoned<float>(N);
         layernorm_forward_gpu(d_out.data(), d_mean.data(), d_rstd.data(), d_x.data(), d_w.data(), d_b.data(), N, C,
                               1e-5f);
         layernorm_backward_gpu(d_din.data(), d_dw.data(), d_db.data(), d_dy.data(), d_x.data(), d_w.data(),
-                               d_mean.data(), d_rstd.data(), N, C);
+                               d_mean.data(), d_rstd.data(), N, C, /*accumulate=*/false, d_branch.data());
         CHECK(relative_error(to_double(d_out.download()), out_ref) < kBf16Bound);
         CHECK(relative_error(d_mean.download(), mean_ref) < 1e-5);
-        CHECK(relative_error(to_double(d_din.download()), din_ref) < kBf16Bound);
+        const std::vector<double> din = to_double(d_din.download());
+        CHECK(relative_error(din, din_ref) < kBf16Bound);
         CHECK(relative_error(d_dw.download(), dw_ref) < 1e-5);
         CHECK(relative_error(d_db.download(), db_ref) < 1e-5);
+        // The branch bias gradient: column sums of din as stored, added to what was there.
+        std::vector<double> branch_ref(C, 0.0);
+        for (int n = 0; n < N; ++n)
+            for (int c = 0; c < C; ++c) branch_ref[c] += din[size_t(n) * C + c];
+        std::vector<float> branch = d_branch.download();
+        for (int c = 0; c < C; ++c) branch[c] -= branch_init[c];
+        CHECK(relative_error(branch, branch_ref) < 1e-5);
     }
 }
 
@@ -103,6 +119,27 @@ TEST_CASE("GPU norm parameter gradients are deterministic (bitwise equal on repe
         results.push_back(d_dw.download());
     }
     CHECK(results[0] == results[1]);
+    // LayerNorm with all three sums (gain, bias, branch bias), accumulating into din.
+    auto d_mean = poisoned<float>(N), d_ln_rstd = poisoned<float>(N);
+    auto d_bias = uploaded(random_vector<float>(C, gen));
+    layernorm_forward_gpu(d_out.data(), d_mean.data(), d_ln_rstd.data(), d_x.data(), d_w.data(), d_bias.data(), N, C,
+                          1e-5f);
+    std::vector<std::vector<float>> sums;
+    std::vector<std::vector<bf16>> dins;
+    for (int run = 0; run < 2; ++run) {
+        auto d_acc = uploaded(dy.device_values);
+        auto d_dw = uploaded(std::vector<float>(C, 0.0f)), d_db = uploaded(std::vector<float>(C, 0.0f)),
+             d_branch = uploaded(std::vector<float>(C, 0.0f));
+        layernorm_backward_gpu(d_acc.data(), d_dw.data(), d_db.data(), d_dy.data(), d_x.data(), d_w.data(),
+                               d_mean.data(), d_ln_rstd.data(), N, C, /*accumulate=*/true, d_branch.data());
+        std::vector<float> all = d_dw.download(), db = d_db.download(), branch = d_branch.download();
+        all.insert(all.end(), db.begin(), db.end());
+        all.insert(all.end(), branch.begin(), branch.end());
+        sums.push_back(all);
+        dins.push_back(d_acc.download());
+    }
+    CHECK(sums[0] == sums[1]);
+    CHECK(std::memcmp(dins[0].data(), dins[1].data(), dins[0].size() * sizeof(bf16)) == 0);
 }
 
 TEST_CASE("GPU GELU and ReLU^2 match the CPU reference") {
@@ -449,9 +486,15 @@ TEST_CASE("GPU residual adds fused into the norms match add + norm on the CPU; L
                            rstd.data(), N, C);
     auto d_din = uploaded(previous.device_values);
     auto d_dw = uploaded(std::vector<float>(C, 0.0f)), d_db = uploaded(std::vector<float>(C, 0.0f));
+    auto d_branch = uploaded(std::vector<float>(C, 0.0f));
     layernorm_backward_gpu(d_din.data(), d_dw.data(), d_db.data(), d_dy.data(), d_sum.data(), d_w.data(),
-                           d_mean.data(), d_rstd.data(), N, C, /*accumulate=*/true);
-    CHECK(relative_error(to_double(d_din.download()), din) < kBf16Bound);
+                           d_mean.data(), d_rstd.data(), N, C, /*accumulate=*/true, d_branch.data());
+    const std::vector<double> din_gpu = to_double(d_din.download());
+    CHECK(relative_error(din_gpu, din) < kBf16Bound);
+    std::vector<double> branch(C, 0.0);  // column sums of the accumulated din as stored
+    for (int n = 0; n < N; ++n)
+        for (int c = 0; c < C; ++c) branch[c] += din_gpu[size_t(n) * C + c];
+    CHECK(relative_error(d_branch.download(), branch) < 1e-5);
     CHECK(relative_error(d_dw.download(), dw) < 1e-4);
     CHECK(relative_error(d_db.download(), db) < 1e-5);
 
