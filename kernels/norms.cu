@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/cuda_common.cuh"
@@ -312,13 +313,25 @@ __global__ void layernorm_backward_rows_kernel(bf16* din, const bf16* dout, cons
     store_row<kMaxChunks>(dx_row, g, n_chunks);
 }
 
-// Rows whose features fit the fast path: 4 chunks per lane up to dim 1024, 8 up to 2048; 0: no.
+// Rows whose features fit the fast path: chunks of 8 per lane, 3 up to dim 768 (fewer
+// registers, more resident warps), 4 up to 1024, 8 up to 2048; 0: no.
 int register_chunks(int dim, std::initializer_list<std::pair<const void*, int>> rows, const float* weight,
                     const float* bias = nullptr) {
     if (dim % 8 != 0 || dim > 2048 || !is_aligned(weight, 16) || (bias && !is_aligned(bias, 16))) return 0;
     for (const auto& [data, stride] : rows)
         if (data && (!is_aligned(data, 16) || stride % 8 != 0)) return 0;
-    return dim <= 1024 ? 4 : 8;
+    return dim <= 3 * kWarp * 8 ? 3 : dim <= 1024 ? 4 : 8;
+}
+
+// launch(std::integral_constant<int, chunks>{}) for chunks 3, 4 or 8; false for any other.
+template <typename Launch>
+bool with_chunks(int chunks, Launch&& launch) {
+    switch (chunks) {
+        case 3: launch(std::integral_constant<int, 3>{}); return true;
+        case 4: launch(std::integral_constant<int, 4>{}); return true;
+        case 8: launch(std::integral_constant<int, 8>{}); return true;
+        default: return false;
+    }
 }
 
 // Partial parameter gradients of one chunk of kRowsPerChunk rows and 32 V columns:
@@ -585,7 +598,7 @@ __global__ void __launch_bounds__(kFusedWarps * kWarp, 2)
 bool norm_backward_fused(const NormBackwardRows& a, float* dweight, float* dbias, float* dbranch, cudaStream_t stream) {
     const int chunks = register_chunks(a.dim, {{a.din.data, a.din.stride}, {a.dout.data, a.dout.stride},
                                                {a.in.data, a.in.stride}}, a.weight);
-    if (chunks != 4) return false;
+    if (chunks != 3 && chunks != 4) return false;
     const int n_blocks = (a.n_rows + kFusedRowsPerBlock - 1) / kFusedRowsPerBlock;
     float* targets[3] = {dweight, dbias, dbranch};
     float* partials[3] = {};
@@ -599,17 +612,16 @@ bool norm_backward_fused(const NormBackwardRows& a, float* dweight, float* dbias
             sums.target[k] = targets[q], sums.partial[k] = partials[q];
             ++k;
         }
-    // Up to 3 quantities x 8 warps x 1024 features x 4 bytes = 96 KB of shared memory. Rows of
-    // up to 768 features (3 chunks per lane) get a kernel with 3 chunks' registers.
-    auto kernel = a.dim <= 3 * kWarp * 8 ? norm_backward_fused_kernel<3> : norm_backward_fused_kernel<4>;
+    // Up to 3 quantities x 8 warps x 1024 features x 4 bytes = 96 KB of shared memory.
     static const bool opted_in = [] {
-        for (auto k : {norm_backward_fused_kernel<3>, norm_backward_fused_kernel<4>})
-            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        for (auto kernel : {norm_backward_fused_kernel<3>, norm_backward_fused_kernel<4>})
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             3 * kFusedWarps * 1024 * int(sizeof(float))));
         return true;
     }();
     (void)opted_in;
     const size_t shared = size_t(used) * kFusedWarps * a.dim * sizeof(float);
+    auto kernel = chunks == 3 ? norm_backward_fused_kernel<3> : norm_backward_fused_kernel<4>;
     kernel<<<n_blocks, kFusedWarps * kWarp, shared, stream>>>(a, partials[0], partials[1], partials[2]);
     CUDA_CHECK_LAUNCH();
     add_column_sums(sums, used, n_blocks, a.dim, stream);
@@ -628,9 +640,11 @@ void rmsnorm_forward_any(Rows<bf16> out, float* rstd, Rows<const bf16> in, const
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks =
         register_chunks(dim, {{out.data, out.stride}, {in.data, in.stride}, {residual, out.stride}}, weight);
-    if (chunks == 4) rmsnorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
-    else if (chunks == 8) rmsnorm_forward_rows_kernel<8><<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
-    else rmsnorm_forward_kernel<<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
+    if (!with_chunks(chunks, [&](auto c) {
+            rmsnorm_forward_rows_kernel<decltype(c)::value>
+                <<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
+        }))
+        rmsnorm_forward_kernel<<<grid, block, 0, stream>>>(out, rstd, in, residual, weight, n_rows, dim, eps);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -652,11 +666,11 @@ void rmsnorm_backward_gpu(Rows<bf16> din, float* dweight, Rows<const bf16> dout,
     if (norm_backward_fused({din, dout, in, weight, nullptr, rstd, n_rows, dim, false}, dweight, nullptr, nullptr,
                             stream))
         return;
+    // Two passes: rows above 1024 features (8 chunks per lane) or off the register path.
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks =
         register_chunks(dim, {{din.data, din.stride}, {dout.data, dout.stride}, {in.data, in.stride}}, weight);
-    if (chunks == 4) rmsnorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
-    else if (chunks == 8) rmsnorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
+    if (chunks == 8) rmsnorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
     else rmsnorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, rstd, n_rows, dim, false);
     CUDA_CHECK_LAUNCH();
     param_grads(dweight, nullptr, dout, in, nullptr, rstd, n_rows, dim, stream);
@@ -672,11 +686,10 @@ void add_layernorm_forward_gpu(bf16* sum, bf16* out, float* mean, float* rstd, c
                                cudaStream_t stream) {
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks = register_chunks(dim, {{out, dim}, {a, dim}, {b, dim}, {sum, dim}}, weight, bias);
-    if (chunks == 4)
-        layernorm_forward_rows_kernel<4><<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
-    else if (chunks == 8)
-        layernorm_forward_rows_kernel<8><<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
-    else
+    if (!with_chunks(chunks, [&](auto c) {
+            layernorm_forward_rows_kernel<decltype(c)::value>
+                <<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
+        }))
         layernorm_forward_kernel<<<grid, block, 0, stream>>>(out, mean, rstd, a, b, sum, weight, bias, n_rows, dim, eps);
     CUDA_CHECK_LAUNCH();
 }
@@ -692,11 +705,10 @@ void layernorm_backward_gpu(bf16* din, float* dweight, float* dbias, const bf16*
     if (norm_backward_fused({{din, dim}, {dout, dim}, {in, dim}, weight, mean, rstd, n_rows, dim, accumulate}, dweight,
                             dbias, dbranch_bias, stream))
         return;
+    // Two passes: rows above 1024 features (8 chunks per lane) or off the register path.
     const dim3 grid(row_blocks(n_rows)), block(kRowsPerBlock * kWarp);
     const int chunks = register_chunks(dim, {{din, dim}, {dout, dim}, {in, dim}}, weight);
-    if (chunks == 4)
-        layernorm_backward_rows_kernel<4><<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
-    else if (chunks == 8)
+    if (chunks == 8)
         layernorm_backward_rows_kernel<8><<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
     else
         layernorm_backward_input_kernel<<<grid, block, 0, stream>>>(din, dout, in, weight, mean, rstd, n_rows, dim, accumulate);
