@@ -146,6 +146,14 @@ void matmul_backward_bias_gpu(float* dbias, const bf16* dout, int n_rows, int ou
 // product; sizes multiples of 4). CPU reference: int8_matmul_cpu in kernels/matmul.hpp.
 void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim, int out_dim,
                      cudaStream_t stream = 0);
+// The same product for codes of magnitude <= 15 held as e4m3 bytes (exact on fp8 tensor cores),
+// with the scales in the GEMM's epilogue: out[n, o] = (sum_i in[n, i] weight[o, i]) *
+// in_scales[n] * weight_scales[o] (+ bias[o], bf16 output only); out bf16, or fp32 with
+// out_fp32. Sizes multiples of 16. CPU reference: int8_matmul_cpu on the integer codes, then
+// the scales (quant/int8_linear.hpp: dequantize_product_cpu).
+void fp8_scaled_matmul_gpu(void* out, bool out_fp32, const uint8_t* in, const uint8_t* weight, const float* in_scales,
+                           const float* weight_scales, const bf16* bias, int n_rows, int in_dim, int out_dim,
+                           cudaStream_t stream = 0);
 
 // Batched row-major product for the optimizers (bf16 in and out, fp32 accumulation): for each
 // of `batch` problems, D[m, n] = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n]; the

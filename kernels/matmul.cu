@@ -162,6 +162,56 @@ void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n
     cublasLtMatmulDescDestroy(op);
 }
 
+// Small integer codes on fp8 tensor cores: every integer of magnitude <= 16 is exact in e4m3,
+// so codes of symmetric grids up to 5 bits multiply exactly, and with cuBLASLt's default
+// (promoted, not "fast") fp8 accumulation the fp32 sums are exact integers as long as they stay
+// below 2^24 (15^2 * in_dim: in_dim < 74,000). The per-token and per-channel steps are
+// cuBLASLt's outer-vector scales, applied in the GEMM's epilogue with the bias:
+//   out[n, o] = (sum_i in[n, i] weight[o, i]) * in_scales[n] * weight_scales[o] + bias[o]
+void fp8_scaled_matmul_gpu(void* out, bool out_fp32, const uint8_t* in, const uint8_t* weight, const float* in_scales,
+                           const float* weight_scales, const bf16* bias, int n_rows, int in_dim, int out_dim,
+                           cudaStream_t stream) {
+    QOPT_CHECK(n_rows % 16 == 0 && in_dim % 16 == 0 && out_dim % 16 == 0, "fp8 matmul: sizes ", n_rows, " x ",
+               in_dim, " x ", out_dim, " must be multiples of 16");
+    QOPT_CHECK(!(bias && out_fp32), "fp8 matmul: a bias goes with bf16 output only");
+    const int m = out_dim, n = n_rows, k = in_dim;
+    const cudaDataType_t out_type = out_fp32 ? CUDA_R_32F : CUDA_R_16BF;
+    cublasLtMatmulDesc_t op;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    // A = the weight (m = out rows), B = the input (n = tokens).
+    const cublasLtMatmulMatrixScale_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer, sizeof outer));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &weight_scales,
+                                                sizeof weight_scales));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &in_scales, sizeof in_scales));
+    if (bias) {
+        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        const cudaDataType_t bias_type = CUDA_R_16BF;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_8F_E4M3, k, m, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_8F_E4M3, k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, out_type, m, n, m));
+    static std::map<std::tuple<int, int, int, bool, bool>, cublasLtMatmulAlgo_t> cache;
+    const auto key = std::make_tuple(m, n, k, out_fp32, bias != nullptr);
+    auto found = cache.find(key);
+    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
+    const float alpha = 1.0f, beta = 0.0f;
+    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, weight, layout_a, in, layout_b, &beta, out, layout_c, out,
+                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
+    cublasLtMatrixLayoutDestroy(layout_a);
+    cublasLtMatrixLayoutDestroy(layout_b);
+    cublasLtMatrixLayoutDestroy(layout_c);
+    cublasLtMatmulDescDestroy(op);
+}
+
 void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,
                         int out_dim, cudaStream_t stream) {
     lt_matmul(out, CUDA_R_16BF, weight, true, in, false, out_dim, n_rows, in_dim, 0.0f, bias, stream);

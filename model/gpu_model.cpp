@@ -41,6 +41,7 @@ struct QuantSite {
 };
 struct IntegerSite {  // one hidden matrix in integers: int8 codes [rows, cols] + steps [rows], or packed
     DeviceBuffer<int8_t> codes;
+    DeviceBuffer<uint8_t> fp8_codes;  // the same codes as e4m3 bytes, where the formats allow (<= 5 bits)
     DeviceBuffer<float> steps;
     DevicePackedWeights packed;
 };
@@ -348,6 +349,9 @@ void GpuModel::set_integer_weights(const std::vector<QuantizedTensor>& per_matri
         const IntegerMatrix codes = integer_matrix(w);
         site.codes.upload(codes.codes);
         site.steps.upload(codes.steps);
+        // Weights and activations of at most 5 bits: fp8 tensor cores, scales in the epilogue.
+        if (fp8_exact(w.spec) && fp8_exact(s.quant.activations) && m.rows % 16 == 0 && m.cols % 16 == 0)
+            site.fp8_codes.upload(fp8_codes(codes.codes));
     }
     s.integer_sites = std::move(sites);
 }
@@ -454,6 +458,10 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
         const IntegerSite& weight = s.integer_sites[size_t(l) * kSites + site];
         const float* bias = bias_offset == kAbsent ? nullptr : P + bias_offset;
         if (s.integer_path == IntegerPath::PackedWeights) return w4a16_linear_forward_gpu(out, in, weight.packed, bias, N);
+        if (weight.fp8_codes.size() && N % 16 == 0)
+            return fp8_linear_forward_gpu(out, in, weight.fp8_codes.data(), weight.steps.data(),
+                                          w(bias_offset), N, in_dim, out_dim,
+                                          s.quant.activations, s.integer_scratch);
         int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(), bias, N, in_dim, out_dim,
                                 s.quant.activations, s.integer_scratch);
     };

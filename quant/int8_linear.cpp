@@ -27,6 +27,26 @@ IntegerMatrix integer_matrix(QuantizedTensor q) {
     return m;
 }
 
+bool fp8_exact(const QuantSpec& spec) {
+    return spec.enabled() && spec.grid == QuantGrid::Symmetric && spec.bits <= 5;
+}
+
+std::vector<uint8_t> fp8_codes(const std::vector<int8_t>& codes) {
+    // e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits. |c| <= 16 has at most 4 significant
+    // bits, so |c| = 2^e (1 + mantissa / 8) exactly.
+    std::vector<uint8_t> bytes(codes.size());
+    for (size_t i = 0; i < codes.size(); ++i) {
+        const int c = codes[i], magnitude = c < 0 ? -c : c;
+        QOPT_CHECK(magnitude <= 16, "fp8 codes: ", c, " is not exact in e4m3");
+        if (magnitude == 0) continue;
+        int e = 0;
+        while ((magnitude >> (e + 1)) != 0) ++e;
+        const int mantissa = ((magnitude << 3) >> e) & 7;
+        bytes[i] = uint8_t((c < 0 ? 0x80 : 0) | ((e + 7) << 3) | mantissa);
+    }
+    return bytes;
+}
+
 void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec) {
     const IntegerMatrix m = integer_matrix(quantize_cpu(x, rows, cols, spec));
     std::copy(m.codes.begin(), m.codes.end(), codes);

@@ -1,6 +1,12 @@
-// CUDA side of quant/int8_linear.hpp: per-token quantization of bf16 rows to int8 codes (one warp
-// per row: statistics by warp reductions, then the codes), and the scale step after the int32
-// product. Both are memory-bound passes; the product is kernels/matmul.cu's int8_matmul_gpu.
+// CUDA side of quant/int8_linear.hpp: per-token quantization of bf16 rows to int8 codes or, for
+// grids of up to 5 bits, to the same integers as e4m3 bytes (one warp per row: statistics by warp
+// reductions, then the codes), and the scale step after the int32 product. Both are memory-bound
+// passes; the products are kernels/matmul.cu's int8_matmul_gpu and fp8_scaled_matmul_gpu (whose
+// epilogue applies the scales itself).
+#include <cuda_fp8.h>
+
+#include <type_traits>
+
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
 #include "quant/int8_linear.hpp"
@@ -13,13 +19,15 @@ constexpr int kWarpsPerBlock = 8;
 
 // Row r of x: absmax and sum of squares (the statistics absmax, clip and gaussian need), then
 // codes = quant_code(grid, x). Lanes read 8 bf16 (16 bytes) at a time when the row allows.
-__global__ void quantize_rows_int8_kernel(int8_t* codes, float* steps, const bf16* x, long rows, int cols,
-                                          QuantSpec spec, float alpha, bool vector_loads) {
+// Code = int8_t, or uint8_t for the e4m3 encoding of the same integer.
+template <typename Code>
+__global__ void quantize_rows_kernel(Code* codes, float* steps, const bf16* x, long rows, int cols, QuantSpec spec,
+                                     float alpha, bool vector_loads) {
     const long row = long(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= rows) return;
     const bf16* in = x + row * cols;
-    int8_t* out = codes + row * cols;
+    Code* out = codes + row * cols;
     float absmax = 0;
     double sum_squares = 0;
     auto visit = [&](auto&& use) {
@@ -45,7 +53,11 @@ __global__ void quantize_rows_int8_kernel(int8_t* codes, float* steps, const bf1
     const GroupStats stats{absmax, -absmax, absmax, sum_squares};
     const GroupGrid g = grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio, alpha, stats, cols);
     if (lane == 0) steps[row] = g.step;
-    visit([&](int i, float v) { out[i] = int8_t(quant_code(g, v)); });
+    visit([&](int i, float v) {
+        const int code = quant_code(g, v);
+        if constexpr (sizeof(Code) == 1 && std::is_signed_v<Code>) out[i] = Code(code);
+        else out[i] = Code(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3));
+    });
 }
 
 __global__ void dequantize_product_kernel(bf16* out, const int32_t* product, const float* in_steps,
@@ -61,15 +73,31 @@ __global__ void dequantize_product_kernel(bf16* out, const int32_t* product, con
 
 }  // namespace
 
-void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
-                            cudaStream_t stream) {
+namespace {
+
+template <typename Code>
+void quantize_rows(Code* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
+                   cudaStream_t stream) {
     check_integer_spec(spec, true);
     if (rows <= 0) return;
     const bool vector_loads = cols % 8 == 0 && is_aligned(x, 16);
     const unsigned blocks = unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    quantize_rows_int8_kernel<<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(codes, steps, x, rows, cols, spec,
-                                                                          rule_alpha(spec), vector_loads);
+    quantize_rows_kernel<Code><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(codes, steps, x, rows, cols, spec,
+                                                                           rule_alpha(spec), vector_loads);
     CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
+                            cudaStream_t stream) {
+    quantize_rows(codes, steps, x, rows, cols, spec, stream);
+}
+
+void quantize_rows_fp8_gpu(uint8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
+                           cudaStream_t stream) {
+    QOPT_CHECK(fp8_exact(spec), "fp8 codes need a symmetric grid of at most 5 bits, not ", spec.describe());
+    quantize_rows(codes, steps, x, rows, cols, spec, stream);
 }
 
 void dequantize_product_gpu(bf16* out, const int32_t* product, const float* in_steps, const float* w_steps,
@@ -91,6 +119,18 @@ void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_cod
     int8_matmul_gpu(scratch.product.data(), scratch.codes.data(), weight_codes, n_rows, in_dim, out_dim, stream);
     dequantize_product_gpu(out, scratch.product.data(), scratch.steps.data(), weight_steps, bias, n_rows, out_dim,
                            stream);
+}
+
+void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_codes, const float* weight_steps,
+                            const bf16* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
+                            Int8LinearScratch& scratch, cudaStream_t stream) {
+    QOPT_CHECK(in_dim < 74000, "fp8 integer execution: in_dim ", in_dim, " could leave the exact fp32 sums");
+    const size_t codes = size_t(n_rows) * in_dim;
+    if (scratch.fp8_codes.size() < codes) scratch.fp8_codes.resize(codes);
+    if (scratch.steps.size() < size_t(n_rows)) scratch.steps.resize(size_t(n_rows));
+    quantize_rows_fp8_gpu(scratch.fp8_codes.data(), scratch.steps.data(), in, n_rows, in_dim, input_spec, stream);
+    fp8_scaled_matmul_gpu(out, false, scratch.fp8_codes.data(), weight_codes, scratch.steps.data(), weight_steps, bias,
+                          n_rows, in_dim, out_dim, stream);
 }
 
 }  // namespace qopt

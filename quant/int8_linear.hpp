@@ -39,15 +39,26 @@ struct IntegerMatrix {
 };
 IntegerMatrix integer_matrix(QuantizedTensor q);
 
+// Grids whose codes are exact in e4m3 (symmetric, at most 5 bits: |code| <= 15), which can run
+// on fp8 tensor cores with the scales in the GEMM's epilogue (fp8_linear_forward_gpu).
+bool fp8_exact(const QuantSpec& spec);
+// The e4m3 byte of each code (|code| <= 16, exact; throws qopt::Error for larger ones).
+std::vector<uint8_t> fp8_codes(const std::vector<int8_t>& codes);
+
 // ---- GPU
 void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
                             cudaStream_t stream = 0);
 void dequantize_product_gpu(bf16* out, const int32_t* product, const float* in_steps, const float* w_steps,
                             const float* bias, long n_rows, int out_dim, cudaStream_t stream = 0);
 
+// The same codes as e4m3 bytes (the spec must be fp8_exact).
+void quantize_rows_fp8_gpu(uint8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
+                           cudaStream_t stream = 0);
+
 // Scratch of one integer layer (grown on demand): the input's codes and steps, the int32 product.
 struct Int8LinearScratch {
     DeviceBuffer<int8_t> codes;
+    DeviceBuffer<uint8_t> fp8_codes;
     DeviceBuffer<float> steps;
     DeviceBuffer<int32_t> product;
 };
@@ -56,5 +67,14 @@ struct Int8LinearScratch {
 void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
                              Int8LinearScratch& scratch, cudaStream_t stream = 0);
+
+// The layer on fp8 tensor cores for fp8_exact specs (W4A4, W5A5, W4A8 is not: 8-bit codes are
+// not exact in e4m3): quantize the input rows to e4m3 codes, then one GEMM whose epilogue applies
+// both steps and the (bf16) bias — no int32 product in memory, no scale pass. Equals
+// int8_linear_forward_gpu on the same codes up to the rounding of the scale multiplications and
+// the bias's bf16 rounding. Sizes multiples of 16 (refused otherwise).
+void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_codes, const float* weight_steps,
+                            const bf16* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
+                            Int8LinearScratch& scratch, cudaStream_t stream = 0);
 
 }  // namespace qopt

@@ -158,6 +158,98 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
                          doctest::Contains("multiples of 4"), Error);
 }
 
+TEST_CASE("fp8 codes: every integer of magnitude <= 16 has its exact e4m3 byte; larger ones are refused") {
+    std::vector<int8_t> codes;
+    for (int c = -16; c <= 16; ++c) codes.push_back(int8_t(c));
+    const std::vector<uint8_t> bytes = fp8_codes(codes);
+    for (size_t i = 0; i < codes.size(); ++i) {
+        // Decode: sign, exponent (bias 7), 3 mantissa bits; no code here is subnormal.
+        const uint8_t b = bytes[i];
+        const int exponent = (b >> 3) & 15, mantissa = b & 7;
+        const double magnitude = b & 0x7f ? std::ldexp(1.0 + mantissa / 8.0, exponent - 7) : 0.0;
+        CHECK((b & 0x80 ? -magnitude : magnitude) == double(codes[i]));
+    }
+    CHECK(bytes[16] == 0x00);  // 0
+    CHECK(bytes[17] == 0x38);  // 1 = 2^0
+    CHECK_THROWS_WITH_AS(fp8_codes({17}), doctest::Contains("not exact in e4m3"), Error);
+    QuantSpec spec = row_spec(5, ScaleRule::Absmax);
+    CHECK(fp8_exact(spec));
+    spec.bits = 6;
+    CHECK_FALSE(fp8_exact(spec));
+}
+
+TEST_CASE("GPU fp8 product of small integer codes equals the exact integer product; W4A4 layer with scales in the "
+          "epilogue equals the CPU reference within bf16 rounding") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (auto [rows, in_dim, out_dim] : {std::tuple{48, 272, 80}, std::tuple{256, 768, 2304}, std::tuple{64, 3072, 768}}) {
+        CAPTURE(rows);
+        CAPTURE(in_dim);
+        // Codes of a 5-bit grid (+-15), unit scales, fp32 output: the integer sums, exactly.
+        std::vector<int8_t> xq(size_t(rows) * in_dim), wq(size_t(out_dim) * in_dim);
+        for (int8_t& c : xq) c = int8_t(int(gen() % 31) - 15);
+        for (int8_t& c : wq) c = int8_t(int(gen() % 31) - 15);
+        std::vector<int32_t> product(size_t(rows) * out_dim);
+        int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
+        const DeviceBuffer<uint8_t> x_d = uploaded(fp8_codes(xq)), w_d = uploaded(fp8_codes(wq));
+        const DeviceBuffer<float> ones_rows = uploaded(std::vector<float>(size_t(rows), 1.0f)),
+                                  ones_out = uploaded(std::vector<float>(size_t(out_dim), 1.0f));
+        DeviceBuffer<float> exact = poisoned<float>(product.size());
+        fp8_scaled_matmul_gpu(exact.data(), true, x_d.data(), w_d.data(), ones_rows.data(), ones_out.data(), nullptr,
+                              rows, in_dim, out_dim);
+        const std::vector<float> got = exact.download();
+        size_t mismatches = 0;
+        for (size_t i = 0; i < got.size(); ++i) mismatches += got[i] != float(product[i]);
+        CHECK(mismatches == 0);
+
+        // The W4A4 layer: input quantized on the GPU to e4m3 codes (the same codes and steps as
+        // the int8 kernel), weights' steps and the input's in the epilogue, bf16 bias.
+        const std::vector<float> x = bf16_rows(rows, in_dim, gen), w = bf16_rows(out_dim, in_dim, gen);
+        std::vector<float> bias(static_cast<size_t>(out_dim));
+        for (float& b : bias) b = bf16_round(float(int(gen() % 200) - 100) / 64.0f);
+        const QuantSpec spec = row_spec(4, ScaleRule::Absmax);
+        std::vector<int8_t> x4(x.size()), w4(w.size());
+        std::vector<float> sx(static_cast<size_t>(rows)), sw(static_cast<size_t>(out_dim));
+        quantize_rows_int8_cpu(x4.data(), sx.data(), x.data(), rows, in_dim, spec);
+        quantize_rows_int8_cpu(w4.data(), sw.data(), w.data(), out_dim, in_dim, spec);
+        const DeviceBuffer<bf16> x_bf16 = uploaded(to_bf16(x));
+        DeviceBuffer<uint8_t> x4_d = poisoned<uint8_t>(x.size());
+        DeviceBuffer<float> sx_d = poisoned<float>(sx.size());
+        quantize_rows_fp8_gpu(x4_d.data(), sx_d.data(), x_bf16.data(), rows, in_dim, spec);
+        CHECK(x4_d.download() == fp8_codes(x4));
+        CHECK(sx_d.download() == sx);
+        std::vector<int32_t> product4(size_t(rows) * out_dim);
+        int8_matmul_cpu(product4.data(), x4.data(), w4.data(), rows, in_dim, out_dim);
+        std::vector<float> expected(product4.size());
+        dequantize_product_cpu(expected.data(), product4.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
+        const DeviceBuffer<uint8_t> w4_d = uploaded(fp8_codes(w4));
+        const DeviceBuffer<float> sw_d = uploaded(sw);
+        const DeviceBuffer<bf16> bias_d = uploaded(to_bf16(bias));
+        DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
+        Int8LinearScratch scratch;
+        fp8_linear_forward_gpu(out.data(), x_bf16.data(), w4_d.data(), sw_d.data(), bias_d.data(), rows, in_dim,
+                               out_dim, spec, scratch);
+        // The epilogue may multiply the two steps in another order than the reference: at most
+        // one bf16 step apart.
+        const std::vector<bf16> layer = out.download();
+        size_t far = 0;
+        for (size_t i = 0; i < layer.size(); ++i) {
+            const float reference = bf16_round(expected[i]), value = __bfloat162float(layer[i]);
+            far += std::fabs(value - reference) > std::ldexp(std::fabs(reference), -7) + 1e-30f;
+        }
+        CHECK(far == 0);
+        CHECK(relative_error(to_double(layer), std::vector<double>(expected.begin(), expected.end())) < 4e-3);
+    }
+    DeviceBuffer<uint8_t> codes(32 * 24);
+    DeviceBuffer<float> steps(32);
+    DeviceBuffer<float> out(32 * 16);
+    CHECK_THROWS_WITH_AS(fp8_scaled_matmul_gpu(out.data(), true, codes.data(), codes.data(), steps.data(), steps.data(),
+                                               nullptr, 32, 24, 16),
+                         doctest::Contains("multiples of 16"), Error);
+}
+
 namespace {
 
 std::vector<float> tiny_params(const ModelConfig& config, uint64_t seed) {
@@ -201,7 +293,7 @@ TEST_CASE("integer matrices: RTN of the rotated weights or a quantized file's st
 }
 
 TEST_CASE("GPU model in integers: loss equals the fake-quant evaluation (olmo2, gpt2; W8A8 on int8 tensor cores, "
-          "W4A16 packed; +-Hadamard, groups)") {
+          "W4A4 on fp8 tensor cores, W4A16 packed; +-Hadamard, groups)") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
@@ -215,6 +307,8 @@ TEST_CASE("GPU model in integers: loss equals the fake-quant evaluation (olmo2, 
     };
     const Format formats[] = {{"w8a8", 0, "", "", 2e-3},
                               {"w8a8", 64, "", "", 2e-3},
+                              {"w4a4", 0, "", "", 2e-3},  // fp8 tensor cores, scales in the epilogue
+                              {"w4a4", 64, "", "", 2e-3},
                               {"w4a16", 0, "", "", 1e-3},
                               {"w4a16", 64, "", "", 1e-3},
                               {"w4a16", 0, "group", "asymmetric", 1e-3}};
@@ -226,7 +320,7 @@ TEST_CASE("GPU model in integers: loss equals the fake-quant evaluation (olmo2, 
             CAPTURE(format.grid);
             const ModelConfig config = preset_config(preset);
             const std::vector<float> params = tiny_params(config, seed);
-            const bool int8 = std::string(format.name) == "w8a8";
+            const bool int8 = std::string(format.name) != "w4a16";
             const int B = 2, T = int8 ? 64 : 63;  // the packed path takes any number of tokens
             const auto inputs = random_tokens(size_t(B) * T, config.vocab_size, gen);
             const auto targets = random_tokens(size_t(B) * T, config.vocab_size, gen);

@@ -273,6 +273,23 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
                 "scales %.3f ms (%.0f GB/s)\n",
                 layer_ms, bf16_ms / layer_ms, quantize_ms, 3.0 * rows * in_dim / (quantize_ms * 1e-3) / 1e9, int8_ms,
                 scales_ms, 6.0 * rows * out_dim / (scales_ms * 1e-3) / 1e9);
+    // W4A4 (symmetric 4-bit codes, exact in e4m3) on fp8 tensor cores, both steps in the GEMM's
+    // epilogue: the per-token quantization writes e4m3 codes, nothing else runs.
+    QuantSpec spec4 = spec;
+    spec4.bits = 4;
+    DeviceBuffer<uint8_t> a_fp8(size_t(rows) * in_dim), w_fp8(size_t(out_dim) * in_dim);
+    a_fp8.fill_bytes(0x40), w_fp8.fill_bytes(0x48);  // e4m3 2 and 4
+    const double fp8_ms = time([&] {
+        fp8_scaled_matmul_gpu(c.data(), false, a_fp8.data(), w_fp8.data(), x_steps.data(), w_steps.data(), nullptr,
+                              rows, in_dim, out_dim);
+    });
+    const double w4a4_ms = time([&] {
+        fp8_linear_forward_gpu(c.data(), a.data(), w_fp8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec4,
+                               scratch);
+    });
+    std::printf("  W4A4 layer on fp8 tensor cores %.3f ms (%.2fx bf16): fp8 GEMM with both scales in its epilogue "
+                "%.3f ms (%.0f TFLOP/s, %.2fx bf16)\n",
+                w4a4_ms, bf16_ms / w4a4_ms, fp8_ms, ops / (fp8_ms * 1e-3) / 1e12, bf16_ms / fp8_ms);
     // Packed 4-bit weights (groups of 128, asymmetric: the usual W4A16 format) on the bf16 input:
     // the prefill-sized product above, then decoding-sized ones (1, 4, 16 rows) where the weights'
     // bytes dominate — reported as the weights' read rate (bf16: 2 bytes per weight; packed: 0.5 +
@@ -359,7 +376,8 @@ int main(int argc, char** argv) {
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
-                 "also time the int8 GEMM, the whole W8A8 layer and the packed-4-bit W4A16 layer against bf16 on "
+                 "also time the int8 GEMM, the whole W8A8 layer, the W4A4 layer on fp8 tensor cores and the "
+                 "packed-4-bit W4A16 layer against bf16 on "
                  "gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens; W4A16 also at 1, 4, 16 tokens)");
     return qopt::run_main(app, argc, argv, "bench", [&] {
         QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
