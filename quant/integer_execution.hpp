@@ -1,7 +1,9 @@
 // Real integer execution of a quantized model's hidden linear layers: which kernels run a
 // configuration, and the quantized weights they take.
 //   activations quantized (W8A8 style)  int8 x int8 -> int32 products (quant/int8_linear.hpp):
-//                                       symmetric per-channel weights and per-token activations
+//                                       symmetric per-channel weights and per-token activations;
+//                                       both at most 5 bits (W4A4): the same codes on fp8 tensor
+//                                       cores, scales in the GEMM's epilogue
 //   weight-only, 2..4-bit weights       packed-weight GEMM, bf16 inputs (quant/w4a16_linear.hpp):
 //                                       any grid, per tensor / row / group
 #pragma once
