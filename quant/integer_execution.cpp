@@ -19,8 +19,11 @@ IntegerPath integer_path(const LinearQuantConfig& quant) {
     return IntegerPath::Int8Product;
 }
 
-const char* integer_path_name(IntegerPath path) {
-    return path == IntegerPath::Int8Product ? "int8 tensor cores" : "packed 4-bit weights, bf16 GEMM";
+const char* integer_execution_name(const LinearQuantConfig& quant) {
+    if (integer_path(quant) == IntegerPath::PackedWeights) return "packed 4-bit weights, bf16 GEMM";
+    if (fp8_exact(quant.weights) && fp8_exact(quant.activations))
+        return "fp8 tensor cores, scales in the epilogue (int8 where a size is not a multiple of 16)";
+    return "int8 tensor cores";
 }
 
 std::vector<QuantizedTensor> integer_matrices(const ModelConfig& config, const std::vector<float>& params,

@@ -19,7 +19,8 @@ enum class IntegerPath { Int8Product, PackedWeights };
 
 // The path that executes `quant`; throws qopt::Error naming what neither executes.
 IntegerPath integer_path(const LinearQuantConfig& quant);
-const char* integer_path_name(IntegerPath path);  // "int8 tensor cores" / "packed 4-bit weights, bf16 GEMM"
+// What runs `quant` in words: "int8 tensor cores", "fp8 tensor cores, ..." or "packed 4-bit weights, ...".
+const char* integer_execution_name(const LinearQuantConfig& quant);
 
 // Every hidden matrix of the model (linear_matrices order) quantized for integer execution under
 // `quant`: a quantized file's stored codes and grids when `stored` is given (one per matrix), else

@@ -93,7 +93,7 @@ int run(EvalOptions& o) {
     std::cout << "checkpoint: " << o.checkpoint << " (" << ckpt.describe() << ")\n";
     std::cout << "device: " << model->describe() << "\n";
     std::cout << "quantization: " << (quant.enabled() ? quant.describe(false) : std::string("off"))
-              << (quant.enabled() ? (o.integer ? std::string(", executed in integers (") + integer_path_name(integer_path(quant)) + ")"
+              << (quant.enabled() ? (o.integer ? std::string(", executed in integers (") + integer_execution_name(quant) + ")"
                                                : std::string(", executed as fake-quant in bf16"))
                                   : std::string())
               << std::endl;
