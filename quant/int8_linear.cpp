@@ -10,8 +10,10 @@ void check_integer_spec(const QuantSpec& spec, bool activations) {
     const char* what = activations ? "activations" : "weights";
     QOPT_CHECK(spec.enabled(), "integer execution: the ", what, " are not quantized (", spec.describe(), ")");
     spec.validate();
-    QOPT_CHECK(spec.grid == QuantGrid::Symmetric, "integer execution needs the symmetric grid for the ", what,
-               " (int8 tensor cores have no zero point or half-step offset), not ", quant_grid_name(spec.grid));
+    QOPT_CHECK(spec.grid != QuantGrid::Asymmetric, "integer execution needs the symmetric or centered grid for the ",
+               what, " (the tensor cores have no zero point), not ", quant_grid_name(spec.grid));
+    QOPT_CHECK(spec.grid != QuantGrid::Centered || spec.bits <= 7, "integer execution of the centered grid needs at "
+               "most 7 bits for the ", what, " (its doubled codes must fit int8), not ", spec.bits);
     QOPT_CHECK(spec.granularity == Granularity::Row, "integer execution needs one scale per row for the ", what,
                " (per token / per output channel), not per ", granularity_name(spec.granularity));
     QOPT_CHECK(!activations || spec.rule != ScaleRule::Mse,
@@ -23,12 +25,17 @@ IntegerMatrix integer_matrix(QuantizedTensor q) {
     QOPT_CHECK(q.grids.size() == size_t(q.rows), "integer execution: ", q.grids.size(), " grids for ", q.rows, " rows");
     IntegerMatrix m;
     m.codes = std::move(q.codes);
-    for (const GroupGrid& g : q.grids) m.steps.push_back(g.step);
+    const bool doubled = q.spec.grid == QuantGrid::Centered;
+    if (doubled)
+        for (int8_t& c : m.codes) c = int8_t(integer_code(c, true));
+    for (const GroupGrid& g : q.grids) m.steps.push_back(integer_step(g.step, doubled));
     return m;
 }
 
 bool fp8_exact(const QuantSpec& spec) {
-    return spec.enabled() && spec.grid == QuantGrid::Symmetric && spec.bits <= 5;
+    // Largest integer code: 2^(b-1) - 1 (symmetric), 2^b - 1 (centered, doubled); e4m3 is exact to 16.
+    return spec.enabled() && ((spec.grid == QuantGrid::Symmetric && spec.bits <= 5) ||
+                              (spec.grid == QuantGrid::Centered && spec.bits <= 4));
 }
 
 std::vector<uint8_t> fp8_codes(const std::vector<int8_t>& codes) {

@@ -52,9 +52,10 @@ __global__ void quantize_rows_kernel(Code* codes, float* steps, const bf16* x, l
     }
     const GroupStats stats{absmax, -absmax, absmax, sum_squares};
     const GroupGrid g = grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio, alpha, stats, cols);
-    if (lane == 0) steps[row] = g.step;
+    const bool doubled = spec.grid == QuantGrid::Centered;
+    if (lane == 0) steps[row] = integer_step(g.step, doubled);
     visit([&](int i, float v) {
-        const int code = quant_code(g, v);
+        const int code = integer_code(quant_code(g, v), doubled);
         if constexpr (sizeof(Code) == 1 && std::is_signed_v<Code>) out[i] = Code(code);
         else out[i] = Code(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3));
     });
@@ -96,7 +97,8 @@ void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long row
 
 void quantize_rows_fp8_gpu(uint8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
                            cudaStream_t stream) {
-    QOPT_CHECK(fp8_exact(spec), "fp8 codes need a symmetric grid of at most 5 bits, not ", spec.describe());
+    QOPT_CHECK(fp8_exact(spec), "fp8 codes need a symmetric grid of at most 5 bits or a centered one of at most 4, not ",
+               spec.describe());
     quantize_rows(codes, steps, x, rows, cols, spec, stream);
 }
 

@@ -1,6 +1,7 @@
 // Linear layers executed in integers (W8A8, and any WbAb with b <= 8 on the same int8 tensor
-// cores): activations quantized per token to int8 codes with one fp32 step per row, weights
-// stored as int8 codes with one step per output channel (both symmetric: value = code * step),
+// cores; up to 5 bits on fp8 tensor cores): activations quantized per token to integer codes with
+// one fp32 step per row, weights stored as integer codes with one step per output channel
+// (value = code * step; QuEST's centered grid as doubled codes, see integer_code),
 // the product in int32 (cuBLASLt, kernels/matmul.cu), the scales applied afterwards:
 //     out[n, o] = (sum_i xq[n, i] * wq[o, i]) * x_step[n] * w_step[o] + bias[o]
 // The integer sum is exact (|sum| <= in_dim * 127^2 < 2^31 for in_dim < 133,000), so this equals
@@ -18,10 +19,17 @@
 
 namespace qopt {
 
-// The specs the integer path executes: 2..8 bits, symmetric grid (no zero point), one scale per
-// row (token / output channel). Activations are quantized at run time by absmax, clip or
-// gaussian (the mse search is not offered there). Throws qopt::Error naming what is not.
+// The specs the integer path executes: 2..8 bits on the symmetric grid (value = code * step), or
+// 2..7 bits on QuEST's centered grid (value = (code + 1/2) * step), one scale per row (token /
+// output channel). Activations are quantized at run time by absmax, clip or gaussian (the mse
+// search is not offered there). Throws qopt::Error naming what is not.
 void check_integer_spec(const QuantSpec& spec, bool activations);
+
+// The integer the tensor cores multiply for a grid code, and its step: the code itself on the
+// symmetric grid; on the centered grid the doubled value 2 code + 1 (odd, |.| <= 2^b - 1) with
+// half the step, so integer * step is the same product (code + 1/2) * step, bit for bit.
+QOPT_HD inline int integer_code(int code, bool doubled) { return doubled ? 2 * code + 1 : code; }
+QOPT_HD inline float integer_step(float step, bool doubled) { return doubled ? 0.5f * step : step; }
 
 // Codes [rows, cols] and steps [rows] of x by the spec's per-row grids (= quantize_cpu).
 void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec);
@@ -39,7 +47,8 @@ struct IntegerMatrix {
 };
 IntegerMatrix integer_matrix(QuantizedTensor q);
 
-// Grids whose codes are exact in e4m3 (symmetric, at most 5 bits: |code| <= 15), which can run
+// Grids whose integer codes are exact in e4m3 (|code| <= 15: symmetric up to 5 bits, centered up
+// to 4), which can run
 // on fp8 tensor cores with the scales in the GEMM's epilogue (fp8_linear_forward_gpu).
 bool fp8_exact(const QuantSpec& spec);
 // The e4m3 byte of each code (|code| <= 16, exact; throws qopt::Error for larger ones).

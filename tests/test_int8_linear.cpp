@@ -73,10 +73,31 @@ TEST_CASE("integer layer reference: the quantizer's codes, and the exact product
             worst = std::max(worst, std::fabs(out[size_t(n) * out_dim + o] - expected) / size);
         }
     CHECK(worst < 1e-6);
+    // QuEST's centered grid runs as doubled odd integers with half the step: integer * step is the
+    // quantizer's value (code + 1/2) * step, bit for bit.
+    for (int bits : {4, 7}) {
+        QuantSpec centered = row_spec(bits, ScaleRule::Gaussian);
+        centered.grid = QuantGrid::Centered;
+        CAPTURE(centered.describe());
+        const QuantizedTensor q = quantize_cpu(w.data(), out_dim, in_dim, centered);
+        const IntegerMatrix m = integer_matrix(q);
+        int worst_code = 0;
+        for (size_t i = 0; i < m.codes.size(); ++i) {
+            const int r = int(i / in_dim);
+            CHECK(m.codes[i] % 2 != 0);
+            worst_code = std::max(worst_code, std::abs(int(m.codes[i])));
+            REQUIRE(float(m.codes[i]) * m.steps[size_t(r)] == quant_value(q.grids[size_t(r)], float(q.codes[i])));
+        }
+        CHECK(worst_code <= (1 << bits) - 1);
+        CHECK(fp8_exact(centered) == (bits <= 4));
+    }
     // What the integer path cannot execute is refused by name.
-    QuantSpec centered = spec;
-    centered.grid = QuantGrid::Centered;
-    CHECK_THROWS_WITH_AS(check_integer_spec(centered, true), doctest::Contains("symmetric grid"), Error);
+    QuantSpec asymmetric = spec;
+    asymmetric.grid = QuantGrid::Asymmetric;
+    CHECK_THROWS_WITH_AS(check_integer_spec(asymmetric, true), doctest::Contains("symmetric or centered"), Error);
+    QuantSpec centered8 = spec;
+    centered8.grid = QuantGrid::Centered;
+    CHECK_THROWS_WITH_AS(check_integer_spec(centered8, true), doctest::Contains("at most 7 bits"), Error);
     QuantSpec grouped = spec;
     grouped.granularity = Granularity::Group, grouped.group_size = 32;
     CHECK_THROWS_WITH_AS(check_integer_spec(grouped, false), doctest::Contains("one scale per row"), Error);
@@ -220,6 +241,14 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
         quantize_rows_fp8_gpu(x4_d.data(), sx_d.data(), x_bf16.data(), rows, in_dim, spec);
         CHECK(x4_d.download() == fp8_codes(x4));
         CHECK(sx_d.download() == sx);
+        QuantSpec centered = spec;  // QuEST's grid: doubled odd codes, half steps
+        centered.grid = QuantGrid::Centered;
+        std::vector<int8_t> xc(x.size());
+        std::vector<float> sc(static_cast<size_t>(rows));
+        quantize_rows_int8_cpu(xc.data(), sc.data(), x.data(), rows, in_dim, centered);
+        quantize_rows_fp8_gpu(x4_d.data(), sx_d.data(), x_bf16.data(), rows, in_dim, centered);
+        CHECK(x4_d.download() == fp8_codes(xc));
+        CHECK(sx_d.download() == sc);
         std::vector<int32_t> product4(size_t(rows) * out_dim);
         int8_matmul_cpu(product4.data(), x4.data(), w4.data(), rows, in_dim, out_dim);
         std::vector<float> expected(product4.size());
@@ -309,6 +338,8 @@ TEST_CASE("GPU model in integers: loss equals the fake-quant evaluation (olmo2, 
                               {"w8a8", 64, "", "", 2e-3},
                               {"w4a4", 0, "", "", 2e-3},  // fp8 tensor cores, scales in the epilogue
                               {"w4a4", 64, "", "", 2e-3},
+                              {"w4a4", 64, "", "centered", 2e-3},  // QuEST's grid: doubled codes
+                              {"w6a6", 0, "", "centered", 2e-3},   // the same on int8 tensor cores
                               {"w4a16", 0, "", "", 1e-3},
                               {"w4a16", 64, "", "", 1e-3},
                               {"w4a16", 0, "group", "asymmetric", 1e-3}};
