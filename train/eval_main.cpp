@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
                       "quantizer, else none), off, or wXaY to quantize a full-precision checkpoint on the fly (RTN)");
     app.add_flag("--integer", o.integer,
                  "Run the quantized hidden layers in integers instead of fake-quant in bf16 (GPU): W8A8-style formats "
-                 "(symmetric per-row weights, symmetric per-token activations) on int8 tensor cores, or on fp8 "
+                 "(per-row weights, per-token activations; symmetric or QuEST's centered grid) on int8 tensor cores, or on fp8 "
                  "tensor cores with the scales in the GEMM's epilogue when both sides have at most 5 bits (W4A4), "
                  "weight-only "
                  "formats with 2-4-bit weights (any grid, groups of a multiple of 16) as packed 4-bit weights "
