@@ -173,7 +173,8 @@ void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool trans
 // cuBLAS; CPU references in optim/dense.hpp). `batch` row-major fp32 matrices back to back;
 // scratch holds batch * n * n floats; results are ordered on the default stream.
 // Symmetric a: values descending, column j of vectors [n, n] the unit eigenvector of values[j]
-// (as symmetric_eigen; only the lower triangle of a is read).
+// (as symmetric_eigen; only the lower triangle of a is read). a may be scratch itself (then it
+// is overwritten).
 void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch);
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).

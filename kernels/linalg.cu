@@ -139,7 +139,7 @@ float** pointer_array(Scratch& storage, float* base, int64_t stride, int batch) 
 void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch) {
     SolverWorker& w = workers()[0];
     const size_t matrix = size_t(n) * n;
-    CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, 0));
+    if (scratch != a) CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, 0));
     size_t device_bytes = 0, host_bytes = 0;
     float* raw_values = static_cast<float*>(w.tau.at_least(size_t(n) * batch * sizeof(float)));
     SOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR,

@@ -133,33 +133,45 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
 
 }  // namespace
 
-// The integer product for W8A8: int8 operands, int32 accumulation and output, exact. The
-// layouts are the forward's (weight transposed, "TN"), the one cuBLASLt's int8 kernels take.
-void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim, int out_dim,
-                     cudaStream_t stream) {
-    QOPT_CHECK(n_rows % 4 == 0 && in_dim % 4 == 0 && out_dim % 4 == 0, "int8 matmul: sizes ", n_rows, " x ", in_dim,
-               " x ", out_dim, " must be multiples of 4");
-    const int m = out_dim, n = n_rows, k = in_dim;
-    cublasLtMatmulDesc_t op;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+namespace {
+
+// The forward layout ("TN", the one cuBLASLt's int8 and fp8 kernels take) for quantized operands:
+// out[m, n] (column-major, out_type) = weight[k, m]^T in[k, n], both of ab_type; `op` carries the
+// compute type, scales and epilogue, and is destroyed here. Algorithms are cached per shape,
+// types and `variant` (what else in `op` changes the choice).
+void quantized_tn_product(cublasLtMatmulDesc_t op, cudaDataType_t ab_type, cudaDataType_t out_type, int variant,
+                          const void* alpha, const void* beta, void* out, const void* in, const void* weight, int m,
+                          int n, int k, cudaStream_t stream) {
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_8I, k, m, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_8I, k, n, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, CUDA_R_32I, m, n, m));
-    static std::map<std::tuple<int, int, int>, cublasLtMatmulAlgo_t> cache;
-    auto found = cache.find({m, n, k});
-    if (found == cache.end())
-        found = cache.emplace(std::make_tuple(m, n, k), first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
-    const int32_t alpha = 1, beta = 0;
-    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, weight, layout_a, in, layout_b, &beta, out, layout_c, out,
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, ab_type, k, m, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, ab_type, k, n, k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, out_type, m, n, m));
+    static std::map<std::tuple<int, int, int, int, int, int>, cublasLtMatmulAlgo_t> cache;
+    const auto key = std::make_tuple(m, n, k, int(ab_type), int(out_type), variant);
+    auto found = cache.find(key);
+    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
+    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, alpha, weight, layout_a, in, layout_b, beta, out, layout_c, out,
                                 layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);
     cublasLtMatmulDescDestroy(op);
+}
+
+}  // namespace
+
+// The integer product for W8A8: int8 operands, int32 accumulation and output, exact.
+void int8_matmul_gpu(int32_t* out, const int8_t* in, const int8_t* weight, int n_rows, int in_dim, int out_dim,
+                     cudaStream_t stream) {
+    QOPT_CHECK(n_rows % 4 == 0 && in_dim % 4 == 0 && out_dim % 4 == 0, "int8 matmul: sizes ", n_rows, " x ", in_dim,
+               " x ", out_dim, " must be multiples of 4");
+    cublasLtMatmulDesc_t op;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
+    const int32_t alpha = 1, beta = 0;
+    quantized_tn_product(op, CUDA_R_8I, CUDA_R_32I, 0, &alpha, &beta, out, in, weight, out_dim, n_rows, in_dim, stream);
 }
 
 // Small integer codes on fp8 tensor cores: every integer of magnitude <= 16 is exact in e4m3,
@@ -174,13 +186,8 @@ void fp8_scaled_matmul_gpu(void* out, bool out_fp32, const uint8_t* in, const ui
     QOPT_CHECK(n_rows % 16 == 0 && in_dim % 16 == 0 && out_dim % 16 == 0, "fp8 matmul: sizes ", n_rows, " x ",
                in_dim, " x ", out_dim, " must be multiples of 16");
     QOPT_CHECK(!(bias && out_fp32), "fp8 matmul: a bias goes with bf16 output only");
-    const int m = out_dim, n = n_rows, k = in_dim;
-    const cudaDataType_t out_type = out_fp32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
     // A = the weight (m = out rows), B = the input (n = tokens).
     const cublasLtMatmulMatrixScale_t outer = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer, sizeof outer));
@@ -195,21 +202,9 @@ void fp8_scaled_matmul_gpu(void* out, bool out_fp32, const uint8_t* in, const ui
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
-    cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, CUDA_R_8F_E4M3, k, m, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, CUDA_R_8F_E4M3, k, n, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, out_type, m, n, m));
-    static std::map<std::tuple<int, int, int, bool, bool>, cublasLtMatmulAlgo_t> cache;
-    const auto key = std::make_tuple(m, n, k, out_fp32, bias != nullptr);
-    auto found = cache.find(key);
-    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
     const float alpha = 1.0f, beta = 0.0f;
-    CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, weight, layout_a, in, layout_b, &beta, out, layout_c, out,
-                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
-    cublasLtMatrixLayoutDestroy(layout_a);
-    cublasLtMatrixLayoutDestroy(layout_b);
-    cublasLtMatrixLayoutDestroy(layout_c);
-    cublasLtMatmulDescDestroy(op);
+    quantized_tn_product(op, CUDA_R_8F_E4M3, out_fp32 ? CUDA_R_32F : CUDA_R_16BF, bias ? 1 : 0, &alpha, &beta, out, in,
+                         weight, out_dim, n_rows, in_dim, stream);
 }
 
 void matmul_forward_gpu(bf16* out, const bf16* in, const bf16* weight, const bf16* bias, int n_rows, int in_dim,

@@ -314,6 +314,52 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     std::fflush(stdout);
 }
 
+// The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
+// gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
+// batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
+void bench_linalg() {
+    Timer timer;
+    auto time = [&](auto&& call) {
+        call();  // workspaces
+        std::vector<double> ms;
+        for (int i = 0; i < 3; ++i) {
+            timer.start();
+            call();
+            ms.push_back(timer.stop());
+        }
+        return median(ms);
+    };
+    for (int n : {768, 1024})
+        for (int batch : {1, 12, 48, 168}) {
+            const size_t floats = size_t(n) * n * batch;
+            DeviceBuffer<float> a(floats), vectors(floats), scratch(floats), values(size_t(n) * batch);
+            // A diagonally dominant symmetric matrix (a Gram matrix's shape without its cost).
+            std::vector<float> host(floats);
+            for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
+            for (int b = 0; b < batch; ++b)
+                for (int r = 0; r < n; ++r)
+                    for (int c = 0; c < r; ++c)
+                        host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
+            for (int b = 0; b < batch; ++b)
+                for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
+            a.upload(host);
+            const double ms = time([&] { symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
+                        ms / batch);
+        }
+    for (int n : {768, 3072})
+        for (int batch : {1, 4, 24}) {
+            const size_t floats = size_t(n) * n * batch;
+            DeviceBuffer<float> a(floats), q(floats), scratch(floats);
+            std::vector<float> host(floats);
+            for (size_t i = 0; i < floats; ++i) host[i] = float((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+            a.upload(host);
+            const double ms = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("Householder QR %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms, ms / batch);
+        }
+    std::fflush(stdout);
+}
+
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
 // backward (the 5 products of the math; the kernels recompute P once more).
 void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
@@ -374,6 +420,10 @@ int main(int argc, char** argv) {
     app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
     app.add_flag("--attention-only", skip_training, "only the attention kernels");
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
+    bool linalg = false;
+    app.add_flag("--linalg", linalg,
+                 "also time the optimizers' batched eigendecomposition and Householder QR (cuSOLVER) at gpt2-124m's "
+                 "factor sizes over several batch sizes");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM, the whole W8A8 layer, the W4A4 layer on fp8 tensor cores and the "
@@ -407,6 +457,7 @@ int main(int argc, char** argv) {
             }
             qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
         }
+        if (linalg) qopt::bench_linalg();
         if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
                                            std::pair{3072, 768}, std::pair{2048, 6144}, std::pair{8192, 2048}})
