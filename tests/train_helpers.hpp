@@ -14,7 +14,10 @@
 namespace qopt::test {
 
 // The CPU always; the CUDA path too where a GPU is present (said once where it is not).
+// QOPT_TEST_DEVICES=cuda runs only the GPU variants (on the GPU machine, whose time is short).
 inline std::vector<std::string> devices() {
+    const std::string only = env_or("QOPT_TEST_DEVICES", "");
+    if (only == "cuda" && gpu_available()) return {"cuda"};
     if (gpu_available()) return {"cpu", "cuda"};
     MESSAGE("the --device cuda variant is skipped: " << query_cuda_device().problem);
     return {"cpu"};
