@@ -211,6 +211,9 @@ __global__ void __launch_bounds__(G * 128, 4 / G) forward_kernel(Rows<bf16> out,
 // ---------------------------------------------------------------- backward
 // Blocks per SM the register budget is cut for (65536 registers: 3 blocks of one warpgroup at
 // up to 168 registers, 4 at up to 128); more resident warpgroups hide each other's latency.
+// At 3 blocks ptxas warns that the hd64 dK/dV kernel's wgmmas are serialized for want of
+// registers; it is still the faster choice (H100, 2026-11-25: backward 225 / 290 TFLOP/s at
+// T = 1024 / 4096 against 214 / 272 with 2 blocks and no serialization).
 constexpr int kv_blocks_per_sm(int head_dim, int groups) { return groups == 1 && head_dim == 64 ? 3 : 1; }
 constexpr int q_blocks_per_sm(int head_dim, int groups) { return groups == 1 ? (head_dim == 64 ? 4 : 3) : 1; }
 
