@@ -243,12 +243,12 @@ struct LinearOperands {
 void quantize_rows(const LinearQuantConfig& quant, bf16* out, uint32_t* keep, const bf16* in, long rows, int cols,
                    const QuantSpec& spec, double* stats) {
     const int block = hadamard_block_for(cols, quant.hadamard_block);
-    if (spec.enabled()) {
+    if (spec.enabled())
         rotate_fake_quant_rows_gpu(out, keep, in, rows, cols, block, spec, quant.trust, stats);
-    } else {
+    else if (block > 1)  // rotated only: one out-of-place pass (no mask: every element passes)
+        masked_hadamard_rows_gpu(out, in, nullptr, rows, cols, block, /*accumulate=*/false);
+    else
         CUDA_CHECK(cudaMemcpyAsync(out, in, size_t(rows) * cols * sizeof(bf16), cudaMemcpyDeviceToDevice));
-        hadamard_rows_gpu(out, rows, cols, block);
-    }
 }
 
 // Where layer l's quantized input for `site` lives (with recompute, the MLP-down inputs of all

@@ -59,8 +59,17 @@ TEST_CASE("GPU QAT: loss and gradients match the CPU reference (olmo2-tiny, gpt2
             }
             CHECK(losses[0] == losses[1]);
             if (config.arch == Arch::Olmo2) CHECK(grads[0] == grads[1]);  // recompute: bitwise (ReLU²)
-            const double bound = format == "w4a4" ? 0.6 : format == "w8a8" ? 0.15 : 5e-2;
+            // A quantized input on the other side of a rounding boundary (bf16 vs float64
+            // activations) moves a 4-bit code by a whole step and, through the trust mask,
+            // passes or drops whole gradient entries. Measured on an H100 (7 runs, fresh seeds):
+            // olmo2-tiny w4a4 0.27-0.47 per tensor, one 0.606 (k_norm.weight), 0.30-0.33 over
+            // all gradients; gpt2-tiny w4a4 <= 0.2 / 0.10; w8a8 <= 0.07 / 0.04; off <= 0.024 /
+            // 0.015. A wrong gradient (sign, missing mask, missing rotation) is near 1 or above.
+            const double bound = format == "w4a4" ? 0.8 : format == "w8a8" ? 0.15 : 5e-2;
+            const double global_bound = format == "w4a4" ? 0.5 : format == "w8a8" ? 0.1 : 5e-2;
             CHECK(losses[0] == doctest::Approx(loss_ref).epsilon(format == "w4a4" ? 2e-2 : 5e-3));
+            const double global = relative_error(grads[0], reference.grads());
+            CHECK(global < global_bound);
             double worst = 0;
             for (const auto& t : model.layout().tensors) {
                 const std::vector<float> got(grads[0].begin() + long(t.offset),
@@ -73,7 +82,7 @@ TEST_CASE("GPU QAT: loss and gradients match the CPU reference (olmo2-tiny, gpt2
                 CHECK(err < bound);
             }
             MESSAGE(preset << " " << format << ": loss " << losses[0] << " vs reference " << loss_ref
-                           << ", worst gradient relative error " << worst);
+                           << ", worst gradient relative error " << worst << ", all gradients " << global);
         }
 }
 
