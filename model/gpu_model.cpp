@@ -450,20 +450,23 @@ void GpuModel::forward(const int* inputs, const int* targets, int batch, int seq
             const LinearOperands x = operands(l, site, in, weight_offset, in_dim);
             return matmul_forward_gpu(out, x.input, x.weight, w(bias_offset), N, in_dim, out_dim);
         }
-        if (hadamard_block_for(in_dim, s.quant.hadamard_block) > 0) {  // rotated only (an off spec)
-            bf16* rotated = input_site(s, l, site).input.data();
-            quantize_rows(s.quant, rotated, nullptr, in, N, in_dim, QuantSpec{}, nullptr);
-            in = rotated;
-        }
+        const int block = hadamard_block_for(in_dim, s.quant.hadamard_block);
         const IntegerSite& weight = s.integer_sites[size_t(l) * kSites + site];
         const float* bias = bias_offset == kAbsent ? nullptr : P + bias_offset;
-        if (s.integer_path == IntegerPath::PackedWeights) return w4a16_linear_forward_gpu(out, in, weight.packed, bias, N);
+        if (s.integer_path == IntegerPath::PackedWeights) {
+            if (block > 0) {  // rotated only (an off spec), then the packed product on bf16 inputs
+                bf16* rotated = input_site(s, l, site).input.data();
+                quantize_rows(s.quant, rotated, nullptr, in, N, in_dim, QuantSpec{}, nullptr);
+                in = rotated;
+            }
+            return w4a16_linear_forward_gpu(out, in, weight.packed, bias, N);
+        }
+        // The integer layers rotate and quantize their input themselves (one pass where they can).
         if (weight.fp8_codes.size() && N % 16 == 0)
-            return fp8_linear_forward_gpu(out, in, weight.fp8_codes.data(), weight.steps.data(),
-                                          w(bias_offset), N, in_dim, out_dim,
-                                          s.quant.activations, s.integer_scratch);
+            return fp8_linear_forward_gpu(out, in, weight.fp8_codes.data(), weight.steps.data(), w(bias_offset), N,
+                                          in_dim, out_dim, s.quant.activations, block, s.integer_scratch);
         int8_linear_forward_gpu(out, in, weight.codes.data(), weight.steps.data(), bias, N, in_dim, out_dim,
-                                s.quant.activations, s.integer_scratch);
+                                s.quant.activations, block, s.integer_scratch);
     };
     // Quantized layers (not in integers) never store the MLP activation: the down projection's
     // input is quantized straight from the pre-activation. The activation is then written only

@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
 #include "quant/int8_linear.hpp"
+#include "quant/quant_gpu.hpp"
 
 namespace qopt {
 
@@ -109,15 +110,38 @@ void dequantize_product_gpu(bf16* out, const int32_t* product, const float* in_s
     CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+
+// The input's integer codes and steps, rotated first with a Hadamard block: one fused pass where
+// the quantizer's register path applies, else the rotation (out of place) and the per-row kernel.
+template <typename Code>
+void quantize_input(Code* codes, bool fp8, const bf16* in, long rows, int cols, int hadamard_block,
+                    const QuantSpec& spec, Int8LinearScratch& scratch, cudaStream_t stream) {
+    check_integer_spec(spec, true);
+    if (scratch.steps.size() < size_t(rows)) scratch.steps.resize(size_t(rows));
+    if (rotate_quantize_codes_gpu(codes, fp8, scratch.steps.data(), in, rows, cols, hadamard_block, spec, stream))
+        return;
+    const bf16* x = in;
+    if (hadamard_block > 1) {
+        if (scratch.rotated.size() < size_t(rows) * cols) scratch.rotated.resize(size_t(rows) * cols);
+        masked_hadamard_rows_gpu(scratch.rotated.data(), in, nullptr, rows, cols, hadamard_block, false, stream);
+        x = scratch.rotated.data();
+    }
+    quantize_rows(codes, scratch.steps.data(), x, rows, cols, spec, stream);
+}
+
+}  // namespace
+
 void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
-                             Int8LinearScratch& scratch, cudaStream_t stream) {
+                             int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream) {
     QOPT_CHECK(in_dim < 133000, "integer execution: in_dim ", in_dim, " could overflow the int32 product");
+    QOPT_CHECK(n_rows % 4 == 0 && in_dim % 4 == 0 && out_dim % 4 == 0, "int8 matmul: sizes ", n_rows, " x ", in_dim,
+               " x ", out_dim, " must be multiples of 4");
     const size_t codes = size_t(n_rows) * in_dim, products = size_t(n_rows) * out_dim;
     if (scratch.codes.size() < codes) scratch.codes.resize(codes);
-    if (scratch.steps.size() < size_t(n_rows)) scratch.steps.resize(size_t(n_rows));
     if (scratch.product.size() < products) scratch.product.resize(products);
-    quantize_rows_int8_gpu(scratch.codes.data(), scratch.steps.data(), in, n_rows, in_dim, input_spec, stream);
+    quantize_input(scratch.codes.data(), false, in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
     int8_matmul_gpu(scratch.product.data(), scratch.codes.data(), weight_codes, n_rows, in_dim, out_dim, stream);
     dequantize_product_gpu(out, scratch.product.data(), scratch.steps.data(), weight_steps, bias, n_rows, out_dim,
                            stream);
@@ -125,12 +149,15 @@ void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_cod
 
 void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_codes, const float* weight_steps,
                             const bf16* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
-                            Int8LinearScratch& scratch, cudaStream_t stream) {
+                            int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream) {
     QOPT_CHECK(in_dim < 74000, "fp8 integer execution: in_dim ", in_dim, " could leave the exact fp32 sums");
+    QOPT_CHECK(fp8_exact(input_spec), "fp8 codes need a symmetric grid of at most 5 bits or a centered one of at most 4, not ",
+               input_spec.describe());
+    QOPT_CHECK(n_rows % 16 == 0 && in_dim % 16 == 0 && out_dim % 16 == 0, "fp8 matmul: sizes ", n_rows, " x ",
+               in_dim, " x ", out_dim, " must be multiples of 16");
     const size_t codes = size_t(n_rows) * in_dim;
     if (scratch.fp8_codes.size() < codes) scratch.fp8_codes.resize(codes);
-    if (scratch.steps.size() < size_t(n_rows)) scratch.steps.resize(size_t(n_rows));
-    quantize_rows_fp8_gpu(scratch.fp8_codes.data(), scratch.steps.data(), in, n_rows, in_dim, input_spec, stream);
+    quantize_input(scratch.fp8_codes.data(), true, in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
     fp8_scaled_matmul_gpu(out, false, scratch.fp8_codes.data(), weight_codes, scratch.steps.data(), weight_steps, bias,
                           n_rows, in_dim, out_dim, stream);
 }

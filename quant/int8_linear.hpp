@@ -70,20 +70,23 @@ struct Int8LinearScratch {
     DeviceBuffer<uint8_t> fp8_codes;
     DeviceBuffer<float> steps;
     DeviceBuffer<int32_t> product;
+    DeviceBuffer<bf16> rotated;  // the rotated input, where the rotation cannot be fused
 };
-// The whole layer: quantize the input rows, int8 x int8 -> int32 product, scales (+ bias) -> bf16.
-// n_rows, in_dim and out_dim must be multiples of 4 (the int8 product's layout; refused otherwise).
+// The whole layer: rotate (hadamard_block > 1) and quantize the input rows — one pass where
+// rotate_quantize_codes_gpu's register path applies —, int8 x int8 -> int32 product, scales
+// (+ bias) -> bf16. n_rows, in_dim and out_dim must be multiples of 4 (the int8 product's layout;
+// refused otherwise).
 void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
-                             Int8LinearScratch& scratch, cudaStream_t stream = 0);
+                             int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream = 0);
 
 // The layer on fp8 tensor cores for fp8_exact specs (W4A4, W5A5, W4A8 is not: 8-bit codes are
-// not exact in e4m3): quantize the input rows to e4m3 codes, then one GEMM whose epilogue applies
+// not exact in e4m3): rotate and quantize the input rows to e4m3 codes (as above), then one GEMM whose epilogue applies
 // both steps and the (bf16) bias — no int32 product in memory, no scale pass. Equals
 // int8_linear_forward_gpu on the same codes up to the rounding of the scale multiplications and
 // the bias's bf16 rounding. Sizes multiples of 16 (refused otherwise).
 void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_codes, const float* weight_steps,
                             const bf16* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
-                            Int8LinearScratch& scratch, cudaStream_t stream = 0);
+                            int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream = 0);
 
 }  // namespace qopt

@@ -34,6 +34,17 @@ void rotate_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const float* in, long
                                 const QuantSpec& spec, float trust, double* scratch = nullptr,
                                 cudaStream_t stream = 0);
 
+// Rotation and per-row quantization into integer codes in one pass (the register path of
+// rotate_fake_quant_rows_gpu: rows a multiple of 128, block <= 128, one scale per row, not mse):
+// codes [rows, cols] as int8, or with fp8 as e4m3 bytes of the same integers, the centered grid
+// as doubled codes with half steps (quant/int8_linear.hpp: integer_code, integer_step), one
+// step per row. Integer code * step is rotate_fake_quant_rows_gpu's value bit for bit (the same
+// kernel, grids and rotation in fp32); rotating to bf16 first and then quantizing, the two-pass
+// fallback, can move codes that sit on a rounding boundary. Returns false, doing nothing, where
+// the register path does not apply (the caller takes the two passes).
+bool rotate_quantize_codes_gpu(void* codes, bool fp8, float* steps, const bf16* in, long rows, int cols,
+                               int hadamard_block, const QuantSpec& spec, cudaStream_t stream = 0);
+
 // The backward half: out = rotate(grad * keep) (keep may be null: all pass), written or, with
 // accumulate, added. H is symmetric, so the gradient of x -> x H is g -> g H.
 void masked_hadamard_rows_gpu(bf16* out, const bf16* grad, const uint32_t* keep, long rows, int cols,

@@ -15,6 +15,8 @@
 //  - general (any power-of-two block up to the row, groups, per-tensor, mse): one CTA per row
 //    staged in shared memory, each group's grid chosen by a team reduction (the whole CTA for
 //    a per-row group, one warp per group for per-group quantization).
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <cfloat>
 #include <type_traits>
@@ -22,6 +24,7 @@
 #include "kernels/activation_functors.cuh"
 #include "kernels/cuda_common.cuh"
 #include "quant/hadamard.hpp"
+#include "quant/int8_linear.hpp"
 #include "quant/quant_gpu.hpp"
 
 namespace qopt {
@@ -309,6 +312,26 @@ struct RowGrid {
     float threshold;
 };
 
+// Where the fast kernel's quantized rows go.
+//  FakeQuantSink: the dequantized values (bf16) and the estimator's mask (may be null).
+//  CodeSink: the integer codes (quant/int8_linear.hpp's integer_code: the centered grid doubled)
+//  as int8 or e4m3 bytes, and one step per row — the integer layers' input.
+struct FakeQuantSink {
+    static constexpr bool kCodes = false;
+    bf16* out;
+    uint32_t* keep;
+};
+struct CodeSink {
+    static constexpr bool kCodes = true;
+    uint8_t* codes;
+    float* steps;
+    bool fp8, doubled;
+    __device__ uint32_t byte(int code) const {
+        return fp8 ? uint32_t(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3))
+                   : uint32_t(uint8_t(int8_t(code)));
+    }
+};
+
 // out = fake_quant(rotate(act(in))) for rows of whole chunks, one scale per row; the activation
 // (the MLP down projection's input computed from its pre-activation) rounds to bf16 first, as
 // the activation kernels do, so the result is bit-identical to the two passes.
@@ -318,10 +341,10 @@ struct RowGrid {
 // is bound by instruction issue, so each element costs the butterfly (2 adds in the lane, 5
 // shuffle + FMA stages, the norm), a square, the quantization (8 float ops), the mask test and
 // a ballot; per-row work (the grid's divisions and square roots) runs once per row.
-template <int K, int kMaxThreads, typename InT, typename Activation>
+template <int K, int kMaxThreads, typename InT, typename Activation, typename Sink>
 __global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * (K <= 4 ? 4 : 3) / kMaxThreads)
-    rotate_fake_quant_fast_kernel(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, int warps_per_row,
-                                  Params p, RangeStats range, Activation activation) {
+    rotate_fake_quant_fast_kernel(Sink sink, const InT* in, long rows, int cols, int warps_per_row, Params p,
+                                  RangeStats range, Activation activation) {
     __shared__ Stats partial[kMaxThreads / 32];
     __shared__ alignas(16) unsigned char row_grid_bytes[sizeof(RowGrid) * kNarrowThreads / 32];  // (GroupGrid
     RowGrid* row_grids = reinterpret_cast<RowGrid*>(row_grid_bytes);  // has initializers: no __shared__ objects)
@@ -396,19 +419,32 @@ __global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * (K <= 4 ? 4 : 3)
             row = row_grids[row_in_cta];
         }
         if (r >= rows) continue;
+        if constexpr (Sink::kCodes) {
+            if (part == 0 && lane == 0) sink.steps[r] = integer_step(row.grid.step, sink.doubled);
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-            float q[4];
-            uint32_t words[4];  // the chunk's 4 mask words (element 4 * lane + i: word i, bit lane)
+            for (int k = 0; k < K; ++k) {
+                uint32_t word = 0;  // this lane's 4 codes of the chunk, one byte each
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                q[i] = quant_value(row.grid, quant_code_float(row.grid, v[k][i]));
-                words[i] = __ballot_sync(0xffffffffu, keep_all || fabsf(q[i] - v[k][i]) <= row.threshold);
+                for (int i = 0; i < 4; ++i)
+                    word |= sink.byte(integer_code(int(quant_code_float(row.grid, v[k][i])), sink.doubled)) << (8 * i);
+                *reinterpret_cast<uint32_t*>(sink.codes + r * cols + lane_offset + k * kChunk) = word;
             }
-            const long at = r * cols + lane_offset + k * kChunk;
-            store4(out + at, q);
-            if (keep && lane == 0)
-                *reinterpret_cast<uint4*>(keep + (at / kChunk) * 4) = make_uint4(words[0], words[1], words[2], words[3]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                float q[4];
+                uint32_t words[4];  // the chunk's 4 mask words (element 4 * lane + i: word i, bit lane)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    q[i] = quant_value(row.grid, quant_code_float(row.grid, v[k][i]));
+                    words[i] = __ballot_sync(0xffffffffu, keep_all || fabsf(q[i] - v[k][i]) <= row.threshold);
+                }
+                const long at = r * cols + lane_offset + k * kChunk;
+                store4(sink.out + at, q);
+                if (sink.keep && lane == 0)
+                    *reinterpret_cast<uint4*>(sink.keep + (at / kChunk) * 4) =
+                        make_uint4(words[0], words[1], words[2], words[3]);
+            }
         }
     }
 }
@@ -586,12 +622,12 @@ int sm_count() {
     return sms;
 }
 
-template <int K, int kMaxThreads, typename InT, typename Activation>
-void launch_fast_fake_quant_kernel(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, const Params& p,
+template <int K, int kMaxThreads, typename InT, typename Activation, typename Sink>
+void launch_fast_fake_quant_kernel(Sink sink, const InT* in, long rows, int cols, const Params& p,
                                    Activation activation, cudaStream_t stream) {
     const FastShape f = fast_shape(cols);
     const int threads = 32 * f.warps_per_row * f.rows_per_cta;
-    auto kernel = rotate_fake_quant_fast_kernel<K, kMaxThreads, InT, Activation>;
+    auto kernel = rotate_fake_quant_fast_kernel<K, kMaxThreads, InT, Activation, Sink>;
     // Enough CTAs to fill the GPU once, each striding over its rows; CTAs per SM asked once per
     // CTA size of this instantiation (the launches are on the training path's hot loop).
     static int ctas_per_sm[kMaxThreads / 32 + 1] = {};
@@ -602,27 +638,27 @@ void launch_fast_fake_quant_kernel(bf16* out, uint32_t* keep, const InT* in, lon
     }
     const long needed = (rows + f.rows_per_cta - 1) / f.rows_per_cta;
     const unsigned ctas = unsigned(std::max(1L, std::min(needed, long(sm_count()) * per_sm)));
-    kernel<<<ctas, threads, 0, stream>>>(out, keep, in, rows, cols, f.warps_per_row, p, range_stats(p), activation);
+    kernel<<<ctas, threads, 0, stream>>>(sink, in, rows, cols, f.warps_per_row, p, range_stats(p), activation);
     CUDA_CHECK_LAUNCH();
 }
 
 // The instantiation for the row's split (fast_shape: K = 1, 2, 3, 4, 6 or 8 chunks per warp;
 // 4 in a wide CTA).
-template <typename InT, typename Activation>
-void launch_fast_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int cols, const Params& p,
-                            Activation activation, cudaStream_t stream) {
+template <typename InT, typename Activation, typename Sink>
+void launch_fast_fake_quant(Sink sink, const InT* in, long rows, int cols, const Params& p, Activation activation,
+                            cudaStream_t stream) {
     const FastShape f = fast_shape(cols);
     static_assert(kMaxChunksPerWarp == 8, "one instantiation per chunks_per_warp below");
     if (f.warps_per_row > 8)
-        return launch_fast_fake_quant_kernel<kWideChunksPerWarp, kWideThreads>(out, keep, in, rows, cols, p, activation,
+        return launch_fast_fake_quant_kernel<kWideChunksPerWarp, kWideThreads>(sink, in, rows, cols, p, activation,
                                                                               stream);
     switch (f.chunks_per_warp) {
-        case 8: return launch_fast_fake_quant_kernel<8, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
-        case 6: return launch_fast_fake_quant_kernel<6, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
-        case 4: return launch_fast_fake_quant_kernel<4, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
-        case 3: return launch_fast_fake_quant_kernel<3, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
-        case 2: return launch_fast_fake_quant_kernel<2, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
-        default: return launch_fast_fake_quant_kernel<1, kNarrowThreads>(out, keep, in, rows, cols, p, activation, stream);
+        case 8: return launch_fast_fake_quant_kernel<8, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
+        case 6: return launch_fast_fake_quant_kernel<6, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
+        case 4: return launch_fast_fake_quant_kernel<4, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
+        case 3: return launch_fast_fake_quant_kernel<3, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
+        case 2: return launch_fast_fake_quant_kernel<2, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
+        default: return launch_fast_fake_quant_kernel<1, kNarrowThreads>(sink, in, rows, cols, p, activation, stream);
     }
 }
 
@@ -634,7 +670,7 @@ void rotate_fake_quant(bf16* out, uint32_t* keep, const InT* in, long rows, int 
     if (rows == 0) return;
     const Params p = make_params(rows, cols, block, spec, trust);
     if (fast_fake_quant(out, keep, in, cols, block, p))
-        return launch_fast_fake_quant(out, keep, in, rows, cols, p, NoActivation{}, stream);
+        return launch_fast_fake_quant(FakeQuantSink{out, keep}, in, rows, cols, p, NoActivation{}, stream);
     Stats* stats = nullptr;
     const int threads = threads_for(cols);
     if (p.per_tensor) {
@@ -701,9 +737,9 @@ void activation_fake_quant_rows_gpu(bf16* out, uint32_t* keep, const bf16* pre_a
     const Params p = make_params(rows, cols, hadamard_block, spec, trust);
     if (fast_fake_quant(out, keep, pre_activation, cols, hadamard_block, p)) {
         if (activation == MlpActivation::Gelu)
-            launch_fast_fake_quant(out, keep, pre_activation, rows, cols, p, GeluForward{}, stream);
+            launch_fast_fake_quant(FakeQuantSink{out, keep}, pre_activation, rows, cols, p, GeluForward{}, stream);
         else
-            launch_fast_fake_quant(out, keep, pre_activation, rows, cols, p, Relu2Forward{}, stream);
+            launch_fast_fake_quant(FakeQuantSink{out, keep}, pre_activation, rows, cols, p, Relu2Forward{}, stream);
         return;
     }
     // Other shapes: the activation into out, then rotated and quantized in place.
@@ -729,6 +765,20 @@ void masked_hadamard_activation_rows_gpu(bf16* out, const bf16* grad, const uint
     // Other shapes: the two passes.
     masked_hadamard(out, grad, keep, rows, cols, block, false, stream);
     activation_backward_gpu(out, out, pre_activation, activation, size_t(rows) * cols, stream);
+}
+
+bool rotate_quantize_codes_gpu(void* codes, bool fp8, float* steps, const bf16* in, long rows, int cols,
+                               int hadamard_block, const QuantSpec& spec, cudaStream_t stream) {
+    check_shape(rows, cols, hadamard_block, "quantization to codes");
+    QOPT_CHECK(spec.enabled(), "rotate_quantize_codes_gpu needs a quantizing spec (bits 2..8)");
+    const Params p = make_params(rows, cols, hadamard_block, spec, -1.0f);
+    if (!fast_fake_quant(static_cast<const bf16*>(nullptr), nullptr, in, cols, hadamard_block, p) ||
+        !is_aligned(codes, 4))
+        return false;
+    if (rows > 0)
+        launch_fast_fake_quant(CodeSink{static_cast<uint8_t*>(codes), steps, fp8, spec.grid == QuantGrid::Centered}, in,
+                               rows, cols, p, NoActivation{}, stream);
+    return true;
 }
 
 void hadamard_rows_gpu(float* data, long rows, int cols, int block, cudaStream_t stream) {

@@ -152,7 +152,7 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
         DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
         Int8LinearScratch scratch;
         int8_linear_forward_gpu(out.data(), x_d.data(), wq_d.data(), sw_d.data(), bias_d.data(), rows, in_dim, out_dim,
-                                spec, scratch);
+                                spec, 0, scratch);
         const std::vector<bf16> got = out.download();
         size_t mismatches = 0;
         for (size_t i = 0; i < got.size(); ++i)
@@ -175,7 +175,7 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
     DeviceBuffer<float> steps(4);
     Int8LinearScratch scratch;
     CHECK_THROWS_WITH_AS(int8_linear_forward_gpu(out.data(), x.data(), w.data(), steps.data(), nullptr, 37, 8, 4,
-                                                 row_spec(8, ScaleRule::Absmax), scratch),
+                                                 row_spec(8, ScaleRule::Absmax), 0, scratch),
                          doctest::Contains("multiples of 4"), Error);
 }
 
@@ -259,7 +259,7 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
         DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
         Int8LinearScratch scratch;
         fp8_linear_forward_gpu(out.data(), x_bf16.data(), w4_d.data(), sw_d.data(), bias_d.data(), rows, in_dim,
-                               out_dim, spec, scratch);
+                               out_dim, spec, 0, scratch);
         // The epilogue may multiply the two steps in another order than the reference: at most
         // one bf16 step apart.
         const std::vector<bf16> layer = out.download();
@@ -277,6 +277,74 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
     CHECK_THROWS_WITH_AS(fp8_scaled_matmul_gpu(out.data(), true, codes.data(), codes.data(), steps.data(), steps.data(),
                                                nullptr, 32, 24, 16),
                          doctest::Contains("multiples of 16"), Error);
+}
+
+TEST_CASE("GPU rotation + quantization to integer codes in one pass: code * step is the fake-quant value bit for "
+          "bit (int8 and e4m3 codes; symmetric and centered; blocks 0, 64, 128)") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // e4m3 byte -> integer, for the codes this path writes (|code| <= 15).
+    std::vector<int8_t> integers;
+    for (int c = -16; c <= 16; ++c) integers.push_back(int8_t(c));
+    const std::vector<uint8_t> bytes = fp8_codes(integers);
+    std::vector<int> from_byte(256, 1000);
+    for (size_t i = 0; i < bytes.size(); ++i) from_byte[bytes[i]] = integers[i];
+    for (auto [rows, cols] : {std::pair{37, 768}, std::pair{20, 3072}, std::pair{9, 256}})
+        for (int block : {0, 64, 128})
+            for (QuantGrid grid : {QuantGrid::Symmetric, QuantGrid::Centered})
+                for (ScaleRule rule : {ScaleRule::Absmax, ScaleRule::Gaussian})
+                    for (bool fp8 : {false, true}) {
+                        QuantSpec spec = row_spec(4, rule);
+                        spec.grid = grid;
+                        CAPTURE(rows);
+                        CAPTURE(cols);
+                        CAPTURE(block);
+                        CAPTURE(spec.describe());
+                        CAPTURE(fp8);
+                        const std::vector<float> x = bf16_rows(rows, cols, gen);
+                        const DeviceBuffer<bf16> x_d = uploaded(to_bf16(x));
+                        const size_t n = x.size();
+                        DeviceBuffer<uint8_t> codes = poisoned<uint8_t>(n);
+                        DeviceBuffer<float> steps = poisoned<float>(size_t(rows));
+                        REQUIRE(rotate_quantize_codes_gpu(codes.data(), fp8, steps.data(), x_d.data(), rows, cols, block,
+                                                          spec));
+                        // The same kernel's fake-quant output: (code + offset) * step, as bf16.
+                        DeviceBuffer<bf16> fake = poisoned<bf16>(n);
+                        rotate_fake_quant_rows_gpu(fake.data(), nullptr, x_d.data(), rows, cols, block, spec, -1.0f);
+                        const std::vector<uint8_t> got = codes.download();
+                        const std::vector<float> step = steps.download();
+                        const std::vector<bf16> want = fake.download();
+                        size_t mismatches = 0;
+                        for (size_t i = 0; i < n; ++i) {
+                            const int integer = fp8 ? from_byte[got[i]] : int(int8_t(got[i]));
+                            const float value = float(integer) * step[i / size_t(cols)];
+                            mismatches += __bfloat162float(__float2bfloat16(value)) != __bfloat162float(want[i]);
+                        }
+                        CHECK(mismatches == 0);
+                        if (block == 0) {  // and, unrotated, the per-row kernel's codes (sums of squares
+                                           // in another order for gaussian: a step may move by an ulp)
+                            DeviceBuffer<uint8_t> expected = poisoned<uint8_t>(n);
+                            DeviceBuffer<float> expected_steps = poisoned<float>(size_t(rows));
+                            if (fp8)
+                                quantize_rows_fp8_gpu(expected.data(), expected_steps.data(), x_d.data(), rows, cols, spec);
+                            else
+                                quantize_rows_int8_gpu(reinterpret_cast<int8_t*>(expected.data()), expected_steps.data(),
+                                                       x_d.data(), rows, cols, spec);
+                            const std::vector<uint8_t> other = expected.download();
+                            size_t differ = 0;
+                            for (size_t i = 0; i < n; ++i) differ += got[i] != other[i];
+                            CHECK(differ <= (rule == ScaleRule::Absmax ? 0 : n / 1000 + 1));
+                            CHECK(relative_error(step, expected_steps.download()) < 1e-6);
+                        }
+                    }
+    // Rows the register path does not take (not a multiple of 128) are left to the two passes.
+    DeviceBuffer<bf16> x(size_t(4) * 100);
+    DeviceBuffer<uint8_t> codes(size_t(4) * 100);
+    DeviceBuffer<float> steps(4);
+    CHECK_FALSE(rotate_quantize_codes_gpu(codes.data(), true, steps.data(), x.data(), 4, 100, 0,
+                                          row_spec(4, ScaleRule::Absmax)));
 }
 
 namespace {

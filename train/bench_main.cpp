@@ -262,7 +262,7 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     w_steps.fill_bytes(0x3c), x_steps.fill_bytes(0x3c);
     Int8LinearScratch scratch;
     const double layer_ms = time([&] {
-        int8_linear_forward_gpu(c.data(), a.data(), w8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec,
+        int8_linear_forward_gpu(c.data(), a.data(), w8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec, 0,
                                 scratch);
     });
     const double quantize_ms = time([&] { quantize_rows_int8_gpu(a8.data(), x_steps.data(), a.data(), rows, in_dim, spec); });
@@ -284,7 +284,7 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
                               rows, in_dim, out_dim);
     });
     const double w4a4_ms = time([&] {
-        fp8_linear_forward_gpu(c.data(), a.data(), w_fp8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec4,
+        fp8_linear_forward_gpu(c.data(), a.data(), w_fp8.data(), w_steps.data(), nullptr, rows, in_dim, out_dim, spec4, 0,
                                scratch);
     });
     std::printf("  W4A4 layer on fp8 tensor cores %.3f ms (%.2fx bf16): fp8 GEMM with both scales in its epilogue "
