@@ -38,18 +38,16 @@ bool fp8_exact(const QuantSpec& spec) {
                               (spec.grid == QuantGrid::Centered && spec.bits <= 4));
 }
 
+void check_fp8_spec(const QuantSpec& spec) {
+    QOPT_CHECK(fp8_exact(spec), "fp8 codes need a symmetric grid of at most 5 bits or a centered one of at most 4, not ",
+               spec.describe());
+}
+
 std::vector<uint8_t> fp8_codes(const std::vector<int8_t>& codes) {
-    // e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits. |c| <= 16 has at most 4 significant
-    // bits, so |c| = 2^e (1 + mantissa / 8) exactly.
     std::vector<uint8_t> bytes(codes.size());
     for (size_t i = 0; i < codes.size(); ++i) {
-        const int c = codes[i], magnitude = c < 0 ? -c : c;
-        QOPT_CHECK(magnitude <= 16, "fp8 codes: ", c, " is not exact in e4m3");
-        if (magnitude == 0) continue;
-        int e = 0;
-        while ((magnitude >> (e + 1)) != 0) ++e;
-        const int mantissa = ((magnitude << 3) >> e) & 7;
-        bytes[i] = uint8_t((c < 0 ? 0x80 : 0) | ((e + 7) << 3) | mantissa);
+        QOPT_CHECK(codes[i] >= -16 && codes[i] <= 16, "fp8 codes: ", int(codes[i]), " is not exact in e4m3");
+        bytes[i] = integer_code_byte(codes[i], true);
     }
     return bytes;
 }

@@ -3,8 +3,6 @@
 // reductions, then the codes), and the scale step after the int32 product. Both are memory-bound
 // passes; the products are kernels/matmul.cu's int8_matmul_gpu and fp8_scaled_matmul_gpu (whose
 // epilogue applies the scales itself).
-#include <cuda_fp8.h>
-
 #include <type_traits>
 
 #include "core/error.hpp"
@@ -21,7 +19,7 @@ constexpr int kWarpsPerBlock = 8;
 // Row r of x: absmax and sum of squares (the statistics absmax, clip and gaussian need), then
 // codes = quant_code(grid, x). Lanes read 8 bf16 (16 bytes) at a time when the row allows.
 // Code = int8_t, or uint8_t for the e4m3 encoding of the same integer.
-template <typename Code>
+template <typename Code, bool fp8 = std::is_unsigned_v<Code>>
 __global__ void quantize_rows_kernel(Code* codes, float* steps, const bf16* x, long rows, int cols, QuantSpec spec,
                                      float alpha, bool vector_loads) {
     const long row = long(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -55,11 +53,7 @@ __global__ void quantize_rows_kernel(Code* codes, float* steps, const bf16* x, l
     const GroupGrid g = grid_from_stats(spec.grid, spec.bits, spec.rule, spec.clip_ratio, alpha, stats, cols);
     const bool doubled = spec.grid == QuantGrid::Centered;
     if (lane == 0) steps[row] = integer_step(g.step, doubled);
-    visit([&](int i, float v) {
-        const int code = integer_code(quant_code(g, v), doubled);
-        if constexpr (sizeof(Code) == 1 && std::is_signed_v<Code>) out[i] = Code(code);
-        else out[i] = Code(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3));
-    });
+    visit([&](int i, float v) { out[i] = Code(integer_code_byte(integer_code(quant_code(g, v), doubled), fp8)); });
 }
 
 __global__ void dequantize_product_kernel(bf16* out, const int32_t* product, const float* in_steps,
@@ -98,8 +92,7 @@ void quantize_rows_int8_gpu(int8_t* codes, float* steps, const bf16* x, long row
 
 void quantize_rows_fp8_gpu(uint8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
                            cudaStream_t stream) {
-    QOPT_CHECK(fp8_exact(spec), "fp8 codes need a symmetric grid of at most 5 bits or a centered one of at most 4, not ",
-               spec.describe());
+    check_fp8_spec(spec);
     quantize_rows(codes, steps, x, rows, cols, spec, stream);
 }
 
@@ -115,8 +108,9 @@ namespace {
 // The input's integer codes and steps, rotated first with a Hadamard block: one fused pass where
 // the quantizer's register path applies, else the rotation (out of place) and the per-row kernel.
 template <typename Code>
-void quantize_input(Code* codes, bool fp8, const bf16* in, long rows, int cols, int hadamard_block,
-                    const QuantSpec& spec, Int8LinearScratch& scratch, cudaStream_t stream) {
+void quantize_input(Code* codes, const bf16* in, long rows, int cols, int hadamard_block, const QuantSpec& spec,
+                    Int8LinearScratch& scratch, cudaStream_t stream) {
+    constexpr bool fp8 = std::is_unsigned_v<Code>;  // uint8_t: e4m3 bytes
     check_integer_spec(spec, true);
     if (scratch.steps.size() < size_t(rows)) scratch.steps.resize(size_t(rows));
     if (rotate_quantize_codes_gpu(codes, fp8, scratch.steps.data(), in, rows, cols, hadamard_block, spec, stream))
@@ -136,12 +130,10 @@ void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_cod
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
                              int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream) {
     QOPT_CHECK(in_dim < 133000, "integer execution: in_dim ", in_dim, " could overflow the int32 product");
-    QOPT_CHECK(n_rows % 4 == 0 && in_dim % 4 == 0 && out_dim % 4 == 0, "int8 matmul: sizes ", n_rows, " x ", in_dim,
-               " x ", out_dim, " must be multiples of 4");
     const size_t codes = size_t(n_rows) * in_dim, products = size_t(n_rows) * out_dim;
     if (scratch.codes.size() < codes) scratch.codes.resize(codes);
     if (scratch.product.size() < products) scratch.product.resize(products);
-    quantize_input(scratch.codes.data(), false, in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
+    quantize_input(scratch.codes.data(), in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
     int8_matmul_gpu(scratch.product.data(), scratch.codes.data(), weight_codes, n_rows, in_dim, out_dim, stream);
     dequantize_product_gpu(out, scratch.product.data(), scratch.steps.data(), weight_steps, bias, n_rows, out_dim,
                            stream);
@@ -151,13 +143,10 @@ void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_cod
                             const bf16* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
                             int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream) {
     QOPT_CHECK(in_dim < 74000, "fp8 integer execution: in_dim ", in_dim, " could leave the exact fp32 sums");
-    QOPT_CHECK(fp8_exact(input_spec), "fp8 codes need a symmetric grid of at most 5 bits or a centered one of at most 4, not ",
-               input_spec.describe());
-    QOPT_CHECK(n_rows % 16 == 0 && in_dim % 16 == 0 && out_dim % 16 == 0, "fp8 matmul: sizes ", n_rows, " x ",
-               in_dim, " x ", out_dim, " must be multiples of 16");
+    check_fp8_spec(input_spec);
     const size_t codes = size_t(n_rows) * in_dim;
     if (scratch.fp8_codes.size() < codes) scratch.fp8_codes.resize(codes);
-    quantize_input(scratch.fp8_codes.data(), true, in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
+    quantize_input(scratch.fp8_codes.data(), in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
     fp8_scaled_matmul_gpu(out, false, scratch.fp8_codes.data(), weight_codes, scratch.steps.data(), weight_steps, bias,
                           n_rows, in_dim, out_dim, stream);
 }

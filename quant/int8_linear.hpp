@@ -10,6 +10,8 @@
 // operand. CPU references here; CUDA kernels in quant/int8_linear.cu; tests in
 // tests/test_int8_linear.cpp.
 #pragma once
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 #include <vector>
@@ -30,6 +32,11 @@ void check_integer_spec(const QuantSpec& spec, bool activations);
 // half the step, so integer * step is the same product (code + 1/2) * step, bit for bit.
 QOPT_HD inline int integer_code(int code, bool doubled) { return doubled ? 2 * code + 1 : code; }
 QOPT_HD inline float integer_step(float step, bool doubled) { return doubled ? 0.5f * step : step; }
+// The byte an integer code is stored as: int8 two's complement, or with fp8 its e4m3 encoding
+// (exact for |code| <= 16).
+QOPT_HD inline uint8_t integer_code_byte(int code, bool fp8) {
+    return fp8 ? uint8_t(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3)) : uint8_t(int8_t(code));
+}
 
 // Codes [rows, cols] and steps [rows] of x by the spec's per-row grids (= quantize_cpu).
 void quantize_rows_int8_cpu(int8_t* codes, float* steps, const float* x, int rows, int cols, const QuantSpec& spec);
@@ -51,6 +58,8 @@ IntegerMatrix integer_matrix(QuantizedTensor q);
 // to 4), which can run
 // on fp8 tensor cores with the scales in the GEMM's epilogue (fp8_linear_forward_gpu).
 bool fp8_exact(const QuantSpec& spec);
+// Throws qopt::Error naming the spec where it is not fp8_exact.
+void check_fp8_spec(const QuantSpec& spec);
 // The e4m3 byte of each code (|code| <= 16, exact; throws qopt::Error for larger ones).
 std::vector<uint8_t> fp8_codes(const std::vector<int8_t>& codes);
 

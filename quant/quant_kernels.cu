@@ -15,8 +15,6 @@
 //  - general (any power-of-two block up to the row, groups, per-tensor, mse): one CTA per row
 //    staged in shared memory, each group's grid chosen by a team reduction (the whole CTA for
 //    a per-row group, one warp per group for per-group quantization).
-#include <cuda_fp8.h>
-
 #include <algorithm>
 #include <cfloat>
 #include <type_traits>
@@ -326,10 +324,6 @@ struct CodeSink {
     uint8_t* codes;
     float* steps;
     bool fp8, doubled;
-    __device__ uint32_t byte(int code) const {
-        return fp8 ? uint32_t(__nv_cvt_float_to_fp8(float(code), __NV_SATFINITE, __NV_E4M3))
-                   : uint32_t(uint8_t(int8_t(code)));
-    }
 };
 
 // out = fake_quant(rotate(act(in))) for rows of whole chunks, one scale per row; the activation
@@ -426,7 +420,9 @@ __global__ void __launch_bounds__(kMaxThreads, kNarrowThreads * (K <= 4 ? 4 : 3)
                 uint32_t word = 0;  // this lane's 4 codes of the chunk, one byte each
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
-                    word |= sink.byte(integer_code(int(quant_code_float(row.grid, v[k][i])), sink.doubled)) << (8 * i);
+                    word |= uint32_t(integer_code_byte(integer_code(int(quant_code_float(row.grid, v[k][i])), sink.doubled),
+                                                       sink.fp8))
+                            << (8 * i);
                 *reinterpret_cast<uint32_t*>(sink.codes + r * cols + lane_offset + k * kChunk) = word;
             }
         } else {

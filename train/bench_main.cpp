@@ -67,20 +67,28 @@ double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
+// Median milliseconds of `runs` timed calls after `warmup` untimed ones.
+template <typename Call>
+double median_call_ms(Timer& timer, Call&& call, int warmup, int runs) {
+    for (int i = 0; i < warmup; ++i) call();
+    std::vector<double> ms;
+    for (int i = 0; i < runs; ++i) {
+        timer.start();
+        call();
+        ms.push_back(timer.stop());
+    }
+    return median(ms);
+}
+
 // Dense bf16 matmul ceiling: out[n, n] = a[n, n] b^T through the same cuBLASLt path.
 double measure_matmul_tflops() {
     const int n = 8192;
     DeviceBuffer<bf16> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
     a.fill_bytes(0x3c), b.fill_bytes(0x3c);  // small finite values
-    for (int i = 0; i < 3; ++i) matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n);
     Timer timer;
-    std::vector<double> ms;
-    for (int i = 0; i < 10; ++i) {
-        timer.start();
-        matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n);
-        ms.push_back(timer.stop());
-    }
-    return 2.0 * n * n * double(n) / (median(ms) * 1e-3) / 1e12;
+    const double ms =
+        median_call_ms(timer, [&] { matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n); }, 3, 10);
+    return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
 }
 
 struct BenchConfig {
@@ -238,16 +246,7 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     DeviceBuffer<int32_t> c32(size_t(rows) * out_dim);
     a.fill_bytes(0x3c), w.fill_bytes(0x3c), a8.fill_bytes(3), w8.fill_bytes(5);
     Timer timer;
-    auto time = [&](auto&& call) {
-        std::vector<double> ms;
-        for (int i = 0; i < 12; ++i) {
-            timer.start();
-            call();
-            const double t = timer.stop();
-            if (i >= 2) ms.push_back(t);
-        }
-        return median(ms);
-    };
+    auto time = [&](auto&& call) { return median_call_ms(timer, call, 2, 10); };
     const double bf16_ms = time([&] { matmul_forward_gpu(c.data(), a.data(), w.data(), nullptr, rows, in_dim, out_dim); });
     const double int8_ms = time([&] { int8_matmul_gpu(c32.data(), a8.data(), w8.data(), rows, in_dim, out_dim); });
     const double ops = 2.0 * rows * in_dim * out_dim;
@@ -319,16 +318,7 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
 // batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
 void bench_linalg() {
     Timer timer;
-    auto time = [&](auto&& call) {
-        call();  // workspaces
-        std::vector<double> ms;
-        for (int i = 0; i < 3; ++i) {
-            timer.start();
-            call();
-            ms.push_back(timer.stop());
-        }
-        return median(ms);
-    };
+    auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
     for (int n : {768, 1024})
         for (int batch : {1, 12, 48, 168}) {
             const size_t floats = size_t(n) * n * batch;
