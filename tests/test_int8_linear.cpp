@@ -35,6 +35,26 @@ std::vector<float> bf16_rows(int rows, int cols, std::mt19937_64& gen) {
     return x;
 }
 
+// The integer layer on the CPU: x [rows, in_dim] and w [out_dim, in_dim] quantized per row by
+// `spec` (codes and steps), their exact integer product, scaled and biased.
+struct IntegerLayerReference {
+    std::vector<int8_t> xq, wq;
+    std::vector<float> sx, sw, out;
+};
+IntegerLayerReference integer_layer_cpu(const std::vector<float>& x, const std::vector<float>& w,
+                                        const std::vector<float>& bias, int rows, int in_dim, int out_dim,
+                                        const QuantSpec& spec) {
+    IntegerLayerReference r{std::vector<int8_t>(x.size()), std::vector<int8_t>(w.size()),
+                            std::vector<float>(size_t(rows)), std::vector<float>(size_t(out_dim)),
+                            std::vector<float>(size_t(rows) * out_dim)};
+    quantize_rows_int8_cpu(r.xq.data(), r.sx.data(), x.data(), rows, in_dim, spec);
+    quantize_rows_int8_cpu(r.wq.data(), r.sw.data(), w.data(), out_dim, in_dim, spec);
+    std::vector<int32_t> product(r.out.size());
+    int8_matmul_cpu(product.data(), r.xq.data(), r.wq.data(), rows, in_dim, out_dim);
+    dequantize_product_cpu(r.out.data(), product.data(), r.sx.data(), r.sw.data(), bias.data(), rows, out_dim);
+    return r;
+}
+
 }  // namespace
 
 TEST_CASE("integer layer reference: the quantizer's codes, and the exact product scaled") {
@@ -54,13 +74,13 @@ TEST_CASE("integer layer reference: the quantizer's codes, and the exact product
         }
     // The scaled integer product equals sum_i (xq_i * sx)(wq_i * sw) + b, computed in float64.
     const QuantSpec spec = row_spec(8, ScaleRule::Absmax);
-    std::vector<int8_t> xq(x.size()), wq(w.size());
-    std::vector<float> sx(rows), sw(out_dim), bias(out_dim, 0.25f), out(size_t(rows) * out_dim);
-    quantize_rows_int8_cpu(xq.data(), sx.data(), x.data(), rows, in_dim, spec);
-    quantize_rows_int8_cpu(wq.data(), sw.data(), w.data(), out_dim, in_dim, spec);
-    std::vector<int32_t> product(out.size());
-    int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
-    dequantize_product_cpu(out.data(), product.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
+    const std::vector<float> bias(out_dim, 0.25f);
+    const IntegerLayerReference layer = integer_layer_cpu(x, w, bias, rows, in_dim, out_dim, spec);
+    const std::vector<int8_t>& xq = layer.xq;
+    const std::vector<int8_t>& wq = layer.wq;
+    const std::vector<float>& sx = layer.sx;
+    const std::vector<float>& sw = layer.sw;
+    const std::vector<float>& out = layer.out;
     double worst = 0;
     for (int n = 0; n < rows; ++n)
         for (int o = 0; o < out_dim; ++o) {
@@ -139,14 +159,10 @@ TEST_CASE("GPU integer layer: codes, scales and outputs equal the CPU reference;
         }
         // The whole layer (absmax, as the study's W8A8) against the CPU reference, to the bit.
         const QuantSpec spec = row_spec(8, ScaleRule::Absmax);
-        std::vector<int8_t> xq(x.size()), wq(w.size());
-        std::vector<float> sx(static_cast<size_t>(rows)), sw(static_cast<size_t>(out_dim));
-        quantize_rows_int8_cpu(xq.data(), sx.data(), x.data(), rows, in_dim, spec);
-        quantize_rows_int8_cpu(wq.data(), sw.data(), w.data(), out_dim, in_dim, spec);
-        std::vector<int32_t> product(size_t(rows) * out_dim);
-        int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
-        std::vector<float> expected(product.size());
-        dequantize_product_cpu(expected.data(), product.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
+        const IntegerLayerReference layer = integer_layer_cpu(x, w, bias, rows, in_dim, out_dim, spec);
+        const std::vector<int8_t>& wq = layer.wq;
+        const std::vector<float>& sw = layer.sw;
+        const std::vector<float>& expected = layer.out;
         const DeviceBuffer<int8_t> wq_d = uploaded(wq);
         const DeviceBuffer<float> sw_d = uploaded(sw), bias_d = uploaded(bias);
         DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
@@ -231,10 +247,12 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
         std::vector<float> bias(static_cast<size_t>(out_dim));
         for (float& b : bias) b = bf16_round(float(int(gen() % 200) - 100) / 64.0f);
         const QuantSpec spec = row_spec(4, ScaleRule::Absmax);
-        std::vector<int8_t> x4(x.size()), w4(w.size());
-        std::vector<float> sx(static_cast<size_t>(rows)), sw(static_cast<size_t>(out_dim));
-        quantize_rows_int8_cpu(x4.data(), sx.data(), x.data(), rows, in_dim, spec);
-        quantize_rows_int8_cpu(w4.data(), sw.data(), w.data(), out_dim, in_dim, spec);
+        const IntegerLayerReference reference = integer_layer_cpu(x, w, bias, rows, in_dim, out_dim, spec);
+        const std::vector<int8_t>& x4 = reference.xq;
+        const std::vector<int8_t>& w4 = reference.wq;
+        const std::vector<float>& sx = reference.sx;
+        const std::vector<float>& sw = reference.sw;
+        const std::vector<float>& expected = reference.out;
         const DeviceBuffer<bf16> x_bf16 = uploaded(to_bf16(x));
         DeviceBuffer<uint8_t> x4_d = poisoned<uint8_t>(x.size());
         DeviceBuffer<float> sx_d = poisoned<float>(sx.size());
@@ -249,10 +267,6 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
         quantize_rows_fp8_gpu(x4_d.data(), sx_d.data(), x_bf16.data(), rows, in_dim, centered);
         CHECK(x4_d.download() == fp8_codes(xc));
         CHECK(sx_d.download() == sc);
-        std::vector<int32_t> product4(size_t(rows) * out_dim);
-        int8_matmul_cpu(product4.data(), x4.data(), w4.data(), rows, in_dim, out_dim);
-        std::vector<float> expected(product4.size());
-        dequantize_product_cpu(expected.data(), product4.data(), sx.data(), sw.data(), bias.data(), rows, out_dim);
         const DeviceBuffer<uint8_t> w4_d = uploaded(fp8_codes(w4));
         const DeviceBuffer<float> sw_d = uploaded(sw);
         const DeviceBuffer<bf16> bias_d = uploaded(to_bf16(bias));
