@@ -367,11 +367,6 @@ constexpr int backward_query_tile() {
     return D <= 64 ? QOPT_KV_QUERY_TILE : 32;  // keeps dK, dV accumulators and a tile of P in registers
 }
 
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 void check_rows(const void* data, int stride, const char* what) {
     QOPT_CHECK(is_aligned(data, 16) && stride % 8 == 0, "attention: ", what,
                " must be 16-byte aligned with a row stride that is a multiple of 8 (got stride ", stride, ")");

@@ -39,12 +39,6 @@ constexpr int kBackwardGroups = 1;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QOPT_HOPPER_BODY 1
 
-// Dynamic shared memory, its start rounded up to 1024 bytes (swizzled panels must be).
-__device__ __forceinline__ bf16* aligned_shared(unsigned char* bytes) {
-    const uint32_t misalignment = shared_address(bytes) % 1024;
-    return reinterpret_cast<bf16*>(bytes + (misalignment ? 1024 - misalignment : 0));
-}
-
 // Rows first_row .. first_row+ROWS-1 (D columns of one head) into a swizzled tile of ROWS rows
 // (D/64 panels); rows at or past seq_len become zeros. A thread copies the same 16-byte chunk
 // of every kRowsPerPass-th row, so its swizzle (row % 8) and addresses are worked out once.
@@ -162,7 +156,7 @@ __global__ void __launch_bounds__(G * 128, 4 / G) forward_kernel(Rows<bf16> out,
 #ifdef QOPT_HOPPER_BODY
     constexpr int kBlockRows = G * kGroupRows, kBlockThreads = G * 128;
     extern __shared__ unsigned char shared_bytes[];
-    bf16* q_tile = aligned_shared(shared_bytes);  // [G x 64 rows x D]
+    bf16* q_tile = aligned_shared<bf16>(shared_bytes);  // [G x 64 rows x D]
     bf16* kv_tiles = q_tile + kBlockRows * D;     // [2 buffers][K, V][64 rows x D]
     const int T = args.seq_len;
     const QueryBlock<G> at(args);
@@ -225,7 +219,7 @@ __global__ void __launch_bounds__(G * 128, kv_blocks_per_sm(D, G))
 #ifdef QOPT_HOPPER_BODY
     constexpr int kBlockRows = G * kGroupRows, kBlockThreads = G * 128;
     extern __shared__ unsigned char shared_bytes[];
-    bf16* k_tile = aligned_shared(shared_bytes);         // [G x 64 rows x D]
+    bf16* k_tile = aligned_shared<bf16>(shared_bytes);         // [G x 64 rows x D]
     bf16* v_tile = k_tile + kBlockRows * D;              // [G x 64 rows x D]
     bf16* q_dout_tiles = v_tile + kBlockRows * D;        // [2 buffers][Q, dout][64 rows x D]
     float* stats = reinterpret_cast<float*>(q_dout_tiles + 4 * kGroupRows * D);  // [2][lse, delta][64]
@@ -324,7 +318,7 @@ __global__ void __launch_bounds__(G * 128, q_blocks_per_sm(D, G))
 #ifdef QOPT_HOPPER_BODY
     constexpr int kBlockRows = G * kGroupRows, kBlockThreads = G * 128;
     extern __shared__ unsigned char shared_bytes[];
-    bf16* q_tile = aligned_shared(shared_bytes);  // [G x 64 rows x D]
+    bf16* q_tile = aligned_shared<bf16>(shared_bytes);  // [G x 64 rows x D]
     bf16* dout_tile = q_tile + kBlockRows * D;    // [G x 64 rows x D]
     bf16* kv_tiles = dout_tile + kBlockRows * D;  // [2 buffers][K, V][64 rows x D]
     const int T = args.seq_len;
@@ -385,11 +379,6 @@ __global__ void __launch_bounds__(G * 128, q_blocks_per_sm(D, G))
 #endif
 }
 
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 constexpr size_t tile_bytes(int rows, int head_dim) { return size_t(rows) * head_dim * sizeof(bf16); }
 
 template <int D>
@@ -427,27 +416,11 @@ void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> 
     join_side_stream(stream);
 }
 
-#ifdef QOPT_WGMMA
-// Compute capability major of the current device (asked once per device).
-int device_major() {
-    static int majors[64];
-    int device = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    if (device < 0 || device >= 64) return 0;
-    if (majors[device] == 0) {
-        int major = 0;
-        CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-        majors[device] = major;
-    }
-    return majors[device];
-}
-#endif
-
 }  // namespace
 
 bool wgmma_kernels_available(int head_dim) {
 #ifdef QOPT_WGMMA
-    return (head_dim == 64 || head_dim == 128) && device_major() == 9;
+    return (head_dim == 64 || head_dim == 128) && current_device_major() == 9;
 #else
     (void)head_dim;
     return false;

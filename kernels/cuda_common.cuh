@@ -37,4 +37,14 @@ inline unsigned grid_for(size_t n, unsigned threads = 256) {
     return unsigned(blocks == 0 ? 1 : (blocks < cap ? blocks : cap));
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory (above the 48 KB default).
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+// Compute capability major of the current device (asked once per device): 9 selects the
+// Hopper-only (wgmma) kernels where the build has them.
+int current_device_major();
+
 }  // namespace qopt

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 
+#include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
 
 namespace qopt {
@@ -41,6 +42,15 @@ GpuMemory gpu_memory() {
     GpuMemory memory;
     if (cudaMemGetInfo(&memory.free, &memory.total) != cudaSuccess) cudaGetLastError();
     return memory;
+}
+
+int current_device_major() {
+    static int majors[64];
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    if (device < 0 || device >= 64) return 0;
+    if (majors[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&majors[device], cudaDevAttrComputeCapabilityMajor, device));
+    return majors[device];
 }
 
 std::string gigabytes(size_t bytes) {

@@ -46,6 +46,12 @@ __device__ __forceinline__ void cp_async_16(void* shared_destination, const void
                  "l"(global_source), "r"(valid ? 16 : 0));
 }
 
+// 4 bytes global -> shared, asynchronously (through L1); !valid writes zeros.
+__device__ __forceinline__ void cp_async_4(void* shared_destination, const void* global_source, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(shared_destination)),
+                 "l"(global_source), "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most `pending` committed groups are still in flight (0: all landed).

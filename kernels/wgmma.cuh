@@ -25,6 +25,13 @@
 
 namespace qopt {
 
+// Dynamic shared memory, its start rounded up to 1024 bytes (swizzled panels must be).
+template <typename T>
+__device__ __forceinline__ T* aligned_shared(unsigned char* bytes) {
+    const uint32_t misalignment = shared_address(bytes) % 1024;
+    return reinterpret_cast<T*>(bytes + (misalignment ? 1024 - misalignment : 0));
+}
+
 // Element offset of (row, 8-column chunk) within a swizzled panel.
 __device__ __forceinline__ int swizzled_offset(int row, int chunk) { return row * 64 + ((chunk ^ (row & 7)) << 3); }
 
@@ -37,7 +44,7 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(const void* start, uint32_t
 
 // Descriptors of a swizzled tile (its first panel at `tile`) read as a K-major operand, or as
 // an MN-major one whose panels hold panel_rows rows each.
-__device__ __forceinline__ uint64_t k_major_tile(const bf16* tile) { return wgmma_descriptor(tile, 16, 1024); }
+__device__ __forceinline__ uint64_t k_major_tile(const void* tile) { return wgmma_descriptor(tile, 16, 1024); }
 __device__ __forceinline__ uint64_t mn_major_tile(const bf16* tile, int panel_rows) {
     return wgmma_descriptor(tile, uint32_t(panel_rows) * 128, 1024);
 }
@@ -71,6 +78,15 @@ __device__ __forceinline__ void wgmma_pin(float d[][4]) {
     for (int i = 0; i < N / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// After wgmma_wait, for int32 accumulators (as wgmma_pin).
+template <int N>
+__device__ __forceinline__ void wgmma_pin(int32_t d[][4]) {
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
 }
 
 // Same for A fragments read from registers by an in-flight wgmma: pinned after the wait, they
@@ -138,5 +154,34 @@ __device__ __forceinline__ void wgmma_rs_n128(float d[16][4], const uint32_t a[4
 }
 
 #undef QOPT_D4
+
+#define QOPT_R4(i) "+r"(d[i][0]), "+r"(d[i][1]), "+r"(d[i][2]), "+r"(d[i][3])
+
+// d (64 x 256, int32) = A (64 x 32 int8, shared, K-major) * B (32 x 256 int8, shared, K-major)
+// (+ d if accumulate). Exact integer arithmetic; 8-bit operands must both be K-major, and a
+// k-step of 32 int8 is the same 32 bytes as a bf16 k-step of 16 (k_major_step applies).
+__device__ __forceinline__ void wgmma_ss_s8_n256(int32_t d[32][4], uint64_t a_descriptor, uint64_t b_descriptor,
+                                                 int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p;\n}\n"
+        :
+          QOPT_R4(0), QOPT_R4(1), QOPT_R4(2), QOPT_R4(3), QOPT_R4(4), QOPT_R4(5), QOPT_R4(6), QOPT_R4(7),
+          QOPT_R4(8), QOPT_R4(9), QOPT_R4(10), QOPT_R4(11), QOPT_R4(12), QOPT_R4(13), QOPT_R4(14), QOPT_R4(15),
+          QOPT_R4(16), QOPT_R4(17), QOPT_R4(18), QOPT_R4(19), QOPT_R4(20), QOPT_R4(21), QOPT_R4(22), QOPT_R4(23),
+          QOPT_R4(24), QOPT_R4(25), QOPT_R4(26), QOPT_R4(27), QOPT_R4(28), QOPT_R4(29), QOPT_R4(30), QOPT_R4(31)
+        : "l"(a_descriptor), "l"(b_descriptor), "r"(accumulate));
+}
+
+#undef QOPT_R4
 
 }  // namespace qopt

@@ -75,7 +75,6 @@ public:
             TileGroup& g = groups_[gi];
             State& s = state_[gi];
             const int br = g.rows, bc = g.cols, count = g.count();
-            const int64_t n = int64_t(g.tile_size());
             g.gather(grads, float(grad_scale));
             const float* grad = g.grads.data();
             gemm_(s.left.data(), grad, false, grad, true, br, br, bc, count, add_factor, keep_factor);

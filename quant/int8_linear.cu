@@ -1,8 +1,8 @@
 // CUDA side of quant/int8_linear.hpp: per-token quantization of bf16 rows to int8 codes or, for
 // grids of up to 5 bits, to the same integers as e4m3 bytes (one warp per row: statistics by warp
 // reductions, then the codes), and the scale step after the int32 product. Both are memory-bound
-// passes; the products are kernels/matmul.cu's int8_matmul_gpu and fp8_scaled_matmul_gpu (whose
-// epilogue applies the scales itself).
+// passes; the products are quant/int8_scaled_gemm.cu's (scales in its epilogue) or kernels/matmul.cu's
+// int8_matmul_gpu (then the scale pass) and fp8_scaled_matmul_gpu (whose epilogue applies the scales).
 #include <type_traits>
 
 #include "core/error.hpp"
@@ -132,8 +132,11 @@ void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_cod
     QOPT_CHECK(in_dim < 133000, "integer execution: in_dim ", in_dim, " could overflow the int32 product");
     const size_t codes = size_t(n_rows) * in_dim, products = size_t(n_rows) * out_dim;
     if (scratch.codes.size() < codes) scratch.codes.resize(codes);
-    if (scratch.product.size() < products) scratch.product.resize(products);
     quantize_input(scratch.codes.data(), in, n_rows, in_dim, hadamard_block, input_spec, scratch, stream);
+    if (int8_scaled_matmul_gpu(out, scratch.codes.data(), weight_codes, scratch.steps.data(), weight_steps, bias,
+                               n_rows, in_dim, out_dim, stream))
+        return;
+    if (scratch.product.size() < products) scratch.product.resize(products);
     int8_matmul_gpu(scratch.product.data(), scratch.codes.data(), weight_codes, n_rows, in_dim, out_dim, stream);
     dequantize_product_gpu(out, scratch.product.data(), scratch.steps.data(), weight_steps, bias, n_rows, out_dim,
                            stream);

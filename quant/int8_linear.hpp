@@ -2,7 +2,8 @@
 // cores; up to 5 bits on fp8 tensor cores): activations quantized per token to integer codes with
 // one fp32 step per row, weights stored as integer codes with one step per output channel
 // (value = code * step; QuEST's centered grid as doubled codes, see integer_code),
-// the product in int32 (cuBLASLt, kernels/matmul.cu), the scales applied afterwards:
+// the product in int32 (quant/int8_scaled_gemm.cu with the scales in its epilogue, or cuBLASLt
+// (kernels/matmul.cu) and the scales applied afterwards):
 //     out[n, o] = (sum_i xq[n, i] * wq[o, i]) * x_step[n] * w_step[o] + bias[o]
 // The integer sum is exact (|sum| <= in_dim * 127^2 < 2^31 for in_dim < 133,000), so this equals
 // the fake-quant product Q(x) Q(w)^T of the same codes up to the rounding of the final
@@ -73,6 +74,17 @@ void dequantize_product_gpu(bf16* out, const int32_t* product, const float* in_s
 void quantize_rows_fp8_gpu(uint8_t* codes, float* steps, const bf16* x, long rows, int cols, const QuantSpec& spec,
                            cudaStream_t stream = 0);
 
+// The int8 product and the scale step in one kernel (quant/int8_scaled_gemm.cu, Hopper's int8
+// tensor cores): out = bf16 of dequantize_product_cpu's value of the exact int32 sums, bit for bit
+// the int8_matmul_gpu + dequantize_product_gpu pair, without the int32 product in memory. Any
+// n_rows and out_dim; in_dim a multiple of 16 and 16-byte aligned codes. Returns false (nothing
+// launched) where it does not apply: a build without sm_90a, a GPU other than sm_90, or in_dim
+// and alignment as said.
+bool int8_scaled_matmul_available(int in_dim);
+bool int8_scaled_matmul_gpu(bf16* out, const int8_t* in, const int8_t* weight, const float* in_steps,
+                            const float* w_steps, const float* bias, int n_rows, int in_dim, int out_dim,
+                            cudaStream_t stream = 0);
+
 // Scratch of one integer layer (grown on demand): the input's codes and steps, the int32 product.
 struct Int8LinearScratch {
     DeviceBuffer<int8_t> codes;
@@ -82,9 +94,10 @@ struct Int8LinearScratch {
     DeviceBuffer<bf16> rotated;  // the rotated input, where the rotation cannot be fused
 };
 // The whole layer: rotate (hadamard_block > 1) and quantize the input rows — one pass where
-// rotate_quantize_codes_gpu's register path applies —, int8 x int8 -> int32 product, scales
-// (+ bias) -> bf16. n_rows, in_dim and out_dim must be multiples of 4 (the int8 product's layout;
-// refused otherwise).
+// rotate_quantize_codes_gpu's register path applies —, then the int8 product with the scales
+// (+ bias) in its epilogue (int8_scaled_matmul_gpu) where that applies, else the int32 product
+// (cuBLASLt) and the scale pass; n_rows, in_dim and out_dim must then be multiples of 4 (the
+// int8 product's layout; refused otherwise).
 void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_codes, const float* weight_steps,
                              const float* bias, int n_rows, int in_dim, int out_dim, const QuantSpec& input_spec,
                              int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream = 0);

@@ -12,6 +12,7 @@
 #include "kernels/matmul.hpp"
 #include "kernels/elementwise.hpp"
 #include "quant/hadamard.hpp"
+#include "quant/int8_linear.hpp"
 #include "quant/quant_gpu.hpp"
 #include "quant/quantizer.hpp"
 
@@ -311,4 +312,54 @@ TEST_CASE("GPU int8 GEMM (cuBLASLt) equals the exact integer product bit for bit
     DeviceBuffer<int32_t> c(9);
     CHECK_THROWS_WITH_AS(int8_matmul_gpu(c.data(), a.data(), a.data(), 3, 4, 3), doctest::Contains("multiples of 4"),
                          Error);
+}
+
+TEST_CASE("GPU int8 GEMM with the scales in its epilogue (wgmma) equals the exact product and scale step bit for bit") {
+    REQUIRE_GPU();
+    if (!int8_scaled_matmul_available(16)) {
+        MESSAGE("skipped: the int8 GEMM with epilogue scales needs an sm_90a build on an sm_90 GPU");
+        return;
+    }
+    std::mt19937_64 gen(fresh_seed());
+    std::uniform_real_distribution<float> step_dist(1e-4f, 2e-2f), bias_dist(-2.0f, 2.0f);
+    // Full tiles, ragged rows and columns (out_dim odd: unpaired stores), a short contraction
+    // ending inside a 128-deep stage, a long one, one row; one stage per tile with several tiles
+    // per block (the persistent blocks' scale buffers rotate fastest there).
+    for (auto [rows, in_dim, out_dim] : {std::tuple{256, 768, 2304}, std::tuple{300, 784, 200}, std::tuple{129, 144, 257},
+                                         std::tuple{37, 4096, 96}, std::tuple{1, 16, 3}, std::tuple{4100, 112, 2310}}) {
+        CAPTURE(rows);
+        CAPTURE(in_dim);
+        CAPTURE(out_dim);
+        std::vector<int8_t> in(size_t(rows) * in_dim), weight(size_t(out_dim) * in_dim);
+        for (auto& v : in) v = int8_t(int(gen() % 255) - 127);
+        for (auto& v : weight) v = int8_t(int(gen() % 255) - 127);
+        std::vector<float> in_steps(static_cast<size_t>(rows)), w_steps(static_cast<size_t>(out_dim)),
+            bias(static_cast<size_t>(out_dim));
+        for (float& v : in_steps) v = step_dist(gen);
+        for (float& v : w_steps) v = step_dist(gen);
+        for (float& v : bias) v = bias_dist(gen);
+        std::vector<int32_t> product(size_t(rows) * out_dim);
+        int8_matmul_cpu(product.data(), in.data(), weight.data(), rows, in_dim, out_dim);
+        const DeviceBuffer<int8_t> in_d = uploaded(in), weight_d = uploaded(weight);
+        const DeviceBuffer<float> in_steps_d = uploaded(in_steps), w_steps_d = uploaded(w_steps), bias_d = uploaded(bias);
+        for (bool with_bias : {true, false}) {
+            CAPTURE(with_bias);
+            std::vector<float> expected(product.size());
+            dequantize_product_cpu(expected.data(), product.data(), in_steps.data(), w_steps.data(),
+                                   with_bias ? bias.data() : nullptr, rows, out_dim);
+            DeviceBuffer<bf16> out = poisoned<bf16>(expected.size());
+            REQUIRE(int8_scaled_matmul_gpu(out.data(), in_d.data(), weight_d.data(), in_steps_d.data(), w_steps_d.data(),
+                                           with_bias ? bias_d.data() : nullptr, rows, in_dim, out_dim));
+            const std::vector<bf16> got = out.download();
+            size_t mismatches = 0;
+            for (size_t i = 0; i < got.size(); ++i) mismatches += __bfloat162float(got[i]) != bf16_round(expected[i]);
+            CHECK(mismatches == 0);
+        }
+    }
+    // Contractions that are not a multiple of 16 are left to the two-pass path.
+    DeviceBuffer<int8_t> codes(64 * 24);
+    DeviceBuffer<float> steps(64);
+    DeviceBuffer<bf16> out(64 * 64);
+    CHECK_FALSE(int8_scaled_matmul_gpu(out.data(), codes.data(), codes.data(), steps.data(), steps.data(), nullptr, 64,
+                                       24, 64));
 }

@@ -254,7 +254,9 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
                 rows, in_dim, out_dim, bf16_ms, ops / (bf16_ms * 1e-3) / 1e12, int8_ms, ops / (int8_ms * 1e-3) / 1e12,
                 bf16_ms / int8_ms);
     // The whole W8A8 layer (quant/int8_linear.hpp): per-token quantization of the bf16 input,
-    // the int8 product, the scales into bf16; the two passes' bytes against the HBM rate.
+    // then the int8 product with the scales in its epilogue (Hopper) — or, for comparison and
+    // where that kernel does not apply, cuBLASLt's int32 product and the scale pass; the passes'
+    // bytes against the HBM rate.
     QuantSpec spec;
     spec.bits = 8;
     DeviceBuffer<float> w_steps(static_cast<size_t>(out_dim)), x_steps(static_cast<size_t>(rows));
@@ -268,10 +270,18 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     const double scales_ms = time([&] {
         dequantize_product_gpu(c.data(), c32.data(), x_steps.data(), w_steps.data(), nullptr, rows, out_dim);
     });
-    std::printf("  W8A8 layer %.3f ms (%.2fx bf16): quantize input %.3f ms (%.0f GB/s), int8 product %.3f ms, "
-                "scales %.3f ms (%.0f GB/s)\n",
-                layer_ms, bf16_ms / layer_ms, quantize_ms, 3.0 * rows * in_dim / (quantize_ms * 1e-3) / 1e9, int8_ms,
-                scales_ms, 6.0 * rows * out_dim / (scales_ms * 1e-3) / 1e9);
+    std::printf("  W8A8 layer %.3f ms (%.2fx bf16): quantize input %.3f ms (%.0f GB/s)", layer_ms, bf16_ms / layer_ms,
+                quantize_ms, 3.0 * rows * in_dim / (quantize_ms * 1e-3) / 1e9);
+    if (int8_scaled_matmul_available(in_dim)) {
+        const double fused_ms = time([&] {
+            int8_scaled_matmul_gpu(c.data(), a8.data(), w8.data(), x_steps.data(), w_steps.data(), nullptr, rows, in_dim,
+                                   out_dim);
+        });
+        std::printf(", int8 GEMM with the scales in its epilogue (wgmma) %.3f ms (%.0f TOP/s, %.2fx bf16)", fused_ms,
+                    ops / (fused_ms * 1e-3) / 1e12, bf16_ms / fused_ms);
+    }
+    std::printf("; two-pass: cuBLASLt int8 product %.3f ms + scales %.3f ms (%.0f GB/s)\n", int8_ms, scales_ms,
+                6.0 * rows * out_dim / (scales_ms * 1e-3) / 1e9);
     // W4A4 (symmetric 4-bit codes, exact in e4m3) on fp8 tensor cores, both steps in the GEMM's
     // epilogue: the per-token quantization writes e4m3 codes, nothing else runs.
     QuantSpec spec4 = spec;
