@@ -1,7 +1,8 @@
 // Hopper warpgroup MMA (wgmma.mma_async; needs sm_90a): the 4 warps of a warpgroup compute a
 // 64 x N product together, B (and optionally A) read straight from shared memory by the tensor
 // cores, without ldmatrix through registers. Used by the Hopper attention kernels
-// (kernels/attention_wgmma.cu); compiled only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
+// (kernels/attention_wgmma.cu) and the W8A8 GEMM (quant/int8_scaled_gemm.cu: int8 operands, a
+// 128-byte row holding 128 of them); compiled only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
 //
 // Register layouts (PTX ISA, wgmma .m64nNk16) match mma.sync m16n8k16 per warp: warp w of the
 // warpgroup holds rows 16w .. 16w+15; an accumulator d[N/8][4] holds, in lane l, d[i][0..1] =

@@ -426,7 +426,8 @@ int main(int argc, char** argv) {
                  "factor sizes over several batch sizes");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
-                 "also time the int8 GEMM, the whole W8A8 layer, the W4A4 layer on fp8 tensor cores and the "
+                 "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
+                 "the whole W8A8 layer, the W4A4 layer on fp8 tensor cores and the "
                  "packed-4-bit W4A16 layer against bf16 on "
                  "gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens; W4A16 also at 1, 4, 16 tokens)");
     return qopt::run_main(app, argc, argv, "bench", [&] {
