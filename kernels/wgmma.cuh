@@ -21,6 +21,7 @@
 //    offset = bytes of one panel (the next 64 columns of N).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/mma.cuh"
 
@@ -72,22 +73,21 @@ __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(pending) : "memory");
 }
 
-// After wgmma_wait: keeps the compiler from reading accumulators before the wait.
-template <int N>
-__device__ __forceinline__ void wgmma_pin(float d[][4]) {
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+// An empty asm that "modifies" a register: the compiler may neither read it earlier nor keep a
+// stale copy.
+template <typename T>
+__device__ __forceinline__ void pin_register(T& value) {
+    if constexpr (std::is_same_v<T, float>) asm volatile("" : "+f"(value)::"memory");
+    else asm volatile("" : "+r"(value)::"memory");
 }
 
-// After wgmma_wait, for int32 accumulators (as wgmma_pin).
-template <int N>
-__device__ __forceinline__ void wgmma_pin(int32_t d[][4]) {
+// After wgmma_wait: keeps the compiler from reading accumulators (fp32 or int32) before the wait.
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_pin(T d[][4]) {
 #pragma unroll
     for (int i = 0; i < N / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
+        for (int e = 0; e < 4; ++e) pin_register(d[i][e]);
 }
 
 // Same for A fragments read from registers by an in-flight wgmma: pinned after the wait, they
@@ -97,7 +97,7 @@ __device__ __forceinline__ void wgmma_pin_fragments(uint32_t a[][4]) {
 #pragma unroll
     for (int i = 0; i < K / 16; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
+        for (int e = 0; e < 4; ++e) pin_register(a[i][e]);
 }
 
 // generic proxy writes to shared memory (cp.async, st.shared) -> visible to wgmma's reads.
