@@ -46,5 +46,8 @@ void allow_shared_bytes(Kernel kernel, size_t bytes) {
 // Compute capability major of the current device (asked once per device): 9 selects the
 // Hopper-only (wgmma) kernels where the build has them.
 int current_device_major();
+// Its multiprocessor count (asked once per device): persistent and grid-stride launches size
+// their grids by it.
+int current_device_sm_count();
 
 }  // namespace qopt

@@ -44,13 +44,28 @@ GpuMemory gpu_memory() {
     return memory;
 }
 
-int current_device_major() {
-    static int majors[64];
+namespace {
+
+// A device attribute of the current device, asked once per device (the kernels' launchers call
+// these on hot paths).
+int cached_attribute(cudaDeviceAttr attribute, int (&per_device)[64]) {
     int device = 0;
     CUDA_CHECK(cudaGetDevice(&device));
     if (device < 0 || device >= 64) return 0;
-    if (majors[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&majors[device], cudaDevAttrComputeCapabilityMajor, device));
-    return majors[device];
+    if (per_device[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&per_device[device], attribute, device));
+    return per_device[device];
+}
+
+}  // namespace
+
+int current_device_major() {
+    static int majors[64];
+    return cached_attribute(cudaDevAttrComputeCapabilityMajor, majors);
+}
+
+int current_device_sm_count() {
+    static int sm_counts[64];
+    return cached_attribute(cudaDevAttrMultiProcessorCount, sm_counts);
 }
 
 std::string gigabytes(size_t bytes) {

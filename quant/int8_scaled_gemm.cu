@@ -209,9 +209,7 @@ bool int8_scaled_matmul_gpu(bf16* out, const int8_t* in, const int8_t* weight, c
     static bool configured = false;
     if (!configured) allow_shared_bytes(int8_scaled_gemm_kernel, kSharedBytes), configured = true;
     const long tiles = row_tiles * ((out_dim + kTileCols - 1) / kTileCols);
-    int sm_count = 0, device = 0;
-    CUDA_CHECK(cudaGetDevice(&device));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    const long sm_count = current_device_sm_count();
     const unsigned grid = unsigned(tiles < sm_count ? tiles : sm_count);
     int8_scaled_gemm_kernel<<<grid, kThreads, kSharedBytes, stream>>>(out, in, weight, in_steps, w_steps, bias, n_rows,
                                                                        in_dim, out_dim);

@@ -607,17 +607,6 @@ bool fast_fake_quant(const bf16* out, const uint32_t* keep, const InT* in, int c
            is_aligned(out, 8) && !p.per_tensor && p.group == cols && p.rule != ScaleRule::Mse;
 }
 
-// The GPU's SM count, asked once (the grid-stride launches size their grids by it).
-int sm_count() {
-    static const int sms = [] {
-        int device = 0, count = 0;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-        return count;
-    }();
-    return sms;
-}
-
 template <int K, int kMaxThreads, typename InT, typename Activation, typename Sink>
 void launch_fast_fake_quant_kernel(Sink sink, const InT* in, long rows, int cols, const Params& p,
                                    Activation activation, cudaStream_t stream) {
@@ -633,7 +622,7 @@ void launch_fast_fake_quant_kernel(Sink sink, const InT* in, long rows, int cols
         per_sm = std::max(per_sm, 1);
     }
     const long needed = (rows + f.rows_per_cta - 1) / f.rows_per_cta;
-    const unsigned ctas = unsigned(std::max(1L, std::min(needed, long(sm_count()) * per_sm)));
+    const unsigned ctas = unsigned(std::max(1L, std::min(needed, long(current_device_sm_count()) * per_sm)));
     kernel<<<ctas, threads, 0, stream>>>(sink, in, rows, cols, f.warps_per_row, p, range_stats(p), activation);
     CUDA_CHECK_LAUNCH();
 }
@@ -692,7 +681,7 @@ template <typename T, typename Activation>
 void launch_fast_masked_hadamard(T* out, const T* grad, const uint32_t* keep, long rows, int cols, int block,
                                  bool accumulate, const T* pre, Activation activation, cudaStream_t stream) {
     const long chunks = rows * cols / kChunk;
-    const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, long(sm_count()) * 16));
+    const unsigned ctas = unsigned(std::min<long>((chunks + 7) / 8, long(current_device_sm_count()) * 16));
     masked_hadamard_fast_kernel<<<ctas, 256, 0, stream>>>(out, grad, keep, chunks, block > 1 ? block : 0,
                                                           hadamard_norm(block), accumulate, pre, activation);
     CUDA_CHECK_LAUNCH();
