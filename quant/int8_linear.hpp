@@ -56,8 +56,8 @@ struct IntegerMatrix {
 IntegerMatrix integer_matrix(QuantizedTensor q);
 
 // Grids whose integer codes are exact in e4m3 (|code| <= 15: symmetric up to 5 bits, centered up
-// to 4), which can run
-// on fp8 tensor cores with the scales in the GEMM's epilogue (fp8_linear_forward_gpu).
+// to 4), which can run on fp8 tensor cores with the scales in the GEMM's epilogue
+// (fp8_linear_forward_gpu).
 bool fp8_exact(const QuantSpec& spec);
 // Throws qopt::Error naming the spec where it is not fp8_exact.
 void check_fp8_spec(const QuantSpec& spec);
@@ -103,8 +103,9 @@ void int8_linear_forward_gpu(bf16* out, const bf16* in, const int8_t* weight_cod
                              int hadamard_block, Int8LinearScratch& scratch, cudaStream_t stream = 0);
 
 // The layer on fp8 tensor cores for fp8_exact specs (W4A4, W5A5, W4A8 is not: 8-bit codes are
-// not exact in e4m3): rotate and quantize the input rows to e4m3 codes (as above), then one GEMM whose epilogue applies
-// both steps and the (bf16) bias — no int32 product in memory, no scale pass. Equals
+// not exact in e4m3): rotate and quantize the input rows to e4m3 codes (as above), then one GEMM
+// whose epilogue applies both steps and the (bf16) bias — no int32 product in memory, no scale
+// pass. Equals
 // int8_linear_forward_gpu on the same codes up to the rounding of the scale multiplications and
 // the bias's bf16 rounding. Sizes multiples of 16 (refused otherwise).
 void fp8_linear_forward_gpu(bf16* out, const bf16* in, const uint8_t* weight_codes, const float* weight_steps,

@@ -31,6 +31,13 @@ std::vector<T> random_vector(size_t n, std::mt19937_64& gen, double scale = 1.0)
     return v;
 }
 
+// n integer codes uniform on -magnitude .. magnitude (a symmetric quantization grid's codes).
+inline std::vector<int8_t> random_codes(size_t n, int magnitude, std::mt19937_64& gen) {
+    std::vector<int8_t> codes(n);
+    for (int8_t& c : codes) c = int8_t(int(gen() % uint64_t(2 * magnitude + 1)) - magnitude);
+    return codes;
+}
+
 // n token ids uniform in [0, vocab).
 inline std::vector<int> random_tokens(size_t n, int vocab, std::mt19937_64& gen) {
     std::vector<int> tokens(n);

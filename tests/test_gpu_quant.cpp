@@ -66,13 +66,6 @@ FakeQuantMismatch compare_fake_quant(const DeviceBuffer<bf16>& out, const Device
     return m;
 }
 
-// n codes uniform on the symmetric 8-bit grid -127..127.
-std::vector<int8_t> random_int8_codes(size_t n, std::mt19937_64& gen) {
-    std::vector<int8_t> codes(n);
-    for (auto& v : codes) v = int8_t(int(gen() % 255) - 127);
-    return codes;
-}
-
 }  // namespace
 
 TEST_CASE("GPU Hadamard rotation equals the CPU reference (fp32 to the bit, bf16 within rounding)") {
@@ -304,8 +297,8 @@ TEST_CASE("GPU int8 GEMM (cuBLASLt) equals the exact integer product bit for bit
         CAPTURE(rows);
         CAPTURE(in_dim);
         CAPTURE(out_dim);
-        const std::vector<int8_t> in = random_int8_codes(size_t(rows) * in_dim, gen);
-        const std::vector<int8_t> weight = random_int8_codes(size_t(out_dim) * in_dim, gen);
+        const std::vector<int8_t> in = random_codes(size_t(rows) * in_dim, 127, gen);
+        const std::vector<int8_t> weight = random_codes(size_t(out_dim) * in_dim, 127, gen);
         std::vector<int32_t> expected(size_t(rows) * out_dim);
         int8_matmul_cpu(expected.data(), in.data(), weight.data(), rows, in_dim, out_dim);
         DeviceBuffer<int8_t> in_d = uploaded(in), weight_d = uploaded(weight);
@@ -336,8 +329,8 @@ TEST_CASE("GPU int8 GEMM with the scales in its epilogue (wgmma) equals the exac
         CAPTURE(rows);
         CAPTURE(in_dim);
         CAPTURE(out_dim);
-        const std::vector<int8_t> in = random_int8_codes(size_t(rows) * in_dim, gen);
-        const std::vector<int8_t> weight = random_int8_codes(size_t(out_dim) * in_dim, gen);
+        const std::vector<int8_t> in = random_codes(size_t(rows) * in_dim, 127, gen);
+        const std::vector<int8_t> weight = random_codes(size_t(out_dim) * in_dim, 127, gen);
         std::vector<float> in_steps(static_cast<size_t>(rows)), w_steps(static_cast<size_t>(out_dim)),
             bias(static_cast<size_t>(out_dim));
         for (float& v : in_steps) v = step_dist(gen);

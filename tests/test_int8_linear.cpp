@@ -225,9 +225,8 @@ TEST_CASE("GPU fp8 product of small integer codes equals the exact integer produ
         CAPTURE(rows);
         CAPTURE(in_dim);
         // Codes of a 5-bit grid (+-15), unit scales, fp32 output: the integer sums, exactly.
-        std::vector<int8_t> xq(size_t(rows) * in_dim), wq(size_t(out_dim) * in_dim);
-        for (int8_t& c : xq) c = int8_t(int(gen() % 31) - 15);
-        for (int8_t& c : wq) c = int8_t(int(gen() % 31) - 15);
+        const std::vector<int8_t> xq = random_codes(size_t(rows) * in_dim, 15, gen);
+        const std::vector<int8_t> wq = random_codes(size_t(out_dim) * in_dim, 15, gen);
         std::vector<int32_t> product(size_t(rows) * out_dim);
         int8_matmul_cpu(product.data(), xq.data(), wq.data(), rows, in_dim, out_dim);
         const DeviceBuffer<uint8_t> x_d = uploaded(fp8_codes(xq)), w_d = uploaded(fp8_codes(wq));
