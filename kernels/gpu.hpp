@@ -10,8 +10,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/precision.hpp"
-
 namespace qopt {
 
 using bf16 = __nv_bfloat16;
@@ -164,12 +162,12 @@ void fp8_scaled_matmul_gpu(void* out, bool out_fp32, const uint8_t* in, const ui
 void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a, const bf16* b, bool transpose_b,
                         int m, int n, int k, float alpha, float beta, int batch, int64_t stride_a, int64_t stride_b,
                         int64_t stride_c, cudaStream_t stream = 0);
-// The same with fp32 operands and result, the product at `precision`: the preconditioners'
-// factor statistics and rotations (Shampoo, SOAP, PSGD).
+// The same with fp32 operands and result, the product in full fp32 or (tf32) on TF32 tensor
+// cores: the preconditioners' factor statistics and rotations (Shampoo, SOAP, PSGD).
 void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool transpose_a, const float* b,
                             bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
-                            int64_t stride_a, int64_t stride_b, int64_t stride_c,
-                            ProductPrecision precision = ProductPrecision::Fp32, cudaStream_t stream = 0);
+                            int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32 = false,
+                            cudaStream_t stream = 0);
 
 // ---- dense linear algebra for the preconditioned optimizers (kernels/linalg.cu: cuSOLVER and
 // cuBLAS; CPU references in optim/dense.hpp). `batch` row-major fp32 matrices back to back;

@@ -72,16 +72,13 @@ struct Batch {
 };
 
 // Operands are bf16 unless ab_type says fp32 (CUDA_R_32F: then C is fp32 too and the product
-// runs in full fp32, or on TF32 tensor cores with `precision` Tf32; bf16 inputs are rounded by
-// the caller, see batched_matmul_f32_gpu).
+// runs in full fp32, or on TF32 tensor cores with `tf32`).
 void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, const void* b, bool transpose_b,
                int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
                Epilogue extra = Epilogue::None, void* aux = nullptr, float alpha = 1.0f, const void* c_in = nullptr,
-               Batch batch = Batch{}, cudaDataType_t ab_type = CUDA_R_16BF,
-               ProductPrecision precision = ProductPrecision::Fp32) {
+               Batch batch = Batch{}, cudaDataType_t ab_type = CUDA_R_16BF, bool tf32 = false) {
     cublasLtMatmulDesc_t op;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(
-        &op, precision == ProductPrecision::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -119,10 +116,10 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
     }
 
     // Algorithm: the heuristic's first choice for this shape, cached.
-    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int, int>;
+    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int, bool>;
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
     const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count, int(ab_type),
-                  int(precision)};
+                  tf32};
     auto found = cache.find(key);
     if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
@@ -251,26 +248,9 @@ void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a,
 
 void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool transpose_a, const float* b,
                             bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
-                            int64_t stride_a, int64_t stride_b, int64_t stride_c, ProductPrecision precision,
-                            cudaStream_t stream) {
-    if (precision != ProductPrecision::Bf16) {
-        lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None,
-                  nullptr, alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, precision);
-        return;
-    }
-    // bf16: the operands rounded into scratch first (one pass each), then the bf16 GEMM with an
-    // fp32 result. (cuBLASLt's CUBLAS_COMPUTE_32F_FAST_16BF on fp32 operands was measured to
-    // give TF32's results bit for bit, in TF32's time: it does not round to bf16 here.)
-    static DeviceBuffer<bf16> a_bf16, b_bf16;
-    const size_t a_elements = size_t(stride_a) * (batch - 1) + size_t(m) * k;
-    const size_t b_elements = size_t(stride_b) * (batch - 1) + size_t(k) * n;
-    if (a_bf16.size() < a_elements) a_bf16.resize(a_elements);
-    if (b_bf16.size() < b_elements) b_bf16.resize(b_elements);
-    to_bf16_gpu(a_bf16.data(), a, a_elements, stream);
-    to_bf16_gpu(b_bf16.data(), b, b_elements, stream);
-    lt_matmul(d, CUDA_R_32F, b_bf16.data(), transpose_b, a_bf16.data(), transpose_a, n, m, k, beta, nullptr, stream,
-              Epilogue::None, nullptr, alpha, c, Batch{batch, stride_b, stride_a, stride_c});
+                            int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32, cudaStream_t stream) {
+    lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
+              alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, tf32);
 }
-
 
 }  // namespace qopt

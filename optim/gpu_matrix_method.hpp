@@ -88,14 +88,14 @@ std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const Opt
 std::vector<TileGroup> group_tiles(const Routing& routing, int block_size = 0);
 
 // d[t] = alpha op(a[t]) op(b[t]) + beta d[t] for each of `count` contiguous matrices
-// (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM, its products at
-// `precision` (--precond-precision). d must not alias a or b.
+// (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM, its products on TF32
+// tensor cores when `tf32` (--precond-tf32). d must not alias a or b.
 struct GroupGemm {
-    ProductPrecision precision = ProductPrecision::Fp32;
+    bool tf32 = false;
     void operator()(float* d, const float* a, bool transpose_a, const float* b, bool transpose_b, int m, int n, int k,
                     int count, float alpha = 1.0f, float beta = 0.0f) const {
         batched_matmul_f32_gpu(d, d, a, transpose_a, b, transpose_b, m, n, k, alpha, beta, count, int64_t(m) * k,
-                               int64_t(k) * n, int64_t(m) * n, precision);
+                               int64_t(k) * n, int64_t(m) * n, tf32);
     }
 };
 

@@ -23,7 +23,7 @@ namespace {
 class GpuShampoo final : public GpuMatrixMethod {
 public:
     GpuShampoo(const Routing& routing, const OptimizerConfig& config)
-        : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_precision} {
+        : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         groups_ = group_tiles(routing, config_.block_size);
         for (TileGroup& g : groups_) {
             const int br = g.rows, bc = g.cols, count = g.count();

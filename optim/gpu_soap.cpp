@@ -21,7 +21,7 @@ namespace {
 class GpuSoap final : public GpuMatrixMethod {
 public:
     GpuSoap(const Routing& routing, const OptimizerConfig& config)
-        : config_(config.soap), weight_decay_(config.weight_decay()), gemm_{config.precond_precision} {
+        : config_(config.soap), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();

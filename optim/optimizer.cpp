@@ -71,7 +71,7 @@ Json OptimizerConfig::to_json() const {
     j["adamw_lr"] = aux_adamw_lr();
     j["adamw"] = adamw.to_json();
     if (kind == OptimizerKind::Shampoo || kind == OptimizerKind::Soap || kind == OptimizerKind::Psgd)
-        j["precond_precision"] = std::string(product_precision_name(precond_precision));
+        j["precond_tf32"] = precond_tf32;
     switch (kind) {
         case OptimizerKind::AdamW: break;
         case OptimizerKind::Muon: {

@@ -20,7 +20,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels/precision.hpp"
 #include "model/params.hpp"
 #include "optim/adamw.hpp"
 #include "optim/muon.hpp"
@@ -47,9 +46,9 @@ struct OptimizerConfig {
     ShampooConfig shampoo;
     SoapConfig soap;
     PsgdConfig psgd;
-    // GPU only: Shampoo's, SOAP's and PSGD's fp32 products in full fp32 (default, as the
-    // references) or on TF32 / bf16 tensor cores (kernels/precision.hpp).
-    ProductPrecision precond_precision = ProductPrecision::Fp32;
+    // GPU only: Shampoo's, SOAP's and PSGD's fp32 products on TF32 tensor cores (10-bit
+    // mantissa inputs, fp32 accumulation) instead of full fp32; off by default, as the references.
+    bool precond_tf32 = false;
 
     double method_lr() const;      // lr, or the method's default
     double aux_adamw_lr() const;   // adamw_lr, or its default
