@@ -41,6 +41,21 @@ void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denomi
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
                               float divisor, double eps, int root);
 
+// Shampoo's warm-started root (shampoo_refined_inverse_root, optim/shampoo.hpp), from
+// s = X^T F X and gram = X^T X per matrix (F = factor, its root that of F / divisor):
+// refine_eigenvalues_gpu writes values[t][i] = s_ii / gram_ii / divisor, scalars[t] = {shift =
+// min(values, 0), rounding = 2 sqrt(n) 2^-24 max|values|} and error[t] = 0, or +inf where X is no
+// basis (a gram diagonal entry <= 1/2). refine_rotation_gpu overwrites gram with the step E
+// (I + E the basis update) and raises error[t] to the largest relative root change of a dropped
+// pair (non-finite: +inf). scale_columns_by_root_gpu: scaled[t][:, j] = basis[t][:, j] (values[t][j]
+// - shift + eps)^(-1/root).
+void refine_eigenvalues_gpu(float* values, float* scalars, float* error, const float* s, const float* gram, int n,
+                            int count, float divisor);
+void refine_rotation_gpu(float* gram_to_step, const float* s, const float* values, const float* scalars, float* error,
+                         int n, int count, float divisor, double eps, int root, double kappa);
+void scale_columns_by_root_gpu(float* scaled, const float* basis, const float* values, const float* scalars, int n,
+                               int count, double eps, int root);
+
 // SOAP's Adam in the rotated basis, element-wise:
 //   M = b1 M + (1 - b1) X,  V = b2 V + (1 - b2) X^2,  direction = M / (sqrt(V) + eps)
 void soap_adam_gpu(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n, float beta1,
@@ -56,7 +71,7 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 
 // The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t: a finite
 // candidate[t] is copied into kept[t]; otherwise kept[t] stays (the identity when it is all
-// zero: none computed yet), *rejected_count += 1, and accepted[t] (when given) is 0, else 1.
+// zero: none computed yet), *rejected_count += 1 (when given), and accepted[t] (when given) is 0, else 1.
 // flags: 2 * count ints of scratch.
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
                              int* flags);
