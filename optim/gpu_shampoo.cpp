@@ -204,24 +204,39 @@ private:
         for (const FactorSize& size : sizes_) {
             const int n = size.n;
             const size_t matrix = size_t(n) * n;
-            for (const FactorSlot& f : size.factors) {
-                const State& s = state_[f.group];
-                CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix, (f.left ? s.left : s.right).data(),
-                                           matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
-            }
+            gather(merged_factors_, size, false);
             // The gathered factors are the eigendecomposition's scratch too (overwritten).
             symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), merged_factors_.data(), n, size.count,
                                         merged_factors_.data());
             for (const FactorSlot& f : size.factors) {
                 State& s = state_[f.group];
                 const int count = groups_[f.group].count();
-                const float* vectors = merged_vectors_.data() + f.first * matrix;
-                inverse_root_columns_gpu(factor_b_.data(), vectors, values_.data() + f.first * n, n, count,
-                                         float(divisor), config_.eps, config_.root());
-                gemm_(candidate_.data(), factor_b_.data(), false, vectors, true, n, n, n, count);
+                root_from_vectors(candidate_.data(), factor_b_.data(), merged_vectors_.data() + f.first * matrix,
+                                  values_.data() + f.first * n, n, count, divisor);
                 commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count);
             }
         }
+    }
+
+    // One size's factors (or, with `bases`, their kept eigenbases) into its batch buffer.
+    void gather(DeviceBuffer<float>& into, const FactorSize& size, bool bases) {
+        const size_t matrix = size_t(size.n) * size.n;
+        for (const FactorSlot& f : size.factors) {
+            const State& s = state_[f.group];
+            const DeviceBuffer<float>& from =
+                bases ? (f.left ? s.left_basis : s.right_basis) : (f.left ? s.left : s.right);
+            CUDA_CHECK(cudaMemcpyAsync(into.data() + f.first * matrix, from.data(),
+                                       matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
+        }
+    }
+
+    // root = vectors diag((values / divisor - shift + eps)^(-1/r)) vectors^T for `count` n x n
+    // matrices (inverse_root_columns_gpu; shifts null: values descending), via `scaled`; the
+    // product by `gemm` (the method's own unless given).
+    void root_from_vectors(float* root, float* scaled, const float* vectors, const float* values, int n, int count,
+                           double divisor, const float* shifts = nullptr, const GroupGemm* gemm = nullptr) {
+        inverse_root_columns_gpu(scaled, vectors, values, n, count, float(divisor), config_.eps, config_.root(), shifts);
+        (gemm ? *gemm : gemm_)(root, scaled, false, vectors, true, n, n, n, count);
     }
 
     // One size's roots with refinement (see the file comment). Buffers, in order of use:
@@ -232,18 +247,10 @@ private:
         const int n = size.n;
         const int count = int(size.count);
         const size_t matrix = size_t(n) * n;
-        auto gather = [&](DeviceBuffer<float>& into, bool bases) {
-            for (const FactorSlot& f : size.factors) {
-                const State& s = state_[f.group];
-                const DeviceBuffer<float>& from = bases ? (f.left ? s.left_basis : s.right_basis) : (f.left ? s.left : s.right);
-                CUDA_CHECK(cudaMemcpyAsync(into.data() + f.first * matrix, from.data(),
-                                           matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
-            }
-        };
-        gather(merged_factors_, false);
+        gather(merged_factors_, size, false);
         std::vector<int> exact;
         if (have_bases_) {
-            gather(merged_bases_, true);
+            gather(merged_bases_, size, true);
             // Always fp32: the error estimate's rounding floor is that of fp32 products.
             const GroupGemm fp32{false};
             fp32(merged_vectors_.data(), merged_factors_.data(), false, merged_bases_.data(), false, n, n, n, count);
@@ -258,9 +265,9 @@ private:
             batched_matmul_f32_gpu(merged_vectors_.data(), merged_bases_.data(), merged_bases_.data(), false,
                                    merged_roots_.data(), false, n, n, n, 1.0f, 1.0f, count, int64_t(matrix),
                                    int64_t(matrix), int64_t(matrix));
-            scale_columns_by_root_gpu(merged_s_.data(), merged_vectors_.data(), values_.data(), refine_scalars_.data(), n,
-                                      count, config_.eps, config_.root());
-            fp32(merged_roots_.data(), merged_s_.data(), false, merged_vectors_.data(), true, n, n, n, count);
+            // The values are divided already; the shifts are the first `count` scalars.
+            root_from_vectors(merged_roots_.data(), merged_s_.data(), merged_vectors_.data(), values_.data(), n, count,
+                              1.0, refine_scalars_.data(), &fp32);
             const std::vector<float> error = refine_error_.download();
             for (int t = 0; t < count; ++t)
                 if (!(error[size_t(t)] <= config_.refine_tolerance)) exact.push_back(t);
@@ -277,9 +284,8 @@ private:
                 CUDA_CHECK(cudaMemcpyAsync(merged_s_.data() + k * matrix, merged_factors_.data() + exact[size_t(k)] * matrix,
                                            matrix * sizeof(float), cudaMemcpyDeviceToDevice));
             symmetric_eigen_batched_gpu(merged_bases_.data(), values_.data(), merged_s_.data(), n, m, merged_s_.data());
-            inverse_root_columns_gpu(merged_s_.data(), merged_bases_.data(), values_.data(), n, m, float(divisor),
-                                     config_.eps, config_.root());
-            gemm_(merged_factors_.data(), merged_s_.data(), false, merged_bases_.data(), true, n, n, n, m);
+            root_from_vectors(merged_factors_.data(), merged_s_.data(), merged_bases_.data(), values_.data(), n, m,
+                              divisor);
             for (int k = 0; k < m; ++k) {
                 const size_t slot = size_t(exact[size_t(k)]) * matrix;
                 CUDA_CHECK(cudaMemcpyAsync(merged_roots_.data() + slot, merged_factors_.data() + k * matrix,

@@ -109,10 +109,10 @@ __global__ void norm_ratio_kernel(float* scale, const float* numerator_sq, const
 }
 
 __global__ void inverse_root_columns_kernel(float* scaled, const float* vectors, const float* values, int n,
-                                            float divisor, double eps, int root) {
+                                            float divisor, double eps, int root, const float* shifts) {
     const int t = blockIdx.y;
     const float* lambda = values + int64_t(t) * n;
-    const double shift = fmin(double(lambda[n - 1]) / divisor, 0.0);
+    const double shift = shifts ? double(shifts[t]) : fmin(double(lambda[n - 1]) / divisor, 0.0);
     const int64_t size = int64_t(n) * n;
     GRID_STRIDE(i, size) {
         const int j = int(i % n);
@@ -137,8 +137,8 @@ __global__ void refine_eigenvalues_kernel(float* values, float* scalars, float* 
     largest = block_reduce(largest, Max{});
     smallest_gram = block_reduce(smallest_gram, Min{});
     if (threadIdx.x == 0) {
-        scalars[2 * t] = fminf(lowest, 0.0f);
-        scalars[2 * t + 1] = float(2.0 * sqrt(double(n)) * ldexp(1.0, -24) * largest);
+        scalars[t] = fminf(lowest, 0.0f);
+        scalars[gridDim.x + t] = float(2.0 * sqrt(double(n)) * ldexp(1.0, -24) * largest);
         error[t] = smallest_gram > 0.5f ? 0.0f : INFINITY;
     }
 }
@@ -148,7 +148,7 @@ __global__ void refine_rotation_kernel(float* gram_to_step, const float* s, cons
     const int t = blockIdx.y;
     const int64_t size = int64_t(n) * n, base = t * size;
     const float* lambda = values + int64_t(t) * n;
-    const double shift = scalars[2 * t], rounding = scalars[2 * t + 1];
+    const double shift = scalars[t], rounding = scalars[gridDim.y + t];
     float worst = 0;
     GRID_STRIDE(k, size) {
         const int i = int(k / n), j = int(k % n);
@@ -169,18 +169,6 @@ __global__ void refine_rotation_kernel(float* gram_to_step, const float* s, cons
     worst = block_reduce(worst, Max{});
     // Non-negative floats order as their bit patterns.
     if (threadIdx.x == 0 && worst > 0) atomicMax(reinterpret_cast<int*>(error + t), __float_as_int(worst));
-}
-
-__global__ void scale_columns_by_root_kernel(float* scaled, const float* basis, const float* values,
-                                             const float* scalars, int n, double eps, int root) {
-    const int t = blockIdx.y;
-    const int64_t size = int64_t(n) * n;
-    const float* lambda = values + int64_t(t) * n;
-    const double shift = scalars[2 * t];
-    GRID_STRIDE(i, size) {
-        const double power = pow(double(lambda[i % n]) - shift + eps, -1.0 / root);
-        scaled[t * size + i] = float(double(basis[t * size + i]) * power);
-    }
 }
 
 __global__ void soap_adam_kernel(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n,
@@ -445,9 +433,9 @@ void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denomi
 }
 
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root) {
+                              float divisor, double eps, int root, const float* shifts) {
     inverse_root_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(scaled, vectors, values, n,
-                                                                                       divisor, eps, root);
+                                                                                       divisor, eps, root, shifts);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -461,13 +449,6 @@ void refine_rotation_gpu(float* gram_to_step, const float* s, const float* value
                          int n, int count, float divisor, double eps, int root, double kappa) {
     refine_rotation_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(gram_to_step, s, values, scalars,
                                                                                   error, n, divisor, eps, root, kappa);
-    CUDA_CHECK_LAUNCH();
-}
-
-void scale_columns_by_root_gpu(float* scaled, const float* basis, const float* values, const float* scalars, int n,
-                               int count, double eps, int root) {
-    scale_columns_by_root_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(scaled, basis, values, scalars,
-                                                                                        n, eps, root);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -36,25 +36,24 @@ void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered
 void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denominator_sq, int count);
 
 // From eigenvectors (columns, values descending) of factor / divisor:
-//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(values[n-1] / divisor, 0) + eps)^(-1/root)
+//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - shift + eps)^(-1/root),
+//   shift = min(values[n-1] / divisor, 0), or shifts[t] where given (values in any order)
 // so that scaled vectors^T = (factor / divisor + eps I)^(-1/root) after the shift.
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root);
+                              float divisor, double eps, int root, const float* shifts = nullptr);
 
 // Shampoo's warm-started root (shampoo_refined_inverse_root, optim/shampoo.hpp), from
 // s = X^T F X and gram = X^T X per matrix (F = factor, its root that of F / divisor):
-// refine_eigenvalues_gpu writes values[t][i] = s_ii / gram_ii / divisor, scalars[t] = {shift =
-// min(values, 0), rounding = 2 sqrt(n) 2^-24 max|values|} and error[t] = 0, or +inf where X is no
-// basis (a gram diagonal entry <= 1/2). refine_rotation_gpu overwrites gram with the step E
-// (I + E the basis update) and raises error[t] to the largest relative root change of a dropped
-// pair (non-finite: +inf). scale_columns_by_root_gpu: scaled[t][:, j] = basis[t][:, j] (values[t][j]
-// - shift + eps)^(-1/root).
+// refine_eigenvalues_gpu writes values[t][i] = s_ii / gram_ii / divisor, scalars[t] = shift =
+// min(values[t], 0), scalars[count + t] = rounding = 2 sqrt(n) 2^-24 max|values[t]| and
+// error[t] = 0, or +inf where X is no basis (a gram diagonal entry <= 1/2). refine_rotation_gpu
+// overwrites gram with the step E (I + E the basis update) and raises error[t] to the largest
+// relative root change of a dropped pair (non-finite: +inf). The root's columns then come from
+// inverse_root_columns_gpu with divisor 1 and shifts = scalars.
 void refine_eigenvalues_gpu(float* values, float* scalars, float* error, const float* s, const float* gram, int n,
                             int count, float divisor);
 void refine_rotation_gpu(float* gram_to_step, const float* s, const float* values, const float* scalars, float* error,
                          int n, int count, float divisor, double eps, int root, double kappa);
-void scale_columns_by_root_gpu(float* scaled, const float* basis, const float* values, const float* scalars, int n,
-                               int count, double eps, int root);
 
 // SOAP's Adam in the rotated basis, element-wise:
 //   M = b1 M + (1 - b1) X,  V = b2 V + (1 - b2) X^2,  direction = M / (sqrt(V) + eps)
