@@ -172,10 +172,6 @@ private:
                         fn(prefix + ".filtered", {br, bc}, s.filtered);
                         fn(prefix + ".graft_sq", {br, bc}, s.graft_sq);
                         if (!s.momentum.empty()) fn(prefix + ".momentum", {br, bc}, s.momentum);
-                        if (!s.left_basis.empty()) {
-                            fn(prefix + ".left_basis", {br, br}, s.left_basis);
-                            fn(prefix + ".right_basis", {bc, bc}, s.right_basis);
-                        }
                     }
                     break;
                 }

@@ -54,16 +54,11 @@ public:
     // Preconditioner matrices computed non-finite and not taken so far (Optimizer::
     // rejected_preconditioners); reads a device counter (waits for the GPU).
     long rejected_preconditioners() const;
-    // How the refreshes so far computed their matrix functions, for bench and logs (e.g.
-    // Shampoo's refined vs full-eigendecomposition roots); empty where there is nothing to say.
-    virtual std::string refresh_summary() const { return ""; }
 
 protected:
-    // commit_finite_tiles_gpu with this method's rejection counter (`counted`: a matrix that
-    // goes with one already counted, e.g. a root's eigenbasis, is not): candidate[t] replaces
+    // commit_finite_tiles_gpu with this method's rejection counter: candidate[t] replaces
     // kept[t] (n x n, count of them) where finite; accepted[t] (when given) says where.
-    void commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted = nullptr,
-                      bool counted = true);
+    void commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted = nullptr);
 
     // Each state buffer of a group: its name suffix, one tile's shape, and the [count, ...]
     // buffer; one list per method serves save, load and state_bytes.

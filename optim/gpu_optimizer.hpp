@@ -27,7 +27,6 @@ public:
     void load_state(const OptimizerState& state);
     size_t state_bytes() const;  // state and work buffers
     long rejected_preconditioners() const { return method_ ? method_->rejected_preconditioners() : 0; }
-    std::string refresh_summary() const { return method_ ? method_->refresh_summary() : ""; }
 
 private:
     struct Group {  // hidden matrices of one shape

@@ -7,14 +7,9 @@
 // precondition_frequency steps the inverse roots: the symmetric eigendecompositions of all
 // factors of one size in a single batched cuSOLVER call (the call is latency-bound: on an H100
 // 12 and 48 matrices of 768^2 take 57 and 61 ms, 168 take 156 ms; `bench --linalg`), then per
-// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T. With
-// refine_tolerance > 0, each size's batch first takes one refinement step of the kept
-// eigenbases (shampoo_refined_inverse_root: four batched fp32 GEMMs, two element-wise passes and
-// the root's GEMM), and only the factors whose estimated error exceeds the tolerance (and all of
-// them at the first refresh) go through the eigendecomposition, gathered into one call.
+// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T.
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
@@ -40,10 +35,6 @@ public:
             zeroed(s.filtered, g.tile_size() * count);
             zeroed(s.graft_sq, g.tile_size() * count);
             if (config_.momentum > 0) zeroed(s.momentum, g.tile_size() * count);
-            if (refine()) {
-                zeroed(s.left_basis, size_t(br) * br * count);
-                zeroed(s.right_basis, size_t(bc) * bc * count);
-            }
         }
         const GroupScratch sizes = group_scratch(groups_);
         work_a_.resize(sizes.work);
@@ -69,15 +60,6 @@ public:
         merged_factors_.resize(merged_floats);
         merged_vectors_.resize(merged_floats);
         values_.resize(merged_values);
-        if (refine()) {
-            size_t most = 0;
-            for (const FactorSize& f : sizes_) most = std::max(most, f.count);
-            merged_bases_.resize(merged_floats);
-            merged_s_.resize(merged_floats);
-            merged_roots_.resize(merged_floats);
-            refine_scalars_.resize(2 * most);
-            refine_error_.resize(most);
-        }
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -144,30 +126,12 @@ public:
             fn(g, "filtered", {br, bc}, s.filtered);
             fn(g, "graft_sq", {br, bc}, s.graft_sq);
             if (s.momentum.size()) fn(g, "momentum", {br, bc}, s.momentum);
-            if (refine()) {
-                fn(g, "left_basis", {br, br}, s.left_basis);
-                fn(g, "right_basis", {bc, bc}, s.right_basis);
-            }
         }
-    }
-
-    void load(const OptimizerState& state) override {
-        GpuMatrixMethod::load(state);
-        have_bases_ = true;  // all-zero bases (saved before the first refresh) fail refinement's test
-    }
-
-    std::string refresh_summary() const override {
-        if (!refine()) return "";
-        std::ostringstream out;
-        out << "roots: " << refined_roots_ << " refined, " << exact_roots_ << " by eigendecomposition";
-        return out.str();
     }
 
     size_t scratch_bytes() const override {
         size_t floats = work_a_.size() + work_b_.size() + work_c_.size() + factor_b_.size() + candidate_.size() +
-                        merged_factors_.size() + merged_vectors_.size() + values_.size() + norms_.size() +
-                        merged_bases_.size() + merged_s_.size() + merged_roots_.size() + refine_scalars_.size() +
-                        refine_error_.size();
+                        merged_factors_.size() + merged_vectors_.size() + values_.size() + norms_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
         return floats * sizeof(float);
     }
@@ -175,10 +139,34 @@ public:
 private:
     struct State {
         DeviceBuffer<float> left, right, left_root, right_root, filtered, graft_sq, momentum;
-        DeviceBuffer<float> left_basis, right_basis;  // refine_tolerance > 0 only
     };
 
-    bool refine() const { return config_.refine_tolerance > 0; }
+    // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
+    // taken only where it came out finite (commit_tiles). Per factor size: the factors gathered
+    // into one batch, one eigendecomposition call, then each group's roots from its slice.
+    void refresh_inverse_roots(double divisor) {
+        for (const FactorSize& size : sizes_) {
+            const int n = size.n;
+            const size_t matrix = size_t(n) * n;
+            for (const FactorSlot& f : size.factors) {
+                const State& s = state_[f.group];
+                CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix, (f.left ? s.left : s.right).data(),
+                                           matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
+            }
+            // The gathered factors are the eigendecomposition's scratch too (overwritten).
+            symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), merged_factors_.data(), n, size.count,
+                                        merged_factors_.data());
+            for (const FactorSlot& f : size.factors) {
+                State& s = state_[f.group];
+                const int count = groups_[f.group].count();
+                const float* vectors = merged_vectors_.data() + f.first * matrix;
+                inverse_root_columns_gpu(factor_b_.data(), vectors, values_.data() + f.first * n, n, count,
+                                         float(divisor), config_.eps, config_.root());
+                gemm_(candidate_.data(), factor_b_.data(), false, vectors, true, n, n, n, count);
+                commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count);
+            }
+        }
+    }
 
     // Where a group's left or right factors sit in their size's batch.
     struct FactorSlot {
@@ -192,118 +180,6 @@ private:
         size_t count;  // matrices in the batch
     };
 
-    // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
-    // taken only where it came out finite (commit_tiles). Per factor size: the factors gathered
-    // into one batch, one eigendecomposition call, then each group's roots from its slice.
-    void refresh_inverse_roots(double divisor) {
-        if (refine()) {
-            for (const FactorSize& size : sizes_) refine_inverse_roots(size, divisor);
-            have_bases_ = true;
-            return;
-        }
-        for (const FactorSize& size : sizes_) {
-            const int n = size.n;
-            const size_t matrix = size_t(n) * n;
-            gather(merged_factors_, size, false);
-            // The gathered factors are the eigendecomposition's scratch too (overwritten).
-            symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), merged_factors_.data(), n, size.count,
-                                        merged_factors_.data());
-            for (const FactorSlot& f : size.factors) {
-                State& s = state_[f.group];
-                const int count = groups_[f.group].count();
-                root_from_vectors(candidate_.data(), factor_b_.data(), merged_vectors_.data() + f.first * matrix,
-                                  values_.data() + f.first * n, n, count, divisor);
-                commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count);
-            }
-        }
-    }
-
-    // One size's factors (or, with `bases`, their kept eigenbases) into its batch buffer.
-    void gather(DeviceBuffer<float>& into, const FactorSize& size, bool bases) {
-        const size_t matrix = size_t(size.n) * size.n;
-        for (const FactorSlot& f : size.factors) {
-            const State& s = state_[f.group];
-            const DeviceBuffer<float>& from =
-                bases ? (f.left ? s.left_basis : s.right_basis) : (f.left ? s.left : s.right);
-            CUDA_CHECK(cudaMemcpyAsync(into.data() + f.first * matrix, from.data(),
-                                       matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
-        }
-    }
-
-    // root = vectors diag((values / divisor - shift + eps)^(-1/r)) vectors^T for `count` n x n
-    // matrices (inverse_root_columns_gpu; shifts null: values descending), via `scaled`; the
-    // product by `gemm` (the method's own unless given).
-    void root_from_vectors(float* root, float* scaled, const float* vectors, const float* values, int n, int count,
-                           double divisor, const float* shifts = nullptr, const GroupGemm* gemm = nullptr) {
-        inverse_root_columns_gpu(scaled, vectors, values, n, count, float(divisor), config_.eps, config_.root(), shifts);
-        (gemm ? *gemm : gemm_)(root, scaled, false, vectors, true, n, n, n, count);
-    }
-
-    // One size's roots with refinement (see the file comment). Buffers, in order of use:
-    // merged_factors_ F, merged_bases_ X, merged_vectors_ F X then X', merged_s_ X^T F X then
-    // the scaled columns, merged_roots_ X^T X then the step E then the roots. The factors that
-    // fall back are gathered (host-side list: one wait per size) and decomposed in one call.
-    void refine_inverse_roots(const FactorSize& size, double divisor) {
-        const int n = size.n;
-        const int count = int(size.count);
-        const size_t matrix = size_t(n) * n;
-        gather(merged_factors_, size, false);
-        std::vector<int> exact;
-        if (have_bases_) {
-            gather(merged_bases_, size, true);
-            // Always fp32: the error estimate's rounding floor is that of fp32 products.
-            const GroupGemm fp32{false};
-            fp32(merged_vectors_.data(), merged_factors_.data(), false, merged_bases_.data(), false, n, n, n, count);
-            fp32(merged_s_.data(), merged_bases_.data(), true, merged_vectors_.data(), false, n, n, n, count);
-            fp32(merged_roots_.data(), merged_bases_.data(), true, merged_bases_.data(), false, n, n, n, count);
-            refine_eigenvalues_gpu(values_.data(), refine_scalars_.data(), refine_error_.data(), merged_s_.data(),
-                                   merged_roots_.data(), n, count, float(divisor));
-            refine_rotation_gpu(merged_roots_.data(), merged_s_.data(), values_.data(), refine_scalars_.data(),
-                                refine_error_.data(), n, count, float(divisor), config_.eps, config_.root(),
-                                std::sqrt(config_.refine_tolerance));
-            // X' = X + X E.
-            batched_matmul_f32_gpu(merged_vectors_.data(), merged_bases_.data(), merged_bases_.data(), false,
-                                   merged_roots_.data(), false, n, n, n, 1.0f, 1.0f, count, int64_t(matrix),
-                                   int64_t(matrix), int64_t(matrix));
-            // The values are divided already; the shifts are the first `count` scalars.
-            root_from_vectors(merged_roots_.data(), merged_s_.data(), merged_vectors_.data(), values_.data(), n, count,
-                              1.0, refine_scalars_.data(), &fp32);
-            const std::vector<float> error = refine_error_.download();
-            for (int t = 0; t < count; ++t)
-                if (!(error[size_t(t)] <= config_.refine_tolerance)) exact.push_back(t);
-        } else {
-            for (int t = 0; t < count; ++t) exact.push_back(t);
-        }
-        refined_roots_ += count - long(exact.size());
-        exact_roots_ += long(exact.size());
-        if (!exact.empty()) {
-            // The falling-back factors gathered into merged_s_, decomposed (vectors into
-            // merged_bases_), their roots into merged_factors_, then put in their slots.
-            const int m = int(exact.size());
-            for (int k = 0; k < m; ++k)
-                CUDA_CHECK(cudaMemcpyAsync(merged_s_.data() + k * matrix, merged_factors_.data() + exact[size_t(k)] * matrix,
-                                           matrix * sizeof(float), cudaMemcpyDeviceToDevice));
-            symmetric_eigen_batched_gpu(merged_bases_.data(), values_.data(), merged_s_.data(), n, m, merged_s_.data());
-            root_from_vectors(merged_factors_.data(), merged_s_.data(), merged_bases_.data(), values_.data(), n, m,
-                              divisor);
-            for (int k = 0; k < m; ++k) {
-                const size_t slot = size_t(exact[size_t(k)]) * matrix;
-                CUDA_CHECK(cudaMemcpyAsync(merged_roots_.data() + slot, merged_factors_.data() + k * matrix,
-                                           matrix * sizeof(float), cudaMemcpyDeviceToDevice));
-                CUDA_CHECK(cudaMemcpyAsync(merged_vectors_.data() + slot, merged_bases_.data() + k * matrix,
-                                           matrix * sizeof(float), cudaMemcpyDeviceToDevice));
-            }
-        }
-        for (const FactorSlot& f : size.factors) {
-            State& s = state_[f.group];
-            const int group_count = groups_[f.group].count();
-            commit_tiles((f.left ? s.left_root : s.right_root).data(), merged_roots_.data() + f.first * matrix, n,
-                         group_count);
-            commit_tiles((f.left ? s.left_basis : s.right_basis).data(), merged_vectors_.data() + f.first * matrix, n,
-                         group_count, nullptr, false);
-        }
-    }
-
     ShampooConfig config_;
     double weight_decay_;
     GroupGemm gemm_;
@@ -312,10 +188,6 @@ private:
     std::vector<FactorSize> sizes_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_b_, candidate_, values_, norms_;
     DeviceBuffer<float> merged_factors_, merged_vectors_;  // one size's factors, then their eigenvectors
-    // Refinement (refine_tolerance > 0): one size's bases, X^T F X, roots; per-matrix scalars.
-    DeviceBuffer<float> merged_bases_, merged_s_, merged_roots_, refine_scalars_, refine_error_;
-    bool have_bases_ = false;  // a refresh has run (or state was loaded): bases to refine
-    long refined_roots_ = 0, exact_roots_ = 0;
 };
 
 }  // namespace

@@ -73,11 +73,6 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
         ->group(h);
     app.add_option("--shampoo-graft-beta2", c.shampoo.graft_beta2, "Adam grafting beta2")->group(h);
     app.add_option("--shampoo-graft-eps", c.shampoo.graft_eps, "Adam grafting epsilon")->group(h);
-    app.add_option("--shampoo-refine-tolerance", c.shampoo.refine_tolerance,
-                   "Not in the reference: > 0 refreshes each root by one matmul-only refinement of the last "
-                   "refresh's eigenbasis (kept as state), falling back to the full eigendecomposition where the "
-                   "estimated relative error of the root exceeds this (e.g. 0.01); 0: always the full one")
-        ->group(h);
 
     const char* p = "SOAP";
     app.add_option("--soap-beta1", c.soap.beta1, "Adam beta1 in the eigenbasis")->group(p);

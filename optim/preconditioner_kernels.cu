@@ -40,11 +40,6 @@ struct Max {
     __device__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
-struct Min {
-    template <typename T>
-    __device__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
-
 #define GRID_STRIDE(i, n) \
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
@@ -109,66 +104,16 @@ __global__ void norm_ratio_kernel(float* scale, const float* numerator_sq, const
 }
 
 __global__ void inverse_root_columns_kernel(float* scaled, const float* vectors, const float* values, int n,
-                                            float divisor, double eps, int root, const float* shifts) {
+                                            float divisor, double eps, int root) {
     const int t = blockIdx.y;
     const float* lambda = values + int64_t(t) * n;
-    const double shift = shifts ? double(shifts[t]) : fmin(double(lambda[n - 1]) / divisor, 0.0);
+    const double shift = fmin(double(lambda[n - 1]) / divisor, 0.0);
     const int64_t size = int64_t(n) * n;
     GRID_STRIDE(i, size) {
         const int j = int(i % n);
         const double power = pow(double(lambda[j]) / divisor - shift + eps, -1.0 / root);
         scaled[t * size + i] = float(double(vectors[t * size + i]) * power);
     }
-}
-
-// One block per matrix.
-__global__ void refine_eigenvalues_kernel(float* values, float* scalars, float* error, const float* s,
-                                          const float* gram, int n, float divisor) {
-    const int t = blockIdx.x;
-    const int64_t base = int64_t(t) * n * n;
-    float lowest = FLT_MAX, largest = 0, smallest_gram = FLT_MAX;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float g = gram[base + int64_t(i) * n + i];
-        const float lambda = float(double(s[base + int64_t(i) * n + i]) / g / divisor);
-        values[int64_t(t) * n + i] = lambda;
-        lowest = fminf(lowest, lambda), largest = fmaxf(largest, fabsf(lambda)), smallest_gram = fminf(smallest_gram, g);
-    }
-    lowest = block_reduce(lowest, Min{});
-    largest = block_reduce(largest, Max{});
-    smallest_gram = block_reduce(smallest_gram, Min{});
-    if (threadIdx.x == 0) {
-        scalars[t] = fminf(lowest, 0.0f);
-        scalars[gridDim.x + t] = float(2.0 * sqrt(double(n)) * ldexp(1.0, -24) * largest);
-        error[t] = smallest_gram > 0.5f ? 0.0f : INFINITY;
-    }
-}
-
-__global__ void refine_rotation_kernel(float* gram_to_step, const float* s, const float* values, const float* scalars,
-                                       float* error, int n, float divisor, double eps, int root, double kappa) {
-    const int t = blockIdx.y;
-    const int64_t size = int64_t(n) * n, base = t * size;
-    const float* lambda = values + int64_t(t) * n;
-    const double shift = scalars[t], rounding = scalars[gridDim.y + t];
-    float worst = 0;
-    GRID_STRIDE(k, size) {
-        const int i = int(k / n), j = int(k % n);
-        const double r = (i == j ? 1.0 : 0.0) - double(gram_to_step[base + k]);
-        const double s_ij = double(s[base + k]) / divisor, gap = double(lambda[j]) - double(lambda[i]);
-        double step = r / 2;
-        if (i != j && fabs(s_ij) <= kappa * fabs(gap)) {
-            step = (s_ij + double(lambda[j]) * r) / gap;
-        } else if (i != j && !(fabs(s_ij) <= rounding)) {
-            const double mu_i = lambda[i] - shift + eps, mu_j = lambda[j] - shift + eps;
-            const double f_i = pow(mu_i, -1.0 / root), f_j = pow(mu_j, -1.0 / root);
-            const double divided = mu_i == mu_j ? -f_i / (root * mu_i) : (f_i - f_j) / (mu_i - mu_j);
-            const double change = fabs(s_ij * divided) / fmax(f_i, f_j);  // f falls: f(min mu) = max f
-            worst = fmaxf(worst, isfinite(change) ? float(change) : INFINITY);
-        }
-        gram_to_step[base + k] = float(step);
-    }
-    worst = block_reduce(worst, Max{});
-    // Non-negative floats order as their bit patterns.
-    if (threadIdx.x == 0 && worst > 0) atomicMax(reinterpret_cast<int*>(error + t), __float_as_int(worst));
 }
 
 __global__ void soap_adam_kernel(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n,
@@ -228,7 +173,7 @@ __global__ void commit_copy_kernel(float* kept, const float* candidate, const in
     const int64_t size = int64_t(n) * n, base = int64_t(blockIdx.y) * size;
     const bool bad = flags[2 * blockIdx.y], set = flags[2 * blockIdx.y + 1];
     if (blockIdx.x == 0 && threadIdx.x == 0) {
-        if (bad && rejected_count) atomicAdd(rejected_count, 1);
+        if (bad) atomicAdd(rejected_count, 1);
         if (accepted) accepted[blockIdx.y] = !bad;
     }
     if (bad && set) return;  // the last good one stays
@@ -433,22 +378,9 @@ void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denomi
 }
 
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root, const float* shifts) {
+                              float divisor, double eps, int root) {
     inverse_root_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(scaled, vectors, values, n,
-                                                                                       divisor, eps, root, shifts);
-    CUDA_CHECK_LAUNCH();
-}
-
-void refine_eigenvalues_gpu(float* values, float* scalars, float* error, const float* s, const float* gram, int n,
-                            int count, float divisor) {
-    refine_eigenvalues_kernel<<<count, kThreads>>>(values, scalars, error, s, gram, n, divisor);
-    CUDA_CHECK_LAUNCH();
-}
-
-void refine_rotation_gpu(float* gram_to_step, const float* s, const float* values, const float* scalars, float* error,
-                         int n, int count, float divisor, double eps, int root, double kappa) {
-    refine_rotation_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(gram_to_step, s, values, scalars,
-                                                                                  error, n, divisor, eps, root, kappa);
+                                                                                       divisor, eps, root);
     CUDA_CHECK_LAUNCH();
 }
 

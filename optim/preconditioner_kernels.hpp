@@ -36,24 +36,10 @@ void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered
 void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denominator_sq, int count);
 
 // From eigenvectors (columns, values descending) of factor / divisor:
-//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - shift + eps)^(-1/root),
-//   shift = min(values[n-1] / divisor, 0), or shifts[t] where given (values in any order)
+//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(values[n-1] / divisor, 0) + eps)^(-1/root)
 // so that scaled vectors^T = (factor / divisor + eps I)^(-1/root) after the shift.
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root, const float* shifts = nullptr);
-
-// Shampoo's warm-started root (shampoo_refined_inverse_root, optim/shampoo.hpp), from
-// s = X^T F X and gram = X^T X per matrix (F = factor, its root that of F / divisor):
-// refine_eigenvalues_gpu writes values[t][i] = s_ii / gram_ii / divisor, scalars[t] = shift =
-// min(values[t], 0), scalars[count + t] = rounding = 2 sqrt(n) 2^-24 max|values[t]| and
-// error[t] = 0, or +inf where X is no basis (a gram diagonal entry <= 1/2). refine_rotation_gpu
-// overwrites gram with the step E (I + E the basis update) and raises error[t] to the largest
-// relative root change of a dropped pair (non-finite: +inf). The root's columns then come from
-// inverse_root_columns_gpu with divisor 1 and shifts = scalars.
-void refine_eigenvalues_gpu(float* values, float* scalars, float* error, const float* s, const float* gram, int n,
-                            int count, float divisor);
-void refine_rotation_gpu(float* gram_to_step, const float* s, const float* values, const float* scalars, float* error,
-                         int n, int count, float divisor, double eps, int root, double kappa);
+                              float divisor, double eps, int root);
 
 // SOAP's Adam in the rotated basis, element-wise:
 //   M = b1 M + (1 - b1) X,  V = b2 V + (1 - b2) X^2,  direction = M / (sqrt(V) + eps)
@@ -70,7 +56,7 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 
 // The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t: a finite
 // candidate[t] is copied into kept[t]; otherwise kept[t] stays (the identity when it is all
-// zero: none computed yet), *rejected_count += 1 (when given), and accepted[t] (when given) is 0, else 1.
+// zero: none computed yet), *rejected_count += 1, and accepted[t] (when given) is 0, else 1.
 // flags: 2 * count ints of scratch.
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
                              int* flags);

@@ -16,7 +16,6 @@ void ShampooConfig::validate() const {
     QOPT_CHECK(precondition_frequency > 0, "--shampoo-precondition-frequency must be positive");
     QOPT_CHECK(inverse_root >= 0, "--shampoo-inverse-root must be >= 0 (0: 4 for matrices)");
     QOPT_CHECK(graft_beta2 > 0 && graft_beta2 <= 1 && graft_eps > 0, "bad Shampoo grafting settings");
-    QOPT_CHECK(refine_tolerance >= 0 && refine_tolerance < 1, "--shampoo-refine-tolerance must be in [0, 1)");
 }
 
 Json ShampooConfig::to_json() const {
@@ -34,7 +33,6 @@ Json ShampooConfig::to_json() const {
     j["adam_grafting"] = adam_grafting;
     j["graft_beta2"] = graft_beta2;
     j["graft_eps"] = graft_eps;
-    j["refine_tolerance"] = refine_tolerance;
     return j;
 }
 
@@ -55,67 +53,18 @@ void ShampooBlockState::init(const ShampooBlock& b, const ShampooConfig& c) {
     filtered.assign(n, 0.0f);
     graft_sq.assign(n, 0.0f);
     momentum.assign(c.momentum > 0 ? n : 0, 0.0f);
-    left_basis.assign(c.refine_tolerance > 0 ? left.size() : 0, 0.0f);
-    right_basis.assign(c.refine_tolerance > 0 ? right.size() : 0, 0.0f);
 }
 
-namespace {
-
-// root = basis diag((lambda_j - min(lambda, 0) + eps)^(-1/r)) basis^T.
-Dense root_from_basis(const Dense& basis, const std::vector<double>& values, double eps, int root) {
-    const double shift = std::min(*std::min_element(values.begin(), values.end()), 0.0);
-    Dense scaled = basis;
-    for (int j = 0; j < basis.cols; ++j) {
-        const double power = std::pow(values[size_t(j)] - shift + eps, -1.0 / root);
-        for (int r = 0; r < basis.rows; ++r) scaled(r, j) *= power;
-    }
-    return matmul(scaled, basis, false, true);
-}
-
-}  // namespace
-
-ShampooRoot shampoo_inverse_root(const Dense& a, double eps, int root) {
+Dense shampoo_inverse_root(const Dense& a, double eps, int root) {
     SymmetricEigen e = symmetric_eigen(a);
-    return {root_from_basis(e.vectors, e.values, eps, root), e.vectors};
-}
-
-RefinedRoot shampoo_refined_inverse_root(const Dense& a, const Dense& x, double eps, int root, double tolerance) {
+    const double shift = std::min(e.values.back(), 0.0);  // values are descending
     const int n = a.rows;
-    const Dense s = matmul(x, matmul(a, x), true, false);
-    const Dense gram = matmul(x, x, true, false);  // R = I - gram
-    RefinedRoot out;
-    std::vector<double> lambda(static_cast<size_t>(n));
-    bool is_basis = true;
-    double largest = 0;
-    for (int i = 0; i < n; ++i) {
-        is_basis = is_basis && gram(i, i) > 0.5;
-        lambda[size_t(i)] = s(i, i) / gram(i, i);
-        largest = std::max(largest, std::abs(lambda[size_t(i)]));
+    Dense scaled = e.vectors;
+    for (int j = 0; j < n; ++j) {
+        const double power = std::pow(e.values[j] - shift + eps, -1.0 / root);
+        for (int r = 0; r < n; ++r) scaled(r, j) *= power;
     }
-    const double shift = std::min(*std::min_element(lambda.begin(), lambda.end()), 0.0);
-    const double rounding = 2.0 * std::sqrt(double(n)) * std::ldexp(1.0, -24) * largest;
-    const double kappa = std::sqrt(tolerance);
-    auto f = [&](double mu) { return std::pow(mu, -1.0 / root); };
-    Dense e(n, n);
-    for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) {
-            const double r_ij = (i == j ? 1.0 : 0.0) - gram(i, j);
-            const double gap = lambda[size_t(j)] - lambda[size_t(i)];
-            if (i != j && std::abs(s(i, j)) <= kappa * std::abs(gap)) {
-                e(i, j) = (s(i, j) + lambda[size_t(j)] * r_ij) / gap;
-                continue;
-            }
-            e(i, j) = r_ij / 2;
-            if (i == j || std::abs(s(i, j)) <= rounding) continue;
-            const double mu_i = lambda[size_t(i)] - shift + eps, mu_j = lambda[size_t(j)] - shift + eps;
-            const double divided = mu_i == mu_j ? -f(mu_i) / (root * mu_i) : (f(mu_i) - f(mu_j)) / (mu_i - mu_j);
-            out.error = std::max(out.error, std::abs(s(i, j) * divided) / f(std::min(mu_i, mu_j)));
-        }
-    out.basis = matmul(x, e);
-    for (size_t i = 0; i < out.basis.values.size(); ++i) out.basis.values[i] += x.values[i];
-    out.root = root_from_basis(out.basis, lambda, eps, root);
-    out.accepted = is_basis && std::isfinite(out.error) && out.error <= tolerance && all_finite(out.root);
-    return out;
+    return matmul(scaled, e.vectors, false, true);
 }
 
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
@@ -143,27 +92,15 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         accumulate(s.left, ggt);
         accumulate(s.right, gtg);
         if (step % c.precondition_frequency == 0) {
-            auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out, std::vector<float>& basis) {
+            auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out) {
                 Dense d(n, n);
                 for (size_t i = 0; i < f.size(); ++i) d.values[i] = f[i] / factor_bias;
                 // A non-finite factor has no root (and would only cost a full eigen sweep).
-                if (!all_finite(d)) {
-                    if (!commit_preconditioner(out, Dense(n, n, NAN))) ++rejected;
-                    return;
-                }
-                ShampooRoot r;
-                bool refined = false;
-                if (c.refine_tolerance > 0) {
-                    RefinedRoot attempt =
-                        shampoo_refined_inverse_root(d, dense_from(basis.data(), n, n), c.eps, c.root(), c.refine_tolerance);
-                    if ((refined = attempt.accepted)) r = {std::move(attempt.root), std::move(attempt.basis)};
-                }
-                if (!refined) r = shampoo_inverse_root(d, c.eps, c.root());
-                if (!commit_preconditioner(out, r.root)) ++rejected;
-                else if (c.refine_tolerance > 0) commit_preconditioner(basis, r.basis);
+                const Dense inv = all_finite(d) ? shampoo_inverse_root(d, c.eps, c.root()) : Dense(n, n, NAN);
+                if (!commit_preconditioner(out, inv)) ++rejected;
             };
-            root_of(s.left, br, s.left_root, s.left_basis);
-            root_of(s.right, bc, s.right_root, s.right_basis);
+            root_of(s.left, br, s.left_root);
+            root_of(s.right, bc, s.right_root);
         }
         // Filtered gradient and grafting direction.
         Dense filtered_hat(br, bc), graft(br, bc);

@@ -10,10 +10,6 @@
 //   before the first root (t < start step): direction = A
 //   optional momentum: K = mu K + direction (Nesterov: direction + mu K); then
 //   W = W (1 - lr wd) - lr direction                                 (decoupled weight decay)
-// With refine_tolerance > 0 (not in the reference; --shampoo-refine-tolerance) a root refresh
-// first tries one matmul-only refinement of the last refresh's eigenbasis, kept as state
-// (shampoo_refined_inverse_root), and takes the full eigendecomposition only where that step's
-// estimated error exceeds the tolerance.
 #pragma once
 #include <vector>
 
@@ -33,7 +29,6 @@ struct ShampooConfig {
     int start_preconditioning_step = -1;  // -1: precondition_frequency
     int inverse_root = 0;                 // 0: 2 x tensor order = 4 for matrices
     bool adam_grafting = true;            // grafting_config=AdamGraftingConfig (the study's choice)
-    double refine_tolerance = 0;          // 0: a full eigendecomposition at every refresh (reference)
     double graft_beta2 = 0.999, graft_eps = 1e-8;
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
     int start_step() const { return start_preconditioning_step > 0 ? start_preconditioning_step : precondition_frequency; }
@@ -49,39 +44,12 @@ std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
 
 struct ShampooBlockState {
     std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]
-    std::vector<float> left_basis, right_basis;             // eigenbases (refine_tolerance > 0 only)
     std::vector<float> filtered, graft_sq, momentum;        // [br, bc] (momentum only if used)
     void init(const ShampooBlock& block, const ShampooConfig& c);
 };
 
-// (a + eps I)^(-1/root) for symmetric positive semi-definite a, by its eigendecomposition
-// (eigenvalues shifted up to >= 0 first); basis = the eigenvectors.
-struct ShampooRoot {
-    Dense root, basis;
-};
-ShampooRoot shampoo_inverse_root(const Dense& a, double eps, int root);
-
-// The warm-started root: one step of Ogita & Aishima's refinement of a symmetric
-// eigendecomposition ("Iterative refinement for symmetric eigenvalue decomposition", 2018),
-// from basis X (columns near eigenvectors of a; four n^3 products instead of an
-// eigendecomposition):
-//   R = I - X^T X,  S = X^T a X,  lambda_i = S_ii / (1 - R_ii)
-//   E_ii = R_ii / 2;  i != j: E_ij = (S_ij + lambda_j R_ij) / (lambda_j - lambda_i) where
-//     |S_ij| <= sqrt(tolerance) |lambda_j - lambda_i| (a rotation small enough that the step's
-//     second-order error, ~E_ij^2, stays within the tolerance); else E_ij = R_ij / 2 and the pair
-//     is left unrotated (S_ij dropped)
-//   basis = X (I + E),  root = basis diag(mu^(-1/r)) basis^T,  mu_i = lambda_i - min(lambda, 0) + eps
-// A dropped S_ij moves the root by about S_ij f[mu_i, mu_j] (f(mu) = mu^(-1/r); divided
-// difference), so error = the largest |S_ij f[mu_i, mu_j]| / f(min(mu_i, mu_j)) over dropped pairs,
-// not counting S_ij within the fp32 products' rounding of S, 2 sqrt(n) 2^-24 max|lambda| (what
-// an fp32 computation cannot resolve either way). accepted: error <= tolerance and X was a basis
-// (every X^T X diagonal entry above 1/2: an all-zero X, none yet, is not).
-struct RefinedRoot {
-    Dense root, basis;
-    double error = 0;
-    bool accepted = false;
-};
-RefinedRoot shampoo_refined_inverse_root(const Dense& a, const Dense& basis, double eps, int root, double tolerance);
+// (a + eps I)^(-1/root) for symmetric positive semi-definite a.
+Dense shampoo_inverse_root(const Dense& a, double eps, int root);
 
 // step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
 // (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).

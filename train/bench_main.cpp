@@ -204,8 +204,6 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     if (ns_flops > 0)
         std::printf(" | Newton-Schulz %.2f TFLOP per step, %.0f TFLOP/s over the whole optimizer step", ns_flops / 1e12,
                     ns_flops / (opt_mean * 1e-3) / 1e12);
-    const std::string refreshes = optimizer.refresh_summary();
-    if (!refreshes.empty()) std::printf(" | %s", refreshes.c_str());
     std::printf("\n");
     std::fflush(stdout);
     return ms;
