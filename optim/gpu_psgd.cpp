@@ -80,7 +80,7 @@ public:
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
             apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
-                            m, n, float(1 - lr * weight_decay_), float(lr));
+                            m, n, 0.0f, float(1 - lr * weight_decay_), float(lr));
         }
     }
 

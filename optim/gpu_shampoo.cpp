@@ -67,8 +67,8 @@ public:
         const double bias1 = 1 - std::pow(c.beta1, double(step));
         const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
         const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
-        const bool refresh_roots = step % c.precondition_frequency == 0;
-        const bool precondition = step >= c.start_step() && step >= c.precondition_frequency;
+        const bool refresh_roots = c.refreshes_roots(step);
+        const bool precondition = c.preconditions(step);
         // beta2 = 1: the factors are sums; else an EMA (bias-corrected at the root).
         const float keep_factor = c.beta2 < 1 ? float(c.beta2) : 1.0f, add_factor = c.beta2 < 1 ? float(1 - c.beta2) : 1.0f;
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -109,8 +109,8 @@ public:
                 }
             }
             apply_tiles_gpu(params, params_bf16, direction, scale, c.momentum > 0 ? s.momentum.data() : nullptr,
-                            float(c.momentum), c.nesterov, g.table.data(), count, br, bc,
-                            float(1 - lr * weight_decay_), float(lr));
+                            float(c.momentum), c.nesterov, g.table.data(), count, br, bc, float(weight_decay_),
+                            1.0f, float(lr));
         }
     }
 

@@ -53,7 +53,9 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option("--shampoo-beta2", c.shampoo.beta2, "Factor EMA (1: sum, the reference's default)")->group(h);
     app.add_option("--shampoo-eps", c.shampoo.eps, "Added to the factors' eigenvalues before the inverse root")
         ->group(h);
-    app.add_option("--shampoo-momentum", c.shampoo.momentum, "Heavy-ball momentum on the update")->group(h);
+    app.add_option("--shampoo-momentum", c.shampoo.momentum,
+                   "Heavy-ball momentum on the update, weight decay included (the reference's ClassicMomentumConfig)")
+        ->group(h);
     app.add_option("--shampoo-nesterov", c.shampoo.nesterov, "Nesterov form of that momentum (true/false)")->group(h);
     app.add_option("--shampoo-block-size", c.shampoo.block_size, "Max preconditioner dimension (blocking)")->group(h);
     app.add_option("--shampoo-precondition-frequency", c.shampoo.precondition_frequency,

@@ -53,18 +53,18 @@ __global__ void gather_tiles_kernel(float* out, const float* grads, const int64_
 
 __global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
                                    float* momentum, float mu, bool nesterov, const int64_t* table, int rows, int cols,
-                                   float keep, float step) {
+                                   float decay, float keep, float step) {
     const int t = blockIdx.y;
     const int64_t offset = table[2 * t], ld = table[2 * t + 1], n = int64_t(rows) * cols;
     const float scale = tile_scale ? tile_scale[t] : 1.0f;
     GRID_STRIDE(i, n) {
-        float d = scale * direction[t * n + i];
+        const int64_t p = offset + (i / cols) * ld + i % cols;
+        float d = scale * direction[t * n + i] + decay * params[p];
         if (momentum) {
             const float k = mu * momentum[t * n + i] + d;
             momentum[t * n + i] = k;
             d = nesterov ? d + mu * k : k;
         }
-        const int64_t p = offset + (i / cols) * ld + i % cols;
         const float w = keep * params[p] - step * d;
         params[p] = w;
         if (params_bf16) params_bf16[p] = __float2bfloat16(w);
@@ -350,10 +350,10 @@ void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int 
 
 void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
                      float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
-                     float keep, float step) {
+                     float decay, float keep, float step) {
     if (count == 0) return;
     apply_tiles_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(
-        params, params_bf16, direction, tile_scale, momentum, mu, nesterov, table, rows, cols, keep, step);
+        params, params_bf16, direction, tile_scale, momentum, mu, nesterov, table, rows, cols, decay, keep, step);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -14,12 +14,13 @@ void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int 
                       float grad_scale);
 
 // For each tile t (scale[t] = 1 when tile_scale is null):
-//   d = tile_scale[t] * direction
+//   d = tile_scale[t] * direction + decay W     (Shampoo's decoupled decay enters the direction,
+//                                                so momentum carries it, as in the reference)
 //   with momentum K (if given): K = mu K + d;  d = nesterov ? d + mu K : K
 //   W = keep W - step d, and the bf16 copy of W (if given).
 void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
                      float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
-                     float keep, float step);
+                     float decay, float keep, float step);
 
 // out[t] = sum of squares of matrix t (n elements each); one block per matrix, fixed order.
 void sum_squares_gpu(float* out, const float* x, int count, int64_t n);

@@ -14,6 +14,8 @@ void ShampooConfig::validate() const {
     QOPT_CHECK(momentum >= 0 && momentum < 1, "--shampoo-momentum must be in [0, 1)");
     QOPT_CHECK(block_size > 0, "--shampoo-block-size must be positive");
     QOPT_CHECK(precondition_frequency > 0, "--shampoo-precondition-frequency must be positive");
+    QOPT_CHECK(start_preconditioning_step == -1 || start_preconditioning_step >= precondition_frequency,
+               "--shampoo-start-step must be -1 or at least --shampoo-precondition-frequency (as the reference)");
     QOPT_CHECK(inverse_root >= 0, "--shampoo-inverse-root must be >= 0 (0: 4 for matrices)");
     QOPT_CHECK(graft_beta2 > 0 && graft_beta2 <= 1 && graft_eps > 0, "bad Shampoo grafting settings");
 }
@@ -91,7 +93,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         };
         accumulate(s.left, ggt);
         accumulate(s.right, gtg);
-        if (step % c.precondition_frequency == 0) {
+        if (c.refreshes_roots(step)) {
             auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out) {
                 Dense d(n, n);
                 for (size_t i = 0; i < f.size(); ++i) d.values[i] = f[i] / factor_bias;
@@ -116,7 +118,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
             }
         }
         Dense direction = graft;
-        if (step >= c.start_step() && step >= c.precondition_frequency) {
+        if (c.preconditions(step)) {
             Dense lroot(br, br), rroot(bc, bc);
             for (size_t i = 0; i < lroot.values.size(); ++i) lroot.values[i] = s.left_root[i];
             for (size_t i = 0; i < rroot.values.size(); ++i) rroot.values[i] = s.right_root[i];
@@ -128,6 +130,10 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
                 for (double& x : direction.values) x *= ratio;
             }
         }
+        // Decoupled decay joins the direction before momentum (the reference's _apply_weight_decay
+        // then _apply_classic_momentum): without momentum, W (1 - lr wd) - lr D.
+        for (int r = 0; r < br; ++r)
+            for (int j = 0; j < bc; ++j) direction(r, j) += weight_decay * param[size_t(b.row0 + r) * cols + b.col0 + j];
         if (c.momentum > 0) {
             for (size_t i = 0; i < direction.values.size(); ++i) {
                 s.momentum[i] = float(c.momentum * s.momentum[i] + direction.values[i]);
@@ -137,7 +143,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         for (int r = 0; r < br; ++r)
             for (int j = 0; j < bc; ++j) {
                 float& p = param[size_t(b.row0 + r) * cols + b.col0 + j];
-                p = float(double(p) * (1 - lr * weight_decay) - lr * direction(r, j));
+                p = float(double(p) - lr * direction(r, j));
             }
     }
     return rejected;

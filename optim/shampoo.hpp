@@ -2,14 +2,16 @@
 // reference. The matrix is cut into blocks of at most block_size x block_size; each block B
 // (gradient G_B) has its own Kronecker factors and Adam grafting state:
 //   L += G G^T, R += G^T G        (beta2 = 1, the reference's default; else an EMA, bias-corrected)
-//   every `precondition_frequency` steps:  L_root = (L + eps I)^(-1/r), R_root likewise, by a
-//     symmetric eigendecomposition (eigenvalues shifted up to >= 0 first); r = 4 for matrices
+//   at the start step, then every `precondition_frequency` steps after it:
+//     L_root = (L + eps I)^(-1/r), R_root likewise, by a symmetric eigendecomposition
+//     (eigenvalues shifted up to >= 0 first); r = 4 for matrices
 //   F = b1 F + (1 - b1) G, F_hat = F / (1 - b1^t)                    (filtered gradient)
 //   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
 //   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
 //   before the first root (t < start step): direction = A
+//   decoupled weight decay: direction += wd W (before momentum, as the reference orders it)
 //   optional momentum: K = mu K + direction (Nesterov: direction + mu K); then
-//   W = W (1 - lr wd) - lr direction                                 (decoupled weight decay)
+//   W = W - lr direction                   (without momentum: W (1 - lr wd) - lr direction)
 #pragma once
 #include <vector>
 
@@ -32,6 +34,12 @@ struct ShampooConfig {
     double graft_beta2 = 0.999, graft_eps = 1e-8;
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
     int start_step() const { return start_preconditioning_step > 0 ? start_preconditioning_step : precondition_frequency; }
+    // The reference's schedule: roots first at the start step, then at every multiple of the
+    // frequency after it; Shampoo's direction from the start step on (the grafting one before).
+    bool refreshes_roots(long step) const {
+        return step == start_step() || (step > start_step() && step % precondition_frequency == 0);
+    }
+    bool preconditions(long step) const { return step >= start_step(); }
     void validate() const;
     Json to_json() const;
 };

@@ -163,6 +163,35 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
     CHECK(p == doctest::Approx(0.5 + 0.1).epsilon(1e-6));
     CHECK(blocks[0].left[0] == doctest::Approx(9.0));
 
+    // The reference's schedule: start step 15, frequency 10 -> roots at 15, 20, 30 (not 10),
+    // Shampoo's direction from 15; a start step before the first refresh is refused.
+    ShampooConfig sched;
+    sched.start_preconditioning_step = 15;
+    CHECK_FALSE(sched.refreshes_roots(10));
+    CHECK(sched.refreshes_roots(15));
+    CHECK(sched.refreshes_roots(20));
+    CHECK_FALSE(sched.refreshes_roots(25));
+    CHECK_FALSE(sched.preconditions(14));
+    CHECK(sched.preconditions(15));
+    sched.start_preconditioning_step = 5;
+    CHECK_THROWS_WITH_AS(sched.validate(), doctest::Contains("--shampoo-start-step"), Error);
+
+    // Decay goes through momentum, as the reference orders it (weight decay into the direction,
+    // then ClassicMomentum). Zero gradients leave only the decay: D_t = wd W_(t-1),
+    // K_t = mu K_(t-1) + D_t, W_t = W_(t-1) - lr K_t; so W_1 = W_0 (1 - lr wd) and
+    // W_2 = W_1 - lr (mu wd W_0 + wd W_1).
+    ShampooConfig mc;
+    mc.momentum = 0.5;
+    const double lr = 0.1, wd = 0.2;
+    float w = 2.0f, zero = 0.0f;
+    std::vector<ShampooBlockState> momentum_block(1);
+    momentum_block[0].init({0, 0, 1, 1}, mc);
+    shampoo_update_cpu(&w, &zero, momentum_block, 1, 1, lr, wd, 1, mc);
+    const double w1 = 2.0 * (1 - lr * wd);
+    CHECK(w == doctest::Approx(w1).epsilon(1e-6));
+    shampoo_update_cpu(&w, &zero, momentum_block, 1, 1, lr, wd, 2, mc);
+    CHECK(w == doctest::Approx(w1 - lr * (mc.momentum * wd * 2.0 + wd * w1)).epsilon(1e-6));
+
     // Quadratic f(W) = 1/2 tr((W - W*)^T H_L (W - W*) H_R) with Hessian H_R (x) H_L of condition
     // number 1e4: G = H_L (W - W*) H_R. Shampoo (no grafting, beta2 = 1, roots every step)
     // reaches a loss far below what gradient descent at its largest stable step reaches.

@@ -6,15 +6,19 @@ are written to a safetensors file; `optim_replay` applies the steps (CPU referen
 GPU where --device cuda and qopt has it); the reference implementation, imported from
 --refs (a folder holding the references' own files: muon.py from KellerJordan/Muon,
 scion.py from LIONS-EPFL/scion, soap.py from nikhilvyas/SOAP, kron.py from
-evanatyourservice/kron_torch; they are not part of qopt), applies the same steps in PyTorch.
+evanatyourservice/kron_torch, and the package folder distributed_shampoo/ from
+facebookresearch/optimizers; they are not part of qopt), applies the same steps in PyTorch.
 The verdict compares each tensor's total change ||dW_qopt - dW_ref|| / ||dW_ref||.
+
+Shampoo runs twice: "shampoo" (Adam grafting, uneven blocks of 40, roots every 4 steps,
+decoupled weight decay) and "shampoo_momentum" (no grafting, EMA factors, Nesterov momentum
+through which the weight decay passes, start step 6: roots at 6, 8, 12).
 
 Matching choices: weight decay 0 unless the reference's default is used on both sides;
 PSGD's random probes are qopt's counter-based normals (computed here, bit-compatible in
 their inputs) fed to the reference through torch.randn_like, and the reference's rare
-norm rebalancing is switched off on both sides (--psgd-balance-prob 0). Distributed Shampoo
-is a package, not a file: pass its folder as --refs/distributed_shampoo to include it
-(not done here). Needs torch (the GPU machine has it).
+norm rebalancing is switched off on both sides (--psgd-balance-prob 0). Needs torch (the
+GPU machine has it); Distributed Shampoo needs Python >= 3.12.
 """
 import argparse
 import json
@@ -98,6 +102,22 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     elif name == "soap":
         import soap
         opt = soap.SOAP(params, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+    elif name.startswith("shampoo"):
+        import distributed_shampoo as ds
+        from distributed_shampoo.shampoo_types import ClassicMomentumConfig
+        common = dict(lr=1e-3, epsilon=1e-12, max_preconditioner_dim=40, precondition_frequency=4,
+                      preconditioner_config=ds.RootInvShampooPreconditionerConfig(
+                          factor_matrix_dtype=dtype, inv_factor_matrix_dtype=dtype))
+        if name == "shampoo":
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=0.01,
+                                        grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+                                        **common)
+        else:
+            opt = ds.DistributedShampoo(params, betas=(0.9, 0.99), weight_decay=0.1, start_preconditioning_step=6,
+                                        grafting_config=None,
+                                        iterate_averaging_config=ClassicMomentumConfig(momentum=0.5,
+                                                                                       use_nesterov=True),
+                                        **common)
     elif name == "psgd":
         import kron
         opt = kron.Kron(params, lr=3e-4, b1=0.9, weight_decay=0.0)
@@ -122,17 +142,26 @@ QOPT_FLAGS = {
     "scion": ["--weight-decay", "0"],
     "soap": ["--weight-decay", "0.01"],
     "psgd": ["--weight-decay", "0", "--psgd-balance-prob", "0"],
+    "shampoo": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4"],
+    "shampoo_momentum": ["--weight-decay", "0.1", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
+                         "4", "--shampoo-start-step", "6", "--shampoo-grafting", "none", "--shampoo-beta2", "0.99",
+                         "--shampoo-momentum", "0.5", "--shampoo-nesterov", "true"],
 }
-TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3}
+TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3, "shampoo": 2e-3,
+             "shampoo_momentum": 2e-3}
+# A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
+QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--refs", required=True, help="folder with muon.py, scion.py, soap.py, kron.py")
+    ap.add_argument("--refs", required=True,
+                    help="folder with muon.py, scion.py, soap.py, kron.py and distributed_shampoo/")
     ap.add_argument("--replay", default="build/bin/optim_replay")
-    ap.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "scion", "soap", "psgd"])
+    ap.add_argument("--optimizers", nargs="+", choices=list(QOPT_FLAGS), default=list(QOPT_FLAGS))
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda to also replay qopt's GPU step")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu, or cuda to also replay qopt's GPU step")
     ap.add_argument("--work", default="/tmp/qopt_compare")
     ap.add_argument("--json", default="", help="write the verdicts here")
     args = ap.parse_args()
@@ -153,11 +182,11 @@ def main():
         ref64 = reference_run(name, start, tensors, args.refs, args.steps, torch.float64)
         spread = {s: float(((ref64[s] - start[s]) - (ref[s] - start[s])).norm() / (ref[s] - start[s]).norm())
                   for s in SHAPES}
-        devices = ["cpu"] + (["cuda"] if args.device == "cuda" and name in ("adamw", "muon", "scion") else [])
+        devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
         for device in devices:
             out_path = os.path.join(args.work, f"{name}_{device}.safetensors")
-            cmd = [args.replay, "--in", in_path, "--out", out_path, "--optimizer", name, "--device", device,
-                   "--steps", str(args.steps)] + QOPT_FLAGS[name]
+            cmd = [args.replay, "--in", in_path, "--out", out_path, "--optimizer", QOPT_OPTIMIZER[name],
+                   "--device", device, "--steps", str(args.steps)] + QOPT_FLAGS[name]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             ours = read_safetensors(out_path)
             errors = {}
@@ -169,7 +198,7 @@ def main():
             verdict = "agrees" if all(verdicts.values()) else "DIFFERS"
             results.append({"optimizer": name, "qopt_device": device, "steps": args.steps, "relative_error": errors,
                             "reference_fp32_vs_fp64": spread, "tolerance": TOLERANCE[name], "verdict": verdict})
-            print(f"{name:6s} qopt {device:4s} vs reference, {args.steps} steps: " +
+            print(f"{name:16s} qopt {device:4s} vs reference, {args.steps} steps: " +
                   ", ".join(f"{s} {errors[s]:.2e} (ref fp32/fp64 {spread[s]:.1e})" for s in SHAPES) +
                   f"  -> {verdict} (tolerance {TOLERANCE[name]:g})")
     if args.json:
