@@ -129,17 +129,21 @@ TEST_CASE("the train binary survives kills at random moments: no damaged checkpo
     INFO("kill-time seed " << seed);
     std::string output;
     const int rc = run_command("python3 tools/soak.py --bin-dir " + bin_dir() + " --out-dir " + (dir / "soak") +
-                                   " --kills 12 --min-delay 0.05 --max-delay 0.7 --sigterm-every 4 --seed " +
+                                   " --kills 12 --min-delay 0.02 --max-delay 0.075 --relative-delays"
+                                   " --sigterm-every 4 --seed " +
                                    std::to_string(seed % 100000) + " --report " + (dir / "report.json") +
                                    " -- --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 --device cpu --threads 1 "
-                                   "--steps 240 --checkpoint-every 4 --keep-checkpoints 2 -b 4 -t 32 --val-batches 2 "
+                                   "--steps 1000 --checkpoint-every 4 --keep-checkpoints 2 -b 4 -t 32 --val-batches 2 "
                                    "--train-data " + (dir / "train.bin") + " --val-data " + (dir / "val.bin"),
                                output);
     INFO(output);
     CHECK(rc == 0);
     const Json report = Json::parse(read_file(dir / "report.json"));
     MESSAGE("soak (CPU): " << report.dump());
-    CHECK(report.at("kills").as_int() >= 6);  // up to 12: the run may finish before the last ones
+    // Each life lasts 2-7.5% of the uninterrupted run (12 lives: 57% on average), so the run
+    // finishes before the 8th kill only if the soak trains over twice as fast as the reference
+    // did. (Delays in seconds made the count depend on the machine: CI once saw 4 kills.)
+    CHECK(report.at("kills").as_int() >= 8);
     CHECK(report.at("identical_loss_curve").as_bool());
     CHECK(report.at("max_steps_lost").as_int() <= 4);
 }

@@ -10,7 +10,8 @@ non-zero unless all hold:
 Most kills are SIGKILL (nothing runs after it); one in --sigterm-every is SIGTERM (the run
 finishes its step, checkpoints and exits). Standard library only.
 
-Usage: tools/soak.py --out-dir DIR [--kills N] [--min-delay S] [--max-delay S] -- TRAIN FLAGS...
+Usage: tools/soak.py --out-dir DIR [--kills N] [--min-delay S] [--max-delay S] [--relative-delays]
+                     -- TRAIN FLAGS...
 (the flags after -- are passed to every `train`; give --steps and --checkpoint-every there.)
 """
 import argparse
@@ -32,6 +33,9 @@ def parse_args():
     p.add_argument("--kills", type=int, default=20, help="kills to deliver before letting the run finish")
     p.add_argument("--min-delay", type=float, default=0.5, help="seconds a process runs before its kill, at least")
     p.add_argument("--max-delay", type=float, default=5.0, help="... and at most")
+    p.add_argument("--relative-delays", action="store_true",
+                   help="the delays are fractions of the uninterrupted run's seconds: with kills x max-delay < 1 "
+                        "the run cannot finish before every kill is delivered, on a fast machine or a slow one")
     p.add_argument("--sigterm-every", type=int, default=5, help="every Nth kill is SIGTERM (0: never)")
     p.add_argument("--seed", type=int, default=1, help="seeds the kill times")
     p.add_argument("--report", help="also write the summary as JSON here")
@@ -87,6 +91,7 @@ def main():
         if subprocess.call(train_command(args, reference_dir, False), stdout=log, stderr=subprocess.STDOUT) != 0:
             raise SystemExit(f"soak: the uninterrupted run failed; see {logs}/reference.log")
     reference_seconds = time.time() - start
+    delay_unit = reference_seconds if args.relative_delays else 1.0
 
     problems, kills, sigterms, max_lost, attempt = [], 0, 0, 0, 0
     last_step_before_kill = None
@@ -98,7 +103,7 @@ def main():
             killed_with = None
             if kills < args.kills:
                 try:
-                    process.wait(timeout=rng.uniform(args.min_delay, args.max_delay))
+                    process.wait(timeout=delay_unit * rng.uniform(args.min_delay, args.max_delay))
                 except subprocess.TimeoutExpired:
                     use_term = args.sigterm_every > 0 and (kills + 1) % args.sigterm_every == 0
                     killed_with = signal.SIGTERM if use_term else signal.SIGKILL
