@@ -183,6 +183,12 @@ void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].
 void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch);
+// out [n, cols] = op(u) b for upper-triangular u [n, n] (only its upper triangle is read; op(u) =
+// u^T when transpose_u), b [n, cols]; out must not overlap u or b. Full fp32, one cublasStrmm per
+// matrix (cuBLAS has no batched trmm): half the multiply-adds of a GEMM (CPU reference: matmul
+// of the upper triangle).
+void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
+                                          int cols, int batch);
 // GPTQ's factor: symmetric positive definite h [n, n] (float64, row-major) is overwritten so
 // that its upper triangle holds U with U^T U = h^-1 (the lower triangle is left undefined), as
 // upper_cholesky_of_inverse in quant/gptq.hpp. Throws when h is not positive definite.

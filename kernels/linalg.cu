@@ -206,6 +206,19 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
                                   cols, n, &one, us, n, xs, cols, batch));
 }
 
+void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
+                                          int cols, int batch) {
+    // Row-major Y = op(U) B  <=>  column-major Y^T = B^T op(U)^T, where the column-major view of U
+    // is U^T (lower triangular): op(U)^T is U^T (no transpose) or U (transpose).
+    const float one = 1.0f;
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
+    for (int t = 0; t < batch; ++t)
+        BLAS_CHECK(cublasStrmm(blas(), CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER,
+                               transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, cols, n, &one,
+                               u + t * u_size, n, b + t * b_size, cols, out + t * b_size, cols));
+}
+
 void upper_cholesky_of_inverse_gpu(double* h, int n) {
     // Column-major, LOWER throughout: potrf gives h = L L^T; potri overwrites the lower triangle
     // with h^-1; potrf of that gives h^-1 = L2 L2^T. The row-major view of column-major L2 is

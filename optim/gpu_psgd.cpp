@@ -1,11 +1,13 @@
 // PSGD-Kron on the GPU: the CPU reference's step (optim/psgd.hpp) over groups of same-shape
 // matrices, with the schedule's decisions shared by all (as the reference). Per step and
 // group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2
-// (2 batched GEMMs; the products Q^T Q are kept until the factors change), its RMS clip (per-matrix sums of squares) and the apply pass. On the
-// steps the schedule picks, the factor update: the probe V (the same counter-based normal
-// numbers as the CPU), A = Q1 D Q2^T (2 GEMMs), B = Q1^-T V Q2^-1 (2 batched triangular
-// solves), the four Gram matrices (4 GEMMs), the spectral-norm lower bound (one block per
-// matrix) and Q -= triu(.) Q (2 GEMMs).
+// (2 batched GEMMs; the products Q^T Q are kept until the factors change, and are triangular
+// products like the factor update's below), its RMS clip (per-matrix sums of squares) and the
+// apply pass. On the steps the schedule picks, the factor update: the probe V (the same
+// counter-based normal numbers as the CPU), A = Q1 D Q2^T (2 GEMMs), B = Q1^-T V Q2^-1 (2
+// batched triangular solves), the four Gram matrices (4 GEMMs), the spectral-norm lower bound
+// (one block per matrix) and Q <- (I - triu(.)) Q (2 products: trmm for factors of 1024 and
+// more, GEMM below).
 #include <cmath>
 
 #include "core/error.hpp"
@@ -70,8 +72,8 @@ public:
             if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
             // P1 = Q1^T Q1 and P2 = Q2^T Q2 change only with the factors (kept between updates).
             if (decision.update || decision.balance || !s.products_current) {
-                gemm_(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), false, m, m, m, count);
-                gemm_(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), false, n, n, n, count);
+                upper_product(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), m, m, count);
+                upper_product(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), n, n, count);
                 s.products_current = true;
             }
             // U = P1 D P2 -> work_a.
@@ -149,17 +151,27 @@ private:
         update_factor(s.q_right, n, count);
     }
 
-    // With t1 in factor_a, t2 in factor_b: q = q - triu(t1 - t2) lr_p / lb(t1 + t2) q, taken only
-    // where it came out finite.
+    // With t1 in factor_a, t2 in factor_b: q = (I - triu(t1 - t2) lr_p / lb(t1 + t2)) q, taken
+    // only where it came out finite.
     void update_factor(DeviceBuffer<float>& q, int n, int count) {
         float* bound = scalars_.data() + 3 * size_t(count);
         psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
-        psgd_triu_step_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
-                           float(config_.precond_lr));
-        const size_t bytes = size_t(n) * n * count * sizeof(float);
-        CUDA_CHECK(cudaMemcpy(factor_a_.data(), q.data(), bytes, cudaMemcpyDeviceToDevice));
-        gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count, -1.0f, 1.0f);
+        psgd_factor_multiplier_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
+                                   float(config_.precond_lr));
+        upper_product(factor_a_.data(), factor_c_.data(), false, q.data(), n, n, count);
         commit_tiles(q.data(), factor_a_.data(), n, count);
+    }
+
+    // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers): cuBLAS's
+    // trmm, half a GEMM's multiply-adds, for factors of at least kTriangularProductMin (one call
+    // per matrix; the 3072-wide factors' n^3 products are most of an update's FLOPs); one batched
+    // GEMM for smaller factors and in TF32 (trmm has no TF32 path).
+    static constexpr int kTriangularProductMin = 1024;
+    void upper_product(float* out, const float* u, bool transpose_u, const float* b, int n, int cols, int count) {
+        if (!gemm_.tf32 && n >= kTriangularProductMin)
+            upper_triangular_product_batched_gpu(out, u, transpose_u, b, n, cols, count);
+        else
+            gemm_(out, u, transpose_u, b, false, n, cols, n, count);
     }
 
     PsgdConfig config_;

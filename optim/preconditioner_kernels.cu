@@ -310,14 +310,15 @@ __global__ void finish_bound_kernel(float* bound, const float* row_sq, const flo
     if (threadIdx.x == 0) bound[t] = norm > 0 ? float(sqrt(rows) / sqrt(norm)) : 0.0f;
 }
 
-__global__ void psgd_triu_step_kernel(float* step, const float* t1, const float* t2, const float* bound, int n,
-                                      float precond_lr) {
+__global__ void psgd_factor_multiplier_kernel(float* multiplier, const float* t1, const float* t2, const float* bound,
+                                              int n, float precond_lr) {
     const int t = blockIdx.y;
     const int64_t size = int64_t(n) * n;
     const float factor = precond_lr / fmaxf(bound[t], FLT_MIN);
     GRID_STRIDE(i, size) {
         const int r = int(i / n), c = int(i % n);
-        step[t * size + i] = c >= r ? (t1[t * size + i] - t2[t * size + i]) * factor : 0.0f;
+        const float step = c >= r ? (t1[t * size + i] - t2[t * size + i]) * factor : 0.0f;
+        multiplier[t * size + i] = (r == c ? 1.0f : 0.0f) - step;
     }
 }
 
@@ -469,9 +470,10 @@ void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, f
     CUDA_CHECK_LAUNCH();
 }
 
-void psgd_triu_step_gpu(float* step, const float* t1, const float* t2, const float* bound, int n, int count,
-                        float precond_lr) {
-    psgd_triu_step_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(step, t1, t2, bound, n, precond_lr);
+void psgd_factor_multiplier_gpu(float* multiplier, const float* t1, const float* t2, const float* bound, int n,
+                                int count, float precond_lr) {
+    psgd_factor_multiplier_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(multiplier, t1, t2, bound, n,
+                                                                                       precond_lr);
     CUDA_CHECK_LAUNCH();
 }
 

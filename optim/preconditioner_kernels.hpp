@@ -79,9 +79,10 @@ void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, cons
                       int64_t left_n, int64_t right_n);
 // bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work: 3 * count * n floats.
 void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count);
-// step[t] = triu(t1[t] - t2[t]) * precond_lr / max(bound[t], tiny)  (then Q -= step Q by GEMM)
-void psgd_triu_step_gpu(float* step, const float* t1, const float* t2, const float* bound, int n, int count,
-                        float precond_lr);
+// multiplier[t] = I - triu(t1[t] - t2[t]) * precond_lr / max(bound[t], tiny), upper triangular
+// (then Q <- multiplier Q, i.e. Q -= triu(.) Q, as one product)
+void psgd_factor_multiplier_gpu(float* multiplier, const float* t1, const float* t2, const float* bound, int n,
+                                int count, float precond_lr);
 // scale[t] = min(1, 1.1 / (sqrt(sum_sq[t] / n) + 1e-12))  (PSGD's update RMS clip)
 void psgd_clip_scale_gpu(float* scale, const float* sum_sq, int count, int64_t n);
 // scale[t] = 1 / (1e-30 + sqrt(sum_sq[t] / n))  (SOAP's normalize_grads)

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <functional>
 #include <sstream>
+#include <tuple>
 
 #include "gpu_helpers.hpp"
 #include "train_helpers.hpp"
@@ -245,6 +246,36 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
     }
 }
 
+TEST_CASE("GPU PSGD with factors of 1024 and more (their products by trmm) matches the CPU reference") {
+    REQUIRE_GPU();
+    // A tall and a wide matrix: 1024-wide left and right factors take the trmm path
+    // (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the batched GEMM.
+    ParamLayout layout;
+    for (const auto& [name, rows, cols] : {std::tuple{"tall", 1024, 40}, std::tuple{"wide", 40, 1024}}) {
+        ParamTensor t;
+        t.name = name;
+        t.shape = {rows, cols};
+        t.numel = size_t(rows) * cols;
+        t.offset = layout.total;
+        layout.total += t.numel;
+        layout.tensors.push_back(t);
+    }
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Psgd;
+    const SideBySide r = run_side_by_side(layout, c, 0, 3, seed);
+    const double error = relative_error(r.gpu_change, r.cpu_change);
+    MESSAGE("psgd, 1024-wide factors: relative difference of the weight changes " << error);
+    CHECK(error < 2e-3);
+    for (const auto& t : r.cpu_state.tensors) {
+        CAPTURE(t.name);
+        const StateTensor* g = r.gpu_state.find(t.name);
+        REQUIRE(g != nullptr);
+        CHECK(relative_error(g->values, t.values) < 2e-3);
+    }
+}
+
 TEST_CASE("GPU Shampoo, SOAP and PSGD with --precond-tf32 stay within TF32 rounding of the CPU references") {
     REQUIRE_GPU();
     const ParamLayout layout = ParamLayout::build(small_gpt2());
@@ -293,7 +324,7 @@ double max_abs(const Dense& a) {
 
 }  // namespace
 
-TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR, triangular solves") {
+TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR, triangular solves and products") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
@@ -363,6 +394,25 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
         }
         auto d_right = uploaded(xt_host);
         solve_upper_right_batched_gpu(d_right.data(), d_u.data(), 4, n, batch);  // x^T u^-1
+        // Products with the upper triangle of u (its lower triangle filled with noise, which must
+        // not be read): u b and u^T b, b [n, 4].
+        std::vector<float> noisy_u = u_host;
+        for (int b = 0; b < batch; ++b)
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < i; ++j) noisy_u[size_t(b) * n * n + size_t(i) * n + j] = 7.0f;
+        auto d_noisy_u = uploaded(noisy_u), d_x = uploaded(x_host);
+        auto d_product = poisoned<float>(x_host.size()), d_product_t = poisoned<float>(x_host.size());
+        upper_triangular_product_batched_gpu(d_product.data(), d_noisy_u.data(), false, d_x.data(), n, 4, batch);
+        upper_triangular_product_batched_gpu(d_product_t.data(), d_noisy_u.data(), true, d_x.data(), n, 4, batch);
+        const std::vector<float> product = d_product.download(), product_t = d_product_t.download();
+        for (int b = 0; b < batch; ++b) {
+            const size_t at = size_t(b) * 4 * n;
+            const Dense& u = us[size_t(b)];
+            CHECK(relative_error(std::vector<float>(product.begin() + long(at), product.begin() + long(at + 4 * n)),
+                                 matmul(u, xs[size_t(b)]).values) < 1e-5);
+            CHECK(relative_error(std::vector<float>(product_t.begin() + long(at), product_t.begin() + long(at + 4 * n)),
+                                 matmul(u, xs[size_t(b)], true, false).values) < 1e-5);
+        }
         const std::vector<float> left = d_left.download(), right = d_right.download();
         for (int b = 0; b < batch; ++b) {
             const Dense expected_right = solve_upper_right(xs[size_t(b)].transposed(), us[size_t(b)]);  // [4, n]
