@@ -18,7 +18,7 @@ Matching choices: weight decay 0 unless the reference's default is used on both 
 PSGD's random probes are qopt's counter-based normals (computed here, bit-compatible in
 their inputs) fed to the reference through torch.randn_like, and the reference's rare
 norm rebalancing is switched off on both sides (--psgd-balance-prob 0). Needs torch (the
-GPU machine has it); Distributed Shampoo needs Python >= 3.12.
+GPU machine has it); Distributed Shampoo needs Python >= 3.10 (ran on 3.12).
 """
 import argparse
 import json
