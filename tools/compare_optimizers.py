@@ -3,7 +3,7 @@
 
 For each optimizer: random matrices (square, tall, wide) and a sequence of random gradients
 are written to a safetensors file; `optim_replay` applies the steps (CPU reference, and the
-GPU where --device cuda and qopt has it); the reference implementation, imported from
+GPU too with --device cuda); the reference implementation, imported from
 --refs (a folder holding the references' own files: muon.py from KellerJordan/Muon,
 scion.py from LIONS-EPFL/scion, soap.py from nikhilvyas/SOAP, kron.py from
 evanatyourservice/kron_torch, and the package folder distributed_shampoo/ from

@@ -31,7 +31,8 @@ def parse_args():
     p.add_argument("--bin-dir", default="build/bin")
     p.add_argument("--out-dir", required=True, help="reference/ and soak/ runs go here (emptied first)")
     p.add_argument("--kills", type=int, default=20, help="kills to deliver before letting the run finish")
-    p.add_argument("--min-delay", type=float, default=0.5, help="seconds a process runs before its kill, at least")
+    p.add_argument("--min-delay", type=float, default=0.5, help="seconds (or, with --relative-delays, fractions of the uninterrupted run) a process runs "
+                        "before its kill, at least")
     p.add_argument("--max-delay", type=float, default=5.0, help="... and at most")
     p.add_argument("--relative-delays", action="store_true",
                    help="the delays are fractions of the uninterrupted run's seconds: with kills x max-delay < 1 "
