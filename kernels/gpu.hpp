@@ -179,6 +179,15 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
 void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
+// The same Q by Cholesky QR in float64 (shifted CholeskyQR3 on the unit-length columns: batched
+// GEMMs, Cholesky factorizations and triangular solves, not latency-bound like Householder's
+// one-matrix-at-a-time calls); its columns' signs make R's diagonal positive. A matrix whose
+// Gram matrix is singular (a zero or dependent column) falls back to Householder; returns how
+// many did. scratch: batch * n * n floats (the fallback's).
+int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
+// The Q factor of a = Q R for the optimizers: Cholesky QR up to 2048^2, Householder above (where
+// the two take the same time; measured in kernels/linalg.cu). Column signs are unspecified.
+void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
 // x [rows, n] <- x u^-1 for upper-triangular u [n, n] (as solve_upper_right).
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].

@@ -1,7 +1,8 @@
 // Dense linear algebra on the GPU for the preconditioned optimizers (Shampoo, SOAP, PSGD) and
 // GPTQ. For the optimizers, over batches of row-major fp32 matrices: the symmetric
-// eigendecomposition (cuSOLVER's batched syev), the Q factor of a Householder QR (cuSOLVER
-// geqrf + orgqr, one matrix per worker stream) and triangular solves (cuBLAS batched trsm);
+// eigendecomposition (cuSOLVER's batched syev), the Q factor of a QR (Cholesky QR in float64:
+// batched GEMMs, Cholesky factorizations and triangular solves; or Householder, cuSOLVER geqrf
+// + orgqr, one matrix per worker stream) and triangular solves (cuBLAS batched trsm);
 // CPU references in optim/dense.hpp (symmetric_eigen, householder_q, solve_upper_right),
 // checked against these in tests/test_gpu_optimizers.cpp. For GPTQ: the Cholesky factor of the
 // inverse Hessian (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block
@@ -18,7 +19,8 @@
 // take 57, 61 and 156 ms: `bench --linalg`), so callers batch all matrices of one size into one
 // call; independent batched calls on separate streams did not overlap (measured: no gain). geqrf + orgqr take 3.1 ms (768)
 // and 4.5 ms (1024) one at a time, latency bound: on 4 worker streams 1.4 / 2.0 ms each
-// (8.8 ms for 3072; more streams do not help).
+// (8.8 ms for 3072; more streams do not help). So up to 2048^2 the QR is a Cholesky QR over the
+// whole batch, which is work-bound (see kCholeskyQrMax).
 #include <cublas_v2.h>
 #include <cusolverDn.h>
 
@@ -127,11 +129,12 @@ __global__ void reverse_values_kernel(float* out, const float* in, int n, int ba
 }
 
 // Device array of pointers base + i * stride (cuBLAS's batched calls take pointer arrays).
-float** pointer_array(Scratch& storage, float* base, int64_t stride, int batch) {
-    std::vector<float*> host(static_cast<size_t>(batch), nullptr);
+template <class T>
+T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
+    std::vector<T*> host(static_cast<size_t>(batch), nullptr);
     for (int i = 0; i < batch; ++i) host[size_t(i)] = base + i * stride;
-    float** device = static_cast<float**>(storage.at_least(host.size() * sizeof(float*)));
-    CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(float*), cudaMemcpyHostToDevice));
+    T** device = static_cast<T**>(storage.at_least(host.size() * sizeof(T*)));
+    CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T*), cudaMemcpyHostToDevice));
     return device;
 }
 
@@ -159,13 +162,18 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
     CUDA_CHECK_LAUNCH();
 }
 
-void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
+namespace {
+
+// Householder Q of the batch's matrices listed in `which` (q, a and scratch hold batch slices of
+// n * n floats; only the listed ones are touched), the matrices taken in turn by the worker
+// streams.
+void householder_q_selected(float* q, const float* a, int n, const std::vector<int>& which, float* scratch) {
     const size_t matrix = size_t(n) * n;
-    transpose_square(scratch, a, n, batch, false, 0);  // column-major copies
+    for (int b : which) transpose_square(scratch + b * matrix, a + b * matrix, n, 1, false, 0);  // column-major
     std::vector<SolverWorker>& pool = workers();
-    for (int b = 0; b < batch; ++b) {
-        SolverWorker& w = pool[size_t(b) % pool.size()];
-        float* m = scratch + size_t(b) * matrix;
+    for (size_t k = 0; k < which.size(); ++k) {
+        SolverWorker& w = pool[k % pool.size()];
+        float* m = scratch + size_t(which[k]) * matrix;
         float* tau = static_cast<float*>(w.tau.at_least(size_t(n) * sizeof(float)));
         int* info = static_cast<int*>(w.info.at_least(sizeof(int)));
         size_t device_bytes = 0, host_bytes = 0;
@@ -180,8 +188,116 @@ void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float
                                       device_bytes, w.host_work.data(), host_bytes, info));
         SOLVER_CHECK(cusolverDnSorgqr(w.handle, n, n, n, m, n, tau, static_cast<float*>(work), orgqr_floats, info));
     }
-    // Blocking worker streams: this default-stream launch waits for all of them.
-    transpose_square(q, scratch, n, batch, false, 0);
+    // Blocking worker streams: these default-stream launches wait for all of them.
+    for (int b : which) transpose_square(q + b * matrix, scratch + b * matrix, n, 1, false, 0);
+}
+
+}  // namespace
+
+void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
+    std::vector<int> all(static_cast<size_t>(batch));
+    for (int b = 0; b < batch; ++b) all[size_t(b)] = b;
+    householder_q_selected(q, a, n, all, scratch);
+}
+
+namespace {
+
+// out (float64) = row-major in [n, n] with every column scaled to unit length (a zero column stays
+// zero). A QR's Q does not change when a column is scaled by a positive factor (A D = Q (R D)),
+// and the scaling brings the columns of a power-iteration product L Q, whose lengths follow L's
+// eigenvalues over many decades, to one size: the condition number the Cholesky QR sees drops
+// to that of the directions alone.
+__global__ void unit_columns_to_double_kernel(double* out, const float* in, int n) {
+    const int column = blockIdx.x * blockDim.x + threadIdx.x;
+    if (column >= n) return;
+    const size_t base = size_t(blockIdx.y) * n * n;
+    double sum_squares = 0;
+    for (int r = 0; r < n; ++r) {
+        const double x = in[base + size_t(r) * n + column];
+        sum_squares += x * x;
+    }
+    const double inverse_length = sum_squares > 0 ? 1.0 / sqrt(sum_squares) : 0.0;
+    for (int r = 0; r < n; ++r) out[base + size_t(r) * n + column] = in[base + size_t(r) * n + column] * inverse_length;
+}
+
+__global__ void add_to_diagonal_kernel(double* w, int n, double shift) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) w[size_t(blockIdx.y) * n * n + size_t(i) * n + i] += shift;
+}
+
+__global__ void double_to_float_kernel(float* out, const double* in, size_t count) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x)
+        out[i] = float(in[i]);
+}
+
+// Square matrices up to this size take the Cholesky QR. Measured on an H200, 2026-12-03,
+// `bench --linalg` (Gaussian inputs, batch of 48; 24 from 2048): ms per matrix, Cholesky QR
+// against Householder on four streams, 768^2 0.29 / 1.35, 1024^2 0.55 / 1.99, 2048^2 3.39 /
+// 4.00, 3072^2 10.2 / 7.6 (there the float64 products, factorizations and solves, ~10 n^3
+// flops, cost more than the latency Householder loses).
+constexpr int kCholeskyQrMax = 2048;
+
+}  // namespace
+
+int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
+    // Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020) in float64 on
+    // the unit-column copy X of a: three times W = X^T X, W = L L^T (Cholesky), X <- X L^-T.
+    // The first pass adds s = 11 (n^2 + n (n + 1)) u ||X||_F^2 to W's diagonal so that the
+    // Cholesky factorization exists for any condition number up to ~1/u (u = 2^-53; ||X||_F^2
+    // <= n for unit columns); its X is then well enough conditioned for two plain passes to
+    // make it orthonormal to rounding. Row-major X is column-major X^T =: Y, so in cuBLAS's
+    // terms W = Y Y^T, and X L^-T is Y <- L^-1 Y.
+    static Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage;
+    const size_t matrix = size_t(n) * n;
+    double* x = static_cast<double*>(x_storage.at_least(matrix * batch * sizeof(double)));
+    double* w = static_cast<double*>(w_storage.at_least(matrix * batch * sizeof(double)));
+    double** xs = pointer_array(x_pointers, x, int64_t(matrix), batch);
+    double** ws = pointer_array(w_pointers, w, int64_t(matrix), batch);
+    constexpr int kPasses = 3;
+    int* infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * batch * sizeof(int)));
+    unit_columns_to_double_kernel<<<dim3((n + 127) / 128, batch), 128>>>(x, a, n);
+    CUDA_CHECK_LAUNCH();
+    SolverWorker& worker = workers()[0];
+    SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const double one = 1.0, zero = 0.0;
+    const double unit_roundoff = 0x1p-53;
+    for (int pass = 0; pass < kPasses; ++pass) {
+        BLAS_CHECK(cublasDgemmStridedBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, x, n, int64_t(matrix),
+                                             x, n, int64_t(matrix), &zero, w, n, int64_t(matrix), batch));
+        if (pass == 0) {
+            const double shift = 11.0 * (double(n) * n + double(n) * (n + 1)) * unit_roundoff * n;
+            add_to_diagonal_kernel<<<dim3((n + 255) / 256, batch), 256>>>(w, n, shift);
+            CUDA_CHECK_LAUNCH();
+        }
+        SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos + pass * batch,
+                                             batch));
+        BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
+                                      CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, batch));
+    }
+    SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
+    double_to_float_kernel<<<grid_for(matrix * batch), 256>>>(q, x, matrix * batch);
+    CUDA_CHECK_LAUNCH();
+    // A Cholesky factorization that broke down (a zero or dependent column: the Gram matrix
+    // is singular) leaves that matrix to Householder's QR, which completes any basis.
+    std::vector<int> host_infos(size_t(kPasses) * batch);
+    CUDA_CHECK(cudaMemcpy(host_infos.data(), infos, host_infos.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    std::vector<int> broke_down;
+    for (int b = 0; b < batch; ++b)
+        for (int pass = 0; pass < kPasses; ++pass)
+            if (host_infos[size_t(pass) * batch + b] != 0) {
+                broke_down.push_back(b);
+                break;
+            }
+    if (!broke_down.empty()) householder_q_selected(q, a, n, broke_down, scratch);
+    return int(broke_down.size());
+}
+
+void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
+    if (n <= kCholeskyQrMax)
+        cholesky_q_batched_gpu(q, a, n, batch, scratch);
+    else
+        householder_q_batched_gpu(q, a, n, batch, scratch);
 }
 
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch) {

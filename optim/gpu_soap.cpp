@@ -4,7 +4,11 @@
 // the weight update (one pass). Every precondition_frequency updates: M back to parameter
 // space and into the new bases (4 GEMMs), and per factor one power-iteration step L Q (a GEMM),
 // the eigenvalue estimates diag(Q^T L Q) (sorted on the host, as the reference sorts them) and
-// a Householder QR. The first call takes full eigendecompositions (cuSOLVER, batched).
+// a QR (Cholesky QR in float64 for factors up to 2048, batched; Householder above: the
+// reference's torch.linalg.qr is Householder, and the two Q differ only in their columns'
+// signs, to which SOAP's update is blind: the first moment goes through parameter space at
+// every refresh and the second is a square). The first call takes full eigendecompositions
+// (cuSOLVER, batched).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -165,7 +169,7 @@ private:
         }
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
-        householder_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());
+        qr_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());
         commit_tiles(basis, candidate_.data(), n, count, accepted_.data());
         identity_order_where_rejected_gpu(order, accepted_.data(), n, count);
     }

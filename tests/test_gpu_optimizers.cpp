@@ -322,6 +322,41 @@ double max_abs(const Dense& a) {
     return m;
 }
 
+// A QR's Q is unique up to its columns' signs: the largest |gpu - cpu| over the first `columns`
+// columns once each GPU column takes the sign of the CPU one (decided at the CPU column's
+// largest entry).
+double max_difference_up_to_column_signs(const Dense& gpu_q, const Dense& cpu_q, int columns) {
+    double largest = 0;
+    for (int c = 0; c < columns; ++c) {
+        int anchor = 0;
+        for (int r = 1; r < cpu_q.rows; ++r)
+            if (std::abs(cpu_q(r, c)) > std::abs(cpu_q(anchor, c))) anchor = r;
+        const double sign = gpu_q(anchor, c) * cpu_q(anchor, c) < 0 ? -1.0 : 1.0;
+        for (int r = 0; r < cpu_q.rows; ++r) largest = std::max(largest, std::abs(gpu_q(r, c) - sign * cpu_q(r, c)));
+    }
+    return largest;
+}
+
+// How far q [n, n] is from a QR's Q of a: max |Q^T Q - I| and the largest entry below the
+// diagonal of R = Q^T a relative to its column's length.
+struct QrDefects {
+    double orthogonality = 0, triangularity = 0;
+};
+QrDefects qr_defects(const Dense& q, const Dense& a) {
+    QrDefects d;
+    const Dense gram = matmul(q, q, true, false), r = matmul(q, a, true, false);
+    for (int i = 0; i < q.cols; ++i)
+        for (int j = 0; j < q.cols; ++j) d.orthogonality = std::max(d.orthogonality, std::abs(gram(i, j) - (i == j)));
+    for (int j = 0; j < a.cols; ++j) {
+        double length = 0;
+        for (int i = 0; i < a.rows; ++i) length += a(i, j) * a(i, j);
+        length = std::sqrt(length);
+        for (int i = j + 1; i < a.rows; ++i)
+            if (length > 0) d.triangularity = std::max(d.triangularity, std::abs(r(i, j)) / length);
+    }
+    return d;
+}
+
 }  // namespace
 
 TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR, triangular solves and products") {
@@ -361,13 +396,7 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
             CHECK(max_abs(diff) < 1e-5 * scale);
             // Q: the CPU's Householder Q up to the signs of its columns.
             const Dense gpu_q = from_floats(gq, size_t(b) * n * n, n, n), cpu_q = householder_q(a);
-            for (int c = 0; c < n; ++c) {
-                int anchor = 0;  // the column's largest entry decides its sign
-                for (int r = 1; r < n; ++r)
-                    if (std::abs(cpu_q(r, c)) > std::abs(cpu_q(anchor, c))) anchor = r;
-                const double sign = gpu_q(anchor, c) * cpu_q(anchor, c) < 0 ? -1.0 : 1.0;
-                for (int r = 0; r < n; ++r) CHECK(std::abs(gpu_q(r, c) - sign * cpu_q(r, c)) < 1e-3);
-            }
+            CHECK(max_difference_up_to_column_signs(gpu_q, cpu_q, n) < 1e-3);
         }
         // Triangular solves with well-conditioned upper-triangular u.
         std::vector<float> u_host, x_host;
@@ -422,6 +451,63 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
             CHECK(relative_error(std::vector<float>(left.begin() + long(size_t(b) * 4 * n), left.begin() + long(size_t(b + 1) * 4 * n)),
                                  expected_left.values) < 1e-5);
         }
+    }
+}
+
+TEST_CASE("GPU Cholesky QR gives the CPU reference's Householder Q up to signs, also for ill-conditioned and singular inputs") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (int n : {1, 7, 64, 200}) {
+        CAPTURE(n);
+        // 0: random. 1: random with column lengths spread over eight decades (condition ~1e8; the
+        // same Q as unscaled). 2: SOAP's power-iteration product L Q_old with L = G G^T of rank
+        // n/2 (a tall gradient's factor): its other columns are L's rounding noise.
+        std::vector<Dense> inputs;
+        inputs.push_back(random_matrix(n, n, gen));
+        Dense scaled = random_matrix(n, n, gen);
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < n; ++i) scaled(i, j) *= std::pow(10.0, -8.0 * j / std::max(1, n - 1));
+        inputs.push_back(scaled);
+        const Dense g = random_matrix(n, std::max(1, n / 2), gen);
+        inputs.push_back(matmul(matmul(g, g, false, true), householder_q(random_matrix(n, n, gen))));
+        std::vector<float> host;
+        for (Dense& a : inputs) {
+            const std::vector<float> f = to_floats(a);
+            a = from_floats(f, 0, n, n);  // both sides take the same fp32-rounded input
+            host.insert(host.end(), f.begin(), f.end());
+        }
+        const int batch = int(inputs.size());
+        auto d_a = uploaded(host), q = poisoned<float>(host.size()), scratch = poisoned<float>(host.size());
+        CHECK(cholesky_q_batched_gpu(q.data(), d_a.data(), n, batch, scratch.data()) == 0);  // no fallback needed
+        const std::vector<float> gq = q.download();
+        for (int b = 0; b < batch; ++b) {
+            CAPTURE(b);
+            const Dense gpu_q = from_floats(gq, size_t(b) * n * n, n, n);
+            const QrDefects d = qr_defects(gpu_q, inputs[size_t(b)]);
+            CHECK(d.orthogonality < 1e-6);
+            CHECK(d.triangularity < 1e-5);
+            // Matrix 2's columns past the rank follow rounding noise; its leading half is determined.
+            const int determined = b == 2 ? std::max(1, n / 2) : n;
+            const double difference = max_difference_up_to_column_signs(gpu_q, householder_q(inputs[size_t(b)]), determined);
+            MESSAGE("n " << n << ", matrix " << b << ": largest difference from the CPU's Householder Q " << difference);
+            CHECK(difference < 1e-5);
+        }
+        // A zero column makes the Gram matrix singular: Householder completes that basis, the
+        // batch's other matrices keep theirs.
+        Dense with_zero = random_matrix(n, n, gen);
+        for (int i = 0; i < n; ++i) with_zero(i, n / 2) = 0;
+        std::vector<float> mixed = to_floats(inputs[0]);
+        const std::vector<float> zero_column = to_floats(with_zero);
+        mixed.insert(mixed.end(), zero_column.begin(), zero_column.end());
+        auto d_mixed = uploaded(mixed), q_mixed = poisoned<float>(mixed.size());
+        CHECK(cholesky_q_batched_gpu(q_mixed.data(), d_mixed.data(), n, 2, scratch.data()) == 1);
+        const std::vector<float> gq_mixed = q_mixed.download();
+        CHECK(max_difference_up_to_column_signs(from_floats(gq_mixed, 0, n, n), householder_q(inputs[0]), n) < 1e-5);
+        const QrDefects d = qr_defects(from_floats(gq_mixed, size_t(n) * n, n, n), with_zero);
+        CHECK(d.orthogonality < 1e-4);  // fp32 Householder
+        CHECK(d.triangularity < 1e-4);
     }
 }
 

@@ -347,15 +347,24 @@ void bench_linalg() {
             std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
                         ms / batch);
         }
-    for (int n : {768, 3072})
-        for (int batch : {1, 4, 24}) {
+    for (int n : {768, 1024, 2048, 3072})
+        for (int batch : {1, 12, 48}) {
+            if (n > 1024 && batch > 24) batch = 24;
             const size_t floats = size_t(n) * n * batch;
             DeviceBuffer<float> a(floats), q(floats), scratch(floats);
+            // Gaussian entries: full rank, as SOAP's power-iteration products are in practice.
             std::vector<float> host(floats);
-            for (size_t i = 0; i < floats; ++i) host[i] = float((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+            std::mt19937 generator(n + batch);
+            std::normal_distribution<float> normal;
+            for (float& x : host) x = normal(generator);
             a.upload(host);
-            const double ms = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
-            std::printf("Householder QR %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms, ms / batch);
+            const double householder = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            int fallbacks = 0;
+            const double cholesky =
+                time([&] { fallbacks = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("QR %4d^2 x %3d: Householder %8.2f ms (%.2f ms per matrix), Cholesky QR (float64) %8.2f ms "
+                        "(%.2f ms per matrix; %d fell back to Householder)\n",
+                        n, batch, householder, householder / batch, cholesky, cholesky / batch, fallbacks);
         }
     std::fflush(stdout);
 }
@@ -422,8 +431,8 @@ int main(int argc, char** argv) {
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     bool linalg = false;
     app.add_flag("--linalg", linalg,
-                 "also time the optimizers' batched eigendecomposition and Householder QR (cuSOLVER) at gpt2-124m's "
-                 "factor sizes over several batch sizes");
+                 "also time the optimizers' batched eigendecomposition and QRs (Householder, Cholesky QR) at "
+                 "gpt2-124m's factor sizes over several batch sizes");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
