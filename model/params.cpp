@@ -17,6 +17,20 @@ const char* param_kind_name(ParamKind kind) {
     return "?";
 }
 
+size_t ParamLayout::append(const std::string& name, std::vector<int64_t> shape, ParamKind kind, float init_std) {
+    ParamTensor t;
+    t.name = name;
+    t.shape = std::move(shape);
+    t.numel = 1;
+    for (int64_t d : t.shape) t.numel *= size_t(d);
+    t.offset = total;
+    t.kind = kind;
+    t.init_std = init_std;
+    total += t.numel;
+    tensors.push_back(t);
+    return t.offset;
+}
+
 ParamLayout ParamLayout::build(const ModelConfig& c) {
     c.validate();
     ParamLayout layout;
@@ -27,17 +41,7 @@ ParamLayout ParamLayout::build(const ModelConfig& c) {
     const float base_std = 0.02f;
     const float residual_std = gpt2 ? base_std / std::sqrt(2.0f * c.n_layers) : base_std;
     auto add = [&](const std::string& name, std::vector<int64_t> shape, ParamKind kind, float std = 0) {
-        ParamTensor t;
-        t.name = name;
-        t.shape = std::move(shape);
-        t.numel = 1;
-        for (int64_t d : t.shape) t.numel *= size_t(d);
-        t.offset = layout.total;
-        t.kind = kind;
-        t.init_std = std;
-        layout.total += t.numel;
-        layout.tensors.push_back(t);
-        return t.offset;
+        return layout.append(name, std::move(shape), kind, std);
     };
     layout.embed = add("embed.weight", {c.padded_vocab_size, C}, ParamKind::Embedding, base_std);
     if (gpt2) layout.pos_embed = add("pos_embed.weight", {c.max_seq_len, C}, ParamKind::Position, base_std);

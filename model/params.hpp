@@ -43,6 +43,8 @@ struct ParamLayout {
 
     static ParamLayout build(const ModelConfig& config);
     const ParamTensor* find(const std::string& name) const;
+    // Adds a tensor after the last one; returns its offset.
+    size_t append(const std::string& name, std::vector<int64_t> shape, ParamKind kind, float init_std = 0);
 };
 
 // The hidden linear layers of every block, in the order the quantized paths use them

@@ -158,6 +158,25 @@ SideBySide run_side_by_side(const ParamLayout& layout, const OptimizerConfig& c,
 
 }  // namespace
 
+namespace {
+
+// The GPU state has every CPU state tensor, in its shape; those whose name ends in one of
+// `compared_suffixes` (the basis-free ones) agree value by value.
+void check_states_agree(const SideBySide& r, const std::vector<std::string>& compared_suffixes) {
+    REQUIRE(r.gpu_state.tensors.size() == r.cpu_state.tensors.size());
+    for (const auto& t : r.cpu_state.tensors) {
+        CAPTURE(t.name);
+        const StateTensor* g = r.gpu_state.find(t.name);
+        REQUIRE(g != nullptr);
+        CHECK(g->shape == t.shape);
+        const std::string suffix = t.name.substr(t.name.rfind('.') + 1);
+        if (std::find(compared_suffixes.begin(), compared_suffixes.end(), suffix) != compared_suffixes.end())
+            CHECK(relative_error(g->values, t.values) < 2e-3);
+    }
+}
+
+}  // namespace
+
 TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several steps") {
     REQUIRE_GPU();
     const ParamLayout layout = ParamLayout::build(small_gpt2());
@@ -232,17 +251,8 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
         const double error = relative_error(r.gpu_change, r.cpu_change);
         MESSAGE(k.label << ": relative difference of the weight changes " << error);
         CHECK(error < k.bound);
-        REQUIRE(r.gpu_state.tensors.size() == r.cpu_state.tensors.size());
         CHECK(r.gpu_state.step == k.warm_steps + k.steps);
-        for (const auto& t : r.cpu_state.tensors) {
-            CAPTURE(t.name);
-            const StateTensor* g = r.gpu_state.find(t.name);
-            REQUIRE(g != nullptr);
-            CHECK(g->shape == t.shape);
-            const std::string suffix = t.name.substr(t.name.rfind('.') + 1);
-            if (std::find(k.compared_state.begin(), k.compared_state.end(), suffix) != k.compared_state.end())
-                CHECK(relative_error(g->values, t.values) < 2e-3);
-        }
+        check_states_agree(r, k.compared_state);
     }
 }
 
@@ -251,15 +261,8 @@ TEST_CASE("GPU PSGD with factors of 1024 and more (their products by trmm) match
     // A tall and a wide matrix: 1024-wide left and right factors take the trmm path
     // (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the batched GEMM.
     ParamLayout layout;
-    for (const auto& [name, rows, cols] : {std::tuple{"tall", 1024, 40}, std::tuple{"wide", 40, 1024}}) {
-        ParamTensor t;
-        t.name = name;
-        t.shape = {rows, cols};
-        t.numel = size_t(rows) * cols;
-        t.offset = layout.total;
-        layout.total += t.numel;
-        layout.tensors.push_back(t);
-    }
+    layout.append("tall", {1024, 40}, ParamKind::Matrix);
+    layout.append("wide", {40, 1024}, ParamKind::Matrix);
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     OptimizerConfig c;
@@ -268,12 +271,7 @@ TEST_CASE("GPU PSGD with factors of 1024 and more (their products by trmm) match
     const double error = relative_error(r.gpu_change, r.cpu_change);
     MESSAGE("psgd, 1024-wide factors: relative difference of the weight changes " << error);
     CHECK(error < 2e-3);
-    for (const auto& t : r.cpu_state.tensors) {
-        CAPTURE(t.name);
-        const StateTensor* g = r.gpu_state.find(t.name);
-        REQUIRE(g != nullptr);
-        CHECK(relative_error(g->values, t.values) < 2e-3);
-    }
+    check_states_agree(r, {"momentum", "q_left", "q_right"});
 }
 
 TEST_CASE("GPU Shampoo, SOAP and PSGD with --precond-tf32 stay within TF32 rounding of the CPU references") {

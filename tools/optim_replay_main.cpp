@@ -46,17 +46,9 @@ int main(int argc, char** argv) {
                 ++grad_counts[name.substr(0, at)];
                 continue;
             }
-            qopt::ParamTensor t;
-            t.name = name;
-            t.shape = file.shape(name);
-            QOPT_CHECK(t.shape.size() == 1 || t.shape.size() == 2, in_path, ": tensor '", name,
-                       "' must be 1-D or 2-D");
-            t.numel = 1;
-            for (int64_t d : t.shape) t.numel *= size_t(d);
-            t.kind = t.shape.size() == 2 ? qopt::ParamKind::Matrix : qopt::ParamKind::Bias;
-            t.offset = layout.total;
-            layout.total += t.numel;
-            layout.tensors.push_back(t);
+            const std::vector<int64_t> shape = file.shape(name);
+            QOPT_CHECK(shape.size() == 1 || shape.size() == 2, in_path, ": tensor '", name, "' must be 1-D or 2-D");
+            layout.append(name, shape, shape.size() == 2 ? qopt::ParamKind::Matrix : qopt::ParamKind::Bias);
         }
         QOPT_CHECK(!layout.tensors.empty(), in_path, ": no tensors to optimize");
         long available = -1;
