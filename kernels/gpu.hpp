@@ -198,6 +198,12 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 // of the upper triangle).
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch);
+// d [n, n] = alpha op(a) op(a)^T + beta d for each of `batch` contiguous matrices, op(a) [n, k]
+// (a stored [k, n] when transpose_a), d symmetric: one cublasSsyrk per matrix (half a GEMM's
+// multiply-adds; cuBLAS has no batched syrk), then the computed triangle mirrored. Full fp32
+// (CPU reference: matmul).
+void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch, float alpha,
+                                float beta);
 // GPTQ's factor: symmetric positive definite h [n, n] (float64, row-major) is overwritten so
 // that its upper triangle holds U with U^T U = h^-1 (the lower triangle is left undefined), as
 // upper_cholesky_of_inverse in quant/gptq.hpp. Throws when h is not positive definite.

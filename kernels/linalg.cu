@@ -335,6 +335,44 @@ void upper_triangular_product_batched_gpu(float* out, const float* u, bool trans
                                u + t * u_size, n, b + t * b_size, cols, out + t * b_size, cols));
 }
 
+namespace {
+
+// d[b][r, c] = d[b][c, r] for r > c: the upper triangle mirrored into the lower one, by 32 x 32
+// tiles (a tile on or below the diagonal reads its transposed partner through shared memory).
+__global__ void mirror_upper_to_lower_kernel(float* d, int n) {
+    if (blockIdx.y < blockIdx.x) return;
+    __shared__ float tile[32][33];
+    float* matrix = d + size_t(blockIdx.z) * n * n;
+    const int row0 = blockIdx.y * 32, col0 = blockIdx.x * 32;
+    // Source: rows col0.., columns row0.. (the upper partner).
+    for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+        const int r = col0 + dy, c = row0 + threadIdx.x;
+        if (r < n && c < n) tile[dy][threadIdx.x] = matrix[size_t(r) * n + c];
+    }
+    __syncthreads();
+    for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+        const int r = row0 + dy, c = col0 + threadIdx.x;
+        if (r < n && c < n && r > c) matrix[size_t(r) * n + c] = tile[threadIdx.x][dy];
+    }
+}
+
+}  // namespace
+
+void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch, float alpha,
+                                float beta) {
+    // Row-major a [n, k] is column-major M = a^T [k, n]: a a^T = M^T M (syrk with OP_T). Row-major
+    // a [k, n] is column-major M = a^T [n, k]: a^T a = M M^T (OP_N). The column-major lower
+    // triangle that syrk writes is the row-major upper one.
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const int64_t a_size = int64_t(n) * k, d_size = int64_t(n) * n;
+    for (int t = 0; t < batch; ++t)
+        BLAS_CHECK(cublasSsyrk(blas(), CUBLAS_FILL_MODE_LOWER, transpose_a ? CUBLAS_OP_N : CUBLAS_OP_T, n, k, &alpha,
+                               a + t * a_size, transpose_a ? n : k, &beta, d + t * d_size, n));
+    const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), block(32, 8);
+    mirror_upper_to_lower_kernel<<<grid, block>>>(d, n);
+    CUDA_CHECK_LAUNCH();
+}
+
 void upper_cholesky_of_inverse_gpu(double* h, int n) {
     // Column-major, LOWER throughout: potrf gives h = L L^T; potri overwrites the lower triangle
     // with h^-1; potrf of that gives h^-1 = L2 L2^T. The row-major view of column-major L2 is

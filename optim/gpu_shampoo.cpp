@@ -77,8 +77,8 @@ public:
             const int br = g.rows, bc = g.cols, count = g.count();
             g.gather(grads, float(grad_scale));
             const float* grad = g.grads.data();
-            gemm_(s.left.data(), grad, false, grad, true, br, br, bc, count, add_factor, keep_factor);
-            gemm_(s.right.data(), grad, true, grad, false, bc, bc, br, count, add_factor, keep_factor);
+            gemm_.gram(s.left.data(), grad, false, br, bc, count, add_factor, keep_factor);
+            gemm_.gram(s.right.data(), grad, true, bc, br, count, add_factor, keep_factor);
         }
         if (refresh_roots) refresh_inverse_roots(factor_bias);
         for (size_t gi = 0; gi < groups_.size(); ++gi) {

@@ -128,8 +128,8 @@ private:
     // L = b L + (1 - b) G G^T,  R = b R + (1 - b) G^T G.
     void update_factors(TileGroup& g, State& s, float beta) {
         const int m = g.rows, n = g.cols, count = g.count();
-        gemm_(s.left.data(), g.grads.data(), false, g.grads.data(), true, m, m, n, count, 1 - beta, beta);
-        gemm_(s.right.data(), g.grads.data(), true, g.grads.data(), false, n, n, m, count, 1 - beta, beta);
+        gemm_.gram(s.left.data(), g.grads.data(), false, m, n, count, 1 - beta, beta);
+        gemm_.gram(s.right.data(), g.grads.data(), true, n, m, count, 1 - beta, beta);
     }
 
     // New bases for the group; exp_avg follows them, exp_avg_sq's axes are permuted as the

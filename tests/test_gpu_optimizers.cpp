@@ -357,7 +357,7 @@ QrDefects qr_defects(const Dense& q, const Dense& a) {
 
 }  // namespace
 
-TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR, triangular solves and products") {
+TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR, triangular solves and products, Gram products") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
@@ -439,6 +439,38 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
                                  matmul(u, xs[size_t(b)]).values) < 1e-5);
             CHECK(relative_error(std::vector<float>(product_t.begin() + long(at), product_t.begin() + long(at + 4 * n)),
                                  matmul(u, xs[size_t(b)], true, false).values) < 1e-5);
+        }
+        // Gram products: d = 0.7 op(x) op(x)^T + 0.4 d on a symmetric d, op(x) [n, n + 3].
+        {
+            const int k = n + 3;
+            std::vector<float> x_rows, x_columns, d_host;
+            std::vector<Dense> x_list, d_list;
+            for (int b = 0; b < batch; ++b) {
+                x_list.push_back(random_matrix(n, k, gen));
+                const Dense s = random_matrix(n, n, gen);
+                Dense sym = matmul(s, s, false, true);
+                d_list.push_back(sym);
+                const std::vector<float> xf = to_floats(x_list.back()), xt = to_floats(x_list.back().transposed()),
+                                         df = to_floats(sym);
+                x_rows.insert(x_rows.end(), xf.begin(), xf.end());
+                x_columns.insert(x_columns.end(), xt.begin(), xt.end());
+                d_host.insert(d_host.end(), df.begin(), df.end());
+            }
+            auto d_rows = uploaded(x_rows), d_columns = uploaded(x_columns);
+            auto gram = uploaded(d_host), gram_t = uploaded(d_host);
+            symmetric_gram_batched_gpu(gram.data(), d_rows.data(), false, n, k, batch, 0.7f, 0.4f);
+            symmetric_gram_batched_gpu(gram_t.data(), d_columns.data(), true, n, k, batch, 0.7f, 0.4f);
+            const std::vector<float> g1 = gram.download(), g2 = gram_t.download();
+            for (int b = 0; b < batch; ++b) {
+                Dense expected = matmul(x_list[size_t(b)], x_list[size_t(b)], false, true);
+                for (size_t i = 0; i < expected.values.size(); ++i)
+                    expected.values[i] = 0.7 * expected.values[i] + 0.4 * d_list[size_t(b)].values[i];
+                const size_t at = size_t(b) * n * n;
+                CHECK(relative_error(std::vector<float>(g1.begin() + long(at), g1.begin() + long(at + size_t(n) * n)),
+                                     expected.values) < 1e-5);
+                CHECK(relative_error(std::vector<float>(g2.begin() + long(at), g2.begin() + long(at + size_t(n) * n)),
+                                     expected.values) < 1e-5);
+            }
         }
         const std::vector<float> left = d_left.download(), right = d_right.download();
         for (int b = 0; b < batch; ++b) {

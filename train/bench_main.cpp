@@ -347,6 +347,21 @@ void bench_linalg() {
             std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
                         ms / batch);
         }
+    // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix.
+    for (int n : {768, 1024, 2048, 3072})
+        for (int batch : {12, 96}) {
+            if (n > 1024 && batch > 12) continue;
+            const int k = 768;
+            DeviceBuffer<float> g(size_t(n) * k * batch), d(size_t(n) * n * batch);
+            g.fill_bytes(0x3c), d.fill_bytes(0);
+            const double gemm = time([&] {
+                batched_matmul_f32_gpu(d.data(), d.data(), g.data(), false, g.data(), true, n, n, k, 1.0f, 0.0f, batch,
+                                       int64_t(n) * k, int64_t(n) * k, int64_t(n) * n);
+            });
+            const double syrk = time([&] { symmetric_gram_batched_gpu(d.data(), g.data(), false, n, k, batch, 1.0f, 0.0f); });
+            std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms\n", n, k, batch,
+                        gemm, syrk);
+        }
     for (int n : {768, 1024, 2048, 3072})
         for (int batch : {1, 12, 48}) {
             if (n > 1024 && batch > 24) batch = 24;
@@ -431,8 +446,8 @@ int main(int argc, char** argv) {
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     bool linalg = false;
     app.add_flag("--linalg", linalg,
-                 "also time the optimizers' batched eigendecomposition and QRs (Householder, Cholesky QR) at "
-                 "gpt2-124m's factor sizes over several batch sizes");
+                 "also time the optimizers' factor statistics (batched GEMM, syrk), batched eigendecomposition and QRs "
+                 "(Householder, Cholesky QR) at gpt2-124m's factor sizes over several batch sizes");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
