@@ -183,8 +183,12 @@ void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float
 // GEMMs, Cholesky factorizations and triangular solves, not latency-bound like Householder's
 // one-matrix-at-a-time calls); its columns' signs make R's diagonal positive. A matrix whose
 // Gram matrix is singular (a zero or dependent column) falls back to Householder; returns how
-// many did. scratch: batch * n * n floats (the fallback's).
-int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
+// many did. scratch: batch * n * n floats (the fallback's). Its own float64 work (16 n^2 bytes
+// per matrix, allocated at the first call and kept) is capped at scratch_limit_bytes: larger
+// batches go through in chunks (at the 1 GiB default: 113 matrices of 768^2, 16 of 2048^2).
+constexpr size_t kCholeskyQrScratchLimit = size_t(1) << 30;
+int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch,
+                           size_t scratch_limit_bytes = kCholeskyQrScratchLimit);
 // The Q factor of a = Q R for the optimizers: Cholesky QR up to 2048^2, Householder above (where
 // the two take the same time; measured in kernels/linalg.cu). Column signs are unspecified.
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);

@@ -239,56 +239,63 @@ constexpr int kCholeskyQrMax = 2048;
 
 }  // namespace
 
-int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
+int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch, size_t scratch_limit_bytes) {
     // Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020) in float64 on
     // the unit-column copy X of a: three times W = X^T X, W = L L^T (Cholesky), X <- X L^-T.
     // The first pass adds s = 11 (n^2 + n (n + 1)) u ||X||_F^2 to W's diagonal so that the
     // Cholesky factorization exists for any condition number up to ~1/u (u = 2^-53; ||X||_F^2
     // <= n for unit columns); its X is then well enough conditioned for two plain passes to
     // make it orthonormal to rounding. Row-major X is column-major X^T =: Y, so in cuBLAS's
-    // terms W = Y Y^T, and X L^-T is Y <- L^-1 Y.
+    // terms W = Y Y^T, and X L^-T is Y <- L^-1 Y. X and W (float64) are held for at most
+    // scratch_limit_bytes' worth of matrices at a time: the batch goes in chunks of that many.
+    if (batch <= 0) return 0;
     static Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage;
     const size_t matrix = size_t(n) * n;
-    double* x = static_cast<double*>(x_storage.at_least(matrix * batch * sizeof(double)));
-    double* w = static_cast<double*>(w_storage.at_least(matrix * batch * sizeof(double)));
-    double** xs = pointer_array(x_pointers, x, int64_t(matrix), batch);
-    double** ws = pointer_array(w_pointers, w, int64_t(matrix), batch);
+    const int chunk = int(std::clamp<size_t>(scratch_limit_bytes / (2 * matrix * sizeof(double)), 1, size_t(batch)));
+    double* x = static_cast<double*>(x_storage.at_least(matrix * chunk * sizeof(double)));
+    double* w = static_cast<double*>(w_storage.at_least(matrix * chunk * sizeof(double)));
+    double** xs = pointer_array(x_pointers, x, int64_t(matrix), chunk);
+    double** ws = pointer_array(w_pointers, w, int64_t(matrix), chunk);
     constexpr int kPasses = 3;
-    int* infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * batch * sizeof(int)));
-    unit_columns_to_double_kernel<<<dim3((n + 127) / 128, batch), 128>>>(x, a, n);
-    CUDA_CHECK_LAUNCH();
+    int* infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * chunk * sizeof(int)));
     SolverWorker& worker = workers()[0];
-    SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
     BLAS_CHECK(cublasSetStream(blas(), 0));
     const double one = 1.0, zero = 0.0;
     const double unit_roundoff = 0x1p-53;
-    for (int pass = 0; pass < kPasses; ++pass) {
-        BLAS_CHECK(cublasDgemmStridedBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, x, n, int64_t(matrix),
-                                             x, n, int64_t(matrix), &zero, w, n, int64_t(matrix), batch));
-        if (pass == 0) {
-            const double shift = 11.0 * (double(n) * n + double(n) * (n + 1)) * unit_roundoff * n;
-            add_to_diagonal_kernel<<<dim3((n + 255) / 256, batch), 256>>>(w, n, shift);
-            CUDA_CHECK_LAUNCH();
-        }
-        SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos + pass * batch,
-                                             batch));
-        BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
-                                      CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, batch));
-    }
-    SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
-    double_to_float_kernel<<<grid_for(matrix * batch), 256>>>(q, x, matrix * batch);
-    CUDA_CHECK_LAUNCH();
-    // A Cholesky factorization that broke down (a zero or dependent column: the Gram matrix
-    // is singular) leaves that matrix to Householder's QR, which completes any basis.
-    std::vector<int> host_infos(size_t(kPasses) * batch);
-    CUDA_CHECK(cudaMemcpy(host_infos.data(), infos, host_infos.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    const double shift = 11.0 * (double(n) * n + double(n) * (n + 1)) * unit_roundoff * n;
     std::vector<int> broke_down;
-    for (int b = 0; b < batch; ++b)
-        for (int pass = 0; pass < kPasses; ++pass)
-            if (host_infos[size_t(pass) * batch + b] != 0) {
-                broke_down.push_back(b);
-                break;
+    for (int first = 0; first < batch; first += chunk) {
+        const int count = std::min(chunk, batch - first);
+        unit_columns_to_double_kernel<<<dim3((n + 127) / 128, count), 128>>>(x, a + first * matrix, n);
+        CUDA_CHECK_LAUNCH();
+        SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
+        for (int pass = 0; pass < kPasses; ++pass) {
+            BLAS_CHECK(cublasDgemmStridedBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, x, n,
+                                                 int64_t(matrix), x, n, int64_t(matrix), &zero, w, n, int64_t(matrix),
+                                                 count));
+            if (pass == 0) {
+                add_to_diagonal_kernel<<<dim3((n + 255) / 256, count), 256>>>(w, n, shift);
+                CUDA_CHECK_LAUNCH();
             }
+            SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n,
+                                                 infos + pass * count, count));
+            BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
+                                          CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, count));
+        }
+        SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
+        double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, x, matrix * count);
+        CUDA_CHECK_LAUNCH();
+        // A Cholesky factorization that broke down (a zero or dependent column: the Gram
+        // matrix is singular) leaves that matrix to Householder's QR, which completes any basis.
+        std::vector<int> host_infos(size_t(kPasses) * count);
+        CUDA_CHECK(cudaMemcpy(host_infos.data(), infos, host_infos.size() * sizeof(int), cudaMemcpyDeviceToHost));
+        for (int b = 0; b < count; ++b)
+            for (int pass = 0; pass < kPasses; ++pass)
+                if (host_infos[size_t(pass) * count + b] != 0) {
+                    broke_down.push_back(first + b);
+                    break;
+                }
+    }
     if (!broke_down.empty()) householder_q_selected(q, a, n, broke_down, scratch);
     return int(broke_down.size());
 }

@@ -525,16 +525,22 @@ TEST_CASE("GPU Cholesky QR gives the CPU reference's Householder Q up to signs, 
             CHECK(difference < 1e-5);
         }
         // A zero column makes the Gram matrix singular: Householder completes that basis, the
-        // batch's other matrices keep theirs.
+        // batch's other matrices keep theirs (also when the batch goes in chunks).
         Dense with_zero = random_matrix(n, n, gen);
         for (int i = 0; i < n; ++i) with_zero(i, n / 2) = 0;
         std::vector<float> mixed = to_floats(inputs[0]);
         const std::vector<float> zero_column = to_floats(with_zero);
         mixed.insert(mixed.end(), zero_column.begin(), zero_column.end());
+        mixed.insert(mixed.end(), host.begin() + long(size_t(n) * n), host.begin() + long(2 * size_t(n) * n));
+        // Scratch for one matrix at a time: three chunks, the fallback in the middle one.
+        const size_t one_matrix = 2 * size_t(n) * n * sizeof(double);
         auto d_mixed = uploaded(mixed), q_mixed = poisoned<float>(mixed.size());
-        CHECK(cholesky_q_batched_gpu(q_mixed.data(), d_mixed.data(), n, 2, scratch.data()) == 1);
+        auto mixed_scratch = poisoned<float>(mixed.size());
+        CHECK(cholesky_q_batched_gpu(q_mixed.data(), d_mixed.data(), n, 3, mixed_scratch.data(), one_matrix) == 1);
         const std::vector<float> gq_mixed = q_mixed.download();
         CHECK(max_difference_up_to_column_signs(from_floats(gq_mixed, 0, n, n), householder_q(inputs[0]), n) < 1e-5);
+        CHECK(max_difference_up_to_column_signs(from_floats(gq_mixed, 2 * size_t(n) * n, n, n), householder_q(inputs[1]),
+                                                n) < 1e-5);
         const QrDefects d = qr_defects(from_floats(gq_mixed, size_t(n) * n, n, n), with_zero);
         CHECK(d.orthogonality < 1e-4);  // fp32 Householder
         CHECK(d.triangularity < 1e-4);
