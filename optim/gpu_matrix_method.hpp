@@ -2,7 +2,8 @@
 // updates the hidden matrices, behind one interface that GpuOptimizer calls after its fused
 // AdamW pass. Each method batches its work over groups of same-shape tiles (a tile is a whole
 // matrix, or a Shampoo block of one): the tiles' gradients are gathered into one contiguous
-// [count, rows, cols] buffer, every product of the group is one strided-batched fp32 GEMM, and
+// [count, rows, cols] buffer, every product of the group is one strided-batched fp32 GEMM (or, for
+// large factors, one syrk or trmm per matrix where those are measured faster), and
 // one pass writes the new fp32 weights and their bf16 copy back. State is fp32, named and
 // shaped as the CPU references name it (optim/cpu_optimizer.cpp), so checkpoints move freely
 // between CPU and GPU runs.
@@ -100,8 +101,8 @@ struct GroupGemm {
     // The factor statistics d[t] = alpha op(a[t]) op(a[t])^T + beta d[t] (op(a) n x k; a stored
     // k x n when transpose_a; d symmetric). From n = kSymmetricGramMin in full fp32 one syrk per
     // matrix (half the multiply-adds; `bench --linalg` on an H200: 3072^2 from k = 768, 12
-    // matrices, 2.3 ms against the batched GEMM's 3.5), below it and in TF32 the batched GEMM (a
-    // single 768^2 or 1024^2 syrk fills too little of the GPU: 8.7 against 1.8 ms for 96).
+    // matrices, 2.5 ms against the batched GEMM's 3.5), below it and in TF32 the batched GEMM (a
+    // single 768^2 or 1024^2 syrk fills too little of the GPU: 8.8 against 1.85 ms for 96).
     static constexpr int kSymmetricGramMin = 2048;
     void gram(float* d, const float* a, bool transpose_a, int n, int k, int count, float alpha, float beta) const {
         if (!tf32 && n >= kSymmetricGramMin)

@@ -1,6 +1,6 @@
 // SOAP on the GPU: the CPU reference's step (optim/soap.hpp) over groups of same-shape
 // matrices. Per step and group: the rotation QL^T G QR and back (4 batched GEMMs), Adam in the
-// rotated basis (one element-wise pass), the factor EMAs (2 GEMMs with beta = shampoo_beta),
+// rotated basis (one element-wise pass), the factor EMAs (GroupGemm::gram, beta = shampoo_beta),
 // the weight update (one pass). Every precondition_frequency updates: M back to parameter
 // space and into the new bases (4 GEMMs), and per factor one power-iteration step L Q (a GEMM),
 // the eigenvalue estimates diag(Q^T L Q) (sorted on the host, as the reference sorts them) and
