@@ -2,8 +2,8 @@
 // blocks (every matrix cut into blocks of at most block_size; blocks of one shape from all
 // matrices form one group). Per step and group: the factor statistics L += G G^T, R += G^T G
 // (GroupGemm::gram: 2 batched GEMMs, or a syrk per block from 2048), the filtered gradient and
-// Adam grafting (one element-wise pass), the preconditioned direction L_root F R_root (2 GEMMs), the grafting norms (per-block sums of
-// squares) and one pass that applies momentum, decay and the step. Every
+// Adam grafting (one element-wise pass), the preconditioned direction L_root F R_root (2
+// GEMMs), the grafting norms (per-block sums of squares) and one pass that applies momentum, decay and the step. Every
 // precondition_frequency steps the inverse roots: the symmetric eigendecompositions of all
 // factors of one size in a single batched cuSOLVER call (the call is latency-bound: on an H100
 // 12 and 48 matrices of 768^2 take 57 and 61 ms, 168 take 156 ms; `bench --linalg`), then per
