@@ -192,6 +192,14 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
 // The Q factor of a = Q R for the optimizers: Cholesky QR up to 2048^2, Householder above (where
 // the two take the same time; measured in kernels/linalg.cu). Column signs are unspecified.
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
+// Allocate now the workspaces that symmetric_eigen_batched_gpu / qr_q_batched_gpu (and its
+// Householder fallback) will need for these shapes: they are kept and shared by later calls, so
+// an optimizer that reserves its refreshes' shapes at construction has them counted in the memory
+// check before training, instead of allocating them at its first refresh. scratch as for the calls.
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch);
+void reserve_qr_q_gpu(int n, int batch, float* scratch);
+// Device bytes held now by this family's workspaces (cuSOLVER's, the Cholesky QR's, pointer arrays).
+size_t linalg_workspace_bytes();
 // x [rows, n] <- x u^-1 for upper-triangular u [n, n] (as solve_upper_right).
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].

@@ -47,15 +47,22 @@ namespace {
             ::qopt::fail("cuBLAS error ", int(status_), " in ", #call, " at ", __FILE__, ":", __LINE__); \
     } while (0)
 
-// A growable device scratch buffer.
+// Device bytes held by all Scratch buffers (linalg_workspace_bytes).
+size_t held_scratch_bytes = 0;
+
+// A growable device scratch buffer, kept once grown.
 struct Scratch {
     void* data = nullptr;
     size_t bytes = 0;
     void* at_least(size_t wanted) {
         if (wanted > bytes) {
             if (data) cudaFree(data);
+            held_scratch_bytes -= bytes;
+            data = nullptr;
+            bytes = 0;
             CUDA_CHECK(cudaMalloc(&data, wanted));
             bytes = wanted;
+            held_scratch_bytes += bytes;
         }
         return data;
     }
@@ -140,25 +147,44 @@ T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
 
 }  // namespace
 
+namespace {
+
+// The batched eigendecomposition's workspaces on worker w for `batch` n x n matrices at a (grown
+// as needed; shared by the call and its reservation).
+struct EigenWork {
+    float* raw_values;
+    void* device_work;
+    size_t device_bytes = 0, host_bytes = 0;
+    int* info;
+};
+EigenWork eigen_work(SolverWorker& w, int n, int batch, float* a) {
+    EigenWork work;
+    work.raw_values = static_cast<float*>(w.tau.at_least(size_t(n) * batch * sizeof(float)));
+    SOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR,
+                                                   CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F, a, n, CUDA_R_32F,
+                                                   work.raw_values, CUDA_R_32F, &work.device_bytes, &work.host_bytes,
+                                                   batch));
+    work.device_work = w.device_work.at_least(work.device_bytes + 1);
+    if (w.host_work.size() < work.host_bytes + 1) w.host_work.resize(work.host_bytes + 1);
+    work.info = static_cast<int*>(w.info.at_least(size_t(batch) * sizeof(int)));
+    return work;
+}
+
+}  // namespace
+
 void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch) {
     SolverWorker& w = workers()[0];
     const size_t matrix = size_t(n) * n;
     if (scratch != a) CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, 0));
-    size_t device_bytes = 0, host_bytes = 0;
-    float* raw_values = static_cast<float*>(w.tau.at_least(size_t(n) * batch * sizeof(float)));
-    SOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR,
-                                                   CUBLAS_FILL_MODE_LOWER, n, CUDA_R_32F, scratch, n, CUDA_R_32F,
-                                                   raw_values, CUDA_R_32F, &device_bytes, &host_bytes, batch));
-    void* device_work = w.device_work.at_least(device_bytes + 1);
-    w.host_work.resize(host_bytes + 1);
-    int* info = static_cast<int*>(w.info.at_least(size_t(batch) * sizeof(int)));
+    const EigenWork work = eigen_work(w, n, batch, scratch);
     // The worker stream is blocking: it starts after the copy above on the default stream.
     SOLVER_CHECK(cusolverDnXsyevBatched(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                        CUDA_R_32F, scratch, n, CUDA_R_32F, raw_values, CUDA_R_32F, device_work,
-                                        device_bytes, w.host_work.data(), host_bytes, info, batch));
+                                        CUDA_R_32F, scratch, n, CUDA_R_32F, work.raw_values, CUDA_R_32F,
+                                        work.device_work, work.device_bytes, w.host_work.data(), work.host_bytes,
+                                        work.info, batch));
     // Column-major eigenvectors (ascending) -> row-major, columns in descending order.
     transpose_square(vectors, scratch, n, batch, true, w.stream);
-    reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, w.stream>>>(values, raw_values, n, batch);
+    reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, w.stream>>>(values, work.raw_values, n, batch);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -167,6 +193,27 @@ namespace {
 // Householder Q of the batch's matrices listed in `which` (q, a and scratch hold batch slices of
 // n * n floats; only the listed ones are touched), the matrices taken in turn by the worker
 // streams.
+// geqrf's and orgqr's workspaces on worker w for one n x n matrix m (grown as needed).
+struct HouseholderWork {
+    float* tau;
+    int* info;
+    void* device_work;
+    size_t geqrf_bytes = 0, host_bytes = 0;
+    int orgqr_floats = 0;
+};
+HouseholderWork householder_work(SolverWorker& w, int n, float* m) {
+    HouseholderWork work;
+    work.tau = static_cast<float*>(w.tau.at_least(size_t(n) * sizeof(float)));
+    work.info = static_cast<int*>(w.info.at_least(sizeof(int)));
+    SOLVER_CHECK(cusolverDnXgeqrf_bufferSize(w.handle, w.params, n, n, CUDA_R_32F, m, n, CUDA_R_32F, work.tau,
+                                             CUDA_R_32F, &work.geqrf_bytes, &work.host_bytes));
+    SOLVER_CHECK(cusolverDnSorgqr_bufferSize(w.handle, n, n, n, m, n, work.tau, &work.orgqr_floats));
+    work.device_work =
+        w.device_work.at_least(std::max(work.geqrf_bytes, size_t(work.orgqr_floats) * sizeof(float)) + 16);
+    if (w.host_work.size() < work.host_bytes + 1) w.host_work.resize(work.host_bytes + 1);
+    return work;
+}
+
 void householder_q_selected(float* q, const float* a, int n, const std::vector<int>& which, float* scratch) {
     const size_t matrix = size_t(n) * n;
     for (int b : which) transpose_square(scratch + b * matrix, a + b * matrix, n, 1, false, 0);  // column-major
@@ -174,19 +221,12 @@ void householder_q_selected(float* q, const float* a, int n, const std::vector<i
     for (size_t k = 0; k < which.size(); ++k) {
         SolverWorker& w = pool[k % pool.size()];
         float* m = scratch + size_t(which[k]) * matrix;
-        float* tau = static_cast<float*>(w.tau.at_least(size_t(n) * sizeof(float)));
-        int* info = static_cast<int*>(w.info.at_least(sizeof(int)));
-        size_t device_bytes = 0, host_bytes = 0;
-        SOLVER_CHECK(cusolverDnXgeqrf_bufferSize(w.handle, w.params, n, n, CUDA_R_32F, m, n, CUDA_R_32F, tau,
-                                                 CUDA_R_32F, &device_bytes, &host_bytes));
-        int orgqr_floats = 0;
-        SOLVER_CHECK(cusolverDnSorgqr_bufferSize(w.handle, n, n, n, m, n, tau, &orgqr_floats));
-        const size_t work_bytes = std::max(device_bytes, size_t(orgqr_floats) * sizeof(float)) + 16;
-        void* work = w.device_work.at_least(work_bytes);
-        w.host_work.resize(host_bytes + 1);
-        SOLVER_CHECK(cusolverDnXgeqrf(w.handle, w.params, n, n, CUDA_R_32F, m, n, CUDA_R_32F, tau, CUDA_R_32F, work,
-                                      device_bytes, w.host_work.data(), host_bytes, info));
-        SOLVER_CHECK(cusolverDnSorgqr(w.handle, n, n, n, m, n, tau, static_cast<float*>(work), orgqr_floats, info));
+        const HouseholderWork work = householder_work(w, n, m);
+        SOLVER_CHECK(cusolverDnXgeqrf(w.handle, w.params, n, n, CUDA_R_32F, m, n, CUDA_R_32F, work.tau, CUDA_R_32F,
+                                      work.device_work, work.geqrf_bytes, w.host_work.data(), work.host_bytes,
+                                      work.info));
+        SOLVER_CHECK(cusolverDnSorgqr(w.handle, n, n, n, m, n, work.tau, static_cast<float*>(work.device_work),
+                                      work.orgqr_floats, work.info));
     }
     // Blocking worker streams: these default-stream launches wait for all of them.
     for (int b : which) transpose_square(q + b * matrix, scratch + b * matrix, n, 1, false, 0);
@@ -237,6 +277,36 @@ __global__ void double_to_float_kernel(float* out, const double* in, size_t coun
 // flops, cost more than the latency Householder loses).
 constexpr int kCholeskyQrMax = 2048;
 
+// The Cholesky QR's float64 work for `chunk` matrices of n x n at a time: X and W, their pointer
+// arrays for the batched calls, and each pass's Cholesky infos (grown as needed).
+struct CholeskyQrWork {
+    Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage;
+    static constexpr int kPasses = 3;
+    double* x;
+    double* w;
+    double** xs;
+    double** ws;
+    int* infos;
+    void ensure(int n, int chunk) {
+        const size_t matrix = size_t(n) * n;
+        x = static_cast<double*>(x_storage.at_least(matrix * chunk * sizeof(double)));
+        w = static_cast<double*>(w_storage.at_least(matrix * chunk * sizeof(double)));
+        xs = pointer_array(x_pointers, x, int64_t(matrix), chunk);
+        ws = pointer_array(w_pointers, w, int64_t(matrix), chunk);
+        infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * chunk * sizeof(int)));
+    }
+};
+CholeskyQrWork& cholesky_qr_work() {
+    static CholeskyQrWork instance;
+    return instance;
+}
+
+// Matrices per chunk: as many as fit in the limit (two n x n float64 each), at least one.
+int cholesky_qr_chunk(int n, int batch, size_t scratch_limit_bytes) {
+    const size_t matrix_bytes = 2 * size_t(n) * n * sizeof(double);
+    return int(std::clamp<size_t>(scratch_limit_bytes / matrix_bytes, 1, size_t(std::max(batch, 1))));
+}
+
 }  // namespace
 
 int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch, size_t scratch_limit_bytes) {
@@ -249,15 +319,16 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
     // terms W = Y Y^T, and X L^-T is Y <- L^-1 Y. X and W (float64) are held for at most
     // scratch_limit_bytes' worth of matrices at a time: the batch goes in chunks of that many.
     if (batch <= 0) return 0;
-    static Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage;
     const size_t matrix = size_t(n) * n;
-    const int chunk = int(std::clamp<size_t>(scratch_limit_bytes / (2 * matrix * sizeof(double)), 1, size_t(batch)));
-    double* x = static_cast<double*>(x_storage.at_least(matrix * chunk * sizeof(double)));
-    double* w = static_cast<double*>(w_storage.at_least(matrix * chunk * sizeof(double)));
-    double** xs = pointer_array(x_pointers, x, int64_t(matrix), chunk);
-    double** ws = pointer_array(w_pointers, w, int64_t(matrix), chunk);
-    constexpr int kPasses = 3;
-    int* infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * chunk * sizeof(int)));
+    const int chunk = cholesky_qr_chunk(n, batch, scratch_limit_bytes);
+    CholeskyQrWork& work = cholesky_qr_work();
+    work.ensure(n, chunk);
+    double* x = work.x;
+    double* w = work.w;
+    double** xs = work.xs;
+    double** ws = work.ws;
+    int* infos = work.infos;
+    constexpr int kPasses = CholeskyQrWork::kPasses;
     SolverWorker& worker = workers()[0];
     BLAS_CHECK(cublasSetStream(blas(), 0));
     const double one = 1.0, zero = 0.0;
@@ -299,6 +370,20 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
     if (!broke_down.empty()) householder_q_selected(q, a, n, broke_down, scratch);
     return int(broke_down.size());
 }
+
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch) {
+    if (batch > 0) eigen_work(workers()[0], n, batch, scratch);
+}
+
+void reserve_qr_q_gpu(int n, int batch, float* scratch) {
+    if (batch <= 0) return;
+    // Householder on every worker (above kCholeskyQrMax, or the Cholesky QR's fallback).
+    for (SolverWorker& w : workers()) householder_work(w, n, scratch);
+    if (n <= kCholeskyQrMax) cholesky_qr_work().ensure(n, cholesky_qr_chunk(n, batch, kCholeskyQrScratchLimit));
+    blas();
+}
+
+size_t linalg_workspace_bytes() { return held_scratch_bytes; }
 
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
     if (n <= kCholeskyQrMax)

@@ -60,6 +60,8 @@ public:
         merged_factors_.resize(merged_floats);
         merged_vectors_.resize(merged_floats);
         values_.resize(merged_values);
+        // The refreshes' cuSOLVER workspaces now, so that the memory check before training sees them.
+        for (const FactorSize& f : sizes_) reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {

@@ -51,6 +51,13 @@ public:
         size_t most_tiles = 0;
         for (const TileGroup& g : groups_) most_tiles = std::max(most_tiles, size_t(g.count()));
         accepted_.resize(most_tiles);
+        // The first call's eigendecompositions and the refreshes' QRs: their workspaces now, so
+        // that the memory check before training sees them.
+        for (const TileGroup& g : groups_)
+            for (const int n : {g.rows, g.cols}) {
+                reserve_symmetric_eigen_gpu(n, g.count(), factor_a_.data());
+                reserve_qr_q_gpu(n, g.count(), factor_a_.data());
+            }
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long call) override {

@@ -560,3 +560,33 @@ TEST_CASE("GPU training with every method: the loss falls, nothing diverges") {
         CHECK(r.val_loss_end < r.val_loss_start - 0.3);
     }
 }
+
+TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspaces when built") {
+    REQUIRE_GPU();
+    // The workspaces are kept and shared by the process's calls, so 384-wide factors (wider than
+    // any other test's) make the reservation grow them; then the steps through a refresh (for
+    // SOAP also its first call's eigendecompositions) must allocate nothing more: all of it was
+    // there for the memory check that runs before training.
+    ParamLayout layout;
+    layout.append("square", {384, 384}, ParamKind::Matrix);
+    layout.append("square2", {384, 384}, ParamKind::Matrix);
+    layout.append("tall", {384, 96}, ParamKind::Matrix);
+    std::mt19937_64 gen(fresh_seed());
+    for (const char* name : {"shampoo", "soap"}) {
+        CAPTURE(name);
+        OptimizerConfig c;
+        c.kind = parse_optimizer(name);
+        c.shampoo.precondition_frequency = 2;
+        c.soap.precondition_frequency = 2;
+        const size_t before = linalg_workspace_bytes();
+        GpuOptimizer gpu(layout, c);
+        const size_t reserved = linalg_workspace_bytes();
+        CHECK(reserved > before);  // Shampoo: the eigendecomposition's; SOAP: the QRs' (new here)
+        auto d_params = uploaded(random_vector<float>(layout.total, gen));
+        for (int step = 0; step < 5; ++step) {
+            auto d_grads = uploaded(random_vector<float>(layout.total, gen));
+            gpu.step(d_params.data(), d_grads.data(), 1e-3, 1.0, nullptr);
+        }
+        CHECK(linalg_workspace_bytes() == reserved);
+    }
+}

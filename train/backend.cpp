@@ -88,7 +88,7 @@ public:
     std::string memory_report(int batch, int seq_len) override {
         // The weights and optimizer state are allocated by now; the activations are planned
         // (exactly, by the code that allocates them) and refused before allocating when they
-        // would not fit in what is free, less headroom for the cuBLASLt/cuSOLVER workspaces.
+        // would not fit in what is free, less headroom for the cuBLASLt workspaces (the optimizer reserved its cuSOLVER ones when built).
         const size_t activations = model_.planned_activation_bytes(batch, seq_len);
         const GpuMemory memory = gpu_memory();
         const size_t headroom = size_t(512) << 20;
@@ -107,7 +107,10 @@ public:
                  "tokens per step)", recompute_hint, ", or a shorter --seq-len");
         }
         model_.allocate(batch, seq_len);
-        return model_.memory_report();
+        // The optimizer reserved its refreshes' eigendecomposition/QR workspaces when it was built.
+        const size_t linalg_bytes = linalg_workspace_bytes();
+        return model_.memory_report() +
+               (linalg_bytes ? ", optimizer's linear-algebra workspaces " + gigabytes(linalg_bytes) : "");
     }
 
 private:
