@@ -210,6 +210,16 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 // of the upper triangle).
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch);
+// out [rows, n] = b op(u), the same with u on the right (b [rows, n]).
+void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
+                                               int n, int batch);
+// out [n, n] = u q for upper-triangular u and q [n, n] (the product is upper triangular; out
+// must not overlap them). u's strictly lower triangle must hold zeros (its rows are read as
+// dense), q's is not read. By row blocks of kTriangularProductBlock, one trmm each with the rest
+// of q's triangle: ~n^3/6 multiply-adds (plus O(block n^2)) against a whole trmm's n^3/2 or a
+// GEMM's n^3. Full fp32 (CPU reference: matmul).
+constexpr int kTriangularProductBlock = 512;
+void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch);
 // d [n, n] = alpha op(a) op(a)^T + beta d for each of `batch` contiguous matrices, op(a) [n, k]
 // (a stored [k, n] when transpose_a), d symmetric: one cublasSsyrk per matrix (half a GEMM's
 // multiply-adds; cuBLAS has no batched syrk), then the computed triangle mirrored. Full fp32

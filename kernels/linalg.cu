@@ -414,17 +414,51 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
                                   cols, n, &one, us, n, xs, cols, batch));
 }
 
+namespace {
+
+// One cublasStrmm per matrix (cuBLAS has no batched trmm) with the column-major lower view U^T
+// of row-major upper u; side, operation and shapes in cuBLAS's column-major terms.
+void lower_view_trmm_batched(float* out, const float* u, const float* b, cublasSideMode_t side,
+                             cublasOperation_t operation, int rows, int cols, int n, int batch) {
+    const float one = 1.0f;
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * cols;
+    for (int t = 0; t < batch; ++t)
+        BLAS_CHECK(cublasStrmm(blas(), side, CUBLAS_FILL_MODE_LOWER, operation, CUBLAS_DIAG_NON_UNIT, rows, cols, &one,
+                               u + t * u_size, n, b + t * b_size, rows, out + t * b_size, rows));
+}
+
+}  // namespace
+
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch) {
     // Row-major Y = op(U) B  <=>  column-major Y^T = B^T op(U)^T, where the column-major view of U
     // is U^T (lower triangular): op(U)^T is U^T (no transpose) or U (transpose).
+    lower_view_trmm_batched(out, u, b, CUBLAS_SIDE_RIGHT, transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, cols, n, n, batch);
+}
+
+void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
+                                               int n, int batch) {
+    // Row-major Y = B op(U)  <=>  column-major Y^T = op(U)^T B^T, op(U)^T as above.
+    lower_view_trmm_batched(out, u, b, CUBLAS_SIDE_LEFT, transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, n, rows, n, batch);
+}
+
+void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch) {
+    // Row-major C = U Q is upper triangular. By row blocks [r0, r0 + b): C[r0:, r0:] in those rows
+    // is U[rows, r0:] Q[r0:, r0:] (U is zero left of r0, Q below r0), one trmm with Q's triangle
+    // and U's rows as the dense operand; C left of r0 stays zero. Row-major Y = B Q_s is
+    // column-major Y^T = Q_s^T B^T, Q_s^T being the column-major (lower) view of Q_s.
+    CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(n) * n * batch * sizeof(float), 0));
     const float one = 1.0f;
     BLAS_CHECK(cublasSetStream(blas(), 0));
-    const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
+    const size_t matrix = size_t(n) * n;
     for (int t = 0; t < batch; ++t)
-        BLAS_CHECK(cublasStrmm(blas(), CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER,
-                               transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, cols, n, &one,
-                               u + t * u_size, n, b + t * b_size, cols, out + t * b_size, cols));
+        for (int r0 = 0; r0 < n; r0 += kTriangularProductBlock) {
+            const int rows = std::min(kTriangularProductBlock, n - r0), width = n - r0;
+            const size_t corner = t * matrix + size_t(r0) * n + r0;
+            BLAS_CHECK(cublasStrmm(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
+                                   width, rows, &one, q + corner, n, u + corner, n, out + corner, n));
+        }
 }
 
 namespace {

@@ -1,13 +1,15 @@
 // PSGD-Kron on the GPU: the CPU reference's step (optim/psgd.hpp) over groups of same-shape
 // matrices, with the schedule's decisions shared by all (as the reference). Per step and
-// group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2
-// (2 batched GEMMs; the products Q^T Q are kept until the factors change, and are triangular
-// products like the factor update's below), its RMS clip (per-matrix sums of squares) and the
-// apply pass. On the steps the schedule picks, the factor update: the probe V (the same
-// counter-based normal numbers as the CPU), A = Q1 D Q2^T (2 GEMMs), B = Q1^-T V Q2^-1 (2
-// batched triangular solves), the four Gram matrices (4 GEMMs), the spectral-norm lower bound
-// (one block per matrix) and Q <- (I - triu(.)) Q (2 products: trmm for factors of 1024 and
-// more, GEMM below).
+// group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2 (2
+// batched GEMMs with the products Q^T Q kept until the factors change, or 4 triangular
+// products chained where the factors change too often for that to pay: products_pay_off),
+// its RMS clip (per-matrix sums of squares) and the apply pass. On the steps the schedule
+// picks, the factor update: the probe V (the same counter-based normal numbers as the CPU),
+// A = Q1 D Q2^T (2 factor products), B = Q1^-T V Q2^-1 (2 batched triangular solves), the
+// four Gram matrices (GroupGemm::gram), the spectral-norm lower bound (one block per matrix)
+// and Q <- (I - triu(.)) Q (a product of two upper-triangular matrices). Products with a
+// factor of 1024 and more are cuBLAS trmm (the last one by row blocks), below that batched
+// GEMMs.
 #include <cmath>
 
 #include "core/error.hpp"
@@ -54,6 +56,9 @@ public:
         const PsgdConfig& c = config_;
         const PsgdSchedule::Decision decision = schedule_.next(c);
         const double debias = 1 - std::pow(c.beta1, double(step));
+        // The factors change on an update step, which comes with the schedule's probability p:
+        // from this step on they are expected to stay for 1/p steps (this one included).
+        const double steps_until_change = 1.0 / c.update_probability(schedule_.prob_step);
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             TileGroup& g = groups_[gi];
             State& s = state_[gi];
@@ -70,15 +75,23 @@ public:
                                  int64_t(n) * n);
             }
             if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
-            // P1 = Q1^T Q1 and P2 = Q2^T Q2 change only with the factors (kept between updates).
-            if (decision.update || decision.balance || !s.products_current) {
+            if (decision.update || decision.balance) s.products_current = false;
+            // U = Q1^T Q1 D Q2^T Q2 -> work_a: as P1 D P2 with P1 = Q1^T Q1 and P2 = Q2^T Q2 kept
+            // until the factors change, where forming them pays for itself before then.
+            if (!s.products_current && products_pay_off(m, n, steps_until_change)) {
                 upper_product(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), m, m, count);
                 upper_product(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), n, n, count);
                 s.products_current = true;
             }
-            // U = P1 D P2 -> work_a.
-            gemm_(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
-            gemm_(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
+            if (s.products_current) {
+                gemm_(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
+                gemm_(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
+            } else {
+                upper_product(work_t_.data(), s.q_left.data(), false, d, m, n, count);
+                product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), true, m, n, count);
+                upper_product(work_t_.data(), s.q_left.data(), true, work_a_.data(), m, n, count);
+                product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), false, m, n, count);
+            }
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
             apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
@@ -136,18 +149,18 @@ private:
         psgd_probe_perturb_gpu(probe_.data(), x, mean_abs, s.matrix_index.data(), count, size, c.seed, step,
                                std::sqrt(1.1920928955078125e-07f));
         // A = Q1 X Q2^T -> work_a;  B = Q1^-T V Q2^-1 -> work_b.
-        gemm_(work_t_.data(), s.q_left.data(), false, x, false, m, n, m, count);
-        gemm_(work_a_.data(), work_t_.data(), false, s.q_right.data(), true, m, n, n, count);
+        upper_product(work_t_.data(), s.q_left.data(), false, x, m, n, count);
+        product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), true, m, n, count);
         CUDA_CHECK(cudaMemcpy(work_b_.data(), probe_.data(), size_t(size) * count * sizeof(float),
                               cudaMemcpyDeviceToDevice));
         solve_upper_transposed_left_batched_gpu(work_b_.data(), s.q_left.data(), m, n, count);
         solve_upper_right_batched_gpu(work_b_.data(), s.q_right.data(), m, n, count);
         // Q1 -= lr_p / lb(AA^T + BB^T) triu(AA^T - BB^T) Q1, then Q2 likewise with A^T A, B^T B.
-        gemm_(factor_a_.data(), work_a_.data(), false, work_a_.data(), true, m, m, n, count);
-        gemm_(factor_b_.data(), work_b_.data(), false, work_b_.data(), true, m, m, n, count);
+        gemm_.gram(factor_a_.data(), work_a_.data(), false, m, n, count, 1.0f, 0.0f);
+        gemm_.gram(factor_b_.data(), work_b_.data(), false, m, n, count, 1.0f, 0.0f);
         update_factor(s.q_left, m, count);
-        gemm_(factor_a_.data(), work_a_.data(), true, work_a_.data(), false, n, n, m, count);
-        gemm_(factor_b_.data(), work_b_.data(), true, work_b_.data(), false, n, n, m, count);
+        gemm_.gram(factor_a_.data(), work_a_.data(), true, n, m, count, 1.0f, 0.0f);
+        gemm_.gram(factor_b_.data(), work_b_.data(), true, n, m, count, 1.0f, 0.0f);
         update_factor(s.q_right, n, count);
     }
 
@@ -158,7 +171,12 @@ private:
         psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
         psgd_factor_multiplier_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
                                    float(config_.precond_lr));
-        upper_product(factor_a_.data(), factor_c_.data(), false, q.data(), n, n, count);
+        // Both upper triangular (the multiplier's lower triangle is zero): by trmm of row blocks
+        // from kTriangularProductMin, a sixth of a GEMM's multiply-adds.
+        if (uses_trmm(n))
+            upper_triangular_square_product_batched_gpu(factor_a_.data(), factor_c_.data(), q.data(), n, count);
+        else
+            gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count);
         commit_tiles(q.data(), factor_a_.data(), n, count);
     }
 
@@ -167,11 +185,34 @@ private:
     // per matrix; the 3072-wide factors' n^3 products are most of an update's FLOPs); one batched
     // GEMM for smaller factors and in TF32 (trmm has no TF32 path).
     static constexpr int kTriangularProductMin = 1024;
+    bool uses_trmm(int n) const { return !gemm_.tf32 && n >= kTriangularProductMin; }
     void upper_product(float* out, const float* u, bool transpose_u, const float* b, int n, int cols, int count) {
-        if (!gemm_.tf32 && n >= kTriangularProductMin)
+        if (uses_trmm(n))
             upper_triangular_product_batched_gpu(out, u, transpose_u, b, n, cols, count);
         else
             gemm_(out, u, transpose_u, b, false, n, cols, n, count);
+    }
+    // out [rows, n] = b op(u), the same with u on the right.
+    void product_upper(float* out, const float* b, const float* u, bool transpose_u, int rows, int n, int count) {
+        if (uses_trmm(n))
+            product_with_upper_triangular_batched_gpu(out, b, u, transpose_u, rows, n, count);
+        else
+            gemm_(out, b, false, u, transpose_u, rows, n, n, count);
+    }
+
+    // Whether to form P1 = Q1^T Q1, P2 = Q2^T Q2 for a group of m x n matrices, counted in
+    // multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor products,
+    // 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (half by trmm); P1 D P2 costs m^2 n + m n^2 (dense
+    // P), after f(m, m) + f(n, n) to form P1 and P2 once per change of the factors. For
+    // gpt2-124m's 3072 x 768 matrices (3072-wide factor by trmm) the products pay off from 8.3
+    // steps on: during PSGD's first ~500 steps (an update at every step) every step is chained,
+    // which saves the 3072^3 / 2 product per update; at the 0.03 floor the P's are kept.
+    double factor_product_cost(int k, int l) const { return double(k) * k * l * (uses_trmm(k) ? 0.5 : 1.0); }
+    bool products_pay_off(int m, int n, double steps_until_change) const {
+        const double chained = 2 * factor_product_cost(m, n) + 2 * factor_product_cost(n, m);
+        const double with_products = double(m) * m * n + double(m) * n * n;
+        const double forming = factor_product_cost(m, m) + factor_product_cost(n, n);
+        return forming < steps_until_change * (chained - with_products);
     }
 
     PsgdConfig config_;

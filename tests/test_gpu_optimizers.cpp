@@ -235,6 +235,8 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
          },
          false, 6, 3, 1e-2, {"left", "right"}},
         {"psgd", "psgd", [](OptimizerConfig&) {}, false, 0, 4, 2e-3, {"momentum", "q_left", "q_right"}},
+        {"psgd at update probability 0.5 (Q^T Q formed and kept between updates)", "psgd",
+         [](OptimizerConfig& c) { c.psgd.update_prob_max = 0.5; }, false, 0, 6, 2e-3, {"momentum", "q_left", "q_right"}},
         {"psgd balanced, gradient into the update", "psgd",
          [](OptimizerConfig& c) {
              c.psgd.balance_probability = 1.0;
@@ -258,20 +260,33 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
 
 TEST_CASE("GPU PSGD with factors of 1024 and more (their products by trmm) matches the CPU reference") {
     REQUIRE_GPU();
-    // A tall and a wide matrix: 1024-wide left and right factors take the trmm path
-    // (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the batched GEMM.
-    ParamLayout layout;
-    layout.append("tall", {1024, 40}, ParamKind::Matrix);
-    layout.append("wide", {40, 1024}, ParamKind::Matrix);
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
-    OptimizerConfig c;
-    c.kind = OptimizerKind::Psgd;
-    const SideBySide r = run_side_by_side(layout, c, 0, 3, seed);
-    const double error = relative_error(r.gpu_change, r.cpu_change);
-    MESSAGE("psgd, 1024-wide factors: relative difference of the weight changes " << error);
-    CHECK(error < 2e-3);
-    check_states_agree(r, {"momentum", "q_left", "q_right"});
+    // A tall and a wide matrix at update probability 1: 1024-wide left and right factors take
+    // the trmm path (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the batched
+    // GEMM, and the preconditioned update is chained through the factors. Then a 1024 x 256
+    // matrix at probability 0.1 (an update every 10 steps), where forming Q^T Q by trmm pays off
+    // (products_pay_off): formed at step 1, kept, formed again after the update at step 10.
+    struct Case {
+        std::vector<std::pair<int, int>> shapes;
+        double update_probability;
+        int steps;
+    };
+    for (const Case& k : {Case{{{1024, 40}, {40, 1024}}, 1.0, 3}, Case{{{1024, 256}}, 0.1, 11}}) {
+        CAPTURE(k.update_probability);
+        ParamLayout layout;
+        for (const auto& [rows, cols] : k.shapes)
+            layout.append("m" + std::to_string(rows) + "x" + std::to_string(cols), {rows, cols}, ParamKind::Matrix);
+        OptimizerConfig c;
+        c.kind = OptimizerKind::Psgd;
+        c.psgd.update_prob_max = k.update_probability;
+        const SideBySide r = run_side_by_side(layout, c, 0, k.steps, seed);
+        const double error = relative_error(r.gpu_change, r.cpu_change);
+        MESSAGE("psgd, 1024-wide factors, update probability " << k.update_probability
+                                                               << ": relative difference of the weight changes " << error);
+        CHECK(error < 2e-3);
+        check_states_agree(r, {"momentum", "q_left", "q_right"});
+    }
 }
 
 TEST_CASE("GPU Shampoo, SOAP and PSGD with --precond-tf32 stay within TF32 rounding of the CPU references") {
@@ -440,6 +455,26 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
             CHECK(relative_error(std::vector<float>(product_t.begin() + long(at), product_t.begin() + long(at + 4 * n)),
                                  matmul(u, xs[size_t(b)], true, false).values) < 1e-5);
         }
+        // And with u on the right: b u and b u^T, b [4, n].
+        auto d_xt = uploaded(xt_host);
+        auto d_right_product = poisoned<float>(x_host.size()), d_right_product_t = poisoned<float>(x_host.size());
+        product_with_upper_triangular_batched_gpu(d_right_product.data(), d_xt.data(), d_noisy_u.data(), false, 4, n,
+                                                  batch);
+        product_with_upper_triangular_batched_gpu(d_right_product_t.data(), d_xt.data(), d_noisy_u.data(), true, 4, n,
+                                                  batch);
+        const std::vector<float> right_product = d_right_product.download(),
+                                 right_product_t = d_right_product_t.download();
+        for (int b = 0; b < batch; ++b) {
+            const size_t at = size_t(b) * 4 * n;
+            const Dense& u = us[size_t(b)];
+            const Dense xt = xs[size_t(b)].transposed();
+            CHECK(relative_error(std::vector<float>(right_product.begin() + long(at),
+                                                    right_product.begin() + long(at + 4 * n)),
+                                 matmul(xt, u).values) < 1e-5);
+            CHECK(relative_error(std::vector<float>(right_product_t.begin() + long(at),
+                                                    right_product_t.begin() + long(at + 4 * n)),
+                                 matmul(xt, u, false, true).values) < 1e-5);
+        }
         // Gram products: d = 0.7 op(x) op(x)^T + 0.4 d on a symmetric d, op(x) [n, n + 3].
         {
             const int k = n + 3;
@@ -480,6 +515,45 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
                                  expected_right.values) < 1e-5);
             CHECK(relative_error(std::vector<float>(left.begin() + long(size_t(b) * 4 * n), left.begin() + long(size_t(b + 1) * 4 * n)),
                                  expected_left.values) < 1e-5);
+        }
+    }
+}
+
+TEST_CASE("GPU product of two upper-triangular matrices by row blocks matches the CPU's matmul") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // One row block, exactly two, and three with a partial last one (kTriangularProductBlock 512).
+    for (int n : {300, 1024, 1100}) {
+        CAPTURE(n);
+        const int batch = 2;
+        std::vector<float> u_host, q_host;
+        std::vector<Dense> us, qs;
+        for (int b = 0; b < batch; ++b) {
+            Dense u = random_matrix(n, n, gen), q = random_matrix(n, n, gen);
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < i; ++j) u(i, j) = q(i, j) = 0;
+            us.push_back(u);
+            qs.push_back(q);
+            std::vector<float> uf = to_floats(u), qf = to_floats(q);
+            for (int i = 0; i < n; ++i)  // q's lower triangle is not read: noise there
+                for (int j = 0; j < i; ++j) qf[size_t(i) * n + j] = 5.0f;
+            u_host.insert(u_host.end(), uf.begin(), uf.end());
+            q_host.insert(q_host.end(), qf.begin(), qf.end());
+        }
+        auto d_u = uploaded(u_host), d_q = uploaded(q_host);
+        auto d_out = poisoned<float>(u_host.size());
+        upper_triangular_square_product_batched_gpu(d_out.data(), d_u.data(), d_q.data(), n, batch);
+        const std::vector<float> out = d_out.download();
+        for (int b = 0; b < batch; ++b) {
+            const size_t at = size_t(b) * n * n;
+            const std::vector<float> got(out.begin() + long(at), out.begin() + long(at + size_t(n) * n));
+            CHECK(relative_error(got, matmul(us[size_t(b)], qs[size_t(b)]).values) < 1e-5);
+            bool lower_zero = true;
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < i; ++j) lower_zero = lower_zero && got[size_t(i) * n + j] == 0.0f;
+            CHECK(lower_zero);
         }
     }
 }
