@@ -637,17 +637,18 @@ TEST_CASE("GPU training with every method: the loss falls, nothing diverges") {
 
 TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspaces when built") {
     REQUIRE_GPU();
-    // The workspaces are kept and shared by the process's calls, so 384-wide factors (wider than
-    // any other test's) make the reservation grow them; then the steps through a refresh (for
-    // SOAP also its first call's eigendecompositions) must allocate nothing more: all of it was
-    // there for the memory check that runs before training.
-    ParamLayout layout;
-    layout.append("square", {384, 384}, ParamKind::Matrix);
-    layout.append("square2", {384, 384}, ParamKind::Matrix);
-    layout.append("tall", {384, 96}, ParamKind::Matrix);
+    // The workspaces are kept and shared by the process's calls, so each optimizer gets factors
+    // wider than any earlier test's (SOAP 384, then Shampoo 448, whose eigendecomposition batch
+    // is also larger), which makes its reservation grow them; then the steps through a refresh
+    // (for SOAP also its first call's eigendecompositions) must allocate nothing more: all of it
+    // was there for the memory check that runs before training.
     std::mt19937_64 gen(fresh_seed());
-    for (const char* name : {"shampoo", "soap"}) {
+    for (const auto& [name, width] : {std::pair{"soap", 384}, std::pair{"shampoo", 448}}) {
         CAPTURE(name);
+        ParamLayout layout;
+        layout.append("square", {width, width}, ParamKind::Matrix);
+        layout.append("square2", {width, width}, ParamKind::Matrix);
+        layout.append("tall", {width, width / 4}, ParamKind::Matrix);
         OptimizerConfig c;
         c.kind = parse_optimizer(name);
         c.shampoo.precondition_frequency = 2;
@@ -655,7 +656,7 @@ TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspac
         const size_t before = linalg_workspace_bytes();
         GpuOptimizer gpu(layout, c);
         const size_t reserved = linalg_workspace_bytes();
-        CHECK(reserved > before);  // Shampoo: the eigendecomposition's; SOAP: the QRs' (new here)
+        CHECK(reserved > before);
         auto d_params = uploaded(random_vector<float>(layout.total, gen));
         for (int step = 0; step < 5; ++step) {
             auto d_grads = uploaded(random_vector<float>(layout.total, gen));
