@@ -204,22 +204,29 @@ size_t linalg_workspace_bytes();
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].
 void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch);
-// out [n, cols] = op(u) b for upper-triangular u [n, n] (only its upper triangle is read; op(u) =
-// u^T when transpose_u), b [n, cols]; out must not overlap u or b. Full fp32, one cublasStrmm per
-// matrix (cuBLAS has no batched trmm): half the multiply-adds of a GEMM (CPU reference: matmul
-// of the upper triangle).
-void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
-                                          int cols, int batch);
-// out [rows, n] = b op(u), the same with u on the right (b [rows, n]).
-void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
-                                               int n, int batch);
-// out [n, n] = u q for upper-triangular u and q [n, n] (the product is upper triangular; out
-// must not overlap them). u's strictly lower triangle must hold zeros (its rows are read as
-// dense), q's is not read. By row blocks of kTriangularProductBlock, one trmm each with the rest
-// of q's triangle: ~n^3/6 multiply-adds (plus O(block n^2)) against a whole trmm's n^3/2 or a
-// GEMM's n^3. Full fp32 (CPU reference: matmul).
+// Products with upper-triangular matrices (PSGD's factors and their multipliers) that skip their
+// zero blocks: each u [n, n] must hold zeros below its diagonal (the diagonal blocks are read as
+// dense). Cut into blocks of `block`, one strided-batched GEMM (cuBLAS, full fp32 or TF32) per
+// row or column block of the result; outputs must not overlap the inputs. cuBLAS's trmm was
+// slower for PSGD's left products (bench --linalg, H200, twelve 3072^2 by 3072 x 768: 4.30 ms
+// against a dense batched GEMM's 3.71). CPU reference: matmul.
 constexpr int kTriangularProductBlock = 512;
-void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch);
+// out [n, cols] = op(u) b (op(u) = u^T when transpose_u), b [n, cols].
+void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
+                                          int cols, int batch, bool tf32 = false,
+                                          int block = kTriangularProductBlock);
+// out [rows, n] = b op(u), b [rows, n].
+void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
+                                               int n, int batch, bool tf32 = false,
+                                               int block = kTriangularProductBlock);
+// out [n, n] = u q for upper-triangular u and q (zeros below both diagonals), itself upper
+// triangular: one GEMM per block on or above the diagonal.
+void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch,
+                                                 bool tf32 = false, int block = kTriangularProductBlock);
+// The share of a dense product's multiply-adds that the two kinds above do: ~(1 + block/n)/2
+// for the side products, ~1/6 (1 + O(block/n)) for the square one.
+double upper_triangular_product_fraction(int n, int block = kTriangularProductBlock);
+double upper_triangular_square_product_fraction(int n, int block = kTriangularProductBlock);
 // d [n, n] = alpha op(a) op(a)^T + beta d for each of `batch` contiguous matrices, op(a) [n, k]
 // (a stored [k, n] when transpose_a), d symmetric: one cublasSsyrk per matrix (half a GEMM's
 // multiply-adds; cuBLAS has no batched syrk), then the computed triangle mirrored. Full fp32

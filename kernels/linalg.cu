@@ -416,49 +416,84 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 
 namespace {
 
-// One cublasStrmm per matrix (cuBLAS has no batched trmm) with the column-major lower view U^T
-// of row-major upper u; side, operation and shapes in cuBLAS's column-major terms.
-void lower_view_trmm_batched(float* out, const float* u, const float* b, cublasSideMode_t side,
-                             cublasOperation_t operation, int rows, int cols, int n, int batch) {
-    const float one = 1.0f;
-    BLAS_CHECK(cublasSetStream(blas(), 0));
-    const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * cols;
-    for (int t = 0; t < batch; ++t)
-        BLAS_CHECK(cublasStrmm(blas(), side, CUBLAS_FILL_MODE_LOWER, operation, CUBLAS_DIAG_NON_UNIT, rows, cols, &one,
-                               u + t * u_size, n, b + t * b_size, rows, out + t * b_size, rows));
+// Row-major D [m, n] (leading dimension ldd) = op(A) op(B), op(A) [m, k], op(B) [k, n], for
+// `batch` matrices at the given strides (A, B and D may be sub-matrices), in full fp32 or on
+// TF32 tensor cores. Column-major, that is D^T = op(B)^T op(A)^T, and the column-major view of a
+// row-major buffer is its transpose, so each operand goes in transposed only when op transposes it.
+void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int lda, int64_t stride_a,
+                       bool transpose_a, const float* b, int ldb, int64_t stride_b, bool transpose_b, int m, int n,
+                       int k, int batch, bool tf32) {
+    const float one = 1.0f, zero = 0.0f;
+    BLAS_CHECK(cublasGemmStridedBatchedEx(blas(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                          transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_32F, ldb,
+                                          stride_b, a, CUDA_R_32F, lda, stride_a, &zero, d, CUDA_R_32F, ldd, stride_d,
+                                          batch, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                                          CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace
 
+// The products with upper-triangular u below skip u's zero blocks: cut u into blocks of `block`
+// rows and columns; a row block of op(u) b, or a column block of b op(u), is one GEMM over the
+// blocks of u that are not zero, batched over the matrices (strided). ~n^2/2 (1 + block/n) of
+// u's n^2 entries take part.
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
-                                          int cols, int batch) {
-    // Row-major Y = op(U) B  <=>  column-major Y^T = B^T op(U)^T, where the column-major view of U
-    // is U^T (lower triangular): op(U)^T is U^T (no transpose) or U (transpose).
-    lower_view_trmm_batched(out, u, b, CUBLAS_SIDE_RIGHT, transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, cols, n, n, batch);
+                                          int cols, int batch, bool tf32, int block) {
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
+    for (int r0 = 0; r0 < n; r0 += block) {
+        const int rows = std::min(block, n - r0), r1 = r0 + rows;
+        if (!transpose_u)  // out[r0:r1] = u[r0:r1, r0:n] b[r0:n]
+            gemm_rows_batched(out + int64_t(r0) * cols, cols, b_size, u + int64_t(r0) * n + r0, n, u_size, false,
+                              b + int64_t(r0) * cols, cols, b_size, false, rows, cols, n - r0, batch, tf32);
+        else  // out[r0:r1] = u^T[r0:r1, 0:r1] b[0:r1] = (u[0:r1, r0:r1])^T b[0:r1]
+            gemm_rows_batched(out + int64_t(r0) * cols, cols, b_size, u + r0, n, u_size, true, b, cols, b_size, false,
+                              rows, cols, r1, batch, tf32);
+    }
 }
 
 void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
-                                               int n, int batch) {
-    // Row-major Y = B op(U)  <=>  column-major Y^T = op(U)^T B^T, op(U)^T as above.
-    lower_view_trmm_batched(out, u, b, CUBLAS_SIDE_LEFT, transpose_u ? CUBLAS_OP_T : CUBLAS_OP_N, n, rows, n, batch);
+                                               int n, int batch, bool tf32, int block) {
+    BLAS_CHECK(cublasSetStream(blas(), 0));
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
+    for (int c0 = 0; c0 < n; c0 += block) {
+        const int cols = std::min(block, n - c0), c1 = c0 + cols;
+        if (!transpose_u)  // out[:, c0:c1] = b[:, 0:c1] u[0:c1, c0:c1]
+            gemm_rows_batched(out + c0, n, b_size, b, n, b_size, false, u + c0, n, u_size, false, rows, cols, c1, batch,
+                              tf32);
+        else  // out[:, c0:c1] = b[:, c0:n] u^T[c0:n, c0:c1] = b[:, c0:n] (u[c0:c1, c0:n])^T
+            gemm_rows_batched(out + c0, n, b_size, b + c0, n, b_size, false, u + int64_t(c0) * n + c0, n, u_size, true,
+                              rows, cols, n - c0, batch, tf32);
+    }
 }
 
-void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch) {
-    // Row-major C = U Q is upper triangular. By row blocks [r0, r0 + b): C[r0:, r0:] in those rows
-    // is U[rows, r0:] Q[r0:, r0:] (U is zero left of r0, Q below r0), one trmm with Q's triangle
-    // and U's rows as the dense operand; C left of r0 stays zero. Row-major Y = B Q_s is
-    // column-major Y^T = Q_s^T B^T, Q_s^T being the column-major (lower) view of Q_s.
+void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch,
+                                                 bool tf32, int block) {
+    // out[I, J] = u[I, r0_I : c1_J] q[r0_I : c1_J, J] for the blocks on and above the diagonal
+    // (u is zero left of row block I's start, q below column block J's end); the rest is zero.
     CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(n) * n * batch * sizeof(float), 0));
-    const float one = 1.0f;
     BLAS_CHECK(cublasSetStream(blas(), 0));
-    const size_t matrix = size_t(n) * n;
-    for (int t = 0; t < batch; ++t)
-        for (int r0 = 0; r0 < n; r0 += kTriangularProductBlock) {
-            const int rows = std::min(kTriangularProductBlock, n - r0), width = n - r0;
-            const size_t corner = t * matrix + size_t(r0) * n + r0;
-            BLAS_CHECK(cublasStrmm(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
-                                   width, rows, &one, q + corner, n, u + corner, n, out + corner, n));
+    const int64_t size = int64_t(n) * n;
+    for (int r0 = 0; r0 < n; r0 += block)
+        for (int c0 = r0; c0 < n; c0 += block) {
+            const int rows = std::min(block, n - r0), cols = std::min(block, n - c0);
+            gemm_rows_batched(out + int64_t(r0) * n + c0, n, size, u + int64_t(r0) * n + r0, n, size, false,
+                              q + int64_t(r0) * n + c0, n, size, false, rows, cols, c0 + cols - r0, batch, tf32);
         }
+}
+
+double upper_triangular_product_fraction(int n, int block) {
+    double multiply_adds = 0;  // per output column: sum over row blocks of rows x (n - r0)
+    for (int r0 = 0; r0 < n; r0 += block) multiply_adds += double(std::min(block, n - r0)) * (n - r0);
+    return multiply_adds / (double(n) * n);
+}
+
+double upper_triangular_square_product_fraction(int n, int block) {
+    double multiply_adds = 0;
+    for (int r0 = 0; r0 < n; r0 += block)
+        for (int c0 = r0; c0 < n; c0 += block)
+            multiply_adds += double(std::min(block, n - r0)) * std::min(block, n - c0) * (c0 + std::min(block, n - c0) - r0);
+    return multiply_adds / (double(n) * n * n);
 }
 
 namespace {

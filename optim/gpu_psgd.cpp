@@ -8,8 +8,8 @@
 // A = Q1 D Q2^T (2 factor products), B = Q1^-T V Q2^-1 (2 batched triangular solves), the
 // four Gram matrices (GroupGemm::gram), the spectral-norm lower bound (one block per matrix)
 // and Q <- (I - triu(.)) Q (a product of two upper-triangular matrices). Products with a
-// factor of 1024 and more are cuBLAS trmm (the last one by row blocks), below that batched
-// GEMMs.
+// factor of 1024 and more skip its zero blocks (GEMMs over the blocks of the triangle), below
+// that they are batched GEMMs.
 #include <cmath>
 
 #include "core/error.hpp"
@@ -171,44 +171,47 @@ private:
         psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
         psgd_factor_multiplier_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
                                    float(config_.precond_lr));
-        // Both upper triangular (the multiplier's lower triangle is zero): by trmm of row blocks
-        // from kTriangularProductMin, a sixth of a GEMM's multiply-adds.
-        if (uses_trmm(n))
-            upper_triangular_square_product_batched_gpu(factor_a_.data(), factor_c_.data(), q.data(), n, count);
+        // Both upper triangular (zeros below the diagonals): from kTriangularProductMin by GEMMs
+        // over the blocks that are not zero, 26% of a GEMM's multiply-adds at 3072.
+        if (blocked(n))
+            upper_triangular_square_product_batched_gpu(factor_a_.data(), factor_c_.data(), q.data(), n, count,
+                                                        gemm_.tf32);
         else
             gemm_(factor_a_.data(), factor_c_.data(), false, q.data(), false, n, n, n, count);
         commit_tiles(q.data(), factor_a_.data(), n, count);
     }
 
-    // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers): cuBLAS's
-    // trmm, half a GEMM's multiply-adds, for factors of at least kTriangularProductMin (one call
-    // per matrix; the 3072-wide factors' n^3 products are most of an update's FLOPs); one batched
-    // GEMM for smaller factors and in TF32 (trmm has no TF32 path).
+    // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers): for
+    // factors of at least kTriangularProductMin by GEMMs over u's blocks that are not zero
+    // (kernels/gpu.hpp; 58% of a GEMM's multiply-adds at 3072, 75% at 1024), below that one
+    // batched GEMM.
     static constexpr int kTriangularProductMin = 1024;
-    bool uses_trmm(int n) const { return !gemm_.tf32 && n >= kTriangularProductMin; }
+    static bool blocked(int n) { return n >= kTriangularProductMin; }
     void upper_product(float* out, const float* u, bool transpose_u, const float* b, int n, int cols, int count) {
-        if (uses_trmm(n))
-            upper_triangular_product_batched_gpu(out, u, transpose_u, b, n, cols, count);
+        if (blocked(n))
+            upper_triangular_product_batched_gpu(out, u, transpose_u, b, n, cols, count, gemm_.tf32);
         else
             gemm_(out, u, transpose_u, b, false, n, cols, n, count);
     }
     // out [rows, n] = b op(u), the same with u on the right.
     void product_upper(float* out, const float* b, const float* u, bool transpose_u, int rows, int n, int count) {
-        if (uses_trmm(n))
-            product_with_upper_triangular_batched_gpu(out, b, u, transpose_u, rows, n, count);
+        if (blocked(n))
+            product_with_upper_triangular_batched_gpu(out, b, u, transpose_u, rows, n, count, gemm_.tf32);
         else
             gemm_(out, b, false, u, transpose_u, rows, n, n, count);
     }
 
     // Whether to form P1 = Q1^T Q1, P2 = Q2^T Q2 for a group of m x n matrices, counted in
     // multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor products,
-    // 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (half by trmm); P1 D P2 costs m^2 n + m n^2 (dense
-    // P), after f(m, m) + f(n, n) to form P1 and P2 once per change of the factors. For
-    // gpt2-124m's 3072 x 768 matrices (3072-wide factor by trmm) the products pay off from 8.3
-    // steps on: during PSGD's first ~500 steps (an update at every step) every step is chained,
-    // which saves the 3072^3 / 2 product per update; at the 0.03 floor the P's are kept.
-    double factor_product_cost(int k, int l) const { return double(k) * k * l * (uses_trmm(k) ? 0.5 : 1.0); }
-    bool products_pay_off(int m, int n, double steps_until_change) const {
+    // 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (times the blocked products' share); P1 D P2
+    // costs m^2 n + m n^2 (dense P), after f(m, m) + f(n, n) to form P1 and P2 once per change of
+    // the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~6 steps on:
+    // during PSGD's first ~500 steps (an update at every step) every step is chained, which saves
+    // the 3072^3 product per update; at the 0.03 floor the P's are kept.
+    static double factor_product_cost(int k, int l) {
+        return double(k) * k * l * (blocked(k) ? upper_triangular_product_fraction(k) : 1.0);
+    }
+    static bool products_pay_off(int m, int n, double steps_until_change) {
         const double chained = 2 * factor_product_cost(m, n) + 2 * factor_product_cost(n, m);
         const double with_products = double(m) * m * n + double(m) * n * n;
         const double forming = factor_product_cost(m, m) + factor_product_cost(n, n);

@@ -436,44 +436,38 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
         }
         auto d_right = uploaded(xt_host);
         solve_upper_right_batched_gpu(d_right.data(), d_u.data(), 4, n, batch);  // x^T u^-1
-        // Products with the upper triangle of u (its lower triangle filled with noise, which must
-        // not be read): u b and u^T b, b [n, 4].
-        std::vector<float> noisy_u = u_host;
-        for (int b = 0; b < batch; ++b)
-            for (int i = 0; i < n; ++i)
-                for (int j = 0; j < i; ++j) noisy_u[size_t(b) * n * n + size_t(i) * n + j] = 7.0f;
-        auto d_noisy_u = uploaded(noisy_u), d_x = uploaded(x_host);
-        auto d_product = poisoned<float>(x_host.size()), d_product_t = poisoned<float>(x_host.size());
-        upper_triangular_product_batched_gpu(d_product.data(), d_noisy_u.data(), false, d_x.data(), n, 4, batch);
-        upper_triangular_product_batched_gpu(d_product_t.data(), d_noisy_u.data(), true, d_x.data(), n, 4, batch);
-        const std::vector<float> product = d_product.download(), product_t = d_product_t.download();
-        for (int b = 0; b < batch; ++b) {
-            const size_t at = size_t(b) * 4 * n;
-            const Dense& u = us[size_t(b)];
-            CHECK(relative_error(std::vector<float>(product.begin() + long(at), product.begin() + long(at + 4 * n)),
-                                 matmul(u, xs[size_t(b)]).values) < 1e-5);
-            CHECK(relative_error(std::vector<float>(product_t.begin() + long(at), product_t.begin() + long(at + 4 * n)),
-                                 matmul(u, xs[size_t(b)], true, false).values) < 1e-5);
-        }
-        // And with u on the right: b u and b u^T, b [4, n].
-        auto d_xt = uploaded(xt_host);
-        auto d_right_product = poisoned<float>(x_host.size()), d_right_product_t = poisoned<float>(x_host.size());
-        product_with_upper_triangular_batched_gpu(d_right_product.data(), d_xt.data(), d_noisy_u.data(), false, 4, n,
-                                                  batch);
-        product_with_upper_triangular_batched_gpu(d_right_product_t.data(), d_xt.data(), d_noisy_u.data(), true, 4, n,
-                                                  batch);
-        const std::vector<float> right_product = d_right_product.download(),
-                                 right_product_t = d_right_product_t.download();
-        for (int b = 0; b < batch; ++b) {
-            const size_t at = size_t(b) * 4 * n;
-            const Dense& u = us[size_t(b)];
-            const Dense xt = xs[size_t(b)].transposed();
-            CHECK(relative_error(std::vector<float>(right_product.begin() + long(at),
-                                                    right_product.begin() + long(at + 4 * n)),
-                                 matmul(xt, u).values) < 1e-5);
-            CHECK(relative_error(std::vector<float>(right_product_t.begin() + long(at),
-                                                    right_product_t.begin() + long(at + 4 * n)),
-                                 matmul(xt, u, false, true).values) < 1e-5);
+        // Products with upper-triangular u (zeros below the diagonal): u b and u^T b, b [n, 4], and
+        // b u and b u^T, b [4, n]; by the default blocks (one block here) and by blocks of 16
+        // (several, the last one partial).
+        auto d_x = uploaded(x_host), d_xt = uploaded(xt_host);
+        for (const int block : {kTriangularProductBlock, 16}) {
+            CAPTURE(block);
+            auto d_product = poisoned<float>(x_host.size()), d_product_t = poisoned<float>(x_host.size());
+            auto d_right_product = poisoned<float>(x_host.size()), d_right_product_t = poisoned<float>(x_host.size());
+            upper_triangular_product_batched_gpu(d_product.data(), d_u.data(), false, d_x.data(), n, 4, batch, false,
+                                                 block);
+            upper_triangular_product_batched_gpu(d_product_t.data(), d_u.data(), true, d_x.data(), n, 4, batch, false,
+                                                 block);
+            product_with_upper_triangular_batched_gpu(d_right_product.data(), d_xt.data(), d_u.data(), false, 4, n,
+                                                      batch, false, block);
+            product_with_upper_triangular_batched_gpu(d_right_product_t.data(), d_xt.data(), d_u.data(), true, 4, n,
+                                                      batch, false, block);
+            const std::vector<float> products[4] = {d_product.download(), d_product_t.download(),
+                                                    d_right_product.download(), d_right_product_t.download()};
+            for (int b = 0; b < batch; ++b) {
+                const Dense& u = us[size_t(b)];
+                const Dense& x = xs[size_t(b)];
+                const Dense xt = x.transposed();
+                const Dense expected[4] = {matmul(u, x), matmul(u, x, true, false), matmul(xt, u),
+                                           matmul(xt, u, false, true)};
+                const size_t at = size_t(b) * 4 * n;
+                for (int kind = 0; kind < 4; ++kind) {
+                    CAPTURE(kind);
+                    CHECK(relative_error(std::vector<float>(products[kind].begin() + long(at),
+                                                            products[kind].begin() + long(at + 4 * n)),
+                                         expected[kind].values) < 1e-5);
+                }
+            }
         }
         // Gram products: d = 0.7 op(x) op(x)^T + 0.4 d on a symmetric d, op(x) [n, n + 3].
         {
@@ -519,14 +513,17 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
     }
 }
 
-TEST_CASE("GPU product of two upper-triangular matrices by row blocks matches the CPU's matmul") {
+TEST_CASE("GPU product of two upper-triangular matrices by blocks matches the CPU's matmul") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    // One row block, exactly two, and three with a partial last one (kTriangularProductBlock 512).
-    for (int n : {300, 1024, 1100}) {
+    // One block, exactly two, and three with a partial last one (kTriangularProductBlock 512);
+    // blocks of 64 on 300 (five, the last partial).
+    for (const auto& [n, block] : {std::pair{300, kTriangularProductBlock}, std::pair{1024, kTriangularProductBlock},
+                                   std::pair{1100, kTriangularProductBlock}, std::pair{300, 64}}) {
         CAPTURE(n);
+        CAPTURE(block);
         const int batch = 2;
         std::vector<float> u_host, q_host;
         std::vector<Dense> us, qs;
@@ -536,15 +533,13 @@ TEST_CASE("GPU product of two upper-triangular matrices by row blocks matches th
                 for (int j = 0; j < i; ++j) u(i, j) = q(i, j) = 0;
             us.push_back(u);
             qs.push_back(q);
-            std::vector<float> uf = to_floats(u), qf = to_floats(q);
-            for (int i = 0; i < n; ++i)  // q's lower triangle is not read: noise there
-                for (int j = 0; j < i; ++j) qf[size_t(i) * n + j] = 5.0f;
+            const std::vector<float> uf = to_floats(u), qf = to_floats(q);
             u_host.insert(u_host.end(), uf.begin(), uf.end());
             q_host.insert(q_host.end(), qf.begin(), qf.end());
         }
         auto d_u = uploaded(u_host), d_q = uploaded(q_host);
         auto d_out = poisoned<float>(u_host.size());
-        upper_triangular_square_product_batched_gpu(d_out.data(), d_u.data(), d_q.data(), n, batch);
+        upper_triangular_square_product_batched_gpu(d_out.data(), d_u.data(), d_q.data(), n, batch, false, block);
         const std::vector<float> out = d_out.download();
         for (int b = 0; b < batch; ++b) {
             const size_t at = size_t(b) * n * n;
@@ -664,4 +659,18 @@ TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspac
         }
         CHECK(linalg_workspace_bytes() == reserved);
     }
+}
+
+TEST_CASE("Blocked triangular products: their share of a dense product's multiply-adds") {
+    // Side products: sum over row blocks of rows x (n - r0), over n^2; square: the blocks on and
+    // above the diagonal, each rows x cols x (c1 - r0), over n^3. Worked by hand for 1024 in
+    // blocks of 512: (512 * 1024 + 512 * 512) / 1024^2 and (512^3 + 512^2 * 1024 + 512^3) / 1024^3.
+    CHECK(upper_triangular_product_fraction(1024, 512) == doctest::Approx(0.75));
+    CHECK(upper_triangular_square_product_fraction(1024, 512) == doctest::Approx(0.5));
+    CHECK(upper_triangular_product_fraction(3072, 512) == doctest::Approx(512.0 * 10752 / (3072.0 * 3072)));
+    CHECK(upper_triangular_product_fraction(300, 512) == 1.0);  // one block: the dense product
+    CHECK(upper_triangular_square_product_fraction(300, 512) == 1.0);
+    // Fine blocks approach the triangles' shares, 1/2 and 1/6.
+    CHECK(upper_triangular_product_fraction(4096, 1) == doctest::Approx(0.5).epsilon(1e-3));
+    CHECK(upper_triangular_square_product_fraction(4096, 8) == doctest::Approx(1.0 / 6).epsilon(1e-2));
 }

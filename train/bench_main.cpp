@@ -387,60 +387,67 @@ void bench_linalg() {
     std::fflush(stdout);
 }
 
-// PSGD's products with its triangular factors at gpt2-124m's widest: 12 matrices with a 3072-wide
-// factor beside a 768-wide side, each product as a batched GEMM and as trmm; rates count the
-// multiply-adds a dense GEMM of the same shape does, so a faster time shows as a higher rate.
+// PSGD's products with its triangular factors at gpt2-124m's sizes: 12 matrices with a
+// 3072-wide factor beside a 768-wide side, and 48 with two 768-wide ones; each product as a
+// dense batched GEMM and by GEMMs over the triangle's blocks (kernels/linalg.cu) of 512 and 256.
+// Rates count the multiply-adds of the dense product, so a faster time shows as a higher rate.
 void bench_psgd_products() {
     Timer timer;
     auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };
-    const int big = 3072, small = 768, batch = 12;
-    const size_t square = size_t(big) * big, side = size_t(big) * small;
-    DeviceBuffer<float> u(square * batch), u2(square * batch), out_square(square * batch), x(side * batch),
-        y(side * batch);
-    std::vector<float> host(square * batch, 0.0f);
-    std::mt19937 generator(7);
-    std::normal_distribution<float> normal;
-    for (int b = 0; b < batch; ++b)
-        for (int r = 0; r < big; ++r)
-            for (int c = r; c < big; ++c) host[b * square + size_t(r) * big + c] = c == r ? 3.0f : 0.01f * normal(generator);
-    u.upload(host);
-    u2.upload(host);
-    for (size_t i = 0; i < side * batch; ++i) host[i] = normal(generator);
-    host.resize(side * batch);
-    x.upload(host);
-    auto report = [&](const char* what, double dense_flops, double gemm_ms, double trmm_ms, const char* trmm_kind) {
-        std::printf("PSGD %-34s x %d: batched GEMM %7.2f ms (%5.1f TFLOP/s), %-22s %7.2f ms (%5.1f dense-equivalent TFLOP/s)\n",
-                    what, batch, gemm_ms, dense_flops / (gemm_ms * 1e-3) / 1e12, trmm_kind, trmm_ms,
-                    dense_flops / (trmm_ms * 1e-3) / 1e12);
-    };
-    const double side_flops = 2.0 * big * big * small * batch;
-    report("U X (3072^2 by 3072 x 768)", side_flops,
-           time([&] { batched_matmul_f32_gpu(y.data(), y.data(), u.data(), false, x.data(), false, big, small, big, 1.0f,
-                                             0.0f, batch, int64_t(square), int64_t(side), int64_t(side)); }),
-           time([&] { upper_triangular_product_batched_gpu(y.data(), u.data(), false, x.data(), big, small, batch); }),
-           "trmm per matrix");
-    report("X U (768 x 3072 by 3072^2)", side_flops,
-           time([&] { batched_matmul_f32_gpu(y.data(), y.data(), x.data(), false, u.data(), false, small, big, big, 1.0f,
-                                             0.0f, batch, int64_t(side), int64_t(square), int64_t(side)); }),
-           time([&] { product_with_upper_triangular_batched_gpu(y.data(), x.data(), u.data(), false, small, big, batch); }),
-           "trmm per matrix");
-    const double square_flops = 2.0 * big * double(big) * big * batch;
-    const double gemm_square =
-        time([&] { batched_matmul_f32_gpu(out_square.data(), out_square.data(), u.data(), false, u2.data(), false, big, big,
-                                          big, 1.0f, 0.0f, batch, int64_t(square), int64_t(square), int64_t(square)); });
-    report("U U2 (3072^2, both upper)", square_flops, gemm_square,
-           time([&] { upper_triangular_product_batched_gpu(out_square.data(), u.data(), false, u2.data(), big, big, batch); }),
-           "trmm per matrix");
-    report("U U2 (3072^2, both upper)", square_flops, gemm_square,
-           time([&] { upper_triangular_square_product_batched_gpu(out_square.data(), u.data(), u2.data(), big, batch); }),
-           "trmm by row blocks");
-    // The solves run in place; u's unit-scale diagonal keeps x finite over the repetitions.
-    const double solve_left = time([&] { solve_upper_transposed_left_batched_gpu(x.data(), u.data(), big, small, batch); });
-    const double solve_right = time([&] { solve_upper_right_batched_gpu(y.data(), u.data(), small, big, batch); });
-    std::printf("PSGD triangular solves x %d (batched trsm): U^-T X %.2f ms, X U^-1 %.2f ms (%.1f / %.1f TFLOP/s at "
-                "the solve's own flops)\n",
-                batch, solve_left, solve_right, side_flops / 2 / (solve_left * 1e-3) / 1e12,
-                side_flops / 2 / (solve_right * 1e-3) / 1e12);
+    for (const auto& [big, small, batch] : {std::tuple{3072, 768, 12}, std::tuple{768, 768, 48}}) {
+        const size_t square = size_t(big) * big, side = size_t(big) * small;
+        DeviceBuffer<float> u(square * batch), u2(square * batch), out_square(square * batch), x(side * batch),
+            y(side * batch);
+        std::vector<float> host(square * batch, 0.0f);
+        std::mt19937 generator(7);
+        std::normal_distribution<float> normal;
+        for (int b = 0; b < batch; ++b)
+            for (int r = 0; r < big; ++r)
+                for (int c = r; c < big; ++c)
+                    host[b * square + size_t(r) * big + c] = c == r ? 3.0f : 0.01f * normal(generator);
+        u.upload(host);
+        u2.upload(host);
+        host.resize(side * batch);
+        for (float& v : host) v = normal(generator);
+        x.upload(host);
+        const double side_flops = 2.0 * big * big * small * batch, square_flops = 2.0 * big * double(big) * big * batch;
+        auto report = [&](const std::string& what, double dense_flops, double ms) {
+            std::printf("PSGD %4d^2 factor x %2d, %-44s %7.2f ms (%5.1f dense-equivalent TFLOP/s)\n", big, batch,
+                        what.c_str(), ms, dense_flops / (ms * 1e-3) / 1e12);
+        };
+        report("U X dense GEMM", side_flops, time([&] {
+                   batched_matmul_f32_gpu(y.data(), y.data(), u.data(), false, x.data(), false, big, small, big, 1.0f,
+                                          0.0f, batch, int64_t(square), int64_t(side), int64_t(side));
+               }));
+        report("U U2 dense GEMM", square_flops, time([&] {
+                   batched_matmul_f32_gpu(out_square.data(), out_square.data(), u.data(), false, u2.data(), false, big,
+                                          big, big, 1.0f, 0.0f, batch, int64_t(square), int64_t(square),
+                                          int64_t(square));
+               }));
+        for (int block : {512, 256}) {
+            const std::string by = " by blocks of " + std::to_string(block);
+            for (bool transpose : {false, true}) {
+                const std::string op = transpose ? "U^T" : "U";
+                report(op + " X" + by, side_flops, time([&] {
+                           upper_triangular_product_batched_gpu(y.data(), u.data(), transpose, x.data(), big, small,
+                                                                batch, false, block);
+                       }));
+                report("X " + op + by, side_flops, time([&] {
+                           product_with_upper_triangular_batched_gpu(y.data(), x.data(), u.data(), transpose, small,
+                                                                     big, batch, false, block);
+                       }));
+            }
+            report("U U2" + by, square_flops, time([&] {
+                       upper_triangular_square_product_batched_gpu(out_square.data(), u.data(), u2.data(), big, batch,
+                                                                   false, block);
+                   }));
+        }
+        // The solves run in place; u's diagonal of 3 keeps x finite over the repetitions.
+        const double solve_left = time([&] { solve_upper_transposed_left_batched_gpu(x.data(), u.data(), big, small, batch); });
+        const double solve_right = time([&] { solve_upper_right_batched_gpu(y.data(), u.data(), small, big, batch); });
+        std::printf("PSGD %4d^2 factor x %2d, triangular solves (batched trsm): U^-T X %.2f ms, X U^-1 %.2f ms\n", big,
+                    batch, solve_left, solve_right);
+    }
 }
 
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
