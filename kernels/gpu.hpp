@@ -206,27 +206,29 @@ void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, in
 void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch);
 // Products with upper-triangular matrices (PSGD's factors and their multipliers) that skip their
 // zero blocks: each u [n, n] must hold zeros below its diagonal (the diagonal blocks are read as
-// dense). Cut into blocks of `block`, one strided-batched GEMM (cuBLAS, full fp32 or TF32) per
-// row or column block of the result; outputs must not overlap the inputs. cuBLAS's trmm was
-// slower for PSGD's left products (bench --linalg, H200, twelve 3072^2 by 3072 x 768: 4.30 ms
-// against a dense batched GEMM's 3.71). CPU reference: matmul.
-constexpr int kTriangularProductBlock = 512;
+// dense). Cut into blocks of `block` (0: triangular_product_block(n)), one strided-batched GEMM
+// (cuBLAS, full fp32 or TF32) per row or column block of the result; outputs must not overlap
+// the inputs. CPU reference: matmul. Measured on an H200 (bench --linalg, full fp32): twelve
+// 3072^2 factors by 3072 x 768, 2.47 ms against a dense batched GEMM's 3.68 and cuBLAS trmm's
+// 4.30 (one call per matrix); twelve 3072^2 upper-triangular products 4.69 ms against 14.1
+// (GEMM) and 9.4 (trmm); 48 of 768^2 (blocks of 256) 0.72 and 0.51 ms against 0.95.
+// The block size: 512 from 2048 (3072^2: 2.47 / 4.69 ms against 2.72 / 5.75 with 256), else 256
+// (768^2: 0.72 / 0.51 ms against 0.76 / 0.59 with 512).
+inline int triangular_product_block(int n) { return n >= 2048 ? 512 : 256; }
 // out [n, cols] = op(u) b (op(u) = u^T when transpose_u), b [n, cols].
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
-                                          int cols, int batch, bool tf32 = false,
-                                          int block = kTriangularProductBlock);
+                                          int cols, int batch, bool tf32 = false, int block = 0);
 // out [rows, n] = b op(u), b [rows, n].
 void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
-                                               int n, int batch, bool tf32 = false,
-                                               int block = kTriangularProductBlock);
+                                               int n, int batch, bool tf32 = false, int block = 0);
 // out [n, n] = u q for upper-triangular u and q (zeros below both diagonals), itself upper
 // triangular: one GEMM per block on or above the diagonal.
 void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch,
-                                                 bool tf32 = false, int block = kTriangularProductBlock);
+                                                 bool tf32 = false, int block = 0);
 // The share of a dense product's multiply-adds that the two kinds above do: ~(1 + block/n)/2
-// for the side products, ~1/6 (1 + O(block/n)) for the square one.
-double upper_triangular_product_fraction(int n, int block = kTriangularProductBlock);
-double upper_triangular_square_product_fraction(int n, int block = kTriangularProductBlock);
+// for the side products, ~1/6 (1 + O(block/n)) for the square one (block 0 as above).
+double upper_triangular_product_fraction(int n, int block = 0);
+double upper_triangular_square_product_fraction(int n, int block = 0);
 // d [n, n] = alpha op(a) op(a)^T + beta d for each of `batch` contiguous matrices, op(a) [n, k]
 // (a stored [k, n] when transpose_a), d symmetric: one cublasSsyrk per matrix (half a GEMM's
 // multiply-adds; cuBLAS has no batched syrk), then the computed triangle mirrored. Full fp32

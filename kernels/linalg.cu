@@ -439,6 +439,7 @@ void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int 
 // u's n^2 entries take part.
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch, bool tf32, int block) {
+    if (block <= 0) block = triangular_product_block(n);
     BLAS_CHECK(cublasSetStream(blas(), 0));
     const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
     for (int r0 = 0; r0 < n; r0 += block) {
@@ -454,6 +455,7 @@ void upper_triangular_product_batched_gpu(float* out, const float* u, bool trans
 
 void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
                                                int n, int batch, bool tf32, int block) {
+    if (block <= 0) block = triangular_product_block(n);
     BLAS_CHECK(cublasSetStream(blas(), 0));
     const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
     for (int c0 = 0; c0 < n; c0 += block) {
@@ -469,6 +471,7 @@ void product_with_upper_triangular_batched_gpu(float* out, const float* b, const
 
 void upper_triangular_square_product_batched_gpu(float* out, const float* u, const float* q, int n, int batch,
                                                  bool tf32, int block) {
+    if (block <= 0) block = triangular_product_block(n);
     // out[I, J] = u[I, r0_I : c1_J] q[r0_I : c1_J, J] for the blocks on and above the diagonal
     // (u is zero left of row block I's start, q below column block J's end); the rest is zero.
     CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(n) * n * batch * sizeof(float), 0));
@@ -483,12 +486,14 @@ void upper_triangular_square_product_batched_gpu(float* out, const float* u, con
 }
 
 double upper_triangular_product_fraction(int n, int block) {
+    if (block <= 0) block = triangular_product_block(n);
     double multiply_adds = 0;  // per output column: sum over row blocks of rows x (n - r0)
     for (int r0 = 0; r0 < n; r0 += block) multiply_adds += double(std::min(block, n - r0)) * (n - r0);
     return multiply_adds / (double(n) * n);
 }
 
 double upper_triangular_square_product_fraction(int n, int block) {
+    if (block <= 0) block = triangular_product_block(n);
     double multiply_adds = 0;
     for (int r0 = 0; r0 < n; r0 += block)
         for (int c0 = r0; c0 < n; c0 += block)

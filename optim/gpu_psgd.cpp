@@ -8,7 +8,7 @@
 // A = Q1 D Q2^T (2 factor products), B = Q1^-T V Q2^-1 (2 batched triangular solves), the
 // four Gram matrices (GroupGemm::gram), the spectral-norm lower bound (one block per matrix)
 // and Q <- (I - triu(.)) Q (a product of two upper-triangular matrices). Products with a
-// factor of 1024 and more skip its zero blocks (GEMMs over the blocks of the triangle), below
+// factor of 512 and more skip its zero blocks (GEMMs over the blocks of the triangle), below
 // that they are batched GEMMs.
 #include <cmath>
 
@@ -172,7 +172,7 @@ private:
         psgd_factor_multiplier_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,
                                    float(config_.precond_lr));
         // Both upper triangular (zeros below the diagonals): from kTriangularProductMin by GEMMs
-        // over the blocks that are not zero, 26% of a GEMM's multiply-adds at 3072.
+        // over the blocks that are not zero, 26% of a GEMM's multiply-adds at 3072, 37% at 768.
         if (blocked(n))
             upper_triangular_square_product_batched_gpu(factor_a_.data(), factor_c_.data(), q.data(), n, count,
                                                         gemm_.tf32);
@@ -183,9 +183,9 @@ private:
 
     // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers): for
     // factors of at least kTriangularProductMin by GEMMs over u's blocks that are not zero
-    // (kernels/gpu.hpp; 58% of a GEMM's multiply-adds at 3072, 75% at 1024), below that one
-    // batched GEMM.
-    static constexpr int kTriangularProductMin = 1024;
+    // (kernels/gpu.hpp; 58% of a GEMM's multiply-adds at 3072, 67% at 768, and faster there by
+    // measurement), below that (a single block of 256) one batched GEMM.
+    static constexpr int kTriangularProductMin = 512;
     static bool blocked(int n) { return n >= kTriangularProductMin; }
     void upper_product(float* out, const float* u, bool transpose_u, const float* b, int n, int cols, int count) {
         if (blocked(n))

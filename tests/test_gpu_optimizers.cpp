@@ -258,13 +258,13 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
     }
 }
 
-TEST_CASE("GPU PSGD with factors of 1024 and more (their products by trmm) matches the CPU reference") {
+TEST_CASE("GPU PSGD with wide factors (their products by blocks of the triangle) matches the CPU reference") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     // A tall and a wide matrix at update probability 1: 1024-wide left and right factors take
-    // the trmm path (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the batched
-    // GEMM, and the preconditioned update is chained through the factors. Then a 1024 x 256
+    // the blocked products (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the
+    // batched GEMM, and the preconditioned update is chained through the factors. Then a 1024 x 256
     // matrix at probability 0.1 (an update every 10 steps), where forming Q^T Q by trmm pays off
     // (products_pay_off): formed at step 1, kept, formed again after the update at step 10.
     struct Case {
@@ -440,7 +440,7 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
         // b u and b u^T, b [4, n]; by the default blocks (one block here) and by blocks of 16
         // (several, the last one partial).
         auto d_x = uploaded(x_host), d_xt = uploaded(xt_host);
-        for (const int block : {kTriangularProductBlock, 16}) {
+        for (const int block : {0, 16}) {  // 0: the default (one block at these sizes)
             CAPTURE(block);
             auto d_product = poisoned<float>(x_host.size()), d_product_t = poisoned<float>(x_host.size());
             auto d_right_product = poisoned<float>(x_host.size()), d_right_product_t = poisoned<float>(x_host.size());
@@ -518,10 +518,10 @@ TEST_CASE("GPU product of two upper-triangular matrices by blocks matches the CP
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);
-    // One block, exactly two, and three with a partial last one (kTriangularProductBlock 512);
-    // blocks of 64 on 300 (five, the last partial).
-    for (const auto& [n, block] : {std::pair{300, kTriangularProductBlock}, std::pair{1024, kTriangularProductBlock},
-                                   std::pair{1100, kTriangularProductBlock}, std::pair{300, 64}}) {
+    // The default blocks (triangular_product_block: 256 below 2048, then 512): 300 in two (the
+    // last partial), 1024 in exactly four, 2100 in five (the last partial); and 300 in blocks of
+    // 64 (five, the last partial).
+    for (const auto& [n, block] : {std::pair{300, 0}, std::pair{1024, 0}, std::pair{2100, 0}, std::pair{300, 64}}) {
         CAPTURE(n);
         CAPTURE(block);
         const int batch = 2;
@@ -670,6 +670,9 @@ TEST_CASE("Blocked triangular products: their share of a dense product's multipl
     CHECK(upper_triangular_product_fraction(3072, 512) == doctest::Approx(512.0 * 10752 / (3072.0 * 3072)));
     CHECK(upper_triangular_product_fraction(300, 512) == 1.0);  // one block: the dense product
     CHECK(upper_triangular_square_product_fraction(300, 512) == 1.0);
+    // The default block: 256 below 2048, 512 from there.
+    CHECK(upper_triangular_product_fraction(768) == doctest::Approx(upper_triangular_product_fraction(768, 256)));
+    CHECK(upper_triangular_product_fraction(3072) == doctest::Approx(upper_triangular_product_fraction(3072, 512)));
     // Fine blocks approach the triangles' shares, 1/2 and 1/6.
     CHECK(upper_triangular_product_fraction(4096, 1) == doctest::Approx(0.5).epsilon(1e-3));
     CHECK(upper_triangular_square_product_fraction(4096, 8) == doctest::Approx(1.0 / 6).epsilon(1e-2));
