@@ -2,7 +2,8 @@
 // GPTQ. For the optimizers, over batches of row-major fp32 matrices: the symmetric
 // eigendecomposition (cuSOLVER's batched syev), the Q factor of a QR (Cholesky QR in float64:
 // batched GEMMs, Cholesky factorizations and triangular solves; or Householder, cuSOLVER geqrf
-// + orgqr, one matrix per worker stream) and triangular solves (cuBLAS batched trsm);
+// + orgqr, one matrix per worker stream), triangular solves (cuBLAS batched trsm) and products
+// with upper-triangular matrices (strided-batched GEMMs over the triangle's blocks);
 // CPU references in optim/dense.hpp (symmetric_eigen, householder_q, solve_upper_right),
 // checked against these in tests/test_gpu_optimizers.cpp. For GPTQ: the Cholesky factor of the
 // inverse Hessian (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block
@@ -190,9 +191,6 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
 
 namespace {
 
-// Householder Q of the batch's matrices listed in `which` (q, a and scratch hold batch slices of
-// n * n floats; only the listed ones are touched), the matrices taken in turn by the worker
-// streams.
 // geqrf's and orgqr's workspaces on worker w for one n x n matrix m (grown as needed).
 struct HouseholderWork {
     float* tau;
@@ -214,6 +212,9 @@ HouseholderWork householder_work(SolverWorker& w, int n, float* m) {
     return work;
 }
 
+// Householder Q of the batch's matrices listed in `which` (q, a and scratch hold batch slices of
+// n * n floats; only the listed ones are touched), the matrices taken in turn by the worker
+// streams.
 void householder_q_selected(float* q, const float* a, int n, const std::vector<int>& which, float* scratch) {
     const size_t matrix = size_t(n) * n;
     for (int b : which) transpose_square(scratch + b * matrix, a + b * matrix, n, 1, false, 0);  // column-major

@@ -365,8 +365,8 @@ void bench_linalg() {
                         gemm, syrk);
         }
     for (int n : {768, 1024, 2048, 3072})
-        for (int batch : {1, 12, 48}) {
-            if (n > 1024 && batch > 24) batch = 24;
+        for (int requested : {1, 12, 48}) {
+            const int batch = n > 1024 ? std::min(requested, 24) : requested;  // 24 of 2048^2 and more
             const size_t floats = size_t(n) * n * batch;
             DeviceBuffer<float> a(floats), q(floats), scratch(floats);
             // Gaussian entries: full rank, as SOAP's power-iteration products are in practice.
