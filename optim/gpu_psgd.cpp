@@ -205,7 +205,7 @@ private:
     // multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor products,
     // 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (times the blocked products' share); P1 D P2
     // costs m^2 n + m n^2 (dense P), after f(m, m) + f(n, n) to form P1 and P2 once per change of
-    // the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~6 steps on:
+    // the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~10 steps on:
     // during PSGD's first ~500 steps (an update at every step) every step is chained, which saves
     // the 3072^3 product per update; at the 0.03 floor the P's are kept.
     static double factor_product_cost(int k, int l) {
