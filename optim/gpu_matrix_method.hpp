@@ -82,6 +82,11 @@ GroupScratch group_scratch(const std::vector<TileGroup>& groups);
 std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config);
 std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config);
 std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config);
+// PSGD on the GPU, for a group of m x n matrices whose factors are expected to stay for
+// steps_until_change steps: whether forming P = Q^T Q for both factors (kept until they change)
+// costs fewer multiply-adds than chaining the preconditioned update through the factors
+// (optim/gpu_psgd.cpp explains the count).
+bool psgd_products_pay_off(int m, int n, double steps_until_change);
 
 // Groups the routed matrices' tiles by shape, in routing order within each group: whole
 // matrices (block_size 0; state named after the matrix), or Shampoo's blocks of at most

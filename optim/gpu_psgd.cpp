@@ -2,14 +2,14 @@
 // matrices, with the schedule's decisions shared by all (as the reference). Per step and
 // group: momentum (one element-wise pass), the preconditioned update Q1^T Q1 D Q2^T Q2 (2
 // batched GEMMs with the products Q^T Q kept until the factors change, or 4 triangular
-// products chained where the factors change too often for that to pay: products_pay_off),
-// its RMS clip (per-matrix sums of squares) and the apply pass. On the steps the schedule
-// picks, the factor update: the probe V (the same counter-based normal numbers as the CPU),
-// A = Q1 D Q2^T (2 factor products), B = Q1^-T V Q2^-1 (2 batched triangular solves), the
-// four Gram matrices (GroupGemm::gram), the spectral-norm lower bound (one block per matrix)
-// and Q <- (I - triu(.)) Q (a product of two upper-triangular matrices). Products with a
-// factor of 512 and more skip its zero blocks (GEMMs over the blocks of the triangle), below
-// that they are batched GEMMs.
+// products chained where the factors change too often for that to pay, which
+// psgd_products_pay_off decides), its RMS clip (per-matrix sums of squares) and the apply
+// pass. On the steps the schedule picks, the factor update: the probe V (the same
+// counter-based normal numbers as the CPU), A = Q1 D Q2^T (2 factor products), B = Q1^-T V
+// Q2^-1 (2 batched triangular solves), the four Gram matrices (GroupGemm::gram), the
+// spectral-norm lower bound (one block per matrix) and Q <- (I - triu(.)) Q (a product of two
+// upper-triangular matrices). Products with a factor of 512 and more skip its zero blocks
+// (GEMMs over the blocks of the triangle), below that they are batched GEMMs.
 #include <cmath>
 
 #include "core/error.hpp"
@@ -18,6 +18,34 @@
 #include "optim/preconditioner_kernels.hpp"
 
 namespace qopt {
+
+namespace {
+
+// Products with a factor of at least kTriangularProductMin go by GEMMs over its blocks that are
+// not zero (kernels/gpu.hpp; 58% of a GEMM's multiply-adds at 3072, 67% at 768, and faster
+// there by measurement), below that (a single block of 256) as one batched GEMM.
+constexpr int kTriangularProductMin = 512;
+bool blocked(int n) { return n >= kTriangularProductMin; }
+
+// Multiply-adds of a k x k factor times a k x l matrix.
+double factor_product_cost(int k, int l) {
+    return double(k) * k * l * (blocked(k) ? upper_triangular_product_fraction(k) : 1.0);
+}
+
+}  // namespace
+
+// Counted in multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor
+// products, 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (times the blocked products' share);
+// P1 D P2 costs m^2 n + m n^2 (dense P), after f(m, m) + f(n, n) to form P1 and P2 once per
+// change of the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~10
+// steps on: during PSGD's first ~500 steps (an update at every step) every step is chained,
+// which saves the 3072^3 product per update; at the 0.03 floor the P's are kept.
+bool psgd_products_pay_off(int m, int n, double steps_until_change) {
+    const double chained = 2 * factor_product_cost(m, n) + 2 * factor_product_cost(n, m);
+    const double with_products = double(m) * m * n + double(m) * n * n;
+    const double forming = factor_product_cost(m, m) + factor_product_cost(n, n);
+    return forming < steps_until_change * (chained - with_products);
+}
 
 namespace {
 
@@ -78,7 +106,7 @@ public:
             if (decision.update || decision.balance) s.products_current = false;
             // U = Q1^T Q1 D Q2^T Q2 -> work_a: as P1 D P2 with P1 = Q1^T Q1 and P2 = Q2^T Q2 kept
             // until the factors change, where forming them pays for itself before then.
-            if (!s.products_current && products_pay_off(m, n, steps_until_change)) {
+            if (!s.products_current && psgd_products_pay_off(m, n, steps_until_change)) {
                 upper_product(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), m, m, count);
                 upper_product(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), n, n, count);
                 s.products_current = true;
@@ -181,12 +209,7 @@ private:
         commit_tiles(q.data(), factor_a_.data(), n, count);
     }
 
-    // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers): for
-    // factors of at least kTriangularProductMin by GEMMs over u's blocks that are not zero
-    // (kernels/gpu.hpp; 58% of a GEMM's multiply-adds at 3072, 67% at 768, and faster there by
-    // measurement), below that (a single block of 256) one batched GEMM.
-    static constexpr int kTriangularProductMin = 512;
-    static bool blocked(int n) { return n >= kTriangularProductMin; }
+    // out [n, cols] = op(u) b for upper-triangular u (the factors, their multipliers).
     void upper_product(float* out, const float* u, bool transpose_u, const float* b, int n, int cols, int count) {
         if (blocked(n))
             upper_triangular_product_batched_gpu(out, u, transpose_u, b, n, cols, count, gemm_.tf32);
@@ -199,23 +222,6 @@ private:
             product_with_upper_triangular_batched_gpu(out, b, u, transpose_u, rows, n, count, gemm_.tf32);
         else
             gemm_(out, b, false, u, transpose_u, rows, n, n, count);
-    }
-
-    // Whether to form P1 = Q1^T Q1, P2 = Q2^T Q2 for a group of m x n matrices, counted in
-    // multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor products,
-    // 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (times the blocked products' share); P1 D P2
-    // costs m^2 n + m n^2 (dense P), after f(m, m) + f(n, n) to form P1 and P2 once per change of
-    // the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~10 steps on:
-    // during PSGD's first ~500 steps (an update at every step) every step is chained, which saves
-    // the 3072^3 product per update; at the 0.03 floor the P's are kept.
-    static double factor_product_cost(int k, int l) {
-        return double(k) * k * l * (blocked(k) ? upper_triangular_product_fraction(k) : 1.0);
-    }
-    static bool products_pay_off(int m, int n, double steps_until_change) {
-        const double chained = 2 * factor_product_cost(m, n) + 2 * factor_product_cost(n, m);
-        const double with_products = double(m) * m * n + double(m) * n * n;
-        const double forming = factor_product_cost(m, m) + factor_product_cost(n, n);
-        return forming < steps_until_change * (chained - with_products);
     }
 
     PsgdConfig config_;

@@ -677,3 +677,22 @@ TEST_CASE("Blocked triangular products: their share of a dense product's multipl
     CHECK(upper_triangular_product_fraction(4096, 1) == doctest::Approx(0.5).epsilon(1e-3));
     CHECK(upper_triangular_square_product_fraction(4096, 8) == doctest::Approx(1.0 / 6).epsilon(1e-2));
 }
+
+TEST_CASE("PSGD on the GPU forms Q^T Q only where it pays before the factors change") {
+    // Worked for gpt2-124m's 3072 x 768 matrices (3072 in blocks of 512: share 0.583; 768 in
+    // blocks of 256: 0.667), in multiply-adds: chained 2 (3072^2 768 0.583) + 2 (768^2 3072 0.667)
+    // = 1.088e10, with P 3072^2 768 + 3072 768^2 = 9.06e9, forming 3072^3 0.583 + 768^3 0.667
+    // = 1.721e10: it pays from 1.721e10 / 1.82e9 = 9.5 steps on.
+    CHECK_FALSE(psgd_products_pay_off(3072, 768, 1.0));  // update probability 1: chained
+    CHECK_FALSE(psgd_products_pay_off(3072, 768, 9.0));
+    CHECK(psgd_products_pay_off(3072, 768, 10.0));
+    CHECK(psgd_products_pay_off(3072, 768, 1 / 0.03));  // at the schedule's floor: kept
+    CHECK(psgd_products_pay_off(768, 3072, 10.0) == psgd_products_pay_off(3072, 768, 10.0));  // symmetric in m, n
+    // Square 768 (both blocked, share 2/3): chained 4 (2/3) n^3, with P 2 n^3, forming (4/3) n^3:
+    // pays after 2 steps. Square 100 (dense GEMMs): chained 4 n^3, with P 2 n^3, forming 2 n^3:
+    // pays after 1 step, not at it.
+    CHECK_FALSE(psgd_products_pay_off(768, 768, 2.0));
+    CHECK(psgd_products_pay_off(768, 768, 2.1));
+    CHECK_FALSE(psgd_products_pay_off(100, 100, 1.0));
+    CHECK(psgd_products_pay_off(100, 100, 1.1));
+}
