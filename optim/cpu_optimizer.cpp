@@ -155,8 +155,11 @@ private:
                 case OptimizerKind::Psgd: {
                     PsgdMatrixState& s = psgd_[i];
                     fn(m.name + ".momentum", {r, c}, s.momentum);
-                    fn(m.name + ".q_left", {r, r}, s.q_left);
-                    fn(m.name + ".q_right", {c, c}, s.q_right);
+                    // A diagonal factor is stored as its diagonal.
+                    fn(m.name + ".q_left", s.left_diagonal ? std::vector<int64_t>{r} : std::vector<int64_t>{r, r},
+                       s.q_left);
+                    fn(m.name + ".q_right", s.right_diagonal ? std::vector<int64_t>{c} : std::vector<int64_t>{c, c},
+                       s.q_right);
                     break;
                 }
                 case OptimizerKind::Shampoo: {

@@ -56,6 +56,11 @@ public:
         groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
+            const auto [left_diagonal, right_diagonal] = config_.diagonal_factors(m, n);
+            QOPT_CHECK(!left_diagonal && !right_diagonal, "PSGD on the GPU: the ", m, " x ", n,
+                       " matrices would get a diagonal factor (--psgd-memory-save-mode ", config_.memory_save_mode,
+                       ", --psgd-max-size-triangular ", config_.max_size_triangular, ", --psgd-min-ndim-triangular ",
+                       config_.min_ndim_triangular, "), which only the CPU implements so far (--device cpu)");
             State& s = state_.emplace_back();
             // Initial state exactly as the CPU's (identity factors times sqrt(init_scale)).
             PsgdMatrixState initial;

@@ -98,7 +98,15 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option("--psgd-update-prob-flat-start", c.psgd.update_prob_flat_start, "Steps at the maximum probability")
         ->group(k);
     app.add_option("--psgd-max-size-triangular", c.psgd.max_size_triangular,
-                   "Largest dimension with a triangular factor")
+                   "Largest dimension with a triangular factor (larger ones get a diagonal factor)")
+        ->group(k);
+    app.add_option("--psgd-min-ndim-triangular", c.psgd.min_ndim_triangular,
+                   "Fewest tensor dimensions for triangular factors (above 2: every matrix's factors are diagonal)")
+        ->group(k);
+    app.add_option("--psgd-memory-save-mode", c.psgd.memory_save_mode,
+                   "Diagonal factors to save memory: none, smart_one_diag (the larger dimension, if strictly "
+                   "larger), one_diag (the larger; the right one of a square matrix), all_diag. CPU only so far")
+        ->check(CLI::IsMember({"none", "smart_one_diag", "one_diag", "all_diag"}))
         ->group(k);
     app.add_option("--psgd-momentum-into-precond-update", c.psgd.momentum_into_precond_update,
                    "Fit the preconditioner to the momentum instead of the gradient (true/false)")

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "core/error.hpp"
 #include "optim/optimizer_state.hpp"
@@ -21,6 +22,11 @@ void PsgdConfig::validate() const {
                "PSGD update probabilities must satisfy 0 < min <= max <= 1");
     QOPT_CHECK(update_prob_decay >= 0, "--psgd-update-prob-decay must be non-negative");
     QOPT_CHECK(max_size_triangular > 0, "--psgd-max-size-triangular must be positive");
+    QOPT_CHECK(min_ndim_triangular >= 0, "--psgd-min-ndim-triangular must be non-negative");
+    QOPT_CHECK(memory_save_mode == "none" || memory_save_mode == "smart_one_diag" || memory_save_mode == "one_diag" ||
+                   memory_save_mode == "all_diag",
+               "--psgd-memory-save-mode must be none, smart_one_diag, one_diag or all_diag, not '", memory_save_mode,
+               "'");
     QOPT_CHECK(balance_probability >= 0 && balance_probability <= 1, "--psgd-balance-prob must be in [0, 1]");
 }
 
@@ -35,10 +41,25 @@ Json PsgdConfig::to_json() const {
     j["update_prob_decay"] = update_prob_decay;
     j["update_prob_flat_start"] = int64_t(update_prob_flat_start);
     j["max_size_triangular"] = int64_t(max_size_triangular);
+    j["min_ndim_triangular"] = int64_t(min_ndim_triangular);
+    j["memory_save_mode"] = memory_save_mode;
     j["momentum_into_precond_update"] = momentum_into_precond_update;
     j["balance_probability"] = balance_probability;
     j["seed"] = seed;
     return j;
+}
+
+std::pair<bool, bool> PsgdConfig::diagonal_factors(int rows, int cols) const {
+    // memory_save_mode first (numpy's argsort, reversed: of two equal sizes the last is largest).
+    bool left = memory_save_mode == "all_diag", right = left;
+    if (memory_save_mode == "one_diag") (rows > cols ? left : right) = true;
+    if (memory_save_mode == "smart_one_diag" && rows != cols) (rows > cols ? left : right) = true;
+    // Then the per-dimension rules (a matrix has 2 dimensions). The reference also makes a
+    // dimension of size 1 diagonal; its 1 x 1 triangular factor here updates identically.
+    const bool all = 2 < min_ndim_triangular;
+    left = left || all || rows > max_size_triangular;
+    right = right || all || cols > max_size_triangular;
+    return {left, right};
 }
 
 PsgdSchedule::Decision PsgdSchedule::next(const PsgdConfig& c) {
@@ -71,14 +92,16 @@ PsgdSchedule PsgdSchedule::from_json(const Json& j) {
 }
 
 void PsgdMatrixState::init(int rows, int cols, const PsgdConfig& c) {
-    QOPT_CHECK(rows <= c.max_size_triangular && cols <= c.max_size_triangular, "PSGD: a ", rows, " x ", cols,
-               " matrix needs a diagonal factor (above --psgd-max-size-triangular), which is not implemented");
     momentum.assign(size_t(rows) * cols, 0.0f);
+    std::tie(left_diagonal, right_diagonal) = c.diagonal_factors(rows, cols);
     const double scale = std::sqrt(c.precond_init_scale);  // init_scale^(1 / order)
-    q_left.assign(size_t(rows) * rows, 0.0f);
-    q_right.assign(size_t(cols) * cols, 0.0f);
-    for (int i = 0; i < rows; ++i) q_left[size_t(i) * rows + i] = float(scale);
-    for (int i = 0; i < cols; ++i) q_right[size_t(i) * cols + i] = float(scale);
+    // scale I, or scale times ones when diagonal.
+    auto identity = [&](std::vector<float>& q, int n, bool diagonal) {
+        q.assign(diagonal ? size_t(n) : size_t(n) * n, 0.0f);
+        for (int i = 0; i < n; ++i) q[diagonal ? size_t(i) : size_t(i) * n + i] = float(scale);
+    };
+    identity(q_left, rows, left_diagonal);
+    identity(q_right, cols, right_diagonal);
 }
 
 float psgd_probe(const PsgdConfig& c, long step, int matrix_index, size_t element) {
@@ -137,6 +160,38 @@ bool update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t
     return commit_preconditioner(q_values, updated);
 }
 
+// The diagonal factor's update: q -= lr_p (t1 - t2) q / max|t1 + t2| (t1, t2 the row or column
+// sums of squares of A and B); false when the result was not finite (q kept).
+bool update_diagonal_factor(std::vector<float>& q_values, const std::vector<double>& t1,
+                            const std::vector<double>& t2, double precond_lr) {
+    const double tiny = 1.17549435e-38;
+    double norm = 0;
+    for (size_t i = 0; i < t1.size(); ++i) norm = std::max(norm, std::abs(t1[i] + t2[i]));
+    norm = std::max(norm, tiny);
+    Dense updated(1, int(q_values.size()));
+    for (size_t i = 0; i < q_values.size(); ++i)
+        updated.values[i] = q_values[i] - precond_lr * (t1[i] - t2[i]) * q_values[i] / norm;
+    return commit_preconditioner(q_values, updated);
+}
+
+// Sums of squares of x's rows (or columns): the Gram matrix's diagonal, which is all a diagonal
+// factor's update uses.
+std::vector<double> row_sums_of_squares(const Dense& x, bool columns) {
+    std::vector<double> sums(size_t(columns ? x.cols : x.rows), 0.0);
+    for (int r = 0; r < x.rows; ++r)
+        for (int c = 0; c < x.cols; ++c) sums[size_t(columns ? c : r)] += x(r, c) * x(r, c);
+    return sums;
+}
+
+// x with row i (or column i) scaled by scale[i] raised to `power` (1: diag(q) x; -1: diag(q)^-1 x;
+// 2: diag(q)^2 x, the diagonal factor's Q^T Q).
+Dense scale_rows(const Dense& x, const std::vector<float>& scale, int power, bool columns) {
+    Dense out = x;
+    for (int r = 0; r < x.rows; ++r)
+        for (int c = 0; c < x.cols; ++c) out(r, c) *= std::pow(double(scale[size_t(columns ? c : r)]), power);
+    return out;
+}
+
 }  // namespace
 
 int psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int rows, int cols, double lr,
@@ -170,16 +225,42 @@ int psgd_update_cpu(float* param, const float* grad, PsgdMatrixState& s, int row
         const double noise = std::sqrt(1.1920928955078125e-07) * mean_abs;
         for (size_t i = 0; i < n; ++i) g.values[i] += noise * probe.values[i];
         if (c.momentum_into_precond_update) d = g;  // the reference perturbs the debiased momentum itself
-        const Dense q1 = dense_from(s.q_left.data(), rows, rows), q2 = dense_from(s.q_right.data(), cols, cols);
-        const Dense a = matmul(matmul(q1, g), q2, false, true);  // Q1 G Q2^T
-        // B = Q1^-T V Q2^-1:  (V^T Q1^-1)^T Q2^-1
-        const Dense b = solve_upper_right(solve_upper_right(probe.transposed(), q1).transposed(), q2);
-        rejected += !update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
-        rejected += !update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
+        // A = Q1 G Q2^T; B = Q1^-T V Q2^-1 = (V^T Q1^-1)^T Q2^-1 (a diagonal factor scales rows
+        // or columns instead).
+        Dense a = s.left_diagonal ? scale_rows(g, s.q_left, 1, false)
+                                  : matmul(dense_from(s.q_left.data(), rows, rows), g);
+        a = s.right_diagonal ? scale_rows(a, s.q_right, 1, true)
+                             : matmul(a, dense_from(s.q_right.data(), cols, cols), false, true);
+        Dense b = s.left_diagonal ? scale_rows(probe, s.q_left, -1, false)
+                                  : solve_upper_right(probe.transposed(), dense_from(s.q_left.data(), rows, rows))
+                                        .transposed();
+        b = s.right_diagonal ? scale_rows(b, s.q_right, -1, true)
+                             : solve_upper_right(b, dense_from(s.q_right.data(), cols, cols));
+        if (s.left_diagonal)
+            rejected += !update_diagonal_factor(s.q_left, row_sums_of_squares(a, false), row_sums_of_squares(b, false),
+                                                c.precond_lr);
+        else
+            rejected += !update_factor(s.q_left, matmul(a, a, false, true), matmul(b, b, false, true), c.precond_lr);
+        if (s.right_diagonal)
+            rejected += !update_diagonal_factor(s.q_right, row_sums_of_squares(a, true), row_sums_of_squares(b, true),
+                                                c.precond_lr);
+        else
+            rejected += !update_factor(s.q_right, matmul(a, a, true, false), matmul(b, b, true, false), c.precond_lr);
     }
-    const Dense q1 = dense_from(s.q_left.data(), rows, rows), q2 = dense_from(s.q_right.data(), cols, cols);
-    const Dense left = matmul(q1, q1, true, false), right = matmul(q2, q2, true, false);
-    Dense u = matmul(matmul(left, d), right);
+    // U = Q1^T Q1 D Q2^T Q2 (a diagonal factor: q^2 on the rows or columns).
+    Dense u = d;
+    if (s.left_diagonal) {
+        u = scale_rows(u, s.q_left, 2, false);
+    } else {
+        const Dense q1 = dense_from(s.q_left.data(), rows, rows);
+        u = matmul(matmul(q1, q1, true, false), u);
+    }
+    if (s.right_diagonal) {
+        u = scale_rows(u, s.q_right, 2, true);
+    } else {
+        const Dense q2 = dense_from(s.q_right.data(), cols, cols);
+        u = matmul(u, matmul(q2, q2, true, false));
+    }
     const double rms = frobenius_norm(u) / std::sqrt(double(n));
     const double clip = std::min(1.0, 1.1 / (rms + 1e-12));
     for (size_t i = 0; i < n; ++i) {

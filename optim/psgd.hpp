@@ -1,7 +1,13 @@
 // PSGD Kron (lixilinx/psgd_torch; evanatyourservice/kron_torch's defaults), CPU reference for
 // one matrix G [m, n] with upper-triangular Kronecker factors Q1 [m, m], Q2 [n, n]
-// (preconditioner P = Q1^T Q1 (x) Q2^T Q2; a dimension above max_size_triangular would use a
-// diagonal factor instead, which no hidden matrix of the presets needs).
+// (preconditioner P = Q1^T Q1 (x) Q2^T Q2). The reference's memory-saving rules make a factor
+// diagonal instead (a vector q, Q = diag(q)): a dimension above max_size_triangular (or of
+// size 1, where a 1 x 1 triangular factor is the same), every dimension when the tensor has
+// fewer than min_ndim_triangular dimensions, and by memory_save_mode the largest one
+// (one_diag: of two equal sizes the last; smart_one_diag: only if strictly larger) or all
+// (all_diag). A diagonal factor enters A and B by scaling rows or columns, its Gram "matrix" is
+// the vector of row (column) sums of squares, and its update is q -= lr_p (t1 - t2) q /
+// max|t1 + t2| (element-wise).
 //   M = b1 M + (1 - b1) G,  D = M / (1 - b1^t)                     (debiased momentum)
 //   preconditioner update, on the steps the probability schedule picks:
 //     V ~ N(0, 1) [m, n];  D += sqrt(eps_f32) mean|D| V          (the reference perturbs D in place)
@@ -16,6 +22,8 @@
 // factors are rebalanced to equal max-abs norms.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/json.hpp"
@@ -31,10 +39,14 @@ struct PsgdConfig {
     double update_prob_max = 1.0, update_prob_min = 0.03, update_prob_decay = 0.001;
     long update_prob_flat_start = 500;
     int max_size_triangular = 8192;
+    int min_ndim_triangular = 2;
+    std::string memory_save_mode = "none";  // none, smart_one_diag, one_diag, all_diag
     bool momentum_into_precond_update = true;
     double balance_probability = 0.01;  // per preconditioner update, as the reference
     uint64_t seed = 42;
     double update_probability(long n) const;
+    // Whether an m x n matrix's left and right factors are diagonal (the rules above).
+    std::pair<bool, bool> diagonal_factors(int rows, int cols) const;
     void validate() const;
     Json to_json() const;
 };
@@ -53,7 +65,8 @@ struct PsgdSchedule {
 };
 
 struct PsgdMatrixState {
-    std::vector<float> momentum, q_left, q_right;  // [m, n], [m, m], [n, n]
+    std::vector<float> momentum, q_left, q_right;  // [m, n]; [m, m] or [m] when diagonal; [n, n] or [n]
+    bool left_diagonal = false, right_diagonal = false;
     void init(int rows, int cols, const PsgdConfig& c);
 };
 

@@ -696,3 +696,17 @@ TEST_CASE("PSGD on the GPU forms Q^T Q only where it pays before the factors cha
     CHECK_FALSE(psgd_products_pay_off(100, 100, 1.0));
     CHECK(psgd_products_pay_off(100, 100, 1.1));
 }
+
+TEST_CASE("GPU PSGD refuses diagonal factors (memory-saving modes) with a message naming the flags") {
+    REQUIRE_GPU();
+    ParamLayout layout;
+    layout.append("tall", {12, 5}, ParamKind::Matrix);
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Psgd;
+    c.psgd.memory_save_mode = "one_diag";
+    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("--psgd-memory-save-mode one_diag"),
+                         std::exception);
+    c.psgd.memory_save_mode = "none";
+    c.psgd.max_size_triangular = 8;
+    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("only the CPU implements"), std::exception);
+}

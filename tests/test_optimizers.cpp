@@ -336,6 +336,153 @@ TEST_CASE("PSGD: schedule, norm lower bound, and factors that stay triangular wi
     CHECK(std::sqrt(sq / double(w.size())) <= 1.1 * (1 + 1e-4));
 }
 
+TEST_CASE("PSGD's memory-saving rules pick the reference's diagonal factors") {
+    PsgdConfig c;
+    using Pair = std::pair<bool, bool>;
+    CHECK(c.diagonal_factors(5, 3) == Pair{false, false});
+    CHECK(c.diagonal_factors(1, 3) == Pair{false, false});  // size 1: a 1 x 1 triangle, the same
+    c.memory_save_mode = "one_diag";
+    CHECK(c.diagonal_factors(5, 3) == Pair{true, false});
+    CHECK(c.diagonal_factors(3, 5) == Pair{false, true});
+    CHECK(c.diagonal_factors(4, 4) == Pair{false, true});  // numpy's argsort, reversed: the last
+    c.memory_save_mode = "smart_one_diag";
+    CHECK(c.diagonal_factors(5, 3) == Pair{true, false});
+    CHECK(c.diagonal_factors(4, 4) == Pair{false, false});  // not strictly larger
+    c.memory_save_mode = "all_diag";
+    CHECK(c.diagonal_factors(4, 4) == Pair{true, true});
+    c.memory_save_mode = "none";
+    c.max_size_triangular = 4;
+    CHECK(c.diagonal_factors(5, 3) == Pair{true, false});
+    c.max_size_triangular = 8192;
+    c.min_ndim_triangular = 3;
+    CHECK(c.diagonal_factors(5, 3) == Pair{true, true});
+    c.min_ndim_triangular = 2;
+    c.memory_save_mode = "two_diag";
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--psgd-memory-save-mode"), std::exception);
+}
+
+TEST_CASE("PSGD with diagonal factors: one step equals the reference's formulas written out") {
+    // The reference (kron_torch) with Q1 = diag(q1) and Q2 triangular (one_diag on a 5 x 3
+    // matrix), and with both diagonal (all_diag): A = diag(q1) G Q2^T, B = diag(q1)^-1 V Q2^-1,
+    // q1 -= lr_p (t1 - t2) q1 / max|t1 + t2| with t1, t2 the row sums of squares of A and B;
+    // U = diag(q1)^2 D Q2^T Q2. Written here element by element, from the initial factors
+    // (q1 = 1, Q2 = I) after one update with D = G + sqrt(eps) mean|G| V (step 1, beta1 debiased).
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int rows = 5, cols = 3;
+    for (const std::string mode : {"one_diag", "all_diag"}) {
+        CAPTURE(mode);
+        PsgdConfig c;
+        c.memory_save_mode = mode;
+        c.precond_lr = 0.3;
+        PsgdMatrixState s;
+        s.init(rows, cols, c);
+        REQUIRE(s.left_diagonal);
+        REQUIRE(s.right_diagonal == (mode == "all_diag"));
+        CHECK(s.q_left.size() == size_t(rows));
+        const Dense g = random_dense(rows, cols, gen);
+        const std::vector<float> gf(g.values.begin(), g.values.end());
+        std::vector<float> w(size_t(rows) * cols, 0.0f);
+        PsgdSchedule::Decision decision;
+        decision.update = true;
+        const double lr = 1e-2;
+        psgd_update_cpu(w.data(), gf.data(), s, rows, cols, lr, 0.0, 1, 0, decision, c);
+
+        // D: the debiased momentum at step 1 is G (through float), perturbed by the probe.
+        double mean_abs = 0;
+        std::vector<double> d(gf.size()), v(gf.size());
+        for (size_t i = 0; i < gf.size(); ++i) mean_abs += std::abs(double(float((1 - c.beta1) * gf[i]) / (1 - c.beta1)));
+        mean_abs /= double(gf.size());
+        for (size_t i = 0; i < gf.size(); ++i) {
+            v[i] = psgd_probe(c, 1, 0, i);
+            d[i] = double(float((1 - c.beta1) * gf[i])) / (1 - c.beta1) + std::sqrt(1.1920928955078125e-07) * mean_abs * v[i];
+        }
+        // With Q2 = I (triangular) or q2 = 1 (diagonal) and q1 = 1: A = D, B = V.
+        std::vector<double> t1(rows, 0.0), t2(rows, 0.0);
+        for (int r = 0; r < rows; ++r)
+            for (int k = 0; k < cols; ++k) {
+                t1[r] += d[size_t(r) * cols + k] * d[size_t(r) * cols + k];
+                t2[r] += v[size_t(r) * cols + k] * v[size_t(r) * cols + k];
+            }
+        double norm = 0;
+        for (int r = 0; r < rows; ++r) norm = std::max(norm, std::abs(t1[r] + t2[r]));
+        std::vector<double> q1(rows);
+        for (int r = 0; r < rows; ++r) {
+            q1[r] = 1 - c.precond_lr * (t1[r] - t2[r]) / norm;
+            CHECK(s.q_left[size_t(r)] == doctest::Approx(q1[r]).epsilon(1e-5));
+        }
+        // The right factor's new value, as the code computed it (its own update is the
+        // triangular or diagonal rule, tested elsewhere), enters U = diag(q1)^2 D P2.
+        Dense p2(cols, cols);
+        if (s.right_diagonal) {
+            for (int k = 0; k < cols; ++k) p2(k, k) = double(s.q_right[size_t(k)]) * s.q_right[size_t(k)];
+        } else {
+            const Dense q2 = dense_from(s.q_right.data(), cols, cols);
+            p2 = matmul(q2, q2, true, false);
+        }
+        std::vector<double> u(gf.size(), 0.0);
+        double sq = 0;
+        for (int r = 0; r < rows; ++r)
+            for (int k = 0; k < cols; ++k) {
+                for (int j = 0; j < cols; ++j) u[size_t(r) * cols + k] += q1[r] * q1[r] * d[size_t(r) * cols + j] * p2(j, k);
+                sq += u[size_t(r) * cols + k] * u[size_t(r) * cols + k];
+            }
+        const double clip = std::min(1.0, 1.1 / (std::sqrt(sq / double(u.size())) + 1e-12));
+        for (size_t i = 0; i < u.size(); ++i) CHECK(w[i] == doctest::Approx(-lr * u[i] * clip).epsilon(1e-4));
+        if (s.right_diagonal) {
+            // q2 -= lr_p (t1 - t2) q2 / max|t1 + t2| with column sums of squares of A = diag(q1_old) D = D.
+            std::vector<double> c1(cols, 0.0), c2(cols, 0.0);
+            for (int r = 0; r < rows; ++r)
+                for (int k = 0; k < cols; ++k) {
+                    c1[k] += d[size_t(r) * cols + k] * d[size_t(r) * cols + k];
+                    c2[k] += v[size_t(r) * cols + k] * v[size_t(r) * cols + k];
+                }
+            double column_norm = 0;
+            for (int k = 0; k < cols; ++k) column_norm = std::max(column_norm, std::abs(c1[k] + c2[k]));
+            for (int k = 0; k < cols; ++k)
+                CHECK(s.q_right[size_t(k)] ==
+                      doctest::Approx(1 - c.precond_lr * (c1[k] - c2[k]) / column_norm).epsilon(1e-5));
+        }
+    }
+}
+
+TEST_CASE("PSGD with diagonal factors stays finite and positive over many updates, and its state saves as vectors") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    ParamLayout layout;
+    layout.append("tall", {12, 5}, ParamKind::Matrix);
+    layout.append("square", {6, 6}, ParamKind::Matrix);
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Psgd;
+    c.psgd.memory_save_mode = "one_diag";
+    auto cpu = make_cpu_optimizer(layout, c);
+    std::vector<float> params = random_vector<float>(layout.total, gen);
+    for (int step = 0; step < 30; ++step) {
+        std::vector<float> grads = random_vector<float>(layout.total, gen);
+        cpu->step(params.data(), grads.data(), 1e-3, 1.0);
+    }
+    for (float p : params) REQUIRE(std::isfinite(p));
+    const OptimizerState state = cpu->state();
+    const StateTensor* tall_left = state.find("tall.q_left");
+    const StateTensor* square_right = state.find("square.q_right");
+    REQUIRE(tall_left != nullptr);
+    REQUIRE(square_right != nullptr);
+    CHECK(tall_left->shape == std::vector<int64_t>{12});  // the larger dimension: diagonal
+    CHECK(state.find("tall.q_right")->shape == std::vector<int64_t>{5, 5});
+    CHECK(square_right->shape == std::vector<int64_t>{6});  // a tie: the last dimension
+    for (float q : tall_left->values) CHECK(q > 0);  // the diagonal preconditioner stays positive
+    // Resumed from its state, a new optimizer continues bit for bit.
+    auto resumed = make_cpu_optimizer(layout, c);
+    resumed->load_state(state);
+    std::vector<float> params_b = params;
+    std::vector<float> grads = random_vector<float>(layout.total, gen), grads_b = grads;
+    cpu->step(params.data(), grads.data(), 1e-3, 1.0);
+    resumed->step(params_b.data(), grads_b.data(), 1e-3, 1.0);
+    CHECK(params == params_b);
+}
+
 TEST_CASE("routing: hidden matrices to the method (q, k, v apart), the rest to AdamW or Scion's rules") {
     const ParamLayout layout = ParamLayout::build(small_model("gpt2-tiny"));
     OptimizerConfig c;
