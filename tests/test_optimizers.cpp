@@ -481,6 +481,10 @@ TEST_CASE("PSGD with diagonal factors stays finite and positive over many update
     cpu->step(params.data(), grads.data(), 1e-3, 1.0);
     resumed->step(params_b.data(), grads_b.data(), 1e-3, 1.0);
     CHECK(params == params_b);
+    // The state of diagonal factors does not load where the factors are triangular.
+    OptimizerConfig triangular = c;
+    triangular.psgd.memory_save_mode = "none";
+    CHECK_THROWS_AS(make_cpu_optimizer(layout, triangular)->load_state(state), Error);
 }
 
 TEST_CASE("routing: hidden matrices to the method (q, k, v apart), the rest to AdamW or Scion's rules") {
