@@ -2,8 +2,9 @@
 // updates the hidden matrices, behind one interface that GpuOptimizer calls after its fused
 // AdamW pass. Each method batches its work over groups of same-shape tiles (a tile is a whole
 // matrix, or a Shampoo block of one): the tiles' gradients are gathered into one contiguous
-// [count, rows, cols] buffer, every product of the group is one strided-batched fp32 GEMM (or, for
-// large factors, one syrk or trmm per matrix where those are measured faster), and
+// [count, rows, cols] buffer, every product of the group is one strided-batched fp32 GEMM (or,
+// where measured faster: one syrk per matrix for large Gram matrices, and for PSGD's triangular
+// factors GEMMs over the triangle's blocks), and
 // one pass writes the new fp32 weights and their bf16 copy back. State is fp32, named and
 // shaped as the CPU references name it (optim/cpu_optimizer.cpp), so checkpoints move freely
 // between CPU and GPU runs.

@@ -265,8 +265,8 @@ TEST_CASE("GPU PSGD with wide factors (their products by blocks of the triangle)
     // A tall and a wide matrix at update probability 1: 1024-wide left and right factors take
     // the blocked products (kTriangularProductMin in optim/gpu_psgd.cpp), the 40-wide ones the
     // batched GEMM, and the preconditioned update is chained through the factors. Then a 1024 x 256
-    // matrix at probability 0.1 (an update every 10 steps), where forming Q^T Q by trmm pays off
-    // (products_pay_off): formed at step 1, kept, formed again after the update at step 10.
+    // matrix at probability 0.1 (an update every 10 steps), where forming Q^T Q pays off
+    // (psgd_products_pay_off): formed at step 1, kept, formed again after the update at step 10.
     struct Case {
         std::vector<std::pair<int, int>> shapes;
         double update_probability;
