@@ -398,20 +398,26 @@ TEST_CASE("PSGD with diagonal factors: one step equals the reference's formulas 
             v[i] = psgd_probe(c, 1, 0, i);
             d[i] = double(float((1 - c.beta1) * gf[i])) / (1 - c.beta1) + std::sqrt(1.1920928955078125e-07) * mean_abs * v[i];
         }
-        // With Q2 = I (triangular) or q2 = 1 (diagonal) and q1 = 1: A = D, B = V.
-        std::vector<double> t1(rows, 0.0), t2(rows, 0.0);
-        for (int r = 0; r < rows; ++r)
-            for (int k = 0; k < cols; ++k) {
-                t1[r] += d[size_t(r) * cols + k] * d[size_t(r) * cols + k];
-                t2[r] += v[size_t(r) * cols + k] * v[size_t(r) * cols + k];
-            }
-        double norm = 0;
-        for (int r = 0; r < rows; ++r) norm = std::max(norm, std::abs(t1[r] + t2[r]));
-        std::vector<double> q1(rows);
-        for (int r = 0; r < rows; ++r) {
-            q1[r] = 1 - c.precond_lr * (t1[r] - t2[r]) / norm;
-            CHECK(s.q_left[size_t(r)] == doctest::Approx(q1[r]).epsilon(1e-5));
-        }
+        // With Q2 = I (triangular) or q2 = 1 (diagonal) and q1 = 1: A = D, B = V. A diagonal
+        // factor's new value from ones: 1 - lr_p (t1 - t2) / max|t1 + t2|, t1 and t2 the row (or
+        // column) sums of squares of D and V.
+        auto new_diagonal = [&](bool columns) {
+            const int length = columns ? cols : rows;
+            std::vector<double> t1(size_t(length), 0.0), t2(size_t(length), 0.0);
+            for (int r = 0; r < rows; ++r)
+                for (int k = 0; k < cols; ++k) {
+                    const size_t i = size_t(r) * cols + k, at = size_t(columns ? k : r);
+                    t1[at] += d[i] * d[i];
+                    t2[at] += v[i] * v[i];
+                }
+            double norm = 0;
+            for (int i = 0; i < length; ++i) norm = std::max(norm, std::abs(t1[size_t(i)] + t2[size_t(i)]));
+            std::vector<double> q(static_cast<size_t>(length));
+            for (int i = 0; i < length; ++i) q[size_t(i)] = 1 - c.precond_lr * (t1[size_t(i)] - t2[size_t(i)]) / norm;
+            return q;
+        };
+        const std::vector<double> q1 = new_diagonal(false);
+        for (int r = 0; r < rows; ++r) CHECK(s.q_left[size_t(r)] == doctest::Approx(q1[size_t(r)]).epsilon(1e-5));
         // The right factor's new value, as the code computed it (its own update is the
         // triangular or diagonal rule, tested elsewhere), enters U = diag(q1)^2 D P2.
         Dense p2(cols, cols);
@@ -425,24 +431,15 @@ TEST_CASE("PSGD with diagonal factors: one step equals the reference's formulas 
         double sq = 0;
         for (int r = 0; r < rows; ++r)
             for (int k = 0; k < cols; ++k) {
-                for (int j = 0; j < cols; ++j) u[size_t(r) * cols + k] += q1[r] * q1[r] * d[size_t(r) * cols + j] * p2(j, k);
+                for (int j = 0; j < cols; ++j) u[size_t(r) * cols + k] += q1[size_t(r)] * q1[size_t(r)] * d[size_t(r) * cols + j] * p2(j, k);
                 sq += u[size_t(r) * cols + k] * u[size_t(r) * cols + k];
             }
         const double clip = std::min(1.0, 1.1 / (std::sqrt(sq / double(u.size())) + 1e-12));
         for (size_t i = 0; i < u.size(); ++i) CHECK(w[i] == doctest::Approx(-lr * u[i] * clip).epsilon(1e-4));
-        if (s.right_diagonal) {
-            // q2 -= lr_p (t1 - t2) q2 / max|t1 + t2| with column sums of squares of A = diag(q1_old) D = D.
-            std::vector<double> c1(cols, 0.0), c2(cols, 0.0);
-            for (int r = 0; r < rows; ++r)
-                for (int k = 0; k < cols; ++k) {
-                    c1[k] += d[size_t(r) * cols + k] * d[size_t(r) * cols + k];
-                    c2[k] += v[size_t(r) * cols + k] * v[size_t(r) * cols + k];
-                }
-            double column_norm = 0;
-            for (int k = 0; k < cols; ++k) column_norm = std::max(column_norm, std::abs(c1[k] + c2[k]));
+        if (s.right_diagonal) {  // from the column sums of squares of A = diag(q1_old) D = D
+            const std::vector<double> q2 = new_diagonal(true);
             for (int k = 0; k < cols; ++k)
-                CHECK(s.q_right[size_t(k)] ==
-                      doctest::Approx(1 - c.precond_lr * (c1[k] - c2[k]) / column_norm).epsilon(1e-5));
+                CHECK(s.q_right[size_t(k)] == doctest::Approx(q2[size_t(k)]).epsilon(1e-5));
         }
     }
 }
