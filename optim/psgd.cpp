@@ -23,8 +23,8 @@ void PsgdConfig::validate() const {
     QOPT_CHECK(update_prob_decay >= 0, "--psgd-update-prob-decay must be non-negative");
     QOPT_CHECK(max_size_triangular > 0, "--psgd-max-size-triangular must be positive");
     QOPT_CHECK(min_ndim_triangular >= 0, "--psgd-min-ndim-triangular must be non-negative");
-    QOPT_CHECK(memory_save_mode == "none" || memory_save_mode == "smart_one_diag" || memory_save_mode == "one_diag" ||
-                   memory_save_mode == "all_diag",
+    QOPT_CHECK(std::find(kPsgdMemorySaveModes.begin(), kPsgdMemorySaveModes.end(), memory_save_mode) !=
+                   kPsgdMemorySaveModes.end(),
                "--psgd-memory-save-mode must be none, smart_one_diag, one_diag or all_diag, not '", memory_save_mode,
                "'");
     QOPT_CHECK(balance_probability >= 0 && balance_probability <= 1, "--psgd-balance-prob must be in [0, 1]");
@@ -142,6 +142,9 @@ double psgd_norm_lower_bound(const Dense& input) {
 
 namespace {
 
+// The reference's floor under the update's normalizer: float32's smallest normal number.
+constexpr double kTiny = 1.17549435e-38;
+
 // q -= lr_p / lb(t1 + t2) * triu(t1 - t2) q; false when the result was not finite (q kept).
 bool update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t2, double precond_lr) {
     const int n = t1.rows;
@@ -150,8 +153,7 @@ bool update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t
         sum.values[i] += t2.values[i];
         diff.values[i] -= t2.values[i];
     }
-    const double tiny = 1.17549435e-38;
-    const double bound = std::max(psgd_norm_lower_bound(sum), tiny);
+    const double bound = std::max(psgd_norm_lower_bound(sum), kTiny);
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < n; ++c) diff(r, c) = c >= r ? diff(r, c) * precond_lr / bound : 0.0;
     const Dense q = dense_from(q_values.data(), n, n);
@@ -164,10 +166,9 @@ bool update_factor(std::vector<float>& q_values, const Dense& t1, const Dense& t
 // sums of squares of A and B); false when the result was not finite (q kept).
 bool update_diagonal_factor(std::vector<float>& q_values, const std::vector<double>& t1,
                             const std::vector<double>& t2, double precond_lr) {
-    const double tiny = 1.17549435e-38;
     double norm = 0;
     for (size_t i = 0; i < t1.size(); ++i) norm = std::max(norm, std::abs(t1[i] + t2[i]));
-    norm = std::max(norm, tiny);
+    norm = std::max(norm, kTiny);
     Dense updated(1, int(q_values.size()));
     for (size_t i = 0; i < q_values.size(); ++i)
         updated.values[i] = q_values[i] - precond_lr * (t1[i] - t2[i]) * q_values[i] / norm;

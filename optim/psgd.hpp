@@ -31,6 +31,9 @@
 
 namespace qopt {
 
+// The reference's memory_save_mode values (None spelled "none").
+inline const std::vector<std::string> kPsgdMemorySaveModes = {"none", "smart_one_diag", "one_diag", "all_diag"};
+
 struct PsgdConfig {
     double lr = 3e-4;
     double beta1 = 0.9;
