@@ -88,7 +88,8 @@ public:
     std::string memory_report(int batch, int seq_len) override {
         // The weights and optimizer state are allocated by now; the activations are planned
         // (exactly, by the code that allocates them) and refused before allocating when they
-        // would not fit in what is free, less headroom for the cuBLASLt workspaces (the optimizer reserved its cuSOLVER ones when built).
+        // would not fit in what is free, less headroom for the cuBLASLt workspaces (the optimizer
+        // reserved its cuSOLVER ones when it was built).
         const size_t activations = model_.planned_activation_bytes(batch, seq_len);
         const GpuMemory memory = gpu_memory();
         const size_t headroom = size_t(512) << 20;

@@ -323,70 +323,6 @@ void bench_integer_gemm(int rows, int in_dim, int out_dim) {
     std::fflush(stdout);
 }
 
-void bench_psgd_products();
-
-// The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
-// gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
-// batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
-void bench_linalg() {
-    Timer timer;
-    auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
-    for (int n : {768, 1024})
-        for (int batch : {1, 12, 48, 168}) {
-            const size_t floats = size_t(n) * n * batch;
-            DeviceBuffer<float> a(floats), vectors(floats), scratch(floats), values(size_t(n) * batch);
-            // A diagonally dominant symmetric matrix (a Gram matrix's shape without its cost).
-            std::vector<float> host(floats);
-            for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
-            for (int b = 0; b < batch; ++b)
-                for (int r = 0; r < n; ++r)
-                    for (int c = 0; c < r; ++c)
-                        host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
-            for (int b = 0; b < batch; ++b)
-                for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
-            a.upload(host);
-            const double ms = time([&] { symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data()); });
-            std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
-                        ms / batch);
-        }
-    // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix.
-    for (int n : {768, 1024, 2048, 3072})
-        for (int batch : {12, 96}) {
-            if (n > 1024 && batch > 12) continue;
-            const int k = 768;
-            DeviceBuffer<float> g(size_t(n) * k * batch), d(size_t(n) * n * batch);
-            g.fill_bytes(0x3c), d.fill_bytes(0);
-            const double gemm = time([&] {
-                batched_matmul_f32_gpu(d.data(), d.data(), g.data(), false, g.data(), true, n, n, k, 1.0f, 0.0f, batch,
-                                       int64_t(n) * k, int64_t(n) * k, int64_t(n) * n);
-            });
-            const double syrk = time([&] { symmetric_gram_batched_gpu(d.data(), g.data(), false, n, k, batch, 1.0f, 0.0f); });
-            std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms\n", n, k, batch,
-                        gemm, syrk);
-        }
-    for (int n : {768, 1024, 2048, 3072})
-        for (int requested : {1, 12, 48}) {
-            const int batch = n > 1024 ? std::min(requested, 24) : requested;  // 24 of 2048^2 and more
-            const size_t floats = size_t(n) * n * batch;
-            DeviceBuffer<float> a(floats), q(floats), scratch(floats);
-            // Gaussian entries: full rank, as SOAP's power-iteration products are in practice.
-            std::vector<float> host(floats);
-            std::mt19937 generator(n + batch);
-            std::normal_distribution<float> normal;
-            for (float& x : host) x = normal(generator);
-            a.upload(host);
-            const double householder = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
-            int fallbacks = 0;
-            const double cholesky =
-                time([&] { fallbacks = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
-            std::printf("QR %4d^2 x %3d: Householder %8.2f ms (%.2f ms per matrix), Cholesky QR (float64) %8.2f ms "
-                        "(%.2f ms per matrix; %d fell back to Householder)\n",
-                        n, batch, householder, householder / batch, cholesky, cholesky / batch, fallbacks);
-        }
-    bench_psgd_products();
-    std::fflush(stdout);
-}
-
 // PSGD's products with its triangular factors at gpt2-124m's sizes: 12 matrices with a
 // 3072-wide factor beside a 768-wide side, and 48 with two 768-wide ones; each product as a
 // dense batched GEMM and by GEMMs over the triangle's blocks (kernels/linalg.cu) of 512 and 256.
@@ -448,6 +384,68 @@ void bench_psgd_products() {
         std::printf("PSGD %4d^2 factor x %2d, triangular solves (batched trsm): U^-T X %.2f ms, X U^-1 %.2f ms\n", big,
                     batch, solve_left, solve_right);
     }
+}
+
+// The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
+// gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
+// batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
+void bench_linalg() {
+    Timer timer;
+    auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
+    for (int n : {768, 1024})
+        for (int batch : {1, 12, 48, 168}) {
+            const size_t floats = size_t(n) * n * batch;
+            DeviceBuffer<float> a(floats), vectors(floats), scratch(floats), values(size_t(n) * batch);
+            // A diagonally dominant symmetric matrix (a Gram matrix's shape without its cost).
+            std::vector<float> host(floats);
+            for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
+            for (int b = 0; b < batch; ++b)
+                for (int r = 0; r < n; ++r)
+                    for (int c = 0; c < r; ++c)
+                        host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
+            for (int b = 0; b < batch; ++b)
+                for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
+            a.upload(host);
+            const double ms = time([&] { symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
+                        ms / batch);
+        }
+    // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix.
+    for (int n : {768, 1024, 2048, 3072})
+        for (int batch : {12, 96}) {
+            if (n > 1024 && batch > 12) continue;
+            const int k = 768;
+            DeviceBuffer<float> g(size_t(n) * k * batch), d(size_t(n) * n * batch);
+            g.fill_bytes(0x3c), d.fill_bytes(0);
+            const double gemm = time([&] {
+                batched_matmul_f32_gpu(d.data(), d.data(), g.data(), false, g.data(), true, n, n, k, 1.0f, 0.0f, batch,
+                                       int64_t(n) * k, int64_t(n) * k, int64_t(n) * n);
+            });
+            const double syrk = time([&] { symmetric_gram_batched_gpu(d.data(), g.data(), false, n, k, batch, 1.0f, 0.0f); });
+            std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms\n", n, k, batch,
+                        gemm, syrk);
+        }
+    for (int n : {768, 1024, 2048, 3072})
+        for (int requested : {1, 12, 48}) {
+            const int batch = n > 1024 ? std::min(requested, 24) : requested;  // 24 of 2048^2 and more
+            const size_t floats = size_t(n) * n * batch;
+            DeviceBuffer<float> a(floats), q(floats), scratch(floats);
+            // Gaussian entries: full rank, as SOAP's power-iteration products are in practice.
+            std::vector<float> host(floats);
+            std::mt19937 generator(n + batch);
+            std::normal_distribution<float> normal;
+            for (float& x : host) x = normal(generator);
+            a.upload(host);
+            const double householder = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            int fallbacks = 0;
+            const double cholesky =
+                time([&] { fallbacks = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("QR %4d^2 x %3d: Householder %8.2f ms (%.2f ms per matrix), Cholesky QR (float64) %8.2f ms "
+                        "(%.2f ms per matrix; %d fell back to Householder)\n",
+                        n, batch, householder, householder / batch, cholesky, cholesky / batch, fallbacks);
+        }
+    bench_psgd_products();
+    std::fflush(stdout);
 }
 
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
@@ -513,7 +511,8 @@ int main(int argc, char** argv) {
     bool linalg = false;
     app.add_flag("--linalg", linalg,
                  "also time the optimizers' factor statistics (batched GEMM, syrk), batched eigendecomposition and QRs "
-                 "(Householder, Cholesky QR) at gpt2-124m's factor sizes over several batch sizes");
+                 "(Householder, Cholesky QR) at gpt2-124m's factor sizes over several batch sizes, and PSGD's "
+                 "triangular products (dense GEMM, blocked) and solves");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
