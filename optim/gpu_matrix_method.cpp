@@ -90,9 +90,10 @@ GpuMatrixMethod::GpuMatrixMethod() : rejected_(1) { rejected_.fill_bytes(0); }
 
 long GpuMatrixMethod::rejected_preconditioners() const { return rejected_.download()[0]; }
 
-void GpuMatrixMethod::commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted) {
+void GpuMatrixMethod::commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted,
+                                   bool diagonal) {
     if (commit_flags_.size() < size_t(2 * count)) commit_flags_.resize(size_t(2 * count));
-    commit_finite_tiles_gpu(kept, candidate, n, count, accepted, rejected_.data(), commit_flags_.data());
+    commit_finite_tiles_gpu(kept, candidate, n, count, accepted, rejected_.data(), commit_flags_.data(), diagonal);
 }
 
 size_t GpuMatrixMethod::state_bytes() const {

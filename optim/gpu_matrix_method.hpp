@@ -59,8 +59,10 @@ public:
 
 protected:
     // commit_finite_tiles_gpu with this method's rejection counter: candidate[t] replaces
-    // kept[t] (n x n, count of them) where finite; accepted[t] (when given) says where.
-    void commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted = nullptr);
+    // kept[t] (n x n, count of them; n-vectors when `diagonal`) where finite; accepted[t] (when
+    // given) says where.
+    void commit_tiles(float* kept, const float* candidate, int n, int count, int* accepted = nullptr,
+                      bool diagonal = false);
 
     // Each state buffer of a group: its name suffix, one tile's shape, and the [count, ...]
     // buffer; one list per method serves save, load and state_bytes.
@@ -84,10 +86,11 @@ std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const 
 std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config);
 std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config);
 // PSGD on the GPU, for a group of m x n matrices whose factors are expected to stay for
-// steps_until_change steps: whether forming P = Q^T Q for both factors (kept until they change)
-// costs fewer multiply-adds than chaining the preconditioned update through the factors
-// (optim/gpu_psgd.cpp explains the count).
-bool psgd_products_pay_off(int m, int n, double steps_until_change);
+// steps_until_change steps: whether forming P = Q^T Q for the triangular factors (kept until
+// they change) costs fewer multiply-adds than chaining the preconditioned update through them
+// (optim/gpu_psgd.cpp explains the count; a diagonal factor is a scaling either way).
+bool psgd_products_pay_off(int m, int n, double steps_until_change, bool left_diagonal = false,
+                           bool right_diagonal = false);
 
 // Groups the routed matrices' tiles by shape, in routing order within each group: whole
 // matrices (block_size 0; state named after the matrix), or Shampoo's blocks of at most

@@ -9,7 +9,11 @@
 // Q2^-1 (2 batched triangular solves), the four Gram matrices (GroupGemm::gram), the
 // spectral-norm lower bound (one block per matrix) and Q <- (I - triu(.)) Q (a product of two
 // upper-triangular matrices). Products with a factor of 512 and more skip its zero blocks
-// (GEMMs over the blocks of the triangle), below that they are batched GEMMs.
+// (GEMMs over the blocks of the triangle), below that they are batched GEMMs. A diagonal factor
+// (the memory-saving rules: a vector q) enters each of U, A and B as one scaling pass over rows
+// or columns (q^2, q, 1/q), its Gram matrix is the rows' (columns') sums of squares and its
+// update one element-wise pass.
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.hpp"
@@ -37,13 +41,15 @@ double factor_product_cost(int k, int l) {
 // Counted in multiply-adds per matrix: the chained Q1^T (Q1 D Q2^T) Q2 costs four factor
 // products, 2 f(m, n) + 2 f(n, m) with f(k, l) = k^2 l (times the blocked products' share);
 // P1 D P2 costs m^2 n + m n^2 (dense P), after f(m, m) + f(n, n) to form P1 and P2 once per
-// change of the factors. For gpt2-124m's 3072 x 768 matrices the products pay off from ~10
-// steps on: during PSGD's first ~500 steps (an update at every step) every step is chained,
-// which saves the 3072^3 product per update; at the 0.03 floor the P's are kept.
-bool psgd_products_pay_off(int m, int n, double steps_until_change) {
-    const double chained = 2 * factor_product_cost(m, n) + 2 * factor_product_cost(n, m);
-    const double with_products = double(m) * m * n + double(m) * n * n;
-    const double forming = factor_product_cost(m, m) + factor_product_cost(n, n);
+// change of the factors. A diagonal factor is a scaling either way and drops out of all three.
+// For gpt2-124m's 3072 x 768 matrices the products pay off from ~10 steps on: during PSGD's
+// first ~500 steps (an update at every step) every step is chained, which saves the 3072^3
+// product per update; at the 0.03 floor the P's are kept.
+bool psgd_products_pay_off(int m, int n, double steps_until_change, bool left_diagonal, bool right_diagonal) {
+    const double left = left_diagonal ? 0.0 : 1.0, right = right_diagonal ? 0.0 : 1.0;
+    const double chained = left * 2 * factor_product_cost(m, n) + right * 2 * factor_product_cost(n, m);
+    const double with_products = left * double(m) * m * n + right * double(m) * n * n;
+    const double forming = left * factor_product_cost(m, m) + right * factor_product_cost(n, n);
     return forming < steps_until_change * (chained - with_products);
 }
 
@@ -56,15 +62,13 @@ public:
         groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
-            const auto [left_diagonal, right_diagonal] = config_.diagonal_factors(m, n);
-            QOPT_CHECK(!left_diagonal && !right_diagonal, "PSGD on the GPU: the ", m, " x ", n,
-                       " matrices would get a diagonal factor (--psgd-memory-save-mode ", config_.memory_save_mode,
-                       ", --psgd-max-size-triangular ", config_.max_size_triangular, ", --psgd-min-ndim-triangular ",
-                       config_.min_ndim_triangular, "), which only the CPU implements so far (--device cpu)");
             State& s = state_.emplace_back();
-            // Initial state exactly as the CPU's (identity factors times sqrt(init_scale)).
+            // Initial state exactly as the CPU's (identity factors times sqrt(init_scale), or
+            // vectors of it where the memory-saving rules make a factor diagonal).
             PsgdMatrixState initial;
             initial.init(m, n, config_);
+            s.left_diagonal = initial.left_diagonal;
+            s.right_diagonal = initial.right_diagonal;
             std::vector<float> momentum, left, right;
             for (int t = 0; t < count; ++t) {
                 momentum.insert(momentum.end(), initial.momentum.begin(), initial.momentum.end());
@@ -75,13 +79,17 @@ public:
             s.q_left.upload(left);
             s.q_right.upload(right);
             s.matrix_index.upload(g.matrix_index);
-            s.left_product.resize(left.size());
-            s.right_product.resize(right.size());
+            if (!s.left_diagonal) s.left_product.resize(left.size());
+            if (!s.right_diagonal) s.right_product.resize(right.size());
         }
         const GroupScratch sizes = group_scratch(groups_);
         for (DeviceBuffer<float>* b : {&debiased_, &probe_, &work_t_, &work_a_, &work_b_}) b->resize(sizes.work);
         for (DeviceBuffer<float>* b : {&factor_a_, &factor_b_, &factor_c_}) b->resize(sizes.factor);
-        bound_work_.resize(3 * sizes.dim);
+        size_t bound_work = 0;
+        for (const TileGroup& g : groups_)
+            bound_work = std::max({bound_work, psgd_norm_lower_bound_work(g.rows, g.count()),
+                                   psgd_norm_lower_bound_work(g.cols, g.count())});
+        bound_work_.resize(bound_work);
         scalars_.resize(4 * std::max<size_t>(1, sizes.dim));
     }
 
@@ -102,29 +110,16 @@ public:
             psgd_momentum_gpu(d, s.momentum.data(), g.grads.data(), size * count, float(c.beta1), float(debias));
             float* scalars = scalars_.data();
             if (decision.balance) {
-                max_abs_gpu(scalars, s.q_left.data(), count, int64_t(m) * m);
-                max_abs_gpu(scalars + count, s.q_right.data(), count, int64_t(n) * n);
-                psgd_balance_gpu(s.q_left.data(), s.q_right.data(), scalars, scalars + count, count, int64_t(m) * m,
-                                 int64_t(n) * n);
+                const int64_t left_size = int64_t(m) * (s.left_diagonal ? 1 : m);
+                const int64_t right_size = int64_t(n) * (s.right_diagonal ? 1 : n);
+                max_abs_gpu(scalars, s.q_left.data(), count, left_size);
+                max_abs_gpu(scalars + count, s.q_right.data(), count, right_size);
+                psgd_balance_gpu(s.q_left.data(), s.q_right.data(), scalars, scalars + count, count, left_size,
+                                 right_size);
             }
             if (decision.update) update_preconditioner(g, s, step, c.momentum_into_precond_update ? d : g.grads.data());
             if (decision.update || decision.balance) s.products_current = false;
-            // U = Q1^T Q1 D Q2^T Q2 -> work_a: as P1 D P2 with P1 = Q1^T Q1 and P2 = Q2^T Q2 kept
-            // until the factors change, where forming them pays for itself before then.
-            if (!s.products_current && psgd_products_pay_off(m, n, steps_until_change)) {
-                upper_product(s.left_product.data(), s.q_left.data(), true, s.q_left.data(), m, m, count);
-                upper_product(s.right_product.data(), s.q_right.data(), true, s.q_right.data(), n, n, count);
-                s.products_current = true;
-            }
-            if (s.products_current) {
-                gemm_(work_t_.data(), s.left_product.data(), false, d, false, m, n, m, count);
-                gemm_(work_a_.data(), work_t_.data(), false, s.right_product.data(), false, m, n, n, count);
-            } else {
-                upper_product(work_t_.data(), s.q_left.data(), false, d, m, n, count);
-                product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), true, m, n, count);
-                upper_product(work_t_.data(), s.q_left.data(), true, work_a_.data(), m, n, count);
-                product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), false, m, n, count);
-            }
+            precondition(g, s, d, steps_until_change);
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
             apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
@@ -150,8 +145,8 @@ public:
             State& s = state_[gi];
             const int64_t m = g.rows, n = g.cols;
             fn(g, "momentum", {m, n}, s.momentum);
-            fn(g, "q_left", {m, m}, s.q_left);
-            fn(g, "q_right", {n, n}, s.q_right);
+            fn(g, "q_left", s.left_diagonal ? std::vector<int64_t>{m} : std::vector<int64_t>{m, m}, s.q_left);
+            fn(g, "q_right", s.right_diagonal ? std::vector<int64_t>{n} : std::vector<int64_t>{n, n}, s.q_right);
         }
     }
 
@@ -166,8 +161,9 @@ public:
 
 private:
     struct State {
-        DeviceBuffer<float> momentum, q_left, q_right;
-        DeviceBuffer<float> left_product, right_product;  // Q1^T Q1, Q2^T Q2 (derived, not saved)
+        DeviceBuffer<float> momentum, q_left, q_right;  // q_left [m, m], or [m] when diagonal; q_right alike
+        DeviceBuffer<float> left_product, right_product;  // Q1^T Q1, Q2^T Q2 (derived, not saved; triangular only)
+        bool left_diagonal = false, right_diagonal = false;
         bool products_current = false;
         DeviceBuffer<int> matrix_index;
     };
@@ -181,25 +177,95 @@ private:
         mean_abs_gpu(mean_abs, x, count, size);
         psgd_probe_perturb_gpu(probe_.data(), x, mean_abs, s.matrix_index.data(), count, size, c.seed, step,
                                std::sqrt(1.1920928955078125e-07f));
-        // A = Q1 X Q2^T -> work_a;  B = Q1^-T V Q2^-1 -> work_b.
-        upper_product(work_t_.data(), s.q_left.data(), false, x, m, n, count);
-        product_upper(work_a_.data(), work_t_.data(), s.q_right.data(), true, m, n, count);
-        CUDA_CHECK(cudaMemcpy(work_b_.data(), probe_.data(), size_t(size) * count * sizeof(float),
-                              cudaMemcpyDeviceToDevice));
-        solve_upper_transposed_left_batched_gpu(work_b_.data(), s.q_left.data(), m, n, count);
-        solve_upper_right_batched_gpu(work_b_.data(), s.q_right.data(), m, n, count);
-        // Q1 -= lr_p / lb(AA^T + BB^T) triu(AA^T - BB^T) Q1, then Q2 likewise with A^T A, B^T B.
-        gemm_.gram(factor_a_.data(), work_a_.data(), false, m, n, count, 1.0f, 0.0f);
-        gemm_.gram(factor_b_.data(), work_b_.data(), false, m, n, count, 1.0f, 0.0f);
-        update_factor(s.q_left, m, count);
-        gemm_.gram(factor_a_.data(), work_a_.data(), true, n, m, count, 1.0f, 0.0f);
-        gemm_.gram(factor_b_.data(), work_b_.data(), true, n, m, count, 1.0f, 0.0f);
-        update_factor(s.q_right, n, count);
+        // A = Q1 X Q2^T -> work_a: the triangular factors' products, then the diagonal ones'
+        // scaling (which commutes with a product on the other side).
+        const float* left_tri = s.left_diagonal ? nullptr : s.q_left.data();
+        const float* right_tri = s.right_diagonal ? nullptr : s.q_right.data();
+        if (left_tri && right_tri) {
+            upper_product(work_t_.data(), left_tri, false, x, m, n, count);
+            product_upper(work_a_.data(), work_t_.data(), right_tri, true, m, n, count);
+        } else if (left_tri) {
+            upper_product(work_a_.data(), left_tri, false, x, m, n, count);
+        } else if (right_tri) {
+            product_upper(work_a_.data(), x, right_tri, true, m, n, count);
+        }
+        scale_diagonal_sides(s, work_a_.data(), left_tri || right_tri ? work_a_.data() : x, 1, m, n, count);
+        // B = Q1^-T V Q2^-1 -> work_b: the diagonal factors' scaling (or a copy of V), then the
+        // triangular solves in place.
+        if (s.left_diagonal || s.right_diagonal)
+            scale_diagonal_sides(s, work_b_.data(), probe_.data(), -1, m, n, count);
+        else
+            CUDA_CHECK(cudaMemcpy(work_b_.data(), probe_.data(), size_t(size) * count * sizeof(float),
+                                  cudaMemcpyDeviceToDevice));
+        if (left_tri) solve_upper_transposed_left_batched_gpu(work_b_.data(), left_tri, m, n, count);
+        if (right_tri) solve_upper_right_batched_gpu(work_b_.data(), right_tri, m, n, count);
+        // Q1 -= lr_p / lb(AA^T + BB^T) triu(AA^T - BB^T) Q1, then Q2 likewise with A^T A, B^T B
+        // (a diagonal factor: the Gram matrices' diagonals, element-wise).
+        update_factor(s.q_left, s.left_diagonal, false, m, n, count);
+        update_factor(s.q_right, s.right_diagonal, true, n, m, count);
     }
 
-    // With t1 in factor_a, t2 in factor_b: q = (I - triu(t1 - t2) lr_p / lb(t1 + t2)) q, taken
-    // only where it came out finite.
-    void update_factor(DeviceBuffer<float>& q, int n, int count) {
+    // U = Q1^T Q1 D Q2^T Q2 -> work_a. Triangular factors: as P1 D P2 with P = Q^T Q kept until
+    // the factors change, where forming them pays for itself before then, else chained through
+    // the factors; then the diagonal factors' q^2 scaling.
+    void precondition(TileGroup& g, State& s, const float* d, double steps_until_change) {
+        const int m = g.rows, n = g.cols, count = g.count();
+        const float* left_tri = s.left_diagonal ? nullptr : s.q_left.data();
+        const float* right_tri = s.right_diagonal ? nullptr : s.q_right.data();
+        if (!s.products_current &&
+            psgd_products_pay_off(m, n, steps_until_change, s.left_diagonal, s.right_diagonal)) {
+            if (left_tri) upper_product(s.left_product.data(), left_tri, true, left_tri, m, m, count);
+            if (right_tri) upper_product(s.right_product.data(), right_tri, true, right_tri, n, n, count);
+            s.products_current = true;
+        }
+        // The left side (into work_t, or straight into work_a without a right triangular factor).
+        const float* x = d;
+        if (left_tri) {
+            float* out = right_tri ? work_t_.data() : work_a_.data();
+            if (s.products_current) {
+                gemm_(out, s.left_product.data(), false, d, false, m, n, m, count);
+            } else {
+                upper_product(work_b_.data(), left_tri, false, d, m, n, count);
+                upper_product(out, left_tri, true, work_b_.data(), m, n, count);
+            }
+            x = out;
+        }
+        if (right_tri) {
+            if (s.products_current) {
+                gemm_(work_a_.data(), x, false, s.right_product.data(), false, m, n, n, count);
+            } else {
+                product_upper(work_b_.data(), x, right_tri, true, m, n, count);
+                product_upper(work_a_.data(), work_b_.data(), right_tri, false, m, n, count);
+            }
+            x = work_a_.data();
+        }
+        if (s.left_diagonal || s.right_diagonal) scale_diagonal_sides(s, work_a_.data(), x, 2, m, n, count);
+    }
+
+    // out = in with rows scaled by q_left^power and columns by q_right^power where that factor is
+    // diagonal (psgd_scale_rows_columns_gpu; out may be in).
+    void scale_diagonal_sides(const State& s, float* out, const float* in, int power, int m, int n, int count) {
+        psgd_scale_rows_columns_gpu(out, in, s.left_diagonal ? s.q_left.data() : nullptr,
+                                    s.right_diagonal ? s.q_right.data() : nullptr, power, m, n, count);
+    }
+
+    // The factor q of side n (the left: A's rows; `columns`: the right, A's columns; A, B are
+    // rows x n, or n x rows), taken only where the update came out finite:
+    //   triangular: t1 = A A^T, t2 = B B^T (the side's Gram matrices);
+    //               q = (I - triu(t1 - t2) lr_p / lb(t1 + t2)) q
+    //   diagonal:   t1, t2 their diagonals; q -= lr_p (t1 - t2) q / max|t1 + t2|
+    void update_factor(DeviceBuffer<float>& q, bool diagonal, bool columns, int n, int other, int count) {
+        const int rows = columns ? other : n, cols = columns ? n : other;
+        if (diagonal) {
+            sums_of_squares_gpu(factor_a_.data(), work_a_.data(), rows, cols, count, columns);
+            sums_of_squares_gpu(factor_b_.data(), work_b_.data(), rows, cols, count, columns);
+            psgd_diagonal_factor_update_gpu(factor_c_.data(), q.data(), factor_a_.data(), factor_b_.data(), n, count,
+                                            float(config_.precond_lr));
+            commit_tiles(q.data(), factor_c_.data(), n, count, nullptr, true);
+            return;
+        }
+        gemm_.gram(factor_a_.data(), work_a_.data(), columns, n, other, count, 1.0f, 0.0f);
+        gemm_.gram(factor_b_.data(), work_b_.data(), columns, n, other, count, 1.0f, 0.0f);
         float* bound = scalars_.data() + 3 * size_t(count);
         psgd_norm_lower_bound_gpu(bound, factor_a_.data(), factor_b_.data(), bound_work_.data(), n, count);
         psgd_factor_multiplier_gpu(factor_c_.data(), factor_a_.data(), factor_b_.data(), bound, n, count,

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cfloat>
 
+#include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
 #include "optim/optimizer_state.hpp"
 #include "optim/preconditioner_kernels.hpp"
@@ -71,12 +72,53 @@ __global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float
     }
 }
 
-__global__ void sum_squares_kernel(float* out, const float* x, int64_t n) {
-    const float* m = x + blockIdx.x * n;
-    double sum = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += double(m[i]) * m[i];
-    sum = block_reduce(sum, Add{});
-    if (threadIdx.x == 0) out[blockIdx.x] = float(sum);
+// Per-matrix reductions (sum of squares, mean |x|, max |x|) in two passes with a fixed order:
+// blocks_per_matrix blocks per matrix each reduce a grid-stride share into per_matrix_partials,
+// then one block per matrix combines its partials in order. The partials live in this fixed
+// device array (no allocation during a step; every caller is on the default stream, one at a
+// time); a matrix gets at most kMaxBlocksPerMatrix of them and fewer when count is large.
+constexpr int kPartialsCapacity = 1 << 16, kMaxBlocksPerMatrix = 128;
+__device__ double per_matrix_partials[kPartialsCapacity];
+
+struct SquareOf {
+    __device__ double operator()(float x) const { return double(x) * x; }
+};
+struct AbsOf {
+    __device__ double operator()(float x) const { return fabs(double(x)); }
+};
+
+template <typename Transform, typename Combine>
+__global__ void matrix_partials_kernel(const float* x, int64_t n, Transform transform, Combine combine) {
+    const int t = blockIdx.y;
+    const float* m = x + t * n;
+    double value = 0;  // the identity of + and of max over |x| alike
+    GRID_STRIDE(i, n) value = combine(value, transform(m[i]));
+    value = block_reduce(value, combine);
+    if (threadIdx.x == 0) per_matrix_partials[int64_t(t) * gridDim.x + blockIdx.x] = value;
+}
+
+template <typename Combine>
+__global__ void combine_partials_kernel(float* out, int blocks_per_matrix, Combine combine, double divisor) {
+    if (threadIdx.x != 0) return;
+    const double* partials = per_matrix_partials + int64_t(blockIdx.x) * blocks_per_matrix;
+    double value = partials[0];
+    for (int b = 1; b < blocks_per_matrix; ++b) value = combine(value, partials[b]);
+    out[blockIdx.x] = float(value / divisor);
+}
+
+template <typename Transform, typename Combine>
+void reduce_matrices(float* out, const float* x, int count, int64_t n, Transform transform, Combine combine,
+                     double divisor) {
+    if (count == 0) return;
+    QOPT_CHECK(count <= kPartialsCapacity, "per-matrix reduction over ", count, " matrices (at most ",
+               kPartialsCapacity, ")");
+    const int64_t wanted = (n + kThreads * 8 - 1) / (kThreads * 8);
+    const int blocks = int(std::max<int64_t>(1, std::min<int64_t>({wanted, kMaxBlocksPerMatrix,
+                                                                    kPartialsCapacity / count})));
+    matrix_partials_kernel<<<dim3(unsigned(blocks), unsigned(count)), kThreads>>>(x, n, transform, combine);
+    CUDA_CHECK_LAUNCH();
+    combine_partials_kernel<<<count, 32>>>(out, blocks, combine, divisor);
+    CUDA_CHECK_LAUNCH();
 }
 
 __global__ void shampoo_filter_graft_kernel(float* filtered_hat, float* graft, float* filtered, float* graft_sq,
@@ -168,9 +210,11 @@ __global__ void commit_flags_kernel(int* flags, const float* kept, const float* 
     }
 }
 
-__global__ void commit_copy_kernel(float* kept, const float* candidate, const int* flags, int n, int* accepted,
-                                   int* rejected_count) {
-    const int64_t size = int64_t(n) * n, base = int64_t(blockIdx.y) * size;
+// identity_stride: n + 1 for n x n matrices (the diagonal's entries are n + 1 apart), 1 for
+// diagonal factors stored as vectors (all ones).
+__global__ void commit_copy_kernel(float* kept, const float* candidate, const int* flags, int64_t size,
+                                   int64_t identity_stride, int* accepted, int* rejected_count) {
+    const int64_t base = int64_t(blockIdx.y) * size;
     const bool bad = flags[2 * blockIdx.y], set = flags[2 * blockIdx.y + 1];
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         if (bad) atomicAdd(rejected_count, 1);
@@ -178,7 +222,7 @@ __global__ void commit_copy_kernel(float* kept, const float* candidate, const in
     }
     if (bad && set) return;  // the last good one stays
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x)
-        kept[base + i] = bad ? (i / n == i % n ? 1.0f : 0.0f) : candidate[base + i];
+        kept[base + i] = bad ? (i % identity_stride == 0 ? 1.0f : 0.0f) : candidate[base + i];
 }
 
 __global__ void identity_order_where_rejected_kernel(int* order, const int* accepted, int n) {
@@ -193,22 +237,6 @@ __global__ void psgd_momentum_kernel(float* debiased, float* momentum, const flo
         momentum[i] = m;
         debiased[i] = m / debias;
     }
-}
-
-__global__ void mean_abs_kernel(float* out, const float* x, int64_t n) {
-    const float* m = x + blockIdx.x * n;
-    double sum = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += fabs(double(m[i]));
-    sum = block_reduce(sum, Add{});
-    if (threadIdx.x == 0) out[blockIdx.x] = float(sum / double(n));
-}
-
-__global__ void max_abs_kernel(float* out, const float* x, int64_t n) {
-    const float* m = x + blockIdx.x * n;
-    float best = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) best = fmaxf(best, fabsf(m[i]));
-    best = block_reduce(best, Max{});
-    if (threadIdx.x == 0) out[blockIdx.x] = best;
 }
 
 __global__ void psgd_probe_perturb_kernel(float* probe, float* x, const float* mean_abs, const int* matrix_index,
@@ -236,20 +264,35 @@ __global__ void psgd_balance_kernel(float* q_left, float* q_right, const float* 
 // (there on a / max|a|, which changes nothing but rounding):
 //   x = the column of a with the largest norm (the first on ties);  y = a^T x;
 //   bound = ||a y|| / ||y||
-// In four passes, each parallel over columns or rows of every matrix (count in blockIdx.y).
+// In passes parallel over columns or rows of every matrix (count in blockIdx.z or .y); the two
+// column sums run over kBoundRowChunks slices of the rows at once (enough blocks to fill the
+// GPU at n = 3072, count = 12), then add the slices in order.
 __device__ inline double sum_entry(const float* t1, const float* t2, int64_t i) { return double(t1[i]) + double(t2[i]); }
 
-// column_sq[t][c] = sum_r a(r, c)^2 (one thread per column, coalesced).
-__global__ void column_norms_kernel(float* column_sq, const float* t1, const float* t2, int n) {
-    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+constexpr int kBoundRowChunks = 16;
+
+// partial[t][k][c] = sum over rows r of slice k of a(r, c) a(r, chosen[t]) (chosen null: a(r, c)^2);
+// one thread per column, coalesced.
+__global__ void column_partials_kernel(double* partial, const int* chosen, const float* t1, const float* t2, int n) {
+    const int t = blockIdx.z, k = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= n) return;
     const int64_t base = int64_t(t) * n * n;
-    double sq = 0;
-    for (int r = 0; r < n; ++r) {
-        const double a = sum_entry(t1, t2, base + int64_t(r) * n + c);
-        sq += a * a;
-    }
-    column_sq[int64_t(t) * n + c] = float(sq);
+    const int rows_per_chunk = (n + kBoundRowChunks - 1) / kBoundRowChunks;
+    const int r_end = min(n, (k + 1) * rows_per_chunk);
+    const int x = chosen ? chosen[t] : c;
+    double sum = 0;
+    for (int r = k * rows_per_chunk; r < r_end; ++r)
+        sum += sum_entry(t1, t2, base + int64_t(r) * n + x) * sum_entry(t1, t2, base + int64_t(r) * n + c);
+    partial[(int64_t(t) * kBoundRowChunks + k) * n + c] = sum;
+}
+
+// out[t][c] = sum over slices k of partial[t][k][c], in order.
+__global__ void sum_row_chunks_kernel(float* out, const double* partial, int n) {
+    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    double sum = 0;
+    for (int k = 0; k < kBoundRowChunks; ++k) sum += partial[(int64_t(t) * kBoundRowChunks + k) * n + c];
+    out[int64_t(t) * n + c] = float(sum);
 }
 
 // chosen[t] = arg max of column_sq[t] (the first on ties); one block per matrix.
@@ -270,18 +313,6 @@ __global__ void choose_column_kernel(int* chosen, const float* column_sq, int n)
                 values[0] = values[i], indices[0] = indices[i];
         chosen[blockIdx.x] = indices[0];
     }
-}
-
-// y[t][c] = sum_r a(r, chosen) a(r, c).
-__global__ void project_column_kernel(float* y, const int* chosen, const float* t1, const float* t2, int n) {
-    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= n) return;
-    const int64_t base = int64_t(t) * n * n;
-    const int x = chosen[t];
-    double sum = 0;
-    for (int r = 0; r < n; ++r)
-        sum += sum_entry(t1, t2, base + int64_t(r) * n + x) * sum_entry(t1, t2, base + int64_t(r) * n + c);
-    y[int64_t(t) * n + c] = float(sum);
 }
 
 // row_sq[t][r] = (sum_c a(r, c) y_c)^2, one warp per row.
@@ -322,6 +353,69 @@ __global__ void psgd_factor_multiplier_kernel(float* multiplier, const float* t1
     }
 }
 
+// out[t][r, c] = in[t][r, c] (left[t][r] right[t][c])^power, a side's factor 1 where its
+// vector is null (PSGD's diagonal factors: power 1 in A, -1 in B, 2 in the update).
+__global__ void psgd_scale_rows_columns_kernel(float* out, const float* in, const float* left, const float* right,
+                                               int power, int rows, int cols) {
+    const int t = blockIdx.y;
+    const int64_t size = int64_t(rows) * cols;
+    GRID_STRIDE(i, size) {
+        float scale = 1.0f;
+        if (left) scale *= left[int64_t(t) * rows + i / cols];
+        if (right) scale *= right[int64_t(t) * cols + i % cols];
+        const float factor = power == 1 ? scale : power == 2 ? scale * scale : 1.0f / scale;
+        out[t * size + i] = in[t * size + i] * factor;
+    }
+}
+
+// out[t][r] = sum_c x[t][r, c]^2: one warp per row (fixed order: lanes stride the row, then
+// the warp's shuffle tree).
+__global__ void row_sums_of_squares_kernel(float* out, const float* x, int rows, int cols) {
+    const int t = blockIdx.y;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* r = x + (int64_t(t) * rows + row) * cols;
+    double sum = 0;
+    for (int c = lane; c < cols; c += 32) sum += double(r[c]) * r[c];
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) out[int64_t(t) * rows + row] = float(sum);
+}
+
+// out[t][c] = sum_r x[t][r, c]^2: a block of 32 x 32 threads per 32 columns; threadIdx.y
+// strides the rows (coalesced reads along a row), then the 32 partial sums of each column are
+// added in a fixed order.
+__global__ void column_sums_of_squares_kernel(float* out, const float* x, int rows, int cols) {
+    __shared__ double partial[32][33];
+    const int t = blockIdx.y, c = blockIdx.x * 32 + threadIdx.x;
+    double sum = 0;
+    if (c < cols)
+        for (int r = threadIdx.y; r < rows; r += 32) {
+            const float v = x[(int64_t(t) * rows + r) * cols + c];
+            sum += double(v) * v;
+        }
+    partial[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        double total = 0;
+        for (int k = 0; k < 32; ++k) total += partial[k][threadIdx.x];
+        out[int64_t(t) * cols + c] = float(total);
+    }
+}
+
+// PSGD's diagonal factor update, one block per factor:
+//   candidate = q - precond_lr (t1 - t2) q / max(max_i |t1_i + t2_i|, tiny)
+__global__ void psgd_diagonal_factor_update_kernel(float* candidate, const float* q, const float* t1, const float* t2,
+                                                   int n, float precond_lr) {
+    const int64_t base = int64_t(blockIdx.x) * n;
+    double norm = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) norm = fmax(norm, fabs(double(t1[base + i]) + t2[base + i]));
+    norm = fmax(block_reduce(norm, Max{}), double(FLT_MIN));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double qi = q[base + i];
+        candidate[base + i] = float(qi - precond_lr * (double(t1[base + i]) - t2[base + i]) * qi / norm);
+    }
+}
+
 __global__ void psgd_clip_scale_kernel(float* scale, const float* sum_sq, int count, int64_t n) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < count) scale[t] = float(fmin(1.0, 1.1 / (sqrt(double(sum_sq[t]) / double(n)) + 1e-12)));
@@ -359,9 +453,7 @@ void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, c
 }
 
 void sum_squares_gpu(float* out, const float* x, int count, int64_t n) {
-    if (count == 0) return;
-    sum_squares_kernel<<<count, 1024>>>(out, x, n);
-    CUDA_CHECK_LAUNCH();
+    reduce_matrices(out, x, count, n, SquareOf{}, Add{}, 1.0);
 }
 
 void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
@@ -409,13 +501,14 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 }
 
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
-                             int* flags) {
+                             int* flags, bool diagonal) {
     CUDA_CHECK(cudaMemsetAsync(flags, 0, size_t(2 * count) * sizeof(int)));
-    const int64_t size = int64_t(n) * n;
+    const int64_t size = diagonal ? int64_t(n) : int64_t(n) * n;
     const dim3 grid(unsigned(std::min<int64_t>((size + kThreads * 8 - 1) / (kThreads * 8), 1024)), unsigned(count));
     commit_flags_kernel<<<grid, kThreads>>>(flags, kept, candidate, size);
     CUDA_CHECK_LAUNCH();
-    commit_copy_kernel<<<grid, kThreads>>>(kept, candidate, flags, n, accepted, rejected_count);
+    commit_copy_kernel<<<grid, kThreads>>>(kept, candidate, flags, size, diagonal ? 1 : int64_t(n) + 1, accepted,
+                                           rejected_count);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -430,13 +523,11 @@ void psgd_momentum_gpu(float* debiased, float* momentum, const float* g, int64_t
 }
 
 void mean_abs_gpu(float* mean_abs, const float* x, int count, int64_t n) {
-    mean_abs_kernel<<<count, 1024>>>(mean_abs, x, n);
-    CUDA_CHECK_LAUNCH();
+    reduce_matrices(mean_abs, x, count, n, AbsOf{}, Add{}, double(n));
 }
 
 void max_abs_gpu(float* max_abs, const float* x, int count, int64_t n) {
-    max_abs_kernel<<<count, 1024>>>(max_abs, x, n);
-    CUDA_CHECK_LAUNCH();
+    reduce_matrices(max_abs, x, count, n, AbsOf{}, Max{}, 1.0);
 }
 
 void psgd_probe_perturb_gpu(float* probe, float* x, const float* mean_abs, const int* matrix_index, int count,
@@ -453,16 +544,24 @@ void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, cons
     CUDA_CHECK_LAUNCH();
 }
 
+size_t psgd_norm_lower_bound_work(int n, int count) { return (3 + 2 * kBoundRowChunks) * size_t(n) * count + 1; }
+
 void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count) {
     float* column_sq = work;  // later the rows' squares
     float* y = work + size_t(n) * count;
     int* chosen = reinterpret_cast<int*>(work + 2 * size_t(n) * count);
-    const dim3 columns((n + 127) / 128, count);
-    column_norms_kernel<<<columns, 128>>>(column_sq, t1, t2, n);
+    // The partial sums as doubles, 8-byte aligned (work is a device allocation).
+    double* partial = reinterpret_cast<double*>(work + 3 * size_t(n) * count + (3 * size_t(n) * count) % 2);
+    const dim3 columns((n + 127) / 128, count), column_chunks((n + 127) / 128, kBoundRowChunks, count);
+    column_partials_kernel<<<column_chunks, 128>>>(partial, nullptr, t1, t2, n);
+    CUDA_CHECK_LAUNCH();
+    sum_row_chunks_kernel<<<columns, 128>>>(column_sq, partial, n);
     CUDA_CHECK_LAUNCH();
     choose_column_kernel<<<count, 256>>>(chosen, column_sq, n);
     CUDA_CHECK_LAUNCH();
-    project_column_kernel<<<columns, 128>>>(y, chosen, t1, t2, n);
+    column_partials_kernel<<<column_chunks, 128>>>(partial, chosen, t1, t2, n);
+    CUDA_CHECK_LAUNCH();
+    sum_row_chunks_kernel<<<columns, 128>>>(y, partial, n);
     CUDA_CHECK_LAUNCH();
     apply_rows_kernel<<<dim3((n + 7) / 8, count), 256>>>(column_sq, y, t1, t2, n);
     CUDA_CHECK_LAUNCH();
@@ -474,6 +573,35 @@ void psgd_factor_multiplier_gpu(float* multiplier, const float* t1, const float*
                                 int count, float precond_lr) {
     psgd_factor_multiplier_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(multiplier, t1, t2, bound, n,
                                                                                        precond_lr);
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_scale_rows_columns_gpu(float* out, const float* in, const float* left, const float* right, int power,
+                                 int rows, int cols, int count) {
+    QOPT_CHECK(power == 1 || power == -1 || power == 2, "psgd_scale_rows_columns_gpu: power ", power);
+    if (count == 0) return;
+    psgd_scale_rows_columns_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(out, in, left, right,
+                                                                                               power, rows, cols);
+    CUDA_CHECK_LAUNCH();
+}
+
+void sums_of_squares_gpu(float* out, const float* x, int rows, int cols, int count, bool columns) {
+    if (count == 0) return;
+    if (columns) {
+        column_sums_of_squares_kernel<<<dim3(unsigned((cols + 31) / 32), unsigned(count)), dim3(32, 32)>>>(out, x, rows,
+                                                                                                          cols);
+    } else {
+        constexpr int kWarps = kThreads / 32;
+        row_sums_of_squares_kernel<<<dim3(unsigned((rows + kWarps - 1) / kWarps), unsigned(count)), kThreads>>>(
+            out, x, rows, cols);
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+void psgd_diagonal_factor_update_gpu(float* candidate, const float* q, const float* t1, const float* t2, int n,
+                                     int count, float precond_lr) {
+    if (count == 0) return;
+    psgd_diagonal_factor_update_kernel<<<count, kThreads>>>(candidate, q, t1, t2, n, precond_lr);
     CUDA_CHECK_LAUNCH();
 }
 

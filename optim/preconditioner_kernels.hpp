@@ -55,12 +55,13 @@ void permute_columns_gpu(float* out, const float* in, const int* order, int n, i
 void permute_rows_columns_gpu(float* out, const float* in, const int* row_order, const int* col_order, int rows,
                               int cols, int count);
 
-// The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t: a finite
-// candidate[t] is copied into kept[t]; otherwise kept[t] stays (the identity when it is all
-// zero: none computed yet), *rejected_count += 1, and accepted[t] (when given) is 0, else 1.
-// flags: 2 * count ints of scratch.
+// The GPU side of commit_preconditioner (optim/dense.hpp), per n x n matrix t (or, when
+// `diagonal`, per n-vector holding a diagonal matrix): a finite candidate[t] is copied into
+// kept[t]; otherwise kept[t] stays (the identity when it is all zero: none computed yet),
+// *rejected_count += 1, and accepted[t] (when given) is 0, else 1. flags: 2 * count ints of
+// scratch.
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
-                             int* flags);
+                             int* flags, bool diagonal = false);
 // order[t] = 0, 1, ..., n-1 where accepted[t] == 0 (a rejected SOAP basis keeps its column order).
 void identity_order_where_rejected_gpu(int* order, const int* accepted, int n, int count);
 
@@ -77,12 +78,26 @@ void psgd_probe_perturb_gpu(float* probe, float* x, const float* mean_abs, const
 // Both factors scaled to the geometric mean of their max-abs values (PSGD's balancing).
 void psgd_balance_gpu(float* q_left, float* q_right, const float* left_max, const float* right_max, int count,
                       int64_t left_n, int64_t right_n);
-// bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work: 3 * count * n floats.
+// bound[t] = psgd_norm_lower_bound(t1[t] + t2[t]) for symmetric n x n matrices; work:
+// psgd_norm_lower_bound_work(n, count) floats.
 void psgd_norm_lower_bound_gpu(float* bound, const float* t1, const float* t2, float* work, int n, int count);
+size_t psgd_norm_lower_bound_work(int n, int count);
 // multiplier[t] = I - triu(t1[t] - t2[t]) * precond_lr / max(bound[t], tiny), upper triangular
 // (then Q <- multiplier Q, i.e. Q -= triu(.) Q, as one product)
 void psgd_factor_multiplier_gpu(float* multiplier, const float* t1, const float* t2, const float* bound, int n,
                                 int count, float precond_lr);
+// PSGD's diagonal factors (vectors q, Q = diag(q)); rows x cols matrices, count of them:
+// out[t][r, c] = in[t][r, c] (left[t][r] right[t][c])^power, power 1 (A = Q1 X Q2^T), -1
+// (B = Q1^-1 V Q2^-1) or 2 (U = Q1^2 D Q2^2); a null side is the identity; out may be in.
+void psgd_scale_rows_columns_gpu(float* out, const float* in, const float* left, const float* right, int power,
+                                 int rows, int cols, int count);
+// out[t] = the sums of squares of x[t]'s rows ([rows] per matrix), or of its columns ([cols])
+// when `columns`: a diagonal factor's "Gram matrix", the diagonal of X X^T (X^T X).
+void sums_of_squares_gpu(float* out, const float* x, int rows, int cols, int count, bool columns);
+// candidate[t] = q[t] - precond_lr (t1[t] - t2[t]) q[t] / max(max|t1[t] + t2[t]|, tiny),
+// element-wise over n (the CPU's update_diagonal_factor).
+void psgd_diagonal_factor_update_gpu(float* candidate, const float* q, const float* t1, const float* t2, int n,
+                                     int count, float precond_lr);
 // scale[t] = min(1, 1.1 / (sqrt(sum_sq[t] / n) + 1e-12))  (PSGD's update RMS clip)
 void psgd_clip_scale_gpu(float* scale, const float* sum_sq, int count, int64_t n);
 // scale[t] = 1 / (1e-30 + sqrt(sum_sq[t] / n))  (SOAP's normalize_grads)

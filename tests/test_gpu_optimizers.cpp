@@ -13,6 +13,8 @@
 #include "optim/dense.hpp"
 #include "optim/gpu_optimizer.hpp"
 #include "optim/optimizer.hpp"
+#include "optim/preconditioner_kernels.hpp"
+#include "optim/psgd.hpp"
 #include "train/trainer.hpp"
 
 using namespace qopt;
@@ -633,12 +635,12 @@ TEST_CASE("GPU training with every method: the loss falls, nothing diverges") {
 TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspaces when built") {
     REQUIRE_GPU();
     // The workspaces are kept and shared by the process's calls, so each optimizer gets factors
-    // wider than any earlier test's (SOAP 384, then Shampoo 448, whose eigendecomposition batch
-    // is also larger), which makes its reservation grow them; then the steps through a refresh
-    // (for SOAP also its first call's eigendecompositions) must allocate nothing more: all of it
-    // was there for the memory check that runs before training.
+    // wider than any other test's eigendecompositions and QRs (SOAP 1024, then Shampoo 1280; the
+    // others stay at or below 256), which makes its reservation grow them;
+    // then the steps through a refresh (for SOAP also its first call's eigendecompositions) must
+    // allocate nothing more: all of it was there for the memory check that runs before training.
     std::mt19937_64 gen(fresh_seed());
-    for (const auto& [name, width] : {std::pair{"soap", 384}, std::pair{"shampoo", 448}}) {
+    for (const auto& [name, width] : {std::pair<std::string, int>{"soap", 1024}, std::pair<std::string, int>{"shampoo", 1280}}) {
         CAPTURE(name);
         ParamLayout layout;
         layout.append("square", {width, width}, ParamKind::Matrix);
@@ -695,18 +697,186 @@ TEST_CASE("PSGD on the GPU forms Q^T Q only where it pays before the factors cha
     CHECK(psgd_products_pay_off(768, 768, 2.1));
     CHECK_FALSE(psgd_products_pay_off(100, 100, 1.0));
     CHECK(psgd_products_pay_off(100, 100, 1.1));
+    // A diagonal factor drops out. 1024 x 40 with the left diagonal: chained 2 40^2 1024, with P
+    // 40^2 1024, forming 40^3: pays at once. 600 x 1000 with the right diagonal (600 in blocks of
+    // 256: share (256 600 + 256 344 + 88 88) / 600^2 = 0.6928): chained 2 (0.6928) 600^2 1000 =
+    // 4.988e8, with P 3.6e8, forming 0.6928 600^3 = 1.496e8: pays from 1.08 steps on. Both
+    // diagonal: nothing to form.
+    CHECK(psgd_products_pay_off(1024, 40, 1.0, true, false));
+    CHECK_FALSE(psgd_products_pay_off(1024, 40, 1.0, false, true));  // the 1024-wide left one: 0.625 n^3 to form
+    CHECK_FALSE(psgd_products_pay_off(600, 1000, 1.0, false, true));
+    CHECK(psgd_products_pay_off(600, 1000, 1.1, false, true));
+    CHECK_FALSE(psgd_products_pay_off(3072, 768, 1e6, true, true));
 }
 
-TEST_CASE("GPU PSGD refuses diagonal factors (memory-saving modes) with a message naming the flags") {
+TEST_CASE("GPU PSGD with diagonal factors (the memory-saving rules) matches the CPU reference") {
     REQUIRE_GPU();
-    ParamLayout layout;
-    layout.append("tall", {12, 5}, ParamKind::Matrix);
-    OptimizerConfig c;
-    c.kind = OptimizerKind::Psgd;
-    c.psgd.memory_save_mode = "one_diag";
-    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("--psgd-memory-save-mode one_diag"),
-                         std::exception);
-    c.psgd.memory_save_mode = "none";
-    c.psgd.max_size_triangular = 8;
-    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("only the CPU implements"), std::exception);
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    // gpt2-tiny's 64 x 64, 192 x 64, 256 x 64 and 64 x 256 matrices under each rule that makes a
+    // factor diagonal: one_diag (the larger side; of a square matrix the right), all_diag,
+    // smart_one_diag (rectangular only), and --psgd-max-size-triangular 100 (the 192- and
+    // 256-wide sides). Then a CPU state with diagonal factors resumed on the GPU, balancing and
+    // the gradient in the update at probability 0.5, and one_diag on wide matrices: 1024 x 40
+    // (a diagonal left factor; the right 40 x 40 forms Q^T Q, as psgd_products_pay_off says even
+    // at probability 1) and 600 x 1000 (the right diagonal; the left 600-wide factor by blocks,
+    // chained).
+    struct Case {
+        std::string label;
+        std::function<void(PsgdConfig&)> setup;
+        std::vector<std::pair<int, int>> shapes;  // empty: gpt2-tiny's layout
+        int warm_steps, steps;
+    };
+    const auto mode = [](const char* name) { return [name](PsgdConfig& c) { c.memory_save_mode = name; }; };
+    const std::vector<Case> cases = {
+        {"one_diag", mode("one_diag"), {}, 0, 4},
+        {"all_diag", mode("all_diag"), {}, 0, 4},
+        {"smart_one_diag", mode("smart_one_diag"), {}, 0, 4},
+        {"max_size_triangular 100", [](PsgdConfig& c) { c.max_size_triangular = 100; }, {}, 0, 4},
+        {"one_diag resumed from the CPU, balanced, gradient into the update, probability 0.5",
+         [](PsgdConfig& c) {
+             c.memory_save_mode = "one_diag";
+             c.balance_probability = 1.0;
+             c.momentum_into_precond_update = false;
+             c.update_prob_max = 0.5;
+         },
+         {}, 3, 5},
+        {"one_diag, wide matrices", mode("one_diag"), {{1024, 40}, {600, 1000}}, 0, 3},
+    };
+    for (const Case& k : cases) {
+        CAPTURE(k.label);
+        ParamLayout layout;
+        if (k.shapes.empty()) layout = ParamLayout::build(small_gpt2());
+        for (const auto& [rows, cols] : k.shapes)
+            layout.append("m" + std::to_string(rows) + "x" + std::to_string(cols), {rows, cols}, ParamKind::Matrix);
+        OptimizerConfig c;
+        c.kind = OptimizerKind::Psgd;
+        k.setup(c.psgd);
+        const SideBySide r = run_side_by_side(layout, c, k.warm_steps, k.steps, seed);
+        const double error = relative_error(r.gpu_change, r.cpu_change);
+        MESSAGE("psgd " << k.label << ": relative difference of the weight changes " << error);
+        CHECK(error < 2e-3);
+        // The state's shapes (checked there) say which factors are diagonal: at least one is.
+        check_states_agree(r, {"momentum", "q_left", "q_right"});
+        CHECK(std::any_of(r.gpu_state.tensors.begin(), r.gpu_state.tensors.end(),
+                          [](const StateTensor& t) { return t.name.find(".q_") != std::string::npos && t.shape.size() == 1; }));
+    }
+}
+
+TEST_CASE("GPU PSGD's per-matrix kernels: reductions, norm lower bound and diagonal factors match plain loops") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // Reductions split each matrix over up to 128 blocks (fewer for many matrices), then add the
+    // blocks' partial results in order: one element, sizes around a block's share, a matrix that
+    // takes all 128 blocks, and 2000 matrices (3 blocks each).
+    for (const auto& [count, n] : {std::pair{3, int64_t(1)}, std::pair{2, int64_t(2049)},
+                                   std::pair{2, int64_t(128) * 2048 + 77}, std::pair{2000, int64_t(5000)}}) {
+        CAPTURE(count);
+        CAPTURE(n);
+        const std::vector<float> x = random_vector<float>(size_t(count) * size_t(n), gen);
+        auto d_x = uploaded(x);
+        auto sum_sq = poisoned<float>(size_t(count)), mean_abs = poisoned<float>(size_t(count)),
+             max_abs = poisoned<float>(size_t(count));
+        sum_squares_gpu(sum_sq.data(), d_x.data(), count, n);
+        mean_abs_gpu(mean_abs.data(), d_x.data(), count, n);
+        max_abs_gpu(max_abs.data(), d_x.data(), count, n);
+        std::vector<double> want_sq(size_t(count), 0.0), want_mean(size_t(count), 0.0), want_max(size_t(count), 0.0);
+        for (int t = 0; t < count; ++t)
+            for (int64_t i = 0; i < n; ++i) {
+                const double v = x[size_t(t * n + i)];
+                want_sq[size_t(t)] += v * v;
+                want_mean[size_t(t)] += std::abs(v) / double(n);
+                want_max[size_t(t)] = std::max(want_max[size_t(t)], std::abs(v));
+            }
+        CHECK(relative_error(sum_sq.download(), want_sq) < 1e-6);
+        CHECK(relative_error(mean_abs.download(), want_mean) < 1e-6);
+        CHECK(relative_error(max_abs.download(), want_max) == 0.0);
+    }
+    // The spectral-norm lower bound of t1 + t2 (symmetric), against the CPU's, over row slices
+    // that are empty (n = 1, 17) or uneven (300).
+    for (int n : {1, 17, 300}) {
+        CAPTURE(n);
+        const int count = 3;
+        std::vector<float> t1, t2;
+        std::vector<double> want;
+        for (int t = 0; t < count; ++t) {
+            const Dense a = random_matrix(n, n + 3, gen), b = random_matrix(n, 2, gen);
+            const Dense g1 = matmul(a, a, false, true), g2 = matmul(b, b, false, true);
+            const std::vector<float> f1 = to_floats(g1), f2 = to_floats(g2);
+            t1.insert(t1.end(), f1.begin(), f1.end());
+            t2.insert(t2.end(), f2.begin(), f2.end());
+            Dense sum = dense_from(f1.data(), n, n);
+            for (size_t i = 0; i < sum.values.size(); ++i) sum.values[i] += f2[i];
+            want.push_back(psgd_norm_lower_bound(sum));
+        }
+        auto d_t1 = uploaded(t1), d_t2 = uploaded(t2);
+        auto work = poisoned<float>(psgd_norm_lower_bound_work(n, count)), bound = poisoned<float>(size_t(count));
+        psgd_norm_lower_bound_gpu(bound.data(), d_t1.data(), d_t2.data(), work.data(), n, count);
+        CHECK(relative_error(bound.download(), want) < 1e-5);
+    }
+    // Diagonal factors on 3 matrices of 37 x 70: rows and columns scaled by q^power, the rows' and
+    // columns' sums of squares, and the element-wise factor update.
+    const int count = 3, rows = 37, cols = 70;
+    const std::vector<float> x = random_vector<float>(size_t(count) * rows * cols, gen);
+    std::vector<float> q_left = random_vector<float>(size_t(count) * rows, gen),
+                       q_right = random_vector<float>(size_t(count) * cols, gen);
+    for (float& v : q_left) v = 0.5f + std::abs(v);
+    for (float& v : q_right) v = 0.5f + std::abs(v);
+    auto d_x = uploaded(x), d_left = uploaded(q_left), d_right = uploaded(q_right);
+    const auto at = [&](int t, int r, int c) { return size_t(t) * rows * cols + size_t(r) * cols + size_t(c); };
+    for (int power : {1, -1, 2})
+        for (const auto& [left, right] : {std::pair{true, true}, std::pair{true, false}, std::pair{false, true}}) {
+            CAPTURE(power);
+            CAPTURE(left);
+            CAPTURE(right);
+            auto out = poisoned<float>(x.size());
+            psgd_scale_rows_columns_gpu(out.data(), d_x.data(), left ? d_left.data() : nullptr,
+                                        right ? d_right.data() : nullptr, power, rows, cols, count);
+            std::vector<double> want(x.size());
+            for (int t = 0; t < count; ++t)
+                for (int r = 0; r < rows; ++r)
+                    for (int c = 0; c < cols; ++c) {
+                        const double scale = (left ? q_left[size_t(t * rows + r)] : 1.0) *
+                                             (right ? q_right[size_t(t * cols + c)] : 1.0);
+                        want[at(t, r, c)] = x[at(t, r, c)] * std::pow(scale, power);
+                    }
+            CHECK(relative_error(out.download(), want) < 1e-6);
+        }
+    const std::vector<float> y = random_vector<float>(x.size(), gen);
+    auto d_y = uploaded(y);
+    for (bool columns : {false, true}) {
+        CAPTURE(columns);
+        const int n = columns ? cols : rows;
+        std::vector<double> want_x(size_t(count) * n), want_y(size_t(count) * n);
+        for (int t = 0; t < count; ++t)
+            for (int r = 0; r < rows; ++r)
+                for (int c = 0; c < cols; ++c) {
+                    const size_t k = size_t(t) * n + size_t(columns ? c : r);
+                    want_x[k] += double(x[at(t, r, c)]) * x[at(t, r, c)];
+                    want_y[k] += double(y[at(t, r, c)]) * y[at(t, r, c)];
+                }
+        auto t1 = poisoned<float>(want_x.size()), t2 = poisoned<float>(want_x.size());
+        sums_of_squares_gpu(t1.data(), d_x.data(), rows, cols, count, columns);
+        sums_of_squares_gpu(t2.data(), d_y.data(), rows, cols, count, columns);
+        CHECK(relative_error(t1.download(), want_x) < 1e-6);
+        CHECK(relative_error(t2.download(), want_y) < 1e-6);
+        // q - lr (t1 - t2) q / max|t1 + t2|, per matrix.
+        const std::vector<float>& q = columns ? q_right : q_left;
+        const std::vector<float> g1 = t1.download(), g2 = t2.download();
+        std::vector<double> want_q(q.size());
+        for (int t = 0; t < count; ++t) {
+            double norm = 0;
+            for (int i = 0; i < n; ++i) norm = std::max(norm, std::abs(double(g1[size_t(t * n + i)]) + g2[size_t(t * n + i)]));
+            for (int i = 0; i < n; ++i) {
+                const size_t k = size_t(t * n + i);
+                want_q[k] = q[k] - 0.1 * (double(g1[k]) - g2[k]) * q[k] / norm;
+            }
+        }
+        auto candidate = poisoned<float>(q.size());
+        psgd_diagonal_factor_update_gpu(candidate.data(), columns ? d_right.data() : d_left.data(), t1.data(), t2.data(),
+                                        n, count, 0.1f);
+        CHECK(relative_error(candidate.download(), want_q) < 1e-6);
+    }
 }

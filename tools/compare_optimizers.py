@@ -14,7 +14,7 @@ Shampoo runs twice: "shampoo" (Adam grafting, uneven blocks of 40, roots every 4
 decoupled weight decay) and "shampoo_momentum" (no grafting, EMA factors, Nesterov momentum
 through which the weight decay passes, start step 6: roots at 6, 8, 12). PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
-all_diag (diagonal factors; qopt's CPU step only, its GPU step refuses them so far).
+all_diag (diagonal factors).
 
 Matching choices: weight decay 0 unless the reference's default is used on both sides;
 PSGD's random probes are qopt's counter-based normals (computed here, bit-compatible in
@@ -154,8 +154,6 @@ QOPT_FLAGS = {
 }
 TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3, "psgd_one_diag": 1e-3,
              "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3}
-# Comparisons whose settings qopt's GPU step does not implement yet (PSGD's diagonal factors).
-CPU_ONLY = {"psgd_one_diag", "psgd_all_diag"}
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 
@@ -189,7 +187,7 @@ def main():
         ref64 = reference_run(name, start, tensors, args.refs, args.steps, torch.float64)
         spread = {s: float(((ref64[s] - start[s]) - (ref[s] - start[s])).norm() / (ref[s] - start[s]).norm())
                   for s in SHAPES}
-        devices = ["cpu"] + (["cuda"] if args.device == "cuda" and name not in CPU_ONLY else [])
+        devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
         for device in devices:
             out_path = os.path.join(args.work, f"{name}_{device}.safetensors")
             cmd = [args.replay, "--in", in_path, "--out", out_path, "--optimizer", QOPT_OPTIMIZER[name],
