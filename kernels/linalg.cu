@@ -417,17 +417,17 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 
 namespace {
 
-// Row-major D [m, n] (leading dimension ldd) = op(A) op(B), op(A) [m, k], op(B) [k, n], for
-// `batch` matrices at the given strides (A, B and D may be sub-matrices), in full fp32 or on
-// TF32 tensor cores. Column-major, that is D^T = op(B)^T op(A)^T, and the column-major view of a
-// row-major buffer is its transpose, so each operand goes in transposed only when op transposes it.
+// Row-major D [m, n] (leading dimension ldd) = alpha op(A) op(B) + beta D, op(A) [m, k], op(B)
+// [k, n], for `batch` matrices at the given strides (A, B and D may be sub-matrices), in full fp32
+// or on TF32 tensor cores. Column-major, that is D^T = op(B)^T op(A)^T, and the column-major view
+// of a row-major buffer is its transpose, so each operand goes in transposed only when op
+// transposes it.
 void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int lda, int64_t stride_a,
                        bool transpose_a, const float* b, int ldb, int64_t stride_b, bool transpose_b, int m, int n,
-                       int k, int batch, bool tf32) {
-    const float one = 1.0f, zero = 0.0f;
+                       int k, int batch, bool tf32, float alpha = 1.0f, float beta = 0.0f) {
     BLAS_CHECK(cublasGemmStridedBatchedEx(blas(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                          transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_32F, ldb,
-                                          stride_b, a, CUDA_R_32F, lda, stride_a, &zero, d, CUDA_R_32F, ldd, stride_d,
+                                          transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_32F, ldb,
+                                          stride_b, a, CUDA_R_32F, lda, stride_a, &beta, d, CUDA_R_32F, ldd, stride_d,
                                           batch, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
                                           CUBLAS_GEMM_DEFAULT));
 }
@@ -568,11 +568,8 @@ void upper_cholesky_of_inverse_gpu(double* h, int n) {
 
 void matmul_f32_strided_gpu(float* c, int ldc, const float* a, int lda, bool transpose_a, const float* b, int ldb,
                             int m, int n, int k, float alpha, float beta) {
-    // Row-major C = op(A) B  <=>  column-major C^T = B^T op(A)^T; a row-major buffer is its own
-    // transpose in column-major, so B goes in untransposed and A transposed only when stored [k, m].
     BLAS_CHECK(cublasSetStream(blas(), 0));
-    BLAS_CHECK(cublasSgemm(blas(), CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, ldb, a,
-                           lda, &beta, c, ldc));
+    gemm_rows_batched(c, ldc, 0, a, lda, 0, transpose_a, b, ldb, 0, false, m, n, k, 1, false, alpha, beta);
 }
 
 }  // namespace qopt
