@@ -175,15 +175,7 @@ void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool trans
 // Symmetric a: values descending, column j of vectors [n, n] the unit eigenvector of values[j]
 // (as symmetric_eigen; only the lower triangle of a is read). a may be scratch itself (then it
 // is overwritten).
-// The batch is split over `streams` of the solver's worker streams (at most 4; 0: the process's
-// setting, set_eigen_streams), which run concurrently (cuSOLVER's batched syev is latency-bound).
-void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch,
-                                 int streams = 0);
-// The worker streams a batched eigendecomposition is split over by default (kEigenStreams,
-// measured in kernels/linalg.cu; bench --eigen-streams changes it to measure again). Set it
-// before building an optimizer: the reservation below follows it.
-constexpr int kEigenStreams = 1;
-void set_eigen_streams(int streams);
+void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch);
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
 void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
@@ -204,7 +196,7 @@ void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch
 // Householder fallback) will need for these shapes: they are kept and shared by later calls, so
 // an optimizer that reserves its refreshes' shapes at construction has them counted in the memory
 // check before training, instead of allocating them at its first refresh. scratch as for the calls.
-void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch, int streams = 0);
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch);
 void reserve_qr_q_gpu(int n, int batch, float* scratch);
 // Device bytes held now by this family's workspaces (cuSOLVER's, the Cholesky QR's, pointer arrays).
 size_t linalg_workspace_bytes();

@@ -171,45 +171,22 @@ EigenWork eigen_work(SolverWorker& w, int n, int batch, float* a) {
     return work;
 }
 
-int default_eigen_streams = kEigenStreams;
-
-// Matrices per worker stream when `batch` of them go over `streams` workers (0: the default; the
-// last may get fewer).
-int eigen_chunk(int batch, int streams) {
-    const int workers_used = std::clamp(streams > 0 ? streams : default_eigen_streams, 1, kSolverWorkers);
-    return (batch + workers_used - 1) / workers_used;
-}
-
 }  // namespace
 
-void set_eigen_streams(int streams) {
-    QOPT_CHECK(streams >= 1 && streams <= kSolverWorkers, "--eigen-streams must be 1 to ", kSolverWorkers, ", not ",
-               streams);
-    default_eigen_streams = streams;
-}
-
-void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch,
-                                 int streams) {
+void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch) {
+    SolverWorker& w = workers()[0];
     const size_t matrix = size_t(n) * n;
     if (scratch != a) CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, 0));
-    // One slice of the batch per worker; the worker streams are blocking, so each starts after
-    // the copy above on the default stream, and the default stream's next work waits for all.
-    const int chunk = eigen_chunk(batch, streams);
-    for (int first = 0, k = 0; first < batch; first += chunk, ++k) {
-        SolverWorker& w = workers()[size_t(k)];
-        const int count = std::min(chunk, batch - first);
-        float* slice = scratch + first * matrix;
-        const EigenWork work = eigen_work(w, n, count, slice);
-        SOLVER_CHECK(cusolverDnXsyevBatched(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                            CUDA_R_32F, slice, n, CUDA_R_32F, work.raw_values, CUDA_R_32F,
-                                            work.device_work, work.device_bytes, w.host_work.data(), work.host_bytes,
-                                            work.info, count));
-        // Column-major eigenvectors (ascending) -> row-major, columns in descending order.
-        transpose_square(vectors + first * matrix, slice, n, count, true, w.stream);
-        reverse_values_kernel<<<grid_for(size_t(n) * count), 256, 0, w.stream>>>(values + size_t(first) * n,
-                                                                                   work.raw_values, n, count);
-        CUDA_CHECK_LAUNCH();
-    }
+    const EigenWork work = eigen_work(w, n, batch, scratch);
+    // The worker stream is blocking: it starts after the copy above on the default stream.
+    SOLVER_CHECK(cusolverDnXsyevBatched(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                                        CUDA_R_32F, scratch, n, CUDA_R_32F, work.raw_values, CUDA_R_32F,
+                                        work.device_work, work.device_bytes, w.host_work.data(), work.host_bytes,
+                                        work.info, batch));
+    // Column-major eigenvectors (ascending) -> row-major, columns in descending order.
+    transpose_square(vectors, scratch, n, batch, true, w.stream);
+    reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, w.stream>>>(values, work.raw_values, n, batch);
+    CUDA_CHECK_LAUNCH();
 }
 
 namespace {
@@ -395,10 +372,8 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
     return int(broke_down.size());
 }
 
-void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch, int streams) {
-    const int chunk = eigen_chunk(batch, streams);
-    for (int first = 0, k = 0; first < batch; first += chunk, ++k)
-        eigen_work(workers()[size_t(k)], n, std::min(chunk, batch - first), scratch);
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch) {
+    if (batch > 0) eigen_work(workers()[0], n, batch, scratch);
 }
 
 void reserve_qr_q_gpu(int n, int batch, float* scratch) {

@@ -396,10 +396,6 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
         symmetric_eigen_batched_gpu(vectors.data(), values.data(), d_a.data(), n, batch, scratch.data());
         householder_q_batched_gpu(q.data(), d_a.data(), n, batch, scratch.data());
         const std::vector<float> gv = vectors.download(), gl = values.download(), gq = q.download();
-        // The batch split over 3 worker streams (one matrix each) gives the same decomposition.
-        auto split_vectors = poisoned<float>(host.size()), split_values = poisoned<float>(size_t(n) * batch);
-        symmetric_eigen_batched_gpu(split_vectors.data(), split_values.data(), d_a.data(), n, batch, scratch.data(), 3);
-        const std::vector<float> sv = split_vectors.download(), sl = split_values.download();
         for (int b = 0; b < batch; ++b) {
             const Dense& a = inputs[size_t(b)];
             const SymmetricEigen e = symmetric_eigen(a);
@@ -413,8 +409,6 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
             Dense diff = matmul(scaled, v, false, true);
             for (size_t i = 0; i < diff.values.size(); ++i) diff.values[i] -= a.values[i];
             CHECK(max_abs(diff) < 1e-5 * scale);
-            for (int j = 0; j < n; ++j) CHECK(std::abs(sl[size_t(b) * n + j] - gl[size_t(b) * n + j]) < 1e-6 * scale);
-            CHECK(max_difference_up_to_column_signs(from_floats(sv, size_t(b) * n * n, n, n), v, n) < 1e-4);
             // Q: the CPU's Householder Q up to the signs of its columns.
             const Dense gpu_q = from_floats(gq, size_t(b) * n * n, n, n), cpu_q = householder_q(a);
             CHECK(max_difference_up_to_column_signs(gpu_q, cpu_q, n) < 1e-3);

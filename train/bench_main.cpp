@@ -393,7 +393,7 @@ void bench_linalg() {
     Timer timer;
     auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
     for (int n : {768, 1024})
-        for (int batch : {1, 12, 48, 72, 168}) {
+        for (int batch : {1, 12, 48, 168}) {
             const size_t floats = size_t(n) * n * batch;
             DeviceBuffer<float> a(floats), vectors(floats), scratch(floats), values(size_t(n) * batch);
             // A diagonally dominant symmetric matrix (a Gram matrix's shape without its cost).
@@ -406,15 +406,9 @@ void bench_linalg() {
             for (int b = 0; b < batch; ++b)
                 for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
             a.upload(host);
-            // Split over 1, 2 and 4 worker streams (concurrent slices of the batch).
-            for (int streams : {1, 2, 4}) {
-                if (streams > batch) continue;
-                const double ms = time([&] {
-                    symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data(), streams);
-                });
-                std::printf("symmetric eigendecomposition %4d^2 x %3d, %d stream%s: %8.2f ms (%.2f ms per matrix)\n", n,
-                            batch, streams, streams > 1 ? "s" : " ", ms, ms / batch);
-            }
+            const double ms = time([&] { symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data()); });
+            std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
+                        ms / batch);
         }
     // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix.
     for (int n : {768, 1024, 2048, 3072})
@@ -519,11 +513,6 @@ int main(int argc, char** argv) {
                  "also time the optimizers' factor statistics (batched GEMM, syrk), batched eigendecomposition and QRs "
                  "(Householder, Cholesky QR) at gpt2-124m's factor sizes over several batch sizes, and PSGD's "
                  "triangular products (dense GEMM, blocked) and solves");
-    int eigen_streams = 0;
-    app.add_option("--eigen-streams", eigen_streams,
-                   "worker streams that Shampoo's and SOAP's batched eigendecompositions are split over, 1 to 4 "
-                   "(0: the built-in default; for measuring the choice)")
-        ->check(CLI::Range(0, 4));
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
@@ -558,7 +547,6 @@ int main(int argc, char** argv) {
             }
             qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
         }
-        if (eigen_streams != 0) qopt::set_eigen_streams(eigen_streams);
         if (linalg) qopt::bench_linalg();
         if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
