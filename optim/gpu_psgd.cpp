@@ -7,8 +7,8 @@
 // pass. On the steps the schedule picks, the factor update: the probe V (the same
 // counter-based normal numbers as the CPU), A = Q1 D Q2^T (2 factor products), B = Q1^-T V
 // Q2^-1 (2 batched triangular solves), the four Gram matrices (GroupGemm::gram), the
-// spectral-norm lower bound (one block per matrix) and Q <- (I - triu(.)) Q (a product of two
-// upper-triangular matrices). Products with a factor of 512 and more skip its zero blocks
+// spectral-norm lower bound (passes over columns and rows) and Q <- (I - triu(.)) Q (a product
+// of two upper-triangular matrices). Products with a factor of 512 and more skip its zero blocks
 // (GEMMs over the blocks of the triangle), below that they are batched GEMMs. A diagonal factor
 // (the memory-saving rules: a vector q) enters each of U, A and B as one scaling pass over rows
 // or columns (q^2, q, 1/q), its Gram matrix is the rows' (columns') sums of squares and its
