@@ -200,6 +200,13 @@ void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch);
 void reserve_qr_q_gpu(int n, int batch, float* scratch);
 // Device bytes held now by this family's workspaces (cuSOLVER's, the Cholesky QR's, pointer arrays).
 size_t linalg_workspace_bytes();
+// FLOPs (2 per multiply-add) issued so far by the preconditioned optimizers' matrix products,
+// counted on the host as each call is made: batched_matmul_f32_gpu, the blocked triangular
+// products, the syrk Gram matrices, the triangular solves and the Cholesky QR's float64 Gram
+// matrices and solves. cuSOLVER's eigendecompositions and Householder QRs are not counted (their
+// flops depend on the algorithm). bench takes the difference over an optimizer step.
+double issued_matrix_flops();
+void count_matrix_flops(double flops);
 // x [rows, n] <- x u^-1 for upper-triangular u [n, n] (as solve_upper_right).
 void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, int batch);
 // x [n, cols] <- u^-T x for upper-triangular u [n, n].

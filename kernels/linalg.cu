@@ -50,6 +50,8 @@ namespace {
 
 // Device bytes held by all Scratch buffers (linalg_workspace_bytes).
 size_t held_scratch_bytes = 0;
+// issued_matrix_flops.
+double matrix_flops_issued = 0;
 
 // A growable device scratch buffer, kept once grown.
 struct Scratch {
@@ -353,6 +355,7 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
                                                  infos + pass * count, count));
             BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
                                           CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, count));
+            count_matrix_flops(3.0 * n * n * double(n) * count);  // the Gram matrix 2 n^3, the solve n^3
         }
         SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
         double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, x, matrix * count);
@@ -386,6 +389,9 @@ void reserve_qr_q_gpu(int n, int batch, float* scratch) {
 
 size_t linalg_workspace_bytes() { return held_scratch_bytes; }
 
+double issued_matrix_flops() { return matrix_flops_issued; }
+void count_matrix_flops(double flops) { matrix_flops_issued += flops; }
+
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
     if (n <= kCholeskyQrMax)
         cholesky_q_batched_gpu(q, a, n, batch, scratch);
@@ -402,6 +408,7 @@ void solve_upper_right_batched_gpu(float* x, const float* u, int rows, int n, in
     BLAS_CHECK(cublasSetStream(blas(), 0));
     BLAS_CHECK(cublasStrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, n,
                                   rows, &one, us, n, xs, n, batch));
+    count_matrix_flops(double(n) * n * rows * batch);  // a triangular solve: n^2 / 2 multiply-adds per column
 }
 
 void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, int cols, int batch) {
@@ -413,6 +420,7 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
     BLAS_CHECK(cublasSetStream(blas(), 0));
     BLAS_CHECK(cublasStrsmBatched(blas(), CUBLAS_SIDE_RIGHT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, CUBLAS_DIAG_NON_UNIT,
                                   cols, n, &one, us, n, xs, cols, batch));
+    count_matrix_flops(double(n) * n * cols * batch);
 }
 
 namespace {
@@ -430,6 +438,7 @@ void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int 
                                           stride_b, a, CUDA_R_32F, lda, stride_a, &beta, d, CUDA_R_32F, ldd, stride_d,
                                           batch, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
                                           CUBLAS_GEMM_DEFAULT));
+    count_matrix_flops(2.0 * m * n * double(k) * batch);
 }
 
 }  // namespace
@@ -535,6 +544,7 @@ void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int 
     for (int t = 0; t < batch; ++t)
         BLAS_CHECK(cublasSsyrk(blas(), CUBLAS_FILL_MODE_LOWER, transpose_a ? CUBLAS_OP_N : CUBLAS_OP_T, n, k, &alpha,
                                a + t * a_size, transpose_a ? n : k, &beta, d + t * d_size, n));
+    count_matrix_flops(double(n) * (n + 1) * k * batch);  // one triangle: n (n + 1) / 2 dot products of k
     const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), block(32, 8);
     mirror_upper_to_lower_kernel<<<grid, block>>>(d, n);
     CUDA_CHECK_LAUNCH();

@@ -251,6 +251,7 @@ void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool trans
                             int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32, cudaStream_t stream) {
     lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
               alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, tf32);
+    count_matrix_flops(2.0 * m * n * double(k) * batch);
 }
 
 }  // namespace qopt

@@ -880,3 +880,38 @@ TEST_CASE("GPU PSGD's per-matrix kernels: reductions, norm lower bound and diago
         CHECK(relative_error(candidate.download(), want_q) < 1e-6);
     }
 }
+
+TEST_CASE("GPU matrix products count their FLOPs as they are issued (bench's optimizer FLOPs)") {
+    REQUIRE_GPU();
+    // Each call adds its own count: 2 m n k per GEMM, n (n + 1) k per syrk Gram matrix, n^2 cols
+    // per triangular solve, and the blocked triangular products their blocks' GEMMs.
+    const int m = 48, n = 40, k = 24, batch = 3;
+    auto a = uploaded(std::vector<float>(size_t(m) * k * batch, 0.5f));
+    auto b = uploaded(std::vector<float>(size_t(k) * n * batch, 0.25f));
+    auto d = poisoned<float>(size_t(m) * n * batch);
+    double before = issued_matrix_flops();
+    batched_matmul_f32_gpu(d.data(), d.data(), a.data(), false, b.data(), false, m, n, k, 1.0f, 0.0f, batch,
+                           int64_t(m) * k, int64_t(k) * n, int64_t(m) * n);
+    CHECK(issued_matrix_flops() - before == 2.0 * m * n * k * batch);
+    auto gram = poisoned<float>(size_t(m) * m * batch);
+    before = issued_matrix_flops();
+    symmetric_gram_batched_gpu(gram.data(), a.data(), false, m, k, batch, 1.0f, 0.0f);
+    CHECK(issued_matrix_flops() - before == double(m) * (m + 1) * k * batch);
+    std::vector<float> u_host(size_t(n) * n * batch, 0.0f);
+    for (int t = 0; t < batch; ++t)
+        for (int i = 0; i < n; ++i) u_host[size_t(t) * n * n + size_t(i) * n + i] = 2.0f;
+    auto u = uploaded(u_host);
+    auto x = uploaded(std::vector<float>(size_t(m) * n * batch, 1.0f));
+    before = issued_matrix_flops();
+    solve_upper_right_batched_gpu(x.data(), u.data(), m, n, batch);
+    CHECK(issued_matrix_flops() - before == double(n) * n * m * batch);
+    // A product with a 40 x 40 triangle by blocks of 16 (3 row blocks: k = 40, 24, 8 for 16,
+    // 16, 8 rows) times a 40 x 48 matrix.
+    auto y = uploaded(std::vector<float>(size_t(n) * m * batch, 1.0f));
+    auto out = poisoned<float>(size_t(n) * m * batch);
+    before = issued_matrix_flops();
+    upper_triangular_product_batched_gpu(out.data(), u.data(), false, y.data(), n, m, batch, false, 16);
+    CHECK(issued_matrix_flops() - before == 2.0 * m * batch * (16.0 * 40 + 16.0 * 24 + 8.0 * 8));
+    CHECK(2.0 * m * batch * (16.0 * 40 + 16.0 * 24 + 8.0 * 8) ==
+          doctest::Approx(2.0 * n * n * m * batch * upper_triangular_product_fraction(n, 16)));
+}

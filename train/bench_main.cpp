@@ -9,6 +9,9 @@
 // attention term counts the full T x T square although causal kernels skip half of it.
 // Optimizer FLOPs: Newton-Schulz on an r x c matrix (s = min(r, c)) costs per iteration
 // 2 s^2 max(r,c) (the Gram matrix) + 2 s^3 (its square) + 2 s^2 max(r,c) (the product back).
+// Shampoo's, SOAP's and PSGD's matrix products are counted as they are issued
+// (issued_matrix_flops: GEMMs, syrk, triangular products and solves; not cuSOLVER's
+// eigendecompositions and Householder QRs) and set against the fp32 GEMM ceiling measured here.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -91,6 +94,20 @@ double measure_matmul_tflops() {
     return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
 }
 
+// The fp32 ceiling the preconditioned optimizers' products run against: one 4096^3 product in
+// full fp32 through the same call they use (batched_matmul_f32_gpu, a batch of one).
+double measure_matmul_f32_tflops() {
+    const int n = 4096;
+    DeviceBuffer<float> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
+    a.fill_bytes(0x3c), b.fill_bytes(0x3c);
+    Timer timer;
+    const double ms = median_call_ms(timer, [&] {
+        batched_matmul_f32_gpu(out.data(), out.data(), a.data(), false, b.data(), false, n, n, n, 1.0f, 0.0f, 1,
+                               int64_t(n) * n, int64_t(n) * n, int64_t(n) * n);
+    }, 3, 10);
+    return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+}
+
 struct BenchConfig {
     std::string preset;
     int batch = 0, seq_len = 0;
@@ -128,7 +145,8 @@ double newton_schulz_flops(const Routing& routing, int ns_steps) {
 }
 
 // Returns the median step time (ms).
-double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, bool recompute,
+double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, double f32_peak_tflops,
+                      bool recompute,
                       const OptimizerConfig& optimizer_config, const LinearQuantConfig& quant) {
     ModelConfig config = preset_config(bc.preset);
     QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
@@ -149,7 +167,7 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     std::mt19937_64 gen(42);
     std::vector<int> inputs(N), targets(N);
     Timer timer;
-    std::vector<double> forward_ms, backward_ms, optimizer_ms, step_ms;
+    std::vector<double> forward_ms, backward_ms, optimizer_ms, step_ms, optimizer_flops;
     double loss = 0;
     for (int step = 0; step < warmup + steps; ++step) {
         for (size_t i = 0; i < N; ++i) inputs[i] = int(gen() % uint64_t(config.vocab_size));
@@ -167,13 +185,16 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
         timer.start();
         global_norm_gpu(norm.data(), model.grads_device(), model.layout().total);
         const float grad_norm = norm.download()[0];
+        const double flops_before = issued_matrix_flops();
         optimizer.step(model.params_device(), model.grads_device(), lr, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0,
                        model.compute_weights_device());
         const double o = timer.stop();
+        const double step_flops = issued_matrix_flops() - flops_before;
         const double total = whole.stop();
         loss = model.mean_loss();
         if (step < warmup) continue;
         forward_ms.push_back(f), backward_ms.push_back(b), optimizer_ms.push_back(o), step_ms.push_back(total);
+        optimizer_flops.push_back(step_flops);
     }
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -204,6 +225,15 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     if (ns_flops > 0)
         std::printf(" | Newton-Schulz %.2f TFLOP per step, %.0f TFLOP/s over the whole optimizer step", ns_flops / 1e12,
                     ns_flops / (opt_mean * 1e-3) / 1e12);
+    const double products_mean = mean(optimizer_flops);
+    if (products_mean > 0) {
+        const double rate = products_mean / (opt_mean * 1e-3) / 1e12;
+        std::printf(" | fp32 products %.2f TFLOP per step (mean; most %.2f), %.1f TFLOP/s over the whole optimizer step "
+                    "= %.0f%% of the fp32 GEMM ceiling (%.1f TFLOP/s%s)",
+                    products_mean / 1e12, *std::max_element(optimizer_flops.begin(), optimizer_flops.end()) / 1e12,
+                    rate, 100.0 * rate / f32_peak_tflops, f32_peak_tflops,
+                    optimizer_config.precond_tf32 ? "; TF32 products can run above it" : "");
+    }
     std::printf("\n");
     std::fflush(stdout);
     return ms;
@@ -531,6 +561,8 @@ int main(int argc, char** argv) {
         std::printf("GPU: %s\n", gpu.description.c_str());
         const double peak = qopt::measure_matmul_tflops();
         std::printf("bf16 matmul ceiling (cuBLASLt 8192^3): %.0f TFLOP/s\n", peak);
+        const double f32_peak = qopt::measure_matmul_f32_tflops();
+        std::printf("fp32 matmul ceiling (cuBLASLt 4096^3, full fp32): %.1f TFLOP/s\n", f32_peak);
         if (attention || skip_training) {
             // The kernels training uses, then the portable ones where those differ.
             for (auto kernels : {qopt::AttentionKernels::automatic, qopt::AttentionKernels::portable}) {
@@ -569,9 +601,9 @@ int main(int argc, char** argv) {
         if (!skip_training)
             for (const auto& c : parsed)
                 for (const auto& o : optimizer_configs) {
-                    const double full_ms = qopt::bench_training(c, warmup, steps, peak, recompute, o, {});
+                    const double full_ms = qopt::bench_training(c, warmup, steps, peak, f32_peak, recompute, o, {});
                     if (!qat.enabled()) continue;
-                    const double qat_ms = qopt::bench_training(c, warmup, steps, peak, recompute, o, qat);
+                    const double qat_ms = qopt::bench_training(c, warmup, steps, peak, f32_peak, recompute, o, qat);
                     std::printf("  QAT %s step / full-precision step: %.3fx (%.2f ms vs %.2f ms)\n",
                                 qat.short_name().c_str(), qat_ms / full_ms, qat_ms, full_ms);
                 }
