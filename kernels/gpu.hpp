@@ -203,8 +203,9 @@ size_t linalg_workspace_bytes();
 // FLOPs (2 per multiply-add) issued so far by the preconditioned optimizers' matrix products,
 // counted on the host as each call is made: batched_matmul_f32_gpu, the blocked triangular
 // products, the syrk Gram matrices, the triangular solves and the Cholesky QR's float64 Gram
-// matrices and solves. cuSOLVER's eigendecompositions and Householder QRs are not counted (their
-// flops depend on the algorithm). bench takes the difference over an optimizer step.
+// matrices and solves (and GPTQ's matmul_f32_strided_gpu, which shares the wrapper). cuSOLVER's
+// eigendecompositions and Householder QRs are not counted (their flops depend on the algorithm).
+// bench takes the difference over an optimizer step.
 double issued_matrix_flops();
 void count_matrix_flops(double flops);
 // x [rows, n] <- x u^-1 for upper-triangular u [n, n] (as solve_upper_right).

@@ -105,7 +105,7 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
         ->group(k);
     app.add_option("--psgd-memory-save-mode", c.psgd.memory_save_mode,
                    "Diagonal factors to save memory: none, smart_one_diag (the larger dimension, if strictly "
-                   "larger), one_diag (the larger; the right one of a square matrix), all_diag. CPU only so far")
+                   "larger), one_diag (the larger; the right one of a square matrix), all_diag")
         ->check(CLI::IsMember(kPsgdMemorySaveModes))
         ->group(k);
     app.add_option("--psgd-momentum-into-precond-update", c.psgd.momentum_into_precond_update,

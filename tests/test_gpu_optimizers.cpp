@@ -30,6 +30,14 @@ ModelConfig small_gpt2() {
     return c;
 }
 
+// A layout of just these matrices, named "m<rows>x<cols>".
+ParamLayout matrices_layout(const std::vector<std::pair<int, int>>& shapes) {
+    ParamLayout layout;
+    for (const auto& [rows, cols] : shapes)
+        layout.append("m" + std::to_string(rows) + "x" + std::to_string(cols), {rows, cols}, ParamKind::Matrix);
+    return layout;
+}
+
 std::vector<double> slice(const std::vector<float>& v, size_t offset, size_t n, const std::vector<float>* minus = nullptr) {
     std::vector<double> out(n);
     for (size_t i = 0; i < n; ++i) out[i] = double(v[offset + i]) - (minus ? double((*minus)[offset + i]) : 0.0);
@@ -276,9 +284,7 @@ TEST_CASE("GPU PSGD with wide factors (their products by blocks of the triangle)
     };
     for (const Case& k : {Case{{{1024, 40}, {40, 1024}}, 1.0, 3}, Case{{{1024, 256}}, 0.1, 11}}) {
         CAPTURE(k.update_probability);
-        ParamLayout layout;
-        for (const auto& [rows, cols] : k.shapes)
-            layout.append("m" + std::to_string(rows) + "x" + std::to_string(cols), {rows, cols}, ParamKind::Matrix);
+        const ParamLayout layout = matrices_layout(k.shapes);
         OptimizerConfig c;
         c.kind = OptimizerKind::Psgd;
         c.psgd.update_prob_max = k.update_probability;
@@ -745,10 +751,7 @@ TEST_CASE("GPU PSGD with diagonal factors (the memory-saving rules) matches the 
     };
     for (const Case& k : cases) {
         CAPTURE(k.label);
-        ParamLayout layout;
-        if (k.shapes.empty()) layout = ParamLayout::build(small_gpt2());
-        for (const auto& [rows, cols] : k.shapes)
-            layout.append("m" + std::to_string(rows) + "x" + std::to_string(cols), {rows, cols}, ParamKind::Matrix);
+        const ParamLayout layout = k.shapes.empty() ? ParamLayout::build(small_gpt2()) : matrices_layout(k.shapes);
         OptimizerConfig c;
         c.kind = OptimizerKind::Psgd;
         k.setup(c.psgd);

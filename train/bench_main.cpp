@@ -83,29 +83,32 @@ double median_call_ms(Timer& timer, Call&& call, int warmup, int runs) {
     return median(ms);
 }
 
+// TFLOP/s of one n x n x n product multiply(out, a, b) on operands of small finite values
+// (median of 10 calls after 3).
+template <typename T, typename Multiply>
+double square_product_tflops(int n, Multiply multiply) {
+    DeviceBuffer<T> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
+    a.fill_bytes(0x3c), b.fill_bytes(0x3c);
+    Timer timer;
+    const double ms = median_call_ms(timer, [&] { multiply(out.data(), a.data(), b.data()); }, 3, 10);
+    return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+}
+
 // Dense bf16 matmul ceiling: out[n, n] = a[n, n] b^T through the same cuBLASLt path.
 double measure_matmul_tflops() {
     const int n = 8192;
-    DeviceBuffer<bf16> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
-    a.fill_bytes(0x3c), b.fill_bytes(0x3c);  // small finite values
-    Timer timer;
-    const double ms =
-        median_call_ms(timer, [&] { matmul_forward_gpu(out.data(), a.data(), b.data(), nullptr, n, n, n); }, 3, 10);
-    return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+    return square_product_tflops<bf16>(
+        n, [&](bf16* out, const bf16* a, const bf16* b) { matmul_forward_gpu(out, a, b, nullptr, n, n, n); });
 }
 
 // The fp32 ceiling the preconditioned optimizers' products run against: one 4096^3 product in
 // full fp32 through the same call they use (batched_matmul_f32_gpu, a batch of one).
 double measure_matmul_f32_tflops() {
     const int n = 4096;
-    DeviceBuffer<float> a(size_t(n) * n), b(size_t(n) * n), out(size_t(n) * n);
-    a.fill_bytes(0x3c), b.fill_bytes(0x3c);
-    Timer timer;
-    const double ms = median_call_ms(timer, [&] {
-        batched_matmul_f32_gpu(out.data(), out.data(), a.data(), false, b.data(), false, n, n, n, 1.0f, 0.0f, 1,
-                               int64_t(n) * n, int64_t(n) * n, int64_t(n) * n);
-    }, 3, 10);
-    return 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+    return square_product_tflops<float>(n, [&](float* out, const float* a, const float* b) {
+        batched_matmul_f32_gpu(out, out, a, false, b, false, n, n, n, 1.0f, 0.0f, 1, int64_t(n) * n, int64_t(n) * n,
+                               int64_t(n) * n);
+    });
 }
 
 struct BenchConfig {
