@@ -168,6 +168,15 @@ void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool trans
                             bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
                             int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32 = false,
                             cudaStream_t stream = 0);
+// The same with leading dimensions (sub-matrices), D = alpha op(A) op(B) + beta D in place:
+// row-major D [m, n] with rows ld_d apart, A [m, k] (stored [k, m] when transpose_a) with rows
+// ld_a apart, B likewise; the b-th problem's matrices start stride_* elements after the previous
+// one's. The blocked triangular products and GPTQ's lazy updates.
+void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const float* a, int64_t ld_a, int64_t stride_a,
+                            bool transpose_a, const float* b, int64_t ld_b, int64_t stride_b, bool transpose_b, int m,
+                            int n, int k, int batch, float alpha, float beta, bool tf32 = false,
+                            cudaStream_t stream = 0);
+
 
 // ---- dense linear algebra for the preconditioned optimizers (kernels/linalg.cu: cuSOLVER and
 // cuBLAS; CPU references in optim/dense.hpp). `batch` row-major fp32 matrices back to back;
@@ -203,7 +212,7 @@ size_t linalg_workspace_bytes();
 // FLOPs (2 per multiply-add) issued so far by the preconditioned optimizers' matrix products,
 // counted on the host as each call is made: batched_matmul_f32_gpu, the blocked triangular
 // products, the syrk Gram matrices, the triangular solves and the Cholesky QR's float64 Gram
-// matrices and solves (and GPTQ's matmul_f32_strided_gpu, which shares the wrapper). cuSOLVER's
+// matrices and solves (and GPTQ's updates, which share strided_matmul_f32_gpu). cuSOLVER's
 // eigendecompositions and Householder QRs are not counted (their flops depend on the algorithm).
 // bench takes the difference over an optimizer step.
 double issued_matrix_flops();
@@ -215,7 +224,7 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 // Products with upper-triangular matrices (PSGD's factors and their multipliers) that skip their
 // zero blocks: each u [n, n] must hold zeros below its diagonal (the diagonal blocks are read as
 // dense). Cut into blocks of `block` (0: triangular_product_block(n)), one strided-batched GEMM
-// (cuBLAS, full fp32 or TF32) per row or column block of the result; outputs must not overlap
+// (strided_matmul_f32_gpu, full fp32 or TF32) per row or column block of the result; outputs must not overlap
 // the inputs. CPU reference: matmul. Measured on an H200 (bench --linalg, full fp32): twelve
 // 3072^2 factors by 3072 x 768, 2.47 ms against a dense batched GEMM's 3.68 and cuBLAS trmm's
 // 4.30 (one call per matrix); twelve 3072^2 upper-triangular products 4.69 ms against 14.1
@@ -247,10 +256,6 @@ void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int 
 // that its upper triangle holds U with U^T U = h^-1 (the lower triangle is left undefined), as
 // upper_cholesky_of_inverse in quant/gptq.hpp. Throws when h is not positive definite.
 void upper_cholesky_of_inverse_gpu(double* h, int n);
-// Row-major c [m, n] (leading dimension ldc) = alpha op(a) b + beta c, op(a) [m, k] (a is
-// stored [k, m] when transpose_a), b [k, n]; full fp32 (no TF32), on the default stream.
-void matmul_f32_strided_gpu(float* c, int ldc, const float* a, int lda, bool transpose_a, const float* b, int ldb,
-                            int m, int n, int k, float alpha, float beta);
 
 // ---- elementwise helpers (kernels/elementwise.cu; CPU reference in kernels/elementwise.hpp)
 // out = bf16(in), round to nearest even.

@@ -3,12 +3,12 @@
 // eigendecomposition (cuSOLVER's batched syev), the Q factor of a QR (Cholesky QR in float64:
 // batched GEMMs, Cholesky factorizations and triangular solves; or Householder, cuSOLVER geqrf
 // + orgqr, one matrix per worker stream), triangular solves (cuBLAS batched trsm) and products
-// with upper-triangular matrices (strided-batched GEMMs over the triangle's blocks);
-// CPU references in optim/dense.hpp (symmetric_eigen, householder_q, solve_upper_right),
-// checked against these in tests/test_gpu_optimizers.cpp. For GPTQ: the Cholesky factor of the
-// inverse Hessian (float64 potrf, potri, potrf) and a strided fp32 GEMM for its lazy block
-// updates (reference: quant/gptq.cpp, checked in tests/test_ptq.cpp). This file owns the
-// cuSOLVER and cuBLAS handles and their workspaces.
+// with upper-triangular matrices (strided-batched cuBLASLt GEMMs over the triangle's blocks,
+// strided_matmul_f32_gpu in kernels/matmul.cu); CPU references in optim/dense.hpp
+// (symmetric_eigen, householder_q, solve_upper_right), checked against these in
+// tests/test_gpu_optimizers.cpp. For GPTQ: the Cholesky factor of the inverse Hessian (float64
+// potrf, potri, potrf; reference: quant/gptq.cpp, checked in tests/test_ptq.cpp). This file owns
+// the cuSOLVER and cuBLAS handles and their workspaces.
 //
 // Row-major X [r, c] is column-major X^T, which is how the row-major matrices are handed to
 // the column-major libraries: a symmetric matrix needs no change, a QR input is transposed
@@ -423,26 +423,6 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
     count_matrix_flops(double(n) * n * cols * batch);
 }
 
-namespace {
-
-// Row-major D [m, n] (leading dimension ldd) = alpha op(A) op(B) + beta D, op(A) [m, k], op(B)
-// [k, n], for `batch` matrices at the given strides (A, B and D may be sub-matrices), in full fp32
-// or on TF32 tensor cores. Column-major, that is D^T = op(B)^T op(A)^T, and the column-major view
-// of a row-major buffer is its transpose, so each operand goes in transposed only when op
-// transposes it.
-void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int lda, int64_t stride_a,
-                       bool transpose_a, const float* b, int ldb, int64_t stride_b, bool transpose_b, int m, int n,
-                       int k, int batch, bool tf32, float alpha = 1.0f, float beta = 0.0f) {
-    BLAS_CHECK(cublasGemmStridedBatchedEx(blas(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                          transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_32F, ldb,
-                                          stride_b, a, CUDA_R_32F, lda, stride_a, &beta, d, CUDA_R_32F, ldd, stride_d,
-                                          batch, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
-                                          CUBLAS_GEMM_DEFAULT));
-    count_matrix_flops(2.0 * m * n * double(k) * batch);
-}
-
-}  // namespace
-
 // The products with upper-triangular u below skip u's zero blocks: cut u into blocks of `block`
 // rows and columns; a row block of op(u) b, or a column block of b op(u), is one GEMM over the
 // blocks of u that are not zero, batched over the matrices (strided). ~n^2/2 (1 + block/n) of
@@ -450,32 +430,31 @@ void gemm_rows_batched(float* d, int ldd, int64_t stride_d, const float* a, int 
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch, bool tf32, int block) {
     if (block <= 0) block = triangular_product_block(n);
-    BLAS_CHECK(cublasSetStream(blas(), 0));
-    const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
+        const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
     for (int r0 = 0; r0 < n; r0 += block) {
         const int rows = std::min(block, n - r0), r1 = r0 + rows;
         if (!transpose_u)  // out[r0:r1] = u[r0:r1, r0:n] b[r0:n]
-            gemm_rows_batched(out + int64_t(r0) * cols, cols, b_size, u + int64_t(r0) * n + r0, n, u_size, false,
-                              b + int64_t(r0) * cols, cols, b_size, false, rows, cols, n - r0, batch, tf32);
+            strided_matmul_f32_gpu(out + int64_t(r0) * cols, cols, b_size, u + int64_t(r0) * n + r0, n, u_size,
+                                   false, b + int64_t(r0) * cols, cols, b_size, false, rows, cols, n - r0, batch, 1.0f,
+                                   0.0f, tf32);
         else  // out[r0:r1] = u^T[r0:r1, 0:r1] b[0:r1] = (u[0:r1, r0:r1])^T b[0:r1]
-            gemm_rows_batched(out + int64_t(r0) * cols, cols, b_size, u + r0, n, u_size, true, b, cols, b_size, false,
-                              rows, cols, r1, batch, tf32);
+            strided_matmul_f32_gpu(out + int64_t(r0) * cols, cols, b_size, u + r0, n, u_size, true, b, cols, b_size,
+                                   false, rows, cols, r1, batch, 1.0f, 0.0f, tf32);
     }
 }
 
 void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
                                                int n, int batch, bool tf32, int block) {
     if (block <= 0) block = triangular_product_block(n);
-    BLAS_CHECK(cublasSetStream(blas(), 0));
-    const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
+        const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
     for (int c0 = 0; c0 < n; c0 += block) {
         const int cols = std::min(block, n - c0), c1 = c0 + cols;
         if (!transpose_u)  // out[:, c0:c1] = b[:, 0:c1] u[0:c1, c0:c1]
-            gemm_rows_batched(out + c0, n, b_size, b, n, b_size, false, u + c0, n, u_size, false, rows, cols, c1, batch,
-                              tf32);
+            strided_matmul_f32_gpu(out + c0, n, b_size, b, n, b_size, false, u + c0, n, u_size, false, rows, cols, c1,
+                                   batch, 1.0f, 0.0f, tf32);
         else  // out[:, c0:c1] = b[:, c0:n] u^T[c0:n, c0:c1] = b[:, c0:n] (u[c0:c1, c0:n])^T
-            gemm_rows_batched(out + c0, n, b_size, b + c0, n, b_size, false, u + int64_t(c0) * n + c0, n, u_size, true,
-                              rows, cols, n - c0, batch, tf32);
+            strided_matmul_f32_gpu(out + c0, n, b_size, b + c0, n, b_size, false, u + int64_t(c0) * n + c0, n, u_size,
+                                   true, rows, cols, n - c0, batch, 1.0f, 0.0f, tf32);
     }
 }
 
@@ -485,13 +464,13 @@ void upper_triangular_square_product_batched_gpu(float* out, const float* u, con
     // out[I, J] = u[I, r0_I : c1_J] q[r0_I : c1_J, J] for the blocks on and above the diagonal
     // (u is zero left of row block I's start, q below column block J's end); the rest is zero.
     CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(n) * n * batch * sizeof(float), 0));
-    BLAS_CHECK(cublasSetStream(blas(), 0));
-    const int64_t size = int64_t(n) * n;
+        const int64_t size = int64_t(n) * n;
     for (int r0 = 0; r0 < n; r0 += block)
         for (int c0 = r0; c0 < n; c0 += block) {
             const int rows = std::min(block, n - r0), cols = std::min(block, n - c0);
-            gemm_rows_batched(out + int64_t(r0) * n + c0, n, size, u + int64_t(r0) * n + r0, n, size, false,
-                              q + int64_t(r0) * n + c0, n, size, false, rows, cols, c0 + cols - r0, batch, tf32);
+            strided_matmul_f32_gpu(out + int64_t(r0) * n + c0, n, size, u + int64_t(r0) * n + r0, n, size, false,
+                                   q + int64_t(r0) * n + c0, n, size, false, rows, cols, c0 + cols - r0, batch, 1.0f,
+                                   0.0f, tf32);
         }
 }
 
@@ -574,12 +553,6 @@ void upper_cholesky_of_inverse_gpu(double* h, int n) {
     check_info("potri");
     SOLVER_CHECK(cusolverDnDpotrf(w.handle, CUBLAS_FILL_MODE_LOWER, n, h, n, work, work_doubles, info));
     check_info("potrf");
-}
-
-void matmul_f32_strided_gpu(float* c, int ldc, const float* a, int lda, bool transpose_a, const float* b, int ldb,
-                            int m, int n, int k, float alpha, float beta) {
-    BLAS_CHECK(cublasSetStream(blas(), 0));
-    gemm_rows_batched(c, ldc, 0, a, lda, 0, transpose_a, b, ldb, 0, false, m, n, k, 1, false, alpha, beta);
 }
 
 }  // namespace qopt

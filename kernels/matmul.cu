@@ -1,6 +1,8 @@
-// Linear layers on the GPU through cuBLASLt (bf16 operands, fp32 accumulation). This file is
-// the one place that owns the cuBLASLt handle, its workspace and the algorithm choice (the
-// heuristic's first answer, cached per shape). Math and CPU reference: kernels/matmul.hpp.
+// Linear layers on the GPU through cuBLASLt (bf16 operands, fp32 accumulation), and the fp32
+// products of the optimizers and GPTQ. This file is the one place that owns the cuBLASLt handle,
+// its workspace and the algorithm choice (the heuristic's first answer, cached per shape; timing
+// its other answers was tried and gained ~1%, see README "Optimizers"). Math and CPU reference:
+// kernels/matmul.hpp.
 //
 // Row-major X[rows, cols] is column-major X^T, so with weight W[out, in] row-major:
 //   forward  out^T[out, n] = op_T(W as [in, out]) * in^T[in, n]          (m=out, n=rows, k=in)
@@ -8,6 +10,7 @@
 //   dweight  dW^T[in, out] += in^T[in, n] * op_T(dout^T[out, n])         (m=in,  n=out,  k=rows)
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <map>
 #include <tuple>
 
@@ -45,18 +48,18 @@ Lt& lt() {
 // pre-activation in aux), or GELU's derivative (reading the pre-activation from aux).
 enum class Epilogue { None, Gelu, DGelu };
 
-// C[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, A and B bf16, then
-// the epilogue (bias first, for forward products). aux is [m, n] column-major like C.
-// Batched (batch > 1): the b-th product reads A + b * stride_a, B + b * stride_b and C/D +
-// b * stride_c. c_in (if given) is the C read by beta * C while the result goes to c.
 // The heuristic's first algorithm for this product (callers cache it per shape).
+// `alignment`: the bytes that all four operands' addresses are multiples of (at most 256).
 cublasLtMatmulAlgo_t first_algorithm(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t layout_a,
                                      cublasLtMatrixLayout_t layout_b, cublasLtMatrixLayout_t layout_c, int m, int n,
-                                     int k) {
+                                     int k, uint32_t alignment = 256) {
     cublasLtMatmulPreference_t preference;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                       &kWorkspaceBytes, sizeof kWorkspaceBytes));
+    for (auto attribute : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                           CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference, attribute, &alignment, sizeof alignment));
     cublasLtMatmulHeuristicResult_t heuristic;
     int returned = 0;
     CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt().handle, op, layout_a, layout_b, layout_c, layout_c, preference, 1,
@@ -66,17 +69,32 @@ cublasLtMatmulAlgo_t first_algorithm(cublasLtMatmulDesc_t op, cublasLtMatrixLayo
     return heuristic.algo;
 }
 
-struct Batch {
+// How the operands of a product sit in memory: `count` products, the b-th reading A + b *
+// stride_a, B + b * stride_b and C/D + b * stride_c; leading dimensions in elements (0: packed,
+// the column-major operand's row count).
+struct Operands {
     int count = 1;
     int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+    int64_t ld_a = 0, ld_b = 0, ld_c = 0;
 };
 
-// Operands are bf16 unless ab_type says fp32 (CUDA_R_32F: then C is fp32 too and the product
-// runs in full fp32, or on TF32 tensor cores with `tf32`).
+// The largest power of two (up to 256) that divides the address: cuBLASLt's algorithms state
+// the alignment they need, and its heuristic assumes 256 bytes unless told less (sub-matrices of
+// the blocked triangular products and GPTQ's updates start anywhere).
+uint32_t alignment_of(const void* pointer) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(pointer);
+    return address == 0 ? 256u : uint32_t(std::min<uintptr_t>(256, address & (~address + 1)));
+}
+
+// D[m, n] (column-major, type c_type) = alpha * op(A) op(B) + beta * C, then the epilogue (bias
+// first, for forward products); aux is [m, n] column-major like D. c_in (if given) is the C read
+// by beta * C while the result goes to c. Operands are bf16 unless ab_type says fp32 (CUDA_R_32F:
+// then C is fp32 too and the product runs in full fp32, or on TF32 tensor cores with `tf32`).
+// The algorithm: the heuristic's first answer for this shape, layout and alignment, cached.
 void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, const void* b, bool transpose_b,
                int m, int n, int k, float beta, const bf16* bias, cudaStream_t stream,
                Epilogue extra = Epilogue::None, void* aux = nullptr, float alpha = 1.0f, const void* c_in = nullptr,
-               Batch batch = Batch{}, cudaDataType_t ab_type = CUDA_R_16BF, bool tf32 = false) {
+               Operands operands = Operands{}, cudaDataType_t ab_type = CUDA_R_16BF, bool tf32 = false) {
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -98,33 +116,37 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
     }
+    const int64_t rows_a = transpose_a ? k : m, rows_b = transpose_b ? n : k;
+    const int64_t ld_a = operands.ld_a ? operands.ld_a : rows_a, ld_b = operands.ld_b ? operands.ld_b : rows_b,
+                  ld_c = operands.ld_c ? operands.ld_c : m;
     cublasLtMatrixLayout_t layout_a, layout_b, layout_c;
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, ab_type, transpose_a ? k : m, transpose_a ? m : k,
-                                            transpose_a ? k : m));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, ab_type, transpose_b ? n : k, transpose_b ? k : n,
-                                            transpose_b ? n : k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, c_type, m, n, m));
-    if (batch.count > 1) {
-        const int32_t count = batch.count;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_a, ab_type, rows_a, transpose_a ? m : k, ld_a));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_b, ab_type, rows_b, transpose_b ? k : n, ld_b));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, c_type, m, n, ld_c));
+    if (operands.count > 1) {
+        const int32_t count = operands.count;
         const std::pair<cublasLtMatrixLayout_t, int64_t> strided[3] = {
-            {layout_a, batch.stride_a}, {layout_b, batch.stride_b}, {layout_c, batch.stride_c}};
+            {layout_a, operands.stride_a}, {layout_b, operands.stride_b}, {layout_c, operands.stride_c}};
         for (const auto& [layout, stride] : strided) {
             CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
             CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
                                                           sizeof stride));
         }
     }
+    // The operands' alignment (all four pointers' smallest) goes to the heuristic and the key.
+    const uint32_t alignment = std::min({alignment_of(a), alignment_of(b), alignment_of(c), alignment_of(c_in)});
 
-    // Algorithm: the heuristic's first choice for this shape, cached.
-    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int, bool>;
+    using Key = std::tuple<int, int, int, bool, bool, int, int, bool, int, int, bool, int64_t, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, uint32_t>;
     static std::map<Key, cublasLtMatmulAlgo_t> cache;
-    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, batch.count, int(ab_type),
-                  tf32};
+    const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, operands.count,
+                  int(ab_type), tf32, ld_a, ld_b, ld_c, operands.stride_a, operands.stride_b, operands.stride_c,
+                  alignment};
     auto found = cache.find(key);
-    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
+    if (found == cache.end())
+        found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k, alignment)).first;
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
-                                layout_c,
-                                &found->second, lt().workspace, kWorkspaceBytes, stream));
+                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);
@@ -243,15 +265,25 @@ void batched_matmul_gpu(bf16* d, const bf16* c, const bf16* a, bool transpose_a,
                         int m, int n, int k, float alpha, float beta, int batch, int64_t stride_a, int64_t stride_b,
                         int64_t stride_c, cudaStream_t stream) {
     lt_matmul(d, CUDA_R_16BF, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
-              alpha, c, Batch{batch, stride_b, stride_a, stride_c});
+              alpha, c, Operands{batch, stride_b, stride_a, stride_c});
 }
 
 void batched_matmul_f32_gpu(float* d, const float* c, const float* a, bool transpose_a, const float* b,
                             bool transpose_b, int m, int n, int k, float alpha, float beta, int batch,
                             int64_t stride_a, int64_t stride_b, int64_t stride_c, bool tf32, cudaStream_t stream) {
     lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
-              alpha, c, Batch{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, tf32);
+              alpha, c, Operands{batch, stride_b, stride_a, stride_c}, CUDA_R_32F, tf32);
     count_matrix_flops(2.0 * m * n * double(k) * batch);
 }
+
+void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const float* a, int64_t ld_a, int64_t stride_a,
+                            bool transpose_a, const float* b, int64_t ld_b, int64_t stride_b, bool transpose_b, int m,
+                            int n, int k, int batch, float alpha, float beta, bool tf32, cudaStream_t stream) {
+    lt_matmul(d, CUDA_R_32F, b, transpose_b, a, transpose_a, n, m, k, beta, nullptr, stream, Epilogue::None, nullptr,
+              alpha, nullptr, Operands{batch, stride_b, stride_a, stride_d, ld_b, ld_a, ld_d}, CUDA_R_32F, tf32);
+    count_matrix_flops(2.0 * m * n * double(k) * batch);
+}
+
+
 
 }  // namespace qopt

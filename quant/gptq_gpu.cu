@@ -137,8 +137,9 @@ QuantizedTensor gptq_quantize_gpu(const float* weight, int rows, int cols, const
         CUDA_CHECK_LAUNCH();
         const int later = col0 + args.width, rest = n - later;
         if (rest > 0)
-            matmul_f32_strided_gpu(work.data() + later, n, errors.data(), rows, true,
-                                   upper.data() + size_t(col0) * n + later, n, rows, rest, args.width, -1.0f, 1.0f);
+            strided_matmul_f32_gpu(work.data() + later, n, 0, errors.data(), rows, 0, true,
+                                   upper.data() + size_t(col0) * n + later, n, 0, false, rows, rest, args.width, 1,
+                                   -1.0f, 1.0f);
     }
     const std::vector<int8_t> in_order = codes.download();
     if (permuted) {
