@@ -172,6 +172,12 @@ private:
                         fn(prefix + ".right", {bc, bc}, s.right);
                         fn(prefix + ".left_root", {br, br}, s.left_root);
                         fn(prefix + ".right_root", {bc, bc}, s.right_root);
+                        if (!s.left_vectors.empty()) {  // a kept eigenbasis (ShampooConfig::keeps_eigenbasis)
+                            fn(prefix + ".left_eigenvectors", {br, br}, s.left_vectors);
+                            fn(prefix + ".left_eigenvalues", {br}, s.left_values);
+                            fn(prefix + ".right_eigenvectors", {bc, bc}, s.right_vectors);
+                            fn(prefix + ".right_eigenvalues", {bc}, s.right_values);
+                        }
                         fn(prefix + ".filtered", {br, bc}, s.filtered);
                         fn(prefix + ".graft_sq", {br, bc}, s.graft_sq);
                         if (!s.momentum.empty()) fn(prefix + ".momentum", {br, bc}, s.momentum);

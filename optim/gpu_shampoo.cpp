@@ -7,7 +7,9 @@
 // precondition_frequency steps the inverse roots: the symmetric eigendecompositions of all
 // factors of one size in a single batched cuSOLVER call (the call is latency-bound: on an H100
 // 12 and 48 matrices of 768^2 take 57 and 61 ms, 168 take 156 ms; `bench --linalg`), then per
-// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T.
+// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T. With a kept
+// eigenbasis (--shampoo-eigen-tolerance, --shampoo-eigen-method qr; refresh_from_kept_eigenbasis)
+// the refresh starts from B = V^T L V over the same batches.
 #include <algorithm>
 #include <cmath>
 
@@ -35,6 +37,10 @@ public:
             zeroed(s.filtered, g.tile_size() * count);
             zeroed(s.graft_sq, g.tile_size() * count);
             if (config_.momentum > 0) zeroed(s.momentum, g.tile_size() * count);
+            if (config_.keeps_eigenbasis()) {
+                identities(s.left_vectors, s.left_values, br, count);
+                identities(s.right_vectors, s.right_values, bc, count);
+            }
         }
         const GroupScratch sizes = group_scratch(groups_);
         work_a_.resize(sizes.work);
@@ -60,8 +66,23 @@ public:
         merged_factors_.resize(merged_floats);
         merged_vectors_.resize(merged_floats);
         values_.resize(merged_values);
+        if (config_.keeps_eigenbasis()) {
+            merged_work_.resize(merged_floats);
+            merged_extra_.resize(merged_floats);
+            estimates_.resize(merged_values);
+            size_t most_factors = 0;
+            for (const FactorSize& f : sizes_) most_factors = std::max(most_factors, f.count);
+            sums_.resize(2 * most_factors);
+            within_.resize(most_factors);
+            accepted_.resize(most_factors);
+        }
         // The refreshes' cuSOLVER workspaces now, so that the memory check before training sees them.
-        for (const FactorSize& f : sizes_) reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
+        for (const FactorSize& f : sizes_) {
+            if (config_.eigen_method == ShampooEigenMethod::qr)
+                reserve_qr_q_gpu(f.n, int(f.count), merged_extra_.data());
+            else
+                reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
+        }
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -82,7 +103,12 @@ public:
             gemm_.gram(s.left.data(), grad, false, br, bc, count, add_factor, keep_factor);
             gemm_.gram(s.right.data(), grad, true, bc, br, count, add_factor, keep_factor);
         }
-        if (refresh_roots) refresh_inverse_roots(factor_bias);
+        if (refresh_roots) {
+            if (c.keeps_eigenbasis())
+                refresh_from_kept_eigenbasis(factor_bias);
+            else
+                refresh_inverse_roots(factor_bias);
+        }
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             TileGroup& g = groups_[gi];
             State& s = state_[gi];
@@ -125,6 +151,12 @@ public:
             fn(g, "right", {bc, bc}, s.right);
             fn(g, "left_root", {br, br}, s.left_root);
             fn(g, "right_root", {bc, bc}, s.right_root);
+            if (config_.keeps_eigenbasis()) {
+                fn(g, "left_eigenvectors", {br, br}, s.left_vectors);
+                fn(g, "left_eigenvalues", {br}, s.left_values);
+                fn(g, "right_eigenvectors", {bc, bc}, s.right_vectors);
+                fn(g, "right_eigenvalues", {bc}, s.right_values);
+            }
             fn(g, "filtered", {br, bc}, s.filtered);
             fn(g, "graft_sq", {br, bc}, s.graft_sq);
             if (s.momentum.size()) fn(g, "momentum", {br, bc}, s.momentum);
@@ -133,7 +165,9 @@ public:
 
     size_t scratch_bytes() const override {
         size_t floats = work_a_.size() + work_b_.size() + work_c_.size() + factor_b_.size() + candidate_.size() +
-                        merged_factors_.size() + merged_vectors_.size() + values_.size() + norms_.size();
+                        merged_factors_.size() + merged_vectors_.size() + values_.size() + norms_.size() +
+                        merged_work_.size() + merged_extra_.size() + estimates_.size() + sums_.size() +
+                        within_.size() + accepted_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
         return floats * sizeof(float);
     }
@@ -141,7 +175,95 @@ public:
 private:
     struct State {
         DeviceBuffer<float> left, right, left_root, right_root, filtered, graft_sq, momentum;
+        DeviceBuffer<float> left_vectors, left_values, right_vectors, right_values;  // a kept eigenbasis only
     };
+
+    // count identity matrices n x n and count vectors of n ones (a kept eigenbasis before its first refresh).
+    static void identities(DeviceBuffer<float>& vectors, DeviceBuffer<float>& values, int n, int count) {
+        std::vector<float> host(size_t(n) * n * count, 0.0f);
+        for (size_t t = 0; t < size_t(count); ++t)
+            for (size_t j = 0; j < size_t(n); ++j) host[(t * n + j) * n + j] = 1.0f;
+        vectors.upload(host);
+        values.upload(std::vector<float>(size_t(n) * count, 1.0f));
+    }
+
+    // The kept-eigenbasis refresh (the CPU's shampoo_amortized_eigen), per factor size over all of
+    // its factors at once: B = V^T (L / divisor) V (two GEMMs per group). eigh: the factors
+    // within tolerance keep V and take diag(B); if any is not, one batched eigendecomposition of
+    // all of them, whose results the others take. qr: up to qr_iterations times, Q of B
+    // (qr_q_batched_gpu) with Q = I where B is already within tolerance, then B = Q^T B Q and V =
+    // V Q. Then each root from (V, values), and where it came out finite (commit_tiles) V and the
+    // values are kept with it.
+    void refresh_from_kept_eigenbasis(double divisor) {
+        const ShampooConfig& c = config_;
+        for (const FactorSize& size : sizes_) {
+            const int n = size.n, total = int(size.count);
+            const size_t matrix = size_t(n) * n;
+            float* b = merged_work_.data();
+            float* vectors = merged_vectors_.data();
+            for (const FactorSlot& f : size.factors) {
+                const State& s = state_[f.group];
+                const int count = groups_[f.group].count();
+                const float* kept = (f.left ? s.left_vectors : s.right_vectors).data();
+                CUDA_CHECK(cudaMemcpyAsync(vectors + f.first * matrix, kept, matrix * count * sizeof(float),
+                                           cudaMemcpyDeviceToDevice));
+                gemm_(factor_b_.data(), (f.left ? s.left : s.right).data(), false, kept, false, n, n, n, count,
+                      float(1.0 / divisor));
+                gemm_(b + f.first * matrix, kept, true, factor_b_.data(), false, n, n, n, count);
+            }
+            auto check_tolerance = [&] {
+                off_diagonal_sum_squares_gpu(sums_.data(), b, n, total);
+                sum_squares_gpu(sums_.data() + total, b, total, int64_t(matrix));
+                within_tolerance_gpu(within_.data(), sums_.data(), sums_.data() + total, c.eigen_tolerance, total);
+            };
+            if (c.eigen_method == ShampooEigenMethod::eigh) {
+                check_tolerance();
+                diagonals_gpu(estimates_.data(), b, n, total);
+                const std::vector<int> within = within_.download();
+                if (std::find(within.begin(), within.end(), 0) != within.end()) {
+                    for (const FactorSlot& f : size.factors) {
+                        const State& s = state_[f.group];
+                        CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix,
+                                                   (f.left ? s.left : s.right).data(),
+                                                   matrix * groups_[f.group].count() * sizeof(float),
+                                                   cudaMemcpyDeviceToDevice));
+                    }
+                    symmetric_eigen_batched_gpu(merged_extra_.data(), values_.data(), merged_factors_.data(), n, total,
+                                                merged_factors_.data());
+                    select_tiles_gpu(vectors, merged_extra_.data(), within_.data(), false, int64_t(matrix), total);
+                }
+                take_estimated_values_gpu(values_.data(), estimates_.data(), within_.data(), float(divisor), n, total);
+            } else {
+                float* q = merged_factors_.data();
+                float* product = merged_extra_.data();
+                for (int iteration = 0; iteration < c.qr_iterations; ++iteration) {
+                    check_tolerance();
+                    qr_q_batched_gpu(q, b, n, total, product);
+                    identity_where_gpu(q, within_.data(), n, total);
+                    gemm_(product, b, false, q, false, n, n, n, total);
+                    gemm_(b, q, true, product, false, n, n, n, total);
+                    gemm_(product, vectors, false, q, false, n, n, n, total);
+                    CUDA_CHECK(cudaMemcpyAsync(vectors, product, matrix * total * sizeof(float),
+                                               cudaMemcpyDeviceToDevice));
+                }
+                diagonals_gpu(values_.data(), b, n, total);
+            }
+            for (const FactorSlot& f : size.factors) {
+                State& s = state_[f.group];
+                const int count = groups_[f.group].count();
+                const float* slot_vectors = vectors + f.first * matrix;
+                const float* slot_values = values_.data() + f.first * n;
+                inverse_root_columns_gpu(factor_b_.data(), slot_vectors, slot_values, n, count, 1.0f, c.eps, c.root());
+                gemm_(candidate_.data(), factor_b_.data(), false, slot_vectors, true, n, n, n, count);
+                commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count,
+                             accepted_.data());
+                select_tiles_gpu((f.left ? s.left_vectors : s.right_vectors).data(), slot_vectors, accepted_.data(),
+                                 true, int64_t(matrix), count);
+                select_tiles_gpu((f.left ? s.left_values : s.right_values).data(), slot_values, accepted_.data(), true,
+                                 n, count);
+            }
+        }
+    }
 
     // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
     // taken only where it came out finite (commit_tiles). Per factor size: the factors gathered
@@ -190,6 +312,10 @@ private:
     std::vector<FactorSize> sizes_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_b_, candidate_, values_, norms_;
     DeviceBuffer<float> merged_factors_, merged_vectors_;  // one size's factors, then their eigenvectors
+    // A kept eigenbasis only: B = V^T L V, a second work batch (eigenvectors, QR's Q products),
+    // diag(B), the tolerance's sums and verdicts, and commit_tiles' verdicts.
+    DeviceBuffer<float> merged_work_, merged_extra_, estimates_, sums_;
+    DeviceBuffer<int> within_, accepted_;
 };
 
 }  // namespace

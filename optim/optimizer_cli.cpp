@@ -75,6 +75,26 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
         ->group(h);
     app.add_option("--shampoo-graft-beta2", c.shampoo.graft_beta2, "Adam grafting beta2")->group(h);
     app.add_option("--shampoo-graft-eps", c.shampoo.graft_eps, "Adam grafting epsilon")->group(h);
+    app.add_option_function<std::string>(
+           "--shampoo-eigen-method",
+           [&c](const std::string& v) {
+               if (v != "eigh" && v != "qr") throw CLI::ValidationError("--shampoo-eigen-method", "must be eigh or qr");
+               c.shampoo.eigen_method = v == "qr" ? ShampooEigenMethod::qr : ShampooEigenMethod::eigh;
+           },
+           "How a refresh computes the factors' eigendecompositions (the reference's amortized_computation_config): "
+           "eigh (default: a full symmetric eigendecomposition) or qr (the QR algorithm from the eigenbasis kept "
+           "since the last refresh, QREigendecompositionConfig)")
+        ->group(h);
+    app.add_option("--shampoo-eigen-tolerance", c.shampoo.eigen_tolerance,
+                   "Keep the last eigenbasis V while ||B - diag(B)||_F <= T ||B||_F for B = V^T L V (eigh: skip the "
+                   "eigendecomposition and take diag(B); qr: stop iterating); 0: never (the reference's default). "
+                   "Above 0 or with qr the eigenbasis is kept in the state")
+        ->group(h)
+        ->capture_default_str();
+    app.add_option("--shampoo-qr-iterations", c.shampoo.qr_iterations,
+                   "qr: at most this many QR-algorithm steps per refresh (QREigendecompositionConfig.max_iterations)")
+        ->group(h)
+        ->capture_default_str();
 
     const char* p = "SOAP";
     app.add_option("--soap-beta1", c.soap.beta1, "Adam beta1 in the eigenbasis")->group(p);

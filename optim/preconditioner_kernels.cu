@@ -36,6 +36,10 @@ struct Add {
     template <typename T>
     __device__ T operator()(T a, T b) const { return a + b; }
 };
+struct Min {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
 struct Max {
     template <typename T>
     __device__ T operator()(T a, T b) const { return a > b ? a : b; }
@@ -80,11 +84,17 @@ __global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float
 constexpr int kPartialsCapacity = 1 << 16, kMaxBlocksPerMatrix = 128;
 __device__ double per_matrix_partials[kPartialsCapacity];
 
+// Transforms see each element and its index in the matrix.
 struct SquareOf {
-    __device__ double operator()(float x) const { return double(x) * x; }
+    __device__ double operator()(float x, int64_t) const { return double(x) * x; }
 };
 struct AbsOf {
-    __device__ double operator()(float x) const { return fabs(double(x)); }
+    __device__ double operator()(float x, int64_t) const { return fabs(double(x)); }
+};
+// Squares of an n x n matrix's entries off its diagonal.
+struct OffDiagonalSquareOf {
+    int n;
+    __device__ double operator()(float x, int64_t i) const { return i / n == i % n ? 0.0 : double(x) * x; }
 };
 
 template <typename Transform, typename Combine>
@@ -92,7 +102,7 @@ __global__ void matrix_partials_kernel(const float* x, int64_t n, Transform tran
     const int t = blockIdx.y;
     const float* m = x + t * n;
     double value = 0;  // the identity of + and of max over |x| alike
-    GRID_STRIDE(i, n) value = combine(value, transform(m[i]));
+    GRID_STRIDE(i, n) value = combine(value, transform(m[i], i));
     value = block_reduce(value, combine);
     if (threadIdx.x == 0) per_matrix_partials[int64_t(t) * gridDim.x + blockIdx.x] = value;
 }
@@ -149,13 +159,50 @@ __global__ void inverse_root_columns_kernel(float* scaled, const float* vectors,
                                             float divisor, double eps, int root) {
     const int t = blockIdx.y;
     const float* lambda = values + int64_t(t) * n;
-    const double shift = fmin(double(lambda[n - 1]) / divisor, 0.0);
+    // The smallest value (values need not be sorted: a kept eigenbasis gives estimates in its order).
+    float low = INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) low = fminf(low, lambda[j]);
+    const float smallest = block_reduce(low, Min{});
+    const double shift = fmin(double(smallest) / divisor, 0.0);
     const int64_t size = int64_t(n) * n;
     GRID_STRIDE(i, size) {
         const int j = int(i % n);
         const double power = pow(double(lambda[j]) / divisor - shift + eps, -1.0 / root);
         scaled[t * size + i] = float(double(vectors[t * size + i]) * power);
     }
+}
+
+// Shampoo's kept eigenbasis (see shampoo_amortized_eigen in optim/shampoo.cpp).
+__global__ void diagonals_kernel(float* diagonal, const float* x, int n, int count) {
+    GRID_STRIDE(i, int64_t(n) * count) {
+        const int64_t t = i / n, j = i % n;
+        diagonal[i] = x[(t * n + j) * n + j];
+    }
+}
+
+__global__ void within_tolerance_kernel(int* within, const float* off_diagonal_sq, const float* total_sq,
+                                        double tolerance, int count) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < count) within[t] = sqrt(double(off_diagonal_sq[t])) <= tolerance * sqrt(double(total_sq[t]));
+}
+
+__global__ void select_tiles_kernel(float* kept, const float* candidate, const int* flags, bool when_set,
+                                    int64_t size) {
+    const int t = blockIdx.y;
+    if ((flags[t] != 0) != when_set) return;
+    GRID_STRIDE(i, size) kept[t * size + i] = candidate[t * size + i];
+}
+
+__global__ void identity_where_kernel(float* x, const int* flags, int n) {
+    const int t = blockIdx.y;
+    if (flags[t] == 0) return;
+    const int64_t size = int64_t(n) * n;
+    GRID_STRIDE(i, size) x[t * size + i] = i / n == i % n ? 1.0f : 0.0f;
+}
+
+__global__ void take_estimated_values_kernel(float* values, const float* estimates, const int* within, float divisor,
+                                             int n, int count) {
+    GRID_STRIDE(i, int64_t(n) * count) values[i] = within[i / n] ? estimates[i] : values[i] / divisor;
 }
 
 __global__ void soap_adam_kernel(float* direction, float* exp_avg, float* exp_avg_sq, const float* rotated, int64_t n,
@@ -612,6 +659,43 @@ void psgd_clip_scale_gpu(float* scale, const float* sum_sq, int count, int64_t n
 
 void inverse_rms_gpu(float* scale, const float* sum_sq, int count, int64_t n) {
     inverse_rms_kernel<<<(count + 255) / 256, 256>>>(scale, sum_sq, count, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void diagonals_gpu(float* diagonal, const float* x, int n, int count) {
+    if (count == 0) return;
+    diagonals_kernel<<<grid_for(size_t(n) * count), kThreads>>>(diagonal, x, n, count);
+    CUDA_CHECK_LAUNCH();
+}
+
+void off_diagonal_sum_squares_gpu(float* out, const float* x, int n, int count) {
+    reduce_matrices(out, x, count, int64_t(n) * n, OffDiagonalSquareOf{n}, Add{}, 1.0);
+}
+
+void within_tolerance_gpu(int* within, const float* off_diagonal_sq, const float* total_sq, double tolerance,
+                          int count) {
+    if (count == 0) return;
+    within_tolerance_kernel<<<(count + 255) / 256, 256>>>(within, off_diagonal_sq, total_sq, tolerance, count);
+    CUDA_CHECK_LAUNCH();
+}
+
+void select_tiles_gpu(float* kept, const float* candidate, const int* flags, bool when_set, int64_t size, int count) {
+    if (count == 0) return;
+    select_tiles_kernel<<<per_matrix_grid(size, count), kThreads>>>(kept, candidate, flags, when_set, size);
+    CUDA_CHECK_LAUNCH();
+}
+
+void identity_where_gpu(float* x, const int* flags, int n, int count) {
+    if (count == 0) return;
+    identity_where_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(x, flags, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+void take_estimated_values_gpu(float* values, const float* estimates, const int* within, float divisor, int n,
+                               int count) {
+    if (count == 0) return;
+    take_estimated_values_kernel<<<grid_for(size_t(n) * count), kThreads>>>(values, estimates, within, divisor, n,
+                                                                          count);
     CUDA_CHECK_LAUNCH();
 }
 

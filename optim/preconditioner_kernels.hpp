@@ -36,11 +36,25 @@ void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered
 // denominator is 0 (Shampoo's grafting: ||A|| / ||S||).
 void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denominator_sq, int count);
 
-// From eigenvectors (columns, values descending) of factor / divisor:
-//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(values[n-1] / divisor, 0) + eps)^(-1/root)
+// From eigenvectors (columns; values in any order) of factor / divisor:
+//   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(min_k values[k] / divisor, 0) + eps)^(-1/root)
 // so that scaled vectors^T = (factor / divisor + eps I)^(-1/root) after the shift.
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
                               float divisor, double eps, int root);
+
+// Shampoo's kept eigenbasis (optim/shampoo.hpp, shampoo_amortized_eigen), over count n x n
+// matrices: diagonal[t] = diag(x[t]); out[t] = the sum of squares of x[t]'s off-diagonal
+// entries; within[t] = sqrt(off_diagonal_sq[t]) <= tolerance sqrt(total_sq[t]) (the reference's
+// criterion); kept[t] = candidate[t] (size elements each) where (flags[t] != 0) == when_set;
+// x[t] = I where flags[t] != 0; values[t] = within[t] ? estimates[t] : values[t] / divisor.
+void diagonals_gpu(float* diagonal, const float* x, int n, int count);
+void off_diagonal_sum_squares_gpu(float* out, const float* x, int n, int count);
+void within_tolerance_gpu(int* within, const float* off_diagonal_sq, const float* total_sq, double tolerance,
+                          int count);
+void select_tiles_gpu(float* kept, const float* candidate, const int* flags, bool when_set, int64_t size, int count);
+void identity_where_gpu(float* x, const int* flags, int n, int count);
+void take_estimated_values_gpu(float* values, const float* estimates, const int* within, float divisor, int n,
+                               int count);
 
 // SOAP's Adam in the rotated basis, element-wise:
 //   M = b1 M + (1 - b1) X,  V = b2 V + (1 - b2) X^2,  direction = M / (sqrt(V) + eps)

@@ -18,6 +18,8 @@ void ShampooConfig::validate() const {
                "--shampoo-start-step must be -1 or at least --shampoo-precondition-frequency (as the reference)");
     QOPT_CHECK(inverse_root >= 0, "--shampoo-inverse-root must be >= 0 (0: 4 for matrices)");
     QOPT_CHECK(graft_beta2 > 0 && graft_beta2 <= 1 && graft_eps > 0, "bad Shampoo grafting settings");
+    QOPT_CHECK(eigen_tolerance >= 0 && eigen_tolerance <= 1, "--shampoo-eigen-tolerance must be in [0, 1]");
+    QOPT_CHECK(qr_iterations >= 1, "--shampoo-qr-iterations must be at least 1");
 }
 
 Json ShampooConfig::to_json() const {
@@ -35,6 +37,9 @@ Json ShampooConfig::to_json() const {
     j["adam_grafting"] = adam_grafting;
     j["graft_beta2"] = graft_beta2;
     j["graft_eps"] = graft_eps;
+    j["eigen_method"] = eigen_method == ShampooEigenMethod::qr ? "qr" : "eigh";
+    j["eigen_tolerance"] = eigen_tolerance;
+    if (eigen_method == ShampooEigenMethod::qr) j["qr_iterations"] = int64_t(qr_iterations);
     return j;
 }
 
@@ -55,18 +60,58 @@ void ShampooBlockState::init(const ShampooBlock& b, const ShampooConfig& c) {
     filtered.assign(n, 0.0f);
     graft_sq.assign(n, 0.0f);
     momentum.assign(c.momentum > 0 ? n : 0, 0.0f);
+    const bool kept = c.keeps_eigenbasis();
+    auto identity = [&](std::vector<float>& vectors, std::vector<float>& values, int side) {
+        vectors.assign(kept ? size_t(side) * side : 0, 0.0f);
+        values.assign(kept ? size_t(side) : 0, 1.0f);
+        for (size_t i = 0; kept && i < size_t(side); ++i) vectors[i * side + i] = 1.0f;
+    };
+    identity(left_vectors, left_values, b.block_rows);
+    identity(right_vectors, right_values, b.block_cols);
 }
 
-Dense shampoo_inverse_root(const Dense& a, double eps, int root) {
-    SymmetricEigen e = symmetric_eigen(a);
-    const double shift = std::min(e.values.back(), 0.0);  // values are descending
-    const int n = a.rows;
+Dense shampoo_inverse_root(const SymmetricEigen& e, double eps, int root) {
+    const double shift = std::min(*std::min_element(e.values.begin(), e.values.end()), 0.0);
+    const int n = e.vectors.rows;
     Dense scaled = e.vectors;
     for (int j = 0; j < n; ++j) {
         const double power = std::pow(e.values[j] - shift + eps, -1.0 / root);
         for (int r = 0; r < n; ++r) scaled(r, j) *= power;
     }
     return matmul(scaled, e.vectors, false, true);
+}
+
+Dense shampoo_inverse_root(const Dense& a, double eps, int root) {
+    return shampoo_inverse_root(symmetric_eigen(a), eps, root);
+}
+
+bool eigenbasis_within_tolerance(const Dense& b, double tolerance) {
+    double total = 0, off_diagonal = 0;
+    for (int r = 0; r < b.rows; ++r)
+        for (int c = 0; c < b.cols; ++c) {
+            const double x2 = b(r, c) * b(r, c);
+            total += x2;
+            if (r != c) off_diagonal += x2;
+        }
+    return std::sqrt(off_diagonal) <= tolerance * std::sqrt(total);
+}
+
+SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c) {
+    Dense b = matmul(kept_vectors, matmul(a, kept_vectors), true, false);
+    SymmetricEigen e{{}, kept_vectors};
+    if (c.eigen_method == ShampooEigenMethod::eigh) {
+        if (!eigenbasis_within_tolerance(b, c.eigen_tolerance)) return symmetric_eigen(a);
+    } else {
+        // The unshifted QR algorithm: B = Q R, B <- R Q = Q^T B Q keeps B similar to a, V <- V Q.
+        for (int i = 0; i < c.qr_iterations && !eigenbasis_within_tolerance(b, c.eigen_tolerance); ++i) {
+            const Dense q = householder_q(b);
+            b = matmul(q, matmul(b, q), true, false);
+            e.vectors = matmul(e.vectors, q);
+        }
+    }
+    e.values.resize(size_t(b.rows));
+    for (int j = 0; j < b.rows; ++j) e.values[size_t(j)] = b(j, j);
+    return e;
 }
 
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
@@ -94,15 +139,29 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         accumulate(s.left, ggt);
         accumulate(s.right, gtg);
         if (c.refreshes_roots(step)) {
-            auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out) {
+            auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out, std::vector<float>& vectors,
+                               std::vector<float>& values) {
                 Dense d(n, n);
                 for (size_t i = 0; i < f.size(); ++i) d.values[i] = f[i] / factor_bias;
                 // A non-finite factor has no root (and would only cost a full eigen sweep).
-                const Dense inv = all_finite(d) ? shampoo_inverse_root(d, c.eps, c.root()) : Dense(n, n, NAN);
-                if (!commit_preconditioner(out, inv)) ++rejected;
+                if (!all_finite(d)) {
+                    if (!commit_preconditioner(out, Dense(n, n, NAN))) ++rejected;
+                    return;
+                }
+                if (!c.keeps_eigenbasis()) {
+                    if (!commit_preconditioner(out, shampoo_inverse_root(d, c.eps, c.root()))) ++rejected;
+                    return;
+                }
+                const SymmetricEigen e = shampoo_amortized_eigen(d, dense_from(vectors.data(), n, n), c);
+                if (!commit_preconditioner(out, shampoo_inverse_root(e, c.eps, c.root()))) {
+                    ++rejected;
+                    return;  // the eigenbasis stays with the root it made
+                }
+                store_floats(e.vectors, vectors);
+                for (int j = 0; j < n; ++j) values[size_t(j)] = float(e.values[size_t(j)]);
             };
-            root_of(s.left, br, s.left_root);
-            root_of(s.right, bc, s.right_root);
+            root_of(s.left, br, s.left_root, s.left_vectors, s.left_values);
+            root_of(s.right, bc, s.right_root, s.right_vectors, s.right_values);
         }
         // Filtered gradient and grafting direction.
         Dense filtered_hat(br, bc), graft(br, bc);

@@ -4,7 +4,14 @@
 //   L += G G^T, R += G^T G        (beta2 = 1, the reference's default; else an EMA, bias-corrected)
 //   at the start step, then every `precondition_frequency` steps after it:
 //     L_root = (L + eps I)^(-1/r), R_root likewise, by a symmetric eigendecomposition
-//     (eigenvalues shifted up to >= 0 first); r = 4 for matrices
+//     (eigenvalues shifted up to >= 0 first); r = 4 for matrices. With a kept eigenbasis (the
+//     reference's EigendecomposedShampooPreconditionerConfig: eigen_tolerance > 0 or the QR
+//     method), the eigendecomposition is amortized as the reference's matrix_eigendecomposition
+//     does it, from the eigenvectors V of the last refresh (the identity before the first):
+//       B = V^T L V; within tolerance means ||B - diag(B)||_F <= tolerance ||B||_F;
+//       eigh: within tolerance, V stays and diag(B) are the eigenvalues; else L's eigendecomposition;
+//       qr: while not within tolerance, at most qr_iterations times: B = Q R (QR), B <- R Q = Q^T B Q,
+//           V <- V Q; then diag(B) are the eigenvalues.
 //   F = b1 F + (1 - b1) G, F_hat = F / (1 - b1^t)                    (filtered gradient)
 //   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
 //   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
@@ -20,6 +27,11 @@
 
 namespace qopt {
 
+// How a refresh computes each factor's eigendecomposition (the reference's
+// amortized_computation_config): cuSOLVER's / Jacobi's symmetric eigendecomposition (eigh), or
+// the QR algorithm warm-started from the kept eigenbasis (qr).
+enum class ShampooEigenMethod { eigh, qr };
+
 struct ShampooConfig {
     double lr = 1e-3;
     double beta1 = 0.9, beta2 = 1.0;
@@ -32,6 +44,11 @@ struct ShampooConfig {
     int inverse_root = 0;                 // 0: 2 x tensor order = 4 for matrices
     bool adam_grafting = true;            // grafting_config=AdamGraftingConfig (the study's choice)
     double graft_beta2 = 0.999, graft_eps = 1e-8;
+    ShampooEigenMethod eigen_method = ShampooEigenMethod::eigh;
+    double eigen_tolerance = 0.0;  // EigendecompositionConfig.tolerance (0: the reference's default)
+    int qr_iterations = 1;         // QREigendecompositionConfig.max_iterations
+    // Whether refreshes start from the last eigenbasis (kept in the state with its eigenvalues).
+    bool keeps_eigenbasis() const { return eigen_method == ShampooEigenMethod::qr || eigen_tolerance > 0; }
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
     int start_step() const { return start_preconditioning_step > 0 ? start_preconditioning_step : precondition_frequency; }
     // The reference's schedule: roots first at the start step, then at every multiple of the
@@ -53,11 +70,22 @@ std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
 struct ShampooBlockState {
     std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]
     std::vector<float> filtered, graft_sq, momentum;        // [br, bc] (momentum only if used)
+    // With a kept eigenbasis only: the factors' eigenvectors (identity at first) and eigenvalues
+    // (ones at first) from the last refresh, [br, br], [br], [bc, bc], [bc].
+    std::vector<float> left_vectors, left_values, right_vectors, right_values;
     void init(const ShampooBlock& block, const ShampooConfig& c);
 };
 
 // (a + eps I)^(-1/root) for symmetric positive semi-definite a.
 Dense shampoo_inverse_root(const Dense& a, double eps, int root);
+// The same from a's eigendecomposition (values in any order): vectors diag(p) vectors^T with
+// p_j = (values_j - min(min_k values_k, 0) + eps)^(-1/root).
+Dense shampoo_inverse_root(const SymmetricEigen& eigen, double eps, int root);
+// The reference's criterion: ||b - diag(b)||_F <= tolerance ||b||_F.
+bool eigenbasis_within_tolerance(const Dense& b, double tolerance);
+// a's eigendecomposition amortized from the kept eigenvectors (see the top of this file; values
+// unsorted unless a full eigendecomposition ran).
+SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c);
 
 // step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
 // (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).

@@ -232,6 +232,29 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
         {"shampoo without grafting", "shampoo",
          [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.adam_grafting = false; }, false, 6, 2, 2e-3,
          {"left_root", "right_root"}},
+        // A kept eigenbasis (the reference's EigendecomposedShampoo): tolerance 1 keeps the identity
+        // basis for good (the roots come from the factors' diagonals); 1e-9 is never met in fp32,
+        // so every refresh decomposes again and keeps the new basis; the QR algorithm from it.
+        {"shampoo, kept eigenbasis, tolerance 1 (diagonal roots)", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.eigen_tolerance = 1.0;
+         },
+         false, 6, 4, 2e-3,
+         {"left", "right", "left_root", "right_root", "left_eigenvectors", "left_eigenvalues", "right_eigenvalues"}},
+        {"shampoo, kept eigenbasis, tolerance 1e-9 (decomposed at every refresh)", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.eigen_tolerance = 1e-9;
+         },
+         false, 6, 4, 2e-3, {"left_root", "right_root", "left_eigenvalues", "right_eigenvalues"}},
+        {"shampoo, QR algorithm, 2 iterations per refresh", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.eigen_method = ShampooEigenMethod::qr;
+             c.shampoo.qr_iterations = 2;
+         },
+         true, 6, 4, 2e-3, {"left_root", "right_root", "left_eigenvalues", "right_eigenvalues"}},
         {"soap from scratch", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, true, 0, 6,
          1e-2, {"left", "right"}},
         {"soap", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, false, 6, 5, 1e-2,

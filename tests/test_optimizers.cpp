@@ -236,6 +236,85 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
     CHECK(f_shampoo < 1e-2 * f_gd);
 }
 
+TEST_CASE("Shampoo's kept eigenbasis (the reference's amortized eigendecompositions): criterion, eigh skips, QR "
+          "algorithm") {
+    std::mt19937_64 gen(fresh_seed());
+    // The criterion ||B - diag(B)||_F <= T ||B||_F: here 0.1414 / 2.2405 = 0.0631.
+    Dense b(2, 2);
+    b(0, 0) = 2.0, b(1, 1) = 1.0, b(0, 1) = b(1, 0) = 0.1;
+    CHECK(eigenbasis_within_tolerance(b, 0.07));
+    CHECK_FALSE(eigenbasis_within_tolerance(b, 0.06));
+
+    // a = U diag(32, 16, ..., 1) U^T, U a random orthogonal matrix: eigenvalues a factor 2 apart.
+    const int n = 6;
+    const Dense u = householder_q(random_dense(n, n, gen));
+    Dense scaled = u;
+    for (int r = 0; r < n; ++r)
+        for (int j = 0; j < n; ++j) scaled(r, j) *= std::pow(2.0, n - 1 - j);
+    const Dense a = matmul(scaled, u, false, true);
+    const double eps = 1e-12;
+    const Dense exact_root = shampoo_inverse_root(a, eps, 4);
+    const Dense identity = Dense::identity(n);
+
+    ShampooConfig c;
+    c.eigen_tolerance = 1.0;  // eigh, always within: nothing is decomposed
+    SymmetricEigen kept = shampoo_amortized_eigen(a, identity, c);
+    CHECK(max_abs_diff(kept.vectors, identity) == 0.0);
+    for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(a(j, j)).epsilon(1e-12));
+
+    c.eigen_tolerance = 1e-3;  // a is far from diagonal: the full eigendecomposition
+    CHECK(max_abs_diff(shampoo_inverse_root(shampoo_amortized_eigen(a, identity, c), eps, 4), exact_root) < 1e-10);
+    // From its own eigenbasis, a is within tolerance: that basis stays, with a's eigenvalues.
+    kept = shampoo_amortized_eigen(a, u, c);
+    CHECK(max_abs_diff(kept.vectors, u) == 0.0);
+    for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(std::pow(2.0, n - 1 - j)).epsilon(1e-10));
+
+    // QR algorithm: one step from the identity is B = Q^T a Q with a = Q R, V = Q; many steps
+    // converge to the eigendecomposition (eigenvalue ratio 1/2 per step); within tolerance, no step.
+    c.eigen_method = ShampooEigenMethod::qr;
+    c.eigen_tolerance = 0.0;
+    c.qr_iterations = 1;
+    const Dense q = householder_q(a);
+    const Dense one_step = matmul(q, matmul(a, q), true, false);
+    kept = shampoo_amortized_eigen(a, identity, c);
+    CHECK(max_abs_diff(kept.vectors, q) < 1e-14);
+    for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(one_step(j, j)).epsilon(1e-12));
+    c.qr_iterations = 100;
+    CHECK(max_abs_diff(shampoo_inverse_root(shampoo_amortized_eigen(a, identity, c), eps, 4), exact_root) < 1e-9);
+    c.eigen_tolerance = 1.0;
+    CHECK(max_abs_diff(shampoo_amortized_eigen(a, identity, c).vectors, identity) == 0.0);
+
+    // In the step (roots every step, factors summed): the first refresh decomposes; with a zero
+    // gradient next, L is unchanged, its kept basis is within tolerance and stays bit for bit,
+    // and the root stays to fp32 rounding; a large gradient after that moves the basis.
+    ShampooConfig sc;
+    sc.precondition_frequency = 1;
+    sc.eigen_tolerance = 1e-4;
+    std::vector<ShampooBlockState> state(1);
+    state[0].init({0, 0, 4, 4}, sc);
+    REQUIRE(state[0].left_vectors.size() == 16);
+    CHECK(state[0].left_vectors[5] == 1.0f);
+    std::vector<float> w(16, 0.5f), g(16), zero(16, 0.0f);
+    for (float& x : g) x = float(std::normal_distribution<double>()(gen));
+    shampoo_update_cpu(w.data(), g.data(), state, 4, 4, 1e-3, 0.0, 1, sc);
+    const std::vector<float> vectors_1 = state[0].left_vectors, root_1 = state[0].left_root;
+    CHECK(vectors_1 != std::vector<float>(identity.values.begin(), identity.values.end()) );
+    shampoo_update_cpu(w.data(), zero.data(), state, 4, 4, 1e-3, 0.0, 2, sc);
+    CHECK(state[0].left_vectors == vectors_1);
+    CHECK(max_abs_diff(dense_from(state[0].left_root.data(), 4, 4), dense_from(root_1.data(), 4, 4)) <
+          1e-4 * frobenius_norm(dense_from(root_1.data(), 4, 4)));
+    for (float& x : g) x = 10.0f * float(std::normal_distribution<double>()(gen));
+    shampoo_update_cpu(w.data(), g.data(), state, 4, 4, 1e-3, 0.0, 3, sc);
+    CHECK(state[0].left_vectors != vectors_1);
+    for (float x : w) CHECK(std::isfinite(x));
+    // Out-of-range settings are refused.
+    sc.eigen_tolerance = 1.5;
+    CHECK_THROWS_WITH_AS(sc.validate(), doctest::Contains("--shampoo-eigen-tolerance"), Error);
+    sc.eigen_tolerance = 0.0;
+    sc.qr_iterations = 0;
+    CHECK_THROWS_WITH_AS(sc.validate(), doctest::Contains("--shampoo-qr-iterations"), Error);
+}
+
 TEST_CASE("SOAP: the first call only sets up the bases, a 1 x 1 step by hand, frequency 1 finds the eigenbasis") {
     SoapConfig c;
     float p = 2.0f, g = 0.5f;
@@ -513,11 +592,13 @@ TEST_CASE("every optimizer's state round-trips: saved, loaded into a new one, th
     INFO("seed " << seed);
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         const ParamLayout layout = ParamLayout::build(small_model(preset));
-        for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
+        // shampoo-qr: Shampoo with a kept eigenbasis (its eigenvectors and eigenvalues in the state).
+        for (const std::string name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd", "shampoo-qr"}) {
             CAPTURE(preset);
             CAPTURE(name);
             OptimizerConfig c;
-            c.kind = parse_optimizer(name);
+            c.kind = parse_optimizer(name == "shampoo-qr" ? "shampoo" : name);
+            if (name == "shampoo-qr") c.shampoo.eigen_method = ShampooEigenMethod::qr;
             c.shampoo.precondition_frequency = 2;
             c.soap.precondition_frequency = 2;
             c.shampoo.block_size = 48;  // the 64-wide matrices are cut into blocks

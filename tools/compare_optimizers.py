@@ -12,7 +12,11 @@ The verdict compares each tensor's total change ||dW_qopt - dW_ref|| / ||dW_ref|
 
 Shampoo runs twice: "shampoo" (Adam grafting, uneven blocks of 40, roots every 4 steps,
 decoupled weight decay) and "shampoo_momentum" (no grafting, EMA factors, Nesterov momentum
-through which the weight decay passes, start step 6: roots at 6, 8, 12). PSGD runs three
+through which the weight decay passes, start step 6: roots at 6, 8, 12); and, as "shampoo" but
+with the reference's EigendecomposedShampooPreconditionerConfig, "shampoo_eigen_tolerance" (eigh
+at tolerance 1: the identity basis is always within it, so the roots come from the factors'
+diagonals) and "shampoo_qr" (QREigendecompositionConfig, 3 QR-algorithm steps per refresh from
+the kept basis). PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
 all_diag (diagonal factors).
 
@@ -107,10 +111,22 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     elif name.startswith("shampoo"):
         import distributed_shampoo as ds
         from distributed_shampoo.shampoo_types import ClassicMomentumConfig
+        if name == "shampoo_eigen_tolerance":
+            preconditioner_config = ds.EigendecomposedShampooPreconditionerConfig(
+                amortized_computation_config=ds.EighEigendecompositionConfig(tolerance=1.0),
+                factor_matrix_dtype=dtype, factor_matrix_eigenvectors_dtype=dtype,
+                factor_matrix_eigenvalues_dtype=dtype)
+        elif name == "shampoo_qr":
+            preconditioner_config = ds.EigendecomposedShampooPreconditionerConfig(
+                amortized_computation_config=ds.QREigendecompositionConfig(max_iterations=3),
+                factor_matrix_dtype=dtype, factor_matrix_eigenvectors_dtype=dtype,
+                factor_matrix_eigenvalues_dtype=dtype)
+        else:
+            preconditioner_config = ds.RootInvShampooPreconditionerConfig(factor_matrix_dtype=dtype,
+                                                                          inv_factor_matrix_dtype=dtype)
         common = dict(lr=1e-3, epsilon=1e-12, max_preconditioner_dim=40, precondition_frequency=4,
-                      preconditioner_config=ds.RootInvShampooPreconditionerConfig(
-                          factor_matrix_dtype=dtype, inv_factor_matrix_dtype=dtype))
-        if name == "shampoo":
+                      preconditioner_config=preconditioner_config)
+        if name != "shampoo_momentum":
             opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=0.01,
                                         grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
                                         **common)
@@ -151,9 +167,14 @@ QOPT_FLAGS = {
     "shampoo_momentum": ["--weight-decay", "0.1", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
                          "4", "--shampoo-start-step", "6", "--shampoo-grafting", "none", "--shampoo-beta2", "0.99",
                          "--shampoo-momentum", "0.5", "--shampoo-nesterov", "true"],
+    "shampoo_eigen_tolerance": ["--weight-decay", "0.01", "--shampoo-block-size", "40",
+                                "--shampoo-precondition-frequency", "4", "--shampoo-eigen-tolerance", "1"],
+    "shampoo_qr": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
+                   "--shampoo-eigen-method", "qr", "--shampoo-qr-iterations", "3"],
 }
 TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3, "psgd_one_diag": 1e-3,
-             "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3}
+             "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3, "shampoo_eigen_tolerance": 2e-3,
+             "shampoo_qr": 2e-3}
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 
