@@ -79,7 +79,8 @@ public:
                                      config_.scion.hidden_scale, lr, wd, config_.scion);
                     break;
                 case OptimizerKind::Shampoo:
-                    rejected_ += shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr, wd, step_, config_.shampoo);
+                    rejected_ += shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr, wd, step_, config_.shampoo,
+                                                    &eigen_refreshes_);
                     break;
                 case OptimizerKind::Soap:
                     rejected_ += soap_update_cpu(p, g, soap_[i], m.rows, m.cols, lr, wd, step_, config_.soap);
@@ -94,6 +95,7 @@ public:
 
     long step_count() const override { return step_; }
     long rejected_preconditioners() const override { return rejected_; }
+    EigenRefreshCounts eigen_refreshes() const override { return eigen_refreshes_; }
 
     OptimizerState state() const override {
         OptimizerState state;
@@ -192,6 +194,7 @@ private:
     Routing routing_;
     long step_ = 0;
     long rejected_ = 0;
+    EigenRefreshCounts eigen_refreshes_;
     std::vector<std::vector<float>> adam_m_, adam_v_, scion_momentum_, momentum_;
     std::vector<SoapMatrixState> soap_;
     std::vector<std::vector<ShampooBlockState>> shampoo_;

@@ -56,6 +56,8 @@ public:
     // Preconditioner matrices computed non-finite and not taken so far (Optimizer::
     // rejected_preconditioners); reads a device counter (waits for the GPU).
     long rejected_preconditioners() const;
+    // Optimizer::eigen_refreshes (Shampoo's kept eigenbasis; zero for the other methods).
+    virtual EigenRefreshCounts eigen_refreshes() const { return {}; }
 
 protected:
     // commit_finite_tiles_gpu with this method's rejection counter: candidate[t] replaces

@@ -27,6 +27,7 @@ public:
     void load_state(const OptimizerState& state);
     size_t state_bytes() const;  // state and work buffers
     long rejected_preconditioners() const { return method_ ? method_->rejected_preconditioners() : 0; }
+    EigenRefreshCounts eigen_refreshes() const { return method_ ? method_->eigen_refreshes() : EigenRefreshCounts{}; }
 
 private:
     struct Group {  // hidden matrices of one shape

@@ -74,6 +74,7 @@ public:
             for (const FactorSize& f : sizes_) most_factors = std::max(most_factors, f.count);
             sums_.resize(2 * most_factors);
             within_.resize(most_factors);
+            orders_.resize(merged_values);
             accepted_.resize(most_factors);
         }
         // The refreshes' cuSOLVER workspaces now, so that the memory check before training sees them.
@@ -163,11 +164,13 @@ public:
         }
     }
 
+    EigenRefreshCounts eigen_refreshes() const override { return eigen_refreshes_; }
+
     size_t scratch_bytes() const override {
         size_t floats = work_a_.size() + work_b_.size() + work_c_.size() + factor_b_.size() + candidate_.size() +
                         merged_factors_.size() + merged_vectors_.size() + values_.size() + norms_.size() +
                         merged_work_.size() + merged_extra_.size() + estimates_.size() + sums_.size() +
-                        within_.size() + accepted_.size();
+                        within_.size() + accepted_.size() + orders_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
         return floats * sizeof(float);
     }
@@ -187,12 +190,34 @@ private:
         values.upload(std::vector<float>(size_t(n) * count, 1.0f));
     }
 
+    // The QR path's last step, as the CPU's: each matrix's (values, vector columns) sorted by
+    // ascending value (stable), on the host as SOAP's sort (ascending_order), then permuted here.
+    void sort_ascending(float* vectors, int n, int total) {
+        const std::vector<float> values = values_.download();
+        std::vector<float> sorted(size_t(n) * total);
+        std::vector<int> order(size_t(n) * total);
+        std::vector<double> one(static_cast<size_t>(n));
+        for (size_t t = 0; t < size_t(total); ++t) {
+            for (size_t j = 0; j < size_t(n); ++j) one[j] = values[t * n + j];
+            const std::vector<int> o = ascending_order(one);
+            for (size_t j = 0; j < size_t(n); ++j) {
+                order[t * n + j] = o[j];
+                sorted[t * n + j] = values[t * n + size_t(o[j])];
+            }
+        }
+        orders_.upload_prefix(order);
+        values_.upload_prefix(sorted);
+        permute_columns_gpu(merged_extra_.data(), vectors, orders_.data(), n, total);
+        CUDA_CHECK(cudaMemcpyAsync(vectors, merged_extra_.data(), size_t(n) * n * total * sizeof(float),
+                                   cudaMemcpyDeviceToDevice));
+    }
+
     // The kept-eigenbasis refresh (the CPU's shampoo_amortized_eigen), per factor size over all of
     // its factors at once: B = V^T (L / divisor) V (two GEMMs per group). eigh: the factors
     // within tolerance keep V and take diag(B); if any is not, one batched eigendecomposition of
     // all of them, whose results the others take. qr: up to qr_iterations times, Q of B
     // (qr_q_batched_gpu) with Q = I where B is already within tolerance, then B = Q^T B Q and V =
-    // V Q. Then each root from (V, values), and where it came out finite (commit_tiles) V and the
+    // V Q, then the pairs sorted by ascending value. Then each root from (V, values), and where it came out finite (commit_tiles) V and the
     // values are kept with it.
     void refresh_from_kept_eigenbasis(double divisor) {
         const ShampooConfig& c = config_;
@@ -220,6 +245,9 @@ private:
                 check_tolerance();
                 diagonals_gpu(estimates_.data(), b, n, total);
                 const std::vector<int> within = within_.download();
+                const long kept = std::count(within.begin(), within.end(), 1);
+                eigen_refreshes_.kept += kept;
+                eigen_refreshes_.decomposed += total - kept;
                 if (std::find(within.begin(), within.end(), 0) != within.end()) {
                     for (const FactorSlot& f : size.factors) {
                         const State& s = state_[f.group];
@@ -247,6 +275,7 @@ private:
                                                cudaMemcpyDeviceToDevice));
                 }
                 diagonals_gpu(values_.data(), b, n, total);
+                sort_ascending(vectors, n, total);
             }
             for (const FactorSlot& f : size.factors) {
                 State& s = state_[f.group];
@@ -315,7 +344,8 @@ private:
     // A kept eigenbasis only: B = V^T L V, a second work batch (eigenvectors, QR's Q products),
     // diag(B), the tolerance's sums and verdicts, and commit_tiles' verdicts.
     DeviceBuffer<float> merged_work_, merged_extra_, estimates_, sums_;
-    DeviceBuffer<int> within_, accepted_;
+    DeviceBuffer<int> within_, accepted_, orders_;
+    EigenRefreshCounts eigen_refreshes_;
 };
 
 }  // namespace

@@ -100,6 +100,8 @@ public:
     // Preconditioner matrices (Shampoo roots, SOAP bases, PSGD factors) computed non-finite and
     // not taken since this object was made: the last good ones were kept (commit_preconditioner).
     virtual long rejected_preconditioners() const { return 0; }
+    // Shampoo with a kept eigenbasis and eigh: factor refreshes that kept it, and that decomposed.
+    virtual EigenRefreshCounts eigen_refreshes() const { return {}; }
 };
 
 std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config);

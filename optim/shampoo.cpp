@@ -96,11 +96,14 @@ bool eigenbasis_within_tolerance(const Dense& b, double tolerance) {
     return std::sqrt(off_diagonal) <= tolerance * std::sqrt(total);
 }
 
-SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c) {
+SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c,
+                                       EigenRefreshCounts* counts) {
     Dense b = matmul(kept_vectors, matmul(a, kept_vectors), true, false);
     SymmetricEigen e{{}, kept_vectors};
     if (c.eigen_method == ShampooEigenMethod::eigh) {
-        if (!eigenbasis_within_tolerance(b, c.eigen_tolerance)) return symmetric_eigen(a);
+        const bool within = eigenbasis_within_tolerance(b, c.eigen_tolerance);
+        if (counts) ++(within ? counts->kept : counts->decomposed);
+        if (!within) return symmetric_eigen(a);
     } else {
         // The unshifted QR algorithm: B = Q R, B <- R Q = Q^T B Q keeps B similar to a, V <- V Q.
         for (int i = 0; i < c.qr_iterations && !eigenbasis_within_tolerance(b, c.eigen_tolerance); ++i) {
@@ -111,11 +114,32 @@ SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors
     }
     e.values.resize(size_t(b.rows));
     for (int j = 0; j < b.rows; ++j) e.values[size_t(j)] = b(j, j);
+    if (c.eigen_method == ShampooEigenMethod::qr) {
+        // The reference then sorts the pairs by ascending value (stable). The QR algorithm is not
+        // permutation-equivariant, so this order is where the next refresh starts from.
+        const std::vector<int> order = ascending_order(e.values);
+        SymmetricEigen sorted{std::vector<double>(e.values.size()), Dense(b.rows, b.rows)};
+        for (int j = 0; j < b.rows; ++j) {
+            sorted.values[size_t(j)] = e.values[size_t(order[size_t(j)])];
+            for (int r = 0; r < b.rows; ++r) sorted.vectors(r, j) = e.vectors(r, order[size_t(j)]);
+        }
+        return sorted;
+    }
     return e;
 }
 
+std::vector<int> ascending_order(const std::vector<double>& values) {
+    std::vector<int> order(values.size());
+    for (size_t j = 0; j < order.size(); ++j) order[j] = int(j);
+    // NaN sorts last (a non-finite factor's root is not taken anyway).
+    auto key = [&](int j) { return std::isnan(values[size_t(j)]) ? INFINITY : values[size_t(j)]; };
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) < key(b); });
+    return order;
+}
+
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
-                        double lr, double weight_decay, long step, const ShampooConfig& c) {
+                        double lr, double weight_decay, long step, const ShampooConfig& c,
+                        EigenRefreshCounts* counts) {
     const auto blocks = shampoo_blocks(rows, cols, c.block_size);
     QOPT_CHECK(states.size() == blocks.size(), "shampoo: state has ", states.size(), " blocks, expected ",
                blocks.size());
@@ -152,7 +176,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
                     if (!commit_preconditioner(out, shampoo_inverse_root(d, c.eps, c.root()))) ++rejected;
                     return;
                 }
-                const SymmetricEigen e = shampoo_amortized_eigen(d, dense_from(vectors.data(), n, n), c);
+                const SymmetricEigen e = shampoo_amortized_eigen(d, dense_from(vectors.data(), n, n), c, counts);
                 if (!commit_preconditioner(out, shampoo_inverse_root(e, c.eps, c.root()))) {
                     ++rejected;
                     return;  // the eigenbasis stays with the root it made

@@ -11,7 +11,8 @@
 //       B = V^T L V; within tolerance means ||B - diag(B)||_F <= tolerance ||B||_F;
 //       eigh: within tolerance, V stays and diag(B) are the eigenvalues; else L's eigendecomposition;
 //       qr: while not within tolerance, at most qr_iterations times: B = Q R (QR), B <- R Q = Q^T B Q,
-//           V <- V Q; then diag(B) are the eigenvalues.
+//           V <- V Q; then diag(B) are the eigenvalues, the pairs sorted by ascending value
+//           (stable, as the reference: the next refresh's QR starts from this order).
 //   F = b1 F + (1 - b1) G, F_hat = F / (1 - b1^t)                    (filtered gradient)
 //   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
 //   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
@@ -61,6 +62,12 @@ struct ShampooConfig {
     Json to_json() const;
 };
 
+// Refreshes of factors with a kept eigenbasis and eigh (--shampoo-eigen-tolerance): how many kept
+// the last basis (within tolerance) and how many ran an eigendecomposition.
+struct EigenRefreshCounts {
+    long kept = 0, decomposed = 0;
+};
+
 // Block b of a [rows, cols] matrix: rows [row0, row0 + block_rows), cols likewise.
 struct ShampooBlock {
     int row0, col0, block_rows, block_cols;
@@ -85,12 +92,17 @@ Dense shampoo_inverse_root(const SymmetricEigen& eigen, double eps, int root);
 bool eigenbasis_within_tolerance(const Dense& b, double tolerance);
 // a's eigendecomposition amortized from the kept eigenvectors (see the top of this file; values
 // unsorted unless a full eigendecomposition ran).
-SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c);
+// counts (if given) adds this factor to the eigh path's tally.
+SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c,
+                                       EigenRefreshCounts* counts = nullptr);
+// Indices of values in ascending order (stable; NaN last).
+std::vector<int> ascending_order(const std::vector<double>& values);
 
 // step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
 // (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).
 // Returns the number of roots not taken.
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& blocks, int rows, int cols,
-                        double lr, double weight_decay, long step, const ShampooConfig& c);
+                        double lr, double weight_decay, long step, const ShampooConfig& c,
+                        EigenRefreshCounts* counts = nullptr);
 
 }  // namespace qopt

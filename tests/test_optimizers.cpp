@@ -269,20 +269,33 @@ TEST_CASE("Shampoo's kept eigenbasis (the reference's amortized eigendecompositi
     CHECK(max_abs_diff(kept.vectors, u) == 0.0);
     for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(std::pow(2.0, n - 1 - j)).epsilon(1e-10));
 
-    // QR algorithm: one step from the identity is B = Q^T a Q with a = Q R, V = Q; many steps
-    // converge to the eigendecomposition (eigenvalue ratio 1/2 per step); within tolerance, no step.
+    // QR algorithm: one step from the identity is B = Q^T a Q with a = Q R, V = Q, the pairs then
+    // sorted by ascending value; many steps converge to the eigendecomposition (eigenvalue ratio
+    // 1/2 per step); within tolerance, no step.
     c.eigen_method = ShampooEigenMethod::qr;
     c.eigen_tolerance = 0.0;
     c.qr_iterations = 1;
     const Dense q = householder_q(a);
     const Dense one_step = matmul(q, matmul(a, q), true, false);
+    std::vector<double> one_step_values(static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) one_step_values[size_t(j)] = one_step(j, j);
+    const std::vector<int> order = ascending_order(one_step_values);
     kept = shampoo_amortized_eigen(a, identity, c);
-    CHECK(max_abs_diff(kept.vectors, q) < 1e-14);
-    for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(one_step(j, j)).epsilon(1e-12));
+    for (int j = 0; j < n; ++j) {
+        const int from = order[size_t(j)];
+        CHECK(kept.values[size_t(j)] == doctest::Approx(one_step_values[size_t(from)]).epsilon(1e-12));
+        if (j > 0) CHECK(kept.values[size_t(j)] >= kept.values[size_t(j - 1)]);
+        for (int r = 0; r < n; ++r) CHECK(std::abs(kept.vectors(r, j) - q(r, from)) < 1e-14);
+    }
     c.qr_iterations = 100;
     CHECK(max_abs_diff(shampoo_inverse_root(shampoo_amortized_eigen(a, identity, c), eps, 4), exact_root) < 1e-9);
-    c.eigen_tolerance = 1.0;
-    CHECK(max_abs_diff(shampoo_amortized_eigen(a, identity, c).vectors, identity) == 0.0);
+    c.eigen_tolerance = 1.0;  // no step: the identity, its columns sorted by a's diagonal
+    std::vector<double> diagonal(static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) diagonal[size_t(j)] = a(j, j);
+    const std::vector<int> diagonal_order = ascending_order(diagonal);
+    kept = shampoo_amortized_eigen(a, identity, c);
+    for (int j = 0; j < n; ++j)
+        for (int r = 0; r < n; ++r) CHECK(kept.vectors(r, j) == (r == diagonal_order[size_t(j)] ? 1.0 : 0.0));
 
     // In the step (roots every step, factors summed): the first refresh decomposes; with a zero
     // gradient next, L is unchanged, its kept basis is within tolerance and stays bit for bit,

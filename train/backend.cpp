@@ -32,6 +32,7 @@ public:
     long optimizer_step() const override { return optimizer_->step_count(); }
     size_t optimizer_state_bytes() const override { return optimizer_->state_bytes(); }
     long rejected_preconditioners() const override { return optimizer_->rejected_preconditioners(); }
+    EigenRefreshCounts eigen_refreshes() const override { return optimizer_->eigen_refreshes(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {
@@ -68,6 +69,7 @@ public:
     long optimizer_step() const override { return optimizer_.step_count(); }
     size_t optimizer_state_bytes() const override { return optimizer_.state_bytes(); }
     long rejected_preconditioners() const override { return optimizer_.rejected_preconditioners(); }
+    EigenRefreshCounts eigen_refreshes() const override { return optimizer_.eigen_refreshes(); }
     void zero_grads() override { model_.zero_grads(); }
     double forward_backward(const int* inputs, const int* targets, int batch, int seq_len,
                             double grad_scale) override {

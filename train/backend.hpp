@@ -25,6 +25,8 @@ public:
     virtual size_t optimizer_state_bytes() const = 0;
     // Preconditioner matrices computed non-finite and not taken (Optimizer::rejected_preconditioners).
     virtual long rejected_preconditioners() const = 0;
+    // Shampoo's kept eigenbasis (Optimizer::eigen_refreshes).
+    virtual EigenRefreshCounts eigen_refreshes() const = 0;
 
     // As CpuModel::forward_backward: gradients are added to the gradient buffer.
     virtual void zero_grads() = 0;

@@ -237,6 +237,10 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
                     rate, 100.0 * rate / f32_peak_tflops, f32_peak_tflops,
                     optimizer_config.precond_tf32 ? "; TF32 products can run above it" : "");
     }
+    const EigenRefreshCounts refreshes = optimizer.eigen_refreshes();
+    if (refreshes.kept + refreshes.decomposed > 0)
+        std::printf(" | %ld of %ld factor refreshes kept the eigenbasis", refreshes.kept,
+                    refreshes.kept + refreshes.decomposed);
     std::printf("\n");
     std::fflush(stdout);
     return ms;

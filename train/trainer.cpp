@@ -466,6 +466,11 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             log << line;
         }
     }
+    const EigenRefreshCounts refreshes = backend->eigen_refreshes();
+    if (refreshes.kept + refreshes.decomposed > 0)
+        log << "shampoo: " << refreshes.kept << " of " << refreshes.kept + refreshes.decomposed
+            << " factor refreshes kept the last eigenbasis (within --shampoo-eigen-tolerance), "
+            << refreshes.decomposed << " ran an eigendecomposition\n";
     result.last_checkpoint = save(true);
     result.final_step = state.step;
     result.skipped_steps = state.skipped_steps;
