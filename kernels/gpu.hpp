@@ -177,7 +177,6 @@ void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const floa
                             int n, int k, int batch, float alpha, float beta, bool tf32 = false,
                             cudaStream_t stream = 0);
 
-
 // ---- dense linear algebra for the preconditioned optimizers (kernels/linalg.cu: cuSOLVER and
 // cuBLAS; CPU references in optim/dense.hpp). `batch` row-major fp32 matrices back to back;
 // scratch holds batch * n * n floats; results are ordered on the default stream.
@@ -224,8 +223,8 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 // Products with upper-triangular matrices (PSGD's factors and their multipliers) that skip their
 // zero blocks: each u [n, n] must hold zeros below its diagonal (the diagonal blocks are read as
 // dense). Cut into blocks of `block` (0: triangular_product_block(n)), one strided-batched GEMM
-// (strided_matmul_f32_gpu, full fp32 or TF32) per row or column block of the result; outputs must not overlap
-// the inputs. CPU reference: matmul. Measured on an H200 (bench --linalg, full fp32): twelve
+// (strided_matmul_f32_gpu, full fp32 or TF32) per row or column block of the result; outputs
+// must not overlap the inputs. CPU reference: matmul. Measured on an H200 (bench --linalg, full fp32): twelve
 // 3072^2 factors by 3072 x 768, 2.47 ms against a dense batched GEMM's 3.68 and cuBLAS trmm's
 // 4.30 (one call per matrix); twelve 3072^2 upper-triangular products 4.69 ms against 14.1
 // (GEMM) and 9.4 (trmm); 48 of 768^2 (blocks of 256) 0.72 and 0.51 ms against 0.95.

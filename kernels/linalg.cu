@@ -430,7 +430,7 @@ void solve_upper_transposed_left_batched_gpu(float* x, const float* u, int n, in
 void upper_triangular_product_batched_gpu(float* out, const float* u, bool transpose_u, const float* b, int n,
                                           int cols, int batch, bool tf32, int block) {
     if (block <= 0) block = triangular_product_block(n);
-        const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(n) * cols;
     for (int r0 = 0; r0 < n; r0 += block) {
         const int rows = std::min(block, n - r0), r1 = r0 + rows;
         if (!transpose_u)  // out[r0:r1] = u[r0:r1, r0:n] b[r0:n]
@@ -446,7 +446,7 @@ void upper_triangular_product_batched_gpu(float* out, const float* u, bool trans
 void product_with_upper_triangular_batched_gpu(float* out, const float* b, const float* u, bool transpose_u, int rows,
                                                int n, int batch, bool tf32, int block) {
     if (block <= 0) block = triangular_product_block(n);
-        const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
+    const int64_t u_size = int64_t(n) * n, b_size = int64_t(rows) * n;
     for (int c0 = 0; c0 < n; c0 += block) {
         const int cols = std::min(block, n - c0), c1 = c0 + cols;
         if (!transpose_u)  // out[:, c0:c1] = b[:, 0:c1] u[0:c1, c0:c1]
@@ -464,7 +464,7 @@ void upper_triangular_square_product_batched_gpu(float* out, const float* u, con
     // out[I, J] = u[I, r0_I : c1_J] q[r0_I : c1_J, J] for the blocks on and above the diagonal
     // (u is zero left of row block I's start, q below column block J's end); the rest is zero.
     CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(n) * n * batch * sizeof(float), 0));
-        const int64_t size = int64_t(n) * n;
+    const int64_t size = int64_t(n) * n;
     for (int r0 = 0; r0 < n; r0 += block)
         for (int c0 = r0; c0 < n; c0 += block) {
             const int rows = std::min(block, n - r0), cols = std::min(block, n - c0);

@@ -284,6 +284,4 @@ void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const floa
     count_matrix_flops(2.0 * m * n * double(k) * batch);
 }
 
-
-
 }  // namespace qopt

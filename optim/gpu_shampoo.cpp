@@ -38,8 +38,13 @@ public:
             zeroed(s.graft_sq, g.tile_size() * count);
             if (config_.momentum > 0) zeroed(s.momentum, g.tile_size() * count);
             if (config_.keeps_eigenbasis()) {
-                identities(s.left_vectors, s.left_values, br, count);
-                identities(s.right_vectors, s.right_values, bc, count);
+                // The initial eigenbasis exactly as the CPU's (ShampooBlockState::init: identity, ones).
+                ShampooBlockState initial;
+                initial.init({0, 0, br, bc}, config_);
+                repeated(s.left_vectors, initial.left_vectors, count);
+                repeated(s.left_values, initial.left_values, count);
+                repeated(s.right_vectors, initial.right_vectors, count);
+                repeated(s.right_values, initial.right_values, count);
             }
         }
         const GroupScratch sizes = group_scratch(groups_);
@@ -176,18 +181,29 @@ public:
     }
 
 private:
+    // Where a group's left or right factors sit in their size's batch.
+    struct FactorSlot {
+        size_t group;
+        bool left;
+        size_t first;  // index of the group's first factor in the batch
+    };
+    struct FactorSize {
+        int n;
+        std::vector<FactorSlot> factors;
+        size_t count;  // matrices in the batch
+    };
+
     struct State {
         DeviceBuffer<float> left, right, left_root, right_root, filtered, graft_sq, momentum;
         DeviceBuffer<float> left_vectors, left_values, right_vectors, right_values;  // a kept eigenbasis only
     };
 
-    // count identity matrices n x n and count vectors of n ones (a kept eigenbasis before its first refresh).
-    static void identities(DeviceBuffer<float>& vectors, DeviceBuffer<float>& values, int n, int count) {
-        std::vector<float> host(size_t(n) * n * count, 0.0f);
-        for (size_t t = 0; t < size_t(count); ++t)
-            for (size_t j = 0; j < size_t(n); ++j) host[(t * n + j) * n + j] = 1.0f;
-        vectors.upload(host);
-        values.upload(std::vector<float>(size_t(n) * count, 1.0f));
+    // buffer = count copies of one tile's state.
+    static void repeated(DeviceBuffer<float>& buffer, const std::vector<float>& tile, int count) {
+        std::vector<float> host;
+        host.reserve(tile.size() * size_t(count));
+        for (int t = 0; t < count; ++t) host.insert(host.end(), tile.begin(), tile.end());
+        buffer.upload(host);
     }
 
     // The QR path's last step, as the CPU's: each matrix's (values, vector columns) sorted by
@@ -217,8 +233,8 @@ private:
     // within tolerance keep V and take diag(B); if any is not, one batched eigendecomposition of
     // all of them, whose results the others take. qr: up to qr_iterations times, Q of B
     // (qr_q_batched_gpu) with Q = I where B is already within tolerance, then B = Q^T B Q and V =
-    // V Q, then the pairs sorted by ascending value. Then each root from (V, values), and where it came out finite (commit_tiles) V and the
-    // values are kept with it.
+    // V Q, then the pairs sorted by ascending value. Then each root from (V, values), and where it
+    // came out finite (commit_tiles) V and the values are kept with it.
     void refresh_from_kept_eigenbasis(double divisor) {
         const ShampooConfig& c = config_;
         for (const FactorSize& size : sizes_) {
@@ -248,14 +264,8 @@ private:
                 const long kept = std::count(within.begin(), within.end(), 1);
                 eigen_refreshes_.kept += kept;
                 eigen_refreshes_.decomposed += total - kept;
-                if (std::find(within.begin(), within.end(), 0) != within.end()) {
-                    for (const FactorSlot& f : size.factors) {
-                        const State& s = state_[f.group];
-                        CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix,
-                                                   (f.left ? s.left : s.right).data(),
-                                                   matrix * groups_[f.group].count() * sizeof(float),
-                                                   cudaMemcpyDeviceToDevice));
-                    }
+                if (kept < total) {
+                    gather_factors(size);
                     symmetric_eigen_batched_gpu(merged_extra_.data(), values_.data(), merged_factors_.data(), n, total,
                                                 merged_factors_.data());
                     select_tiles_gpu(vectors, merged_extra_.data(), within_.data(), false, int64_t(matrix), total);
@@ -282,10 +292,7 @@ private:
                 const int count = groups_[f.group].count();
                 const float* slot_vectors = vectors + f.first * matrix;
                 const float* slot_values = values_.data() + f.first * n;
-                inverse_root_columns_gpu(factor_b_.data(), slot_vectors, slot_values, n, count, 1.0f, c.eps, c.root());
-                gemm_(candidate_.data(), factor_b_.data(), false, slot_vectors, true, n, n, n, count);
-                commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count,
-                             accepted_.data());
+                commit_root(f, n, slot_vectors, slot_values, 1.0f, accepted_.data());
                 select_tiles_gpu((f.left ? s.left_vectors : s.right_vectors).data(), slot_vectors, accepted_.data(),
                                  true, int64_t(matrix), count);
                 select_tiles_gpu((f.left ? s.left_values : s.right_values).data(), slot_values, accepted_.data(), true,
@@ -301,37 +308,36 @@ private:
         for (const FactorSize& size : sizes_) {
             const int n = size.n;
             const size_t matrix = size_t(n) * n;
-            for (const FactorSlot& f : size.factors) {
-                const State& s = state_[f.group];
-                CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix, (f.left ? s.left : s.right).data(),
-                                           matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
-            }
+            gather_factors(size);
             // The gathered factors are the eigendecomposition's scratch too (overwritten).
             symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), merged_factors_.data(), n, size.count,
                                         merged_factors_.data());
-            for (const FactorSlot& f : size.factors) {
-                State& s = state_[f.group];
-                const int count = groups_[f.group].count();
-                const float* vectors = merged_vectors_.data() + f.first * matrix;
-                inverse_root_columns_gpu(factor_b_.data(), vectors, values_.data() + f.first * n, n, count,
-                                         float(divisor), config_.eps, config_.root());
-                gemm_(candidate_.data(), factor_b_.data(), false, vectors, true, n, n, n, count);
-                commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count);
-            }
+            for (const FactorSlot& f : size.factors)
+                commit_root(f, n, merged_vectors_.data() + f.first * matrix, values_.data() + f.first * n,
+                            float(divisor));
         }
     }
 
-    // Where a group's left or right factors sit in their size's batch.
-    struct FactorSlot {
-        size_t group;
-        bool left;
-        size_t first;  // index of the group's first factor in the batch
-    };
-    struct FactorSize {
-        int n;
-        std::vector<FactorSlot> factors;
-        size_t count;  // matrices in the batch
-    };
+    // One size's factors (undivided) into merged_factors_, each group at its slot.
+    void gather_factors(const FactorSize& size) {
+        const size_t matrix = size_t(size.n) * size.n;
+        for (const FactorSlot& f : size.factors) {
+            const State& s = state_[f.group];
+            CUDA_CHECK(cudaMemcpyAsync(merged_factors_.data() + f.first * matrix, (f.left ? s.left : s.right).data(),
+                                       matrix * groups_[f.group].count() * sizeof(float), cudaMemcpyDeviceToDevice));
+        }
+    }
+
+    // A group's roots (factor / divisor + eps I)^(-1/r) from the factors' eigenvectors and
+    // eigenvalues, taken where finite (commit_tiles; accepted, if given, says where).
+    void commit_root(const FactorSlot& f, int n, const float* vectors, const float* values, float divisor,
+                     int* accepted = nullptr) {
+        State& s = state_[f.group];
+        const int count = groups_[f.group].count();
+        inverse_root_columns_gpu(factor_b_.data(), vectors, values, n, count, divisor, config_.eps, config_.root());
+        gemm_(candidate_.data(), factor_b_.data(), false, vectors, true, n, n, n, count);
+        commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count, accepted);
+    }
 
     ShampooConfig config_;
     double weight_decay_;

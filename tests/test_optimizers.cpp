@@ -267,7 +267,8 @@ TEST_CASE("Shampoo's kept eigenbasis (the reference's amortized eigendecompositi
     // From its own eigenbasis, a is within tolerance: that basis stays, with a's eigenvalues.
     kept = shampoo_amortized_eigen(a, u, c);
     CHECK(max_abs_diff(kept.vectors, u) == 0.0);
-    for (int j = 0; j < n; ++j) CHECK(kept.values[size_t(j)] == doctest::Approx(std::pow(2.0, n - 1 - j)).epsilon(1e-10));
+    for (int j = 0; j < n; ++j)
+        CHECK(kept.values[size_t(j)] == doctest::Approx(std::pow(2.0, n - 1 - j)).epsilon(1e-10));
 
     // QR algorithm: one step from the identity is B = Q^T a Q with a = Q R, V = Q, the pairs then
     // sorted by ascending value; many steps converge to the eigendecomposition (eigenvalue ratio
