@@ -177,4 +177,21 @@ bool commit_preconditioner(std::vector<float>& kept, const Dense& candidate) {
     return false;
 }
 
+namespace {
+
+std::vector<int> sorted_order(const std::vector<double>& values, bool descending) {
+    std::vector<int> order(values.size());
+    std::iota(order.begin(), order.end(), 0);
+    const double last = descending ? -INFINITY : INFINITY;
+    auto key = [&](int j) { return std::isnan(values[size_t(j)]) ? last : values[size_t(j)]; };
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return descending ? key(a) > key(b) : key(a) < key(b); });
+    return order;
+}
+
+}  // namespace
+
+std::vector<int> ascending_order(const std::vector<double>& values) { return sorted_order(values, false); }
+std::vector<int> descending_order(const std::vector<double>& values) { return sorted_order(values, true); }
+
 }  // namespace qopt

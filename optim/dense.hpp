@@ -51,4 +51,9 @@ bool all_finite(const Dense& a);
 // the GPU methods apply the same rule (commit_finite_tiles_gpu).
 bool commit_preconditioner(std::vector<float>& kept, const Dense& candidate);
 
+// Indices of values in ascending / descending order (stable; NaN last in both, so that a
+// non-finite estimate cannot break the sort's ordering).
+std::vector<int> ascending_order(const std::vector<double>& values);
+std::vector<int> descending_order(const std::vector<double>& values);
+
 }  // namespace qopt

@@ -128,15 +128,6 @@ SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors
     return e;
 }
 
-std::vector<int> ascending_order(const std::vector<double>& values) {
-    std::vector<int> order(values.size());
-    for (size_t j = 0; j < order.size(); ++j) order[j] = int(j);
-    // NaN sorts last (a non-finite factor's root is not taken anyway).
-    auto key = [&](int j) { return std::isnan(values[size_t(j)]) ? INFINITY : values[size_t(j)]; };
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) < key(b); });
-    return order;
-}
-
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
                         double lr, double weight_decay, long step, const ShampooConfig& c,
                         EigenRefreshCounts* counts) {

@@ -95,8 +95,6 @@ bool eigenbasis_within_tolerance(const Dense& b, double tolerance);
 // counts (if given) adds this factor to the eigh path's tally.
 SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c,
                                        EigenRefreshCounts* counts = nullptr);
-// Indices of values in ascending order (stable; NaN last).
-std::vector<int> ascending_order(const std::vector<double>& values);
 
 // step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
 // (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).

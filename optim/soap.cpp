@@ -54,9 +54,9 @@ Dense soap_initial_basis(const Dense& factor) { return symmetric_eigen(factor).v
 Dense soap_refresh_basis(const Dense& factor, const Dense& basis, std::vector<int>& order) {
     const int n = factor.rows;
     const Dense projected = matmul(basis, matmul(factor, basis), true, false);  // Q^T L Q
-    order.resize(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return projected(a, a) > projected(b, b); });
+    std::vector<double> estimates(static_cast<size_t>(n));
+    for (int j = 0; j < n; ++j) estimates[size_t(j)] = projected(j, j);
+    order = descending_order(estimates);
     Dense sorted(n, n);
     for (int r = 0; r < n; ++r)
         for (int j = 0; j < n; ++j) sorted(r, j) = basis(r, order[j]);

@@ -88,6 +88,11 @@ TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangul
     }
     const Dense rhs = random_dense(4, 6, gen);
     CHECK(max_abs_diff(matmul(solve_upper_right(rhs, u), u), rhs) < 1e-12);
+
+    // Orders: stable (the two 2s keep their order), NaN last both ways.
+    const std::vector<double> values = {2.0, NAN, 3.0, 2.0, -1.0};
+    CHECK(ascending_order(values) == std::vector<int>{4, 0, 3, 2, 1});
+    CHECK(descending_order(values) == std::vector<int>{2, 0, 3, 4, 1});
 }
 
 TEST_CASE("Scion LMOs have the stated norms; the constrained step by hand") {
