@@ -187,18 +187,27 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
 void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
-// The same Q by Cholesky QR in float64 (shifted CholeskyQR3 on the unit-length columns: batched
-// GEMMs, Cholesky factorizations and triangular solves, not latency-bound like Householder's
-// one-matrix-at-a-time calls); its columns' signs make R's diagonal positive. A matrix whose
-// Gram matrix is singular (a zero or dependent column) falls back to Householder; returns how
-// many did. scratch: batch * n * n floats (the fallback's). Its own float64 work (16 n^2 bytes
-// per matrix, allocated at the first call and kept) is capped at scratch_limit_bytes: larger
-// batches go through in chunks (at the 1 GiB default: 113 matrices of 768^2, 16 of 2048^2).
+// The same Q by Cholesky QR in float64 (shifted CholeskyQR3 on the unit-length columns: GEMMs,
+// Cholesky factorizations and triangular solves over the whole batch, not latency-bound like
+// Householder's one-matrix-at-a-time calls; a matrix takes only the passes it needs: none if its
+// columns are already orthonormal, two for a well-conditioned input); its columns' signs make R's
+// diagonal positive. A matrix whose Gram matrix is singular (a zero or dependent column) falls
+// back to Householder. scratch: batch * n * n floats (the fallback's). Its own float64 work (16
+// n^2 bytes per matrix, allocated at the first call and kept) is capped at scratch_limit_bytes:
+// larger batches go through in chunks (at the 1 GiB default: 113 matrices of 768^2, 16 of 2048^2).
+struct CholeskyQrReport {
+    long matrices = 0;
+    long passes = 0;                 // Cholesky passes taken, summed over the matrices (at most 3 each)
+    long householder_fallbacks = 0;  // matrices left to Householder
+};
 constexpr size_t kCholeskyQrScratchLimit = size_t(1) << 30;
-int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch,
-                           size_t scratch_limit_bytes = kCholeskyQrScratchLimit);
-// The Q factor of a = Q R for the optimizers: Cholesky QR up to 2048^2, Householder above (where
-// the two take the same time; measured in kernels/linalg.cu). Column signs are unspecified.
+CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch,
+                                        size_t scratch_limit_bytes = kCholeskyQrScratchLimit);
+// The reports of every cholesky_q_batched_gpu call so far, summed (bench takes the difference
+// over its timed steps).
+CholeskyQrReport cholesky_qr_totals();
+// The Q factor of a = Q R for the optimizers: Cholesky QR up to 4096^2 (measured faster there),
+// Householder above (kernels/linalg.cu). Column signs are unspecified.
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);
 // Allocate now the workspaces that symmetric_eigen_batched_gpu / qr_q_batched_gpu (and its
 // Householder fallback) will need for these shapes: they are kept and shared by later calls, so

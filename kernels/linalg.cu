@@ -20,7 +20,7 @@
 // take 57, 61 and 156 ms: `bench --linalg`), so callers batch all matrices of one size into one
 // call; independent batched calls on separate streams did not overlap (measured: no gain). geqrf + orgqr take 3.1 ms (768)
 // and 4.5 ms (1024) one at a time, latency bound: on 4 worker streams 1.4 / 2.0 ms each
-// (8.8 ms for 3072; more streams do not help). So up to 2048^2 the QR is a Cholesky QR over the
+// (8.8 ms for 3072; more streams do not help). So up to 4096^2 the QR is a Cholesky QR over the
 // whole batch, which is work-bound (see kCholeskyQrMax).
 #include <cublas_v2.h>
 #include <cusolverDn.h>
@@ -52,6 +52,8 @@ namespace {
 size_t held_scratch_bytes = 0;
 // issued_matrix_flops.
 double matrix_flops_issued = 0;
+// cholesky_qr_totals.
+CholeskyQrReport cholesky_qr_totals_so_far;
 
 // A growable device scratch buffer, kept once grown.
 struct Scratch {
@@ -138,14 +140,23 @@ __global__ void reverse_values_kernel(float* out, const float* in, int n, int ba
     }
 }
 
-// Device array of pointers base + i * stride (cuBLAS's batched calls take pointer arrays).
+// Device array of pointers base + i * stride for the listed i (cuBLAS's batched calls take
+// pointer arrays).
 template <class T>
-T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
-    std::vector<T*> host(static_cast<size_t>(batch), nullptr);
-    for (int i = 0; i < batch; ++i) host[size_t(i)] = base + i * stride;
-    T** device = static_cast<T**>(storage.at_least(host.size() * sizeof(T*)));
+T** listed_pointer_array(Scratch& storage, T* base, int64_t stride, const std::vector<int>& listed) {
+    std::vector<T*> host(listed.size());
+    for (size_t k = 0; k < listed.size(); ++k) host[k] = base + listed[k] * stride;
+    T** device = static_cast<T**>(storage.at_least(std::max<size_t>(host.size(), 1) * sizeof(T*)));
     CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T*), cudaMemcpyHostToDevice));
     return device;
+}
+
+// The same for i = 0 .. batch - 1.
+template <class T>
+T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
+    std::vector<int> all(static_cast<size_t>(batch));
+    for (int i = 0; i < batch; ++i) all[size_t(i)] = i;
+    return listed_pointer_array(storage, base, stride, all);
 }
 
 }  // namespace
@@ -273,30 +284,56 @@ __global__ void double_to_float_kernel(float* out, const double* in, size_t coun
         out[i] = float(in[i]);
 }
 
-// Square matrices up to this size take the Cholesky QR. Measured on an H200, 2026-12-03,
-// `bench --linalg` (Gaussian inputs, batch of 48; 24 from 2048): ms per matrix, Cholesky QR
-// against Householder on four streams, 768^2 0.29 / 1.35, 1024^2 0.55 / 1.99, 2048^2 3.39 /
-// 4.00, 3072^2 10.2 / 7.6 (there the float64 products, factorizations and solves, ~10 n^3
-// flops, cost more than the latency Householder loses).
-constexpr int kCholeskyQrMax = 2048;
+// Square matrices up to this size take the Cholesky QR, larger ones Householder (not measured
+// there). Measured on an H200, 2026-12-03, `bench --linalg` (batch of 48; 24 from 2048, 12 at
+// 4096): ms per matrix, Householder on four streams against the Cholesky QR for Gaussian inputs
+// (two passes each) and for inputs near an orthogonal matrix (one pass), 768^2 1.45 / 0.24 /
+// 0.13, 1024^2 1.98 / 0.45 / 0.25, 2048^2 3.85 / 2.41 / 1.36, 3072^2 7.56 / 6.23 / 3.53, 4096^2
+// 12.9 / 12.4 / 7.2.
+constexpr int kCholeskyQrMax = 4096;
 
-// The Cholesky QR's float64 work for `chunk` matrices of n x n at a time: X and W, their pointer
-// arrays for the batched calls, and each pass's Cholesky infos (grown as needed).
+// From this size a pass's Gram matrix is one DSYRK per matrix (half a GEMM's multiply-adds; a
+// single call fills the GPU) and its Cholesky factorization one potrf per matrix on the worker
+// streams; below, one strided-batched DGEMM and one potrfBatched for the whole list. Measured on
+// an H200 (2026-12-03, 7 matrices, ms per matrix): Gram 1024^2 0.04 / 0.04, 2048^2 0.28 / 0.15,
+// 3072^2 0.91 / 0.48 (batched GEMM / syrk); Cholesky 0.26 / 0.39, 0.88 / 0.78, 2.05 / 1.20
+// (potrfBatched / one potrf after another). The triangular solve stays batched at every size
+// (trsmBatched 0.16, 0.51, 1.26 against one trsm after another 0.51, 1.11, 2.28).
+constexpr int kPerMatrixCholeskyMin = 2048;
+
+// A pass is skipped for a matrix whose Gram matrix W = X^T X is already the identity to
+// ||W - I||_F <= this. Skipping it leaves out X <- X R^-1 with R^T R = W = I + E, a change of
+// ~X E / 2, at most 2^-31 in Frobenius norm (X has orthonormal columns to that order): below the
+// rounding of X to fp32 at the end (~2^-25 per entry, so ||.||_F >= 2^-25 for any n).
+constexpr double kOrthonormalTolerance = 0x1p-30;
+
+// The first pass needs its shift only for a matrix that may be too ill-conditioned for a plain
+// Cholesky factorization. If ||W - I||_F <= 1/2, W's eigenvalues lie in [1/2, 3/2]: kappa(X)^2 =
+// kappa(W) <= 3, the factorization cannot break down, and one plain pass leaves X orthonormal
+// to ~u kappa(W) (a power-iteration product near the last basis, as SOAP's are during a run,
+// is done after that one pass, where the shifted pass would need a second to undo its shift).
+constexpr double kUnshiftedDeviationMax = 0.5;
+
+// The Cholesky QR's float64 work for `chunk` matrices of n x n at a time: X and W, the pointer
+// arrays of the matrices a pass works on, each pass's Cholesky infos and the Gram matrices'
+// deviation partial sums (grown as needed).
 struct CholeskyQrWork {
-    Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage;
+    Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage, deviation_storage;
     static constexpr int kPasses = 3;
+    static constexpr int kDeviationBlocks = 64;
     double* x;
     double* w;
-    double** xs;
-    double** ws;
     int* infos;
+    double* deviation_partials;
     void ensure(int n, int chunk) {
         const size_t matrix = size_t(n) * n;
         x = static_cast<double*>(x_storage.at_least(matrix * chunk * sizeof(double)));
         w = static_cast<double*>(w_storage.at_least(matrix * chunk * sizeof(double)));
-        xs = pointer_array(x_pointers, x, int64_t(matrix), chunk);
-        ws = pointer_array(w_pointers, w, int64_t(matrix), chunk);
         infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * chunk * sizeof(int)));
+        deviation_partials =
+            static_cast<double*>(deviation_storage.at_least(size_t(kDeviationBlocks) * chunk * sizeof(double)));
+        x_pointers.at_least(size_t(chunk) * sizeof(double*));
+        w_pointers.at_least(size_t(chunk) * sizeof(double*));
     }
 };
 CholeskyQrWork& cholesky_qr_work() {
@@ -310,29 +347,57 @@ int cholesky_qr_chunk(int n, int batch, size_t scratch_limit_bytes) {
     return int(std::clamp<size_t>(scratch_limit_bytes / matrix_bytes, 1, size_t(std::max(batch, 1))));
 }
 
+// ||W - I||_F^2 of column-major symmetric W from its lower triangle, for the listed matrices:
+// each of gridDim.x blocks sums every gridDim.x-th column, in a fixed order; partials[k *
+// gridDim.x + block] (added up on the host, also in a fixed order).
+__global__ void gram_deviation_partials_kernel(double* partials, double* const* ws, int n) {
+    const double* w = ws[blockIdx.y];
+    double sum = 0;
+    for (int j = blockIdx.x; j < n; j += gridDim.x)
+        for (int i = j + threadIdx.x; i < n; i += blockDim.x) {
+            const double deviation = w[size_t(j) * n + i] - (i == j ? 1.0 : 0.0);
+            sum += (i == j ? 1.0 : 2.0) * deviation * deviation;
+        }
+    __shared__ double block_sums[256];
+    block_sums[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) block_sums[threadIdx.x] += block_sums[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[size_t(blockIdx.y) * gridDim.x + blockIdx.x] = block_sums[0];
+}
+
 }  // namespace
 
-int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch, size_t scratch_limit_bytes) {
+CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch,
+                                        size_t scratch_limit_bytes) {
     // Shifted CholeskyQR3 (Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa 2020) in float64 on
-    // the unit-column copy X of a: three times W = X^T X, W = L L^T (Cholesky), X <- X L^-T.
-    // The first pass adds s = 11 (n^2 + n (n + 1)) u ||X||_F^2 to W's diagonal so that the
+    // the unit-column copy X of a: up to three times W = X^T X, W = L L^T (Cholesky), X <- X
+    // L^-T. The first pass adds s = 11 (n^2 + n (n + 1)) u ||X||_F^2 to W's diagonal so that the
     // Cholesky factorization exists for any condition number up to ~1/u (u = 2^-53; ||X||_F^2
     // <= n for unit columns); its X is then well enough conditioned for two plain passes to
-    // make it orthonormal to rounding. Row-major X is column-major X^T =: Y, so in cuBLAS's
-    // terms W = Y Y^T, and X L^-T is Y <- L^-1 Y. X and W (float64) are held for at most
-    // scratch_limit_bytes' worth of matrices at a time: the batch goes in chunks of that many.
-    if (batch <= 0) return 0;
+    // make it orthonormal to rounding. A matrix leaves the passes as soon as its W is the
+    // identity to kOrthonormalTolerance, and its first pass is plain where W is close enough to
+    // the identity (kUnshiftedDeviationMax): an input whose columns are already orthonormal takes
+    // no pass, one near an orthogonal matrix one pass, any other two or three. Row-major X is column-major X^T =: Y,
+    // so in the libraries' terms W = Y Y^T, and X L^-T is Y <- L^-1 Y. X and W (float64) are
+    // held for at most scratch_limit_bytes' worth of matrices at a time: the batch goes in
+    // chunks of that many.
+    CholeskyQrReport report;
+    if (batch <= 0) return report;
     const size_t matrix = size_t(n) * n;
     const int chunk = cholesky_qr_chunk(n, batch, scratch_limit_bytes);
     CholeskyQrWork& work = cholesky_qr_work();
     work.ensure(n, chunk);
-    double* x = work.x;
-    double* w = work.w;
-    double** xs = work.xs;
-    double** ws = work.ws;
-    int* infos = work.infos;
-    constexpr int kPasses = CholeskyQrWork::kPasses;
-    SolverWorker& worker = workers()[0];
+    constexpr int kPasses = CholeskyQrWork::kPasses, kBlocks = CholeskyQrWork::kDeviationBlocks;
+    const bool per_matrix = n >= kPerMatrixCholeskyMin;
+    std::vector<SolverWorker>& pool = workers();
+    int potrf_doubles = 0;
+    if (per_matrix) {
+        SOLVER_CHECK(cusolverDnDpotrf_bufferSize(pool[0].handle, CUBLAS_FILL_MODE_LOWER, n, work.w, n, &potrf_doubles));
+        ++potrf_doubles;
+    }
     BLAS_CHECK(cublasSetStream(blas(), 0));
     const double one = 1.0, zero = 0.0;
     const double unit_roundoff = 0x1p-53;
@@ -340,40 +405,93 @@ int cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* sc
     std::vector<int> broke_down;
     for (int first = 0; first < batch; first += chunk) {
         const int count = std::min(chunk, batch - first);
-        unit_columns_to_double_kernel<<<dim3((n + 127) / 128, count), 128>>>(x, a + first * matrix, n);
+        unit_columns_to_double_kernel<<<dim3((n + 127) / 128, count), 128>>>(work.x, a + first * matrix, n);
         CUDA_CHECK_LAUNCH();
-        SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
-        for (int pass = 0; pass < kPasses; ++pass) {
-            BLAS_CHECK(cublasDgemmStridedBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, x, n,
-                                                 int64_t(matrix), x, n, int64_t(matrix), &zero, w, n, int64_t(matrix),
-                                                 count));
-            if (pass == 0) {
-                add_to_diagonal_kernel<<<dim3((n + 255) / 256, count), 256>>>(w, n, shift);
+        std::vector<int> active(static_cast<size_t>(count));
+        for (int b = 0; b < count; ++b) active[size_t(b)] = b;
+        std::vector<std::vector<int>> factored(kPasses);  // per pass, the matrices it factored
+        for (int pass = 0; pass < kPasses && !active.empty(); ++pass) {
+            const int listed = int(active.size());
+            double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), active);
+            double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), active);
+            if (per_matrix)
+                for (int b : active)
+                    BLAS_CHECK(cublasDsyrk(blas(), CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, work.x + b * matrix,
+                                           n, &zero, work.w + b * matrix, n));
+            else
+                BLAS_CHECK(cublasDgemmBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, xs, n, xs, n, &zero,
+                                              ws, n, listed));
+            count_matrix_flops((per_matrix ? 1.0 : 2.0) * n * n * double(n) * listed);  // syrk: half a GEMM
+            // Which of them still need this pass.
+            gram_deviation_partials_kernel<<<dim3(kBlocks, listed), 256>>>(work.deviation_partials, ws, n);
+            CUDA_CHECK_LAUNCH();
+            std::vector<double> partials(size_t(kBlocks) * listed);
+            CUDA_CHECK(cudaMemcpy(partials.data(), work.deviation_partials, partials.size() * sizeof(double),
+                                  cudaMemcpyDeviceToHost));
+            std::vector<int> remaining, shifted;
+            for (int k = 0; k < listed; ++k) {
+                double sum_squares = 0;
+                for (int p = 0; p < kBlocks; ++p) sum_squares += partials[size_t(k) * kBlocks + p];
+                const double deviation = std::sqrt(sum_squares);
+                // Not "> tolerance": a NaN deviation (non-finite input) stays in the passes.
+                if (!(deviation <= kOrthonormalTolerance)) remaining.push_back(active[size_t(k)]);
+                if (pass == 0 && !(deviation <= kUnshiftedDeviationMax)) shifted.push_back(active[size_t(k)]);
+            }
+            active = remaining;
+            if (active.empty()) break;
+            const int factoring = int(active.size());
+            report.passes += factoring;
+            factored[size_t(pass)] = active;
+            ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), active);
+            xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), active);
+            for (int b : shifted) {
+                add_to_diagonal_kernel<<<dim3((n + 255) / 256, 1), 256>>>(work.w + b * matrix, n, shift);
                 CUDA_CHECK_LAUNCH();
             }
-            SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n,
-                                                 infos + pass * count, count));
+            int* infos = work.infos + size_t(pass) * chunk;
+            if (per_matrix) {
+                // Worker streams are blocking: they start after the Gram matrices, and the solve
+                // below on the default stream waits for all of them.
+                for (int k = 0; k < factoring; ++k) {
+                    SolverWorker& worker = pool[size_t(k) % pool.size()];
+                    double* potrf_work = static_cast<double*>(worker.device_work.at_least(potrf_doubles * sizeof(double)));
+                    SOLVER_CHECK(cusolverDnDpotrf(worker.handle, CUBLAS_FILL_MODE_LOWER, n,
+                                                  work.w + active[size_t(k)] * matrix, n, potrf_work, potrf_doubles,
+                                                  infos + k));
+                }
+            } else {
+                SolverWorker& worker = pool[0];
+                SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
+                SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos, factoring));
+                SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
+            }
             BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
-                                          CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, count));
-            count_matrix_flops(3.0 * n * n * double(n) * count);  // the Gram matrix 2 n^3, the solve n^3
+                                          CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, factoring));
+            count_matrix_flops(double(n) * n * n * factoring);  // the solve: n^3
         }
-        SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
-        double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, x, matrix * count);
+        double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, work.x, matrix * count);
         CUDA_CHECK_LAUNCH();
         // A Cholesky factorization that broke down (a zero or dependent column: the Gram
         // matrix is singular) leaves that matrix to Householder's QR, which completes any basis.
-        std::vector<int> host_infos(size_t(kPasses) * count);
-        CUDA_CHECK(cudaMemcpy(host_infos.data(), infos, host_infos.size() * sizeof(int), cudaMemcpyDeviceToHost));
+        std::vector<int> host_infos(size_t(kPasses) * chunk);
+        CUDA_CHECK(cudaMemcpy(host_infos.data(), work.infos, host_infos.size() * sizeof(int), cudaMemcpyDeviceToHost));
+        std::vector<bool> failed(static_cast<size_t>(count), false);
+        for (int pass = 0; pass < kPasses; ++pass)
+            for (size_t k = 0; k < factored[size_t(pass)].size(); ++k)
+                if (host_infos[size_t(pass) * chunk + k] != 0) failed[size_t(factored[size_t(pass)][k])] = true;
         for (int b = 0; b < count; ++b)
-            for (int pass = 0; pass < kPasses; ++pass)
-                if (host_infos[size_t(pass) * count + b] != 0) {
-                    broke_down.push_back(first + b);
-                    break;
-                }
+            if (failed[size_t(b)]) broke_down.push_back(first + b);
     }
     if (!broke_down.empty()) householder_q_selected(q, a, n, broke_down, scratch);
-    return int(broke_down.size());
+    report.matrices = batch;
+    report.householder_fallbacks = long(broke_down.size());
+    cholesky_qr_totals_so_far.matrices += report.matrices;
+    cholesky_qr_totals_so_far.passes += report.passes;
+    cholesky_qr_totals_so_far.householder_fallbacks += report.householder_fallbacks;
+    return report;
 }
+
+CholeskyQrReport cholesky_qr_totals() { return cholesky_qr_totals_so_far; }
 
 void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch) {
     if (batch > 0) eigen_work(workers()[0], n, batch, scratch);
@@ -383,7 +501,15 @@ void reserve_qr_q_gpu(int n, int batch, float* scratch) {
     if (batch <= 0) return;
     // Householder on every worker (above kCholeskyQrMax, or the Cholesky QR's fallback).
     for (SolverWorker& w : workers()) householder_work(w, n, scratch);
-    if (n <= kCholeskyQrMax) cholesky_qr_work().ensure(n, cholesky_qr_chunk(n, batch, kCholeskyQrScratchLimit));
+    if (n <= kCholeskyQrMax) {
+        cholesky_qr_work().ensure(n, cholesky_qr_chunk(n, batch, kCholeskyQrScratchLimit));
+        if (n >= kPerMatrixCholeskyMin) {  // one potrf per matrix on every worker
+            int potrf_doubles = 0;
+            SOLVER_CHECK(cusolverDnDpotrf_bufferSize(workers()[0].handle, CUBLAS_FILL_MODE_LOWER, n,
+                                                     cholesky_qr_work().w, n, &potrf_doubles));
+            for (SolverWorker& w : workers()) w.device_work.at_least((potrf_doubles + 1) * sizeof(double));
+        }
+    }
     blas();
 }
 

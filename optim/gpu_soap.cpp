@@ -4,10 +4,10 @@
 // the weight update (one pass). Every precondition_frequency updates: M back to parameter
 // space and into the new bases (4 GEMMs), and per factor one power-iteration step L Q (a GEMM),
 // the eigenvalue estimates diag(Q^T L Q) (sorted on the host, as the reference sorts them) and
-// a QR (Cholesky QR in float64 for factors up to 2048, batched; Householder above: the
-// reference's torch.linalg.qr is Householder, and the two Q differ only in their columns'
-// signs, to which SOAP's update is blind: the first moment goes through parameter space at
-// every refresh and the second is a square). The first call takes full eigendecompositions
+// a QR (qr_q_batched_gpu: Cholesky QR in float64, batched; the reference's torch.linalg.qr is
+// Householder, and the two Q differ only in their columns' signs, to which SOAP's update is
+// blind: the first moment goes through parameter space at every refresh and the second is a
+// square). The first call takes full eigendecompositions
 // (cuSOLVER, batched).
 #include <algorithm>
 #include <cmath>
@@ -15,6 +15,7 @@
 
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
+#include "optim/dense.hpp"
 #include "optim/gpu_matrix_method.hpp"
 #include "optim/preconditioner_kernels.hpp"
 
@@ -167,12 +168,12 @@ private:
         column_dots_gpu(values_.data(), basis, projected, n, count);
         std::vector<float> diag(size_t(n) * count);
         CUDA_CHECK(cudaMemcpy(diag.data(), values_.data(), diag.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        std::vector<int> host_order(size_t(n) * count);
+        std::vector<int> host_order;
+        host_order.reserve(size_t(n) * count);
         for (int t = 0; t < count; ++t) {
-            int* o = host_order.data() + size_t(t) * n;
-            const float* d = diag.data() + size_t(t) * n;
-            std::iota(o, o + n, 0);
-            std::stable_sort(o, o + n, [&](int a, int b) { return d[a] > d[b]; });
+            const std::vector<double> estimates(diag.begin() + long(size_t(t) * n), diag.begin() + long(size_t(t + 1) * n));
+            const std::vector<int> o = descending_order(estimates);
+            host_order.insert(host_order.end(), o.begin(), o.end());
         }
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);

@@ -5,6 +5,8 @@
 // optim/dense.hpp.
 #include <algorithm>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <tuple>
 
@@ -610,7 +612,10 @@ TEST_CASE("GPU Cholesky QR gives the CPU reference's Householder Q up to signs, 
         }
         const int batch = int(inputs.size());
         auto d_a = uploaded(host), q = poisoned<float>(host.size()), scratch = poisoned<float>(host.size());
-        CHECK(cholesky_q_batched_gpu(q.data(), d_a.data(), n, batch, scratch.data()) == 0);  // no fallback needed
+        const CholeskyQrReport report = cholesky_q_batched_gpu(q.data(), d_a.data(), n, batch, scratch.data());
+        CHECK(report.householder_fallbacks == 0);  // none needed
+        CHECK(report.passes <= 3 * batch);
+        MESSAGE("n " << n << ": " << report.passes << " Cholesky passes for the " << batch << " matrices");
         const std::vector<float> gq = q.download();
         for (int b = 0; b < batch; ++b) {
             CAPTURE(b);
@@ -636,7 +641,8 @@ TEST_CASE("GPU Cholesky QR gives the CPU reference's Householder Q up to signs, 
         const size_t one_matrix = 2 * size_t(n) * n * sizeof(double);
         auto d_mixed = uploaded(mixed), q_mixed = poisoned<float>(mixed.size());
         auto mixed_scratch = poisoned<float>(mixed.size());
-        CHECK(cholesky_q_batched_gpu(q_mixed.data(), d_mixed.data(), n, 3, mixed_scratch.data(), one_matrix) == 1);
+        CHECK(cholesky_q_batched_gpu(q_mixed.data(), d_mixed.data(), n, 3, mixed_scratch.data(), one_matrix)
+                  .householder_fallbacks == 1);
         const std::vector<float> gq_mixed = q_mixed.download();
         CHECK(max_difference_up_to_column_signs(from_floats(gq_mixed, 0, n, n), householder_q(inputs[0]), n) < 1e-5);
         CHECK(max_difference_up_to_column_signs(from_floats(gq_mixed, 2 * size_t(n) * n, n, n), householder_q(inputs[1]),
@@ -644,6 +650,42 @@ TEST_CASE("GPU Cholesky QR gives the CPU reference's Householder Q up to signs, 
         const QrDefects d = qr_defects(from_floats(gq_mixed, size_t(n) * n, n, n), with_zero);
         CHECK(d.orthogonality < 1e-4);  // fp32 Householder
         CHECK(d.triangularity < 1e-4);
+    }
+}
+
+TEST_CASE("GPU Cholesky QR takes only the passes a matrix needs: none for orthonormal columns, one near them") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (int n : {1, 7, 64, 200}) {
+        CAPTURE(n);
+        // A permutation matrix (exactly orthonormal columns): no pass, Q is the input.
+        Dense permutation(n, n);
+        std::vector<int> rows(static_cast<size_t>(n));
+        std::iota(rows.begin(), rows.end(), 0);
+        std::shuffle(rows.begin(), rows.end(), gen);
+        for (int j = 0; j < n; ++j) permutation(rows[size_t(j)], j) = 1;
+        const std::vector<float> exact = to_floats(permutation);
+        auto d_exact = uploaded(exact), q = poisoned<float>(exact.size()), scratch = poisoned<float>(exact.size());
+        const CholeskyQrReport none = cholesky_q_batched_gpu(q.data(), d_exact.data(), n, 1, scratch.data());
+        CHECK(none.passes == 0);
+        CHECK(q.download() == exact);
+        // An orthogonal matrix with relative noise 1e-4, as SOAP's power-iteration products
+        // are near the last basis: one plain pass.
+        Dense near = householder_q(random_matrix(n, n, gen));
+        const Dense noise = random_matrix(n, n, gen);
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) near(i, j) += 1e-4 * noise(i, j) / std::sqrt(double(n));
+        const std::vector<float> near_floats = to_floats(near);
+        near = from_floats(near_floats, 0, n, n);
+        auto d_near = uploaded(near_floats);
+        const CholeskyQrReport few = cholesky_q_batched_gpu(q.data(), d_near.data(), n, 1, scratch.data());
+        MESSAGE("n " << n << ": " << few.passes << " passes near an orthogonal matrix");
+        CHECK(few.passes == (n > 1 ? 1 : 0));  // a single column is unit length already
+        const Dense gpu_q = from_floats(q.download(), 0, n, n);
+        CHECK(qr_defects(gpu_q, near).orthogonality < 1e-6);
+        CHECK(max_difference_up_to_column_signs(gpu_q, householder_q(near), n) < 1e-5);
     }
 }
 

@@ -171,6 +171,7 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     std::vector<int> inputs(N), targets(N);
     Timer timer;
     std::vector<double> forward_ms, backward_ms, optimizer_ms, step_ms, optimizer_flops;
+    CholeskyQrReport qr_before = cholesky_qr_totals();  // taken again at the first timed step
     double loss = 0;
     for (int step = 0; step < warmup + steps; ++step) {
         for (size_t i = 0; i < N; ++i) inputs[i] = int(gen() % uint64_t(config.vocab_size));
@@ -189,6 +190,7 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
         global_norm_gpu(norm.data(), model.grads_device(), model.layout().total);
         const float grad_norm = norm.download()[0];
         const double flops_before = issued_matrix_flops();
+        if (step == warmup) qr_before = cholesky_qr_totals();
         optimizer.step(model.params_device(), model.grads_device(), lr, grad_norm > 1.0f ? 1.0 / grad_norm : 1.0,
                        model.compute_weights_device());
         const double o = timer.stop();
@@ -237,6 +239,12 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
                     rate, 100.0 * rate / f32_peak_tflops, f32_peak_tflops,
                     optimizer_config.precond_tf32 ? "; TF32 products can run above it" : "");
     }
+    const CholeskyQrReport qr_after = cholesky_qr_totals();
+    const long qr_matrices = qr_after.matrices - qr_before.matrices;
+    if (qr_matrices > 0)
+        std::printf(" | %ld Cholesky QRs, %.2f passes each, %ld to Householder", qr_matrices,
+                    double(qr_after.passes - qr_before.passes) / double(qr_matrices),
+                    qr_after.householder_fallbacks - qr_before.householder_fallbacks);
     const EigenRefreshCounts refreshes = optimizer.eigen_refreshes();
     if (refreshes.kept + refreshes.decomposed > 0)
         std::printf(" | %ld of %ld factor refreshes kept the eigenbasis", refreshes.kept,
@@ -462,9 +470,9 @@ void bench_linalg() {
             std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms\n", n, k, batch,
                         gemm, syrk);
         }
-    for (int n : {768, 1024, 2048, 3072})
+    for (int n : {768, 1024, 2048, 3072, 4096})
         for (int requested : {1, 12, 48}) {
-            const int batch = n > 1024 ? std::min(requested, 24) : requested;  // 24 of 2048^2 and more
+            const int batch = std::min(requested, n > 3072 ? 12 : n > 1024 ? 24 : 48);  // fewer of the large ones
             const size_t floats = size_t(n) * n * batch;
             DeviceBuffer<float> a(floats), q(floats), scratch(floats);
             // Gaussian entries: full rank, as SOAP's power-iteration products are in practice.
@@ -474,12 +482,22 @@ void bench_linalg() {
             for (float& x : host) x = normal(generator);
             a.upload(host);
             const double householder = time([&] { householder_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
-            int fallbacks = 0;
-            const double cholesky =
-                time([&] { fallbacks = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            CholeskyQrReport report;
+            const double cholesky = time([&] { report = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
+            // Near an orthogonal matrix (its Q plus noise of relative size 1e-3), as SOAP's
+            // power-iteration products L Q are near the last basis Q during a run.
+            std::vector<float> near = q.download();
+            for (size_t i = 0; i < floats; ++i) near[i] += 1e-3f * host[i] / std::sqrt(float(n));
+            a.upload(near);
+            CholeskyQrReport near_report;
+            const double cholesky_near =
+                time([&] { near_report = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
             std::printf("QR %4d^2 x %3d: Householder %8.2f ms (%.2f ms per matrix), Cholesky QR (float64) %8.2f ms "
-                        "(%.2f ms per matrix; %d fell back to Householder)\n",
-                        n, batch, householder, householder / batch, cholesky, cholesky / batch, fallbacks);
+                        "(%.2f ms per matrix, %.1f passes each; %ld fell back to Householder); near an orthogonal "
+                        "matrix: %.2f ms per matrix, %.1f passes each\n",
+                        n, batch, householder, householder / batch, cholesky, cholesky / batch,
+                        double(report.passes) / batch, report.householder_fallbacks, cholesky_near / batch,
+                        double(near_report.passes) / batch);
         }
     bench_psgd_products();
     std::fflush(stdout);
