@@ -308,11 +308,12 @@ constexpr int kPerMatrixCholeskyMin = 2048;
 constexpr double kOrthonormalTolerance = 0x1p-30;
 
 // The first pass needs its shift only for a matrix that may be too ill-conditioned for a plain
-// Cholesky factorization. If ||W - I||_F <= 1/2, W's eigenvalues lie in [1/2, 3/2]: kappa(X)^2 =
-// kappa(W) <= 3, the factorization cannot break down, and one plain pass leaves X orthonormal
-// to ~u kappa(W) (a power-iteration product near the last basis, as SOAP's are during a run,
-// is done after that one pass, where the shifted pass would need a second to undo its shift).
-constexpr double kUnshiftedDeviationMax = 0.5;
+// Cholesky factorization. If ||W - I||_F <= d < 1, W's eigenvalues lie in [1 - d, 1 + d]:
+// kappa(X)^2 = kappa(W) <= (1 + d) / (1 - d), here < 2^11, the factorization cannot break down,
+// and one plain pass leaves X orthonormal to ~u kappa(W) (a power-iteration product near the last
+// basis is done after that one pass, where the shifted pass would need a second to undo its
+// shift). Beyond 1 the Frobenius norm bounds nothing, so the shift stays.
+constexpr double kUnshiftedDeviationMax = 1.0 - 0x1p-10;
 
 // The Cholesky QR's float64 work for `chunk` matrices of n x n at a time: X and W, the pointer
 // arrays of the matrices a pass works on, each pass's Cholesky infos and the Gram matrices'
