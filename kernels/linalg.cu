@@ -369,6 +369,79 @@ __global__ void gram_deviation_partials_kernel(double* partials, double* const* 
     if (threadIdx.x == 0) partials[size_t(blockIdx.y) * gridDim.x + blockIdx.x] = block_sums[0];
 }
 
+// W = X^T X for the listed matrices of the work (lower triangle at least): one strided DGEMM
+// over the list, or from kPerMatrixCholeskyMin one DSYRK per matrix.
+void gram_matrices(CholeskyQrWork& work, int n, const std::vector<int>& listed, bool per_matrix) {
+    const size_t matrix = size_t(n) * n;
+    const double one = 1.0, zero = 0.0;
+    if (per_matrix) {
+        for (int b : listed)
+            BLAS_CHECK(cublasDsyrk(blas(), CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, work.x + b * matrix, n,
+                                   &zero, work.w + b * matrix, n));
+    } else {
+        double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
+        double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), listed);
+        BLAS_CHECK(cublasDgemmBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, xs, n, xs, n, &zero, ws, n,
+                                      int(listed.size())));
+    }
+    count_matrix_flops((per_matrix ? 1.0 : 2.0) * n * n * double(n) * listed.size());  // syrk: half a GEMM
+}
+
+// ||W - I||_F of the listed matrices' Gram matrices.
+std::vector<double> gram_deviations(CholeskyQrWork& work, int n, const std::vector<int>& listed) {
+    constexpr int kBlocks = CholeskyQrWork::kDeviationBlocks;
+    const int count = int(listed.size());
+    double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(n) * n, listed);
+    gram_deviation_partials_kernel<<<dim3(kBlocks, count), 256>>>(work.deviation_partials, ws, n);
+    CUDA_CHECK_LAUNCH();
+    std::vector<double> partials(size_t(kBlocks) * count);
+    CUDA_CHECK(cudaMemcpy(partials.data(), work.deviation_partials, partials.size() * sizeof(double),
+                          cudaMemcpyDeviceToHost));
+    std::vector<double> deviations(static_cast<size_t>(count));
+    for (int k = 0; k < count; ++k) {
+        double sum_squares = 0;
+        for (int p = 0; p < kBlocks; ++p) sum_squares += partials[size_t(k) * kBlocks + p];
+        deviations[size_t(k)] = std::sqrt(sum_squares);
+    }
+    return deviations;
+}
+
+// W = L L^T in place for the listed matrices, infos[k] for the k-th: one potrfBatched, or from
+// kPerMatrixCholeskyMin one potrf per matrix on the worker streams (blocking streams: they start
+// after the Gram matrices, and the default stream's next call waits for all of them).
+void cholesky_factors(CholeskyQrWork& work, int n, const std::vector<int>& listed, bool per_matrix, int* infos) {
+    const size_t matrix = size_t(n) * n;
+    std::vector<SolverWorker>& pool = workers();
+    if (per_matrix) {
+        int potrf_doubles = 0;
+        SOLVER_CHECK(cusolverDnDpotrf_bufferSize(pool[0].handle, CUBLAS_FILL_MODE_LOWER, n, work.w, n, &potrf_doubles));
+        ++potrf_doubles;
+        for (size_t k = 0; k < listed.size(); ++k) {
+            SolverWorker& worker = pool[k % pool.size()];
+            double* potrf_work = static_cast<double*>(worker.device_work.at_least(potrf_doubles * sizeof(double)));
+            SOLVER_CHECK(cusolverDnDpotrf(worker.handle, CUBLAS_FILL_MODE_LOWER, n, work.w + listed[k] * matrix, n,
+                                          potrf_work, potrf_doubles, infos + k));
+        }
+    } else {
+        double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
+        SolverWorker& worker = pool[0];
+        SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
+        SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos, int(listed.size())));
+        SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
+    }
+}
+
+// X <- X L^-T (column-major: Y <- L^-1 Y) for the listed matrices, one batched solve.
+void solve_with_factors(CholeskyQrWork& work, int n, const std::vector<int>& listed) {
+    const size_t matrix = size_t(n) * n;
+    double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
+    double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), listed);
+    const double one = 1.0;
+    BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
+                                  n, n, &one, ws, n, xs, n, int(listed.size())));
+    count_matrix_flops(double(n) * n * n * listed.size());  // the solve: n^3
+}
+
 }  // namespace
 
 CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch,
@@ -391,16 +464,9 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
     const int chunk = cholesky_qr_chunk(n, batch, scratch_limit_bytes);
     CholeskyQrWork& work = cholesky_qr_work();
     work.ensure(n, chunk);
-    constexpr int kPasses = CholeskyQrWork::kPasses, kBlocks = CholeskyQrWork::kDeviationBlocks;
+    constexpr int kPasses = CholeskyQrWork::kPasses;
     const bool per_matrix = n >= kPerMatrixCholeskyMin;
-    std::vector<SolverWorker>& pool = workers();
-    int potrf_doubles = 0;
-    if (per_matrix) {
-        SOLVER_CHECK(cusolverDnDpotrf_bufferSize(pool[0].handle, CUBLAS_FILL_MODE_LOWER, n, work.w, n, &potrf_doubles));
-        ++potrf_doubles;
-    }
     BLAS_CHECK(cublasSetStream(blas(), 0));
-    const double one = 1.0, zero = 0.0;
     const double unit_roundoff = 0x1p-53;
     const double shift = 11.0 * (double(n) * n + double(n) * (n + 1)) * unit_roundoff * n;
     std::vector<int> broke_down;
@@ -412,63 +478,25 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
         for (int b = 0; b < count; ++b) active[size_t(b)] = b;
         std::vector<std::vector<int>> factored(kPasses);  // per pass, the matrices it factored
         for (int pass = 0; pass < kPasses && !active.empty(); ++pass) {
-            const int listed = int(active.size());
-            double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), active);
-            double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), active);
-            if (per_matrix)
-                for (int b : active)
-                    BLAS_CHECK(cublasDsyrk(blas(), CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, work.x + b * matrix,
-                                           n, &zero, work.w + b * matrix, n));
-            else
-                BLAS_CHECK(cublasDgemmBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, xs, n, xs, n, &zero,
-                                              ws, n, listed));
-            count_matrix_flops((per_matrix ? 1.0 : 2.0) * n * n * double(n) * listed);  // syrk: half a GEMM
-            // Which of them still need this pass.
-            gram_deviation_partials_kernel<<<dim3(kBlocks, listed), 256>>>(work.deviation_partials, ws, n);
-            CUDA_CHECK_LAUNCH();
-            std::vector<double> partials(size_t(kBlocks) * listed);
-            CUDA_CHECK(cudaMemcpy(partials.data(), work.deviation_partials, partials.size() * sizeof(double),
-                                  cudaMemcpyDeviceToHost));
-            std::vector<int> remaining, shifted;
-            for (int k = 0; k < listed; ++k) {
-                double sum_squares = 0;
-                for (int p = 0; p < kBlocks; ++p) sum_squares += partials[size_t(k) * kBlocks + p];
-                const double deviation = std::sqrt(sum_squares);
+            gram_matrices(work, n, active, per_matrix);
+            // Which of them still need this pass, and (first pass) which need its shift.
+            const std::vector<double> deviations = gram_deviations(work, n, active);
+            std::vector<int> remaining;
+            for (size_t k = 0; k < active.size(); ++k) {
                 // Not "> tolerance": a NaN deviation (non-finite input) stays in the passes.
-                if (!(deviation <= kOrthonormalTolerance)) remaining.push_back(active[size_t(k)]);
-                if (pass == 0 && !(deviation <= kUnshiftedDeviationMax)) shifted.push_back(active[size_t(k)]);
+                if (deviations[k] <= kOrthonormalTolerance) continue;
+                remaining.push_back(active[k]);
+                if (pass == 0 && !(deviations[k] <= kUnshiftedDeviationMax)) {
+                    add_to_diagonal_kernel<<<dim3((n + 255) / 256, 1), 256>>>(work.w + active[k] * matrix, n, shift);
+                    CUDA_CHECK_LAUNCH();
+                }
             }
             active = remaining;
             if (active.empty()) break;
-            const int factoring = int(active.size());
-            report.passes += factoring;
+            report.passes += long(active.size());
             factored[size_t(pass)] = active;
-            ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), active);
-            xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), active);
-            for (int b : shifted) {
-                add_to_diagonal_kernel<<<dim3((n + 255) / 256, 1), 256>>>(work.w + b * matrix, n, shift);
-                CUDA_CHECK_LAUNCH();
-            }
-            int* infos = work.infos + size_t(pass) * chunk;
-            if (per_matrix) {
-                // Worker streams are blocking: they start after the Gram matrices, and the solve
-                // below on the default stream waits for all of them.
-                for (int k = 0; k < factoring; ++k) {
-                    SolverWorker& worker = pool[size_t(k) % pool.size()];
-                    double* potrf_work = static_cast<double*>(worker.device_work.at_least(potrf_doubles * sizeof(double)));
-                    SOLVER_CHECK(cusolverDnDpotrf(worker.handle, CUBLAS_FILL_MODE_LOWER, n,
-                                                  work.w + active[size_t(k)] * matrix, n, potrf_work, potrf_doubles,
-                                                  infos + k));
-                }
-            } else {
-                SolverWorker& worker = pool[0];
-                SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
-                SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos, factoring));
-                SOLVER_CHECK(cusolverDnSetStream(worker.handle, worker.stream));
-            }
-            BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N,
-                                          CUBLAS_DIAG_NON_UNIT, n, n, &one, ws, n, xs, n, factoring));
-            count_matrix_flops(double(n) * n * n * factoring);  // the solve: n^3
+            cholesky_factors(work, n, active, per_matrix, work.infos + size_t(pass) * chunk);
+            solve_with_factors(work, n, active);
         }
         double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, work.x, matrix * count);
         CUDA_CHECK_LAUNCH();
