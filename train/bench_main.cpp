@@ -566,7 +566,8 @@ int main(int argc, char** argv) {
     bool linalg = false;
     app.add_flag("--linalg", linalg,
                  "also time the optimizers' factor statistics (batched GEMM, syrk), batched eigendecomposition and QRs "
-                 "(Householder, Cholesky QR) at gpt2-124m's factor sizes over several batch sizes, and PSGD's "
+                 "(Householder, Cholesky QR with its passes per matrix) at gpt2-124m's factor sizes (QRs up to 4096) "
+                 "over several batch sizes, and PSGD's "
                  "triangular products (dense GEMM, blocked) and solves");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
