@@ -342,6 +342,19 @@ CholeskyQrWork& cholesky_qr_work() {
     return instance;
 }
 
+// potrf's float64 workspace on worker w for an n x n matrix (grown as needed; shared by the
+// Cholesky QR's per-matrix factorizations and their reservation).
+struct PotrfWork {
+    double* device;
+    int doubles;
+};
+PotrfWork potrf_work(SolverWorker& w, int n, double* matrix) {
+    int doubles = 0;
+    SOLVER_CHECK(cusolverDnDpotrf_bufferSize(w.handle, CUBLAS_FILL_MODE_LOWER, n, matrix, n, &doubles));
+    ++doubles;
+    return {static_cast<double*>(w.device_work.at_least(size_t(doubles) * sizeof(double))), doubles};
+}
+
 // Matrices per chunk: as many as fit in the limit (two n x n float64 each), at least one.
 int cholesky_qr_chunk(int n, int batch, size_t scratch_limit_bytes) {
     const size_t matrix_bytes = 2 * size_t(n) * n * sizeof(double);
@@ -413,14 +426,11 @@ void cholesky_factors(CholeskyQrWork& work, int n, const std::vector<int>& liste
     const size_t matrix = size_t(n) * n;
     std::vector<SolverWorker>& pool = workers();
     if (per_matrix) {
-        int potrf_doubles = 0;
-        SOLVER_CHECK(cusolverDnDpotrf_bufferSize(pool[0].handle, CUBLAS_FILL_MODE_LOWER, n, work.w, n, &potrf_doubles));
-        ++potrf_doubles;
         for (size_t k = 0; k < listed.size(); ++k) {
             SolverWorker& worker = pool[k % pool.size()];
-            double* potrf_work = static_cast<double*>(worker.device_work.at_least(potrf_doubles * sizeof(double)));
+            const PotrfWork potrf = potrf_work(worker, n, work.w);
             SOLVER_CHECK(cusolverDnDpotrf(worker.handle, CUBLAS_FILL_MODE_LOWER, n, work.w + listed[k] * matrix, n,
-                                          potrf_work, potrf_doubles, infos + k));
+                                          potrf.device, potrf.doubles, infos + k));
         }
     } else {
         double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
@@ -532,12 +542,8 @@ void reserve_qr_q_gpu(int n, int batch, float* scratch) {
     for (SolverWorker& w : workers()) householder_work(w, n, scratch);
     if (n <= kCholeskyQrMax) {
         cholesky_qr_work().ensure(n, cholesky_qr_chunk(n, batch, kCholeskyQrScratchLimit));
-        if (n >= kPerMatrixCholeskyMin) {  // one potrf per matrix on every worker
-            int potrf_doubles = 0;
-            SOLVER_CHECK(cusolverDnDpotrf_bufferSize(workers()[0].handle, CUBLAS_FILL_MODE_LOWER, n,
-                                                     cholesky_qr_work().w, n, &potrf_doubles));
-            for (SolverWorker& w : workers()) w.device_work.at_least((potrf_doubles + 1) * sizeof(double));
-        }
+        if (n >= kPerMatrixCholeskyMin)  // one potrf per matrix on every worker
+            for (SolverWorker& w : workers()) potrf_work(w, n, cholesky_qr_work().w);
     }
     blas();
 }

@@ -194,4 +194,17 @@ std::vector<int> sorted_order(const std::vector<double>& values, bool descending
 std::vector<int> ascending_order(const std::vector<double>& values) { return sorted_order(values, false); }
 std::vector<int> descending_order(const std::vector<double>& values) { return sorted_order(values, true); }
 
+std::vector<int> orders_per_matrix(const std::vector<float>& values, int n, bool descending) {
+    QOPT_CHECK(n > 0 && values.size() % size_t(n) == 0, "orders_per_matrix: ", values.size(),
+               " values are not whole matrices of ", n);
+    std::vector<int> orders;
+    orders.reserve(values.size());
+    for (size_t first = 0; first < values.size(); first += size_t(n)) {
+        const std::vector<double> one(values.begin() + long(first), values.begin() + long(first + size_t(n)));
+        const std::vector<int> order = sorted_order(one, descending);
+        orders.insert(orders.end(), order.begin(), order.end());
+    }
+    return orders;
+}
+
 }  // namespace qopt

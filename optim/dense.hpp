@@ -55,5 +55,8 @@ bool commit_preconditioner(std::vector<float>& kept, const Dense& candidate);
 // non-finite estimate cannot break the sort's ordering).
 std::vector<int> ascending_order(const std::vector<double>& values);
 std::vector<int> descending_order(const std::vector<double>& values);
+// The same for each of the matrices' values held back to back, n each (as the GPU methods
+// download them): the orders concatenated, each indexing its own matrix's n values.
+std::vector<int> orders_per_matrix(const std::vector<float>& values, int n, bool descending);
 
 }  // namespace qopt

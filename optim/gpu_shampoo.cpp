@@ -207,20 +207,13 @@ private:
     }
 
     // The QR path's last step, as the CPU's: each matrix's (values, vector columns) sorted by
-    // ascending value (stable), on the host as SOAP's sort (ascending_order), then permuted here.
+    // ascending value (stable), on the host as SOAP's sort (orders_per_matrix), then permuted here.
     void sort_ascending(float* vectors, int n, int total) {
-        const std::vector<float> values = values_.download();
-        std::vector<float> sorted(size_t(n) * total);
-        std::vector<int> order(size_t(n) * total);
-        std::vector<double> one(static_cast<size_t>(n));
-        for (size_t t = 0; t < size_t(total); ++t) {
-            for (size_t j = 0; j < size_t(n); ++j) one[j] = values[t * n + j];
-            const std::vector<int> o = ascending_order(one);
-            for (size_t j = 0; j < size_t(n); ++j) {
-                order[t * n + j] = o[j];
-                sorted[t * n + j] = values[t * n + size_t(o[j])];
-            }
-        }
+        std::vector<float> values = values_.download();
+        values.resize(size_t(n) * total);  // the buffer may hold more (a larger size's batch)
+        const std::vector<int> order = orders_per_matrix(values, n, false);
+        std::vector<float> sorted(values.size());
+        for (size_t i = 0; i < sorted.size(); ++i) sorted[i] = values[i - i % size_t(n) + size_t(order[i])];
         orders_.upload_prefix(order);
         values_.upload_prefix(sorted);
         permute_columns_gpu(merged_extra_.data(), vectors, orders_.data(), n, total);

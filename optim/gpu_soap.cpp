@@ -168,13 +168,7 @@ private:
         column_dots_gpu(values_.data(), basis, projected, n, count);
         std::vector<float> diag(size_t(n) * count);
         CUDA_CHECK(cudaMemcpy(diag.data(), values_.data(), diag.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        std::vector<int> host_order;
-        host_order.reserve(size_t(n) * count);
-        for (int t = 0; t < count; ++t) {
-            const std::vector<double> estimates(diag.begin() + long(size_t(t) * n), diag.begin() + long(size_t(t + 1) * n));
-            const std::vector<int> o = descending_order(estimates);
-            host_order.insert(host_order.end(), o.begin(), o.end());
-        }
+        const std::vector<int> host_order = orders_per_matrix(diag, n, true);
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
         qr_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());

@@ -93,6 +93,11 @@ TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangul
     const std::vector<double> values = {2.0, NAN, 3.0, 2.0, -1.0};
     CHECK(ascending_order(values) == std::vector<int>{4, 0, 3, 2, 1});
     CHECK(descending_order(values) == std::vector<int>{2, 0, 3, 4, 1});
+    // Per matrix (two of three values, as the GPU methods download them): each order indexes its
+    // own matrix.
+    CHECK(orders_per_matrix({1.0f, 3.0f, 2.0f, NAN, 0.0f, 5.0f}, 3, false) == std::vector<int>{0, 2, 1, 1, 2, 0});
+    CHECK(orders_per_matrix({1.0f, 3.0f, 2.0f, NAN, 0.0f, 5.0f}, 3, true) == std::vector<int>{1, 2, 0, 2, 1, 0});
+    CHECK_THROWS_AS(orders_per_matrix({1.0f, 2.0f}, 3, true), Error);
 }
 
 TEST_CASE("Scion LMOs have the stated norms; the constrained step by hand") {
