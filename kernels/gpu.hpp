@@ -45,6 +45,7 @@ public:
     void upload(const std::vector<T>& host);         // resizes to host.size()
     void upload_prefix(const std::vector<T>& host);  // into the first host.size() elements (no resize)
     std::vector<T> download() const;
+    std::vector<T> download_prefix(size_t count) const;  // the first count elements
     void fill_bytes(unsigned char byte);  // e.g. 0xFF poisons bf16/fp32 with NaNs
 
 private:
@@ -184,6 +185,11 @@ void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const floa
 // (as symmetric_eigen; only the lower triangle of a is read). a may be scratch itself (then it
 // is overwritten).
 void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch);
+// The same for the listed matrices of the batch only (increasing indices), in one batched call
+// over the list: their vectors and values land at their places in the batch; the other places of
+// vectors and values are used as work (unspecified afterwards). a may be scratch itself.
+void symmetric_eigen_listed_gpu(float* vectors, float* values, const float* a, int n, int batch,
+                                const std::vector<int>& listed, float* scratch);
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
 void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);

@@ -35,6 +35,14 @@ std::vector<T> DeviceBuffer<T>::download() const {
 }
 
 template <typename T>
+std::vector<T> DeviceBuffer<T>::download_prefix(size_t count) const {
+    QOPT_CHECK(count <= count_, "download_prefix: ", count, " values from a buffer of ", count_);
+    std::vector<T> host(count);
+    CUDA_CHECK(cudaMemcpy(host.data(), data_, count * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+}
+
+template <typename T>
 void DeviceBuffer<T>::upload_prefix(const std::vector<T>& host) {
     QOPT_CHECK(host.size() <= count_, "upload_prefix: ", host.size(), " values into a buffer of ", count_);
     CUDA_CHECK(cudaMemcpy(data_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));

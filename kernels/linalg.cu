@@ -140,23 +140,15 @@ __global__ void reverse_values_kernel(float* out, const float* in, int n, int ba
     }
 }
 
-// Device array of pointers base + i * stride for the listed i (cuBLAS's batched calls take
+// Device array of pointers base + i * stride for i = 0 .. batch - 1 (cuBLAS's batched calls take
 // pointer arrays).
 template <class T>
-T** listed_pointer_array(Scratch& storage, T* base, int64_t stride, const std::vector<int>& listed) {
-    std::vector<T*> host(listed.size());
-    for (size_t k = 0; k < listed.size(); ++k) host[k] = base + listed[k] * stride;
+T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
+    std::vector<T*> host(static_cast<size_t>(batch));
+    for (int i = 0; i < batch; ++i) host[size_t(i)] = base + i * stride;
     T** device = static_cast<T**>(storage.at_least(std::max<size_t>(host.size(), 1) * sizeof(T*)));
     CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T*), cudaMemcpyHostToDevice));
     return device;
-}
-
-// The same for i = 0 .. batch - 1.
-template <class T>
-T** pointer_array(Scratch& storage, T* base, int64_t stride, int batch) {
-    std::vector<int> all(static_cast<size_t>(batch));
-    for (int i = 0; i < batch; ++i) all[size_t(i)] = i;
-    return listed_pointer_array(storage, base, stride, all);
 }
 
 }  // namespace
@@ -200,6 +192,34 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
     transpose_square(vectors, scratch, n, batch, true, w.stream);
     reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, w.stream>>>(values, work.raw_values, n, batch);
     CUDA_CHECK_LAUNCH();
+}
+
+void symmetric_eigen_listed_gpu(float* vectors, float* values, const float* a, int n, int batch,
+                                const std::vector<int>& listed, float* scratch) {
+    for (size_t k = 0; k < listed.size(); ++k)
+        QOPT_CHECK(listed[k] >= 0 && listed[k] < batch && (k == 0 || listed[k] > listed[k - 1]),
+                   "symmetric_eigen_listed_gpu: the list must be increasing indices into the batch of ", batch);
+    const int count = int(listed.size());
+    if (count == 0) return;
+    const size_t matrix = size_t(n) * n;
+    // The listed matrices to the front of scratch, in order. Where scratch is a itself, slot k <=
+    // listed[k] and every earlier copy wrote a slot below listed[k]: no source is overwritten
+    // before it is read (the copies run in order on the default stream).
+    for (int k = 0; k < count; ++k)
+        if (scratch + k * matrix != a + listed[size_t(k)] * matrix)
+            CUDA_CHECK(cudaMemcpyAsync(scratch + k * matrix, a + listed[size_t(k)] * matrix, matrix * sizeof(float),
+                                       cudaMemcpyDeviceToDevice, 0));
+    symmetric_eigen_batched_gpu(vectors, values, scratch, n, count, scratch);
+    // Then each result from slot k to its place listed[k] >= k, the last first, so that no slot
+    // is overwritten before it has moved (the default stream waits for the worker's stream).
+    for (int k = count - 1; k >= 0; --k) {
+        const int place = listed[size_t(k)];
+        if (place == k) continue;
+        CUDA_CHECK(cudaMemcpyAsync(vectors + place * matrix, vectors + k * matrix, matrix * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, 0));
+        CUDA_CHECK(cudaMemcpyAsync(values + size_t(place) * n, values + size_t(k) * n, size_t(n) * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, 0));
+    }
 }
 
 namespace {
@@ -319,7 +339,7 @@ constexpr double kUnshiftedDeviationMax = 1.0 - 0x1p-10;
 // arrays of the matrices a pass works on, each pass's Cholesky infos and the Gram matrices'
 // deviation partial sums (grown as needed).
 struct CholeskyQrWork {
-    Scratch x_storage, w_storage, x_pointers, w_pointers, info_storage, deviation_storage;
+    Scratch x_storage, w_storage, pointer_storage, info_storage, deviation_storage;
     static constexpr int kPasses = 3;
     static constexpr int kDeviationBlocks = 64;
     double* x;
@@ -333,9 +353,37 @@ struct CholeskyQrWork {
         infos = static_cast<int*>(info_storage.at_least(size_t(kPasses) * chunk * sizeof(int)));
         deviation_partials =
             static_cast<double*>(deviation_storage.at_least(size_t(kDeviationBlocks) * chunk * sizeof(double)));
-        x_pointers.at_least(size_t(chunk) * sizeof(double*));
-        w_pointers.at_least(size_t(chunk) * sizeof(double*));
+        pointer_storage.at_least(2 * size_t(chunk) * sizeof(double*));
+        pointed.clear();
+        pointed_n = 0;
     }
+    // The listed matrices' X and W as device pointer arrays (cuBLAS's batched calls take them),
+    // uploaded only when the list changed since the last call: a pass's Gram matrices, their
+    // check, its factorizations and its solve, and often the next pass, share one list.
+    struct Pointers {
+        double** xs;
+        double** ws;
+    };
+    Pointers pointers(int n, const std::vector<int>& listed) {
+        double** device = static_cast<double**>(pointer_storage.data);
+        const Pointers arrays{device, device + listed.size()};
+        if (listed == pointed && n == pointed_n) return arrays;
+        const size_t matrix = size_t(n) * n;
+        std::vector<double*> host(2 * listed.size());
+        for (size_t k = 0; k < listed.size(); ++k) {
+            host[k] = x + listed[k] * matrix;
+            host[listed.size() + k] = w + listed[k] * matrix;
+        }
+        // Synchronous on the default stream: the calls that read the last arrays have finished.
+        CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(double*), cudaMemcpyHostToDevice));
+        pointed = listed;
+        pointed_n = n;
+        return arrays;
+    }
+
+private:
+    std::vector<int> pointed;  // the list (and size) whose pointers the storage holds
+    int pointed_n = 0;
 };
 CholeskyQrWork& cholesky_qr_work() {
     static CholeskyQrWork instance;
@@ -392,10 +440,9 @@ void gram_matrices(CholeskyQrWork& work, int n, const std::vector<int>& listed, 
             BLAS_CHECK(cublasDsyrk(blas(), CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, work.x + b * matrix, n,
                                    &zero, work.w + b * matrix, n));
     } else {
-        double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
-        double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), listed);
-        BLAS_CHECK(cublasDgemmBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, xs, n, xs, n, &zero, ws, n,
-                                      int(listed.size())));
+        const CholeskyQrWork::Pointers p = work.pointers(n, listed);
+        BLAS_CHECK(cublasDgemmBatched(blas(), CUBLAS_OP_N, CUBLAS_OP_T, n, n, n, &one, p.xs, n, p.xs, n, &zero, p.ws,
+                                      n, int(listed.size())));
     }
     count_matrix_flops((per_matrix ? 1.0 : 2.0) * n * n * double(n) * listed.size());  // syrk: half a GEMM
 }
@@ -404,8 +451,8 @@ void gram_matrices(CholeskyQrWork& work, int n, const std::vector<int>& listed, 
 std::vector<double> gram_deviations(CholeskyQrWork& work, int n, const std::vector<int>& listed) {
     constexpr int kBlocks = CholeskyQrWork::kDeviationBlocks;
     const int count = int(listed.size());
-    double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(n) * n, listed);
-    gram_deviation_partials_kernel<<<dim3(kBlocks, count), 256>>>(work.deviation_partials, ws, n);
+    gram_deviation_partials_kernel<<<dim3(kBlocks, count), 256>>>(work.deviation_partials,
+                                                                  work.pointers(n, listed).ws, n);
     CUDA_CHECK_LAUNCH();
     std::vector<double> partials(size_t(kBlocks) * count);
     CUDA_CHECK(cudaMemcpy(partials.data(), work.deviation_partials, partials.size() * sizeof(double),
@@ -433,7 +480,7 @@ void cholesky_factors(CholeskyQrWork& work, int n, const std::vector<int>& liste
                                           potrf.device, potrf.doubles, infos + k));
         }
     } else {
-        double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
+        double** ws = work.pointers(n, listed).ws;
         SolverWorker& worker = pool[0];
         SOLVER_CHECK(cusolverDnSetStream(worker.handle, 0));
         SOLVER_CHECK(cusolverDnDpotrfBatched(worker.handle, CUBLAS_FILL_MODE_LOWER, n, ws, n, infos, int(listed.size())));
@@ -443,12 +490,10 @@ void cholesky_factors(CholeskyQrWork& work, int n, const std::vector<int>& liste
 
 // X <- X L^-T (column-major: Y <- L^-1 Y) for the listed matrices, one batched solve.
 void solve_with_factors(CholeskyQrWork& work, int n, const std::vector<int>& listed) {
-    const size_t matrix = size_t(n) * n;
-    double** ws = listed_pointer_array(work.w_pointers, work.w, int64_t(matrix), listed);
-    double** xs = listed_pointer_array(work.x_pointers, work.x, int64_t(matrix), listed);
+    const CholeskyQrWork::Pointers p = work.pointers(n, listed);
     const double one = 1.0;
     BLAS_CHECK(cublasDtrsmBatched(blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
-                                  n, n, &one, ws, n, xs, n, int(listed.size())));
+                                  n, n, &one, p.ws, n, p.xs, n, int(listed.size())));
     count_matrix_flops(double(n) * n * n * listed.size());  // the solve: n^3
 }
 

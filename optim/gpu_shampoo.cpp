@@ -209,8 +209,8 @@ private:
     // The QR path's last step, as the CPU's: each matrix's (values, vector columns) sorted by
     // ascending value (stable), on the host as SOAP's sort (orders_per_matrix), then permuted here.
     void sort_ascending(float* vectors, int n, int total) {
-        std::vector<float> values = values_.download();
-        values.resize(size_t(n) * total);  // the buffer may hold more (a larger size's batch)
+        // The buffer may hold more (a larger size's batch).
+        const std::vector<float> values = values_.download_prefix(size_t(n) * total);
         const std::vector<int> order = orders_per_matrix(values, n, false);
         std::vector<float> sorted(values.size());
         for (size_t i = 0; i < sorted.size(); ++i) sorted[i] = values[i - i % size_t(n) + size_t(order[i])];
@@ -223,8 +223,8 @@ private:
 
     // The kept-eigenbasis refresh (the CPU's shampoo_amortized_eigen), per factor size over all of
     // its factors at once: B = V^T (L / divisor) V (two GEMMs per group). eigh: the factors
-    // within tolerance keep V and take diag(B); if any is not, one batched eigendecomposition of
-    // all of them, whose results the others take. qr: up to qr_iterations times, Q of B
+    // within tolerance keep V and take diag(B); the others go through one batched
+    // eigendecomposition of just them (symmetric_eigen_listed_gpu). qr: up to qr_iterations times, Q of B
     // (qr_q_batched_gpu) with Q = I where B is already within tolerance, then B = Q^T B Q and V =
     // V Q, then the pairs sorted by ascending value. Then each root from (V, values), and where it
     // came out finite (commit_tiles) V and the values are kept with it.
@@ -253,14 +253,21 @@ private:
             if (c.eigen_method == ShampooEigenMethod::eigh) {
                 check_tolerance();
                 diagonals_gpu(estimates_.data(), b, n, total);
-                const std::vector<int> within = within_.download();
+                // Only this size's flags: the buffer is sized for the largest batch, and its tail
+                // holds a larger size's flags from before.
+                const std::vector<int> within = within_.download_prefix(size_t(total));
                 const long kept = std::count(within.begin(), within.end(), 1);
                 eigen_refreshes_.kept += kept;
                 eigen_refreshes_.decomposed += total - kept;
                 if (kept < total) {
+                    // Only the factors outside the tolerance are decomposed: the batched syev is
+                    // latency-bound, but its time still grows with the batch.
+                    std::vector<int> outside;
+                    for (int t = 0; t < total; ++t)
+                        if (!within[size_t(t)]) outside.push_back(t);
                     gather_factors(size);
-                    symmetric_eigen_batched_gpu(merged_extra_.data(), values_.data(), merged_factors_.data(), n, total,
-                                                merged_factors_.data());
+                    symmetric_eigen_listed_gpu(merged_extra_.data(), values_.data(), merged_factors_.data(), n, total,
+                                               outside, merged_factors_.data());
                     select_tiles_gpu(vectors, merged_extra_.data(), within_.data(), false, int64_t(matrix), total);
                 }
                 take_estimated_values_gpu(values_.data(), estimates_.data(), within_.data(), float(divisor), n, total);

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "core/error.hpp"
 #include "gpu_helpers.hpp"
 #include "train_helpers.hpp"
 #include "optim/dense.hpp"
@@ -123,6 +124,7 @@ namespace {
 struct SideBySide {
     std::vector<double> gpu_change, cpu_change;  // per routed matrix, concatenated
     OptimizerState gpu_state, cpu_state;
+    EigenRefreshCounts gpu_refreshes, cpu_refreshes;  // Shampoo's kept-eigenbasis refreshes over the compared steps
 };
 
 SideBySide run_side_by_side(const ParamLayout& layout, const OptimizerConfig& c, int warm_steps, int steps,
@@ -136,6 +138,7 @@ SideBySide run_side_by_side(const ParamLayout& layout, const OptimizerConfig& c,
         cpu->step(cpu_params.data(), grads.data(), lr, grad_scale);
     }
     const std::vector<float> start = cpu_params;
+    const EigenRefreshCounts cpu_warm_refreshes = cpu->eigen_refreshes();
     GpuOptimizer gpu(layout, c);
     if (warm_steps > 0) gpu.load_state(cpu->state());
     auto d_params = uploaded(start);
@@ -157,6 +160,9 @@ SideBySide run_side_by_side(const ParamLayout& layout, const OptimizerConfig& c,
         }
     r.gpu_state = gpu.state();
     r.cpu_state = cpu->state();
+    r.gpu_refreshes = gpu.eigen_refreshes();
+    r.cpu_refreshes = {cpu->eigen_refreshes().kept - cpu_warm_refreshes.kept,
+                       cpu->eigen_refreshes().decomposed - cpu_warm_refreshes.decomposed};
     // Round trip: a new GPU optimizer loaded from the state continues bit for bit.
     GpuOptimizer resumed(layout, c);
     resumed.load_state(r.gpu_state);
@@ -293,6 +299,37 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
     }
 }
 
+TEST_CASE("GPU Shampoo with a kept eigenbasis decomposes just the factors outside the tolerance, as the CPU does") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    // A 48 x 160 matrix in blocks of 48: seven 48 x 48 factors and one 16 x 16 per refresh
+    // (steps 8 and 10). On the CPU the ratios ||B - diag B|| / ||B|| are, at step 8, 0.161-0.172
+    // for the six square blocks' factors, ~0.25 for the 48 x 16 block's left one and ~0.09 for
+    // the 16 x 16; at step 10, 0.13-0.137, ~0.22 and ~0.1. At tolerance 0.15 step 8 decomposes
+    // (nearly) all seven 48 x 48 factors and step 10 about one of them (symmetric_eigen_listed_gpu
+    // with a short list): 7-8 kept and 8-9 decomposed on the seeds tried. The counts come from the
+    // flags the GPU acted on, so they also check that a smaller batch reads only its own.
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Shampoo;
+    c.shampoo.block_size = 48;
+    c.shampoo.precondition_frequency = 2;
+    c.shampoo.eigen_tolerance = 0.15;
+    const SideBySide r = run_side_by_side(matrices_layout({{48, 160}}), c, 6, 4, seed);
+    const double error = relative_error(r.gpu_change, r.cpu_change);
+    MESSAGE("shampoo, tolerance 0.15: " << r.gpu_refreshes.kept << " factor refreshes kept, "
+                                        << r.gpu_refreshes.decomposed << " decomposed; relative difference of the weight changes "
+                                        << error);
+    CHECK(error < 2e-3);
+    CHECK(r.gpu_refreshes.kept == r.cpu_refreshes.kept);
+    CHECK(r.gpu_refreshes.decomposed == r.cpu_refreshes.decomposed);
+    // More than the one 16 x 16 factor kept and the 48 x 16 block's left one decomposed: a 48 x
+    // 48 batch was mixed.
+    CHECK(r.gpu_refreshes.kept > 2);
+    CHECK(r.gpu_refreshes.decomposed > 2);
+    check_states_agree(r, {"left_root", "right_root", "left_eigenvalues", "right_eigenvalues"});
+}
+
 TEST_CASE("GPU PSGD with wide factors (their products by blocks of the triangle) matches the CPU reference") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
@@ -427,7 +464,9 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
         symmetric_eigen_batched_gpu(vectors.data(), values.data(), d_a.data(), n, batch, scratch.data());
         householder_q_batched_gpu(q.data(), d_a.data(), n, batch, scratch.data());
         const std::vector<float> gv = vectors.download(), gl = values.download(), gq = q.download();
-        for (int b = 0; b < batch; ++b) {
+        // Matrix b's eigenpairs in (gv, gl) against the CPU's.
+        auto check_eigenpairs = [&](const std::vector<float>& gv, const std::vector<float>& gl, int b) {
+            CAPTURE(b);
             const Dense& a = inputs[size_t(b)];
             const SymmetricEigen e = symmetric_eigen(a);
             const double scale = e.values[0];
@@ -440,10 +479,34 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
             Dense diff = matmul(scaled, v, false, true);
             for (size_t i = 0; i < diff.values.size(); ++i) diff.values[i] -= a.values[i];
             CHECK(max_abs(diff) < 1e-5 * scale);
+        };
+        for (int b = 0; b < batch; ++b) {
+            const Dense& a = inputs[size_t(b)];
+            check_eigenpairs(gv, gl, b);
             // Q: the CPU's Householder Q up to the signs of its columns.
             const Dense gpu_q = from_floats(gq, size_t(b) * n * n, n, n), cpu_q = householder_q(a);
             CHECK(max_difference_up_to_column_signs(gpu_q, cpu_q, n) < 1e-3);
         }
+        // Only the listed matrices, from a separate input and in place (a is the scratch): their
+        // eigenpairs at their places in the batch.
+        for (const std::vector<int>& listed : {std::vector<int>{1, 2}, std::vector<int>{0, 2}, std::vector<int>{}}) {
+            CAPTURE(listed.size());
+            auto listed_vectors = poisoned<float>(host.size()), listed_values = poisoned<float>(size_t(n) * batch);
+            auto separate_scratch = poisoned<float>(host.size()), in_place = uploaded(host);
+            symmetric_eigen_listed_gpu(listed_vectors.data(), listed_values.data(), d_a.data(), n, batch, listed,
+                                       separate_scratch.data());
+            for (int b : listed) check_eigenpairs(listed_vectors.download(), listed_values.download(), b);
+            symmetric_eigen_listed_gpu(listed_vectors.data(), listed_values.data(), in_place.data(), n, batch, listed,
+                                       in_place.data());
+            for (int b : listed) check_eigenpairs(listed_vectors.download(), listed_values.download(), b);
+        }
+        CHECK_THROWS_AS(symmetric_eigen_listed_gpu(vectors.data(), values.data(), d_a.data(), n, batch, {2, 1},
+                                                   scratch.data()),
+                        Error);
+        CHECK_THROWS_AS(symmetric_eigen_listed_gpu(vectors.data(), values.data(), d_a.data(), n, batch, {batch},
+                                                   scratch.data()),
+                        Error);
+
         // Triangular solves with well-conditioned upper-triangular u.
         std::vector<float> u_host, x_host;
         std::vector<Dense> us, xs;
