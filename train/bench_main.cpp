@@ -545,7 +545,7 @@ void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
 int main(int argc, char** argv) {
     CLI::App app{"qopt bench: GPU training throughput (tokens/s, MFU, ms per phase, memory) per model preset"};
     std::vector<std::string> configs;
-    int warmup = 3, steps = 10;
+    int warmup = 12, steps = 20;
     bool attention = false, skip_training = false, recompute = false;
     std::vector<std::string> optimizers;
     std::string optimizer_flag = "adamw";
@@ -558,8 +558,14 @@ int main(int argc, char** argv) {
     app.add_option("--config", configs,
                    "PRESET:BATCH:SEQ_LEN, repeatable (default: gpt2-124m:32:1024 olmo2-125m:32:1024 "
                    "olmo2-50m:32:1024 olmo2-350m:16:1024 olmo2-500m:16:1024 olmo2-760m:8:1024 olmo2-1.5b:8:1024)");
-    app.add_option("--warmup", warmup, "untimed steps first")->capture_default_str();
-    app.add_option("--steps", steps, "timed steps (the median is reported)")->capture_default_str();
+    app.add_option("--warmup", warmup,
+                   "untimed steps first (as PEERS.md's optimizer figures: the first preconditioner refresh, at step "
+                   "10 by default, falls in them with its one-time library and kernel loading)")
+        ->capture_default_str();
+    app.add_option("--steps", steps,
+                   "timed steps: medians of the model's phases, mean and median of the optimizer step (20: two "
+                   "preconditioner periods at the default frequency 10)")
+        ->capture_default_str();
     app.add_flag("--attention", attention, "also time the attention kernels alone (T = 1024 and 4096)");
     app.add_flag("--attention-only", skip_training, "only the attention kernels");
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
