@@ -166,8 +166,8 @@ private:
         float* projected = factor_a_.data();
         gemm_(projected, factor, false, basis, false, n, n, n, count);
         column_dots_gpu(values_.data(), basis, projected, n, count);
-        std::vector<float> diag(size_t(n) * count);
-        CUDA_CHECK(cudaMemcpy(diag.data(), values_.data(), diag.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        // values_ is sized for the largest group: this group's estimates only.
+        const std::vector<float> diag = values_.download_prefix(size_t(n) * count);
         const std::vector<int> host_order = orders_per_matrix(diag, n, true);
         CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
