@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "core/error.hpp"
@@ -38,52 +39,197 @@ Dense matmul(const Dense& a_in, const Dense& b_in, bool transpose_a, bool transp
     return out;
 }
 
-// Cyclic Jacobi: rotate away each off-diagonal pair (p, q) in turn until the off-diagonal
-// mass is negligible; the product of the rotations is the eigenvector matrix.
+namespace {
+
+// Householder tridiagonalization of symmetric a (row-major, overwritten): a = Q T Q^T with T
+// tridiagonal (diagonal -> diagonal, off_diagonal[i] = T(i, i + 1)) and Q = H_0 H_1 ... H_{n-3},
+// H_k = I - beta_k v_k v_k^T acting on indices k+1.. . Step k maps row k's part right of the
+// diagonal, x, onto alpha e_1 (alpha = -sign(x_0) ||x||: no cancellation in v = x - alpha e_1)
+// and updates the trailing block A22 <- H A22 H as a symmetric rank-2 update: p = beta A22 v,
+// w = p - (beta/2)(v^T p) v, A22 <- A22 - v w^T - w v^T. Returns Q^T (row i = column i of Q).
+Dense tridiagonalize(Dense& a, std::vector<double>& diagonal, std::vector<double>& off_diagonal) {
+    const int n = a.rows;
+    std::vector<std::vector<double>> reflectors(size_t(std::max(n - 2, 0)));
+    std::vector<double> betas(reflectors.size(), 0.0), p(static_cast<size_t>(n)), w(static_cast<size_t>(n));
+    for (int k = 0; k + 2 < n; ++k) {
+        const int first = k + 1, len = n - first;
+        std::vector<double>& v = reflectors[size_t(k)];
+        v.assign(&a(k, first), &a(k, first) + len);
+        double norm = 0;
+        for (double x : v) norm += x * x;
+        norm = std::sqrt(norm);
+        const double alpha = v[0] > 0 ? -norm : norm;
+        v[0] -= alpha;
+        double v_norm2 = 0;
+        for (double x : v) v_norm2 += x * x;
+        if (v_norm2 == 0) continue;  // already tridiagonal in this row: H_k = I
+        const double beta = 2 / v_norm2;
+        betas[size_t(k)] = beta;
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < len; ++i) {
+            const double* row = &a(first + i, first);
+            double sum = 0;
+            for (int j = 0; j < len; ++j) sum += row[j] * v[size_t(j)];
+            p[size_t(i)] = beta * sum;
+        }
+        double vp = 0;
+        for (int i = 0; i < len; ++i) vp += v[size_t(i)] * p[size_t(i)];
+        for (int i = 0; i < len; ++i) w[size_t(i)] = p[size_t(i)] - 0.5 * beta * vp * v[size_t(i)];
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < len; ++i) {
+            double* row = &a(first + i, first);
+            for (int j = 0; j < len; ++j) row[j] -= v[size_t(i)] * w[size_t(j)] + w[size_t(i)] * v[size_t(j)];
+        }
+        a(k, first) = a(first, k) = alpha;
+        for (int j = first + 1; j < n; ++j) a(k, j) = a(j, k) = 0;
+    }
+    diagonal.assign(size_t(n), 0.0);
+    off_diagonal.assign(size_t(n), 0.0);
+    for (int i = 0; i < n; ++i) {
+        diagonal[size_t(i)] = a(i, i);
+        if (i + 1 < n) off_diagonal[size_t(i)] = a(i, i + 1);
+    }
+    // Q^T = H_{n-3} ... H_0 (each H_k symmetric), built from the identity by multiplying with
+    // H_{n-3} first, from the right: M <- M H_k touches columns k+1.. of every row r of M, r <- r -
+    // beta (r . v) v over those columns.
+    Dense q_transposed = Dense::identity(n);
+    for (int k = n - 3; k >= 0; --k) {
+        if (betas[size_t(k)] == 0) continue;
+        const std::vector<double>& v = reflectors[size_t(k)];
+        const int first = k + 1, len = n - first;
+        const double beta = betas[size_t(k)];
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < n; ++r) {
+            double* row = &q_transposed(r, first);
+            double dot = 0;
+            for (int j = 0; j < len; ++j) dot += row[j] * v[size_t(j)];
+            dot *= beta;
+            for (int j = 0; j < len; ++j) row[j] -= dot * v[size_t(j)];
+        }
+    }
+    return q_transposed;
+}
+
+// One Givens rotation of a QL sweep: rows `row` and `row + 1` of the transposed eigenvectors
+// become (c x - s y, s x + c y) for rows x, y.
+struct PlaneRotation {
+    int row;
+    double c, s;
+};
+
+// Applies a sweep's rotations, in order, to every column of vectors_t; the columns are
+// independent, so threads take slices of them.
+void apply_rotations(Dense& vectors_t, const std::vector<PlaneRotation>& rotations) {
+    const int n = vectors_t.cols;
+    constexpr int kSlice = 64;
+#pragma omp parallel for schedule(static)
+    for (int first = 0; first < n; first += kSlice) {
+        const int last = std::min(n, first + kSlice);
+        for (const PlaneRotation& g : rotations) {
+            double* x = &vectors_t(g.row, 0);
+            double* y = &vectors_t(g.row + 1, 0);
+            for (int k = first; k < last; ++k) {
+                const double xk = x[k], yk = y[k];
+                x[k] = g.c * xk - g.s * yk;
+                y[k] = g.s * xk + g.c * yk;
+            }
+        }
+    }
+}
+
+// Implicit QL iteration with Wilkinson-style shifts on the symmetric tridiagonal matrix
+// (diagonal, off_diagonal), accumulating its rotations into the rows of vectors_t. For each l,
+// sweeps run over the unreduced block l..m (m: the first index from l whose off-diagonal is
+// negligible) until off_diagonal[l] is negligible too; a sweep
+// chases the bulge of the shifted QL step from m up to l with one rotation per pair. Returns
+// false when an eigenvalue takes more than 60 sweeps (never seen on finite input).
+bool tridiagonal_ql(std::vector<double>& diagonal, std::vector<double>& off_diagonal, Dense& vectors_t) {
+    const int n = int(diagonal.size());
+    std::vector<double>& d = diagonal;
+    std::vector<double>& e = off_diagonal;
+    const double eps = std::numeric_limits<double>::epsilon();
+    // An off-diagonal entry counts as zero below eps ||T|| (||T|| bounded by its largest row sum):
+    // the rounding of every sweep is of that size, so a test relative to the two diagonal entries
+    // alone would never be met by a block of (near-)zero eigenvalues beside large ones.
+    double t_norm = 0;
+    for (int i = 0; i < n; ++i)
+        t_norm = std::max(t_norm, std::abs(d[size_t(i)]) + std::abs(e[size_t(i)]) + (i ? std::abs(e[size_t(i - 1)]) : 0.0));
+    const double negligible = eps * t_norm;
+    std::vector<PlaneRotation> rotations;
+    for (int l = 0; l < n; ++l) {
+        for (int sweep = 0;; ++sweep) {
+            int m = l;
+            while (m + 1 < n && std::abs(e[size_t(m)]) > negligible) ++m;
+            if (m == l) break;
+            if (sweep == 60) return false;
+            // Shift: the eigenvalue of the leading 2 x 2 block [d_l e_l; e_l d_l+1] closer to d_l.
+            double g = (d[size_t(l + 1)] - d[size_t(l)]) / (2 * e[size_t(l)]);
+            double r = std::hypot(g, 1.0);
+            g = d[size_t(m)] - d[size_t(l)] + e[size_t(l)] / (g + std::copysign(r, g));
+            double s = 1, c = 1, p = 0;
+            bool underflow = false;
+            rotations.clear();
+            for (int i = m - 1; i >= l; --i) {
+                const double f = s * e[size_t(i)], b = c * e[size_t(i)];
+                r = std::hypot(f, g);
+                e[size_t(i + 1)] = r;
+                if (r == 0) {  // the bulge vanished: deflate at i + 1 and start again
+                    d[size_t(i + 1)] -= p;
+                    e[size_t(m)] = 0;
+                    underflow = true;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = d[size_t(i + 1)] - p;
+                r = (d[size_t(i)] - g) * s + 2 * c * b;
+                p = s * r;
+                d[size_t(i + 1)] = g + p;
+                g = c * r - b;
+                // Columns i, i+1 of the eigenvector matrix (rows of vectors_t): (x, y) <- (c x - s y,
+                // s x + c y) for x the column i, y the column i+1.
+                rotations.push_back({i, c, s});
+            }
+            apply_rotations(vectors_t, rotations);
+            if (underflow) continue;
+            d[size_t(l)] -= p;
+            e[size_t(l)] = g;
+            e[size_t(m)] = 0;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+// Householder tridiagonalization, then the implicit QL iteration on the tridiagonal matrix (as
+// LAPACK's steqr does; ~9 n^3 flops with the vectors, against cyclic Jacobi's ~30 n^3 in
+// strided column passes). Backward stable: the pairs are exact for a matrix within ~n u ||a||
+// of a. Non-finite input, or a QL iteration that does not converge, gives NaN values and vectors,
+// which every caller's finiteness check then refuses.
 SymmetricEigen symmetric_eigen(const Dense& input) {
     QOPT_CHECK(input.rows == input.cols, "symmetric_eigen: matrix is not square");
     const int n = input.rows;
-    Dense a = input;
-    Dense v = Dense::identity(n);
-    double total = 0;
-    for (double x : a.values) total += x * x;
-    for (int sweep = 0; sweep < 100; ++sweep) {
-        double off = 0;
-        for (int p = 0; p < n; ++p)
-            for (int q = p + 1; q < n; ++q) off += a(p, q) * a(p, q);
-        if (off <= 1e-30 * total || off == 0) break;
-        for (int p = 0; p < n; ++p)
-            for (int q = p + 1; q < n; ++q) {
-                const double apq = a(p, q);
-                if (std::abs(apq) < 1e-300) continue;
-                const double theta = (a(q, q) - a(p, p)) / (2 * apq);
-                const double t = (theta >= 0 ? 1.0 : -1.0) / (std::abs(theta) + std::sqrt(theta * theta + 1));
-                const double c = 1 / std::sqrt(t * t + 1), s = t * c;
-                for (int k = 0; k < n; ++k) {  // columns p, q of a
-                    const double akp = a(k, p), akq = a(k, q);
-                    a(k, p) = c * akp - s * akq;
-                    a(k, q) = s * akp + c * akq;
-                }
-                for (int k = 0; k < n; ++k) {  // rows p, q of a
-                    const double apk = a(p, k), aqk = a(q, k);
-                    a(p, k) = c * apk - s * aqk;
-                    a(q, k) = s * apk + c * aqk;
-                }
-                for (int k = 0; k < n; ++k) {
-                    const double vkp = v(k, p), vkq = v(k, q);
-                    v(k, p) = c * vkp - s * vkq;
-                    v(k, q) = s * vkp + c * vkq;
-                }
-            }
-    }
-    std::vector<int> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return a(x, x) > a(y, y); });
     SymmetricEigen result;
+    if (!all_finite(input)) {
+        result.values.assign(size_t(n), std::nan(""));
+        result.vectors = Dense(n, n, std::nan(""));
+        return result;
+    }
+    Dense a = input;
+    std::vector<double> diagonal, off_diagonal;
+    Dense vectors_t = tridiagonalize(a, diagonal, off_diagonal);
+    if (!tridiagonal_ql(diagonal, off_diagonal, vectors_t)) {
+        result.values.assign(size_t(n), std::nan(""));
+        result.vectors = Dense(n, n, std::nan(""));
+        return result;
+    }
+    const std::vector<int> order = descending_order(diagonal);
     result.vectors = Dense(n, n);
     for (int j = 0; j < n; ++j) {
-        result.values.push_back(a(order[j], order[j]));
-        for (int k = 0; k < n; ++k) result.vectors(k, j) = v(k, order[j]);
+        result.values.push_back(diagonal[size_t(order[size_t(j)])]);
+        const double* vector = &vectors_t(order[size_t(j)], 0);
+        for (int k = 0; k < n; ++k) result.vectors(k, j) = vector[k];
     }
     return result;
 }

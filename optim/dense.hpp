@@ -1,6 +1,6 @@
 // Small dense linear algebra in double for the optimizers' CPU references (row-major
 // matrices): products with either operand transposed, the symmetric eigendecomposition
-// (cyclic Jacobi: slow but simple and accurate, fine for the reference's sizes), QR by
+// (Householder tridiagonalization and the implicit QL iteration, as LAPACK's steqr), QR by
 // Householder reflections, and solving with an upper-triangular matrix from the right.
 // The GPU versions never call these; the tests check them by their algebraic properties.
 #pragma once
@@ -24,7 +24,7 @@ struct Dense {
 Dense matmul(const Dense& a, const Dense& b, bool transpose_a = false, bool transpose_b = false);
 
 // Symmetric a = vectors diag(values) vectors^T; values in descending order, vectors' columns
-// the matching unit eigenvectors.
+// the matching unit eigenvectors. Non-finite a gives NaN values and vectors.
 struct SymmetricEigen {
     std::vector<double> values;
     Dense vectors;

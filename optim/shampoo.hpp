@@ -29,7 +29,7 @@
 namespace qopt {
 
 // How a refresh computes each factor's eigendecomposition (the reference's
-// amortized_computation_config): cuSOLVER's / Jacobi's symmetric eigendecomposition (eigh), or
+// amortized_computation_config): cuSOLVER's / optim/dense's symmetric eigendecomposition (eigh), or
 // the QR algorithm warm-started from the kept eigenbasis (qr).
 enum class ShampooEigenMethod { eigh, qr };
 

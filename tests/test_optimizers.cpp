@@ -100,6 +100,107 @@ TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangul
     CHECK_THROWS_AS(orders_per_matrix({1.0f, 2.0f}, 3, true), Error);
 }
 
+// a = vectors diag(values) vectors^T rebuilt from a decomposition.
+Dense recompose(const SymmetricEigen& e) {
+    Dense scaled = e.vectors;
+    for (int r = 0; r < scaled.rows; ++r)
+        for (int c = 0; c < scaled.cols; ++c) scaled(r, c) *= e.values[size_t(c)];
+    return matmul(scaled, e.vectors, false, true);
+}
+
+TEST_CASE("symmetric eigendecomposition: hand-derived spectra, clusters, rank deficiency, non-finite input") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+
+    SUBCASE("2 x 2 by hand: [[2, 1], [1, 2]] has 3 on (1, 1)/sqrt 2 and 1 on (1, -1)/sqrt 2") {
+        Dense a(2, 2, 1.0);
+        a(0, 0) = a(1, 1) = 2;
+        const SymmetricEigen e = symmetric_eigen(a);
+        CHECK(e.values[0] == doctest::Approx(3.0).epsilon(1e-15));
+        CHECK(e.values[1] == doctest::Approx(1.0).epsilon(1e-15));
+        const double h = std::sqrt(0.5);
+        CHECK(std::abs(std::abs(e.vectors(0, 0)) - h) < 1e-15);
+        CHECK(e.vectors(0, 0) * e.vectors(1, 0) > 0);  // (1, 1) up to sign
+        CHECK(e.vectors(0, 1) * e.vectors(1, 1) < 0);  // (1, -1) up to sign
+    }
+    SUBCASE("the second-difference matrix: 2 - 2 cos(k pi / (n + 1)), vectors sin(j k pi / (n + 1))") {
+        const int n = 40;
+        Dense a(n, n);
+        for (int i = 0; i < n; ++i) {
+            a(i, i) = 2;
+            if (i + 1 < n) a(i, i + 1) = a(i + 1, i) = -1;
+        }
+        const SymmetricEigen e = symmetric_eigen(a);
+        for (int j = 0; j < n; ++j) {
+            const int k = n - j;  // descending values: the largest has k = n
+            const double angle = k * M_PI / (n + 1);
+            CHECK(std::abs(e.values[size_t(j)] - (2 - 2 * std::cos(angle))) < 1e-14);
+            // The vector, normalised: sqrt(2 / (n + 1)) sin(i k pi / (n + 1)), i = 1..n, up to sign.
+            double dot = 0;
+            for (int i = 0; i < n; ++i) dot += e.vectors(i, j) * std::sqrt(2.0 / (n + 1)) * std::sin((i + 1) * angle);
+            CHECK(std::abs(std::abs(dot) - 1) < 1e-13);
+        }
+    }
+    SUBCASE("a prescribed spectrum with clusters and zeros, in a random basis") {
+        const int n = 30;
+        const Dense q = householder_q(random_dense(n, n, gen));
+        std::vector<double> spectrum(size_t(n), 0.0);  // 5 (x4), 1 (x3), 1e-9, 0 (the rest)
+        for (int i = 0; i < 4; ++i) spectrum[size_t(i)] = 5;
+        for (int i = 4; i < 7; ++i) spectrum[size_t(i)] = 1;
+        spectrum[7] = 1e-9;
+        const SymmetricEigen prescribed{spectrum, q};
+        const SymmetricEigen e = symmetric_eigen(recompose(prescribed));
+        for (int j = 0; j < n; ++j) CHECK(std::abs(e.values[size_t(j)] - spectrum[size_t(j)]) < 1e-13);
+        // Within a cluster any orthonormal basis will do: compare the projectors onto the
+        // eigenspace of 5 (the first four columns).
+        Dense p_expected(n, n), p_found(n, n);
+        for (int r = 0; r < n; ++r)
+            for (int c = 0; c < n; ++c)
+                for (int k = 0; k < 4; ++k) {
+                    p_expected(r, c) += q(r, k) * q(c, k);
+                    p_found(r, c) += e.vectors(r, k) * e.vectors(c, k);
+                }
+        CHECK(max_abs_diff(p_found, p_expected) < 1e-12);
+        CHECK(max_abs_diff(matmul(e.vectors, e.vectors, true, false), Dense::identity(n)) < 1e-13);
+    }
+    SUBCASE("a wide Gram matrix of rank n/2: backward stable, orthonormal, descending") {
+        const int n = 160;
+        const Dense x = random_dense(n, n / 2, gen);
+        const Dense a = matmul(x, x, false, true);
+        const SymmetricEigen e = symmetric_eigen(a);
+        const double norm = frobenius_norm(a);
+        CHECK(max_abs_diff(recompose(e), a) < 1e-14 * n * norm);
+        CHECK(max_abs_diff(matmul(e.vectors, e.vectors, true, false), Dense::identity(n)) < 1e-13);
+        for (int j = 1; j < n; ++j) CHECK(e.values[size_t(j - 1)] >= e.values[size_t(j)]);
+        for (int j = n / 2; j < n; ++j) CHECK(std::abs(e.values[size_t(j)]) < 1e-14 * n * norm);
+    }
+    SUBCASE("sizes 0 and 1, and a diagonal matrix (its entries sorted, unit vectors)") {
+        CHECK(symmetric_eigen(Dense(0, 0)).values.empty());
+        const SymmetricEigen one = symmetric_eigen(Dense(1, 1, -2.5));
+        CHECK(one.values == std::vector<double>{-2.5});
+        CHECK(one.vectors(0, 0) == 1.0);
+        Dense diagonal(4, 4);
+        const double entries[4] = {0.5, -3, 7, 2};
+        for (int i = 0; i < 4; ++i) diagonal(i, i) = entries[i];
+        const SymmetricEigen e = symmetric_eigen(diagonal);
+        CHECK(e.values == std::vector<double>{7, 2, 0.5, -3});
+        const int rows[4] = {2, 3, 0, 1};  // where each sorted value sits
+        for (int j = 0; j < 4; ++j) CHECK(std::abs(e.vectors(rows[j], j)) == 1.0);
+    }
+    SUBCASE("non-finite input gives NaN values and vectors, which commit_preconditioner refuses") {
+        Dense a = Dense::identity(5);
+        a(1, 3) = a(3, 1) = INFINITY;
+        const SymmetricEigen e = symmetric_eigen(a);
+        for (double v : e.values) CHECK(std::isnan(v));
+        CHECK_FALSE(all_finite(e.vectors));
+        std::vector<float> kept(25, 0.0f);
+        CHECK_FALSE(commit_preconditioner(kept, e.vectors));
+        a(1, 3) = a(3, 1) = NAN;
+        CHECK(std::isnan(symmetric_eigen(a).values[0]));
+    }
+}
+
 TEST_CASE("Scion LMOs have the stated norms; the constrained step by hand") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
