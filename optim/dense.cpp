@@ -211,19 +211,12 @@ SymmetricEigen symmetric_eigen(const Dense& input) {
     QOPT_CHECK(input.rows == input.cols, "symmetric_eigen: matrix is not square");
     const int n = input.rows;
     SymmetricEigen result;
-    if (!all_finite(input)) {
-        result.values.assign(size_t(n), std::nan(""));
-        result.vectors = Dense(n, n, std::nan(""));
-        return result;
-    }
+    const SymmetricEigen undefined{std::vector<double>(size_t(n), std::nan("")), Dense(n, n, std::nan(""))};
+    if (!all_finite(input)) return undefined;
     Dense a = input;
     std::vector<double> diagonal, off_diagonal;
     Dense vectors_t = tridiagonalize(a, diagonal, off_diagonal);
-    if (!tridiagonal_ql(diagonal, off_diagonal, vectors_t)) {
-        result.values.assign(size_t(n), std::nan(""));
-        result.vectors = Dense(n, n, std::nan(""));
-        return result;
-    }
+    if (!tridiagonal_ql(diagonal, off_diagonal, vectors_t)) return undefined;
     const std::vector<int> order = descending_order(diagonal);
     result.vectors = Dense(n, n);
     for (int j = 0; j < n; ++j) {
