@@ -41,71 +41,80 @@ Dense matmul(const Dense& a_in, const Dense& b_in, bool transpose_a, bool transp
 
 namespace {
 
-// Householder tridiagonalization of symmetric a (row-major, overwritten): a = Q T Q^T with T
-// tridiagonal (diagonal -> diagonal, off_diagonal[i] = T(i, i + 1)) and Q = H_0 H_1 ... H_{n-3},
-// H_k = I - beta_k v_k v_k^T acting on indices k+1.. . Step k maps row k's part right of the
-// diagonal, x, onto alpha e_1 (alpha = -sign(x_0) ||x||: no cancellation in v = x - alpha e_1)
-// and updates the trailing block A22 <- H A22 H as a symmetric rank-2 update: p = beta A22 v,
-// w = p - (beta/2)(v^T p) v, A22 <- A22 - v w^T - w v^T. Returns Q^T (row i = column i of Q).
+// The unit Householder vector w of x[0..len): (I - 2 w w^T) x = alpha e_1 with alpha =
+// -sign(x_0) ||x|| (so x - alpha e_1 has no cancellation); w empty when x is zero (H = I).
+struct Reflector {
+    std::vector<double> w;
+    double alpha;
+};
+Reflector householder_reflector(const double* x, int len) {
+    double norm = 0;
+    for (int i = 0; i < len; ++i) norm += x[i] * x[i];
+    norm = std::sqrt(norm);
+    Reflector h{std::vector<double>(x, x + len), x[0] > 0 ? -norm : norm};
+    h.w[0] -= h.alpha;
+    double w_norm = 0;
+    for (double v : h.w) w_norm += v * v;
+    if (w_norm == 0) {
+        h.w.clear();
+        return h;
+    }
+    w_norm = std::sqrt(w_norm);
+    for (double& v : h.w) v /= w_norm;
+    return h;
+}
+
+// y <- (I - 2 w w^T) y for contiguous y of w's length: y -= 2 (w . y) w.
+void reflect(double* y, const std::vector<double>& w) {
+    double dot = 0;
+    for (size_t i = 0; i < w.size(); ++i) dot += w[i] * y[i];
+    for (size_t i = 0; i < w.size(); ++i) y[i] -= 2 * w[i] * dot;
+}
+
+// Householder tridiagonalization of symmetric a (row-major; its trailing blocks are overwritten,
+// entries outside the tridiagonal left stale): a = Q T Q^T with T tridiagonal (diagonal ->
+// diagonal, off_diagonal[i] = T(i, i + 1)) and Q = H_0 H_1 ... H_{n-3}, H_k = I - 2 v_k v_k^T
+// acting on indices k+1.. . Step k maps row k's part right of the diagonal onto alpha e_1 and
+// updates the trailing block A22 <- H A22 H as a symmetric rank-2 update: p = 2 A22 v,
+// w = p - (v^T p) v, A22 <- A22 - v w^T - w v^T. Returns Q^T (row i = column i of Q).
 Dense tridiagonalize(Dense& a, std::vector<double>& diagonal, std::vector<double>& off_diagonal) {
     const int n = a.rows;
-    std::vector<std::vector<double>> reflectors(size_t(std::max(n - 2, 0)));
-    std::vector<double> betas(reflectors.size(), 0.0), p(static_cast<size_t>(n)), w(static_cast<size_t>(n));
+    diagonal.assign(size_t(n), 0.0);
+    off_diagonal.assign(size_t(n), 0.0);
+    std::vector<std::vector<double>> reflectors(size_t(std::max(n - 2, 0)));  // empty: H_k = I
+    std::vector<double> p(static_cast<size_t>(n)), w(static_cast<size_t>(n));
     for (int k = 0; k + 2 < n; ++k) {
         const int first = k + 1, len = n - first;
-        std::vector<double>& v = reflectors[size_t(k)];
-        v.assign(&a(k, first), &a(k, first) + len);
-        double norm = 0;
-        for (double x : v) norm += x * x;
-        norm = std::sqrt(norm);
-        const double alpha = v[0] > 0 ? -norm : norm;
-        v[0] -= alpha;
-        double v_norm2 = 0;
-        for (double x : v) v_norm2 += x * x;
-        if (v_norm2 == 0) continue;  // already tridiagonal in this row: H_k = I
-        const double beta = 2 / v_norm2;
-        betas[size_t(k)] = beta;
+        Reflector h = householder_reflector(&a(k, first), len);
+        if (h.w.empty()) continue;  // already tridiagonal in this row: off_diagonal[k] is a(k, k+1) = 0
+        off_diagonal[size_t(k)] = h.alpha;
+        const std::vector<double>& v = reflectors[size_t(k)] = std::move(h.w);
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < len; ++i) {
             const double* row = &a(first + i, first);
             double sum = 0;
             for (int j = 0; j < len; ++j) sum += row[j] * v[size_t(j)];
-            p[size_t(i)] = beta * sum;
+            p[size_t(i)] = 2 * sum;
         }
         double vp = 0;
         for (int i = 0; i < len; ++i) vp += v[size_t(i)] * p[size_t(i)];
-        for (int i = 0; i < len; ++i) w[size_t(i)] = p[size_t(i)] - 0.5 * beta * vp * v[size_t(i)];
+        for (int i = 0; i < len; ++i) w[size_t(i)] = p[size_t(i)] - vp * v[size_t(i)];
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < len; ++i) {
             double* row = &a(first + i, first);
             for (int j = 0; j < len; ++j) row[j] -= v[size_t(i)] * w[size_t(j)] + w[size_t(i)] * v[size_t(j)];
         }
-        a(k, first) = a(first, k) = alpha;
-        for (int j = first + 1; j < n; ++j) a(k, j) = a(j, k) = 0;
     }
-    diagonal.assign(size_t(n), 0.0);
-    off_diagonal.assign(size_t(n), 0.0);
-    for (int i = 0; i < n; ++i) {
-        diagonal[size_t(i)] = a(i, i);
-        if (i + 1 < n) off_diagonal[size_t(i)] = a(i, i + 1);
-    }
+    for (int i = 0; i < n; ++i) diagonal[size_t(i)] = a(i, i);
+    if (n >= 2) off_diagonal[size_t(n - 2)] = a(n - 2, n - 1);  // the last pair has no reflection
     // Q^T = H_{n-3} ... H_0 (each H_k symmetric), built from the identity by multiplying with
-    // H_{n-3} first, from the right: M <- M H_k touches columns k+1.. of every row r of M, r <- r -
-    // beta (r . v) v over those columns.
+    // H_{n-3} first, from the right: M <- M H_k reflects columns k+1.. of every row of M.
     Dense q_transposed = Dense::identity(n);
     for (int k = n - 3; k >= 0; --k) {
-        if (betas[size_t(k)] == 0) continue;
         const std::vector<double>& v = reflectors[size_t(k)];
-        const int first = k + 1, len = n - first;
-        const double beta = betas[size_t(k)];
+        if (v.empty()) continue;
 #pragma omp parallel for schedule(static)
-        for (int r = 0; r < n; ++r) {
-            double* row = &q_transposed(r, first);
-            double dot = 0;
-            for (int j = 0; j < len; ++j) dot += row[j] * v[size_t(j)];
-            dot *= beta;
-            for (int j = 0; j < len; ++j) row[j] -= dot * v[size_t(j)];
-        }
+        for (int r = 0; r < n; ++r) reflect(&q_transposed(r, k + 1), v);
     }
     return q_transposed;
 }
@@ -203,14 +212,13 @@ bool tridiagonal_ql(std::vector<double>& diagonal, std::vector<double>& off_diag
 }  // namespace
 
 // Householder tridiagonalization, then the implicit QL iteration on the tridiagonal matrix (as
-// LAPACK's steqr does; ~9 n^3 flops with the vectors, against cyclic Jacobi's ~30 n^3 in
-// strided column passes: 512 x 512 in 0.2 s instead of 21 s on the 2-core development machine). Backward stable: the pairs are exact for a matrix within ~n u ||a||
-// of a. Non-finite input, or a QL iteration that does not converge, gives NaN values and vectors,
+// LAPACK's steqr does; ~9 n^3 flops with the vectors, against cyclic Jacobi's ~30 n^3 in strided
+// column passes: 512 x 512 in 0.2 s instead of 21 s on the 2-core development machine). Backward
+// stable: the pairs are exact for a matrix within ~n u ||a|| of a. Non-finite input, or a QL iteration that does not converge, gives NaN values and vectors,
 // which every caller's finiteness check then refuses.
 SymmetricEigen symmetric_eigen(const Dense& input) {
     QOPT_CHECK(input.rows == input.cols, "symmetric_eigen: matrix is not square");
     const int n = input.rows;
-    SymmetricEigen result;
     const SymmetricEigen undefined{std::vector<double>(size_t(n), std::nan("")), Dense(n, n, std::nan(""))};
     if (!all_finite(input)) return undefined;
     Dense a = input;
@@ -218,6 +226,7 @@ SymmetricEigen symmetric_eigen(const Dense& input) {
     Dense vectors_t = tridiagonalize(a, diagonal, off_diagonal);
     if (!tridiagonal_ql(diagonal, off_diagonal, vectors_t)) return undefined;
     const std::vector<int> order = descending_order(diagonal);
+    SymmetricEigen result;
     result.vectors = Dense(n, n);
     for (int j = 0; j < n; ++j) {
         result.values.push_back(diagonal[size_t(order[size_t(j)])]);
@@ -238,29 +247,10 @@ Dense householder_q(const Dense& input) {
     Dense columns = input.transposed();                     // [n, m]: row c is column c of a
     std::vector<std::vector<double>> reflectors(static_cast<size_t>(n));  // w_j, entries j..m-1 (none: H_j = I)
     for (int j = 0; j < n; ++j) {
-        const double* pivot_column = &columns(j, 0);
-        double norm = 0;
-        for (int i = j; i < m; ++i) norm += pivot_column[i] * pivot_column[i];
-        norm = std::sqrt(norm);
-        const double alpha = pivot_column[j] > 0 ? -norm : norm;
-        std::vector<double>& w = reflectors[size_t(j)];
-        w.assign(pivot_column + j, pivot_column + m);
-        w[0] -= alpha;
-        double w_norm = 0;
-        for (double x : w) w_norm += x * x;
-        if (w_norm == 0) {
-            w.clear();
-            continue;
-        }
-        w_norm = std::sqrt(w_norm);
-        for (double& x : w) x /= w_norm;
+        const std::vector<double>& w = reflectors[size_t(j)] = householder_reflector(&columns(j, j), m - j).w;
+        if (w.empty()) continue;
 #pragma omp parallel for schedule(static) if (size_t(n - j) * size_t(m - j) > 16384)
-        for (int c = j; c < n; ++c) {
-            double* column = &columns(c, j);
-            double dot = 0;
-            for (int i = 0; i < m - j; ++i) dot += w[size_t(i)] * column[i];
-            for (int i = 0; i < m - j; ++i) column[i] -= 2 * w[size_t(i)] * dot;
-        }
+        for (int c = j; c < n; ++c) reflect(&columns(c, j), w);
     }
     Dense q_columns(n, m);  // row c is column c of Q
     for (int j = 0; j < n; ++j) q_columns(j, j) = 1;
@@ -268,12 +258,7 @@ Dense householder_q(const Dense& input) {
         const std::vector<double>& w = reflectors[size_t(j)];
         if (w.empty()) continue;
 #pragma omp parallel for schedule(static) if (size_t(n) * size_t(m - j) > 16384)
-        for (int c = 0; c < n; ++c) {
-            double* column = &q_columns(c, j);
-            double dot = 0;
-            for (int i = 0; i < m - j; ++i) dot += w[size_t(i)] * column[i];
-            for (int i = 0; i < m - j; ++i) column[i] -= 2 * w[size_t(i)] * dot;
-        }
+        for (int c = 0; c < n; ++c) reflect(&q_columns(c, j), w);
     }
     return q_columns.transposed();
 }
