@@ -1,6 +1,7 @@
 // The matrix optimizers' CPU references (optim/scion, shampoo, soap, psgd, dense) checked by
 // their algebra and by hand-derived cases, the routing, state round trips through every
 // optimizer, and short training runs with each of the six.
+#include <algorithm>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -106,6 +107,69 @@ Dense recompose(const SymmetricEigen& e) {
     for (int r = 0; r < scaled.rows; ++r)
         for (int c = 0; c < scaled.cols; ++c) scaled(r, c) *= e.values[size_t(c)];
     return matmul(scaled, e.vectors, false, true);
+}
+
+// The products and the triangular solve against the textbook loops they replace: op(a)(i, p)
+// op(b)(p, j) summed over p, and y[:, j] = (x[:, j] - sum_{i<j} y[:, i] u[i, j]) / u[j, j]. The
+// shapes cover whole 8 x 8 register tiles, ragged edges, a single row or column, and depths
+// beyond one 256-deep panel; the larger ones run on several threads.
+TEST_CASE("dense products and triangular solve match the plain loops: every transpose, ragged tiles, deep panels") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int shapes[][3] = {{1, 1, 1}, {8, 8, 8}, {3, 5, 7}, {17, 300, 9}, {64, 513, 40}, {1, 600, 33}, {45, 2, 1}};
+    for (const auto& shape : shapes) {
+        const int m = shape[0], depth = shape[1], n = shape[2];
+        for (int transpose_a = 0; transpose_a < 2; ++transpose_a)
+            for (int transpose_b = 0; transpose_b < 2; ++transpose_b) {
+                INFO(m << " x " << depth << " x " << n << ", transposes " << transpose_a << transpose_b);
+                const Dense a = transpose_a ? random_dense(depth, m, gen) : random_dense(m, depth, gen);
+                const Dense b = transpose_b ? random_dense(n, depth, gen) : random_dense(depth, n, gen);
+                Dense expected(m, n);
+                double scale = 0;
+                for (int i = 0; i < m; ++i)
+                    for (int j = 0; j < n; ++j) {
+                        double sum = 0, magnitude = 0;
+                        for (int p = 0; p < depth; ++p) {
+                            const double term = (transpose_a ? a(p, i) : a(i, p)) * (transpose_b ? b(j, p) : b(p, j));
+                            sum += term;
+                            magnitude += std::abs(term);
+                        }
+                        expected(i, j) = sum;
+                        scale = std::max(scale, magnitude);
+                    }
+                const Dense product = matmul(a, b, transpose_a, transpose_b);
+                REQUIRE(product.rows == m);
+                REQUIRE(product.cols == n);
+                // Same sums in the same order up to FMA contraction: within a few ulps of sum |terms|.
+                CHECK(max_abs_diff(product, expected) <= 1e-14 * scale);
+            }
+    }
+    CHECK_THROWS_AS(matmul(Dense(3, 4), Dense(5, 2)), Error);
+
+    for (const int n : {1, 7, 64, 129}) {
+        for (const int rows : {1, 3, 40}) {
+            INFO("n " << n << ", rows " << rows);
+            Dense u = random_dense(n, n, gen);
+            for (int i = 0; i < n; ++i) {
+                for (int j = 0; j < i; ++j) u(i, j) = 0;
+                u(i, i) = 2 + std::abs(u(i, i));
+                for (int j = i + 1; j < n; ++j) u(i, j) /= std::sqrt(double(n));  // well conditioned
+            }
+            const Dense x = random_dense(rows, n, gen);
+            Dense expected(rows, n);
+            for (int r = 0; r < rows; ++r)
+                for (int j = 0; j < n; ++j) {
+                    double sum = x(r, j);
+                    for (int i = 0; i < j; ++i) sum -= expected(r, i) * u(i, j);
+                    expected(r, j) = sum / u(j, j);
+                }
+            const Dense y = solve_upper_right(x, u);
+            CHECK(max_abs_diff(y, expected) <= 1e-12 * (1 + frobenius_norm(expected)));
+            CHECK(max_abs_diff(matmul(y, u), x) <= 1e-12 * (1 + frobenius_norm(x)));
+        }
+    }
+    CHECK_THROWS_AS(solve_upper_right(Dense(2, 3), Dense(2, 2)), Error);
 }
 
 TEST_CASE("symmetric eigendecomposition: hand-derived spectra, clusters, rank deficiency, non-finite input") {
@@ -305,46 +369,55 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
 
     // Quadratic f(W) = 1/2 tr((W - W*)^T H_L (W - W*) H_R) with Hessian H_R (x) H_L of condition
     // number 1e4: G = H_L (W - W*) H_R. Shampoo (no grafting, beta2 = 1, roots every step)
-    // reaches a loss far below what gradient descent at its largest stable step reaches.
+    // reaches a loss far below what gradient descent at its largest stable step reaches. How far
+    // varies with the random target W* (over 400 targets: Shampoo's loss / GD's has median 5e-5,
+    // 99th percentile 8e-3, and a single target failed 1e-2 about once in 300), so the claim is
+    // checked on the median of five targets.
     const int n = 6;
     Dense hl(n, n), hr(n, n);
     for (int i = 0; i < n; ++i) {
         hl(i, i) = std::pow(10.0, 2.0 * i / (n - 1));   // 1 .. 100
         hr(i, i) = std::pow(10.0, -2.0 * i / (n - 1));  // 1 .. 0.01
     }
-    const Dense target = random_dense(n, n, gen);
-    auto loss_and_grad = [&](const std::vector<float>& w, std::vector<float>& grad) {
-        Dense diff(n, n);
-        for (size_t i = 0; i < diff.values.size(); ++i) diff.values[i] = w[i] - target.values[i];
-        const Dense gd = matmul(matmul(hl, diff), hr);
-        for (size_t i = 0; i < grad.size(); ++i) grad[i] = float(gd.values[i]);
-        double f = 0;
-        for (size_t i = 0; i < diff.values.size(); ++i) f += 0.5 * diff.values[i] * gd.values[i];
-        return f;
-    };
     ShampooConfig sc;
     sc.adam_grafting = false;
     sc.beta1 = 0.0;
     sc.precondition_frequency = 1;
     sc.eps = 1e-10;
-    std::vector<float> w_shampoo(size_t(n) * n, 0.0f), w_gd(size_t(n) * n, 0.0f), grad(size_t(n) * n);
-    std::vector<ShampooBlockState> state(1);
-    state[0].init({0, 0, n, n}, sc);
-    const double start = loss_and_grad(w_shampoo, grad);
-    double f_shampoo = start, f_gd = start;
-    for (int step = 1; step <= 200; ++step) {
-        f_shampoo = loss_and_grad(w_shampoo, grad);
-        shampoo_update_cpu(w_shampoo.data(), grad.data(), state, n, n, 2.0, 0.0, step, sc);
-        f_gd = loss_and_grad(w_gd, grad);
-        for (size_t i = 0; i < grad.size(); ++i) w_gd[i] -= float(1.0 / 100.0 * grad[i]);  // 1 / L_max
+    std::vector<double> shampoo_over_start, shampoo_over_gd;
+    for (int target_index = 0; target_index < 5; ++target_index) {
+        const Dense target = random_dense(n, n, gen);
+        auto loss_and_grad = [&](const std::vector<float>& w, std::vector<float>& grad) {
+            Dense diff(n, n);
+            for (size_t i = 0; i < diff.values.size(); ++i) diff.values[i] = w[i] - target.values[i];
+            const Dense gd = matmul(matmul(hl, diff), hr);
+            for (size_t i = 0; i < grad.size(); ++i) grad[i] = float(gd.values[i]);
+            double f = 0;
+            for (size_t i = 0; i < diff.values.size(); ++i) f += 0.5 * diff.values[i] * gd.values[i];
+            return f;
+        };
+        std::vector<float> w_shampoo(size_t(n) * n, 0.0f), w_gd(size_t(n) * n, 0.0f), grad(size_t(n) * n);
+        std::vector<ShampooBlockState> state(1);
+        state[0].init({0, 0, n, n}, sc);
+        const double start = loss_and_grad(w_shampoo, grad);
+        for (int step = 1; step <= 200; ++step) {
+            loss_and_grad(w_shampoo, grad);
+            shampoo_update_cpu(w_shampoo.data(), grad.data(), state, n, n, 2.0, 0.0, step, sc);
+            loss_and_grad(w_gd, grad);
+            for (size_t i = 0; i < grad.size(); ++i) w_gd[i] -= float(1.0 / 100.0 * grad[i]);  // 1 / L_max
+        }
+        const double f_shampoo = loss_and_grad(w_shampoo, grad), f_gd = loss_and_grad(w_gd, grad);
+        shampoo_over_start.push_back(f_shampoo / start);
+        shampoo_over_gd.push_back(f_shampoo / f_gd);
     }
-    f_shampoo = loss_and_grad(w_shampoo, grad);
-    f_gd = loss_and_grad(w_gd, grad);
-    CAPTURE(start);
-    CAPTURE(f_shampoo);
-    CAPTURE(f_gd);
-    CHECK(f_shampoo < 1e-4 * start);
-    CHECK(f_shampoo < 1e-2 * f_gd);
+    auto median = [](std::vector<double> values) {
+        std::nth_element(values.begin(), values.begin() + long(values.size() / 2), values.end());
+        return values[values.size() / 2];
+    };
+    CAPTURE(median(shampoo_over_start));
+    CAPTURE(median(shampoo_over_gd));
+    CHECK(median(shampoo_over_start) < 1e-4);
+    CHECK(median(shampoo_over_gd) < 1e-2);
 }
 
 TEST_CASE("Shampoo's kept eigenbasis (the reference's amortized eigendecompositions): criterion, eigh skips, QR "
