@@ -2,7 +2,8 @@
 // training steps on random tokens (after warm-up) and prints tokens/s, MFU, ms per phase
 // (median) and GPU memory, and the optimizer's mean step time as a share of forward+backward;
 // it measures the bf16 matmul ceiling of this GPU first (cuBLASLt, 8192^3) for the MFU, and
-// the attention kernels' own TFLOP/s with --attention.
+// the attention kernels' own TFLOP/s with --attention. --cpu-linalg times the CPU references'
+// float64 helpers instead (no GPU needed).
 //
 // FLOPs per token (the convention of ../shared/PEERS.md and llm.c): 6 N + 12 L d T, N = all
 // parameters (tied embedding counted once), L layers, d = d_model, T = sequence length; the
@@ -14,7 +15,10 @@
 // eigendecompositions and Householder QRs) and set against the fp32 GEMM ceiling measured here.
 #include <cuda_runtime.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -30,6 +34,7 @@
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "model/gpu_model.hpp"
+#include "optim/dense.hpp"
 #include "optim/gpu_optimizer.hpp"
 #include "optim/optimizer_cli.hpp"
 #include "quant/hadamard.hpp"
@@ -437,6 +442,47 @@ void bench_psgd_products() {
     }
 }
 
+// The CPU references' float64 helpers (optim/dense) at the factor sizes of the small presets, on
+// this machine's OpenMP threads: n^3 products (plain, and with both transposes), the symmetric
+// eigendecomposition of a Gram matrix, Householder QR, and 128 right-hand sides through an
+// upper-triangular n x n solve. Median of three calls each, after one untimed call.
+void bench_cpu_linalg() {
+    std::mt19937_64 gen(20261204);
+    std::normal_distribution<double> normal;
+    auto random_dense = [&](int rows, int cols) {
+        Dense d(rows, cols);
+        for (double& v : d.values) v = normal(gen);
+        return d;
+    };
+    auto seconds = [](auto&& call) {
+        call();
+        std::vector<double> times;
+        for (int k = 0; k < 3; ++k) {
+            const auto start = std::chrono::steady_clock::now();
+            call();
+            times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        }
+        std::sort(times.begin(), times.end());
+        return times[1];
+    };
+    std::printf("CPU dense helpers (float64, %d OpenMP threads), seconds per call:\n", omp_get_max_threads());
+    for (int n : {128, 256, 512, 768}) {
+        const Dense a = random_dense(n, n), b = random_dense(n, n), rhs = random_dense(128, n);
+        const Dense gram = matmul(a, a, false, true);
+        Dense upper = random_dense(n, n);
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j <= i; ++j) upper(i, j) = i == j ? 2 + std::abs(upper(i, j)) : 0.0;
+        const double product = seconds([&] { return matmul(a, b); });
+        const double product_transposed = seconds([&] { return matmul(a, b, true, true); });
+        const double eigen = seconds([&] { return symmetric_eigen(gram); });
+        const double qr = seconds([&] { return householder_q(a); });
+        const double solve = seconds([&] { return solve_upper_right(rhs, upper); });
+        std::printf("  n = %4d | product %.4f s (%.1f GFLOP/s), transposed %.4f s | eigendecomposition %.4f s | "
+                    "Householder QR %.4f s | solve 128 x n %.4f s\n",
+                    n, product, 2.0 * n * n * n / product / 1e9, product_transposed, eigen, qr, solve);
+    }
+}
+
 // The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
 // gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
 // batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
@@ -581,6 +627,10 @@ int main(int argc, char** argv) {
                  "(Householder, Cholesky QR with its passes per matrix) at gpt2-124m's factor sizes (QRs up to 4096) "
                  "over several batch sizes, and PSGD's "
                  "triangular products (dense GEMM, blocked) and solves");
+    bool cpu_linalg = false;
+    app.add_flag("--cpu-linalg", cpu_linalg,
+                 "time the CPU references' float64 helpers (products, eigendecomposition, Householder QR, triangular "
+                 "solve) at n = 128-768 and exit; needs no GPU (OMP_NUM_THREADS sets the threads)");
     bool integer_gemm = false;
     app.add_flag("--integer-gemm", integer_gemm,
                  "also time the int8 GEMM (cuBLASLt's int32 product, and ours with the scales in its epilogue), "
@@ -589,6 +639,10 @@ int main(int argc, char** argv) {
                  "gpt2-124m's and olmo2-1.5b's linear shapes (32768 tokens; W4A16 also at 1, 4, 16 tokens)");
     return qopt::run_main(app, argc, argv, "bench", [&] {
         QOPT_CHECK(warmup >= 0 && steps > 0, "--steps must be positive and --warmup non-negative");
+        if (cpu_linalg) {
+            qopt::bench_cpu_linalg();
+            return 0;
+        }
         const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
         if (!gpu.usable) qopt::fail(gpu.problem);
         if (configs.empty())
