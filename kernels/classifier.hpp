@@ -30,12 +30,14 @@ void classifier_cpu(T* losses, T* dx, T* d_embed, const T* x, const T* embed, co
             const int target = targets[n0 + r];
             T max_logit = row[0];
             for (int v = 1; v < vocab_size; ++v) max_logit = std::max(max_logit, row[v]);
+            // One exponential per logit: the row keeps exp(logit - max) for the gradient.
+            const T target_logit = row[target];
             T sum = 0;
-            for (int v = 0; v < vocab_size; ++v) sum += std::exp(row[v] - max_logit);
-            const T log_sum = std::log(sum) + max_logit;
-            losses[n0 + r] = log_sum - row[target];
+            for (int v = 0; v < vocab_size; ++v) sum += row[v] = std::exp(row[v] - max_logit);
+            losses[n0 + r] = std::log(sum) + max_logit - target_logit;
             if (grad_scale != T(0)) {
-                for (int v = 0; v < vocab_size; ++v) row[v] = std::exp(row[v] - log_sum) * grad_scale;
+                const T scale = grad_scale / sum;  // softmax = exp(logit - max) / sum
+                for (int v = 0; v < vocab_size; ++v) row[v] *= scale;
                 row[target] -= grad_scale;
             }
         }
