@@ -52,7 +52,7 @@ void matmul_forward_cpu(T* out, const T* in, const T* weight, const T* bias, int
                         int out_dim) {
     // For a strip of kCols outputs the weight's rows o0..o0+kCols are transposed into a
     // thread-local [in, kCols] block (contiguous along o), then every kRows rows of in accumulate
-    // out[n, o0:o0+kCols] = bias + sum_i in[n, i] * weight_t[i, :] in registers.
+    // out[n, o0:o0+kCols] = sum_i in[n, i] * weight_t[i, :] in registers, then the bias is added.
     constexpr int kRows = LinearTile<T>::kRows, kCols = LinearTile<T>::kCols;
     const int col_blocks = (out_dim + kCols - 1) / kCols;
 #pragma omp parallel
