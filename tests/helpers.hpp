@@ -18,8 +18,8 @@
 namespace qopt::test {
 
 // A seed that differs per run (fresh inputs every time), printed on failure via INFO.
-// A new random seed per call; tests log theirs with INFO. QOPT_TEST_SEED=<seed> in the
-// environment makes every call return that seed instead, to replay a logged failure.
+// QOPT_TEST_SEED=<seed> in the environment makes every call return that seed instead, to
+// replay a logged failure.
 inline uint64_t fresh_seed() {
     if (const char* replay = std::getenv("QOPT_TEST_SEED")) return std::strtoull(replay, nullptr, 10);
     static std::random_device device;

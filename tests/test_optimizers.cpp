@@ -57,6 +57,14 @@ ModelConfig small_model(const char* preset) {
     return c;
 }
 
+// a = vectors diag(values) vectors^T rebuilt from a decomposition.
+Dense recompose(const SymmetricEigen& e) {
+    Dense scaled = e.vectors;
+    for (int r = 0; r < scaled.rows; ++r)
+        for (int c = 0; c < scaled.cols; ++c) scaled(r, c) *= e.values[size_t(c)];
+    return matmul(scaled, e.vectors, false, true);
+}
+
 }  // namespace
 
 TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangular solve") {
@@ -68,10 +76,7 @@ TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangul
     const SymmetricEigen e = symmetric_eigen(a);
     for (size_t i = 1; i < e.values.size(); ++i) CHECK(e.values[i - 1] >= e.values[i]);
     CHECK(max_abs_diff(matmul(e.vectors, e.vectors, true, false), Dense::identity(9)) < 1e-10);
-    Dense scaled = e.vectors;
-    for (int r = 0; r < 9; ++r)
-        for (int c = 0; c < 9; ++c) scaled(r, c) *= e.values[size_t(c)];
-    CHECK(max_abs_diff(matmul(scaled, e.vectors, false, true), a) < 1e-9);
+    CHECK(max_abs_diff(recompose(e), a) < 1e-9);
     CHECK(std::abs(e.values[8]) < 1e-9);  // rank 7
 
     const Dense tall = random_dense(8, 5, gen);
@@ -101,19 +106,11 @@ TEST_CASE("dense helpers: symmetric eigendecomposition, Householder QR, triangul
     CHECK_THROWS_AS(orders_per_matrix({1.0f, 2.0f}, 3, true), Error);
 }
 
-// a = vectors diag(values) vectors^T rebuilt from a decomposition.
-Dense recompose(const SymmetricEigen& e) {
-    Dense scaled = e.vectors;
-    for (int r = 0; r < scaled.rows; ++r)
-        for (int c = 0; c < scaled.cols; ++c) scaled(r, c) *= e.values[size_t(c)];
-    return matmul(scaled, e.vectors, false, true);
-}
-
 // The products and the triangular solve against the textbook loops they replace: op(a)(i, p)
 // op(b)(p, j) summed over p, and y[:, j] = (x[:, j] - sum_{i<j} y[:, i] u[i, j]) / u[j, j]. The
-// shapes cover whole 8 x 8 register tiles, ragged edges, a single row or column, and depths
-// beyond one 256-deep panel; the larger ones run on several threads.
-TEST_CASE("dense products and triangular solve match the plain loops: every transpose, ragged tiles, deep panels") {
+// shapes cover whole 8 x 8 register tiles, ragged edges, a single row or column, and long inner
+// dimensions; the larger ones run on several threads.
+TEST_CASE("dense products and triangular solve match the plain loops: every transpose, ragged tiles, long inner dimensions") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     std::mt19937_64 gen(seed);

@@ -70,14 +70,27 @@ private:
     cudaEvent_t start_, stop_;
 };
 
+// The same interface on the host's steady clock, for work that runs on the CPU.
+class WallTimer {
+public:
+    void start() { start_ = std::chrono::steady_clock::now(); }
+    double stop() const {
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_).count();
+    }
+
+private:
+    std::chrono::steady_clock::time_point start_;
+};
+
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
 }
 
-// Median milliseconds of `runs` timed calls after `warmup` untimed ones.
-template <typename Call>
-double median_call_ms(Timer& timer, Call&& call, int warmup, int runs) {
+// Median milliseconds of `runs` timed calls after `warmup` untimed ones (Timer: GPU work,
+// WallTimer: CPU work).
+template <typename Clock, typename Call>
+double median_call_ms(Clock& timer, Call&& call, int warmup, int runs) {
     for (int i = 0; i < warmup; ++i) call();
     std::vector<double> ms;
     for (int i = 0; i < runs; ++i) {
@@ -454,17 +467,8 @@ void bench_cpu_linalg() {
         for (double& v : d.values) v = normal(gen);
         return d;
     };
-    auto seconds = [](auto&& call) {
-        call();
-        std::vector<double> times;
-        for (int k = 0; k < 3; ++k) {
-            const auto start = std::chrono::steady_clock::now();
-            call();
-            times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-        }
-        std::sort(times.begin(), times.end());
-        return times[1];
-    };
+    WallTimer timer;
+    auto seconds = [&](auto&& call) { return median_call_ms(timer, call, 1, 3) / 1e3; };
     std::printf("CPU dense helpers (float64, %d OpenMP threads), seconds per call:\n", omp_get_max_threads());
     for (int n : {128, 256, 512, 768}) {
         const Dense a = random_dense(n, n), b = random_dense(n, n), rhs = random_dense(128, n);
