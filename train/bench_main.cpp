@@ -193,10 +193,13 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     CholeskyQrReport qr_before = cholesky_qr_totals();
     EigenRefreshCounts refreshes_before;
     double loss = 0;
+    size_t peak_in_use = 0;
     for (int step = 0; step < warmup + steps; ++step) {
         for (size_t i = 0; i < N; ++i) inputs[i] = int(gen() % uint64_t(config.vocab_size));
         for (size_t i = 0; i < N; ++i) targets[i] = int(gen() % uint64_t(config.vocab_size));
-        CUDA_CHECK(cudaDeviceSynchronize());
+        // The last step's work on the default stream is done; a Shampoo refresh on its side stream
+        // (--shampoo-refresh-lag) may still run, overlapping this step, as in training.
+        CUDA_CHECK(cudaStreamSynchronize(0));
         Timer whole;
         whole.start();
         timer.start();
@@ -219,13 +222,16 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
         const double o = timer.stop();
         const double step_flops = issued_matrix_flops() - flops_before;
         const double total = whole.stop();
+        // Device memory in use after each step (this process: model, optimizer state, library
+        // workspaces and scratch); its maximum is the peak reported. Outside the timed region.
+        size_t free_now = 0, total_now = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_now, &total_now));
+        peak_in_use = std::max(peak_in_use, total_now - free_now);
         loss = model.mean_loss();
         if (step < warmup) continue;
         forward_ms.push_back(f), backward_ms.push_back(b), optimizer_ms.push_back(o), step_ms.push_back(total);
         optimizer_flops.push_back(step_flops);
     }
-    size_t free_bytes = 0, total_bytes = 0;
-    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     const double ms = median(step_ms);
     const double tokens_per_second = double(N) / (ms * 1e-3);
     const double params = double(model.layout().total);
@@ -233,12 +239,12 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
         6.0 * params + 12.0 * config.n_layers * double(config.d_model) * double(bc.seq_len);
     const double tflops = flops_per_token * tokens_per_second / 1e12;
     std::printf("%-11s B=%-3d T=%-5d%s %-7s%s%s | %9.0f tok/s | step %7.2f ms (fwd %6.2f, bwd %6.2f, opt %5.2f) | %6.1f TFLOP/s, "
-                "MFU %4.1f%% | memory planned %.2f GB, in use %.2f GB | loss %.3f\n",
+                "MFU %4.1f%% | memory planned %.2f GB, peak in use %.2f GB | loss %.3f\n",
                 bc.preset.c_str(), bc.batch, bc.seq_len, recompute ? " recompute" : "",
                 optimizer_name(optimizer_config.kind), quant.enabled() ? " qat " : "",
                 quant.enabled() ? quant.short_name().c_str() : "", tokens_per_second, ms, median(forward_ms), median(backward_ms),
                 median(optimizer_ms), tflops, 100.0 * tflops / peak_tflops, double(model.device_bytes()) / 1e9,
-                double(total_bytes - free_bytes) / 1e9, loss);
+                double(peak_in_use) / 1e9, loss);
     // The optimizer's share: mean step time (includes the gradient norm) over mean fwd+bwd.
     const double opt_mean = mean(optimizer_ms), fwd_bwd_mean = mean(forward_ms) + mean(backward_ms);
     const Routing routing = route_parameters(model.layout(), optimizer_config);
@@ -250,6 +256,12 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
                 optimizer_name(optimizer_config.kind), opt_mean, median(optimizer_ms),
                 *std::max_element(optimizer_ms.begin(), optimizer_ms.end()), 100.0 * opt_mean / fwd_bwd_mean,
                 fwd_bwd_mean, double(N) / ((fwd_bwd_mean + opt_mean) * 1e-3), double(optimizer.state_bytes()) / 1e9);
+    // What the optimizer costs the whole step, slowdowns of forward and backward by work it runs
+    // beside them included: mean step over the median forward+backward (steps without such work).
+    std::vector<double> fwd_bwd_ms(forward_ms.size());
+    for (size_t i = 0; i < fwd_bwd_ms.size(); ++i) fwd_bwd_ms[i] = forward_ms[i] + backward_ms[i];
+    const double fwd_bwd_median = median(fwd_bwd_ms), step_over = mean(step_ms) - fwd_bwd_median;
+    std::printf(" | mean step - median fwd+bwd %.2f ms = %.1f%%", step_over, 100.0 * step_over / fwd_bwd_median);
     if (ns_flops > 0)
         std::printf(" | Newton-Schulz %.2f TFLOP per step, %.0f TFLOP/s over the whole optimizer step", ns_flops / 1e12,
                     ns_flops / (opt_mean * 1e-3) / 1e12);
@@ -610,7 +622,9 @@ int main(int argc, char** argv) {
     qopt::QuantOptions qat_options;
     qopt::add_quant_flags(app, qat_options, "qat", qopt::QuantStyle::Quest);
     app.add_option("--optimizers", optimizers,
-                   "Optimizers to bench in turn, e.g. adamw muon scion (default: --optimizer)");
+                   "Optimizers to bench in turn, e.g. adamw muon scion (default: --optimizer). Peak memory is the "
+                   "process's, and libraries' workspaces stay from one to the next: bench one per process to "
+                   "attribute it");
     app.add_option("--config", configs,
                    "PRESET:BATCH:SEQ_LEN, repeatable (default: gpt2-124m:32:1024 olmo2-125m:32:1024 "
                    "olmo2-50m:32:1024 olmo2-350m:16:1024 olmo2-500m:16:1024 olmo2-760m:8:1024 olmo2-1.5b:8:1024)");
