@@ -184,7 +184,12 @@ void strided_matmul_f32_gpu(float* d, int64_t ld_d, int64_t stride_d, const floa
 // Symmetric a: values descending, column j of vectors [n, n] the unit eigenvector of values[j]
 // (as symmetric_eigen; only the lower triangle of a is read). a may be scratch itself (then it
 // is overwritten).
-void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch);
+// With a stream other than the default, everything runs on that stream (ordered there, not on
+// the default stream) with workspaces of its own: a side stream can decompose while the default
+// stream trains (Shampoo's --shampoo-refresh-lag). cuSOLVER's batched syev holds the calling
+// thread until the decomposition is done, so such a call belongs on a thread of its own.
+void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch,
+                                 cudaStream_t stream = 0);
 // The same for the listed matrices of the batch only (increasing indices), in one batched call
 // over the list: their vectors and values land at their places in the batch; the other places of
 // vectors and values are used as work (unspecified afterwards). a may be scratch itself.
@@ -219,7 +224,11 @@ void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch
 // Householder fallback) will need for these shapes: they are kept and shared by later calls, so
 // an optimizer that reserves its refreshes' shapes at construction has them counted in the memory
 // check before training, instead of allocating them at its first refresh. scratch as for the calls.
-void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch);
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch, cudaStream_t stream = 0);
+// Frees the workspaces of symmetric_eigen_batched_gpu's calls on this (side) stream.
+void release_side_solver(cudaStream_t stream);
+// The cuBLASLt workspace of products issued on this stream (each stream has its own), now.
+void reserve_matmul_workspace(cudaStream_t stream);
 void reserve_qr_q_gpu(int n, int batch, float* scratch);
 // Device bytes held now by this family's workspaces (cuSOLVER's, the Cholesky QR's, pointer arrays).
 size_t linalg_workspace_bytes();

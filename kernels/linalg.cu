@@ -26,6 +26,10 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
@@ -50,15 +54,21 @@ namespace {
 
 // Device bytes held by all Scratch buffers (linalg_workspace_bytes).
 size_t held_scratch_bytes = 0;
-// issued_matrix_flops.
-double matrix_flops_issued = 0;
+// issued_matrix_flops (atomic: Shampoo's side refresh issues products from its own thread).
+std::atomic<double> matrix_flops_issued{0};
 // cholesky_qr_totals.
 CholeskyQrReport cholesky_qr_totals_so_far;
 
-// A growable device scratch buffer, kept once grown.
+// A growable device scratch buffer, kept once grown (or until released).
 struct Scratch {
     void* data = nullptr;
     size_t bytes = 0;
+    void release() {
+        if (data) cudaFree(data);
+        held_scratch_bytes -= bytes;
+        data = nullptr;
+        bytes = 0;
+    }
     void* at_least(size_t wanted) {
         if (wanted > bytes) {
             if (data) cudaFree(data);
@@ -94,6 +104,21 @@ constexpr int kSolverWorkers = 4;
 std::vector<SolverWorker>& workers() {
     static std::vector<SolverWorker> instance(kSolverWorkers);
     return instance;
+}
+
+// A worker per caller's stream (a side stream that runs beside the default one, fed from a
+// thread of its own): its handle is pointed at that stream, its workspaces are its own, until
+// release_side_solver.
+std::mutex side_workers_mutex;
+std::map<cudaStream_t, std::unique_ptr<SolverWorker>> side_workers;
+SolverWorker& side_worker(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(side_workers_mutex);
+    std::unique_ptr<SolverWorker>& worker = side_workers[stream];
+    if (!worker) {
+        worker = std::make_unique<SolverWorker>();
+        SOLVER_CHECK(cusolverDnSetStream(worker->handle, stream));
+    }
+    return *worker;
 }
 
 cublasHandle_t blas() {
@@ -178,19 +203,23 @@ EigenWork eigen_work(SolverWorker& w, int n, int batch, float* a) {
 
 }  // namespace
 
-void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch) {
-    SolverWorker& w = workers()[0];
+void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, int n, int batch, float* scratch,
+                                 cudaStream_t stream) {
+    // On the default stream: worker 0, whose stream is blocking, so it starts after the copy
+    // below and the default stream waits for it. On a side stream: everything on that stream.
+    SolverWorker& w = stream ? side_worker(stream) : workers()[0];
+    const cudaStream_t run_on = stream ? stream : w.stream;
     const size_t matrix = size_t(n) * n;
-    if (scratch != a) CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, 0));
+    if (scratch != a)
+        CUDA_CHECK(cudaMemcpyAsync(scratch, a, matrix * batch * sizeof(float), cudaMemcpyDeviceToDevice, stream));
     const EigenWork work = eigen_work(w, n, batch, scratch);
-    // The worker stream is blocking: it starts after the copy above on the default stream.
     SOLVER_CHECK(cusolverDnXsyevBatched(w.handle, w.params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
                                         CUDA_R_32F, scratch, n, CUDA_R_32F, work.raw_values, CUDA_R_32F,
                                         work.device_work, work.device_bytes, w.host_work.data(), work.host_bytes,
                                         work.info, batch));
     // Column-major eigenvectors (ascending) -> row-major, columns in descending order.
-    transpose_square(vectors, scratch, n, batch, true, w.stream);
-    reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, w.stream>>>(values, work.raw_values, n, batch);
+    transpose_square(vectors, scratch, n, batch, true, run_on);
+    reverse_values_kernel<<<grid_for(size_t(n) * batch), 256, 0, run_on>>>(values, work.raw_values, n, batch);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -577,8 +606,8 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
 
 CholeskyQrReport cholesky_qr_totals() { return cholesky_qr_totals_so_far; }
 
-void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch) {
-    if (batch > 0) eigen_work(workers()[0], n, batch, scratch);
+void reserve_symmetric_eigen_gpu(int n, int batch, float* scratch, cudaStream_t stream) {
+    if (batch > 0) eigen_work(stream ? side_worker(stream) : workers()[0], n, batch, scratch);
 }
 
 void reserve_qr_q_gpu(int n, int batch, float* scratch) {
@@ -595,8 +624,24 @@ void reserve_qr_q_gpu(int n, int batch, float* scratch) {
 
 size_t linalg_workspace_bytes() { return held_scratch_bytes; }
 
-double issued_matrix_flops() { return matrix_flops_issued; }
-void count_matrix_flops(double flops) { matrix_flops_issued += flops; }
+void release_side_solver(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(side_workers_mutex);
+    auto found = side_workers.find(stream);
+    if (found == side_workers.end()) return;
+    SolverWorker& w = *found->second;
+    for (Scratch* scratch : {&w.device_work, &w.tau, &w.info}) scratch->release();
+    cusolverDnDestroyParams(w.params);
+    cusolverDnDestroy(w.handle);
+    cudaStreamDestroy(w.stream);
+    side_workers.erase(found);
+}
+
+double issued_matrix_flops() { return matrix_flops_issued.load(); }
+void count_matrix_flops(double flops) {
+    double seen = matrix_flops_issued.load();
+    while (!matrix_flops_issued.compare_exchange_weak(seen, seen + flops)) {
+    }
+}
 
 void qr_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch) {
     if (n <= kCholeskyQrMax)

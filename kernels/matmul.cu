@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <map>
+#include <mutex>
 #include <tuple>
 
 #include "kernels/cuda_common.cuh"
@@ -30,12 +31,20 @@ namespace {
 
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 
+// The handle and one workspace per stream (products on different streams may run at once; a
+// shared workspace would be written by both). Products may be issued from more than one host
+// thread (Shampoo's side refresh): `mutex` guards the workspaces and the algorithm cache.
 struct Lt {
     cublasLtHandle_t handle = nullptr;
-    void* workspace = nullptr;
-    Lt() {
-        CUBLAS_CHECK(cublasLtCreate(&handle));
-        CUDA_CHECK(cudaMalloc(&workspace, kWorkspaceBytes));
+    std::mutex mutex;
+    std::map<cudaStream_t, void*> workspaces;
+    Lt() { CUBLAS_CHECK(cublasLtCreate(&handle)); }
+    void* workspace(cudaStream_t stream) {
+        auto found = workspaces.find(stream);
+        if (found != workspaces.end()) return found->second;
+        void* bytes = nullptr;
+        CUDA_CHECK(cudaMalloc(&bytes, kWorkspaceBytes));
+        return workspaces.emplace(stream, bytes).first->second;
     }
 };
 
@@ -142,11 +151,18 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
     const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, operands.count,
                   int(ab_type), tf32, ld_a, ld_b, ld_c, operands.stride_a, operands.stride_b, operands.stride_c,
                   alignment};
-    auto found = cache.find(key);
-    if (found == cache.end())
-        found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k, alignment)).first;
+    cublasLtMatmulAlgo_t algorithm;
+    void* workspace;
+    {
+        std::lock_guard<std::mutex> lock(lt().mutex);
+        auto found = cache.find(key);
+        if (found == cache.end())
+            found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k, alignment)).first;
+        algorithm = found->second;
+        workspace = lt().workspace(stream);
+    }
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
-                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
+                                layout_c, &algorithm, workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);
@@ -154,6 +170,11 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
 }
 
 }  // namespace
+
+void reserve_matmul_workspace(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(lt().mutex);
+    lt().workspace(stream);
+}
 
 namespace {
 
@@ -173,10 +194,18 @@ void quantized_tn_product(cublasLtMatmulDesc_t op, cudaDataType_t ab_type, cudaD
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, out_type, m, n, m));
     static std::map<std::tuple<int, int, int, int, int, int>, cublasLtMatmulAlgo_t> cache;
     const auto key = std::make_tuple(m, n, k, int(ab_type), int(out_type), variant);
-    auto found = cache.find(key);
-    if (found == cache.end()) found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
+    cublasLtMatmulAlgo_t algorithm;
+    void* workspace;
+    {
+        std::lock_guard<std::mutex> lock(lt().mutex);
+        auto found = cache.find(key);
+        if (found == cache.end())
+            found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
+        algorithm = found->second;
+        workspace = lt().workspace(stream);
+    }
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, alpha, weight, layout_a, in, layout_b, beta, out, layout_c, out,
-                                layout_c, &found->second, lt().workspace, kWorkspaceBytes, stream));
+                                layout_c, &algorithm, workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);

@@ -180,6 +180,10 @@ private:
                             fn(prefix + ".right_eigenvectors", {bc, bc}, s.right_vectors);
                             fn(prefix + ".right_eigenvalues", {bc}, s.right_values);
                         }
+                        if (!s.pending_left_root.empty()) {  // a refresh lag (ShampooConfig::refresh_lag)
+                            fn(prefix + ".pending_left_root", {br, br}, s.pending_left_root);
+                            fn(prefix + ".pending_right_root", {bc, bc}, s.pending_right_root);
+                        }
                         fn(prefix + ".filtered", {br, bc}, s.filtered);
                         fn(prefix + ".graft_sq", {br, bc}, s.graft_sq);
                         if (!s.momentum.empty()) fn(prefix + ".momentum", {br, bc}, s.momentum);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.hpp"
 #include "kernels/gpu.hpp"
 #include "optim/optimizer.hpp"
 
@@ -104,10 +105,11 @@ std::vector<TileGroup> group_tiles(const Routing& routing, int block_size = 0);
 // tensor cores when `tf32` (--precond-tf32). d must not alias a or b.
 struct GroupGemm {
     bool tf32 = false;
+    cudaStream_t stream = 0;  // Shampoo's refresh on a side stream (--shampoo-refresh-lag)
     void operator()(float* d, const float* a, bool transpose_a, const float* b, bool transpose_b, int m, int n, int k,
                     int count, float alpha = 1.0f, float beta = 0.0f) const {
         batched_matmul_f32_gpu(d, d, a, transpose_a, b, transpose_b, m, n, k, alpha, beta, count, int64_t(m) * k,
-                               int64_t(k) * n, int64_t(m) * n, tf32);
+                               int64_t(k) * n, int64_t(m) * n, tf32, stream);
     }
     // The factor statistics d[t] = alpha op(a[t]) op(a[t])^T + beta d[t] (op(a) n x k; a stored
     // k x n when transpose_a; d symmetric). From n = kSymmetricGramMin in full fp32 one syrk per
@@ -116,6 +118,7 @@ struct GroupGemm {
     // single 768^2 or 1024^2 syrk fills too little of the GPU: 8.8 against 1.85 ms for 96).
     static constexpr int kSymmetricGramMin = 2048;
     void gram(float* d, const float* a, bool transpose_a, int n, int k, int count, float alpha, float beta) const {
+        QOPT_CHECK(stream == 0, "GroupGemm::gram runs on the default stream only");
         if (!tf32 && n >= kSymmetricGramMin)
             symmetric_gram_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta);
         else

@@ -95,6 +95,12 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
                    "qr: at most this many QR-algorithm steps per refresh (QREigendecompositionConfig.max_iterations)")
         ->group(h)
         ->capture_default_str();
+    app.add_option("--shampoo-refresh-lag", c.shampoo.refresh_lag,
+                   "Steps from a refresh to its roots taking effect; 0: at once (the reference). K > 0 (below the "
+                   "steps between refreshes; eigh without tolerance only): the GPU computes the roots on a side "
+                   "stream during the next K steps, and Shampoo's direction starts K steps after the start step")
+        ->group(h)
+        ->capture_default_str();
 
     const char* p = "SOAP";
     app.add_option("--soap-beta1", c.soap.beta1, "Adam beta1 in the eigenbasis")->group(p);

@@ -518,9 +518,9 @@ void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denomi
 }
 
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root) {
-    inverse_root_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads>>>(scaled, vectors, values, n,
-                                                                                       divisor, eps, root);
+                              float divisor, double eps, int root, cudaStream_t stream) {
+    inverse_root_columns_kernel<<<per_matrix_grid(int64_t(n) * n, count), kThreads, 0, stream>>>(
+        scaled, vectors, values, n, divisor, eps, root);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -40,7 +40,7 @@ void norm_ratio_gpu(float* scale, const float* numerator_sq, const float* denomi
 //   scaled[:, j] = vectors[:, j] * (values[j] / divisor - min(min_k values[k] / divisor, 0) + eps)^(-1/root)
 // so that scaled vectors^T = (factor / divisor + eps I)^(-1/root) after the shift.
 void inverse_root_columns_gpu(float* scaled, const float* vectors, const float* values, int n, int count,
-                              float divisor, double eps, int root);
+                              float divisor, double eps, int root, cudaStream_t stream = 0);
 
 // Shampoo's kept eigenbasis (optim/shampoo.hpp, shampoo_amortized_eigen), over count n x n
 // matrices: diagonal[t] = diag(x[t]); out[t] = the sum of squares of x[t]'s off-diagonal

@@ -20,6 +20,13 @@ void ShampooConfig::validate() const {
     QOPT_CHECK(graft_beta2 > 0 && graft_beta2 <= 1 && graft_eps > 0, "bad Shampoo grafting settings");
     QOPT_CHECK(eigen_tolerance >= 0 && eigen_tolerance <= 1, "--shampoo-eigen-tolerance must be in [0, 1]");
     QOPT_CHECK(qr_iterations >= 1, "--shampoo-qr-iterations must be at least 1");
+    // One refresh pending at a time: its roots take effect before the next refresh.
+    const int most_lag = std::min(precondition_frequency, first_refresh_gap()) - 1;
+    QOPT_CHECK(refresh_lag >= 0 && refresh_lag <= most_lag, "--shampoo-refresh-lag must be in [0, ", most_lag,
+               "] (below the steps between refreshes)");
+    QOPT_CHECK(refresh_lag == 0 || !keeps_eigenbasis(),
+               "--shampoo-refresh-lag needs the full eigendecomposition refresh (--shampoo-eigen-method eigh, "
+               "--shampoo-eigen-tolerance 0)");
 }
 
 Json ShampooConfig::to_json() const {
@@ -40,6 +47,7 @@ Json ShampooConfig::to_json() const {
     j["eigen_method"] = eigen_method == ShampooEigenMethod::qr ? "qr" : "eigh";
     j["eigen_tolerance"] = eigen_tolerance;
     if (eigen_method == ShampooEigenMethod::qr) j["qr_iterations"] = int64_t(qr_iterations);
+    j["refresh_lag"] = int64_t(refresh_lag);
     return j;
 }
 
@@ -68,6 +76,8 @@ void ShampooBlockState::init(const ShampooBlock& b, const ShampooConfig& c) {
     };
     identity(left_vectors, left_values, b.block_rows);
     identity(right_vectors, right_values, b.block_cols);
+    pending_left_root.assign(c.refresh_lag > 0 ? left.size() : 0, 0.0f);
+    pending_right_root.assign(c.refresh_lag > 0 ? right.size() : 0, 0.0f);
 }
 
 Dense shampoo_inverse_root(const SymmetricEigen& e, double eps, int root) {
@@ -155,16 +165,21 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         accumulate(s.right, gtg);
         if (c.refreshes_roots(step)) {
             auto root_of = [&](const std::vector<float>& f, int n, std::vector<float>& out, std::vector<float>& vectors,
-                               std::vector<float>& values) {
+                               std::vector<float>& values, std::vector<float>& pending) {
                 Dense d(n, n);
                 for (size_t i = 0; i < f.size(); ++i) d.values[i] = f[i] / factor_bias;
                 // A non-finite factor has no root (and would only cost a full eigen sweep).
-                if (!all_finite(d)) {
-                    if (!commit_preconditioner(out, Dense(n, n, NAN))) ++rejected;
+                const bool finite = all_finite(d);
+                if (!c.keeps_eigenbasis()) {
+                    const Dense root = finite ? shampoo_inverse_root(d, c.eps, c.root()) : Dense(n, n, NAN);
+                    if (c.refresh_lag > 0)
+                        store_floats(root, pending);  // checked when it takes effect
+                    else if (!commit_preconditioner(out, root))
+                        ++rejected;
                     return;
                 }
-                if (!c.keeps_eigenbasis()) {
-                    if (!commit_preconditioner(out, shampoo_inverse_root(d, c.eps, c.root()))) ++rejected;
+                if (!finite) {
+                    if (!commit_preconditioner(out, Dense(n, n, NAN))) ++rejected;
                     return;
                 }
                 const SymmetricEigen e = shampoo_amortized_eigen(d, dense_from(vectors.data(), n, n), c, counts);
@@ -175,8 +190,12 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
                 store_floats(e.vectors, vectors);
                 for (int j = 0; j < n; ++j) values[size_t(j)] = float(e.values[size_t(j)]);
             };
-            root_of(s.left, br, s.left_root, s.left_vectors, s.left_values);
-            root_of(s.right, bc, s.right_root, s.right_vectors, s.right_values);
+            root_of(s.left, br, s.left_root, s.left_vectors, s.left_values, s.pending_left_root);
+            root_of(s.right, bc, s.right_root, s.right_vectors, s.right_values, s.pending_right_root);
+        }
+        if (c.switches_roots(step)) {
+            if (!commit_preconditioner(s.left_root, dense_from(s.pending_left_root.data(), br, br))) ++rejected;
+            if (!commit_preconditioner(s.right_root, dense_from(s.pending_right_root.data(), bc, bc))) ++rejected;
         }
         // Filtered gradient and grafting direction.
         Dense filtered_hat(br, bc), graft(br, bc);

@@ -17,6 +17,9 @@
 //   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
 //   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
 //   before the first root (t < start step): direction = A
+//   with refresh_lag K > 0: the roots computed at refresh step s are held (pending) and replace
+//   the roots in use at step s + K, before that step's direction; the direction is A before
+//   start step + K
 //   decoupled weight decay: direction += wd W (before momentum, as the reference orders it)
 //   optional momentum: K = mu K + direction (Nesterov: direction + mu K); then
 //   W = W - lr direction                   (without momentum: W (1 - lr wd) - lr direction)
@@ -48,6 +51,12 @@ struct ShampooConfig {
     ShampooEigenMethod eigen_method = ShampooEigenMethod::eigh;
     double eigen_tolerance = 0.0;  // EigendecompositionConfig.tolerance (0: the reference's default)
     int qr_iterations = 1;         // QREigendecompositionConfig.max_iterations
+    // Steps from a refresh to its roots taking effect (0: at once, as the reference). With lag K the
+    // roots of the factors at refresh step s are used from step s + K on (the GPU computes them
+    // on a side stream meanwhile, during steps s+1 .. s+K's forward and backward passes); Shampoo's
+    // direction starts at start step + K. Stale roots by K steps, as the asynchronous refreshes of
+    // Anil et al.'s "Scalable Second Order Optimization"; not the reference's behaviour.
+    int refresh_lag = 0;
     // Whether refreshes start from the last eigenbasis (kept in the state with its eigenvalues).
     bool keeps_eigenbasis() const { return eigen_method == ShampooEigenMethod::qr || eigen_tolerance > 0; }
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
@@ -57,7 +66,11 @@ struct ShampooConfig {
     bool refreshes_roots(long step) const {
         return step == start_step() || (step > start_step() && step % precondition_frequency == 0);
     }
-    bool preconditions(long step) const { return step >= start_step(); }
+    // With a lag, the step at which the roots of the refresh K steps earlier take effect.
+    bool switches_roots(long step) const { return refresh_lag > 0 && refreshes_roots(step - refresh_lag); }
+    bool preconditions(long step) const { return step >= start_step() + refresh_lag; }
+    // Steps from the start step's refresh to the next one (the lag must stay below it).
+    int first_refresh_gap() const { return (start_step() / precondition_frequency + 1) * precondition_frequency - start_step(); }
     void validate() const;
     Json to_json() const;
 };
@@ -80,6 +93,9 @@ struct ShampooBlockState {
     // With a kept eigenbasis only: the factors' eigenvectors (identity at first) and eigenvalues
     // (ones at first) from the last refresh, [br, br], [br], [bc, bc], [bc].
     std::vector<float> left_vectors, left_values, right_vectors, right_values;
+    // With a refresh lag only: the roots of the last refresh until they take effect (as computed,
+    // possibly non-finite: the check is at the switch), [br, br], [bc, bc].
+    std::vector<float> pending_left_root, pending_right_root;
     void init(const ShampooBlock& block, const ShampooConfig& c);
 };
 

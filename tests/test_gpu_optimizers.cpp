@@ -263,6 +263,24 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
              c.shampoo.qr_iterations = 2;
          },
          true, 6, 4, 2e-3, {"left_root", "right_root", "left_eigenvalues", "right_eigenvalues"}},
+        // A refresh lag: the roots computed on the side stream, taken 2 steps later (at 6; the
+        // refresh at 8 is still pending when the state is compared and round-tripped, and taken
+        // at the round trip's step 10); from a CPU state saved with its roots pending (refresh
+        // at 6, taken at 7).
+        {"shampoo, refresh lag 2, from scratch", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 4;
+             c.shampoo.refresh_lag = 2;
+         },
+         true, 0, 9, 2e-3,
+         {"left", "right", "left_root", "right_root", "pending_left_root", "pending_right_root", "filtered", "graft_sq"}},
+        {"shampoo, refresh lag 1, from a CPU state with pending roots", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.refresh_lag = 1;
+         },
+         false, 6, 4, 2e-3,
+         {"left", "right", "left_root", "right_root", "pending_left_root", "pending_right_root", "filtered", "graft_sq"}},
         {"soap from scratch", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, true, 0, 6,
          1e-2, {"left", "right"}},
         {"soap", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, false, 6, 5, 1e-2,

@@ -782,19 +782,95 @@ TEST_CASE("routing: hidden matrices to the method (q, k, v apart), the rest to A
     CHECK(!scion.describe().empty());
 }
 
+TEST_CASE("Shampoo with a refresh lag: the roots of step s take effect at s + K, bit for bit those of no lag") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // 12 x 10 in blocks of at most 8: four blocks of three shapes. The factors depend on the
+    // gradients alone, so runs fed the same gradients hold the same factors whatever their lag.
+    const int rows = 12, cols = 10, steps = 16;
+    std::vector<std::vector<float>> grads(steps + 1);
+    for (auto& g : grads) g = random_vector<float>(size_t(rows) * cols, gen);
+    const std::vector<float> start = random_vector<float>(size_t(rows) * cols, gen);
+    struct Run {
+        std::vector<std::vector<float>> left_roots, right_roots;  // block 1's roots after each step
+        std::vector<std::vector<float>> weights;                  // the weights after each step
+    };
+    auto run = [&](int lag, int start_step, int frequency) {
+        ShampooConfig c;
+        c.block_size = 8;
+        c.precondition_frequency = frequency;
+        c.start_preconditioning_step = start_step;
+        c.refresh_lag = lag;
+        c.validate();
+        std::vector<float> w = start;
+        std::vector<ShampooBlockState> blocks;
+        for (const ShampooBlock& b : shampoo_blocks(rows, cols, c.block_size)) blocks.emplace_back().init(b, c);
+        Run r;
+        for (long step = 1; step <= steps; ++step) {
+            std::vector<float> g = grads[size_t(step)];
+            CHECK(shampoo_update_cpu(w.data(), g.data(), blocks, rows, cols, 1e-2, 0.1, step, c) == 0);
+            r.left_roots.push_back(blocks[1].left_root);
+            r.right_roots.push_back(blocks[1].right_root);
+            r.weights.push_back(w);
+        }
+        return r;
+    };
+    // Refreshes at 4, 8, 12, 16 (start step 4, frequency 4); no refresh within 16 steps at 100.
+    const Run at_once = run(0, 4, 4), graft_only = run(0, 100, 100);
+    CHECK(at_once.weights[3] != graft_only.weights[3]);  // no lag: Shampoo's direction from step 4
+    for (int lag : {1, 3}) {
+        CAPTURE(lag);
+        const Run lagged = run(lag, 4, 4);
+        for (int step = 1; step <= steps; ++step) {
+            CAPTURE(step);
+            const size_t i = size_t(step - 1);
+            // The roots in use at `step`: the latest refresh's at or before step - lag.
+            const int source = step - lag;
+            if (source < 4) {
+                CHECK(lagged.left_roots[i] == std::vector<float>(lagged.left_roots[i].size(), 0.0f));
+            } else {
+                const size_t from = size_t(source / 4 * 4 - 1);
+                CHECK(lagged.left_roots[i] == at_once.left_roots[from]);
+                CHECK(lagged.right_roots[i] == at_once.right_roots[from]);
+            }
+            // Before start step + lag, the grafting direction alone; Shampoo's from then on.
+            if (step < 4 + lag)
+                CHECK(lagged.weights[i] == graft_only.weights[i]);
+            else if (step == 4 + lag)
+                CHECK(lagged.weights[i] != graft_only.weights[i]);
+        }
+    }
+    // The lag must end before the next refresh, and needs the full eigendecomposition.
+    ShampooConfig c;
+    c.precondition_frequency = 10;
+    c.refresh_lag = 10;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("--shampoo-refresh-lag must be in [0, 9]"), Error);
+    c.start_preconditioning_step = 17;  // refreshes at 17, 20, 30: at most 2
+    c.refresh_lag = 3;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("[0, 2]"), Error);
+    c.refresh_lag = 2;
+    c.validate();
+    c.eigen_method = ShampooEigenMethod::qr;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("needs the full eigendecomposition"), Error);
+}
+
 TEST_CASE("every optimizer's state round-trips: saved, loaded into a new one, the next steps are identical") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         const ParamLayout layout = ParamLayout::build(small_model(preset));
         // shampoo-qr: Shampoo with a kept eigenbasis (its eigenvectors and eigenvalues in the state).
-        for (const std::string name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd", "shampoo-qr"}) {
+        // shampoo-lag: a refresh lag, saved while a refresh's roots are pending (refresh at 3,
+        // taking effect at 5).
+        for (const std::string name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd", "shampoo-qr", "shampoo-lag"}) {
             CAPTURE(preset);
             CAPTURE(name);
             OptimizerConfig c;
-            c.kind = parse_optimizer(name == "shampoo-qr" ? "shampoo" : name);
+            c.kind = parse_optimizer(name.rfind("shampoo", 0) == 0 ? "shampoo" : name);
             if (name == "shampoo-qr") c.shampoo.eigen_method = ShampooEigenMethod::qr;
-            c.shampoo.precondition_frequency = 2;
+            c.shampoo.precondition_frequency = name == "shampoo-lag" ? 3 : 2;
+            if (name == "shampoo-lag") c.shampoo.refresh_lag = 2;
             c.soap.precondition_frequency = 2;
             c.shampoo.block_size = 48;  // the 64-wide matrices are cut into blocks
             std::mt19937_64 gen(seed);
