@@ -78,6 +78,20 @@ cublasLtMatmulAlgo_t first_algorithm(cublasLtMatmulDesc_t op, cublasLtMatrixLayo
     return heuristic.algo;
 }
 
+// A product's algorithm (cache[key], found by `find_first` the first time) and its stream's
+// workspace, under Lt's mutex: products may be issued from more than one host thread.
+struct Chosen {
+    cublasLtMatmulAlgo_t algorithm;
+    void* workspace;
+};
+template <class Key, class Find>
+Chosen choose(std::map<Key, cublasLtMatmulAlgo_t>& cache, const Key& key, cudaStream_t stream, Find find_first) {
+    std::lock_guard<std::mutex> lock(lt().mutex);
+    auto found = cache.find(key);
+    if (found == cache.end()) found = cache.emplace(key, find_first()).first;
+    return {found->second, lt().workspace(stream)};
+}
+
 // How the operands of a product sit in memory: `count` products, the b-th reading A + b *
 // stride_a, B + b * stride_b and C/D + b * stride_c; leading dimensions in elements (0: packed,
 // the column-major operand's row count).
@@ -151,18 +165,11 @@ void lt_matmul(void* c, cudaDataType_t c_type, const void* a, bool transpose_a, 
     const Key key{m, n, k, transpose_a, transpose_b, int(c_type), int(epilogue), beta != 0.0f, operands.count,
                   int(ab_type), tf32, ld_a, ld_b, ld_c, operands.stride_a, operands.stride_b, operands.stride_c,
                   alignment};
-    cublasLtMatmulAlgo_t algorithm;
-    void* workspace;
-    {
-        std::lock_guard<std::mutex> lock(lt().mutex);
-        auto found = cache.find(key);
-        if (found == cache.end())
-            found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k, alignment)).first;
-        algorithm = found->second;
-        workspace = lt().workspace(stream);
-    }
+    const Chosen chosen = choose(cache, key, stream, [&] {
+        return first_algorithm(op, layout_a, layout_b, layout_c, m, n, k, alignment);
+    });
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, &alpha, a, layout_a, b, layout_b, &beta, c_in ? c_in : c, layout_c, c,
-                                layout_c, &algorithm, workspace, kWorkspaceBytes, stream));
+                                layout_c, &chosen.algorithm, chosen.workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);
@@ -194,18 +201,10 @@ void quantized_tn_product(cublasLtMatmulDesc_t op, cudaDataType_t ab_type, cudaD
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout_c, out_type, m, n, m));
     static std::map<std::tuple<int, int, int, int, int, int>, cublasLtMatmulAlgo_t> cache;
     const auto key = std::make_tuple(m, n, k, int(ab_type), int(out_type), variant);
-    cublasLtMatmulAlgo_t algorithm;
-    void* workspace;
-    {
-        std::lock_guard<std::mutex> lock(lt().mutex);
-        auto found = cache.find(key);
-        if (found == cache.end())
-            found = cache.emplace(key, first_algorithm(op, layout_a, layout_b, layout_c, m, n, k)).first;
-        algorithm = found->second;
-        workspace = lt().workspace(stream);
-    }
+    const Chosen chosen =
+        choose(cache, key, stream, [&] { return first_algorithm(op, layout_a, layout_b, layout_c, m, n, k); });
     CUBLAS_CHECK(cublasLtMatmul(lt().handle, op, alpha, weight, layout_a, in, layout_b, beta, out, layout_c, out,
-                                layout_c, &algorithm, workspace, kWorkspaceBytes, stream));
+                                layout_c, &chosen.algorithm, chosen.workspace, kWorkspaceBytes, stream));
     cublasLtMatrixLayoutDestroy(layout_a);
     cublasLtMatrixLayoutDestroy(layout_b);
     cublasLtMatrixLayoutDestroy(layout_c);

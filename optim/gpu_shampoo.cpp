@@ -413,12 +413,9 @@ private:
                                         int(size.count), snapshots_[i].data(), refresh_stream_);
             for (const FactorSlot& f : size.factors) {
                 State& s = state_[f.group];
-                const int count = groups_[f.group].count();
-                const float* vectors = merged_vectors_.data() + f.first * matrix;
-                inverse_root_columns_gpu(factor_b_.data(), vectors, values_.data() + f.first * n, n, count,
-                                         float(divisor), config_.eps, config_.root(), refresh_stream_);
-                refresh_gemm_((f.left ? s.pending_left_root : s.pending_right_root).data(), factor_b_.data(), false,
-                              vectors, true, n, n, n, count);
+                root_candidates((f.left ? s.pending_left_root : s.pending_right_root).data(), f, n,
+                                merged_vectors_.data() + f.first * matrix, values_.data() + f.first * n,
+                                float(divisor), refresh_gemm_);
             }
         }
     }
@@ -447,15 +444,23 @@ private:
         }
     }
 
-    // A group's roots (factor / divisor + eps I)^(-1/r) from the factors' eigenvectors and
-    // eigenvalues, taken where finite (commit_tiles; accepted, if given, says where).
+    // A group's roots (factor / divisor + eps I)^(-1/r) = V' V^T from the factors' eigenvectors V
+    // and eigenvalues into `out`, on `gemm`'s stream (V' in factor_b_).
+    void root_candidates(float* out, const FactorSlot& f, int n, const float* vectors, const float* values,
+                         float divisor, const GroupGemm& gemm) {
+        const int count = groups_[f.group].count();
+        inverse_root_columns_gpu(factor_b_.data(), vectors, values, n, count, divisor, config_.eps, config_.root(),
+                                 gemm.stream);
+        gemm(out, factor_b_.data(), false, vectors, true, n, n, n, count);
+    }
+
+    // Those roots taken where finite (commit_tiles; accepted, if given, says where).
     void commit_root(const FactorSlot& f, int n, const float* vectors, const float* values, float divisor,
                      int* accepted = nullptr) {
         State& s = state_[f.group];
-        const int count = groups_[f.group].count();
-        inverse_root_columns_gpu(factor_b_.data(), vectors, values, n, count, divisor, config_.eps, config_.root());
-        gemm_(candidate_.data(), factor_b_.data(), false, vectors, true, n, n, n, count);
-        commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, count, accepted);
+        root_candidates(candidate_.data(), f, n, vectors, values, divisor, gemm_);
+        commit_tiles((f.left ? s.left_root : s.right_root).data(), candidate_.data(), n, groups_[f.group].count(),
+                     accepted);
     }
 
     ShampooConfig config_;
