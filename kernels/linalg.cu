@@ -18,7 +18,8 @@
 // and 2.8 ms per 1024 x 1024 matrix, 4-7x faster than syevd one at a time (7.6 / 10.6 ms)
 // and 30x faster than Jacobi (syevj); a call is latency-bound (12, 48 and 168 matrices of 768^2
 // take 57, 61 and 156 ms: `bench --linalg`), so callers batch all matrices of one size into one
-// call; independent batched calls on separate streams did not overlap (measured: no gain). geqrf + orgqr take 3.1 ms (768)
+// call; independent batched calls on separate streams issued from one thread did not overlap
+// (measured: no gain; the call holds its thread, see docs/optimizer-speed.md). geqrf + orgqr take 3.1 ms (768)
 // and 4.5 ms (1024) one at a time, latency bound: on 4 worker streams 1.4 / 2.0 ms each
 // (8.8 ms for 3072; more streams do not help). So up to 4096^2 the QR is a Cholesky QR over the
 // whole batch, which is work-bound (see kCholeskyQrMax).
