@@ -72,10 +72,7 @@ struct Scratch {
     }
     void* at_least(size_t wanted) {
         if (wanted > bytes) {
-            if (data) cudaFree(data);
-            held_scratch_bytes -= bytes;
-            data = nullptr;
-            bytes = 0;
+            release();
             CUDA_CHECK(cudaMalloc(&data, wanted));
             bytes = wanted;
             held_scratch_bytes += bytes;
