@@ -28,7 +28,7 @@ public:
                 case OptimizerKind::AdamW: break;
                 case OptimizerKind::Muon:
                 case OptimizerKind::Scion: momentum_.emplace_back(n, 0.0f); break;
-                case OptimizerKind::Soap: soap_.emplace_back().init(m.rows, m.cols); break;
+                case OptimizerKind::Soap: soap_.emplace_back().init(m.rows, m.cols, config_.soap); break;
                 case OptimizerKind::Psgd: psgd_.emplace_back().init(m.rows, m.cols, config_.psgd); break;
                 case OptimizerKind::Shampoo: {
                     auto& blocks = shampoo_.emplace_back();
@@ -146,10 +146,12 @@ private:
                 case OptimizerKind::Scion: fn(m.name + ".momentum", {r, c}, momentum_[i]); break;
                 case OptimizerKind::Soap: {
                     SoapMatrixState& s = soap_[i];
-                    fn(m.name + ".left", {r, r}, s.left);
-                    fn(m.name + ".right", {c, c}, s.right);
-                    fn(m.name + ".left_basis", {r, r}, s.left_basis);
-                    fn(m.name + ".right_basis", {c, c}, s.right_basis);
+                    // Factors of the view; a side without one (max_precond_dim) has no tensors.
+                    const int64_t vr = s.view.rows, vc = s.view.cols;
+                    if (s.view.left) fn(m.name + ".left", {vr, vr}, s.left);
+                    if (s.view.right) fn(m.name + ".right", {vc, vc}, s.right);
+                    if (s.view.left) fn(m.name + ".left_basis", {vr, vr}, s.left_basis);
+                    if (s.view.right) fn(m.name + ".right_basis", {vc, vc}, s.right_basis);
                     fn(m.name + ".exp_avg", {r, c}, s.exp_avg);
                     fn(m.name + ".exp_avg_sq", {r, c}, s.exp_avg_sq);
                     break;

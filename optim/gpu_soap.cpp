@@ -30,9 +30,11 @@ public:
         groups_ = group_tiles(routing);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
-            QOPT_CHECK(m <= config_.max_precond_dim && n <= config_.max_precond_dim, "SOAP on the GPU: a ", m, " x ",
-                       n, " matrix exceeds --soap-max-precond-dim ", config_.max_precond_dim,
-                       " (one-sided SOAP is not implemented)");
+            const SoapView view = soap_view(m, n, config_);
+            QOPT_CHECK(view.left && view.right && view.rows == m, "SOAP on the GPU preconditions both sides of every "
+                       "matrix: a ", m, " x ", n, " matrix at --soap-max-precond-dim ", config_.max_precond_dim,
+                       config_.merge_dims ? " with --soap-merge-dims" : "",
+                       " would need one-sided or merged SOAP, which only the CPU (--device cpu) runs so far");
             State& s = state_.emplace_back();
             zeroed(s.left, size_t(m) * m * count);
             zeroed(s.right, size_t(n) * n * count);

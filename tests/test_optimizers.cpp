@@ -514,7 +514,7 @@ TEST_CASE("SOAP: the first call only sets up the bases, a 1 x 1 step by hand, fr
     SoapConfig c;
     float p = 2.0f, g = 0.5f;
     SoapMatrixState s;
-    s.init(1, 1);
+    s.init(1, 1, c);
     soap_update_cpu(&p, &g, s, 1, 1, 0.1, 0.01, 1, c);
     CHECK(p == 2.0f);  // skipped, as the reference
     CHECK(s.left[0] == doctest::Approx(0.05 * 0.25));  // lerp(0, g^2, 1 - 0.95)
@@ -536,7 +536,7 @@ TEST_CASE("SOAP: the first call only sets up the bases, a 1 x 1 step by hand, fr
     SoapConfig f1;
     f1.precondition_frequency = 1;
     SoapMatrixState st;
-    st.init(rows, cols);
+    st.init(rows, cols, f1);
     for (long call = 1; call <= 60; ++call) soap_update_cpu(w.data(), gf.data(), st, rows, cols, 1e-3, 0.0, call, f1);
     Dense ql(rows, rows), qr(cols, cols);
     for (size_t i = 0; i < ql.values.size(); ++i) ql.values[i] = st.left_basis[i];
@@ -550,6 +550,133 @@ TEST_CASE("SOAP: the first call only sets up the bases, a 1 x 1 step by hand, fr
             if (r != col) off += rotated(r, col) * rotated(r, col);
         }
     CHECK(off < 1e-6 * total);
+}
+
+namespace {
+
+// Runs `calls` SOAP calls on one matrix from zero weights; returns the weights.
+std::vector<float> soap_run(const std::vector<std::vector<float>>& grads, int rows, int cols, const SoapConfig& c,
+                            SoapMatrixState* state_out = nullptr) {
+    SoapMatrixState s;
+    s.init(rows, cols, c);
+    std::vector<float> w(size_t(rows) * cols, 0.25f);
+    for (size_t call = 0; call < grads.size(); ++call)
+        REQUIRE(soap_update_cpu(w.data(), grads[call].data(), s, rows, cols, 1e-2, 0.1, long(call) + 1, c) == 0);
+    if (state_out) *state_out = s;
+    return w;
+}
+
+double relative_change_difference(const std::vector<float>& a, const std::vector<float>& b, float start) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        norm += (double(b[i]) - start) * (double(b[i]) - start);
+    }
+    return std::sqrt(diff / norm);
+}
+
+}  // namespace
+
+TEST_CASE("SOAP's max_precond_dim and merge_dims: no factor is the identity basis, as the reference") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    SoapConfig c;
+    c.precondition_frequency = 3;  // refreshes at calls 4, 7, 10 fall inside the runs
+
+    SUBCASE("both sides longer than max_precond_dim: Adam with the first call skipped, written out") {
+        const int rows = 6, cols = 5, calls = 11;
+        std::vector<std::vector<float>> grads(calls);
+        for (auto& g : grads)
+            for (int i = 0; i < rows * cols; ++i) g.push_back(float(normal(gen)));
+        SoapConfig adam = c;
+        adam.max_precond_dim = 4;
+        SoapMatrixState state;
+        const std::vector<float> w = soap_run(grads, rows, cols, adam, &state);
+        CHECK(state.left.empty());
+        CHECK(state.right_basis.empty());
+        // m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt v + eps),
+        // then w -= lr wd w; t counts from the second call.
+        for (int i = 0; i < rows * cols; ++i) {
+            double m = 0, v = 0, p = 0.25;
+            for (int t = 1; t < calls; ++t) {
+                const double g = grads[size_t(t)][size_t(i)];
+                m = double(float(adam.beta1 * m + (1 - adam.beta1) * g));
+                v = double(float(adam.beta2 * v + (1 - adam.beta2) * g * g));
+                const double step = 1e-2 * std::sqrt(1 - std::pow(adam.beta2, t)) / (1 - std::pow(adam.beta1, t));
+                p = double(float((p - step * m / (std::sqrt(v) + adam.eps)) * (1 - 1e-2 * 0.1)));
+            }
+            CHECK(w[size_t(i)] == doctest::Approx(p).epsilon(1e-6));
+        }
+    }
+
+    // Gradients whose long side's factor is diagonal with a fixed descending order, and zero
+    // beyond: there the full algorithm's basis is the identity up to signs (to which SOAP's update
+    // is blind) and the zero block's basis touches only zero rows, so dropping that factor must
+    // change nothing. Nonzero rows i < 3 are c_i u_i with |c_0| > |c_1| > |c_2| and u a fresh
+    // orthogonal matrix at every call (a fixed u would make the rotated gradient diagonal, and
+    // Adam's eps-sized ratios of its rounding noise would differ between the two runs).
+    auto structured = [&](int calls, bool by_rows) {
+        const int n = 3, long_side = 5;
+        std::vector<std::vector<float>> grads(size_t(calls), std::vector<float>(size_t(n) * long_side, 0.0f));
+        for (auto& g : grads) {
+            const Dense u = householder_q(random_dense(n, n, gen));
+            for (int i = 0; i < n; ++i) {
+                const double scale = (n - i) * (1.0 + 0.3 * uniform(gen)) * (uniform(gen) < 0.5 ? -1 : 1);
+                for (int j = 0; j < n; ++j) {
+                    // by rows: G [5, 3], row i = scale u_i; else G [3, 5], column i = scale u_i.
+                    const size_t at = by_rows ? size_t(i) * n + j : size_t(j) * long_side + i;
+                    g[at] = float(scale * u(i, j));
+                }
+            }
+        }
+        return grads;
+    };
+    SUBCASE("the left side longer than max_precond_dim: one-sided SOAP equals the full one on such gradients") {
+        const auto grads = structured(11, true);
+        SoapConfig one_sided = c;
+        one_sided.max_precond_dim = 3;
+        SoapMatrixState state;
+        const std::vector<float> w = soap_run(grads, 5, 3, one_sided, &state);
+        CHECK(state.left.empty());
+        CHECK(state.right.size() == 9);
+        CHECK(relative_change_difference(w, soap_run(grads, 5, 3, c), 0.25f) < 1e-5);
+    }
+    SUBCASE("the right side longer than max_precond_dim, likewise") {
+        const auto grads = structured(11, false);
+        SoapConfig one_sided = c;
+        one_sided.max_precond_dim = 3;
+        SoapMatrixState state;
+        const std::vector<float> w = soap_run(grads, 3, 5, one_sided, &state);
+        CHECK(state.right.empty());
+        CHECK(state.left.size() == 9);
+        CHECK(relative_change_difference(w, soap_run(grads, 3, 5, c), 0.25f) < 1e-5);
+        // On general gradients the dropped factor matters: the check above can fail.
+        std::vector<std::vector<float>> general(11);
+        for (auto& g : general)
+            for (int i = 0; i < 15; ++i) g.push_back(float(normal(gen)));
+        CHECK(relative_change_difference(soap_run(general, 3, 5, one_sided), soap_run(general, 3, 5, c), 0.25f) > 1e-2);
+    }
+    SUBCASE("merge_dims: a matrix of at most max_precond_dim values is SOAP on its [1, m n] view") {
+        const int rows = 3, cols = 4, calls = 11;
+        std::vector<std::vector<float>> grads(calls);
+        for (auto& g : grads)
+            for (int i = 0; i < rows * cols; ++i) g.push_back(float(normal(gen)));
+        SoapConfig merged = c;
+        merged.merge_dims = true;
+        merged.max_precond_dim = 12;
+        SoapMatrixState state;
+        const std::vector<float> w = soap_run(grads, rows, cols, merged, &state);
+        CHECK(state.left.empty());
+        CHECK(state.right.size() == 144);
+        // [1, 12] with its 1 x 1 left factor (basis +-1) is the same algorithm.
+        CHECK(relative_change_difference(w, soap_run(grads, 1, 12, c), 0.25f) < 1e-5);
+        // Above max_precond_dim nothing merges: plain SOAP, bit for bit.
+        merged.max_precond_dim = 11;
+        CHECK(soap_run(grads, rows, cols, merged) == soap_run(grads, rows, cols, c));
+    }
 }
 
 TEST_CASE("PSGD: schedule, norm lower bound, and factors that stay triangular with P positive definite") {
@@ -862,16 +989,18 @@ TEST_CASE("every optimizer's state round-trips: saved, loaded into a new one, th
         const ParamLayout layout = ParamLayout::build(small_model(preset));
         // shampoo-qr: Shampoo with a kept eigenbasis (its eigenvectors and eigenvalues in the state).
         // shampoo-lag: a refresh lag, saved while a refresh's roots are pending (refresh at 3,
-        // taking effect at 5).
-        for (const std::string name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd", "shampoo-qr", "shampoo-lag"}) {
+        // taking effect at 5). soap-one-sided: the MLP's wider side beyond --soap-max-precond-dim.
+        for (const std::string name :
+             {"adamw", "muon", "scion", "shampoo", "soap", "psgd", "shampoo-qr", "shampoo-lag", "soap-one-sided"}) {
             CAPTURE(preset);
             CAPTURE(name);
             OptimizerConfig c;
-            c.kind = parse_optimizer(name.rfind("shampoo", 0) == 0 ? "shampoo" : name);
+            c.kind = parse_optimizer(name.substr(0, name.find('-')));
             if (name == "shampoo-qr") c.shampoo.eigen_method = ShampooEigenMethod::qr;
             c.shampoo.precondition_frequency = name == "shampoo-lag" ? 3 : 2;
             if (name == "shampoo-lag") c.shampoo.refresh_lag = 2;
             c.soap.precondition_frequency = 2;
+            if (name == "soap-one-sided") c.soap.max_precond_dim = 100;
             c.shampoo.block_size = 48;  // the 64-wide matrices are cut into blocks
             std::mt19937_64 gen(seed);
             std::vector<float> params = random_vector<float>(layout.total, gen);

@@ -18,7 +18,11 @@ at tolerance 1: the identity basis is always within it, so the roots come from t
 diagonals) and "shampoo_qr" (QREigendecompositionConfig, 3 QR-algorithm steps per refresh from
 the kept basis). PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
-all_diag (diagonal factors).
+all_diag (diagonal factors). SOAP runs three times: its defaults ("soap"), max_precond_dim 64
+("soap_max_dim": the tall and wide matrices' 96-long side gets no factor) and merge_dims with
+max_precond_dim 100 on 8 x 8, 12 x 6 and 6 x 12 matrices ("soap_merge": each preconditioned as one
+dimension); the last two are CPU-only settings in qopt so far, so --device cuda skips their GPU
+replay.
 
 Matching choices: weight decay 0 unless the reference's default is used on both sides;
 PSGD's random probes are qopt's counter-based normals (computed here, bit-compatible in
@@ -38,6 +42,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the references decorate hel
 import torch  # noqa: E402
 
 SHAPES = {"square": (64, 64), "tall": (96, 48), "wide": (48, 96)}
+# For comparisons whose preconditioner grows with m n (SOAP's merge_dims: one factor of (m n)^2).
+SMALL_SHAPES = {"square": (8, 8), "tall": (12, 6), "wide": (6, 12)}
 MASK = (1 << 64) - 1
 
 
@@ -95,7 +101,8 @@ def psgd_probe(seed, step, matrix_index, shape):
 def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     sys.path.insert(0, refs)
     torch.set_default_dtype(dtype)  # state the references create (SOAP's factors) follows the parameters
-    params = [torch.nn.Parameter(start[k].clone().to(dtype)) for k in SHAPES]
+    shapes = shapes_of(name)
+    params = [torch.nn.Parameter(start[k].clone().to(dtype)) for k in shapes]
     if name == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     elif name == "muon":
@@ -105,9 +112,13 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
         import scion
         opt = scion.Scion([{"params": params, "norm": "Spectral", "norm_kwargs": {}, "scale": 50.0}],
                           lr=2 ** -12, momentum=0.1, unconstrained=False)
-    elif name == "soap":
+    elif name.startswith("soap"):
         import soap
-        opt = soap.SOAP(params, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+        # soap_max_dim: tall and wide have one side beyond max_precond_dim (no factor there);
+        # soap_merge: every small matrix (<= 100 values) preconditioned as one dimension.
+        extra = {"soap": {}, "soap_max_dim": {"max_precond_dim": 64},
+                 "soap_merge": {"max_precond_dim": 100, "merge_dims": True}}[name]
+        opt = soap.SOAP(params, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, **extra)
     elif name.startswith("shampoo"):
         import distributed_shampoo as ds
         from distributed_shampoo.shampoo_types import ClassicMomentumConfig
@@ -147,12 +158,12 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
         raise SystemExit(f"no reference wired for {name}")
     for k in range(steps):
         if name.startswith("psgd"):
-            probes[:] = [psgd_probe(42, k + 1, i, SHAPES[s]) for i, s in enumerate(SHAPES)]
-        for p, s in zip(params, SHAPES):
+            probes[:] = [psgd_probe(42, k + 1, i, shapes[s]) for i, s in enumerate(shapes)]
+        for p, s in zip(params, shapes):
             p.grad = grads[f"{s}.grad.{k}"].clone().to(dtype)
         opt.step()
     torch.set_default_dtype(torch.float32)
-    return {s: p.detach().clone().to(torch.float32) for p, s in zip(params, SHAPES)}
+    return {s: p.detach().clone().to(torch.float32) for p, s in zip(params, shapes)}
 
 
 QOPT_FLAGS = {
@@ -160,6 +171,8 @@ QOPT_FLAGS = {
     "muon": ["--weight-decay", "0"],
     "scion": ["--weight-decay", "0"],
     "soap": ["--weight-decay", "0.01"],
+    "soap_max_dim": ["--weight-decay", "0.01", "--soap-max-precond-dim", "64"],
+    "soap_merge": ["--weight-decay", "0.01", "--soap-max-precond-dim", "100", "--soap-merge-dims", "true"],
     "psgd": ["--weight-decay", "0", "--psgd-balance-prob", "0"],
     "psgd_one_diag": ["--weight-decay", "0", "--psgd-balance-prob", "0", "--psgd-memory-save-mode", "one_diag"],
     "psgd_all_diag": ["--weight-decay", "0", "--psgd-balance-prob", "0", "--psgd-memory-save-mode", "all_diag"],
@@ -172,11 +185,28 @@ QOPT_FLAGS = {
     "shampoo_qr": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
                    "--shampoo-eigen-method", "qr", "--shampoo-qr-iterations", "3"],
 }
-TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "psgd": 1e-3, "psgd_one_diag": 1e-3,
+TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "soap_max_dim": 1e-3, "soap_merge": 1e-3,
+             "psgd": 1e-3, "psgd_one_diag": 1e-3,
              "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3, "shampoo_eigen_tolerance": 2e-3,
              "shampoo_qr": 2e-3}
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
+# Comparisons whose qopt settings only the CPU reference runs (the GPU refuses them with a message).
+CPU_ONLY = {"soap_max_dim", "soap_merge"}
+
+
+def shapes_of(name):
+    return SMALL_SHAPES if name == "soap_merge" else SHAPES
+
+
+def make_inputs(shapes, seed, steps):
+    gen = torch.Generator().manual_seed(seed)
+    start = {s: torch.randn(shape, generator=gen) * 0.1 for s, shape in shapes.items()}
+    tensors = dict(start)
+    for k in range(steps):
+        for s, shape in shapes.items():
+            tensors[f"{s}.grad.{k}"] = torch.randn(shape, generator=gen)
+    return start, tensors
 
 
 def main():
@@ -192,23 +222,25 @@ def main():
     ap.add_argument("--json", default="", help="write the verdicts here")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    gen = torch.Generator().manual_seed(20261124)
-    start = {s: torch.randn(shape, generator=gen) * 0.1 for s, shape in SHAPES.items()}
-    tensors = dict(start)
-    for k in range(args.steps):
-        for s, shape in SHAPES.items():
-            tensors[f"{s}.grad.{k}"] = torch.randn(shape, generator=gen)
-    in_path = os.path.join(args.work, "replay_in.safetensors")
-    write_safetensors(in_path, tensors)
+    # One input file per shape set (the default set's numbers are those of every earlier run).
+    inputs = {}
+    for key, shapes, seed in (("default", SHAPES, 20261124), ("small", SMALL_SHAPES, 20261205)):
+        if any(shapes_of(name) is shapes for name in args.optimizers):
+            start, tensors = make_inputs(shapes, seed, args.steps)
+            path = os.path.join(args.work, f"replay_in_{key}.safetensors")
+            write_safetensors(path, tensors)
+            inputs[key] = (start, tensors, path)
     results = []
     for name in args.optimizers:
+        shapes = shapes_of(name)
+        start, tensors, in_path = inputs["small" if shapes is SMALL_SHAPES else "default"]
         ref = reference_run(name, start, tensors, args.refs, args.steps)
         # The reference against itself in float64: where its own result depends on rounding
         # (SOAP's eigenbasis of a rank-deficient factor is arbitrary), this spread is large too.
         ref64 = reference_run(name, start, tensors, args.refs, args.steps, torch.float64)
         spread = {s: float(((ref64[s] - start[s]) - (ref[s] - start[s])).norm() / (ref[s] - start[s]).norm())
-                  for s in SHAPES}
-        devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+                  for s in shapes}
+        devices = ["cpu"] + (["cuda"] if args.device == "cuda" and name not in CPU_ONLY else [])
         for device in devices:
             out_path = os.path.join(args.work, f"{name}_{device}.safetensors")
             cmd = [args.replay, "--in", in_path, "--out", out_path, "--optimizer", QOPT_OPTIMIZER[name],
@@ -216,16 +248,16 @@ def main():
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             ours = read_safetensors(out_path)
             errors = {}
-            for s in SHAPES:
+            for s in shapes:
                 d_ours, d_ref = ours[s] - start[s], ref[s] - start[s]
                 errors[s] = float((d_ours - d_ref).norm() / d_ref.norm())
             # Agrees: within the tolerance, or within twice the reference's own float32/float64 spread.
-            verdicts = {s: errors[s] < TOLERANCE[name] or errors[s] < 2 * spread[s] for s in SHAPES}
+            verdicts = {s: errors[s] < TOLERANCE[name] or errors[s] < 2 * spread[s] for s in shapes}
             verdict = "agrees" if all(verdicts.values()) else "DIFFERS"
             results.append({"optimizer": name, "qopt_device": device, "steps": args.steps, "relative_error": errors,
                             "reference_fp32_vs_fp64": spread, "tolerance": TOLERANCE[name], "verdict": verdict})
             print(f"{name:16s} qopt {device:4s} vs reference, {args.steps} steps: " +
-                  ", ".join(f"{s} {errors[s]:.2e} (ref fp32/fp64 {spread[s]:.1e})" for s in SHAPES) +
+                  ", ".join(f"{s} {errors[s]:.2e} (ref fp32/fp64 {spread[s]:.1e})" for s in shapes) +
                   f"  -> {verdict} (tolerance {TOLERANCE[name]:g})")
     if args.json:
         with open(args.json, "w") as f:
