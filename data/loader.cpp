@@ -7,9 +7,13 @@
 namespace qopt {
 
 TokenLoader::TokenLoader(const std::string& pattern, int vocab_size, int batch_size, int seq_len,
-                         const char* what)
-    : vocab_size_(vocab_size), batch_size_(batch_size), seq_len_(seq_len) {
+                         const char* what, RankSlice slice)
+    : vocab_size_(vocab_size), batch_size_(batch_size), seq_len_(seq_len), slice_(slice) {
     QOPT_CHECK(batch_size > 0 && seq_len > 0, what, ": batch size and sequence length must be positive");
+    QOPT_CHECK(slice.world_size >= 1 && slice.rank >= 0 && slice.rank < slice.world_size, what, ": rank ", slice.rank,
+               " is outside 0..", slice.world_size - 1);
+    QOPT_CHECK(batch_size % slice.world_size == 0, what, ": the batch of ", batch_size, " sequences does not split "
+               "evenly over ", slice.world_size, " ranks");
     paths_ = expand_glob(pattern, what);
     const uint64_t batch_tokens = uint64_t(batch_size) * uint64_t(seq_len);
     for (const auto& path : paths_) {
@@ -45,17 +49,17 @@ void TokenLoader::skip_short_shards() {
 }
 
 void TokenLoader::next_batch(std::vector<int>& inputs, std::vector<int>& targets) {
-    const size_t n = size_t(batch_size_) * size_t(seq_len_);
+    const size_t n = size_t(rank_batch_size()) * size_t(seq_len_);
     inputs.resize(n);
     targets.resize(n);
     skip_short_shards();
     load_shard(position_.shard_index);
-    const uint16_t* window = tokens_.data() + position_.token_offset;
+    const uint16_t* window = tokens_.data() + position_.token_offset + size_t(slice_.rank) * n;
     for (size_t i = 0; i < n; ++i) {
         inputs[i] = window[i];
         targets[i] = window[i + 1];
     }
-    position_.token_offset += n;
+    position_.token_offset += size_t(batch_size_) * size_t(seq_len_);
 }
 
 void TokenLoader::set_position(const LoaderPosition& position) {

@@ -3,12 +3,20 @@
 // shifted by one); the position then advances by B*T; a shard too short for the next batch
 // is left for the next one; after the last shard it wraps (epoch + 1). The position is
 // two integers, saved in checkpoints so resume continues with the same data.
+// Data parallelism: with a RankSlice, batch_size is the global batch and rank r of W reads only
+// its rows [r B/W, (r + 1) B/W) of it (its B/W rows are B/W*T+1 consecutive tokens inside the
+// window), while the position still advances by the whole B*T: the ranks' rows together are
+// exactly the batch a single process reads, so a W-rank run sees the same data in the same steps.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace qopt {
+
+struct RankSlice {
+    int rank = 0, world_size = 1;
+};
 
 struct LoaderPosition {
     uint64_t shard_index = 0;
@@ -19,10 +27,13 @@ struct LoaderPosition {
 class TokenLoader {
 public:
     // Throws when the pattern matches nothing, a shard is invalid, or no shard holds one batch.
-    TokenLoader(const std::string& pattern, int vocab_size, int batch_size, int seq_len, const char* what);
+    // Also throws when the slice's world size does not divide batch_size.
+    TokenLoader(const std::string& pattern, int vocab_size, int batch_size, int seq_len, const char* what,
+                RankSlice slice = {});
 
-    // Fills inputs and targets with B*T ids each.
+    // Fills inputs and targets with (B/W)*T ids each: this rank's rows of the next batch.
     void next_batch(std::vector<int>& inputs, std::vector<int>& targets);
+    int rank_batch_size() const { return batch_size_ / slice_.world_size; }
     // How many whole batches one pass over the data gives (for validation).
     uint64_t batches_per_epoch() const { return batches_per_epoch_; }
     uint64_t total_tokens() const { return total_tokens_; }
@@ -39,6 +50,7 @@ private:
     std::vector<std::string> paths_;
     std::vector<uint64_t> shard_tokens_;
     int vocab_size_, batch_size_, seq_len_;
+    RankSlice slice_;
     uint64_t batches_per_epoch_ = 0, total_tokens_ = 0;
     LoaderPosition position_;
     int64_t loaded_index_ = -1;

@@ -10,32 +10,55 @@ namespace qopt {
 
 namespace {
 
-using BufferVisitor = std::function<void(const std::string& name, std::vector<int64_t> shape, std::vector<float>& values)>;
+// A buffer may be a part of its tensor: rows [row_begin, row_begin + shape[0]) of a tensor of
+// full_count values (a ZeRO-1 share of an AdamW tensor); whole tensors have row_begin 0.
+struct Part {
+    int64_t row_begin;
+    size_t full_count;
+};
+using BufferVisitor = std::function<void(const std::string& name, std::vector<int64_t> shape,
+                                         std::vector<float>& values, const Part& part)>;
 
 class CpuOptimizer final : public Optimizer {
 public:
-    CpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config)
-        : config_(config), routing_(route_parameters(layout, config)) {
+    CpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config, const OwnedSlots* owned)
+        : config_(config), routing_(route_parameters(layout, config)),
+          owned_(owned ? *owned : OwnedSlots::all(routing_)) {
         config_.validate();
-        for (const auto& slot : routing_.adamw) {
-            adam_m_.emplace_back(slot.numel, 0.0f);
-            adam_v_.emplace_back(slot.numel, 0.0f);
+        QOPT_CHECK(owned_.adamw.size() == routing_.adamw.size() && owned_.scion.size() == routing_.scion.size() &&
+                       owned_.matrices.size() == routing_.matrices.size(),
+                   "optimizer shard: the owned-slot lists do not match this model's routing");
+        // Slots of other ranks keep empty state, so that indices stay those of the whole routing.
+        for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+            const size_t n = owned_values(routing_.adamw[i], owned_.adamw[i]);
+            adam_m_.emplace_back(n, 0.0f);
+            adam_v_.emplace_back(n, 0.0f);
         }
-        for (const auto& slot : routing_.scion) scion_momentum_.emplace_back(slot.numel, 0.0f);
-        for (const auto& m : routing_.matrices) {
+        for (size_t i = 0; i < routing_.scion.size(); ++i) {
+            const RowRange rows = owned_.scion[i];
+            QOPT_CHECK(rows.count() == 0 || rows.count() == routing_.scion[i].rows ||
+                           scion_rows_separable(routing_.scion[i].scion_norm),
+                       "optimizer shard: ", routing_.scion[i].name, "'s Scion rule needs the whole tensor");
+            scion_momentum_.emplace_back(owned_values(routing_.scion[i], rows), 0.0f);
+        }
+        for (size_t i = 0; i < routing_.matrices.size(); ++i) {
+            const MatrixSlot& m = routing_.matrices[i];
             const size_t n = size_t(m.rows) * m.cols;
+            momentum_.emplace_back();
+            soap_.emplace_back();
+            shampoo_.emplace_back();
+            psgd_.emplace_back();
+            if (!owned_.matrices[i]) continue;
             switch (config_.kind) {
                 case OptimizerKind::AdamW: break;
                 case OptimizerKind::Muon:
-                case OptimizerKind::Scion: momentum_.emplace_back(n, 0.0f); break;
-                case OptimizerKind::Soap: soap_.emplace_back().init(m.rows, m.cols, config_.soap); break;
-                case OptimizerKind::Psgd: psgd_.emplace_back().init(m.rows, m.cols, config_.psgd); break;
-                case OptimizerKind::Shampoo: {
-                    auto& blocks = shampoo_.emplace_back();
+                case OptimizerKind::Scion: momentum_.back().assign(n, 0.0f); break;
+                case OptimizerKind::Soap: soap_.back().init(m.rows, m.cols, config_.soap); break;
+                case OptimizerKind::Psgd: psgd_.back().init(m.rows, m.cols, config_.psgd); break;
+                case OptimizerKind::Shampoo:
                     for (const auto& b : shampoo_blocks(m.rows, m.cols, config_.shampoo.block_size))
-                        blocks.emplace_back().init(b, config_.shampoo);
+                        shampoo_.back().emplace_back().init(b, config_.shampoo);
                     break;
-                }
             }
         }
     }
@@ -46,26 +69,34 @@ public:
             auto scale = [&](size_t offset, size_t n) {
                 for (size_t i = 0; i < n; ++i) grads[offset + i] *= float(grad_scale);
             };
-            for (const auto& s : routing_.adamw) scale(s.offset, s.numel);
-            for (const auto& s : routing_.scion) scale(s.offset, s.numel);
-            for (const auto& m : routing_.matrices) scale(m.offset, size_t(m.rows) * m.cols);
+            for (size_t i = 0; i < routing_.adamw.size(); ++i)
+                scale(owned_offset(routing_.adamw[i], owned_.adamw[i]), adam_m_[i].size());
+            for (size_t i = 0; i < routing_.scion.size(); ++i)
+                scale(owned_offset(routing_.scion[i], owned_.scion[i]), scion_momentum_[i].size());
+            for (size_t i = 0; i < routing_.matrices.size(); ++i)
+                if (owned_.matrices[i])
+                    scale(routing_.matrices[i].offset, size_t(routing_.matrices[i].rows) * routing_.matrices[i].cols);
         }
         const double wd = config_.weight_decay();
         const double adamw_lr = lr * config_.aux_adamw_lr() / config_.method_lr();
         AdamWConfig adamw = config_.adamw;
         for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-            const TensorSlot& s = routing_.adamw[i];
-            adamw_update_cpu(params + s.offset, grads + s.offset, adam_m_[i].data(), adam_v_[i].data(), s.numel,
-                             adamw_lr, adamw, step_, s.decay);
+            if (adam_m_[i].empty()) continue;
+            const size_t at = owned_offset(routing_.adamw[i], owned_.adamw[i]);
+            adamw_update_cpu(params + at, grads + at, adam_m_[i].data(), adam_v_[i].data(), adam_m_[i].size(),
+                             adamw_lr, adamw, step_, routing_.adamw[i].decay);
         }
         for (size_t i = 0; i < routing_.scion.size(); ++i) {
+            if (scion_momentum_[i].empty()) continue;
             const TensorSlot& s = routing_.scion[i];
-            scion_update_cpu(params + s.offset, grads + s.offset, scion_momentum_[i].data(), s.rows, s.cols,
+            const size_t at = owned_offset(s, owned_.scion[i]);
+            scion_update_cpu(params + at, grads + at, scion_momentum_[i].data(), owned_.scion[i].count(), s.cols,
                              s.scion_norm, s.scion_scale, lr, s.decay ? wd : 0.0, config_.scion);
         }
         PsgdSchedule::Decision psgd_decision;
         if (config_.kind == OptimizerKind::Psgd) psgd_decision = psgd_schedule_.next(config_.psgd);
         for (size_t i = 0; i < routing_.matrices.size(); ++i) {
+            if (!owned_.matrices[i]) continue;
             const MatrixSlot& m = routing_.matrices[i];
             float* p = params + m.offset;
             const float* g = grads + m.offset;
@@ -103,8 +134,8 @@ public:
         state.step = step_;
         if (config_.kind == OptimizerKind::Psgd) state.extra["psgd_schedule"] = psgd_schedule_.to_json();
         const_cast<CpuOptimizer*>(this)->visit([&](const std::string& name, std::vector<int64_t> shape,
-                                                   std::vector<float>& values) {
-            state.tensors.push_back({name, std::move(shape), values});
+                                                   std::vector<float>& values, const Part& part) {
+            state.tensors.push_back({name, std::move(shape), values, part.row_begin});
         });
         return state;
     }
@@ -112,8 +143,10 @@ public:
     void load_state(const OptimizerState& state) override {
         QOPT_CHECK(state.optimizer == optimizer_name(config_.kind), "the checkpoint's optimizer state is ",
                    state.optimizer, "'s, but this run uses ", optimizer_name(config_.kind));
-        visit([&](const std::string& name, std::vector<int64_t>, std::vector<float>& values) {
-            values = state.values(name, values.size());
+        visit([&](const std::string& name, std::vector<int64_t> shape, std::vector<float>& values, const Part& part) {
+            const std::vector<float>& whole = state.values(name, part.full_count);
+            const size_t offset = values.empty() ? 0 : size_t(part.row_begin) * (values.size() / size_t(shape[0]));
+            values.assign(whole.begin() + long(offset), whole.begin() + long(offset + values.size()));
         });
         if (config_.kind == OptimizerKind::Psgd) psgd_schedule_ = PsgdSchedule::from_json(state.extra.at("psgd_schedule"));
         step_ = state.step;
@@ -122,22 +155,43 @@ public:
     size_t state_bytes() const override {
         size_t floats = 0;
         const_cast<CpuOptimizer*>(this)->visit(
-            [&](const std::string&, std::vector<int64_t>, std::vector<float>& values) { floats += values.size(); });
+            [&](const std::string&, std::vector<int64_t>, std::vector<float>& values, const Part&) {
+                floats += values.size();
+            });
         return floats * sizeof(float);
     }
 
 private:
-    void visit(const BufferVisitor& fn) {
+    // The values of an element-wise slot's owned rows, and where they start in the flat buffer.
+    static size_t owned_values(const TensorSlot& s, const RowRange& rows) {
+        QOPT_CHECK(rows.begin >= 0 && rows.begin <= rows.end && rows.end <= s.rows, "optimizer shard: rows ",
+                   rows.begin, "..", rows.end, " of ", s.name, " are outside its ", s.rows, " rows");
+        return size_t(rows.count()) * size_t(s.cols);
+    }
+    static size_t owned_offset(const TensorSlot& s, const RowRange& rows) {
+        return s.offset + size_t(rows.begin) * size_t(s.cols);
+    }
+
+    void visit(const BufferVisitor& part_fn) {
+        // An element-wise slot's buffer: its owned rows (the whole tensor in a single process).
+        auto rows_fn = [&](const TensorSlot& s, const RowRange& rows, const std::string& buffer,
+                           std::vector<float>& values) {
+            if (rows.count() == 0) return;
+            std::vector<int64_t> shape = s.shape;
+            if (rows.count() != s.rows) shape[0] = rows.count();  // a share of a 2-D tensor's rows
+            part_fn(s.name + "." + buffer, shape, values, {rows.begin, s.numel});
+        };
         for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-            const TensorSlot& s = routing_.adamw[i];
-            fn(s.name + ".exp_avg", s.shape, adam_m_[i]);
-            fn(s.name + ".exp_avg_sq", s.shape, adam_v_[i]);
+            rows_fn(routing_.adamw[i], owned_.adamw[i], "exp_avg", adam_m_[i]);
+            rows_fn(routing_.adamw[i], owned_.adamw[i], "exp_avg_sq", adam_v_[i]);
         }
-        for (size_t i = 0; i < routing_.scion.size(); ++i) {
-            const TensorSlot& s = routing_.scion[i];
-            fn(s.name + ".momentum", s.shape, scion_momentum_[i]);
-        }
+        for (size_t i = 0; i < routing_.scion.size(); ++i)
+            rows_fn(routing_.scion[i], owned_.scion[i], "momentum", scion_momentum_[i]);
+        auto fn = [&](const std::string& name, std::vector<int64_t> shape, std::vector<float>& values) {
+            part_fn(name, std::move(shape), values, {0, values.size()});
+        };
         for (size_t i = 0; i < routing_.matrices.size(); ++i) {
+            if (!owned_.matrices[i]) continue;
             const MatrixSlot& m = routing_.matrices[i];
             const int64_t r = m.rows, c = m.cols;
             switch (config_.kind) {
@@ -198,6 +252,7 @@ private:
 
     OptimizerConfig config_;
     Routing routing_;
+    OwnedSlots owned_;
     long step_ = 0;
     long rejected_ = 0;
     EigenRefreshCounts eigen_refreshes_;
@@ -210,8 +265,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config) {
-    return std::make_unique<CpuOptimizer>(layout, config);
+std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config,
+                                              const OwnedSlots* owned) {
+    return std::make_unique<CpuOptimizer>(layout, config, owned);
 }
 
 }  // namespace qopt

@@ -132,6 +132,14 @@ Routing route_parameters(const ParamLayout& layout, const OptimizerConfig& confi
     return routing;
 }
 
+OwnedSlots OwnedSlots::all(const Routing& routing) {
+    OwnedSlots owned;
+    for (const TensorSlot& s : routing.adamw) owned.adamw.push_back({0, s.rows});
+    for (const TensorSlot& s : routing.scion) owned.scion.push_back({0, s.rows});
+    owned.matrices.assign(routing.matrices.size(), true);
+    return owned;
+}
+
 std::string Routing::describe() const {
     std::ostringstream out;
     auto count = [](const auto& slots) {

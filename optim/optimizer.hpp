@@ -81,6 +81,19 @@ struct Routing {
     std::vector<TensorSlot> scion;     // Scion's element-wise LMOs (embedding, vectors)
     std::string describe() const;      // one line per group, for the run log
 };
+// Which slots of a Routing an optimizer updates and keeps state for: all of them in a single
+// process; one rank's share under ZeRO-1 (optim/shard_plan.hpp), where an AdamW tensor, or a
+// Scion tensor whose rule treats rows apart (scion_rows_separable), may be owned by rows.
+struct RowRange {
+    int begin = 0, end = 0;  // [begin, end) of the slot's 2-D view; empty: not owned
+    int count() const { return end - begin; }
+};
+struct OwnedSlots {
+    std::vector<RowRange> adamw, scion;  // element-wise slots: owned rows
+    std::vector<bool> matrices;
+    static OwnedSlots all(const Routing& routing);
+};
+
 // Sets config.kind from an --optimizer name and validates every setting.
 void resolve_optimizer(const std::string& name, OptimizerConfig& config);
 
@@ -104,6 +117,11 @@ public:
     virtual EigenRefreshCounts eigen_refreshes() const { return {}; }
 };
 
-std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config);
+// `owned` (none: every slot) limits the optimizer to one rank's share: it keeps state for, and
+// steps, only those slots and rows (indices, and so PSGD's probes, stay those of the whole
+// routing); its state() holds only their tensors (row parts with their row_begin), and
+// load_state() takes whole tensors (a merged state) and keeps its own part of them.
+std::unique_ptr<Optimizer> make_cpu_optimizer(const ParamLayout& layout, const OptimizerConfig& config,
+                                              const OwnedSlots* owned = nullptr);
 
 }  // namespace qopt

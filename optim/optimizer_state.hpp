@@ -17,6 +17,9 @@ struct StateTensor {
     std::string name;
     std::vector<int64_t> shape;
     std::vector<float> values;
+    // Under ZeRO-1 a rank may hold rows [row_begin, row_begin + shape[0]) of an AdamW tensor's
+    // state (optim/shard_plan.hpp); merge_rank_states joins the parts. Whole tensors: 0.
+    int64_t row_begin = 0;
 };
 
 struct OptimizerState {

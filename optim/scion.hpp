@@ -23,6 +23,12 @@ namespace qopt {
 enum class ScionNorm { Spectral, Sign, ColNorm, RowNorm, BiasRMS };
 ScionNorm parse_scion_norm(const std::string& name);
 const char* scion_norm_name(ScionNorm norm);
+// Whether the LMO of a block of rows is that block of the whole tensor's LMO, given the same
+// d_in: Sign, RowNorm and ColNorm (which, on the stored embedding, normalises each stored row), so
+// their rows can be updated apart (e.g. by different ranks); not BiasRMS or Spectral.
+inline bool scion_rows_separable(ScionNorm norm) {
+    return norm == ScionNorm::Sign || norm == ScionNorm::RowNorm || norm == ScionNorm::ColNorm;
+}
 
 struct ScionConfig {
     double lr = 0.000244140625;  // 2^-12, the reference's nanoGPT setting

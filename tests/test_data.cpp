@@ -107,6 +107,45 @@ TEST_CASE("loader: consecutive windows, targets shifted by one, short shards ski
     CHECK(x[0] == 200);
 }
 
+TEST_CASE("loader: rank slices are the single-process batch's rows, through shard skips and wrap-around") {
+    TempDir dir;
+    std::vector<int> a(53), b(7), c(40);
+    for (int i = 0; i < 53; ++i) a[size_t(i)] = i;
+    for (int i = 0; i < 7; ++i) b[size_t(i)] = 100 + i;
+    for (int i = 0; i < 40; ++i) c[size_t(i)] = 200 + i;
+    write_shard(dir / "s_0.bin", a);
+    write_shard(dir / "s_1.bin", b);  // shorter than one batch of 4 x 3 + 1: skipped
+    write_shard(dir / "s_2.bin", c);
+    const int batch = 4, seq_len = 3;
+    TokenLoader whole(dir / "s_*.bin", 1000, batch, seq_len, "test");
+    for (int world : {2, 4}) {
+        CAPTURE(world);
+        std::vector<TokenLoader> ranks;
+        for (int r = 0; r < world; ++r) ranks.emplace_back(dir / "s_*.bin", 1000, batch, seq_len, "test", RankSlice{r, world});
+        whole.reset();
+        for (int step = 0; step < 9; ++step) {  // 4 + 3 batches an epoch: past the wrap
+            std::vector<int> x, y, joined_x, joined_y;
+            whole.next_batch(x, y);
+            for (auto& rank : ranks) {
+                std::vector<int> rx, ry;
+                rank.next_batch(rx, ry);
+                CHECK(rx.size() == size_t(batch / world * seq_len));
+                joined_x.insert(joined_x.end(), rx.begin(), rx.end());
+                joined_y.insert(joined_y.end(), ry.begin(), ry.end());
+                CHECK(rank.position().token_offset == whole.position().token_offset);
+                CHECK(rank.position().epoch == whole.position().epoch);
+            }
+            CHECK(joined_x == x);
+            CHECK(joined_y == y);
+        }
+    }
+    CHECK_THROWS_WITH_AS(TokenLoader(dir / "s_*.bin", 1000, 4, 3, "--train-data", RankSlice{0, 3}),
+                         doctest::Contains("--train-data: the batch of 4 sequences does not split evenly over 3 ranks"),
+                         Error);
+    CHECK_THROWS_WITH_AS(TokenLoader(dir / "s_*.bin", 1000, 4, 3, "--train-data", RankSlice{2, 2}),
+                         doctest::Contains("rank 2 is outside 0..1"), Error);
+}
+
 TEST_CASE("loader: bad patterns and too little data") {
     TempDir dir;
     CHECK_THROWS_WITH_AS(TokenLoader(dir / "none_*.bin", 10, 1, 4, "--train-data"),

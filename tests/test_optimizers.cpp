@@ -311,6 +311,30 @@ TEST_CASE("Scion LMOs have the stated norms; the constrained step by hand") {
     CHECK(param[1] == doctest::Approx(0.9 * -1.0 + 0.1 * 10.0 * 0.5));
 }
 
+TEST_CASE("Scion's Sign, RowNorm and ColNorm LMOs act on rows apart (a ZeRO-1 rank may own some rows), BiasRMS and Spectral do not") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    const int rows = 9, cols = 7, split = 4;
+    const Dense m = random_dense(rows, cols, gen);
+    for (ScionNorm norm : {ScionNorm::Sign, ScionNorm::RowNorm, ScionNorm::ColNorm, ScionNorm::BiasRMS, ScionNorm::Spectral}) {
+        INFO(std::string(scion_norm_name(norm)));
+        std::vector<double> whole(size_t(rows) * cols), top(size_t(split) * cols), bottom(size_t(rows - split) * cols);
+        scion_lmo_cpu(whole.data(), m.values.data(), rows, cols, norm, 5);
+        scion_lmo_cpu(top.data(), m.values.data(), split, cols, norm, 5);
+        scion_lmo_cpu(bottom.data(), m.values.data() + size_t(split) * cols, rows - split, cols, norm, 5);
+        double worst = 0;
+        for (size_t i = 0; i < whole.size(); ++i) {
+            const double part = i < top.size() ? top[i] : bottom[i - top.size()];
+            worst = std::max(worst, std::abs(part - whole[i]));
+        }
+        if (scion_rows_separable(norm))
+            CHECK(worst == 0.0);
+        else
+            CHECK(worst > 1e-3);
+    }
+}
+
 TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned quadratic") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
