@@ -11,8 +11,12 @@
 namespace qopt {
 
 double matrix_step_flops(int rows, int cols, const OptimizerConfig& config) {
+    return kElementwiseFlops * double(rows) * double(cols) + matrix_product_flops(rows, cols, config);
+}
+
+double matrix_product_flops(int rows, int cols, const OptimizerConfig& config) {
     const double m = rows, n = cols, s = std::min(m, n), l = std::max(m, n);
-    return kElementwiseFlops * m * n + [&] {
+    return [&] {
         switch (config.kind) {
             case OptimizerKind::AdamW: return 0.0;
             case OptimizerKind::Muon: return config.muon.ns_steps * (4 * s * s * l + 2 * s * s * s);

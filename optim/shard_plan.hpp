@@ -70,8 +70,10 @@ ShardPlan plan_shards(const Routing& routing, const OptimizerConfig& config, int
 
 constexpr double kElementwiseFlops = 10;  // per matrix value and step, see above
 
-// The estimates above, and the state one matrix / element-wise tensor keeps (in floats).
+// The estimates above (with and without the element-wise term), and the state one matrix /
+// element-wise tensor keeps (in floats).
 double matrix_step_flops(int rows, int cols, const OptimizerConfig& config);
+double matrix_product_flops(int rows, int cols, const OptimizerConfig& config);
 size_t matrix_state_floats(int rows, int cols, const OptimizerConfig& config);
 size_t elementwise_state_floats(size_t numel, bool scion_rule);
 

@@ -112,4 +112,14 @@ inline ModelConfig small_vocab_config(const char* preset) {
     return config;
 }
 
+// A preset with a 40-token vocabulary (48 embedding rows) and 8 positions: models small enough for
+// the optimizer and sharding tests to step every matrix many times.
+inline ModelConfig small_model(const char* preset) {
+    ModelConfig c = preset_config(preset);
+    c.vocab_size = 40;
+    c.padded_vocab_size = 48;
+    c.max_seq_len = 8;
+    return c;
+}
+
 }  // namespace qopt::test

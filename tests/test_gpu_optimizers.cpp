@@ -25,14 +25,6 @@ using namespace qopt::test;
 
 namespace {
 
-ModelConfig small_gpt2() {
-    ModelConfig c = preset_config("gpt2-tiny");
-    c.vocab_size = 40;
-    c.padded_vocab_size = 48;
-    c.max_seq_len = 8;
-    return c;
-}
-
 // A layout of just these matrices, named "m<rows>x<cols>".
 ParamLayout matrices_layout(const std::vector<std::pair<int, int>>& shapes) {
     ParamLayout layout;
@@ -51,7 +43,7 @@ std::vector<double> slice(const std::vector<float>& v, size_t offset, size_t n, 
 
 TEST_CASE("GPU optimizers match the CPU references over several steps (adamw, muon, scion)") {
     REQUIRE_GPU();
-    const ParamLayout layout = ParamLayout::build(small_gpt2());
+    const ParamLayout layout = ParamLayout::build(small_model("gpt2-tiny"));
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     for (const char* name : {"adamw", "muon", "scion"}) {
@@ -197,8 +189,8 @@ void check_states_agree(const SideBySide& r, const std::vector<std::string>& com
 
 TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several steps") {
     REQUIRE_GPU();
-    const ParamLayout layout = ParamLayout::build(small_gpt2());
-    ModelConfig square_config = small_gpt2();
+    const ParamLayout layout = ParamLayout::build(small_model("gpt2-tiny"));
+    ModelConfig square_config = small_model("gpt2-tiny");
     square_config.d_ff = square_config.d_model;
     const ParamLayout square_layout = ParamLayout::build(square_config);
     const uint64_t seed = fresh_seed();
@@ -379,7 +371,7 @@ TEST_CASE("GPU PSGD with wide factors (their products by blocks of the triangle)
 
 TEST_CASE("GPU Shampoo, SOAP and PSGD with --precond-tf32 stay within TF32 rounding of the CPU references") {
     REQUIRE_GPU();
-    const ParamLayout layout = ParamLayout::build(small_gpt2());
+    const ParamLayout layout = ParamLayout::build(small_model("gpt2-tiny"));
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
     // TF32 keeps 10 mantissa bits of each product's inputs (relative rounding 5e-4); a step
@@ -920,7 +912,7 @@ TEST_CASE("GPU PSGD with diagonal factors (the memory-saving rules) matches the 
     };
     for (const Case& k : cases) {
         CAPTURE(k.label);
-        const ParamLayout layout = k.shapes.empty() ? ParamLayout::build(small_gpt2()) : matrices_layout(k.shapes);
+        const ParamLayout layout = k.shapes.empty() ? ParamLayout::build(small_model("gpt2-tiny")) : matrices_layout(k.shapes);
         OptimizerConfig c;
         c.kind = OptimizerKind::Psgd;
         k.setup(c.psgd);

@@ -49,14 +49,6 @@ double spectral_norm(const Dense& a) {
     return norm;
 }
 
-ModelConfig small_model(const char* preset) {
-    ModelConfig c = preset_config(preset);
-    c.vocab_size = 40;
-    c.padded_vocab_size = 48;
-    c.max_seq_len = 8;
-    return c;
-}
-
 // a = vectors diag(values) vectors^T rebuilt from a decomposition.
 Dense recompose(const SymmetricEigen& e) {
     Dense scaled = e.vectors;
@@ -609,12 +601,17 @@ TEST_CASE("SOAP's max_precond_dim and merge_dims: no factor is the identity basi
     std::uniform_real_distribution<double> uniform(0.0, 1.0);
     SoapConfig c;
     c.precondition_frequency = 3;  // refreshes at calls 4, 7, 10 fall inside the runs
+    // `calls` gradients of `values` standard normal numbers.
+    auto gaussian_calls = [&](int calls, int values) {
+        std::vector<std::vector<float>> grads(static_cast<size_t>(calls));
+        for (auto& g : grads)
+            for (int i = 0; i < values; ++i) g.push_back(float(normal(gen)));
+        return grads;
+    };
 
     SUBCASE("both sides longer than max_precond_dim: Adam with the first call skipped, written out") {
         const int rows = 6, cols = 5, calls = 11;
-        std::vector<std::vector<float>> grads(calls);
-        for (auto& g : grads)
-            for (int i = 0; i < rows * cols; ++i) g.push_back(float(normal(gen)));
+        const auto grads = gaussian_calls(calls, rows * cols);
         SoapConfig adam = c;
         adam.max_precond_dim = 4;
         SoapMatrixState state;
@@ -658,36 +655,27 @@ TEST_CASE("SOAP's max_precond_dim and merge_dims: no factor is the identity basi
         }
         return grads;
     };
-    SUBCASE("the left side longer than max_precond_dim: one-sided SOAP equals the full one on such gradients") {
-        const auto grads = structured(11, true);
+    SUBCASE("one side longer than max_precond_dim: one-sided SOAP equals the full one on such gradients") {
         SoapConfig one_sided = c;
         one_sided.max_precond_dim = 3;
-        SoapMatrixState state;
-        const std::vector<float> w = soap_run(grads, 5, 3, one_sided, &state);
-        CHECK(state.left.empty());
-        CHECK(state.right.size() == 9);
-        CHECK(relative_change_difference(w, soap_run(grads, 5, 3, c), 0.25f) < 1e-5);
-    }
-    SUBCASE("the right side longer than max_precond_dim, likewise") {
-        const auto grads = structured(11, false);
-        SoapConfig one_sided = c;
-        one_sided.max_precond_dim = 3;
-        SoapMatrixState state;
-        const std::vector<float> w = soap_run(grads, 3, 5, one_sided, &state);
-        CHECK(state.right.empty());
-        CHECK(state.left.size() == 9);
-        CHECK(relative_change_difference(w, soap_run(grads, 3, 5, c), 0.25f) < 1e-5);
-        // On general gradients the dropped factor matters: the check above can fail.
-        std::vector<std::vector<float>> general(11);
-        for (auto& g : general)
-            for (int i = 0; i < 15; ++i) g.push_back(float(normal(gen)));
-        CHECK(relative_change_difference(soap_run(general, 3, 5, one_sided), soap_run(general, 3, 5, c), 0.25f) > 1e-2);
+        for (bool left_dropped : {true, false}) {
+            CAPTURE(left_dropped);
+            const int rows = left_dropped ? 5 : 3, cols = left_dropped ? 3 : 5;
+            const auto grads = structured(11, left_dropped);
+            SoapMatrixState state;
+            const std::vector<float> w = soap_run(grads, rows, cols, one_sided, &state);
+            CHECK((left_dropped ? state.left : state.right).empty());
+            CHECK((left_dropped ? state.right : state.left).size() == 9);
+            CHECK(relative_change_difference(w, soap_run(grads, rows, cols, c), 0.25f) < 1e-5);
+            // On general gradients the dropped factor matters: the check above can fail.
+            const auto general = gaussian_calls(11, 15);
+            CHECK(relative_change_difference(soap_run(general, rows, cols, one_sided), soap_run(general, rows, cols, c),
+                                             0.25f) > 1e-2);
+        }
     }
     SUBCASE("merge_dims: a matrix of at most max_precond_dim values is SOAP on its [1, m n] view") {
         const int rows = 3, cols = 4, calls = 11;
-        std::vector<std::vector<float>> grads(calls);
-        for (auto& g : grads)
-            for (int i = 0; i < rows * cols; ++i) g.push_back(float(normal(gen)));
+        const auto grads = gaussian_calls(calls, rows * cols);
         SoapConfig merged = c;
         merged.merge_dims = true;
         merged.max_precond_dim = 12;

@@ -17,14 +17,6 @@ using namespace qopt::test;
 
 namespace {
 
-ModelConfig small_model(const char* preset) {
-    ModelConfig c = preset_config(preset);
-    c.vocab_size = 40;
-    c.padded_vocab_size = 48;
-    c.max_seq_len = 8;
-    return c;
-}
-
 // The variants the tests run: each optimizer at its defaults plus settings that change its state.
 struct Variant {
     std::string name;

@@ -36,6 +36,7 @@
 #include "model/gpu_model.hpp"
 #include "optim/dense.hpp"
 #include "optim/gpu_optimizer.hpp"
+#include "optim/shard_plan.hpp"
 #include "optim/optimizer_cli.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
@@ -156,12 +157,12 @@ double mean(const std::vector<double>& v) {
     return sum / double(v.size());
 }
 
-double newton_schulz_flops(const Routing& routing, int ns_steps) {
+// Muon's and Scion's Newton-Schulz products per step (optim/shard_plan.hpp's count); 0 for the
+// other methods, whose products bench counts as they are issued.
+double newton_schulz_flops(const Routing& routing, const OptimizerConfig& config) {
+    if (config.kind != OptimizerKind::Muon && config.kind != OptimizerKind::Scion) return 0;
     double flops = 0;
-    for (const auto& m : routing.matrices) {
-        const double s = std::min(m.rows, m.cols), l = std::max(m.rows, m.cols);
-        flops += ns_steps * (4.0 * s * s * l + 2.0 * s * s * s);
-    }
+    for (const auto& m : routing.matrices) flops += matrix_product_flops(m.rows, m.cols, config);
     return flops;
 }
 
@@ -248,9 +249,7 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     // The optimizer's share: mean step time (includes the gradient norm) over mean fwd+bwd.
     const double opt_mean = mean(optimizer_ms), fwd_bwd_mean = mean(forward_ms) + mean(backward_ms);
     const Routing routing = route_parameters(model.layout(), optimizer_config);
-    const int ns_steps = optimizer_config.kind == OptimizerKind::Muon ? optimizer_config.muon.ns_steps
-                         : optimizer_config.kind == OptimizerKind::Scion ? optimizer_config.scion.ns_steps : 0;
-    const double ns_flops = newton_schulz_flops(routing, ns_steps);
+    const double ns_flops = newton_schulz_flops(routing, optimizer_config);
     std::printf("  optimizer %-7s | mean %6.2f ms, median %6.2f ms, max %6.2f ms = %5.1f%% of fwd+bwd (%.2f ms) | whole step %9.0f "
                 "tok/s (mean) | state %.2f GB",
                 optimizer_name(optimizer_config.kind), opt_mean, median(optimizer_ms),
