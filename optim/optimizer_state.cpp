@@ -1,6 +1,7 @@
 #include "optim/optimizer_state.hpp"
 
 #include "core/error.hpp"
+#include "core/safetensors.hpp"
 
 namespace qopt {
 
@@ -22,6 +23,39 @@ size_t OptimizerState::total_floats() const {
     size_t n = 0;
     for (const auto& t : tensors) n += t.values.size();
     return n;
+}
+
+std::string serialize_state(const OptimizerState& state) {
+    std::vector<TensorView> views;
+    std::map<std::string, std::string> metadata = {
+        {"optimizer", state.optimizer}, {"step", std::to_string(state.step)}, {"extra", state.extra.dump()}};
+    for (const StateTensor& t : state.tensors) {
+        views.push_back({t.name, t.shape, t.values.data()});
+        if (t.row_begin != 0) metadata["row_begin." + t.name] = std::to_string(t.row_begin);
+    }
+    return safetensors_serialize(views, metadata);
+}
+
+OptimizerState parse_state(std::string bytes, const std::string& origin) {
+    const SafetensorsFile file = SafetensorsFile::parse(std::move(bytes), origin);
+    const auto& metadata = file.metadata();
+    auto field = [&](const std::string& key) {
+        const auto it = metadata.find(key);
+        if (it == metadata.end()) fail(origin, ": optimizer state without '", key, "'");
+        return it->second;
+    };
+    OptimizerState state;
+    state.optimizer = field("optimizer");
+    state.step = std::stol(field("step"));
+    state.extra = Json::parse(field("extra"));
+    for (const std::string& name : file.names()) {
+        StateTensor t{name, file.shape(name), {}, 0};
+        t.values = file.f32(name, t.shape);
+        const auto row = metadata.find("row_begin." + name);
+        if (row != metadata.end()) t.row_begin = std::stoll(row->second);
+        state.tensors.push_back(std::move(t));
+    }
+    return state;
 }
 
 }  // namespace qopt

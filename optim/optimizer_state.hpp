@@ -34,6 +34,12 @@ struct OptimizerState {
     size_t total_floats() const;
 };
 
+// The whole state as bytes (a safetensors image: tensors, with the optimizer, step, scalars and
+// row parts in its metadata), e.g. to send a rank's share to the rank that writes checkpoints;
+// parse_state reads it back, errors naming `origin`.
+std::string serialize_state(const OptimizerState& state);
+OptimizerState parse_state(std::string bytes, const std::string& origin);
+
 // Counter-based normal random numbers: the same (seed, stream, index) gives the same value on
 // the CPU and on the GPU (splitmix64 hashing, then Box-Muller), so PSGD's random probes can be
 // compared between the two without copying them.

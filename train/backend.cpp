@@ -15,12 +15,15 @@
 
 namespace qopt {
 
+const char* const kNoGpuDataParallel =
+    "data parallelism on the GPU needs NCCL communication, which is not built yet; --device cpu runs it";
+
 namespace {
 
 class CpuBackend final : public TrainBackend {
 public:
-    CpuBackend(const ModelConfig& config, const OptimizerConfig& optimizer)
-        : model_(config), optimizer_(make_cpu_optimizer(model_.layout(), optimizer)) {}
+    CpuBackend(const ModelConfig& config, const OptimizerConfig& optimizer, const OwnedSlots* owned)
+        : model_(config), optimizer_(make_cpu_optimizer(model_.layout(), optimizer, owned)) {}
     std::string describe() const override { return "cpu, " + std::to_string(omp_get_max_threads()) + " threads"; }
     void set_params(const std::vector<float>& params) override {
         QOPT_CHECK(params.size() == model_.params().size(), "set_params: wrong size");
@@ -47,6 +50,12 @@ public:
     }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
     std::string memory_report(int, int) override { return ""; }
+    void reduce_gradients(Communicator& comm) override {
+        comm.all_reduce_mean(model_.grads().data(), model_.grads().size());
+    }
+    void share_parameters(Communicator& comm, const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
+        comm.share_ranges(model_.params().data(), ranges_by_rank);
+    }
 
 private:
     CpuModel<float> model_;
@@ -87,6 +96,10 @@ public:
                         model_.compute_weights_device());
     }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
+    void reduce_gradients(Communicator&) override { fail(kNoGpuDataParallel); }
+    void share_parameters(Communicator&, const std::vector<std::vector<ParamRange>>&) override {
+        fail(kNoGpuDataParallel);
+    }
     std::string memory_report(int batch, int seq_len) override {
         // The weights and optimizer state are allocated by now; the activations are planned
         // (exactly, by the code that allocates them) and refused before allocating when they
@@ -125,8 +138,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer) {
-    return std::make_unique<CpuBackend>(config, optimizer);
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
+                                               const OwnedSlots* owned) {
+    return std::make_unique<CpuBackend>(config, optimizer, owned);
 }
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,

@@ -9,6 +9,7 @@
 #include "model/config.hpp"
 #include "optim/optimizer.hpp"
 #include "quant/linear_quant.hpp"
+#include "train/communicator.hpp"
 
 namespace qopt {
 
@@ -41,9 +42,19 @@ public:
     virtual void set_linear_quant(const LinearQuantConfig& quant) = 0;
     // Extra line for the run's summary (the GPU's memory plan), empty if none.
     virtual std::string memory_report(int batch, int seq_len) = 0;
+    // Data parallelism (train/communicator.hpp): the gradient buffer becomes the mean of the
+    // ranks' gradients; after a ZeRO-1 step, each rank's updated share (ranges_by_rank[rank]) goes
+    // to every rank.
+    virtual void reduce_gradients(Communicator& comm) = 0;
+    virtual void share_parameters(Communicator& comm, const std::vector<std::vector<ParamRange>>& ranges_by_rank) = 0;
 };
 
-std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer);
+// Why a multi-rank run cannot use the GPU yet.
+extern const char* const kNoGpuDataParallel;
+
+// owned (none: all): the optimizer's ZeRO-1 share (optim/shard_plan.hpp).
+std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
+                                               const OwnedSlots* owned = nullptr);
 // Throws qopt::Error when no usable GPU is present or the GPU lacks the optimizer.
 // recompute: see GpuModel::set_recompute.
 std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,

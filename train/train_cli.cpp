@@ -34,6 +34,10 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
     app.add_option("--device", o.device, "cpu, cuda or auto (auto: the GPU when a usable one is present, else the CPU)")
         ->group("Device");
     app.add_option("--threads", o.threads, "OpenMP threads for the CPU path (0: all cores)")->group("Device");
+    app.add_option("--cpu-ranks", o.cpu_ranks,
+                   "Data-parallel ranks on the CPU, as threads (ZeRO-1 optimizer shares, rows of the batch each): the "
+                   "multi-GPU path's algorithm, checked against one process; not faster. GPUs need NCCL (not built)")
+        ->group("Device");
     app.add_flag("--recompute", o.recompute,
                  "GPU: recompute each block's MLP activation in the backward pass instead of keeping it "
                  "(saves layers x B x T x d_ff bf16)")

@@ -9,11 +9,14 @@
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <thread>
 
 #include "core/error.hpp"
 #include "core/files.hpp"
 #include "core/rng.hpp"
 #include "data/loader.hpp"
+#include "optim/shard_plan.hpp"
+#include "train/communicator.hpp"
 #include "kernels/device.hpp"
 #include "optim/schedule.hpp"
 #include "model/gpu_model.hpp"
@@ -93,6 +96,8 @@ void validate_options(const TrainOptions& o) {
     QOPT_CHECK(o.checkpoint_every >= 0, "--checkpoint-every must be non-negative");
     QOPT_CHECK(o.log_every > 0, "--log-every must be positive");
     QOPT_CHECK(o.threads >= 0, "--threads must be non-negative");
+    QOPT_CHECK(o.cpu_ranks >= 1, "--cpu-ranks must be at least 1, got ", o.cpu_ranks);
+    QOPT_CHECK(o.cpu_ranks == 1 || o.device != "cuda", "--cpu-ranks with --device cuda: ", kNoGpuDataParallel);
     QOPT_CHECK(o.loss_spike_factor == 0 || o.loss_spike_factor > 1, "--loss-spike-factor must be above 1 (0: off), got ",
                o.loss_spike_factor);
     QOPT_CHECK(o.nan_policy == "skip" || o.nan_policy == "stop", "--nan-policy must be skip or stop, got '",
@@ -164,15 +169,51 @@ static void trim_metrics(const std::string& path, long resumed_step, std::ostrea
         << " (those steps run again)\n";
 }
 
-TrainResult run_training(const TrainOptions& options, std::ostream& log) {
+// --cpu-ranks N: N thread ranks over a LocalGroup; rank 0's result. A rank that fails stops the
+// group, and its error (rather than the others' "another rank stopped") is thrown.
+static TrainResult run_on_thread_ranks(const TrainOptions& options, std::ostream& log) {
+    const int world = options.cpu_ranks;
+    LocalGroup group(world);
+    std::vector<TrainResult> results(static_cast<size_t>(world));
+    std::vector<std::string> errors(static_cast<size_t>(world));
+    std::vector<std::thread> threads;
+    std::ostringstream quiet;
+    for (int r = 0; r < world; ++r)
+        threads.emplace_back([&, r] {
+            try {
+                results[size_t(r)] = run_training(options, r == 0 ? log : quiet, &group.rank(r));
+            } catch (const std::exception& e) {
+                errors[size_t(r)] = e.what();
+                group.abort(e.what());
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (const std::string& e : errors)
+        if (!e.empty() && e.find("another rank stopped") == std::string::npos) fail(e);
+    for (const std::string& e : errors)
+        if (!e.empty()) fail(e);
+    return results[0];
+}
+
+TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Communicator* comm) {
     validate_options(options);
+    if (!comm && options.cpu_ranks > 1) return run_on_thread_ranks(options, root_log);
+    QOPT_CHECK(!comm || comm->world_size() == options.cpu_ranks || options.cpu_ranks == 1,
+               "--cpu-ranks ", options.cpu_ranks, " but a communicator of ", comm ? comm->world_size() : 0, " ranks");
     const ModelConfig config = resolve_model_config(options);
+    // Data parallelism: this rank's place; only rank 0 logs, writes metrics and checkpoints.
+    const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
+    const bool root = rank == 0;
+    std::ostream silent(nullptr);
+    std::ostream& log = root ? root_log : silent;
 
     // Device: "auto" takes a usable GPU when there is one.
     const OptimizerConfig optimizer = resolve_optimizer_config(options);
     const CudaDeviceInfo gpu = query_cuda_device();
     std::string gpu_problem = GpuModel::unsupported_reason(config);
-    const bool use_cuda = options.device == "cuda" || (options.device == "auto" && gpu.usable && gpu_problem.empty());
+    const bool use_cuda = world == 1 && (options.device == "cuda" ||
+                                         (options.device == "auto" && gpu.usable && gpu_problem.empty()));
+    if (world > 1 && options.device == "cuda") fail(kNoGpuDataParallel);
     if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
         log << "device: the CPU, since the GPU cannot run this: " << gpu_problem << "\n";
     if (options.threads > 0) omp_set_num_threads(options.threads);
@@ -189,19 +230,27 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
 
     // Everything that can fail on bad input is checked before the first step.
     check_writable_directory(options.out_dir);
-    for (const std::string& action : recover_interrupted_writes(options.out_dir)) log << "checkpoints: " << action << "\n";
+    if (root)
+        for (const std::string& action : recover_interrupted_writes(options.out_dir)) log << "checkpoints: " << action << "\n";
+    if (comm) comm->barrier();
+    const RankSlice slice{rank, world};
+    const int rank_rows = options.batch_size / world;  // the loaders check that it divides
     TokenLoader train_loader(options.train_data, config.vocab_size, options.batch_size, options.seq_len,
-                             "--train-data");
+                             "--train-data", slice);
     std::unique_ptr<TokenLoader> val_loader;
     if (!options.val_data.empty())
         val_loader = std::make_unique<TokenLoader>(options.val_data, config.vocab_size, options.batch_size,
-                                                   options.seq_len, "--val-data");
+                                                   options.seq_len, "--val-data", slice);
 
-    std::unique_ptr<TrainBackend> backend =
-        use_cuda ? make_cuda_backend(config, optimizer, options.recompute) : make_cpu_backend(config, optimizer);
+    const ParamLayout layout = ParamLayout::build(config);
+    const ShardPlan shards = plan_shards(route_parameters(layout, optimizer), optimizer, world);
+    const OwnedSlots owned = shards.owned_by(rank);
+    std::vector<std::vector<ParamRange>> ranges_by_rank;
+    for (int r = 0; r < world; ++r) ranges_by_rank.push_back(shards.ranges_of(route_parameters(layout, optimizer), r));
+    std::unique_ptr<TrainBackend> backend = use_cuda ? make_cuda_backend(config, optimizer, options.recompute)
+                                                     : make_cpu_backend(config, optimizer, world > 1 ? &owned : nullptr);
     const LinearQuantConfig qat = resolve_linear_quant(options.qat, QuantStyle::Quest);
     backend->set_linear_quant(qat);
-    const ParamLayout layout = ParamLayout::build(config);
     TrainState state;
     Rng rng(options.seed ^ 0x5DEECE66Dull);
     std::string resume_from = options.resume;
@@ -238,7 +287,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
 
     // A fresh start drops every record (those of a killed earlier start of this run), a resume
     // those past its checkpoint.
-    trim_metrics(options.out_dir + "/metrics.jsonl", state.step, log);
+    if (root) trim_metrics(options.out_dir + "/metrics.jsonl", state.step, log);
 
     // Summary of what will run.
     uint64_t embedding_params = 0;
@@ -267,13 +316,26 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         << total_steps << " steps\n";
     log << "optimizer routing: " << routing.describe() << "\n";
     if (qat.enabled()) log << "quantization-aware training: " << qat.describe() << "\n";
-    log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB\n";
+    log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB"
+        << (world > 1 ? " on rank 0" : "") << "\n";
+    if (world > 1)
+        log << "data parallel: " << world << " ranks of " << rank_rows << " rows each (cpu threads); "
+            << shards.describe() << "\n";
 
-    std::ofstream metrics(options.out_dir + "/metrics.jsonl", std::ios::app);
-    if (!metrics) fail(options.out_dir, "/metrics.jsonl: cannot open for writing");
+    std::ofstream metrics;
+    if (root) {
+        metrics.open(options.out_dir + "/metrics.jsonl", std::ios::app);
+        if (!metrics) fail(options.out_dir, "/metrics.jsonl: cannot open for writing");
+    }
     auto write_metrics = [&](Json record) {
+        if (!root) return;
         metrics << record.dump() << "\n";
         metrics.flush();
+    };
+    // The sum over ranks of a few numbers (themselves when alone).
+    auto sum_over_ranks = [&](std::vector<double> values) {
+        if (comm) comm->all_reduce_sum(values.data(), values.size());
+        return values;
     };
 
     std::vector<int> inputs, targets;
@@ -285,9 +347,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         double sum = 0;
         for (uint64_t b = 0; b < batches; ++b) {
             val_loader->next_batch(inputs, targets);
-            sum += backend->loss(inputs.data(), targets.data(), options.batch_size, options.seq_len);
+            sum += backend->loss(inputs.data(), targets.data(), rank_rows, options.seq_len);
         }
-        return sum / double(batches);
+        // Each rank's loss is the mean over its rows: the batch's is their mean.
+        return sum_over_ranks({sum})[0] / double(batches) / world;
     };
     auto report_val = [&](const char* when, double val_loss) {
         if (std::isnan(val_loss)) return;
@@ -309,8 +372,15 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         state.rng_state = rng.state();
         ckpt.state = state;
         ckpt.run = run_settings(options, optimizer, total_steps);
-        ckpt.params = backend->params();
         ckpt.optimizer = backend->optimizer_state();
+        if (comm) {  // every rank's share of the optimizer state, merged on rank 0
+            std::vector<OptimizerState> shares;
+            for (const std::string& bytes : comm->gather_to_root(serialize_state(ckpt.optimizer)))
+                shares.push_back(parse_state(bytes, "a rank's optimizer state"));
+            if (!root) return std::string();
+            ckpt.optimizer = merge_rank_states(shares);
+        }
+        ckpt.params = backend->params();
         std::string path;
         try {
             path = write_checkpoint(options.out_dir, ckpt);
@@ -361,9 +431,13 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         double loss = 0;
         for (int micro = 0; micro < options.grad_accum; ++micro) {
             train_loader.next_batch(inputs, targets);
-            loss += backend->forward_backward(inputs.data(), targets.data(), options.batch_size, options.seq_len,
+            loss += backend->forward_backward(inputs.data(), targets.data(), rank_rows, options.seq_len,
                                               1.0 / options.grad_accum) /
                     options.grad_accum;
+        }
+        if (comm) {  // the batch's gradient and loss: the mean of the ranks'
+            backend->reduce_gradients(*comm);
+            loss = sum_over_ranks({loss})[0] / world;
         }
         // Global-norm clipping: every gradient scaled by grad_clip / ||g|| when ||g|| > grad_clip.
         const double grad_norm = backend->grad_norm();
@@ -372,7 +446,8 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             const double clip_scale =
                 options.grad_clip > 0 && grad_norm > options.grad_clip ? options.grad_clip / grad_norm : 1.0;
             backend->step(lr, clip_scale);
-            const long rejected = backend->rejected_preconditioners();
+            if (comm) backend->share_parameters(*comm, ranges_by_rank);
+            const long rejected = long(sum_over_ranks({double(backend->rejected_preconditioners())})[0]);
             if (rejected > result.rejected_preconditioners) {
                 log << "warning: step " << state.step + 1 << ": " << rejected - result.rejected_preconditioners
                     << " preconditioner matrix(es) came out non-finite and were not used; the last good ones stay ("
@@ -449,8 +524,17 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
         if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
             result.last_checkpoint = save(false);
         // A request that came during start-up is acted on here, after the first step; it is
-        // consumed, so a later run in the same process starts clean.
-        if (g_stop_requested.exchange(0)) {
+        // consumed, so a later run in the same process starts clean. Ranks stop together: a
+        // request seen by any of them counts.
+        bool stop = false;
+        if (comm) {
+            stop = sum_over_ranks({double(g_stop_requested.load())})[0] > 0;
+            comm->barrier();  // everyone has read the flag before rank 0 consumes it
+            if (root) g_stop_requested.store(0);
+        } else {
+            stop = g_stop_requested.exchange(0) != 0;
+        }
+        if (stop) {
             log << "stop requested: saving a checkpoint at step " << state.step << " and exiting\n";
             result.interrupted = true;
             break;
@@ -466,7 +550,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& log) {
             log << line;
         }
     }
-    const EigenRefreshCounts refreshes = backend->eigen_refreshes();
+    EigenRefreshCounts refreshes = backend->eigen_refreshes();
+    const std::vector<double> refresh_totals = sum_over_ranks({double(refreshes.kept), double(refreshes.decomposed)});
+    refreshes.kept = long(refresh_totals[0]);
+    refreshes.decomposed = long(refresh_totals[1]);
     if (refreshes.kept + refreshes.decomposed > 0)
         log << "shampoo: " << refreshes.kept << " of " << refreshes.kept + refreshes.decomposed
             << " factor refreshes kept the last eigenbasis (within --shampoo-eigen-tolerance), "

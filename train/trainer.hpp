@@ -20,6 +20,9 @@ struct TrainOptions {
 
     std::string device = "auto";  // cpu | cuda | auto
     int threads = 0;              // OpenMP threads for the CPU path (0: OpenMP's default)
+    // > 1: a data-parallel run on the CPU, this many ranks as threads of this process (see
+    // run_training): the multi-GPU path's algorithm, checked against one process; not faster.
+    int cpu_ranks = 1;
     bool recompute = false;       // GPU: recompute MLP activations in the backward pass
     QuantOptions qat;             // --qat w4a4 and its flags (QuEST defaults); format "off": full precision
 
@@ -77,7 +80,14 @@ OptimizerConfig resolve_optimizer_config(const TrainOptions& options);
 void validate_options(const TrainOptions& options);
 // Runs (or resumes) training, writing progress lines to `log`. Throws qopt::Error on bad
 // input (data, checkpoints, output directory) before any step runs.
-TrainResult run_training(const TrainOptions& options, std::ostream& log);
+// With a communicator of W ranks (every rank calls this with the same options), the run is
+// data-parallel: --batch-size is the global batch, each rank computes its B/W rows, the
+// gradients are averaged over the ranks, and each rank steps its ZeRO-1 share of the optimizer
+// (optim/shard_plan.hpp) and shares the result; rank 0 alone logs, writes metrics and
+// checkpoints (the optimizer state merged from all ranks, so any rank count resumes it). The
+// result is the single-process run's up to the order of the gradient sums. CPU only so far.
+class Communicator;
+TrainResult run_training(const TrainOptions& options, std::ostream& log, Communicator* comm = nullptr);
 
 // SIGINT/SIGTERM: the run finishes its current step, writes a checkpoint and returns.
 void install_stop_handlers();
