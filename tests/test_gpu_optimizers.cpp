@@ -830,6 +830,21 @@ TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspac
     }
 }
 
+TEST_CASE("GPU SOAP refuses one-sided and merged SOAP by name (the CPU runs them)") {
+    REQUIRE_GPU();
+    ParamLayout layout;
+    layout.append("tall", {96, 48}, ParamKind::Matrix);
+    OptimizerConfig c;
+    c.kind = OptimizerKind::Soap;
+    c.soap.max_precond_dim = 64;  // the 96-long side would get no factor
+    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("would need one-sided or merged SOAP"), Error);
+    c.soap.max_precond_dim = 5000;
+    c.soap.merge_dims = true;  // 96 x 48 = 4608 values: one dimension
+    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("with --soap-merge-dims"), Error);
+    c.soap.max_precond_dim = 4000;  // nothing merges: the GPU runs it
+    GpuOptimizer runs(layout, c);
+}
+
 TEST_CASE("Blocked triangular products: their share of a dense product's multiply-adds") {
     // Side products: sum over row blocks of rows x (n - r0), over n^2; square: the blocks on and
     // above the diagonal, each rows x cols x (c1 - r0), over n^3. Worked by hand for 1024 in

@@ -15,13 +15,13 @@
 #include "core/files.hpp"
 #include "core/rng.hpp"
 #include "data/loader.hpp"
-#include "optim/shard_plan.hpp"
-#include "train/communicator.hpp"
 #include "kernels/device.hpp"
 #include "optim/schedule.hpp"
+#include "optim/shard_plan.hpp"
 #include "model/gpu_model.hpp"
 #include "train/backend.hpp"
 #include "train/checkpoint.hpp"
+#include "train/communicator.hpp"
 
 namespace qopt {
 
@@ -243,10 +243,11 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
                                                    options.seq_len, "--val-data", slice);
 
     const ParamLayout layout = ParamLayout::build(config);
-    const ShardPlan shards = plan_shards(route_parameters(layout, optimizer), optimizer, world);
+    const Routing routing = route_parameters(layout, optimizer);
+    const ShardPlan shards = plan_shards(routing, optimizer, world);
     const OwnedSlots owned = shards.owned_by(rank);
     std::vector<std::vector<ParamRange>> ranges_by_rank;
-    for (int r = 0; r < world; ++r) ranges_by_rank.push_back(shards.ranges_of(route_parameters(layout, optimizer), r));
+    for (int r = 0; r < world; ++r) ranges_by_rank.push_back(shards.ranges_of(routing, r));
     std::unique_ptr<TrainBackend> backend = use_cuda ? make_cuda_backend(config, optimizer, options.recompute)
                                                      : make_cpu_backend(config, optimizer, world > 1 ? &owned : nullptr);
     const LinearQuantConfig qat = resolve_linear_quant(options.qat, QuantStyle::Quest);
@@ -306,7 +307,6 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         << " tokens; " << with_commas(tokens_per_step) << " tokens per step (" << options.batch_size << " x "
         << options.seq_len << " x " << options.grad_accum << " accumulation)\n";
     // AdamW's settings only where some tensor is AdamW's (Scion routes none to it).
-    const Routing routing = route_parameters(layout, optimizer);
     log << "optimizer: " << optimizer_name(optimizer.kind) << " lr " << optimizer.method_lr();
     if (optimizer.kind != OptimizerKind::AdamW && !routing.adamw.empty())
         log << ", AdamW lr " << optimizer.aux_adamw_lr();
