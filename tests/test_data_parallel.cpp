@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "train_helpers.hpp"
 #include "train/communicator.hpp"
+#include "train/tcp_communicator.hpp"
 
 using namespace qopt;
 using namespace qopt::test;
@@ -36,40 +37,51 @@ std::map<std::string, std::vector<int64_t>> state_shapes(const OptimizerState& s
     return shapes;
 }
 
+// What each rank of a 3-rank group gets from every operation.
+struct Outcome {
+    std::vector<float> mean, shared;
+    double sum = 0;
+    std::vector<std::string> gathered;
+};
+
+// Each rank r contributes r-dependent numbers to every operation of `comm`.
+Outcome exercise(Communicator& comm) {
+    const int r = comm.rank();
+    Outcome out;
+    out.mean = {float(r + 1), float(10 * r), 0.1f * float(r)};
+    comm.all_reduce_mean(out.mean.data(), out.mean.size());
+    out.sum = r + 0.5;
+    comm.all_reduce_sum(&out.sum, 1);
+    // Rank r owns values [2r, 2r + 2) of 6 and sets them to its number.
+    out.shared.assign(6, -1.0f);
+    out.shared[size_t(2 * r)] = out.shared[size_t(2 * r + 1)] = float(r);
+    const std::vector<std::vector<ParamRange>> ranges = {{{0, 2}}, {{2, 2}}, {{4, 2}}};
+    comm.share_ranges(out.shared.data(), ranges);
+    out.gathered = comm.gather_to_root("rank " + std::to_string(r));
+    comm.barrier();
+    return out;
+}
+
+void check_outcomes(const std::vector<Outcome>& outcomes) {
+    for (const Outcome& o : outcomes) {
+        CHECK(o.mean == std::vector<float>{2.0f, 10.0f, float((0.0 + 0.1f + 0.2f) / 3)});
+        CHECK(o.sum == 0.5 + 1.5 + 2.5);
+        CHECK(o.shared == std::vector<float>{0, 0, 1, 1, 2, 2});
+    }
+    CHECK(outcomes[0].gathered == std::vector<std::string>{"rank 0", "rank 1", "rank 2"});
+    CHECK(outcomes[1].gathered.empty());
+}
+
 }  // namespace
 
 TEST_CASE("LocalGroup: mean, sum, shared ranges and gathers are the same on every rank; a failed rank stops the rest") {
     const int world = 3;
     LocalGroup group(world);
-    std::vector<std::vector<float>> means(world), shared(world);
-    std::vector<double> sums(world);
-    std::vector<std::vector<std::string>> gathered(world);
+    std::vector<Outcome> outcomes(world);
     std::vector<std::thread> threads;
-    for (int r = 0; r < world; ++r)
-        threads.emplace_back([&, r] {
-            Communicator& comm = group.rank(r);
-            std::vector<float> v = {float(r + 1), float(10 * r), 0.1f * float(r)};
-            comm.all_reduce_mean(v.data(), v.size());
-            means[size_t(r)] = v;
-            double s = r + 0.5;
-            comm.all_reduce_sum(&s, 1);
-            sums[size_t(r)] = s;
-            // Rank r owns values [2r, 2r + 2) of 6 and sets them to its number.
-            std::vector<float> buffer(6, -1.0f);
-            buffer[size_t(2 * r)] = buffer[size_t(2 * r + 1)] = float(r);
-            std::vector<std::vector<ParamRange>> ranges = {{{0, 2}}, {{2, 2}}, {{4, 2}}};
-            comm.share_ranges(buffer.data(), ranges);
-            shared[size_t(r)] = buffer;
-            gathered[size_t(r)] = comm.gather_to_root("rank " + std::to_string(r));
-        });
+    for (int r = 0; r < world; ++r) threads.emplace_back([&, r] { outcomes[size_t(r)] = exercise(group.rank(r)); });
     for (auto& t : threads) t.join();
-    for (int r = 0; r < world; ++r) {
-        CHECK(means[size_t(r)] == std::vector<float>{2.0f, 10.0f, float((0.0 + 0.1f + 0.2f) / 3)});
-        CHECK(sums[size_t(r)] == 0.5 + 1.5 + 2.5);
-        CHECK(shared[size_t(r)] == std::vector<float>{0, 0, 1, 1, 2, 2});
-    }
-    CHECK(gathered[0] == std::vector<std::string>{"rank 0", "rank 1", "rank 2"});
-    CHECK(gathered[1].empty());
+    check_outcomes(outcomes);
 
     // Rank 1 fails before the barrier; rank 0 and 2, waiting in it, are released with an error.
     LocalGroup failing(world);
@@ -165,4 +177,82 @@ TEST_CASE("data-parallel CPU training on 2 and 3 ranks follows the single-proces
     odd.batch_size = 4;
     odd.device = "cuda";
     CHECK_THROWS_WITH_AS(run_ranks(odd, 2, log), doctest::Contains("needs NCCL communication"), Error);
+}
+
+TEST_CASE("TCP group: the same results as LocalGroup's threads; bad addresses, missing and vanished ranks are errors") {
+    const int world = 3;
+    const std::string address = "127.0.0.1:" + std::to_string(free_local_port());
+    std::vector<Outcome> outcomes(world);
+    std::vector<std::string> errors(world);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < world; ++r)
+        threads.emplace_back([&, r] {
+            try {
+                outcomes[size_t(r)] = exercise(*join_tcp_group(address, r, world, 20));
+            } catch (const std::exception& e) {
+                errors[size_t(r)] = e.what();
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (const std::string& e : errors) CHECK(e.empty());
+    check_outcomes(outcomes);
+
+    CHECK_THROWS_WITH_AS(join_tcp_group("localhost", 0, 2), doctest::Contains("expected host:port"), Error);
+    CHECK_THROWS_WITH_AS(join_tcp_group("localhost:99999", 0, 2), doctest::Contains("outside 1..65535"), Error);
+    CHECK_THROWS_WITH_AS(join_tcp_group("no-such-host.invalid:4000", 1, 2, 1), doctest::Contains("cannot resolve"),
+                         Error);
+    // Rank 0 alone: nobody joins in time.
+    const std::string lonely = "127.0.0.1:" + std::to_string(free_local_port());
+    CHECK_THROWS_WITH_AS(join_tcp_group(lonely, 0, 2, 0.5), doctest::Contains("only 0 of 1 ranks joined"), Error);
+    // Rank 1 without rank 0.
+    CHECK_THROWS_WITH_AS(join_tcp_group(lonely, 1, 2, 0.5), doctest::Contains("could not reach rank 0"), Error);
+    // A rank that goes away: the other's next operation fails by name instead of waiting.
+    const std::string two = "127.0.0.1:" + std::to_string(free_local_port());
+    std::string survivor_error;
+    std::thread survivor([&] {
+        try {
+            auto comm = join_tcp_group(two, 0, 2, 20);
+            comm->barrier();  // rank 1 leaves after the group is formed
+            double x = 1;
+            comm->all_reduce_sum(&x, 1);
+        } catch (const std::exception& e) {
+            survivor_error = e.what();
+        }
+    });
+    { auto leaving = join_tcp_group(two, 1, 2, 20); leaving->barrier(); }
+    survivor.join();
+    CHECK(survivor_error.find("rank 1 disconnected") != std::string::npos);
+}
+
+TEST_CASE("train --nproc 2 (processes over TCP) gives --cpu-ranks 2's run bit for bit; bad launches are refused by name") {
+    TempDir dir;
+    TrainOptions o = tiny_run(dir, 6);  // writes the shards
+    const std::string common = bin("train") + " --device cpu --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
+                               "--train-data " + o.train_data + " --val-data " + o.val_data +
+                               " --batch-size 4 --seq-len 32 --steps 6 --lr 1e-2 --val-batches 2 --threads 1";
+    std::string output;
+    REQUIRE(run_command(common + " --cpu-ranks 2 --out-dir " + (dir / "threads"), output) == 0);
+    REQUIRE_MESSAGE(run_command(common + " --nproc 2 --out-dir " + (dir / "processes"), output) == 0, output);
+    CHECK(output.find("processes over TCP") != std::string::npos);
+    auto train_losses = [](const std::string& path) {
+        std::vector<double> losses;
+        std::istringstream lines(read_file(path));
+        for (std::string line; std::getline(lines, line);) {
+            const Json record = Json::parse(line);
+            if (record.at("type").as_string() == "train") losses.push_back(record.at("loss").as_double());
+        }
+        return losses;
+    };
+    const std::vector<double> by_threads = train_losses(dir / "threads/metrics.jsonl");
+    CHECK(by_threads.size() == 6);
+    CHECK(train_losses(dir / "processes/metrics.jsonl") == by_threads);
+    CHECK(read_checkpoint(list_checkpoints(dir / "threads")[0]).params ==
+          read_checkpoint(list_checkpoints(dir / "processes")[0]).params);
+
+    CHECK(run_command(common + " --nproc 2 --cpu-ranks 2 --out-dir " + (dir / "both"), output) == 1);
+    CHECK(output.find("--nproc and --cpu-ranks are two ways") != std::string::npos);
+    CHECK(run_command(common + " --nproc 3 --out-dir " + (dir / "odd"), output) == 1);  // 4 rows over 3 ranks
+    CHECK(output.find("does not split evenly over 3 ranks") != std::string::npos);
+    CHECK(run_command(common + " --rendezvous 127.0.0.1:4000 --out-dir " + (dir / "alone"), output) == 1);
+    CHECK(output.find("needs the ranks' places") != std::string::npos);
 }

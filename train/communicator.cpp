@@ -64,6 +64,7 @@ public:
     }
 
     void barrier() override { group_.wait_all(); }
+    std::string describe() const override { return "threads of one process"; }
 
 private:
     template <typename Read>

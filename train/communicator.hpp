@@ -30,6 +30,7 @@ public:
     // Rank 0 receives every rank's bytes, in rank order; the others receive nothing.
     virtual std::vector<std::string> gather_to_root(const std::string& bytes) = 0;
     virtual void barrier() = 0;
+    virtual std::string describe() const = 0;  // for the run log: how the ranks are connected
     bool is_root() const { return rank() == 0; }
 };
 

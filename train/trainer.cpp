@@ -319,7 +319,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB"
         << (world > 1 ? " on rank 0" : "") << "\n";
     if (world > 1)
-        log << "data parallel: " << world << " ranks of " << rank_rows << " rows each (cpu threads); "
+        log << "data parallel: " << world << " ranks of " << rank_rows << " rows each (" << comm->describe() << "); "
             << shards.describe() << "\n";
 
     std::ofstream metrics;
