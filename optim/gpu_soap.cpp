@@ -8,7 +8,9 @@
 // Householder, and the two Q differ only in their columns' signs, to which SOAP's update is
 // blind: the first moment goes through parameter space at every refresh and the second is a
 // square). The first call takes full eigendecompositions
-// (cuSOLVER, batched).
+// (cuSOLVER, batched). A side longer than max_precond_dim has no factor (one-sided SOAP, as the
+// reference): its rotation is the identity and its axis keeps its order at refreshes. Merged
+// dimensions (merge_dims) run on the CPU only so far.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -31,15 +33,18 @@ public:
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
             const SoapView view = soap_view(m, n, config_);
-            QOPT_CHECK(view.left && view.right && view.rows == m, "SOAP on the GPU preconditions both sides of every "
-                       "matrix: a ", m, " x ", n, " matrix at --soap-max-precond-dim ", config_.max_precond_dim,
-                       config_.merge_dims ? " with --soap-merge-dims" : "",
-                       " would need one-sided or merged SOAP, which only the CPU (--device cpu) runs so far");
+            QOPT_CHECK(view.rows == m, "SOAP on the GPU: a ", m, " x ", n, " matrix at --soap-max-precond-dim ",
+                       config_.max_precond_dim, " with --soap-merge-dims would be merged into one dimension, which "
+                       "only the CPU (--device cpu) runs so far");
             State& s = state_.emplace_back();
-            zeroed(s.left, size_t(m) * m * count);
-            zeroed(s.right, size_t(n) * n * count);
-            zeroed(s.left_basis, size_t(m) * m * count);
-            zeroed(s.right_basis, size_t(n) * n * count);
+            s.has_left = view.left;
+            s.has_right = view.right;
+            const size_t left_size = view.left ? size_t(m) * m * count : 0;
+            const size_t right_size = view.right ? size_t(n) * n * count : 0;
+            zeroed(s.left, left_size);
+            zeroed(s.right, right_size);
+            zeroed(s.left_basis, left_size);
+            zeroed(s.right_basis, right_size);
             zeroed(s.exp_avg, g.tile_size() * count);
             zeroed(s.exp_avg_sq, g.tile_size() * count);
         }
@@ -56,11 +61,15 @@ public:
         accepted_.resize(most_tiles);
         // The first call's eigendecompositions and the refreshes' QRs: their workspaces now, so
         // that the memory check before training sees them.
-        for (const TileGroup& g : groups_)
-            for (const int n : {g.rows, g.cols}) {
-                reserve_symmetric_eigen_gpu(n, g.count(), factor_a_.data());
-                reserve_qr_q_gpu(n, g.count(), factor_a_.data());
-            }
+        for (size_t gi = 0; gi < groups_.size(); ++gi) {
+            const TileGroup& g = groups_[gi];
+            for (const auto& [n, present] : {std::pair<int, bool>{g.rows, state_[gi].has_left},
+                                             std::pair<int, bool>{g.cols, state_[gi].has_right}})
+                if (present) {
+                    reserve_symmetric_eigen_gpu(n, g.count(), factor_a_.data());
+                    reserve_qr_q_gpu(n, g.count(), factor_a_.data());
+                }
+        }
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long call) override {
@@ -75,21 +84,24 @@ public:
             if (call == 1) {
                 update_factors(g, s, factor_beta);
                 // Initial bases, taken where finite (else the identity).
-                symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.left.data(), m, count, factor_a_.data());
-                commit_tiles(s.left_basis.data(), candidate_.data(), m, count);
-                symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.right.data(), n, count,
-                                            factor_a_.data());
-                commit_tiles(s.right_basis.data(), candidate_.data(), n, count);
+                if (s.has_left) {
+                    symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.left.data(), m, count,
+                                                factor_a_.data());
+                    commit_tiles(s.left_basis.data(), candidate_.data(), m, count);
+                }
+                if (s.has_right) {
+                    symmetric_eigen_batched_gpu(candidate_.data(), values_.data(), s.right.data(), n, count,
+                                                factor_a_.data());
+                    commit_tiles(s.right_basis.data(), candidate_.data(), n, count);
+                }
                 continue;
             }
             const long t = call - 1;
             // rotated = QL^T G QR -> work_b; direction (in place) -> work_b; update = QL D QR^T -> work_b.
-            gemm_(work_a_.data(), s.left_basis.data(), true, grad, false, m, n, m, count);
-            gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+            rotate(work_b_.data(), grad, s, false, m, n, count);
             soap_adam_gpu(work_b_.data(), s.exp_avg.data(), s.exp_avg_sq.data(), work_b_.data(),
                           int64_t(g.tile_size()) * count, float(c.beta1), float(c.beta2), float(c.eps));
-            gemm_(work_a_.data(), s.left_basis.data(), false, work_b_.data(), false, m, n, m, count);
-            gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+            rotate(work_b_.data(), work_b_.data(), s, true, m, n, count);
             const float* scale = nullptr;
             if (c.normalize_grads) {
                 sum_squares_gpu(values_.data(), work_b_.data(), count, int64_t(g.tile_size()));
@@ -113,10 +125,10 @@ public:
             const TileGroup& g = groups_[gi];
             State& s = state_[gi];
             const int64_t m = g.rows, n = g.cols;
-            fn(g, "left", {m, m}, s.left);
-            fn(g, "right", {n, n}, s.right);
-            fn(g, "left_basis", {m, m}, s.left_basis);
-            fn(g, "right_basis", {n, n}, s.right_basis);
+            if (s.has_left) fn(g, "left", {m, m}, s.left);
+            if (s.has_right) fn(g, "right", {n, n}, s.right);
+            if (s.has_left) fn(g, "left_basis", {m, m}, s.left_basis);
+            if (s.has_right) fn(g, "right_basis", {n, n}, s.right_basis);
             fn(g, "exp_avg", {m, n}, s.exp_avg);
             fn(g, "exp_avg_sq", {m, n}, s.exp_avg_sq);
         }
@@ -132,14 +144,35 @@ public:
 
 private:
     struct State {
+        bool has_left = true, has_right = true;  // false: no factor on that side (identity basis)
         DeviceBuffer<float> left, right, left_basis, right_basis, exp_avg, exp_avg_sq;
     };
 
-    // L = b L + (1 - b) G G^T,  R = b R + (1 - b) G^T G.
+    // L = b L + (1 - b) G G^T,  R = b R + (1 - b) G^T G, for the sides with a factor.
     void update_factors(TileGroup& g, State& s, float beta) {
         const int m = g.rows, n = g.cols, count = g.count();
-        gemm_.gram(s.left.data(), g.grads.data(), false, m, n, count, 1 - beta, beta);
-        gemm_.gram(s.right.data(), g.grads.data(), true, n, m, count, 1 - beta, beta);
+        if (s.has_left) gemm_.gram(s.left.data(), g.grads.data(), false, m, n, count, 1 - beta, beta);
+        if (s.has_right) gemm_.gram(s.right.data(), g.grads.data(), true, n, m, count, 1 - beta, beta);
+    }
+
+    // out = QL^T x QR (into the bases) or QL x QR^T (back), a side without a factor the
+    // identity. x may be out; work_a_ holds the product in between (so neither may be work_a_).
+    void rotate(float* out, const float* x, const State& s, bool back, int m, int n, int count) {
+        const size_t bytes = size_t(m) * n * count * sizeof(float);
+        const float* current = x;
+        if (s.has_left) {
+            gemm_(work_a_.data(), s.left_basis.data(), !back, current, false, m, n, m, count);
+            current = work_a_.data();
+        }
+        if (s.has_right) {
+            if (current == out) {  // no left product: the GEMM may not read its own output
+                CUDA_CHECK(cudaMemcpy(work_a_.data(), current, bytes, cudaMemcpyDeviceToDevice));
+                current = work_a_.data();
+            }
+            gemm_(out, current, false, s.right_basis.data(), back, m, n, n, count);
+        } else if (current != out) {
+            CUDA_CHECK(cudaMemcpy(out, current, bytes, cudaMemcpyDeviceToDevice));
+        }
     }
 
     // New bases for the group; exp_avg follows them, exp_avg_sq's axes are permuted as the
@@ -147,18 +180,25 @@ private:
     void refresh(TileGroup& g, State& s) {
         const int m = g.rows, n = g.cols, count = g.count();
         // M in parameter space: QL M QR^T -> work_b.
-        gemm_(work_a_.data(), s.left_basis.data(), false, s.exp_avg.data(), false, m, n, m, count);
-        gemm_(work_b_.data(), work_a_.data(), false, s.right_basis.data(), true, m, n, n, count);
+        rotate(work_b_.data(), s.exp_avg.data(), s, true, m, n, count);
         int* left_order = orders_.data();
         int* right_order = orders_.data() + size_t(m) * count;
-        refresh_basis(s.left.data(), s.left_basis.data(), left_order, m, count);
-        refresh_basis(s.right.data(), s.right_basis.data(), right_order, n, count);
+        auto refresh_side = [&](bool present, const float* factor, float* basis, int* order, int size) {
+            if (present) {
+                refresh_basis(factor, basis, order, size, count);
+                return;
+            }
+            std::vector<int> identity(size_t(size) * count);  // no factor: the axis keeps its order
+            for (size_t i = 0; i < identity.size(); ++i) identity[i] = int(i % size_t(size));
+            CUDA_CHECK(cudaMemcpy(order, identity.data(), identity.size() * sizeof(int), cudaMemcpyHostToDevice));
+        };
+        refresh_side(s.has_left, s.left.data(), s.left_basis.data(), left_order, m);
+        refresh_side(s.has_right, s.right.data(), s.right_basis.data(), right_order, n);
         permute_rows_columns_gpu(work_a_.data(), s.exp_avg_sq.data(), left_order, right_order, m, n, count);
         CUDA_CHECK(cudaMemcpy(s.exp_avg_sq.data(), work_a_.data(), g.tile_size() * count * sizeof(float),
                               cudaMemcpyDeviceToDevice));
         // M into the new bases: QL^T M QR.
-        gemm_(work_a_.data(), s.left_basis.data(), true, work_b_.data(), false, m, n, m, count);
-        gemm_(s.exp_avg.data(), work_a_.data(), false, s.right_basis.data(), false, m, n, n, count);
+        rotate(s.exp_avg.data(), work_b_.data(), s, false, m, n, count);
     }
 
     // One power-iteration step with QR: sort Q's columns by diag(Q^T F Q) (descending, stable),

@@ -110,7 +110,7 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option("--soap-precondition-frequency", c.soap.precondition_frequency, "Steps between eigenbasis refreshes")
         ->group(p);
     app.add_option("--soap-max-precond-dim", c.soap.max_precond_dim,
-                   "Largest preconditioned dimension: a longer side gets no factor (identity basis; CPU only)")
+                   "Largest preconditioned dimension: a longer side gets no factor (identity basis)")
         ->group(p);
     app.add_option("--soap-merge-dims", c.soap.merge_dims,
                    "Precondition a matrix of at most --soap-max-precond-dim values as one dimension (true/false; CPU only)")

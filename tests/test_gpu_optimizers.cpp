@@ -277,6 +277,14 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
          1e-2, {"left", "right"}},
         {"soap", "soap", [](OptimizerConfig& c) { c.soap.precondition_frequency = 2; }, false, 6, 5, 1e-2,
          {"left", "right"}},
+        // One-sided SOAP: the MLP's 256-long side is beyond max_precond_dim 100, so it has no
+        // factor (the up projection's left side, the down projection's right).
+        {"soap one-sided (max_precond_dim 100)", "soap",
+         [](OptimizerConfig& c) {
+             c.soap.precondition_frequency = 2;
+             c.soap.max_precond_dim = 100;
+         },
+         false, 6, 5, 1e-2, {"left", "right"}},
         {"soap normalized, shampoo beta, no bias correction", "soap",
          [](OptimizerConfig& c) {
              c.soap.precondition_frequency = 1;
@@ -830,19 +838,19 @@ TEST_CASE("GPU Shampoo and SOAP reserve their refreshes' linear-algebra workspac
     }
 }
 
-TEST_CASE("GPU SOAP refuses one-sided and merged SOAP by name (the CPU runs them)") {
+TEST_CASE("GPU SOAP refuses merged dimensions by name (the CPU runs them)") {
     REQUIRE_GPU();
     ParamLayout layout;
     layout.append("tall", {96, 48}, ParamKind::Matrix);
     OptimizerConfig c;
     c.kind = OptimizerKind::Soap;
-    c.soap.max_precond_dim = 64;  // the 96-long side would get no factor
-    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("would need one-sided or merged SOAP"), Error);
     c.soap.max_precond_dim = 5000;
     c.soap.merge_dims = true;  // 96 x 48 = 4608 values: one dimension
-    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("with --soap-merge-dims"), Error);
+    CHECK_THROWS_WITH_AS(GpuOptimizer(layout, c), doctest::Contains("would be merged into one dimension"), Error);
     c.soap.max_precond_dim = 4000;  // nothing merges: the GPU runs it
     GpuOptimizer runs(layout, c);
+    c.soap.max_precond_dim = 64;  // one-sided: runs too (compared with the CPU above)
+    GpuOptimizer one_sided(layout, c);
 }
 
 TEST_CASE("Blocked triangular products: their share of a dense product's multiply-adds") {

@@ -21,7 +21,7 @@ times: triangular factors ("psgd"), and with the reference's memory_save_mode on
 all_diag (diagonal factors). SOAP runs three times: its defaults ("soap"), max_precond_dim 64
 ("soap_max_dim": the tall and wide matrices' 96-long side gets no factor) and merge_dims with
 max_precond_dim 100 on 8 x 8, 12 x 6 and 6 x 12 matrices ("soap_merge": each preconditioned as one
-dimension); the last two are CPU-only settings in qopt so far, so --device cuda skips their GPU
+dimension); merge_dims is a CPU-only setting in qopt so far, so --device cuda skips that GPU
 replay.
 
 Matching choices: weight decay 0 unless the reference's default is used on both sides;
@@ -192,7 +192,7 @@ TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "soap_max
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 # Comparisons whose qopt settings only the CPU reference runs (the GPU refuses them with a message).
-CPU_ONLY = {"soap_max_dim", "soap_merge"}
+CPU_ONLY = {"soap_merge"}
 
 
 def shapes_of(name):
