@@ -222,7 +222,12 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
         Link listening(listen_fd);
         const int one = 1;
         setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(listen_fd, reinterpret_cast<const sockaddr*>(&target), sizeof target) != 0)
+        // A loopback address (--nproc) is listened at as given; any other on every interface,
+        // since a host name can resolve to a loopback address on its own machine (Debian's
+        // 127.0.1.1) while the other ranks reach it from outside.
+        sockaddr_in listen_at = target;
+        if ((ntohl(target.sin_addr.s_addr) >> 24) != 127) listen_at.sin_addr.s_addr = htonl(INADDR_ANY);
+        if (bind(listen_fd, reinterpret_cast<const sockaddr*>(&listen_at), sizeof listen_at) != 0)
             fail("rendezvous: rank 0 cannot listen at ", address, ": ", std::strerror(errno));
         if (listen(listen_fd, world_size) != 0) fail("rendezvous: listen at ", address, ": ", std::strerror(errno));
         std::vector<bool> joined_ranks(size_t(world_size), false);
