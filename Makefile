@@ -110,7 +110,7 @@ distclean:
 # the kept corpus. `make fuzz-merge` folds the working corpus's new coverage into the kept one.
 FUZZ_CXX ?= clang++
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := shard safetensors checkpoint_state tokenizer json
+FUZZ_TARGETS := shard safetensors checkpoint_state tokenizer rank_state json
 FUZZ_SRC := $(wildcard core/*.cpp) data/shard.cpp data/tokenizer.cpp train/checkpoint.cpp model/config.cpp \
             model/params.cpp optim/optimizer_state.cpp tests/fuzz/fuzz_targets.cpp
 FUZZ_FLAGS := -std=c++17 -O1 -g -I. -isystem $(CUDA_HOME)/include -fsanitize=address,undefined \

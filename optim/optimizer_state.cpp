@@ -44,15 +44,26 @@ OptimizerState parse_state(std::string bytes, const std::string& origin) {
         if (it == metadata.end()) fail(origin, ": optimizer state without '", key, "'");
         return it->second;
     };
+    // A non-negative decimal integer, or a refusal naming the field.
+    auto count = [&](const std::string& key, const std::string& text) {
+        int64_t value = 0;
+        QOPT_CHECK(!text.empty() && text.size() <= 18, origin, ": optimizer state's ", key, " '", text,
+                   "' is not a count");
+        for (char c : text) {
+            QOPT_CHECK(c >= '0' && c <= '9', origin, ": optimizer state's ", key, " '", text, "' is not a count");
+            value = value * 10 + (c - '0');
+        }
+        return value;
+    };
     OptimizerState state;
     state.optimizer = field("optimizer");
-    state.step = std::stol(field("step"));
+    state.step = long(count("step", field("step")));
     state.extra = Json::parse(field("extra"));
     for (const std::string& name : file.names()) {
         StateTensor t{name, file.shape(name), {}, 0};
         t.values = file.f32(name, t.shape);
         const auto row = metadata.find("row_begin." + name);
-        if (row != metadata.end()) t.row_begin = std::stoll(row->second);
+        if (row != metadata.end()) t.row_begin = count(row->first, row->second);
         state.tensors.push_back(std::move(t));
     }
     return state;

@@ -7,6 +7,7 @@
 #include "core/safetensors.hpp"
 #include "data/shard.hpp"
 #include "data/tokenizer.hpp"
+#include "optim/optimizer_state.hpp"
 #include "train/checkpoint.hpp"
 
 namespace qopt::fuzz {
@@ -67,6 +68,14 @@ void tokenizer(const uint8_t* data, size_t size) {
     });
 }
 
+// A rank's optimizer state as another rank receives it (data parallelism's gather).
+void rank_state(const uint8_t* data, size_t size) {
+    refusal_allowed([&] {
+        const OptimizerState state = parse_state(bytes_of(data, size), "fuzz rank state");
+        parse_state(serialize_state(state), "fuzz rank state, written back");  // what it writes, it reads back
+    });
+}
+
 void json(const uint8_t* data, size_t size) {
     refusal_allowed([&] {
         const Json value = Json::parse(bytes_of(data, size));
@@ -79,6 +88,7 @@ const std::vector<Target>& targets() {
                                             {"safetensors", safetensors},
                                             {"checkpoint_state", checkpoint_state},
                                             {"tokenizer", tokenizer},
+                                            {"rank_state", rank_state},
                                             {"json", json}};
     return all;
 }
