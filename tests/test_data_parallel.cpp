@@ -2,6 +2,12 @@
 // LocalGroup), each with its rows of the batch and its ZeRO-1 share of the optimizer. The run
 // must follow the single-process run (up to the order of the gradient sums), and its
 // checkpoints must resume at any rank count.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -196,6 +202,45 @@ TEST_CASE("TCP group: the same results as LocalGroup's threads; bad addresses, m
     for (auto& t : threads) t.join();
     for (const std::string& e : errors) CHECK(e.empty());
     check_outcomes(outcomes);
+
+    // A stray connection that does not greet like a rank is dropped; the ranks still meet.
+    const std::string guarded = "127.0.0.1:" + std::to_string(free_local_port());
+    std::string guarded_error;
+    std::thread root([&] {
+        try {
+            double x = 2;
+            join_tcp_group(guarded, 0, 2, 20)->all_reduce_sum(&x, 1);
+            CHECK(x == 5);
+        } catch (const std::exception& e) {
+            guarded_error = e.what();
+        }
+    });
+    {
+        // The stray: connects (retrying until rank 0 listens), sends junk, leaves.
+        const sockaddr_in to = [&] {
+            sockaddr_in a{};
+            a.sin_family = AF_INET;
+            a.sin_port = htons(uint16_t(std::stoi(guarded.substr(guarded.rfind(':') + 1))));
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            return a;
+        }();
+        for (int attempt = 0; attempt < 200; ++attempt) {
+            const int fd = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(fd, reinterpret_cast<const sockaddr*>(&to), sizeof to) == 0) {
+                const char junk[] = "GET / HTTP/1.0\r\n\r\n";
+                CHECK(send(fd, junk, sizeof junk, 0) > 0);
+                close(fd);
+                break;
+            }
+            close(fd);
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        double y = 3;
+        join_tcp_group(guarded, 1, 2, 20)->all_reduce_sum(&y, 1);
+        CHECK(y == 5);
+    }
+    root.join();
+    CHECK(guarded_error.empty());
 
     CHECK_THROWS_WITH_AS(join_tcp_group("localhost", 0, 2), doctest::Contains("expected host:port"), Error);
     CHECK_THROWS_WITH_AS(join_tcp_group("localhost:99999", 0, 2), doctest::Contains("outside 1..65535"), Error);

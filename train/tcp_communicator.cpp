@@ -18,6 +18,8 @@ namespace qopt {
 
 namespace {
 
+const uint32_t kGreeting = 0x31545051;  // "QPT1": the first bytes a rank sends to rank 0
+
 struct Address {
     std::string host;
     int port;
@@ -249,10 +251,27 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
                 fail("rendezvous at ", address, ": only ", joined - 1, " of ", world_size - 1, " ranks joined in ",
                      timeout_seconds, " s");
             }
+            // A connection that does not open with qopt's greeting within a few seconds (a port
+            // scanner, a stray client) is dropped, and rank 0 keeps waiting for its ranks.
             Link link(fd);
+            timeval greeting_wait{5, 0};
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &greeting_wait, sizeof greeting_wait);
+            uint32_t magic = 0;
             int32_t peer = -1, peer_world = -1;
+            try {
+                link.receive(&magic, sizeof magic);
+            } catch (const Error&) {
+                --joined;
+                continue;
+            }
+            if (magic != kGreeting) {
+                --joined;
+                continue;
+            }
             link.receive(&peer, sizeof peer);
             link.receive(&peer_world, sizeof peer_world);
+            timeval no_wait{0, 0};  // from here on, a rank may compute for as long as it needs
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &no_wait, sizeof no_wait);
             QOPT_CHECK(peer_world == world_size, "rendezvous at ", address, ": a rank of a ", peer_world,
                        "-rank group joined this ", world_size, "-rank group");
             QOPT_CHECK(peer > 0 && peer < world_size && !joined_ranks[size_t(peer)], "rendezvous at ", address,
@@ -274,6 +293,7 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
             std::this_thread::sleep_for(std::chrono::milliseconds(50));
         }
         const int32_t me = rank, world = world_size;
+        links[0].send(&kGreeting, sizeof kGreeting);
         links[0].send(&me, sizeof me);
         links[0].send(&world, sizeof world);
     }
