@@ -116,29 +116,42 @@ TEST_CASE("what a killed checkpoint write leaves is tidied on the next start") {
     CHECK(is_directory(root + "/" + checkpoint_name(8) + ".tmp." + std::to_string(::getppid())));
 }
 
-TEST_CASE("the train binary survives kills at random moments: no damaged checkpoint, no step lost beyond the interval, the same loss curve (tools/soak.py)") {
+namespace {
+
+// tools/soak.py on a tiny model over synthetic shards in `dir`: the run of `train_flags` (on top
+// of the shared ones) killed with `soak_flags`; its report, or an empty object when the soak
+// cannot run here (said as a message).
+Json run_soak(const TempDir& dir, const std::string& soak_flags, const std::string& train_flags) {
     const std::string train = bin("train");
     if (!file_exists(train) || std::system("python3 --version > /dev/null 2>&1") != 0) {
         MESSAGE("skipped: " << train << " not built, or no python3 (run through `make test`)");
-        return;
+        return Json::object();
     }
-    TempDir dir;
     write_shard(dir / "train.bin", synthetic_tokens(60000, 64, 11));
     write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
     const uint64_t seed = fresh_seed();
     INFO("kill-time seed " << seed);
     std::string output;
-    const int rc = run_command("python3 tools/soak.py --bin-dir " + bin_dir() + " --out-dir " + (dir / "soak") +
-                                   " --kills 12 --min-delay 0.02 --max-delay 0.075 --relative-delays"
-                                   " --sigterm-every 4 --seed " +
-                                   std::to_string(seed % 100000) + " --report " + (dir / "report.json") +
+    const int rc = run_command("python3 tools/soak.py --bin-dir " + bin_dir() + " --out-dir " + (dir / "soak") + " " +
+                                   soak_flags + " --seed " + std::to_string(seed % 100000) + " --report " +
+                                   (dir / "report.json") +
                                    " -- --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 --device cpu --threads 1 "
                                    "--steps 1000 --checkpoint-every 4 --keep-checkpoints 2 -b 4 -t 32 --val-batches 2 "
-                                   "--train-data " + (dir / "train.bin") + " --val-data " + (dir / "val.bin"),
+                                   "--train-data " + (dir / "train.bin") + " --val-data " + (dir / "val.bin") + " " +
+                                   train_flags,
                                output);
     INFO(output);
     CHECK(rc == 0);
-    const Json report = Json::parse(read_file(dir / "report.json"));
+    return Json::parse(read_file(dir / "report.json"));
+}
+
+}  // namespace
+
+TEST_CASE("the train binary survives kills at random moments: no damaged checkpoint, no step lost beyond the interval, the same loss curve (tools/soak.py)") {
+    TempDir dir;
+    const Json report =
+        run_soak(dir, "--kills 12 --min-delay 0.02 --max-delay 0.075 --relative-delays --sigterm-every 4", "");
+    if (report.items().empty()) return;
     MESSAGE("soak (CPU): " << report.dump());
     // Each life lasts 2-7.5% of the uninterrupted run (12 lives: 57% on average), so the run
     // finishes before the 8th kill only if the soak trains over twice as fast as the reference
@@ -149,30 +162,12 @@ TEST_CASE("the train binary survives kills at random moments: no damaged checkpo
 }
 
 TEST_CASE("a data-parallel run of 2 processes (train --nproc 2) survives kills of rank 0 the same way (tools/soak.py)") {
-    const std::string train = bin("train");
-    if (!file_exists(train) || std::system("python3 --version > /dev/null 2>&1") != 0) {
-        MESSAGE("skipped: " << train << " not built, or no python3 (run through `make test`)");
-        return;
-    }
     // A SIGKILL of rank 0 leaves rank 1 to fail at its next exchange; a SIGTERM stops both with a
     // checkpoint. Either way the resumed run (a new pair of processes) continues the same curve.
     TempDir dir;
-    write_shard(dir / "train.bin", synthetic_tokens(60000, 64, 11));
-    write_shard(dir / "val.bin", synthetic_tokens(3000, 64, 12));
-    const uint64_t seed = fresh_seed();
-    INFO("kill-time seed " << seed);
-    std::string output;
-    const int rc = run_command("python3 tools/soak.py --bin-dir " + bin_dir() + " --out-dir " + (dir / "soak") +
-                                   " --kills 6 --min-delay 0.1 --max-delay 0.2 --relative-delays --sigterm-every 3 --seed " +
-                                   std::to_string(seed % 100000) + " --report " + (dir / "report.json") +
-                                   " -- --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 --device cpu --nproc 2 "
-                                   "--threads 1 --steps 1000 --checkpoint-every 4 --keep-checkpoints 2 -b 4 -t 32 "
-                                   "--val-batches 2 --train-data " + (dir / "train.bin") + " --val-data " +
-                                   (dir / "val.bin"),
-                               output);
-    INFO(output);
-    CHECK(rc == 0);
-    const Json report = Json::parse(read_file(dir / "report.json"));
+    const Json report =
+        run_soak(dir, "--kills 6 --min-delay 0.1 --max-delay 0.2 --relative-delays --sigterm-every 3", "--nproc 2");
+    if (report.items().empty()) return;
     MESSAGE("soak (CPU, 2 processes): " << report.dump());
     // Each life lasts 10-20% of the uninterrupted run, whose start (two processes meeting, the
     // first validation) takes a few percent: the kills land in training, not before it. Count
