@@ -30,7 +30,7 @@ public:
                    "optimizer shard: the owned-slot lists do not match this model's routing");
         // Slots of other ranks keep empty state, so that indices stay those of the whole routing.
         for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-            const size_t n = owned_values(routing_.adamw[i], owned_.adamw[i]);
+            const size_t n = owned_range(routing_.adamw[i], owned_.adamw[i]).count;
             adam_m_.emplace_back(n, 0.0f);
             adam_v_.emplace_back(n, 0.0f);
         }
@@ -39,7 +39,7 @@ public:
             QOPT_CHECK(rows.count() == 0 || rows.count() == routing_.scion[i].rows ||
                            scion_rows_separable(routing_.scion[i].scion_norm),
                        "optimizer shard: ", routing_.scion[i].name, "'s Scion rule needs the whole tensor");
-            scion_momentum_.emplace_back(owned_values(routing_.scion[i], rows), 0.0f);
+            scion_momentum_.emplace_back(owned_range(routing_.scion[i], rows).count, 0.0f);
         }
         for (size_t i = 0; i < routing_.matrices.size(); ++i) {
             const MatrixSlot& m = routing_.matrices[i];
@@ -69,10 +69,14 @@ public:
             auto scale = [&](size_t offset, size_t n) {
                 for (size_t i = 0; i < n; ++i) grads[offset + i] *= float(grad_scale);
             };
-            for (size_t i = 0; i < routing_.adamw.size(); ++i)
-                scale(owned_offset(routing_.adamw[i], owned_.adamw[i]), adam_m_[i].size());
-            for (size_t i = 0; i < routing_.scion.size(); ++i)
-                scale(owned_offset(routing_.scion[i], owned_.scion[i]), scion_momentum_[i].size());
+            for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+                const ParamRange r = owned_range(routing_.adamw[i], owned_.adamw[i]);
+                scale(r.offset, r.count);
+            }
+            for (size_t i = 0; i < routing_.scion.size(); ++i) {
+                const ParamRange r = owned_range(routing_.scion[i], owned_.scion[i]);
+                scale(r.offset, r.count);
+            }
             for (size_t i = 0; i < routing_.matrices.size(); ++i)
                 if (owned_.matrices[i])
                     scale(routing_.matrices[i].offset, size_t(routing_.matrices[i].rows) * routing_.matrices[i].cols);
@@ -82,14 +86,14 @@ public:
         AdamWConfig adamw = config_.adamw;
         for (size_t i = 0; i < routing_.adamw.size(); ++i) {
             if (adam_m_[i].empty()) continue;
-            const size_t at = owned_offset(routing_.adamw[i], owned_.adamw[i]);
+            const size_t at = owned_range(routing_.adamw[i], owned_.adamw[i]).offset;
             adamw_update_cpu(params + at, grads + at, adam_m_[i].data(), adam_v_[i].data(), adam_m_[i].size(),
                              adamw_lr, adamw, step_, routing_.adamw[i].decay);
         }
         for (size_t i = 0; i < routing_.scion.size(); ++i) {
             if (scion_momentum_[i].empty()) continue;
             const TensorSlot& s = routing_.scion[i];
-            const size_t at = owned_offset(s, owned_.scion[i]);
+            const size_t at = owned_range(s, owned_.scion[i]).offset;
             scion_update_cpu(params + at, grads + at, scion_momentum_[i].data(), owned_.scion[i].count(), s.cols,
                              s.scion_norm, s.scion_scale, lr, s.decay ? wd : 0.0, config_.scion);
         }
@@ -162,16 +166,6 @@ public:
     }
 
 private:
-    // The values of an element-wise slot's owned rows, and where they start in the flat buffer.
-    static size_t owned_values(const TensorSlot& s, const RowRange& rows) {
-        QOPT_CHECK(rows.begin >= 0 && rows.begin <= rows.end && rows.end <= s.rows, "optimizer shard: rows ",
-                   rows.begin, "..", rows.end, " of ", s.name, " are outside its ", s.rows, " rows");
-        return size_t(rows.count()) * size_t(s.cols);
-    }
-    static size_t owned_offset(const TensorSlot& s, const RowRange& rows) {
-        return s.offset + size_t(rows.begin) * size_t(s.cols);
-    }
-
     void visit(const BufferVisitor& part_fn) {
         // An element-wise slot's buffer: its owned rows (the whole tensor in a single process).
         auto rows_fn = [&](const TensorSlot& s, const RowRange& rows, const std::string& buffer,

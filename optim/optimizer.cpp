@@ -140,6 +140,12 @@ OwnedSlots OwnedSlots::all(const Routing& routing) {
     return owned;
 }
 
+ParamRange owned_range(const TensorSlot& slot, const RowRange& rows) {
+    QOPT_CHECK(rows.begin >= 0 && rows.begin <= rows.end && rows.end <= slot.rows, "optimizer shard: rows ",
+               rows.begin, "..", rows.end, " of ", slot.name, " are outside its ", slot.rows, " rows");
+    return {slot.offset + size_t(rows.begin) * size_t(slot.cols), size_t(rows.count()) * size_t(slot.cols)};
+}
+
 std::string Routing::describe() const {
     std::ostringstream out;
     auto count = [](const auto& slots) {

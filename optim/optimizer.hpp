@@ -93,6 +93,12 @@ struct OwnedSlots {
     std::vector<bool> matrices;
     static OwnedSlots all(const Routing& routing);
 };
+// A contiguous range of the flat parameter buffer.
+struct ParamRange {
+    size_t offset, count;
+};
+// Where `rows` of element-wise slot `slot` lie in the flat buffer (checked against its rows).
+ParamRange owned_range(const TensorSlot& slot, const RowRange& rows);
 
 // Sets config.kind from an --optimizer name and validates every setting.
 void resolve_optimizer(const std::string& name, OptimizerConfig& config);

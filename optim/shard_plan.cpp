@@ -16,36 +16,34 @@ double matrix_step_flops(int rows, int cols, const OptimizerConfig& config) {
 
 double matrix_product_flops(int rows, int cols, const OptimizerConfig& config) {
     const double m = rows, n = cols, s = std::min(m, n), l = std::max(m, n);
-    return [&] {
-        switch (config.kind) {
-            case OptimizerKind::AdamW: return 0.0;
-            case OptimizerKind::Muon: return config.muon.ns_steps * (4 * s * s * l + 2 * s * s * s);
-            case OptimizerKind::Scion: return config.scion.ns_steps * (4 * s * s * l + 2 * s * s * s);
-            case OptimizerKind::Shampoo: {
-                const double f = config.shampoo.precondition_frequency;
-                double flops = 0;
-                for (const ShampooBlock& b : shampoo_blocks(rows, cols, config.shampoo.block_size)) {
-                    const double br = b.block_rows, bc = b.block_cols;
-                    flops += 4 * br * bc * (br + bc) + 11 * (br * br * br + bc * bc * bc) / f;
-                }
-                return flops;
+    switch (config.kind) {
+        case OptimizerKind::AdamW: return 0.0;
+        case OptimizerKind::Muon: return config.muon.ns_steps * (4 * s * s * l + 2 * s * s * s);
+        case OptimizerKind::Scion: return config.scion.ns_steps * (4 * s * s * l + 2 * s * s * s);
+        case OptimizerKind::Shampoo: {
+            const double f = config.shampoo.precondition_frequency;
+            double flops = 0;
+            for (const ShampooBlock& b : shampoo_blocks(rows, cols, config.shampoo.block_size)) {
+                const double br = b.block_rows, bc = b.block_cols;
+                flops += 4 * br * bc * (br + bc) + 11 * (br * br * br + bc * bc * bc) / f;
             }
-            case OptimizerKind::Soap: {
-                const SoapView view = soap_view(rows, cols, config.soap);
-                const double f = config.soap.precondition_frequency, vm = view.rows, vn = view.cols;
-                auto side = [&](double wide, double other) {
-                    return 6 * other * wide * wide + (12 * wide * wide * wide + 8 * other * wide * wide) / f;
-                };
-                return (view.left ? side(vm, vn) : 0.0) + (view.right ? side(vn, vm) : 0.0);
-            }
-            case OptimizerKind::Psgd: {
-                const auto [left_diagonal, right_diagonal] = config.psgd.diagonal_factors(rows, cols);
-                const double a = left_diagonal ? 0 : m, b = right_diagonal ? 0 : n, p = config.psgd.update_prob_max;
-                return p * (9 * m * n * (a + b) + 4 * (a * a * a + b * b * b)) + (1 - p) * 2 * m * n * (a + b);
-            }
+            return flops;
         }
-        return 0.0;
-    }();
+        case OptimizerKind::Soap: {
+            const SoapView view = soap_view(rows, cols, config.soap);
+            const double f = config.soap.precondition_frequency, vm = view.rows, vn = view.cols;
+            auto side = [&](double wide, double other) {
+                return 6 * other * wide * wide + (12 * wide * wide * wide + 8 * other * wide * wide) / f;
+            };
+            return (view.left ? side(vm, vn) : 0.0) + (view.right ? side(vn, vm) : 0.0);
+        }
+        case OptimizerKind::Psgd: {
+            const auto [left_diagonal, right_diagonal] = config.psgd.diagonal_factors(rows, cols);
+            const double a = left_diagonal ? 0 : m, b = right_diagonal ? 0 : n, p = config.psgd.update_prob_max;
+            return p * (9 * m * n * (a + b) + 4 * (a * a * a + b * b * b)) + (1 - p) * 2 * m * n * (a + b);
+        }
+    }
+    return 0.0;
 }
 
 // Mirrors the CPU optimizer's buffers (optim/cpu_optimizer.cpp; the tests compare the two).
@@ -194,8 +192,7 @@ std::vector<ParamRange> ShardPlan::ranges_of(const Routing& routing, int rank) c
     const OwnedSlots owned = owned_by(rank);
     std::vector<ParamRange> ranges;
     auto add_rows = [&](const TensorSlot& slot, const RowRange& rows) {
-        if (rows.count() > 0)
-            ranges.push_back({slot.offset + size_t(rows.begin) * size_t(slot.cols), size_t(rows.count()) * size_t(slot.cols)});
+        if (rows.count() > 0) ranges.push_back(owned_range(slot, rows));
     };
     for (size_t i = 0; i < routing.adamw.size(); ++i) add_rows(routing.adamw[i], owned.adamw[i]);
     for (size_t i = 0; i < routing.scion.size(); ++i) add_rows(routing.scion[i], owned.scion[i]);

@@ -39,11 +39,6 @@
 
 namespace qopt {
 
-// A contiguous range of the flat parameter buffer.
-struct ParamRange {
-    size_t offset, count;
-};
-
 // Rows [row_begin, row_end) of an element-wise tensor, owned by `rank`.
 struct RowShare {
     int rank, row_begin, row_end;

@@ -233,23 +233,23 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
             fail("rendezvous: rank 0 cannot listen at ", address, ": ", std::strerror(errno));
         if (listen(listen_fd, world_size) != 0) fail("rendezvous: listen at ", address, ": ", std::strerror(errno));
         std::vector<bool> joined_ranks(size_t(world_size), false);
-        for (int joined = 1; joined < world_size; ++joined) {
+        int joined = 0;
+        auto too_late = [&] {
+            fail("rendezvous at ", address, ": only ", joined, " of ", world_size - 1, " ranks joined in ",
+                 timeout_seconds, " s");
+        };
+        while (joined < world_size - 1) {
             // Wait for the next rank, at most until the deadline.
-            timeval wait{};
             const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
-            if (left <= 0) fail("rendezvous at ", address, ": only ", joined - 1, " of ", world_size - 1, " ranks joined in ",
-                                timeout_seconds, " s");
+            if (left <= 0) too_late();
+            timeval wait{};
             wait.tv_sec = long(left);
             wait.tv_usec = long((left - double(wait.tv_sec)) * 1e6);
             setsockopt(listen_fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof wait);
             const int fd = accept(listen_fd, nullptr, nullptr);
             if (fd < 0) {
-                if (errno == EINTR) {
-                    --joined;
-                    continue;
-                }
-                fail("rendezvous at ", address, ": only ", joined - 1, " of ", world_size - 1, " ranks joined in ",
-                     timeout_seconds, " s");
+                if (errno == EINTR) continue;
+                too_late();
             }
             // A connection that does not open with qopt's greeting within a few seconds (a port
             // scanner, a stray client) is dropped, and rank 0 keeps waiting for its ranks.
@@ -257,17 +257,13 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
             timeval greeting_wait{5, 0};
             setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &greeting_wait, sizeof greeting_wait);
             uint32_t magic = 0;
-            int32_t peer = -1, peer_world = -1;
             try {
                 link.receive(&magic, sizeof magic);
             } catch (const Error&) {
-                --joined;
                 continue;
             }
-            if (magic != kGreeting) {
-                --joined;
-                continue;
-            }
+            if (magic != kGreeting) continue;
+            int32_t peer = -1, peer_world = -1;
             link.receive(&peer, sizeof peer);
             link.receive(&peer_world, sizeof peer_world);
             timeval no_wait{0, 0};  // from here on, a rank may compute for as long as it needs
@@ -279,6 +275,7 @@ std::unique_ptr<Communicator> join_tcp_group(const std::string& address, int ran
             joined_ranks[size_t(peer)] = true;
             link.set_peer(peer);
             links[size_t(peer)] = std::move(link);
+            ++joined;
         }
     } else {
         while (true) {

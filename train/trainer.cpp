@@ -528,9 +528,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         // request seen by any of them counts.
         bool stop = false;
         if (comm) {
+            // Every rank read its flag before contributing to the sum, and no rank has the sum
+            // before all have contributed: each may consume the flag (shared by thread ranks) now.
             stop = sum_over_ranks({double(g_stop_requested.load())})[0] > 0;
-            comm->barrier();  // everyone has read the flag before rank 0 consumes it
-            if (root) g_stop_requested.store(0);
+            g_stop_requested.store(0);
         } else {
             stop = g_stop_requested.exchange(0) != 0;
         }
