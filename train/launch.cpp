@@ -1,6 +1,7 @@
 #include "train/launch.hpp"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,6 +24,21 @@ int env_int(const char* name) {
     QOPT_CHECK(*end == '\0' && value >= 0 && value < (1 << 20), "environment variable ", name, "='", text,
                "' is not a rank number");
     return int(value);
+}
+
+// Waits for child `pid`; its wait status.
+int reap(pid_t pid) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return status;
+}
+
+// SIGTERM to each child, then waits for them all.
+void stop_children(std::vector<pid_t>& children) {
+    for (pid_t pid : children) kill(pid, SIGTERM);
+    for (pid_t pid : children) reap(pid);
+    children.clear();
 }
 
 }  // namespace
@@ -66,10 +82,15 @@ RankGroup::RankGroup(const LaunchOptions& options, char** argv) : place_(rank_pl
     if (place_.world_size == 1) return;
     if (options.nproc > 1 && !place_.started_by_nproc) {
         if (place_.rendezvous.empty()) place_.rendezvous = "127.0.0.1:" + std::to_string(free_local_port());
+        const pid_t parent = getpid();
         for (int r = 1; r < place_.world_size; ++r) {
             const pid_t pid = fork();
             if (pid < 0) fail("--nproc: cannot start rank ", r, ": ", std::strerror(errno));
             if (pid == 0) {  // the child: the same command, its place in the environment
+                // A rank of --nproc lives only as long as rank 0, its parent: killed with it (it
+                // would otherwise wait out the rendezvous timeout, or its next exchange).
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                if (getppid() != parent) _exit(1);  // rank 0 died before the line above
                 setenv("QOPT_RANK", std::to_string(r).c_str(), 1);
                 setenv("QOPT_WORLD_SIZE", std::to_string(place_.world_size).c_str(), 1);
                 setenv("QOPT_RENDEZVOUS", place_.rendezvous.c_str(), 1);
@@ -83,7 +104,7 @@ RankGroup::RankGroup(const LaunchOptions& options, char** argv) : place_(rank_pl
     try {
         comm_ = join_tcp_group(place_.rendezvous, place_.rank, place_.world_size, options.timeout_seconds);
     } catch (...) {
-        for (pid_t pid : children_) kill(pid, SIGTERM);
+        stop_children(children_);
         throw;
     }
 }
@@ -92,9 +113,7 @@ void RankGroup::finish() {
     comm_.reset();  // closes the links
     std::string failed;
     for (size_t i = 0; i < children_.size(); ++i) {
-        int status = 0;
-        while (waitpid(children_[i], &status, 0) < 0 && errno == EINTR) {
-        }
+        const int status = reap(children_[i]);
         if (failed.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
             failed = "rank " + std::to_string(i + 1) + (WIFEXITED(status) ? " exited with status " + std::to_string(WEXITSTATUS(status))
                                                                            : " was killed by signal " + std::to_string(WTERMSIG(status)));
@@ -106,12 +125,7 @@ void RankGroup::finish() {
 RankGroup::~RankGroup() {
     // Reached with children still listed only when this rank failed: stop them and reap them.
     comm_.reset();
-    for (pid_t pid : children_) kill(pid, SIGTERM);
-    for (pid_t pid : children_) {
-        int status = 0;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-        }
-    }
+    stop_children(children_);
 }
 
 }  // namespace qopt
