@@ -12,15 +12,15 @@ set -u
 export OMP_NUM_THREADS=16
 ( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
 tail -3 $OUT/build.txt
-timeout 330 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
+timeout 300 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
 grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20
 tail -4 $OUT/gpu_tests.txt
 if grep -q QOPT_EIGEN_SLICES kernels/linalg.cu; then
-  QOPT_EIGEN_SLICES=3 timeout 120 build/bin/tests -tc='GPU Shampoo*,GPU dense linear*' > $OUT/gpu_tests_slices.txt 2>&1
+  QOPT_EIGEN_SLICES=3 timeout 80 build/bin/tests -tc='GPU Shampoo*,GPU dense linear*' > $OUT/gpu_tests_slices.txt 2>&1
   echo "slice tests rc $?"; grep -E 'ERROR|FAILED' $OUT/gpu_tests_slices.txt | head -10; tail -3 $OUT/gpu_tests_slices.txt
 fi
 if [ -d build/refs ]; then
-  timeout 200 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
+  PYTHONUNBUFFERED=1 timeout 170 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
     > $OUT/compare.txt 2>&1
   echo "compare rc $?"; cut -c1-300 $OUT/compare.txt | tail -30
 else
