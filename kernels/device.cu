@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <string>
 
 #include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
@@ -21,9 +22,11 @@ CudaDeviceInfo query_cuda_device() {
         cudaGetLastError();
         return info;
     }
+    int device = 0;
+    cudaGetDevice(&device);
     cudaDeviceProp prop;
-    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
-        info.problem = "cannot read the properties of GPU 0";
+    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+        info.problem = "cannot read the properties of GPU " + std::to_string(device);
         return info;
     }
     char text[512];
@@ -36,6 +39,21 @@ CudaDeviceInfo query_cuda_device() {
     }
     info.usable = true;
     return info;
+}
+
+int cuda_device_count() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return count;
+}
+
+void use_cuda_device(int index) {
+    const int count = cuda_device_count();
+    QOPT_CHECK(index >= 0 && index < count, "GPU ", index, " does not exist: this process sees ", count, " GPU(s)");
+    CUDA_CHECK(cudaSetDevice(index));
 }
 
 GpuMemory gpu_memory() {

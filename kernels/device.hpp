@@ -11,9 +11,14 @@ struct CudaDeviceInfo {
     std::string problem;       // why not usable, when !usable
 };
 
+// The current GPU (GPU 0 unless use_cuda_device chose another).
 CudaDeviceInfo query_cuda_device();
+// How many GPUs this process sees (0 without a driver).
+int cuda_device_count();
+// Makes GPU `index` this thread's current device; throws naming the index and the count.
+void use_cuda_device(int index);
 
-// GPU 0's free and total memory now (cudaMemGetInfo; the CUDA context is created first).
+// The current GPU's free and total memory now (cudaMemGetInfo; the CUDA context is created first).
 struct GpuMemory {
     size_t free = 0, total = 0;
 };

@@ -21,10 +21,13 @@ void TileGroup::gather(const float* all_grads, float grad_scale) {
     gather_tiles_gpu(grads.data(), all_grads, table.data(), count(), rows, cols, grad_scale);
 }
 
-std::vector<TileGroup> group_tiles(const Routing& routing, int block_size) {
+std::vector<TileGroup> group_tiles(const Routing& routing, int block_size, const std::vector<bool>* owned_matrices) {
+    QOPT_CHECK(!owned_matrices || owned_matrices->size() == routing.matrices.size(),
+               "group_tiles: the owned-matrix list does not match the routing");
     std::vector<TileGroup> groups;
     std::map<std::pair<int, int>, size_t> group_of;
     for (size_t i = 0; i < routing.matrices.size(); ++i) {
+        if (owned_matrices && !(*owned_matrices)[i]) continue;
         const MatrixSlot& m = routing.matrices[i];
         const auto blocks = block_size > 0 ? shampoo_blocks(m.rows, m.cols, block_size)
                                            : std::vector<ShampooBlock>{{0, 0, m.rows, m.cols}};

@@ -85,9 +85,14 @@ struct GroupScratch {
 };
 GroupScratch group_scratch(const std::vector<TileGroup>& groups);
 
-std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config);
-std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config);
-std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config);
+// owned_matrices (null: all): a ZeRO-1 rank's matrices (OwnedSlots::matrices); the method keeps
+// state for and updates only those, and indices stay those of the whole routing.
+std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config,
+                                                  const std::vector<bool>* owned_matrices = nullptr);
+std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config,
+                                               const std::vector<bool>* owned_matrices = nullptr);
+std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config,
+                                               const std::vector<bool>* owned_matrices = nullptr);
 // PSGD on the GPU, for a group of m x n matrices whose factors are expected to stay for
 // steps_until_change steps: whether forming P = Q^T Q for the triangular factors (kept until
 // they change) costs fewer multiply-adds than chaining the preconditioned update through them
@@ -97,8 +102,10 @@ bool psgd_products_pay_off(int m, int n, double steps_until_change, bool left_di
 
 // Groups the routed matrices' tiles by shape, in routing order within each group: whole
 // matrices (block_size 0; state named after the matrix), or Shampoo's blocks of at most
-// block_size (shampoo_blocks; state named "<matrix>.block<b>").
-std::vector<TileGroup> group_tiles(const Routing& routing, int block_size = 0);
+// block_size (shampoo_blocks; state named "<matrix>.block<b>"); of the owned matrices only, when
+// owned_matrices is given.
+std::vector<TileGroup> group_tiles(const Routing& routing, int block_size = 0,
+                                   const std::vector<bool>* owned_matrices = nullptr);
 
 // d[t] = alpha op(a[t]) op(b[t]) + beta d[t] for each of `count` contiguous matrices
 // (op(a) m x k, op(b) k x n, d m x n); one strided-batched fp32 GEMM, its products on TF32

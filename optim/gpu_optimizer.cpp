@@ -9,28 +9,34 @@
 
 namespace qopt {
 
-GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config)
-    : config_(config), routing_(route_parameters(layout, config)) {
+GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config, const OwnedSlots* owned)
+    : config_(config), routing_(route_parameters(layout, config)), owned_(owned ? *owned : OwnedSlots::all(routing_)) {
     config_.validate();
+    QOPT_CHECK(owned_.adamw.size() == routing_.adamw.size() && owned_.scion.size() == routing_.scion.size() &&
+                   owned_.matrices.size() == routing_.matrices.size(),
+               "optimizer shard: the owned-slot lists do not match this model's routing");
+    const std::vector<bool>* owned_matrices = owned ? &owned_.matrices : nullptr;
     switch (config_.kind) {
-        case OptimizerKind::Shampoo: method_ = make_gpu_shampoo(routing_, config_); break;
-        case OptimizerKind::Soap: method_ = make_gpu_soap(routing_, config_); break;
-        case OptimizerKind::Psgd: method_ = make_gpu_psgd(routing_, config_); break;
+        case OptimizerKind::Shampoo: method_ = make_gpu_shampoo(routing_, config_, owned_matrices); break;
+        case OptimizerKind::Soap: method_ = make_gpu_soap(routing_, config_, owned_matrices); break;
+        case OptimizerKind::Psgd: method_ = make_gpu_psgd(routing_, config_, owned_matrices); break;
         default: break;
     }
 
-    // AdamW: state packed in slot order; a chunk table over all slots.
+    // AdamW: the owned rows' state packed in slot order; a chunk table over them.
     std::vector<int64_t> chunks;
     size_t adam_total = 0;
-    for (const auto& s : routing_.adamw) {
+    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+        const TensorSlot& s = routing_.adamw[i];
+        const ParamRange range = owned_range(s, owned_.adamw[i]);
         adam_offsets_.push_back(adam_total);
-        for (size_t start = 0; start < s.numel; start += kAdamwChunk) {
-            const int64_t count = int64_t(std::min<size_t>(kAdamwChunk, s.numel - start));
-            chunks.push_back(int64_t(s.offset + start));
+        for (size_t start = 0; start < range.count; start += kAdamwChunk) {
+            const int64_t count = int64_t(std::min<size_t>(kAdamwChunk, range.count - start));
+            chunks.push_back(int64_t(range.offset + start));
             chunks.push_back(int64_t(adam_total + start));
             chunks.push_back(count | (int64_t(s.decay) << 32));
         }
-        adam_total += s.numel;
+        adam_total += range.count;
     }
     n_adam_chunks_ = int(chunks.size() / 3);
     if (!chunks.empty()) adam_chunks_.upload(chunks);
@@ -44,7 +50,9 @@ GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& con
     // Scion's element-wise rules: one task per row.
     std::vector<int64_t> tasks;
     size_t scion_total = 0;
-    for (const auto& s : routing_.scion) {
+    for (size_t i = 0; i < routing_.scion.size(); ++i) {
+        const TensorSlot& s = routing_.scion[i];
+        const RowRange rows = owned_.scion[i];
         scion_offsets_.push_back(scion_total);
         const int mode = s.scion_norm == ScionNorm::Sign ? 0 : s.scion_norm == ScionNorm::RowNorm ? 2 : 1;
         QOPT_CHECK(s.scion_norm != ScionNorm::Spectral, "Scion: the spectral norm is for hidden matrices only");
@@ -52,13 +60,13 @@ GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& con
         uint32_t scale_bits;
         std::memcpy(&scale_bits, &scale, sizeof scale_bits);
         // A 1-D tensor is one row (BiasRMS over the whole vector).
-        for (int r = 0; r < s.rows; ++r) {
+        for (int r = rows.begin; r < rows.end; ++r) {
             tasks.push_back(int64_t(s.offset) + int64_t(r) * s.cols);
-            tasks.push_back(int64_t(scion_total) + int64_t(r) * s.cols);
+            tasks.push_back(int64_t(scion_total) + int64_t(r - rows.begin) * s.cols);
             tasks.push_back(int64_t(s.cols) | (int64_t(mode) << 32));
             tasks.push_back(int64_t(scale_bits) | (int64_t(s.decay) << 32));
         }
-        scion_total += s.numel;
+        scion_total += owned_range(s, rows).count;
     }
     n_scion_tasks_ = int(tasks.size() / 4);
     if (!tasks.empty()) scion_tasks_.upload(tasks);
@@ -68,6 +76,7 @@ GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& con
     // Muon / Scion: hidden matrices grouped by shape.
     std::map<std::pair<int, int>, size_t> group_of;
     for (size_t i = 0; i < (method_ ? 0 : routing_.matrices.size()); ++i) {
+        if (!owned_.matrices[i]) continue;
         const MatrixSlot& m = routing_.matrices[i];
         auto [it, added] = group_of.emplace(std::make_pair(m.rows, m.cols), groups_.size());
         if (added) {
@@ -147,24 +156,30 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
     }
 }
 
+void GpuOptimizer::visit_rows(const RowsVisitor& fn) const {
+    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
+        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg", false);
+        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg_sq", false);
+    }
+    for (size_t i = 0; i < routing_.scion.size(); ++i)
+        fn(routing_.scion[i], owned_.scion[i], scion_offsets_[i], "momentum", true);
+}
+
 OptimizerState GpuOptimizer::state() const {
     OptimizerState state;
     state.optimizer = optimizer_name(config_.kind);
     state.step = step_;
-    const std::vector<float> m = adam_m_.download(), v = adam_v_.download();
-    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-        const TensorSlot& s = routing_.adamw[i];
-        const auto begin = m.begin() + long(adam_offsets_[i]);
-        state.tensors.push_back({s.name + ".exp_avg", s.shape, {begin, begin + long(s.numel)}});
-        const auto vbegin = v.begin() + long(adam_offsets_[i]);
-        state.tensors.push_back({s.name + ".exp_avg_sq", s.shape, {vbegin, vbegin + long(s.numel)}});
-    }
-    const std::vector<float> sm = scion_momentum_.download();
-    for (size_t i = 0; i < routing_.scion.size(); ++i) {
-        const TensorSlot& s = routing_.scion[i];
-        const auto begin = sm.begin() + long(scion_offsets_[i]);
-        state.tensors.push_back({s.name + ".momentum", s.shape, {begin, begin + long(s.numel)}});
-    }
+    const std::vector<float> m = adam_m_.download(), v = adam_v_.download(), sm = scion_momentum_.download();
+    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const std::string& buffer,
+                   bool scion) {
+        if (rows.count() == 0) return;
+        const std::vector<float>& packed = scion ? sm : buffer == "exp_avg" ? m : v;
+        std::vector<int64_t> shape = s.shape;
+        if (rows.count() != s.rows) shape[0] = rows.count();  // a share of a 2-D tensor's rows
+        const auto begin = packed.begin() + long(packed_offset);
+        state.tensors.push_back({s.name + "." + buffer, shape,
+                                 {begin, begin + long(owned_range(s, rows).count)}, rows.begin});
+    });
     for (const Group& g : groups_) {
         const std::vector<float> all = g.momentum.download();
         const size_t n = size_t(g.rows) * g.cols;
@@ -181,23 +196,19 @@ OptimizerState GpuOptimizer::state() const {
 void GpuOptimizer::load_state(const OptimizerState& state) {
     QOPT_CHECK(state.optimizer == optimizer_name(config_.kind), "the checkpoint's optimizer state is ",
                state.optimizer, "'s, but this run uses ", optimizer_name(config_.kind));
-    std::vector<float> m(adam_m_.size()), v(adam_v_.size());
-    for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-        const TensorSlot& s = routing_.adamw[i];
-        const auto& mv = state.values(s.name + ".exp_avg", s.numel);
-        const auto& vv = state.values(s.name + ".exp_avg_sq", s.numel);
-        std::copy(mv.begin(), mv.end(), m.begin() + long(adam_offsets_[i]));
-        std::copy(vv.begin(), vv.end(), v.begin() + long(adam_offsets_[i]));
-    }
+    std::vector<float> m(adam_m_.size()), v(adam_v_.size()), sm(scion_momentum_.size());
+    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const std::string& buffer,
+                   bool scion) {
+        if (rows.count() == 0) return;
+        // Whole tensors in, the owned rows kept.
+        const std::vector<float>& whole = state.values(s.name + "." + buffer, s.numel);
+        const size_t first = size_t(rows.begin) * size_t(s.cols), count = owned_range(s, rows).count;
+        std::vector<float>& packed = scion ? sm : buffer == "exp_avg" ? m : v;
+        std::copy(whole.begin() + long(first), whole.begin() + long(first + count), packed.begin() + long(packed_offset));
+    });
     if (!m.empty()) {
         adam_m_.upload_prefix(m);
         adam_v_.upload_prefix(v);
-    }
-    std::vector<float> sm(scion_momentum_.size());
-    for (size_t i = 0; i < routing_.scion.size(); ++i) {
-        const TensorSlot& s = routing_.scion[i];
-        const auto& values = state.values(s.name + ".momentum", s.numel);
-        std::copy(values.begin(), values.end(), sm.begin() + long(scion_offsets_[i]));
     }
     if (!sm.empty()) scion_momentum_.upload_prefix(sm);
     for (Group& g : groups_) {

@@ -7,6 +7,7 @@
 // copy. Shampoo, SOAP and PSGD hand the hidden matrices to their GpuMatrixMethod
 // (optim/gpu_matrix_method.hpp: batched fp32 GEMMs, cuSOLVER eigendecompositions and QR).
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,10 @@ namespace qopt {
 
 class GpuOptimizer {
 public:
-    GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config);
+    // owned (none: every slot): one rank's ZeRO-1 share, as make_cpu_optimizer takes it: state
+    // for, and steps of, those slots and rows only; state() holds their tensors (row parts with
+    // their row_begin) and load_state() takes whole tensors (a merged state) and keeps its part.
+    GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& config, const OwnedSlots* owned = nullptr);
     // As Optimizer::step; params_bf16 (may be null) receives the bf16 copy of updated weights.
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16);
     long step_count() const { return step_; }
@@ -36,8 +40,14 @@ private:
         DeviceBuffer<int64_t> offsets;
         DeviceBuffer<float> momentum;  // members.size() x rows x cols
     };
+    // An element-wise slot's state tensor (its owned rows) to or from the packed device state.
+    using RowsVisitor = std::function<void(const TensorSlot& slot, const RowRange& rows, size_t packed_offset,
+                                           const std::string& buffer, bool scion)>;
+    void visit_rows(const RowsVisitor& fn) const;
+
     OptimizerConfig config_;
     Routing routing_;
+    OwnedSlots owned_;
     long step_ = 0;
     DeviceBuffer<float> adam_m_, adam_v_;
     std::vector<size_t> adam_offsets_;  // each AdamW slot's start in adam_m_/adam_v_

@@ -57,9 +57,9 @@ namespace {
 
 class GpuPsgd final : public GpuMatrixMethod {
 public:
-    GpuPsgd(const Routing& routing, const OptimizerConfig& config)
+    GpuPsgd(const Routing& routing, const OptimizerConfig& config, const std::vector<bool>* owned_matrices)
         : config_(config.psgd), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
-        groups_ = group_tiles(routing);
+        groups_ = group_tiles(routing, 0, owned_matrices);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
             State& s = state_.emplace_back();
@@ -307,8 +307,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config) {
-    return std::make_unique<GpuPsgd>(routing, config);
+std::unique_ptr<GpuMatrixMethod> make_gpu_psgd(const Routing& routing, const OptimizerConfig& config,
+                                               const std::vector<bool>* owned_matrices) {
+    return std::make_unique<GpuPsgd>(routing, config, owned_matrices);
 }
 
 }  // namespace qopt

@@ -36,7 +36,7 @@ namespace {
 
 class GpuShampoo final : public GpuMatrixMethod {
 public:
-    GpuShampoo(const Routing& routing, const OptimizerConfig& config)
+    GpuShampoo(const Routing& routing, const OptimizerConfig& config, const std::vector<bool>* owned_matrices)
         : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
         const bool lagged = config_.refresh_lag > 0;
         if (lagged) {
@@ -46,7 +46,7 @@ public:
             refresh_gemm_ = GroupGemm{config.precond_tf32, refresh_stream_};
             reserve_matmul_workspace(refresh_stream_);
         }
-        groups_ = group_tiles(routing, config_.block_size);
+        groups_ = group_tiles(routing, config_.block_size, owned_matrices);
         for (TileGroup& g : groups_) {
             const int br = g.rows, bc = g.cols, count = g.count();
             State& s = state_.emplace_back();
@@ -487,8 +487,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config) {
-    return std::make_unique<GpuShampoo>(routing, config);
+std::unique_ptr<GpuMatrixMethod> make_gpu_shampoo(const Routing& routing, const OptimizerConfig& config,
+                                                  const std::vector<bool>* owned_matrices) {
+    return std::make_unique<GpuShampoo>(routing, config, owned_matrices);
 }
 
 }  // namespace qopt

@@ -27,9 +27,9 @@ namespace {
 
 class GpuSoap final : public GpuMatrixMethod {
 public:
-    GpuSoap(const Routing& routing, const OptimizerConfig& config)
+    GpuSoap(const Routing& routing, const OptimizerConfig& config, const std::vector<bool>* owned_matrices)
         : config_(config.soap), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
-        groups_ = group_tiles(routing);
+        groups_ = group_tiles(routing, 0, owned_matrices);
         for (TileGroup& g : groups_) {
             const int m = g.rows, n = g.cols, count = g.count();
             const SoapView view = soap_view(m, n, config_);
@@ -229,8 +229,9 @@ private:
 
 }  // namespace
 
-std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config) {
-    return std::make_unique<GpuSoap>(routing, config);
+std::unique_ptr<GpuMatrixMethod> make_gpu_soap(const Routing& routing, const OptimizerConfig& config,
+                                               const std::vector<bool>* owned_matrices) {
+    return std::make_unique<GpuSoap>(routing, config, owned_matrices);
 }
 
 }  // namespace qopt

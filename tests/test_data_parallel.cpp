@@ -9,12 +9,14 @@
 
 #include <chrono>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <thread>
 
 #include "core/error.hpp"
 #include "train_helpers.hpp"
 #include "train/communicator.hpp"
+#include "train/launch.hpp"
 #include "train/tcp_communicator.hpp"
 
 using namespace qopt;
@@ -182,7 +184,10 @@ TEST_CASE("data-parallel CPU training on 2 and 3 ranks follows the single-proces
                          Error);
     odd.batch_size = 4;
     odd.device = "cuda";
-    CHECK_THROWS_WITH_AS(run_ranks(odd, 2, log), doctest::Contains("needs NCCL communication"), Error);
+    CHECK_THROWS_WITH_AS(run_ranks(odd, 2, log), doctest::Contains("on GPUs start one process per rank"), Error);
+    odd.device = "cpu";
+    odd.collectives = "gloo";
+    CHECK_THROWS_WITH_AS(run_ranks(odd, 2, log), doctest::Contains("--collectives must be auto, nccl or host"), Error);
 }
 
 TEST_CASE("TCP group: the same results as LocalGroup's threads; bad addresses, missing and vanished ranks are errors") {
@@ -300,4 +305,80 @@ TEST_CASE("train --nproc 2 (processes over TCP) gives --cpu-ranks 2's run bit fo
     CHECK(output.find("does not split evenly over 3 ranks") != std::string::npos);
     CHECK(run_command(common + " --rendezvous 127.0.0.1:4000 --out-dir " + (dir / "alone"), output) == 1);
     CHECK(output.find("needs the ranks' places") != std::string::npos);
+}
+
+namespace {
+
+// Sets environment variables for the length of a scope, restoring what was there before.
+class ScopedEnvironment {
+public:
+    void set(const char* name, const char* value) {
+        const char* old = std::getenv(name);
+        saved_.push_back({name, old ? std::optional<std::string>(old) : std::nullopt});
+        if (value) setenv(name, value, 1);
+        else unsetenv(name);
+    }
+    ~ScopedEnvironment() {
+        for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+            if (it->second) setenv(it->first.c_str(), it->second->c_str(), 1);
+            else unsetenv(it->first.c_str());
+        }
+    }
+
+private:
+    std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
+}  // namespace
+
+TEST_CASE("launch: each rank's place on its machine (which GPU it takes) comes from --nproc's, Open MPI's, MPICH's "
+          "or Slurm's variables") {
+    const char* all_vars[] = {"QOPT_RANK", "QOPT_WORLD_SIZE", "QOPT_RENDEZVOUS", "QOPT_LOCAL_RANK",
+                              "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK",
+                              "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"};
+    ScopedEnvironment clean;
+    for (const char* name : all_vars) clean.set(name, nullptr);
+    LaunchOptions options;
+    CHECK(rank_place(options).local_rank == -1);  // a single process
+    options.nproc = 4;
+    CHECK(rank_place(options).local_rank == 0);  // rank 0 of --nproc
+    options.nproc = 1;
+    {
+        ScopedEnvironment child;  // what --nproc sets for rank 2
+        for (auto [name, value] : {std::pair{"QOPT_RANK", "2"}, {"QOPT_WORLD_SIZE", "4"},
+                                   {"QOPT_RENDEZVOUS", "127.0.0.1:5000"}, {"QOPT_LOCAL_RANK", "2"}})
+            child.set(name, value);
+        const RankPlace place = rank_place(options);
+        CHECK(place.rank == 2);
+        CHECK(place.local_rank == 2);
+        CHECK(place.started_by_nproc);
+    }
+    options.rendezvous = "node0:5000";
+    {
+        ScopedEnvironment mpi;  // Open MPI: rank 5 of 8, the second on its node
+        for (auto [name, value] : {std::pair{"OMPI_COMM_WORLD_RANK", "5"}, {"OMPI_COMM_WORLD_SIZE", "8"},
+                                   {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}})
+            mpi.set(name, value);
+        const RankPlace place = rank_place(options);
+        CHECK(place.rank == 5);
+        CHECK(place.world_size == 8);
+        CHECK(place.local_rank == 1);
+        mpi.set("OMPI_COMM_WORLD_LOCAL_RANK", "one");
+        CHECK_THROWS_WITH_AS(rank_place(options), doctest::Contains("OMPI_COMM_WORLD_LOCAL_RANK='one' is not a rank"),
+                             Error);
+    }
+    {
+        ScopedEnvironment mpich;
+        for (auto [name, value] : {std::pair{"PMI_RANK", "3"}, {"PMI_SIZE", "4"}, {"MPI_LOCALRANKID", "3"}})
+            mpich.set(name, value);
+        CHECK(rank_place(options).local_rank == 3);
+    }
+    {
+        ScopedEnvironment slurm;
+        for (auto [name, value] : {std::pair{"SLURM_PROCID", "6"}, {"SLURM_NTASKS", "8"}})
+            slurm.set(name, value);
+        CHECK(rank_place(options).local_rank == -1);  // unknown: the trainer takes the rank
+        slurm.set("SLURM_LOCALID", "2");
+        CHECK(rank_place(options).local_rank == 2);
+    }
 }

@@ -7,6 +7,7 @@
 
 #include "core/error.hpp"
 #include "helpers.hpp"
+#include "zero1_variants.hpp"
 #include "model/config.hpp"
 #include "model/cpu_model.hpp"
 #include "model/params.hpp"
@@ -17,38 +18,6 @@ using namespace qopt::test;
 
 namespace {
 
-// The variants the tests run: each optimizer at its defaults plus settings that change its state.
-struct Variant {
-    std::string name;
-    OptimizerConfig config;
-};
-std::vector<Variant> variants() {
-    std::vector<Variant> all;
-    for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
-        OptimizerConfig c;
-        c.kind = parse_optimizer(name);
-        c.shampoo.precondition_frequency = 2;
-        c.shampoo.block_size = 48;  // 64-wide matrices cut into uneven blocks
-        c.soap.precondition_frequency = 2;
-        all.push_back({name, c});
-    }
-    OptimizerConfig c = all[3].config;
-    c.shampoo.momentum = 0.5;
-    c.shampoo.eigen_method = ShampooEigenMethod::qr;
-    all.push_back({"shampoo momentum + kept eigenbasis", c});
-    c = all[3].config;
-    c.shampoo.precondition_frequency = 3;
-    c.shampoo.refresh_lag = 2;
-    all.push_back({"shampoo refresh lag", c});
-    c = all[4].config;
-    c.soap.max_precond_dim = 100;
-    all.push_back({"soap one-sided", c});
-    c = all[5].config;
-    c.psgd.memory_save_mode = "one_diag";
-    all.push_back({"psgd one_diag", c});
-    return all;
-}
-
 std::map<std::string, std::vector<float>> by_name(const OptimizerState& state) {
     std::map<std::string, std::vector<float>> out;
     for (const StateTensor& t : state.tensors) out[t.name] = t.values;
@@ -58,7 +27,7 @@ std::map<std::string, std::vector<float>> by_name(const OptimizerState& state) {
 }  // namespace
 
 TEST_CASE("ZeRO-1 plan: each slot owned once, ranges tile the buffer, greedy bound, state matches the optimizer's") {
-    for (const Variant& v : variants()) {
+    for (const Zero1Variant& v : zero1_variants()) {
         CAPTURE(v.name);
         for (const char* preset : {"gpt2-124m", "olmo2-350m", "olmo2-tiny"}) {
             CAPTURE(preset);
@@ -170,7 +139,7 @@ TEST_CASE("ZeRO-1 steps: ranks stepping what they own, then sharing it, equal on
     INFO("seed " << seed);
     for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
         const ParamLayout layout = ParamLayout::build(small_model(preset));
-        for (const Variant& v : variants()) {
+        for (const Zero1Variant& v : zero1_variants()) {
             CAPTURE(preset);
             CAPTURE(v.name);
             const Routing routing = route_parameters(layout, v.config);

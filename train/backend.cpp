@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "kernels/cuda_common.cuh"
 #include "kernels/device.hpp"
 #include "kernels/gpu.hpp"
 #include "model/cpu_model.hpp"
@@ -14,9 +15,6 @@
 #include "optim/grad_clip.hpp"
 
 namespace qopt {
-
-const char* const kNoGpuDataParallel =
-    "data parallelism on the GPU needs NCCL communication, which is not built yet; --device cpu runs it";
 
 namespace {
 
@@ -64,8 +62,9 @@ private:
 
 class CudaBackend final : public TrainBackend {
 public:
-    CudaBackend(const ModelConfig& config, const OptimizerConfig& optimizer, std::string device, bool recompute)
-        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), optimizer), norm_(1) {
+    CudaBackend(const ModelConfig& config, const OptimizerConfig& optimizer, std::string device, bool recompute,
+                const OwnedSlots* owned)
+        : device_(std::move(device)), model_(config), optimizer_(model_.layout(), optimizer, owned), norm_(1) {
         model_.set_recompute(recompute);
     }
     std::string describe() const override {
@@ -96,9 +95,38 @@ public:
                         model_.compute_weights_device());
     }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
-    void reduce_gradients(Communicator&) override { fail(kNoGpuDataParallel); }
-    void share_parameters(Communicator&, const std::vector<std::vector<ParamRange>>&) override {
-        fail(kNoGpuDataParallel);
+    void reduce_gradients(Communicator& comm) override {
+        float* grads = model_.grads_device();
+        const size_t count = model_.layout().total;
+        if (DeviceCollectives* device = comm.device_collectives()) {
+            device->all_reduce_mean_on_device(grads, count);
+            return;
+        }
+        staging_.resize(count);
+        CUDA_CHECK(cudaMemcpy(staging_.data(), grads, count * sizeof(float), cudaMemcpyDeviceToHost));
+        comm.all_reduce_mean(staging_.data(), count);
+        CUDA_CHECK(cudaMemcpy(grads, staging_.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    void share_parameters(Communicator& comm, const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
+        float* params = model_.params_device();
+        const size_t count = model_.layout().total;
+        if (DeviceCollectives* device = comm.device_collectives()) {
+            device->share_ranges_on_device(params, ranges_by_rank);
+        } else {
+            // This rank's ranges out, the others' in, through a host copy of the buffer.
+            staging_.resize(count);
+            for (const ParamRange& r : ranges_by_rank[size_t(comm.rank())])
+                CUDA_CHECK(cudaMemcpy(staging_.data() + r.offset, params + r.offset, r.count * sizeof(float),
+                                      cudaMemcpyDeviceToHost));
+            comm.share_ranges(staging_.data(), ranges_by_rank);
+            for (size_t owner = 0; owner < ranges_by_rank.size(); ++owner)
+                if (int(owner) != comm.rank())
+                    for (const ParamRange& r : ranges_by_rank[owner])
+                        CUDA_CHECK(cudaMemcpy(params + r.offset, staging_.data() + r.offset, r.count * sizeof(float),
+                                              cudaMemcpyHostToDevice));
+        }
+        // The optimizer wrote the bf16 copy of this rank's share only: the rest from the new masters.
+        to_bf16_gpu(model_.compute_weights_device(), params, count);
     }
     std::string memory_report(int batch, int seq_len) override {
         // The weights and optimizer state are allocated by now; the activations are planned
@@ -134,6 +162,7 @@ private:
     GpuModel model_;
     GpuOptimizer optimizer_;
     DeviceBuffer<float> norm_;
+    std::vector<float> staging_;  // host copies for a communicator without device collectives
 };
 
 }  // namespace
@@ -144,12 +173,12 @@ std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const 
 }
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
-                                                bool recompute) {
+                                                bool recompute, const OwnedSlots* owned) {
     const CudaDeviceInfo gpu = query_cuda_device();
     if (!gpu.usable) fail("--device cuda: ", gpu.problem);
     const GpuMemory memory = gpu_memory();
     try {
-        return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute);
+        return std::make_unique<CudaBackend>(config, optimizer, gpu.description, recompute, owned);
     } catch (const Error& e) {
         if (std::string(e.what()).find("out of memory") == std::string::npos) throw;
         const size_t weights = ParamLayout::build(config).total * (2 * sizeof(float) + sizeof(bf16));

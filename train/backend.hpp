@@ -49,15 +49,14 @@ public:
     virtual void share_parameters(Communicator& comm, const std::vector<std::vector<ParamRange>>& ranges_by_rank) = 0;
 };
 
-// Why a multi-rank run cannot use the GPU yet.
-extern const char* const kNoGpuDataParallel;
-
 // owned (none: all): the optimizer's ZeRO-1 share (optim/shard_plan.hpp).
 std::unique_ptr<TrainBackend> make_cpu_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
                                                const OwnedSlots* owned = nullptr);
-// Throws qopt::Error when no usable GPU is present or the GPU lacks the optimizer.
-// recompute: see GpuModel::set_recompute.
+// On the current GPU (use_cuda_device). Throws qopt::Error when no usable GPU is present or the
+// GPU lacks the optimizer. recompute: see GpuModel::set_recompute; owned: as make_cpu_backend's.
+// Its reduce_gradients / share_parameters use the communicator's device collectives (NCCL) where
+// it has them, else stage the buffers through host memory.
 std::unique_ptr<TrainBackend> make_cuda_backend(const ModelConfig& config, const OptimizerConfig& optimizer,
-                                                bool recompute = false);
+                                                bool recompute = false, const OwnedSlots* owned = nullptr);
 
 }  // namespace qopt

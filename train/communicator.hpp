@@ -1,7 +1,6 @@
 // What data-parallel ranks exchange during training, behind one interface. LocalGroup runs the
 // ranks as threads of one process over shared memory: the CPU reference of a multi-rank run
-// (the tests train with it), and the shape a multi-GPU communicator (NCCL between processes,
-// not built yet) has to fill. Every rank calls every operation in the same order; each returns
+// (the tests train with it). Every rank calls every operation in the same order; each returns
 // on all ranks with the same result. Reductions add in rank order, so results are deterministic.
 #pragma once
 #include <condition_variable>
@@ -14,6 +13,18 @@
 #include "optim/shard_plan.hpp"
 
 namespace qopt {
+
+// Collectives over GPU memory (NCCL, train/nccl_communicator.hpp), offered by a communicator that
+// has them: the GPU backend hands its buffers over directly; with a communicator that has none it
+// stages them through host memory. Same meaning as Communicator's host operations; they are
+// enqueued on the default stream, in the order the ranks call them.
+class DeviceCollectives {
+public:
+    virtual ~DeviceCollectives() = default;
+    virtual void all_reduce_mean_on_device(float* device_values, size_t count) = 0;
+    virtual void share_ranges_on_device(float* device_values,
+                                        const std::vector<std::vector<ParamRange>>& ranges_by_rank) = 0;
+};
 
 class Communicator {
 public:
@@ -31,6 +42,7 @@ public:
     virtual std::vector<std::string> gather_to_root(const std::string& bytes) = 0;
     virtual void barrier() = 0;
     virtual std::string describe() const = 0;  // for the run log: how the ranks are connected
+    virtual DeviceCollectives* device_collectives() { return nullptr; }
     bool is_root() const { return rank() == 0; }
 };
 

@@ -54,12 +54,14 @@ RankPlace rank_place(const LaunchOptions& options) {
         QOPT_CHECK(place.world_size > place.rank && rendezvous && *rendezvous,
                    "QOPT_RANK is set, but QOPT_WORLD_SIZE (above it) or QOPT_RENDEZVOUS is not");
         place.rendezvous = rendezvous;
+        place.local_rank = env_int("QOPT_LOCAL_RANK");
         place.started_by_nproc = true;
         return place;
     }
     if (options.nproc > 1) {
         place.world_size = options.nproc;  // this process is rank 0; the address is chosen when starting
         place.rendezvous = options.rendezvous;
+        place.local_rank = 0;
         return place;
     }
     if (options.rendezvous.empty()) return place;
@@ -72,6 +74,12 @@ RankPlace rank_place(const LaunchOptions& options) {
         place.world_size = env_int(size_var);
         QOPT_CHECK(place.world_size > place.rank, rank_var, " is set but ", size_var, " is not above it");
         place.rendezvous = options.rendezvous;
+        // The rank's place on its machine (which GPU it takes): Open MPI's, MPICH's or Slurm's.
+        for (const char* local_var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+            if (env_int(local_var) >= 0) {
+                place.local_rank = env_int(local_var);
+                break;
+            }
         return place;
     }
     fail("--rendezvous ", options.rendezvous, " needs the ranks' places: run under mpirun or srun, or set QOPT_RANK "
@@ -94,6 +102,7 @@ RankGroup::RankGroup(const LaunchOptions& options, char** argv) : place_(rank_pl
                 setenv("QOPT_RANK", std::to_string(r).c_str(), 1);
                 setenv("QOPT_WORLD_SIZE", std::to_string(place_.world_size).c_str(), 1);
                 setenv("QOPT_RENDEZVOUS", place_.rendezvous.c_str(), 1);
+                setenv("QOPT_LOCAL_RANK", std::to_string(r).c_str(), 1);
                 execv("/proc/self/exe", argv);
                 std::fprintf(stderr, "--nproc: cannot start rank %d: %s\n", r, std::strerror(errno));
                 _exit(127);

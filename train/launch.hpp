@@ -7,8 +7,8 @@
 //                                       launcher's environment (OMPI_COMM_WORLD_RANK / _SIZE,
 //                                       PMI_RANK / PMI_SIZE, SLURM_PROCID / SLURM_NTASKS) and
 //                                       meets the others at H:P, where rank 0 listens;
-//   QOPT_RANK, QOPT_WORLD_SIZE, QOPT_RENDEZVOUS in the environment (what --nproc sets for its
-//                                       children; any other launcher can set them too).
+//   QOPT_RANK, QOPT_WORLD_SIZE, QOPT_RENDEZVOUS (and QOPT_LOCAL_RANK) in the environment (what
+//                                       --nproc sets for its children; any other launcher can set them too).
 #pragma once
 #include <sys/types.h>
 
@@ -30,6 +30,9 @@ struct LaunchOptions {
 // launcher's variables when --rendezvous is given. world_size 1: a single process.
 struct RankPlace {
     int rank = 0, world_size = 1;
+    // Its place among the ranks of its machine (which GPU it takes): QOPT_LOCAL_RANK, or the MPI /
+    // Slurm launcher's local rank; -1 when unknown (then the rank is used).
+    int local_rank = -1;
     std::string rendezvous;
     bool started_by_nproc = false;  // a child of train --nproc
 };

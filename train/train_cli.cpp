@@ -36,8 +36,14 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
     app.add_option("--threads", o.threads, "OpenMP threads for the CPU path (0: all cores)")->group("Device");
     app.add_option("--cpu-ranks", o.cpu_ranks,
                    "Data-parallel ranks on the CPU, as threads (ZeRO-1 optimizer shares, rows of the batch each): the "
-                   "multi-GPU path's algorithm, checked against one process; not faster. GPUs need NCCL (not built)")
+                   "multi-GPU path's algorithm, checked against one process; not faster. GPU ranks are processes: "
+                   "--nproc, mpirun or srun")
         ->group("Device");
+    app.add_option("--collectives", o.collectives,
+                   "How GPU ranks exchange gradients and parameters: nccl (GPU to GPU), host (through host memory; "
+                   "ranks sharing a GPU), auto (nccl when every rank has its own GPU and NCCL loads, else host)")
+        ->check(CLI::IsMember({"auto", "nccl", "host"}))
+        ->group("Data parallelism");
     app.add_flag("--recompute", o.recompute,
                  "GPU: recompute each block's MLP activation in the backward pass instead of keeping it "
                  "(saves layers x B x T x d_ff bf16)")

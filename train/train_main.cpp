@@ -15,8 +15,8 @@ int main(int argc, char** argv) {
     qopt::add_train_flags(app, options);
     qopt::LaunchOptions launch;
     app.add_option("--nproc", launch.nproc,
-                   "Data-parallel ranks as processes of this machine (this one is rank 0; CPU only so far: GPUs need "
-                   "NCCL, not built)")
+                   "Data-parallel ranks as processes of this machine (this one is rank 0), on the CPU or one GPU each "
+                   "(see --collectives)")
         ->group("Data parallelism");
     app.add_option("--rendezvous", launch.rendezvous,
                    "host:port where rank 0 listens, for ranks started by mpirun or srun (their rank and count come "
@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
         // Ranks on one machine share its cores unless told otherwise.
         if (ranks.place().world_size > 1 && options.threads == 0 && (launch.nproc > 1 || ranks.place().started_by_nproc))
             options.threads = std::max(1, int(std::thread::hardware_concurrency()) / ranks.place().world_size);
+        options.local_rank = ranks.place().local_rank;
         qopt::TrainResult result = qopt::run_training(options, std::cout, ranks.communicator());
         ranks.finish();
         if (result.interrupted && ranks.place().rank == 0)

@@ -22,6 +22,7 @@
 #include "train/backend.hpp"
 #include "train/checkpoint.hpp"
 #include "train/communicator.hpp"
+#include "train/nccl_communicator.hpp"
 
 namespace qopt {
 
@@ -97,7 +98,10 @@ void validate_options(const TrainOptions& o) {
     QOPT_CHECK(o.log_every > 0, "--log-every must be positive");
     QOPT_CHECK(o.threads >= 0, "--threads must be non-negative");
     QOPT_CHECK(o.cpu_ranks >= 1, "--cpu-ranks must be at least 1, got ", o.cpu_ranks);
-    QOPT_CHECK(o.cpu_ranks == 1 || o.device != "cuda", "--cpu-ranks with --device cuda: ", kNoGpuDataParallel);
+    QOPT_CHECK(o.cpu_ranks == 1 || o.device != "cuda", "--cpu-ranks runs its ranks as threads on the CPU; on GPUs "
+               "start one process per rank (--nproc N, mpirun or srun)");
+    QOPT_CHECK(o.collectives == "auto" || o.collectives == "nccl" || o.collectives == "host",
+               "--collectives must be auto, nccl or host, got '", o.collectives, "'");
     QOPT_CHECK(o.loss_spike_factor == 0 || o.loss_spike_factor > 1, "--loss-spike-factor must be above 1 (0: off), got ",
                o.loss_spike_factor);
     QOPT_CHECK(o.nan_policy == "skip" || o.nan_policy == "stop", "--nan-policy must be skip or stop, got '",
@@ -195,6 +199,36 @@ static TrainResult run_on_thread_ranks(const TrainOptions& options, std::ostream
     return results[0];
 }
 
+// GPU ranks: each takes its GPU (its local rank modulo the GPUs it sees), and the ranks agree on
+// how to exchange: NCCL when every rank can (a GPU of its own, NCCL loads) and --collectives lets
+// them, else copies through host memory over `host`. Returns the communicator the run uses: the
+// NCCL one (kept in `nccl`) or `host`; for host copies, `line` says why, for the log.
+static Communicator* choose_gpu_collectives(const TrainOptions& options, Communicator& host,
+                                            std::unique_ptr<Communicator>& nccl, std::string& line) {
+    const int gpus = cuda_device_count();
+    const int local = options.local_rank >= 0 ? options.local_rank : host.rank();
+    if (gpus > 0) use_cuda_device(local % gpus);  // none: make_cuda_backend says so
+    // Over all ranks: how many have no GPU of their own, and how many cannot load NCCL.
+    const std::string nccl_problem = nccl_unavailable_reason();
+    double counts[2] = {double(local >= gpus), double(!nccl_problem.empty())};
+    host.all_reduce_sum(counts, 2);
+    std::string why_not;
+    if (options.collectives == "host")
+        why_not = "--collectives host";
+    else if (counts[0] > 0)
+        why_not = "ranks share GPUs: " + std::to_string(int(counts[0])) + " of the " +
+                  std::to_string(host.world_size()) + " ranks have no GPU of their own";
+    else if (counts[1] > 0)
+        why_not = nccl_problem.empty() ? "NCCL cannot be used on another rank" : nccl_problem;
+    if (options.collectives == "nccl" && !why_not.empty()) fail("--collectives nccl: ", why_not);
+    if (why_not.empty()) {
+        nccl = make_nccl_communicator(host);  // its describe() says so in the run log
+        return nccl.get();
+    }
+    line = "collectives: GPU buffers copied through host memory (" + why_not + ")";
+    return &host;
+}
+
 TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Communicator* comm) {
     validate_options(options);
     if (!comm && options.cpu_ranks > 1) return run_on_thread_ranks(options, root_log);
@@ -211,11 +245,23 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     const OptimizerConfig optimizer = resolve_optimizer_config(options);
     const CudaDeviceInfo gpu = query_cuda_device();
     std::string gpu_problem = GpuModel::unsupported_reason(config);
-    const bool use_cuda = world == 1 && (options.device == "cuda" ||
-                                         (options.device == "auto" && gpu.usable && gpu_problem.empty()));
-    if (world > 1 && options.device == "cuda") fail(kNoGpuDataParallel);
+    // Thread ranks (--cpu-ranks) share this process and stay on the CPU.
+    const bool thread_ranks = options.cpu_ranks > 1;
+    bool use_cuda = !thread_ranks && (options.device == "cuda" ||
+                                      (options.device == "auto" && gpu.usable && gpu_problem.empty()));
     if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
         log << "device: the CPU, since the GPU cannot run this: " << gpu_problem << "\n";
+    std::unique_ptr<Communicator> nccl_comm;  // the GPU ranks' NCCL communicator, over `comm`
+    std::string collectives_line;
+    if (comm && !thread_ranks) {
+        double cuda_ranks = use_cuda;
+        comm->all_reduce_sum(&cuda_ranks, 1);
+        QOPT_CHECK(cuda_ranks == 0 || cuda_ranks == world, int(cuda_ranks), " of the ", world,
+                   " ranks found a usable GPU and the others did not; give --device cuda or cpu");
+        if (use_cuda) {
+            comm = choose_gpu_collectives(options, *comm, nccl_comm, collectives_line);
+        }
+    }
     if (options.threads > 0) omp_set_num_threads(options.threads);
 
     const long total_steps = total_steps_of(options);
@@ -248,8 +294,9 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     const OwnedSlots owned = shards.owned_by(rank);
     std::vector<std::vector<ParamRange>> ranges_by_rank;
     for (int r = 0; r < world; ++r) ranges_by_rank.push_back(shards.ranges_of(routing, r));
-    std::unique_ptr<TrainBackend> backend = use_cuda ? make_cuda_backend(config, optimizer, options.recompute)
-                                                     : make_cpu_backend(config, optimizer, world > 1 ? &owned : nullptr);
+    const OwnedSlots* share = world > 1 ? &owned : nullptr;
+    std::unique_ptr<TrainBackend> backend = use_cuda ? make_cuda_backend(config, optimizer, options.recompute, share)
+                                                     : make_cpu_backend(config, optimizer, share);
     const LinearQuantConfig qat = resolve_linear_quant(options.qat, QuantStyle::Quest);
     backend->set_linear_quant(qat);
     TrainState state;
@@ -321,6 +368,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     if (world > 1)
         log << "data parallel: " << world << " ranks of " << rank_rows << " rows each (" << comm->describe() << "); "
             << shards.describe() << "\n";
+    if (!collectives_line.empty()) log << collectives_line << "\n";
 
     std::ofstream metrics;
     if (root) {

@@ -23,6 +23,14 @@ struct TrainOptions {
     // > 1: a data-parallel run on the CPU, this many ranks as threads of this process (see
     // run_training): the multi-GPU path's algorithm, checked against one process; not faster.
     int cpu_ranks = 1;
+    // GPU ranks (one process each): how they exchange gradients and parameter shares. "nccl":
+    // NCCL between their GPUs; "host": copies through host memory over the ranks' own connection
+    // (slow; what ranks sharing one GPU can do); "auto": NCCL when every rank has a GPU of its own
+    // and NCCL loads, else host.
+    std::string collectives = "auto";
+    // This rank's place among the ranks on its machine (set by the launcher, not a flag; -1: the
+    // rank itself): its GPU is local_rank modulo the GPUs it sees.
+    int local_rank = -1;
     bool recompute = false;       // GPU: recompute MLP activations in the backward pass
     QuantOptions qat;             // --qat w4a4 and its flags (QuEST defaults); format "off": full precision
 
@@ -85,7 +93,8 @@ void validate_options(const TrainOptions& options);
 // gradients are averaged over the ranks, and each rank steps its ZeRO-1 share of the optimizer
 // (optim/shard_plan.hpp) and shares the result; rank 0 alone logs, writes metrics and
 // checkpoints (the optimizer state merged from all ranks, so any rank count resumes it). The
-// result is the single-process run's up to the order of the gradient sums. CPU only so far.
+// result is the single-process run's up to the order of the gradient sums. On GPUs each rank is a
+// process on a GPU of its own (or sharing one, with host collectives); see TrainOptions::collectives.
 class Communicator;
 TrainResult run_training(const TrainOptions& options, std::ostream& log, Communicator* comm = nullptr);
 

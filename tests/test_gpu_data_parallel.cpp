@@ -1,0 +1,283 @@
+// Data parallelism on GPUs: the GPU optimizers' ZeRO-1 shares (each rank's GpuOptimizer keeps
+// and steps only what it owns) against one GpuOptimizer; training with GPU ranks as processes
+// (train --nproc 2 --device cuda) against one GPU process, with checkpoints moving between rank
+// counts; and the NCCL communicator. On a machine with one GPU the ranks share it and exchange
+// through host memory (--collectives host); the NCCL run between two GPUs needs two of them.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <sstream>
+
+#include "core/error.hpp"
+#include "gpu_helpers.hpp"
+#include "train_helpers.hpp"
+#include "zero1_variants.hpp"
+#include "optim/gpu_optimizer.hpp"
+#include "optim/shard_plan.hpp"
+#include "train/communicator.hpp"
+#include "train/nccl_communicator.hpp"
+
+using namespace qopt;
+using namespace qopt::test;
+
+namespace {
+
+// ||a - b|| / ||b||, over the changes from `start` when given.
+double relative_difference(const std::vector<float>& a, const std::vector<float>& b,
+                           const std::vector<float>* start = nullptr) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        const double base = start ? double((*start)[i]) : 0.0;
+        diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+        norm += (double(b[i]) - base) * (double(b[i]) - base);
+    }
+    return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+// How far a sharded GPU run may drift from one GpuOptimizer: element-wise rules are the same
+// kernel per value (bit for bit); matrix methods batch fewer matrices per product, so cuBLAS may
+// pick other kernels and round differently; SOAP's eigenbasis amplifies last bits (README).
+double zero1_bound(OptimizerKind kind) {
+    switch (kind) {
+        case OptimizerKind::AdamW: return 0;
+        case OptimizerKind::Soap: return 2e-2;
+        default: return 1e-3;
+    }
+}
+
+std::vector<double> train_losses(const std::string& metrics_path) {
+    std::vector<double> losses;
+    std::istringstream lines(read_file(metrics_path));
+    for (std::string line; std::getline(lines, line);) {
+        const Json record = Json::parse(line);
+        if (record.at("type").as_string() == "train") losses.push_back(record.at("loss").as_double());
+    }
+    return losses;
+}
+
+}  // namespace
+
+TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them follow one GPU optimizer; their "
+          "states merge into its state and resume at another rank count") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
+        const ParamLayout layout = ParamLayout::build(small_model(preset));
+        for (const Zero1Variant& v : zero1_variants()) {
+            CAPTURE(preset);
+            CAPTURE(v.name);
+            const Routing routing = route_parameters(layout, v.config);
+            std::mt19937_64 gen(seed);
+            const std::vector<float> start = random_vector<float>(layout.total, gen);
+            auto grads_at = [&](int step) {
+                std::mt19937_64 g(seed + uint64_t(step));
+                return random_vector<float>(layout.total, g);
+            };
+            GpuOptimizer one(layout, v.config);
+            DeviceBuffer<float> single = uploaded(start);
+
+            struct Ranks {
+                ShardPlan plan;
+                std::vector<std::unique_ptr<GpuOptimizer>> optimizers;
+                std::vector<DeviceBuffer<float>> params;
+            };
+            auto make_ranks = [&](int world, const std::vector<float>& values) {
+                Ranks ranks{plan_shards(routing, v.config, world), {}, {}};
+                for (int r = 0; r < world; ++r) {
+                    const OwnedSlots owned = ranks.plan.owned_by(r);
+                    ranks.optimizers.push_back(std::make_unique<GpuOptimizer>(layout, v.config, &owned));
+                    ranks.params.push_back(uploaded(values));
+                }
+                return ranks;
+            };
+            // Every rank steps its share; then each takes the owners' values (the all-gather).
+            auto step_ranks = [&](Ranks& ranks, int step) {
+                const int world = ranks.plan.world_size;
+                const DeviceBuffer<float> grads = uploaded(grads_at(step));
+                for (int r = 0; r < world; ++r)
+                    ranks.optimizers[size_t(r)]->step(ranks.params[size_t(r)].data(), grads.data(), 1e-3, 0.5,
+                                                      nullptr);
+                std::vector<float> gathered(layout.total, NAN);
+                for (int r = 0; r < world; ++r) {
+                    const std::vector<float> mine = ranks.params[size_t(r)].download();
+                    for (const ParamRange& range : ranks.plan.ranges_of(routing, r))
+                        std::copy_n(mine.begin() + long(range.offset), range.count, gathered.begin() + long(range.offset));
+                }
+                for (auto& p : ranks.params) p.upload(gathered);
+            };
+            auto step_one = [&](int step) {
+                const DeviceBuffer<float> grads = uploaded(grads_at(step));
+                one.step(single.data(), grads.data(), 1e-3, 0.5, nullptr);
+            };
+
+            Ranks ranks = make_ranks(3, start);
+            for (int step = 0; step < 3; ++step) {
+                step_one(step);
+                step_ranks(ranks, step);
+            }
+            const std::vector<float> after_three = single.download();
+            const double drift = relative_difference(ranks.params[0].download(), after_three, &start);
+            MESSAGE(preset << ", " << v.name << ": 3 ranks against one, relative difference of the weight changes "
+                           << drift);
+            CHECK(drift <= zero1_bound(v.config.kind));
+
+            // The owners' states together are the single optimizer's: the same tensors, values
+            // as close as the weights.
+            std::vector<OptimizerState> states;
+            for (auto& o : ranks.optimizers) states.push_back(o->state());
+            const OptimizerState merged = merge_rank_states(states), whole = one.state();
+            CHECK(merged.step == 3);
+            CHECK(merged.extra.dump() == whole.extra.dump());
+            REQUIRE(merged.tensors.size() == whole.tensors.size());
+            std::map<std::string, const StateTensor*> by_name;
+            for (const StateTensor& t : merged.tensors) by_name[t.name] = &t;
+            for (const StateTensor& t : whole.tensors) {
+                CAPTURE(t.name);
+                REQUIRE(by_name.count(t.name));
+                CHECK(by_name[t.name]->shape == t.shape);
+                if (v.config.kind == OptimizerKind::AdamW) CHECK(by_name[t.name]->values == t.values);
+            }
+
+            // The merged state resumed on 2 ranks (from the single run's weights) follows it on.
+            Ranks resumed = make_ranks(2, after_three);
+            for (auto& o : resumed.optimizers) o->load_state(merged);
+            for (int step = 3; step < 6; ++step) {
+                step_one(step);
+                step_ranks(resumed, step);
+            }
+            const std::vector<float> after_six = single.download();
+            const double resumed_drift = relative_difference(resumed.params[1].download(), after_six, &after_three);
+            CHECK(resumed_drift <= zero1_bound(v.config.kind));
+            for (float p : after_six) REQUIRE(std::isfinite(p));
+        }
+    }
+}
+
+TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the single-GPU run for all six "
+          "optimizers; checkpoints move between 1 and 2 ranks") {
+    REQUIRE_GPU();
+    TempDir dir;
+    const TrainOptions o = tiny_run(dir, 6);  // writes the shards
+    // One GPU here: the two ranks share it and exchange through host memory. With two or more,
+    // auto takes NCCL (see the NCCL case below).
+    const std::string collectives = cuda_device_count() >= 2 ? "auto" : "host";
+    const std::string common = bin("train") + " --device cuda --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
+                               "--train-data " + o.train_data + " --val-data " + o.val_data +
+                               " --batch-size 4 --seq-len 32 --steps 6 --val-batches 2 --checkpoint-every 3";
+    for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
+        CAPTURE(name);
+        const std::string run = common + " --optimizer " + name;
+        const std::string one_dir = dir / (std::string("one_") + name), two_dir = dir / (std::string("two_") + name);
+        std::string output;
+        REQUIRE_MESSAGE(run_command(run + " --out-dir " + one_dir, output) == 0, output);
+        REQUIRE_MESSAGE(run_command(run + " --nproc 2 --collectives " + collectives + " --out-dir " + two_dir, output) == 0,
+                        output);
+        CHECK(output.find("data parallel: 2 ranks of 2 rows each") != std::string::npos);
+        const std::vector<double> one = train_losses(one_dir + "/metrics.jsonl"),
+                                  two = train_losses(two_dir + "/metrics.jsonl");
+        REQUIRE(one.size() == 6);
+        REQUIRE(two.size() == 6);
+        // The same batch, its rows split over two ranks: the losses agree to bf16 rounding.
+        double worst = 0;
+        for (size_t i = 0; i < one.size(); ++i) worst = std::max(worst, std::abs(one[i] - two[i]) / one[i]);
+        MESSAGE(name << ": 2 GPU ranks (" << collectives << ") against one, largest relative loss difference over 6 "
+                     << "steps " << worst);
+        CHECK(worst <= 2e-2);
+        const Checkpoint end_one = read_checkpoint(list_checkpoints(one_dir)[0]),
+                         end_two = read_checkpoint(list_checkpoints(two_dir)[0]);
+        CHECK(relative_difference(end_two.params, end_one.params) <= 2e-2);
+        // The 2-rank checkpoint holds the whole (merged) optimizer state.
+        CHECK(end_two.optimizer.total_floats() == end_one.optimizer.total_floats());
+    }
+    // Resume across rank counts: the 2-rank run's step-3 checkpoint on 1 GPU, the 1-GPU run's on 2.
+    const std::string run = common + " --optimizer shampoo";
+    std::string output;
+    REQUIRE_MESSAGE(run_command(run + " --resume " + (dir / "two_shampoo/checkpoints/") + checkpoint_name(3) +
+                                    " --out-dir " + (dir / "two_then_one"),
+                                output) == 0,
+                    output);
+    REQUIRE_MESSAGE(run_command(run + " --nproc 2 --collectives " + collectives + " --resume " +
+                                    (dir / "one_shampoo/checkpoints/") + checkpoint_name(3) + " --out-dir " +
+                                    (dir / "one_then_two"),
+                                output) == 0,
+                    output);
+    const std::vector<double> full = train_losses(dir / "one_shampoo/metrics.jsonl");
+    for (const char* resumed : {"two_then_one", "one_then_two"}) {
+        CAPTURE(resumed);
+        const std::vector<double> rest = train_losses(dir / resumed + "/metrics.jsonl");
+        REQUIRE(rest.size() == 3);
+        for (size_t i = 0; i < 3; ++i) CHECK(std::abs(rest[i] - full[3 + i]) <= 2e-2 * full[3 + i]);
+    }
+}
+
+TEST_CASE("GPU data parallelism: bad collectives are refused by name") {
+    REQUIRE_GPU();
+    TempDir dir;
+    const TrainOptions o = tiny_run(dir, 2);
+    const std::string common = bin("train") + " --device cuda --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
+                               "--train-data " + o.train_data + " --batch-size 4 --seq-len 32 --steps 2";
+    std::string output;
+    CHECK(run_command(common + " --nproc 2 --collectives mpi --out-dir " + (dir / "bad"), output) != 0);
+    CHECK(output.find("--collectives") != std::string::npos);
+    if (cuda_device_count() == 1) {
+        // Two ranks on one GPU cannot use NCCL: said before NCCL is asked.
+        CHECK(run_command(common + " --nproc 2 --collectives nccl --out-dir " + (dir / "shared"), output) == 1);
+        CHECK(output.find("--collectives nccl: ranks share GPUs") != std::string::npos);
+    }
+    CHECK(run_command(common + " --cpu-ranks 2 --out-dir " + (dir / "threads"), output) == 1);
+    CHECK(output.find("on GPUs start one process per rank") != std::string::npos);
+}
+
+TEST_CASE("GPU NCCL communicator: loads, joins a group of one, and its device collectives keep a lone rank's values") {
+    REQUIRE_GPU();
+    const std::string problem = nccl_unavailable_reason();
+    if (!problem.empty()) {
+        MESSAGE("skipped: " << problem);
+        return;
+    }
+    LocalGroup host(1);
+    std::unique_ptr<Communicator> nccl = make_nccl_communicator(host.rank(0));
+    CHECK(nccl->describe().find("NCCL 2.") == 0);
+    DeviceCollectives* device = nccl->device_collectives();
+    REQUIRE(device != nullptr);
+    std::mt19937_64 gen(fresh_seed());
+    const std::vector<float> values = random_vector<float>(1000, gen);
+    DeviceBuffer<float> buffer = uploaded(values);
+    device->all_reduce_mean_on_device(buffer.data(), values.size());
+    device->share_ranges_on_device(buffer.data(), {{{0, 400}, {600, 400}}});
+    CHECK(buffer.download() == values);
+    // Host operations pass through to the host group.
+    double sum = 2.5;
+    nccl->all_reduce_sum(&sum, 1);
+    CHECK(sum == 2.5);
+}
+
+TEST_CASE("GPU NCCL between two GPUs: train --nproc 2 --collectives nccl follows --collectives host") {
+    REQUIRE_GPU();
+    if (cuda_device_count() < 2 || !nccl_unavailable_reason().empty()) {
+        MESSAGE("skipped: needs two GPUs and NCCL (this machine: " << cuda_device_count() << " GPU(s)"
+                << (nccl_unavailable_reason().empty() ? "" : ", " + nccl_unavailable_reason()) << ")");
+        return;
+    }
+    TempDir dir;
+    const TrainOptions o = tiny_run(dir, 6);
+    const std::string common = bin("train") + " --device cuda --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
+                               "--train-data " + o.train_data + " --batch-size 4 --seq-len 32 --steps 6 --nproc 2";
+    for (const char* name : {"adamw", "shampoo"}) {
+        CAPTURE(name);
+        std::string output;
+        const std::string nccl_dir = dir / (std::string("nccl_") + name), host_dir = dir / (std::string("host_") + name);
+        REQUIRE_MESSAGE(run_command(common + " --optimizer " + name + " --collectives nccl --out-dir " + nccl_dir,
+                                    output) == 0,
+                        output);
+        CHECK(output.find("NCCL 2.") != std::string::npos);
+        REQUIRE_MESSAGE(run_command(common + " --optimizer " + name + " --collectives host --out-dir " + host_dir,
+                                    output) == 0,
+                        output);
+        const std::vector<double> nccl = train_losses(nccl_dir + "/metrics.jsonl"),
+                                  host = train_losses(host_dir + "/metrics.jsonl");
+        REQUIRE(nccl.size() == host.size());
+        for (size_t i = 0; i < nccl.size(); ++i) CHECK(std::abs(nccl[i] - host[i]) <= 1e-3 * host[i]);
+    }
+}
