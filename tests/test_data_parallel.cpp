@@ -284,18 +284,9 @@ TEST_CASE("train --nproc 2 (processes over TCP) gives --cpu-ranks 2's run bit fo
     REQUIRE(run_command(common + " --cpu-ranks 2 --out-dir " + (dir / "threads"), output) == 0);
     REQUIRE_MESSAGE(run_command(common + " --nproc 2 --out-dir " + (dir / "processes"), output) == 0, output);
     CHECK(output.find("processes over TCP") != std::string::npos);
-    auto train_losses = [](const std::string& path) {
-        std::vector<double> losses;
-        std::istringstream lines(read_file(path));
-        for (std::string line; std::getline(lines, line);) {
-            const Json record = Json::parse(line);
-            if (record.at("type").as_string() == "train") losses.push_back(record.at("loss").as_double());
-        }
-        return losses;
-    };
-    const std::vector<double> by_threads = train_losses(dir / "threads/metrics.jsonl");
+    const std::vector<double> by_threads = metrics_train_losses(dir / "threads/metrics.jsonl");
     CHECK(by_threads.size() == 6);
-    CHECK(train_losses(dir / "processes/metrics.jsonl") == by_threads);
+    CHECK(metrics_train_losses(dir / "processes/metrics.jsonl") == by_threads);
     CHECK(read_checkpoint(list_checkpoints(dir / "threads")[0]).params ==
           read_checkpoint(list_checkpoints(dir / "processes")[0]).params);
 

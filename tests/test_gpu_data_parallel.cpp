@@ -45,16 +45,6 @@ double zero1_bound(OptimizerKind kind) {
     }
 }
 
-std::vector<double> train_losses(const std::string& metrics_path) {
-    std::vector<double> losses;
-    std::istringstream lines(read_file(metrics_path));
-    for (std::string line; std::getline(lines, line);) {
-        const Json record = Json::parse(line);
-        if (record.at("type").as_string() == "train") losses.push_back(record.at("loss").as_double());
-    }
-    return losses;
-}
-
 }  // namespace
 
 TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them follow one GPU optimizer; their "
@@ -174,8 +164,8 @@ TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the
         REQUIRE_MESSAGE(run_command(run + " --nproc 2 --collectives " + collectives + " --out-dir " + two_dir, output) == 0,
                         output);
         CHECK(output.find("data parallel: 2 ranks of 2 rows each") != std::string::npos);
-        const std::vector<double> one = train_losses(one_dir + "/metrics.jsonl"),
-                                  two = train_losses(two_dir + "/metrics.jsonl");
+        const std::vector<double> one = metrics_train_losses(one_dir + "/metrics.jsonl"),
+                                  two = metrics_train_losses(two_dir + "/metrics.jsonl");
         REQUIRE(one.size() == 6);
         REQUIRE(two.size() == 6);
         // The same batch, its rows split over two ranks: the losses agree to bf16 rounding.
@@ -202,10 +192,10 @@ TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the
                                     (dir / "one_then_two"),
                                 output) == 0,
                     output);
-    const std::vector<double> full = train_losses(dir / "one_shampoo/metrics.jsonl");
+    const std::vector<double> full = metrics_train_losses(dir / "one_shampoo/metrics.jsonl");
     for (const char* resumed : {"two_then_one", "one_then_two"}) {
         CAPTURE(resumed);
-        const std::vector<double> rest = train_losses(dir / resumed + "/metrics.jsonl");
+        const std::vector<double> rest = metrics_train_losses(dir / resumed + "/metrics.jsonl");
         REQUIRE(rest.size() == 3);
         for (size_t i = 0; i < 3; ++i) CHECK(std::abs(rest[i] - full[3 + i]) <= 2e-2 * full[3 + i]);
     }
@@ -275,8 +265,8 @@ TEST_CASE("GPU NCCL between two GPUs: train --nproc 2 --collectives nccl follows
         REQUIRE_MESSAGE(run_command(common + " --optimizer " + name + " --collectives host --out-dir " + host_dir,
                                     output) == 0,
                         output);
-        const std::vector<double> nccl = train_losses(nccl_dir + "/metrics.jsonl"),
-                                  host = train_losses(host_dir + "/metrics.jsonl");
+        const std::vector<double> nccl = metrics_train_losses(nccl_dir + "/metrics.jsonl"),
+                                  host = metrics_train_losses(host_dir + "/metrics.jsonl");
         REQUIRE(nccl.size() == host.size());
         for (size_t i = 0; i < nccl.size(); ++i) CHECK(std::abs(nccl[i] - host[i]) <= 1e-3 * host[i]);
     }

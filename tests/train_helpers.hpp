@@ -82,6 +82,17 @@ inline void check_exact_resume(TrainOptions full, long resume_step, const std::s
     CHECK(end_a.state.train_position.token_offset == end_b.state.train_position.token_offset);
 }
 
+// The training losses a run's metrics.jsonl records, in step order.
+inline std::vector<double> metrics_train_losses(const std::string& metrics_path) {
+    std::vector<double> losses;
+    std::istringstream lines(read_file(metrics_path));
+    for (std::string line; std::getline(lines, line);) {
+        const Json record = Json::parse(line);
+        if (record.at("type").as_string() == "train") losses.push_back(record.at("loss").as_double());
+    }
+    return losses;
+}
+
 // Trains tiny_run for `steps` on the CPU and returns the final checkpoint's directory.
 inline std::string trained_tiny_checkpoint(const TempDir& dir, long steps, TrainOptions* options = nullptr) {
     TrainOptions o = tiny_run(dir, steps);

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The correctness half of the next device session (stop 35; the speed half is device_82.sh, which
+# The correctness half of the next device session (stop 35; the speed half is device_84.sh, which
 # can follow on the same warm machine). Before the call: `git apply tools/probes/eigen_slices.patch`
 # if its slices are to be tested too, and fill build/refs with the references' own files (muon.py,
 # scion.py, soap.py, kron.py and the distributed_shampoo/ package; see tools/compare_optimizers.py).

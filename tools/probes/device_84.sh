@@ -1,5 +1,5 @@
 #!/bin/bash
-# The speed half of device_82.sh without its tests (device_83.sh ran them on the same warm
+# The speed half (stop 34's device_82.sh, less its tests, which device_83.sh ran on the same warm
 # machine): the syev-threads and overlap probes, then Shampoo's refresh with the eigendecomposition
 # batch in 1/2/4 host-thread slices (eigen_slices.patch applied), stream priority with a refresh
 # lag, and PSGD at its update-probability floor. Run from the repository root on the device.
