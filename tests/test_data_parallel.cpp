@@ -296,6 +296,14 @@ TEST_CASE("train --nproc 2 (processes over TCP) gives --cpu-ranks 2's run bit fo
     CHECK(output.find("does not split evenly over 3 ranks") != std::string::npos);
     CHECK(run_command(common + " --rendezvous 127.0.0.1:4000 --out-dir " + (dir / "alone"), output) == 1);
     CHECK(output.find("needs the ranks' places") != std::string::npos);
+    if (!gpu_available()) {  // GPU ranks without a GPU: every rank says so, whatever the collectives
+        for (const char* collectives : {"auto", "nccl", "host"}) {
+            CHECK(run_command(common + " --device cuda --nproc 2 --collectives " + collectives + " --out-dir " +
+                                  (dir / "no_gpu"),
+                              output) == 1);
+            CHECK(output.find("train: error: --device cuda: no CUDA GPU") != std::string::npos);
+        }
+    }
 }
 
 namespace {

@@ -206,8 +206,9 @@ static TrainResult run_on_thread_ranks(const TrainOptions& options, std::ostream
 static Communicator* choose_gpu_collectives(const TrainOptions& options, Communicator& host,
                                             std::unique_ptr<Communicator>& nccl, std::string& line) {
     const int gpus = cuda_device_count();
+    if (gpus == 0) fail("--device cuda: ", query_cuda_device().problem);
     const int local = options.local_rank >= 0 ? options.local_rank : host.rank();
-    if (gpus > 0) use_cuda_device(local % gpus);  // none: make_cuda_backend says so
+    use_cuda_device(local % gpus);
     // Over all ranks: how many have no GPU of their own, and how many cannot load NCCL.
     const std::string nccl_problem = nccl_unavailable_reason();
     double counts[2] = {double(local >= gpus), double(!nccl_problem.empty())};
