@@ -366,9 +366,15 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     if (qat.enabled()) log << "quantization-aware training: " << qat.describe() << "\n";
     log << "optimizer state: " << with_commas(backend->optimizer_state_bytes() / (1 << 20)) << " MiB"
         << (world > 1 ? " on rank 0" : "") << "\n";
-    if (world > 1)
+    if (world > 1) {
         log << "data parallel: " << world << " ranks of " << rank_rows << " rows each (" << comm->describe() << "); "
             << shards.describe() << "\n";
+        // Per step, each rank's gradient buffer is averaged over the ranks (fp32) and the updated
+        // parameters, every rank's share, reach every rank: the whole buffer each way.
+        const size_t buffer_bytes = layout.total * sizeof(float);
+        log << "data parallel: per step " << gigabytes(buffer_bytes) << " of gradients averaged and "
+            << gigabytes(buffer_bytes) << " of parameter shares gathered\n";
+    }
     if (!collectives_line.empty()) log << collectives_line << "\n";
 
     std::ofstream metrics;
