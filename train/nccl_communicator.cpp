@@ -5,7 +5,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
+#include <type_traits>
 
 #include "core/error.hpp"
 
