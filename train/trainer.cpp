@@ -248,8 +248,8 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
     std::string gpu_problem = GpuModel::unsupported_reason(config);
     // Thread ranks (--cpu-ranks) share this process and stay on the CPU.
     const bool thread_ranks = options.cpu_ranks > 1;
-    bool use_cuda = !thread_ranks && (options.device == "cuda" ||
-                                      (options.device == "auto" && gpu.usable && gpu_problem.empty()));
+    const bool use_cuda = !thread_ranks && (options.device == "cuda" ||
+                                            (options.device == "auto" && gpu.usable && gpu_problem.empty()));
     if (options.device == "auto" && gpu.usable && !gpu_problem.empty())
         log << "device: the CPU, since the GPU cannot run this: " << gpu_problem << "\n";
     std::unique_ptr<Communicator> nccl_comm;  // the GPU ranks' NCCL communicator, over `comm`
@@ -259,9 +259,7 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         comm->all_reduce_sum(&cuda_ranks, 1);
         QOPT_CHECK(cuda_ranks == 0 || cuda_ranks == world, int(cuda_ranks), " of the ", world,
                    " ranks found a usable GPU and the others did not; give --device cuda or cpu");
-        if (use_cuda) {
-            comm = choose_gpu_collectives(options, *comm, nccl_comm, collectives_line);
-        }
+        if (use_cuda) comm = choose_gpu_collectives(options, *comm, nccl_comm, collectives_line);
     }
     if (options.threads > 0) omp_set_num_threads(options.threads);
 
