@@ -131,18 +131,26 @@ public:
         nccl_check(nccl().all_reduce(device_values, device_values, count, kNcclFloat32, kNcclAvg, comm_, 0),
                    "ncclAllReduce");
     }
-    // Every owner's ranges broadcast from it, grouped so that NCCL runs them as one launch.
+    // Every owner's ranges broadcast from it, grouped so that NCCL runs them as few launches (a
+    // group holds at most 2048 operations in NCCL's documented limit; kGroupOperations per group).
     void share_ranges_on_device(float* device_values,
                                 const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
         QOPT_CHECK(int(ranges_by_rank.size()) == world_size(), "share_ranges: ranges for ", ranges_by_rank.size(),
                    " ranks, the group has ", world_size());
-        nccl_check(nccl().group_start(), "ncclGroupStart");
+        constexpr int kGroupOperations = 1024;
+        int in_group = 0;
         for (int owner = 0; owner < world_size(); ++owner)
-            for (const ParamRange& range : ranges_by_rank[size_t(owner)])
+            for (const ParamRange& range : ranges_by_rank[size_t(owner)]) {
+                if (in_group == 0) nccl_check(nccl().group_start(), "ncclGroupStart");
                 nccl_check(nccl().broadcast(device_values + range.offset, device_values + range.offset, range.count,
                                             kNcclFloat32, owner, comm_, 0),
                            "ncclBroadcast");
-        nccl_check(nccl().group_end(), "ncclGroupEnd");
+                if (++in_group == kGroupOperations) {
+                    nccl_check(nccl().group_end(), "ncclGroupEnd");
+                    in_group = 0;
+                }
+            }
+        if (in_group > 0) nccl_check(nccl().group_end(), "ncclGroupEnd");
     }
 
 private:
