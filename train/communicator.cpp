@@ -6,6 +6,11 @@
 
 namespace qopt {
 
+void Communicator::check_ranges_by_rank(const std::vector<std::vector<ParamRange>>& ranges_by_rank) const {
+    QOPT_CHECK(int(ranges_by_rank.size()) == world_size(), "share_ranges: ranges for ", ranges_by_rank.size(),
+               " ranks, the group has ", world_size());
+}
+
 // Every operation: publish a pointer to this rank's input (or a staged copy), wait until all
 // ranks have, read what is needed from the others into private results, wait again so that no
 // rank changes its buffer while another still reads it, then write the result.
@@ -39,8 +44,7 @@ public:
     }
 
     void share_ranges(float* values, const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
-        QOPT_CHECK(int(ranges_by_rank.size()) == world_size(), "share_ranges: ranges for ", ranges_by_rank.size(),
-                   " ranks, the group has ", world_size());
+        check_ranges_by_rank(ranges_by_rank);
         // Read the others' shares into a copy, then take them once everyone has read.
         std::vector<std::pair<ParamRange, std::vector<float>>> received;
         exchange(values, [&] {

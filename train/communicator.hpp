@@ -44,6 +44,10 @@ public:
     virtual std::string describe() const = 0;  // for the run log: how the ranks are connected
     virtual DeviceCollectives* device_collectives() { return nullptr; }
     bool is_root() const { return rank() == 0; }
+
+protected:
+    // share_ranges' argument: one list per rank of the group, or an error saying so.
+    void check_ranges_by_rank(const std::vector<std::vector<ParamRange>>& ranges_by_rank) const;
 };
 
 // `world_size` ranks as threads of this process: group.rank(r) is the communicator thread r uses.

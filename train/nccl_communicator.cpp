@@ -135,8 +135,7 @@ public:
     // group holds at most 2048 operations in NCCL's documented limit; kGroupOperations per group).
     void share_ranges_on_device(float* device_values,
                                 const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
-        QOPT_CHECK(int(ranges_by_rank.size()) == world_size(), "share_ranges: ranges for ", ranges_by_rank.size(),
-                   " ranks, the group has ", world_size());
+        check_ranges_by_rank(ranges_by_rank);
         constexpr int kGroupOperations = 1024;
         int in_group = 0;
         for (int owner = 0; owner < world_size(); ++owner)

@@ -155,8 +155,7 @@ public:
     }
 
     void share_ranges(float* values, const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
-        QOPT_CHECK(int(ranges_by_rank.size()) == world_size_, "share_ranges: ranges for ", ranges_by_rank.size(),
-                   " ranks, the group has ", world_size_);
+        check_ranges_by_rank(ranges_by_rank);
         auto each_range = [&](int r, auto&& fn) {
             for (const ParamRange& range : ranges_by_rank[size_t(r)]) fn(values + range.offset, range.count * sizeof(float));
         };
