@@ -158,26 +158,27 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
 
 void GpuOptimizer::visit_rows(const RowsVisitor& fn) const {
     for (size_t i = 0; i < routing_.adamw.size(); ++i) {
-        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg", false);
-        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg_sq", false);
+        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg", kAdamExpAvg);
+        fn(routing_.adamw[i], owned_.adamw[i], adam_offsets_[i], "exp_avg_sq", kAdamExpAvgSq);
     }
     for (size_t i = 0; i < routing_.scion.size(); ++i)
-        fn(routing_.scion[i], owned_.scion[i], scion_offsets_[i], "momentum", true);
+        fn(routing_.scion[i], owned_.scion[i], scion_offsets_[i], "momentum", kScionMomentum);
 }
 
 OptimizerState GpuOptimizer::state() const {
     OptimizerState state;
     state.optimizer = optimizer_name(config_.kind);
     state.step = step_;
-    const std::vector<float> m = adam_m_.download(), v = adam_v_.download(), sm = scion_momentum_.download();
-    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const std::string& buffer,
-                   bool scion) {
+    const std::vector<float> host[kPackedBuffers] = {adam_m_.download(), adam_v_.download(),
+                                                      scion_momentum_.download()};
+    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const char* state_name,
+                   PackedBuffer which) {
         if (rows.count() == 0) return;
-        const std::vector<float>& packed = scion ? sm : buffer == "exp_avg" ? m : v;
+        const std::vector<float>& packed = host[which];
         std::vector<int64_t> shape = s.shape;
         if (rows.count() != s.rows) shape[0] = rows.count();  // a share of a 2-D tensor's rows
         const auto begin = packed.begin() + long(packed_offset);
-        state.tensors.push_back({s.name + "." + buffer, shape,
+        state.tensors.push_back({s.name + "." + state_name, shape,
                                  {begin, begin + long(owned_range(s, rows).count)}, rows.begin});
     });
     for (const Group& g : groups_) {
@@ -196,21 +197,22 @@ OptimizerState GpuOptimizer::state() const {
 void GpuOptimizer::load_state(const OptimizerState& state) {
     QOPT_CHECK(state.optimizer == optimizer_name(config_.kind), "the checkpoint's optimizer state is ",
                state.optimizer, "'s, but this run uses ", optimizer_name(config_.kind));
-    std::vector<float> m(adam_m_.size()), v(adam_v_.size()), sm(scion_momentum_.size());
-    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const std::string& buffer,
-                   bool scion) {
+    std::vector<float> host[kPackedBuffers] = {std::vector<float>(adam_m_.size()), std::vector<float>(adam_v_.size()),
+                                               std::vector<float>(scion_momentum_.size())};
+    visit_rows([&](const TensorSlot& s, const RowRange& rows, size_t packed_offset, const char* state_name,
+                   PackedBuffer which) {
         if (rows.count() == 0) return;
         // Whole tensors in, the owned rows kept.
-        const std::vector<float>& whole = state.values(s.name + "." + buffer, s.numel);
+        const std::vector<float>& whole = state.values(s.name + "." + state_name, s.numel);
         const size_t first = size_t(rows.begin) * size_t(s.cols), count = owned_range(s, rows).count;
-        std::vector<float>& packed = scion ? sm : buffer == "exp_avg" ? m : v;
+        std::vector<float>& packed = host[which];
         std::copy(whole.begin() + long(first), whole.begin() + long(first + count), packed.begin() + long(packed_offset));
     });
-    if (!m.empty()) {
-        adam_m_.upload_prefix(m);
-        adam_v_.upload_prefix(v);
+    if (!host[kAdamExpAvg].empty()) {
+        adam_m_.upload_prefix(host[kAdamExpAvg]);
+        adam_v_.upload_prefix(host[kAdamExpAvgSq]);
     }
-    if (!sm.empty()) scion_momentum_.upload_prefix(sm);
+    if (!host[kScionMomentum].empty()) scion_momentum_.upload_prefix(host[kScionMomentum]);
     for (Group& g : groups_) {
         const size_t n = size_t(g.rows) * g.cols;
         std::vector<float> all(n * g.members.size());

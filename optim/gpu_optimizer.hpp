@@ -40,9 +40,12 @@ private:
         DeviceBuffer<int64_t> offsets;
         DeviceBuffer<float> momentum;  // members.size() x rows x cols
     };
-    // An element-wise slot's state tensor (its owned rows) to or from the packed device state.
+    // The packed device buffers of the element-wise slots' state, in this order.
+    enum PackedBuffer { kAdamExpAvg, kAdamExpAvgSq, kScionMomentum, kPackedBuffers };
+    // An element-wise slot's state tensor (its owned rows, named slot.name + "." + state_name) to
+    // or from the packed buffer `packed`.
     using RowsVisitor = std::function<void(const TensorSlot& slot, const RowRange& rows, size_t packed_offset,
-                                           const std::string& buffer, bool scion)>;
+                                           const char* state_name, PackedBuffer packed)>;
     void visit_rows(const RowsVisitor& fn) const;
 
     OptimizerConfig config_;

@@ -188,9 +188,7 @@ private:
                 refresh_basis(factor, basis, order, size, count);
                 return;
             }
-            std::vector<int> identity(size_t(size) * count);  // no factor: the axis keeps its order
-            for (size_t i = 0; i < identity.size(); ++i) identity[i] = int(i % size_t(size));
-            CUDA_CHECK(cudaMemcpy(order, identity.data(), identity.size() * sizeof(int), cudaMemcpyHostToDevice));
+            identity_order_where_rejected_gpu(order, nullptr, size, count);  // no factor: the axis keeps its order
         };
         refresh_side(s.has_left, s.left.data(), s.left_basis.data(), left_order, m);
         refresh_side(s.has_right, s.right.data(), s.right_basis.data(), right_order, n);

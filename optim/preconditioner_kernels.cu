@@ -273,7 +273,7 @@ __global__ void commit_copy_kernel(float* kept, const float* candidate, const in
 }
 
 __global__ void identity_order_where_rejected_kernel(int* order, const int* accepted, int n) {
-    if (accepted[blockIdx.x]) return;
+    if (accepted && accepted[blockIdx.x]) return;
     for (int j = threadIdx.x; j < n; j += blockDim.x) order[int64_t(blockIdx.x) * n + j] = j;
 }
 

@@ -76,7 +76,8 @@ void permute_rows_columns_gpu(float* out, const float* in, const int* row_order,
 // scratch.
 void commit_finite_tiles_gpu(float* kept, const float* candidate, int n, int count, int* accepted, int* rejected_count,
                              int* flags, bool diagonal = false);
-// order[t] = 0, 1, ..., n-1 where accepted[t] == 0 (a rejected SOAP basis keeps its column order).
+// order[t] = 0, 1, ..., n-1 where accepted[t] == 0 (a rejected SOAP basis keeps its column order),
+// or for every t when accepted is null (a side without a factor).
 void identity_order_where_rejected_gpu(int* order, const int* accepted, int n, int count);
 
 // PSGD: M = b1 M + (1 - b1) G, D = M / debias.

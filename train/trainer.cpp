@@ -500,13 +500,6 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
                 options.grad_clip > 0 && grad_norm > options.grad_clip ? options.grad_clip / grad_norm : 1.0;
             backend->step(lr, clip_scale);
             if (comm) backend->share_parameters(*comm, ranges_by_rank);
-            const long rejected = long(sum_over_ranks({double(backend->rejected_preconditioners())})[0]);
-            if (rejected > result.rejected_preconditioners) {
-                log << "warning: step " << state.step + 1 << ": " << rejected - result.rejected_preconditioners
-                    << " preconditioner matrix(es) came out non-finite and were not used; the last good ones stay ("
-                    << rejected << " in this run)\n";
-                result.rejected_preconditioners = rejected;
-            }
         } else {
             ++state.skipped_steps;
             log << "warning: step " << state.step + 1 << " has a non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
@@ -517,6 +510,23 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
                 fail("stopping on a non-finite step (--nan-policy stop); last good state saved in ",
                      result.last_checkpoint);
             }
+        }
+        // After the step, one sum over the ranks: the preconditioners rejected so far and the stop
+        // requests. A request that came during start-up is acted on after the first step; it is
+        // consumed, so a later run in the same process starts clean. Ranks stop together: a request
+        // seen by any of them counts. Every rank read its flag before contributing to the sum, and
+        // no rank has the sum before all have contributed: each may consume the flag (shared by
+        // thread ranks) then.
+        const double stop_flag = comm ? double(g_stop_requested.load()) : double(g_stop_requested.exchange(0));
+        const std::vector<double> after_step = sum_over_ranks({double(backend->rejected_preconditioners()), stop_flag});
+        if (comm) g_stop_requested.store(0);
+        const long rejected = long(after_step[0]);
+        const bool stop = after_step[1] > 0;
+        if (rejected > result.rejected_preconditioners) {
+            log << "warning: step " << state.step + 1 << ": " << rejected - result.rejected_preconditioners
+                << " preconditioner matrix(es) came out non-finite and were not used; the last good ones stay ("
+                << rejected << " in this run)\n";
+            result.rejected_preconditioners = rejected;
         }
         ++state.step;
         state.tokens_seen += tokens_per_step;
@@ -576,18 +586,6 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         }
         if (options.checkpoint_every > 0 && state.step % options.checkpoint_every == 0 && state.step < total_steps)
             result.last_checkpoint = save(false);
-        // A request that came during start-up is acted on here, after the first step; it is
-        // consumed, so a later run in the same process starts clean. Ranks stop together: a
-        // request seen by any of them counts.
-        bool stop = false;
-        if (comm) {
-            // Every rank read its flag before contributing to the sum, and no rank has the sum
-            // before all have contributed: each may consume the flag (shared by thread ranks) now.
-            stop = sum_over_ranks({double(g_stop_requested.load())})[0] > 0;
-            g_stop_requested.store(0);
-        } else {
-            stop = g_stop_requested.exchange(0) != 0;
-        }
         if (stop) {
             log << "stop requested: saving a checkpoint at step " << state.step << " and exiting\n";
             result.interrupted = true;
