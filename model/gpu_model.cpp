@@ -78,6 +78,7 @@ struct GpuModel::State {
     size_t quant_weight_bytes = 0;
     GpuModel::InputHook input_hook;
     GpuModel::ModuleHook module_hook;
+    GpuModel::GradientsReadyHook gradients_ready;
     DeviceBuffer<bf16> tap_norm, apply_input;  // module-hook norm outputs; linear_apply's rotated input
     DeviceBuffer<float> tap_rstd;
 };
@@ -359,6 +360,7 @@ void GpuModel::set_integer_weights(const std::vector<QuantizedTensor>& per_matri
 const LinearQuantConfig& GpuModel::linear_quant() const { return state_->quant; }
 void GpuModel::set_input_hook(InputHook hook) { state_->input_hook = std::move(hook); }
 void GpuModel::set_module_hook(ModuleHook hook) { state_->module_hook = std::move(hook); }
+void GpuModel::set_gradients_ready_hook(GradientsReadyHook hook) { state_->gradients_ready = std::move(hook); }
 
 void GpuModel::linear_apply(int layer, int site, bf16* out, const bf16* in, int rows, bool quantize_weight,
                             bool quantize_input, bool add_bias) {
@@ -695,6 +697,13 @@ void GpuModel::backward() {
             rmsnorm_backward_gpu({d_qkv + C, 3 * C}, G + o.k_norm_w, {s.d_k.data(), C}, {qkv + C, 3 * C},
                                  P + o.k_norm_w, a.rstd_k.data(), N, C);
             linear_backward(l, kQkv, d_res, /*accumulate=*/true, o.qkv_w, d_qkv, x, C, 3 * C);
+        }
+        // Block l's gradients are final now (gpt2's LayerNorm backward of block l + 1 wrote its
+        // down projection's bias; the top block's, the final LayerNorm's).
+        if (s.gradients_ready) {
+            const size_t begin = layout_.layer_starts[size_t(l)];
+            const size_t end = l == config_.n_layers - 1 ? layout_.total : layout_.layer_starts[size_t(l) + 1];
+            s.gradients_ready(begin, end - begin);
         }
     }
     // Embeddings: the batch's positions grouped by token id for a deterministic sum.

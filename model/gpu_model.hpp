@@ -66,6 +66,14 @@ public:
     // written to a scratch buffer so that they can be shown.)
     using ModuleHook = std::function<void(int layer, Module module, const bf16* output, int rows, int cols)>;
     void set_module_hook(ModuleHook hook);
+    // Called by the backward pass as soon as a part of the gradient buffer is final (its
+    // kernels enqueued on the default stream): block l's tensors with the blocks above and the
+    // final norm as one part ([layout.layer_starts[l], total) for the top block), then each block
+    // below on its own. The embeddings (before layer_starts[0]) are final only when backward()
+    // returns, and are not reported. Data-parallel training reduces the reported parts while
+    // the backward pass goes on. An empty hook turns it off.
+    using GradientsReadyHook = std::function<void(size_t offset, size_t count)>;
+    void set_gradients_ready_hook(GradientsReadyHook hook);
     // As CpuModel::linear_apply, on device rows (at most the planned batch x seq_len of the
     // last forward, whose quantized weights it uses).
     void linear_apply(int layer, int site, bf16* out, const bf16* in, int rows, bool quantize_weight,

@@ -47,6 +47,7 @@ ParamLayout ParamLayout::build(const ModelConfig& c) {
     if (gpt2) layout.pos_embed = add("pos_embed.weight", {c.max_seq_len, C}, ParamKind::Position, base_std);
     for (int l = 0; l < c.n_layers; ++l) {
         const std::string p = "layers." + std::to_string(l) + ".";
+        layout.layer_starts.push_back(layout.total);
         LayerOffsets o;
         if (gpt2) {
             o.norm1_w = add(p + "attn_in_norm.weight", {C}, ParamKind::NormWeight);
@@ -72,6 +73,7 @@ ParamLayout ParamLayout::build(const ModelConfig& c) {
         if (!gpt2) o.norm2_w = add(p + "mlp_out_norm.weight", {C}, ParamKind::NormWeight);
         layout.layers.push_back(o);
     }
+    layout.layer_starts.push_back(layout.total);
     layout.final_norm_w = add("final_norm.weight", {C}, ParamKind::NormWeight);
     if (gpt2) layout.final_norm_b = add("final_norm.bias", {C}, ParamKind::Bias);
     return layout;

@@ -40,6 +40,9 @@ struct ParamLayout {
     size_t total = 0;
     size_t embed = kAbsent, pos_embed = kAbsent, final_norm_w = kAbsent, final_norm_b = kAbsent;
     std::vector<LayerOffsets> layers;
+    // Block l's tensors fill [layer_starts[l], layer_starts[l + 1]); the last entry is where the
+    // tensors after the blocks begin (n_layers + 1 entries). Before layer_starts[0]: the embeddings.
+    std::vector<size_t> layer_starts;
 
     static ParamLayout build(const ModelConfig& config);
     const ParamTensor* find(const std::string& name) const;

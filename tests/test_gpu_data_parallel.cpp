@@ -12,7 +12,10 @@
 #include "gpu_helpers.hpp"
 #include "train_helpers.hpp"
 #include "zero1_variants.hpp"
+#include "kernels/side_stream.hpp"
+#include "model/gpu_model.hpp"
 #include "optim/gpu_optimizer.hpp"
+#include "train/backend.hpp"
 #include "optim/shard_plan.hpp"
 #include "train/communicator.hpp"
 #include "train/nccl_communicator.hpp"
@@ -259,6 +262,108 @@ TEST_CASE("GPU NCCL communicator: loads, joins a group of one, and its device co
     double sum = 2.5;
     nccl->all_reduce_sum(&sum, 1);
     CHECK(sum == 2.5);
+}
+
+TEST_CASE("GPU overlapped reduction: the backward pass hands over each block's gradients once, after they are "
+          "final, and a side stream behind the default stream sees them as they end") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    for (const char* preset : {"olmo2-mini", "gpt2-mini"}) {
+        CAPTURE(preset);
+        ModelConfig config = preset_config(preset);
+        config.vocab_size = 1000;
+        config.padded_vocab_size = 1024;
+        const int batch = 8, seq_len = 128;
+        config.max_seq_len = seq_len;
+        GpuModel model(config);
+        const ParamLayout& layout = model.layout();
+        std::vector<float> params(layout.total);
+        init_params(layout, seed, params.data());
+        model.upload_params(params);
+        // What the reduction would see: each part copied on the side stream when handed over.
+        DeviceBuffer<float> seen(layout.total);
+        REQUIRE(cudaMemset(seen.data(), 0, layout.total * sizeof(float)) == cudaSuccess);
+        SideStream side;
+        std::vector<ParamRange> parts;
+        model.zero_grads();
+        for (int micro = 0; micro < 2; ++micro) {  // the hook on the last micro-batch only, as in training
+            if (micro == 1)
+                model.set_gradients_ready_hook([&](size_t offset, size_t count) {
+                    parts.push_back({offset, count});
+                    REQUIRE(cudaMemcpyAsync(seen.data() + offset, model.grads_device() + offset,
+                                            count * sizeof(float), cudaMemcpyDeviceToDevice,
+                                            side.after_default_stream()) == cudaSuccess);
+                });
+            const std::vector<int> inputs = random_tokens(size_t(batch) * seq_len, config.vocab_size, gen),
+                                   targets = random_tokens(size_t(batch) * seq_len, config.vocab_size, gen);
+            model.forward_backward(inputs.data(), targets.data(), batch, seq_len, 0.5f);
+        }
+        model.set_gradients_ready_hook(nullptr);
+        side.join_into_default_stream();
+        // The parts: the top block with the final norm first, then each block below, down to the
+        // embeddings (not handed over): disjoint, in order, covering [layer_starts[0], total).
+        REQUIRE(int(parts.size()) == config.n_layers);
+        size_t end = layout.total;
+        for (size_t i = 0; i < parts.size(); ++i) {
+            const size_t l = size_t(config.n_layers) - 1 - i;
+            CHECK(parts[i].offset == layout.layer_starts[l]);
+            CHECK(parts[i].offset + parts[i].count == end);
+            end = parts[i].offset;
+        }
+        // What the side stream copied is the final gradient, bit for bit.
+        const std::vector<float> grads = model.download_grads(), copied = seen.download();
+        const size_t first = layout.layer_starts[0];
+        CHECK(std::equal(grads.begin() + long(first), grads.end(), copied.begin() + long(first)));
+        CHECK(std::all_of(copied.begin(), copied.begin() + long(first), [](float v) { return v == 0.0f; }));
+    }
+}
+
+TEST_CASE("GPU overlapped reduction through NCCL in a group of one: the same gradients and step as without it") {
+    REQUIRE_GPU();
+    const std::string problem = nccl_unavailable_reason();
+    if (!problem.empty()) {
+        MESSAGE("skipped: " << problem);
+        return;
+    }
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    LocalGroup host(1);
+    std::unique_ptr<Communicator> nccl = make_nccl_communicator(host.rank(0));
+    for (const char* preset : {"olmo2-tiny", "gpt2-tiny"}) {
+        CAPTURE(preset);
+        const ModelConfig config = small_model(preset);
+        OptimizerConfig optimizer;
+        optimizer.kind = OptimizerKind::Muon;
+        std::vector<float> params(ParamLayout::build(config).total);
+        init_params(ParamLayout::build(config), seed, params.data());
+        std::vector<std::vector<float>> after;
+        std::vector<double> norms;
+        for (bool overlap : {false, true}) {
+            CAPTURE(overlap);
+            std::unique_ptr<TrainBackend> backend = make_cuda_backend(config, optimizer);
+            backend->set_params(params);
+            std::mt19937_64 gen(seed);
+            for (int step = 0; step < 3; ++step) {
+                backend->zero_grads();
+                for (int micro = 0; micro < 2; ++micro) {
+                    if (overlap && micro == 1) backend->reduce_gradients_during_backward(*nccl);
+                    const std::vector<int> inputs = random_tokens(4 * 8, config.vocab_size, gen),
+                                           targets = random_tokens(4 * 8, config.vocab_size, gen);
+                    backend->forward_backward(inputs.data(), targets.data(), 4, 8, 0.5);
+                }
+                backend->reduce_gradients(*nccl);
+                norms.push_back(backend->grad_norm());
+                backend->step(1e-2, 1.0);
+            }
+            after.push_back(backend->params());
+        }
+        // A lone rank's mean is its own gradient: both runs bit for bit.
+        CHECK(std::equal(norms.begin(), norms.begin() + 3, norms.begin() + 3));
+        CHECK(after[0] == after[1]);
+        CHECK(after[0] != params);
+    }
 }
 
 TEST_CASE("GPU NCCL between two GPUs: train --nproc 2 --collectives nccl follows --collectives host") {

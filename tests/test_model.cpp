@@ -134,7 +134,20 @@ TEST_CASE("presets: exact parameter counts follow from the shapes") {
             expected += uint64_t(c.max_seq_len) * C + L * (4 * C + 3 * C * C + 3 * C + C * C + C + 2 * C * F + F + C) + 2 * C;
         else
             expected += L * (3 * C * C + 2 * C + C * C + C + 2 * C * F + C) + C;
-        CHECK(ParamLayout::build(c).total == expected);
+        const ParamLayout layout = ParamLayout::build(c);
+        CHECK(layout.total == expected);
+        // Each block's tensors are one range of the buffer (data parallelism reduces them as one
+        // part): named "layers.<l>." exactly where layer_starts puts block l.
+        REQUIRE(layout.layer_starts.size() == size_t(c.n_layers) + 1);
+        for (const ParamTensor& t : layout.tensors) {
+            CAPTURE(t.name);
+            int block = -1;
+            for (int l = 0; l < c.n_layers; ++l)
+                if (t.offset >= layout.layer_starts[size_t(l)] && t.offset < layout.layer_starts[size_t(l) + 1]) block = l;
+            if (block < 0) CHECK(t.name.rfind("layers.", 0) != 0);
+            else CHECK(t.name.rfind("layers." + std::to_string(block) + ".", 0) == 0);
+        }
+        CHECK(layout.layer_starts[0] == layout.tensors[c.arch == Arch::Gpt2 ? 2 : 1].offset);
     }
     CHECK_THROWS_WITH_AS(preset_config("gpt3"), doctest::Contains("unknown preset 'gpt3'"), Error);
     ModelConfig bad = preset_config("olmo2-tiny");

@@ -95,9 +95,27 @@ public:
                         model_.compute_weights_device());
     }
     void set_linear_quant(const LinearQuantConfig& quant) override { model_.set_linear_quant(quant); }
+    void reduce_gradients_during_backward(Communicator& comm) override {
+        DeviceCollectives* device = comm.device_collectives();
+        if (!device) return;
+        float* grads = model_.grads_device();
+        model_.set_gradients_ready_hook([device, grads](size_t offset, size_t count) {
+            device->all_reduce_mean_beside_default_stream(grads + offset, count);
+        });
+        reducing_during_backward_ = true;
+    }
     void reduce_gradients(Communicator& comm) override {
         float* grads = model_.grads_device();
         const size_t count = model_.layout().total;
+        if (reducing_during_backward_) {
+            // The blocks' parts are under way; the embeddings were final only at the end.
+            model_.set_gradients_ready_hook(nullptr);
+            reducing_during_backward_ = false;
+            DeviceCollectives* device = comm.device_collectives();
+            device->all_reduce_mean_beside_default_stream(grads, model_.layout().layer_starts[0]);
+            device->join_reductions();
+            return;
+        }
         if (DeviceCollectives* device = comm.device_collectives()) {
             device->all_reduce_mean_on_device(grads, count);
             return;
@@ -163,6 +181,7 @@ private:
     GpuOptimizer optimizer_;
     DeviceBuffer<float> norm_;
     std::vector<float> staging_;  // host copies for a communicator without device collectives
+    bool reducing_during_backward_ = false;
 };
 
 }  // namespace

@@ -46,6 +46,11 @@ public:
     // ranks' gradients; after a ZeRO-1 step, each rank's updated share (ranges_by_rank[rank]) goes
     // to every rank.
     virtual void reduce_gradients(Communicator& comm) = 0;
+    // Called before the last micro-batch's forward_backward: where the communicator can (device
+    // collectives), that backward pass starts reducing each block's gradients as soon as they
+    // are final, beside the blocks below; reduce_gradients then reduces the rest and waits.
+    // Elsewhere a no-op: reduce_gradients does it all.
+    virtual void reduce_gradients_during_backward(Communicator&) {}
     virtual void share_parameters(Communicator& comm, const std::vector<std::vector<ParamRange>>& ranges_by_rank) = 0;
 };
 

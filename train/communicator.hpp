@@ -24,6 +24,13 @@ public:
     virtual void all_reduce_mean_on_device(float* device_values, size_t count) = 0;
     virtual void share_ranges_on_device(float* device_values,
                                         const std::vector<std::vector<ParamRange>>& ranges_by_rank) = 0;
+    // all_reduce_mean_on_device, overlapped: it runs after the work the default stream has
+    // enqueued so far (so a part of a buffer may be handed over as soon as the kernels that write
+    // it are enqueued) and beside what the default stream does next. join_reductions(): the
+    // default stream's later work waits for every such reduction. Every rank hands over the same
+    // parts in the same order.
+    virtual void all_reduce_mean_beside_default_stream(float* device_values, size_t count) = 0;
+    virtual void join_reductions() = 0;
 };
 
 class Communicator {

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "core/error.hpp"
+#include "kernels/side_stream.hpp"
 
 namespace qopt {
 
@@ -131,6 +132,18 @@ public:
         nccl_check(nccl().all_reduce(device_values, device_values, count, kNcclFloat32, kNcclAvg, comm_, 0),
                    "ncclAllReduce");
     }
+    // On a stream of their own, behind the default stream's work so far. Every reduction of the
+    // communicator goes through that one stream, so NCCL sees them in the order the ranks issue
+    // them; the default stream's collectives come after a join.
+    void all_reduce_mean_beside_default_stream(float* device_values, size_t count) override {
+        if (!side_) side_ = std::make_unique<SideStream>();
+        nccl_check(nccl().all_reduce(device_values, device_values, count, kNcclFloat32, kNcclAvg, comm_,
+                                     side_->after_default_stream()),
+                   "ncclAllReduce");
+    }
+    void join_reductions() override {
+        if (side_) side_->join_into_default_stream();
+    }
     // Every owner's ranges broadcast from it, grouped so that NCCL runs them as few launches (a
     // group holds at most 2048 operations in NCCL's documented limit; kGroupOperations per group).
     void share_ranges_on_device(float* device_values,
@@ -155,6 +168,7 @@ public:
 private:
     Communicator& host_;
     NcclComm comm_ = nullptr;
+    std::unique_ptr<SideStream> side_;  // overlapped reductions (created on the first)
 };
 
 }  // namespace

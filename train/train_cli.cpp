@@ -44,6 +44,10 @@ void add_train_flags(CLI::App& app, TrainOptions& o) {
                    "ranks sharing a GPU), auto (nccl when every rank has its own GPU and NCCL loads, else host)")
         ->check(CLI::IsMember({"auto", "nccl", "host"}))
         ->group("Data parallelism");
+    app.add_option("--overlap-reduction", o.overlap_reduction,
+                   "With NCCL: average each block's gradients while the backward pass computes the blocks below "
+                   "(false: the whole gradient buffer after the backward pass)")
+        ->group("Data parallelism");
     app.add_flag("--recompute", o.recompute,
                  "GPU: recompute each block's MLP activation in the backward pass instead of keeping it "
                  "(saves layers x B x T x d_ff bf16)")

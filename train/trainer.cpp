@@ -370,8 +370,11 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         // Per step, each rank's gradient buffer is averaged over the ranks (fp32) and the updated
         // parameters, every rank's share, reach every rank: the whole buffer each way.
         const size_t buffer_bytes = layout.total * sizeof(float);
-        log << "data parallel: per step " << gigabytes(buffer_bytes) << " of gradients averaged and "
-            << gigabytes(buffer_bytes) << " of parameter shares gathered\n";
+        const bool overlapped = options.overlap_reduction && comm->device_collectives();
+        log << "data parallel: per step " << gigabytes(buffer_bytes) << " of gradients averaged ("
+            << (overlapped ? "each block's beside the backward pass of the blocks below, the embeddings' after it"
+                           : "after the backward pass")
+            << ") and " << gigabytes(buffer_bytes) << " of parameter shares gathered\n";
     }
     if (!collectives_line.empty()) log << collectives_line << "\n";
 
@@ -484,6 +487,10 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         double loss = 0;
         for (int micro = 0; micro < options.grad_accum; ++micro) {
             train_loader.next_batch(inputs, targets);
+            // The last micro-batch's backward pass hands each block's gradients to the
+            // reduction as soon as they are final.
+            if (comm && options.overlap_reduction && micro == options.grad_accum - 1)
+                backend->reduce_gradients_during_backward(*comm);
             loss += backend->forward_backward(inputs.data(), targets.data(), rank_rows, options.seq_len,
                                               1.0 / options.grad_accum) /
                     options.grad_accum;

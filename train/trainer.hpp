@@ -28,6 +28,9 @@ struct TrainOptions {
     // (slow; what ranks sharing one GPU can do); "auto": NCCL when every rank has a GPU of its own
     // and NCCL loads, else host.
     std::string collectives = "auto";
+    // With NCCL: each block's gradients are averaged while the backward pass computes the blocks
+    // below (false: the whole buffer after the backward pass).
+    bool overlap_reduction = true;
     // This rank's place among the ranks on its machine (set by the launcher, not a flag; -1: the
     // rank itself): its GPU is local_rank modulo the GPUs it sees.
     int local_rank = -1;

@@ -11,7 +11,7 @@ set -u
 export OMP_NUM_THREADS=16 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-timeout 300 build/bin/tests -tc='GPU ZeRO*,GPU data*,GPU NCCL*' > $OUT/gpu_dp_tests.txt 2>&1
+timeout 300 build/bin/tests -tc='GPU ZeRO*,GPU data*,GPU NCCL*,GPU overlapped*' > $OUT/gpu_dp_tests.txt 2>&1
 echo "GPU data-parallel tests rc $?"
 grep -E 'ERROR|FAILED|against one|skipped:' $OUT/gpu_dp_tests.txt | cut -c1-200 | head -40
 tail -3 $OUT/gpu_dp_tests.txt
@@ -27,5 +27,9 @@ for preset in gpt2-124m olmo2-350m; do
     echo "$preset $opt: 1 GPU $one tok/s, 2 GPUs $two tok/s" \
       "($(python3 -c "print(f'{$two / $one:.2f}x')" 2>/dev/null || echo '?'))"
     grep -E 'data parallel: per step|collectives' $OUT/last_two.txt | head -2
+    if [ $opt = adamw ]; then  # what overlapping the reduction with the backward pass gains
+      plain=$(timeout 280 $run --nproc 2 --overlap-reduction false --out-dir /tmp/plain_${preset} 2>&1 | mean_rate)
+      echo "$preset adamw, 2 GPUs, reduction after the backward pass: $plain tok/s"
+    fi
   done
 done
