@@ -778,6 +778,31 @@ void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int 
     CUDA_CHECK_LAUNCH();
 }
 
+void symmetric_gram_blocked_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch,
+                                        float alpha, float beta, bool tf32, int block) {
+    if (block <= 0) block = triangular_product_block(n);
+    // Row block [r0, r0 + rows) of the upper triangle, from the diagonal on: op(a)[r0 : r0 + rows]
+    // times op(a)[r0 : n]^T. Row-major a [n, k]: rows of a; a [k, n] (transpose_a): its columns.
+    const int64_t a_size = int64_t(n) * k, d_size = int64_t(n) * n;
+    const int64_t ld_a = transpose_a ? n : k;
+    for (int r0 = 0; r0 < n; r0 += block) {
+        const int rows = std::min(block, n - r0);
+        const float* from = transpose_a ? a + r0 : a + int64_t(r0) * k;
+        strided_matmul_f32_gpu(d + int64_t(r0) * n + r0, n, d_size, from, ld_a, a_size, transpose_a, from, ld_a, a_size,
+                               !transpose_a, rows, n - r0, k, batch, alpha, beta, tf32);
+    }
+    const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), threads(32, 8);
+    mirror_upper_to_lower_kernel<<<grid, threads>>>(d, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+double symmetric_gram_blocked_fraction(int n, int block) {
+    if (block <= 0) block = triangular_product_block(n);
+    double multiply_adds = 0;
+    for (int r0 = 0; r0 < n; r0 += block) multiply_adds += double(std::min(block, n - r0)) * (n - r0);
+    return multiply_adds / (double(n) * n);
+}
+
 void upper_cholesky_of_inverse_gpu(double* h, int n) {
     // Column-major, LOWER throughout: potrf gives h = L L^T; potri overwrites the lower triangle
     // with h^-1; potrf of that gives h^-1 = L2 L2^T. The row-major view of column-major L2 is

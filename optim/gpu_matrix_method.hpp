@@ -121,13 +121,18 @@ struct GroupGemm {
     // The factor statistics d[t] = alpha op(a[t]) op(a[t])^T + beta d[t] (op(a) n x k; a stored
     // k x n when transpose_a; d symmetric). From n = kSymmetricGramMin in full fp32 one syrk per
     // matrix (half the multiply-adds; `bench --linalg` on an H200: 3072^2 from k = 768, 12
-    // matrices, 2.5 ms against the batched GEMM's 3.5), below it and in TF32 the batched GEMM (a
-    // single 768^2 or 1024^2 syrk fills too little of the GPU: 8.8 against 1.85 ms for 96).
+    // matrices, 2.5 ms against the batched GEMM's 3.5; a single 768^2 or 1024^2 syrk fills too
+    // little of the GPU: 8.8 against 1.85 ms for 96). From kBlockedGramMin (and in TF32) the
+    // upper triangle's block rows as batched GEMMs (symmetric_gram_blocked_batched_gpu), below
+    // it the batched GEMM.
     static constexpr int kSymmetricGramMin = 2048;
+    static constexpr int kBlockedGramMin = 512;
     void gram(float* d, const float* a, bool transpose_a, int n, int k, int count, float alpha, float beta) const {
         QOPT_CHECK(stream == 0, "GroupGemm::gram runs on the default stream only");
         if (!tf32 && n >= kSymmetricGramMin)
             symmetric_gram_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta);
+        else if (n >= kBlockedGramMin)
+            symmetric_gram_blocked_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta, tf32);
         else
             (*this)(d, a, transpose_a, a, !transpose_a, n, n, k, count, alpha, beta);
     }

@@ -600,19 +600,41 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
                 d_host.insert(d_host.end(), df.begin(), df.end());
             }
             auto d_rows = uploaded(x_rows), d_columns = uploaded(x_columns);
-            auto gram = uploaded(d_host), gram_t = uploaded(d_host);
-            symmetric_gram_batched_gpu(gram.data(), d_rows.data(), false, n, k, batch, 0.7f, 0.4f);
-            symmetric_gram_batched_gpu(gram_t.data(), d_columns.data(), true, n, k, batch, 0.7f, 0.4f);
-            const std::vector<float> g1 = gram.download(), g2 = gram_t.download();
-            for (int b = 0; b < batch; ++b) {
-                Dense expected = matmul(x_list[size_t(b)], x_list[size_t(b)], false, true);
-                for (size_t i = 0; i < expected.values.size(); ++i)
-                    expected.values[i] = 0.7 * expected.values[i] + 0.4 * d_list[size_t(b)].values[i];
-                const size_t at = size_t(b) * n * n;
-                CHECK(relative_error(std::vector<float>(g1.begin() + long(at), g1.begin() + long(at + size_t(n) * n)),
-                                     expected.values) < 1e-5);
-                CHECK(relative_error(std::vector<float>(g2.begin() + long(at), g2.begin() + long(at + size_t(n) * n)),
-                                     expected.values) < 1e-5);
+            // syrk per matrix (block -1), then the upper triangle's block rows in blocks of 16 (uneven
+            // last block for n = 33, 100) and of the default size (one block here), fp32 and TF32.
+            for (int block : {-1, 16, 0})
+                for (bool tf32 : {false, true}) {
+                    if (block < 0 && tf32) continue;
+                    CAPTURE(block);
+                    CAPTURE(tf32);
+                    auto gram = uploaded(d_host), gram_t = uploaded(d_host);
+                    if (block < 0) {
+                        symmetric_gram_batched_gpu(gram.data(), d_rows.data(), false, n, k, batch, 0.7f, 0.4f);
+                        symmetric_gram_batched_gpu(gram_t.data(), d_columns.data(), true, n, k, batch, 0.7f, 0.4f);
+                    } else {
+                        symmetric_gram_blocked_batched_gpu(gram.data(), d_rows.data(), false, n, k, batch, 0.7f, 0.4f,
+                                                           tf32, block);
+                        symmetric_gram_blocked_batched_gpu(gram_t.data(), d_columns.data(), true, n, k, batch, 0.7f,
+                                                           0.4f, tf32, block);
+                    }
+                    const std::vector<float> g1 = gram.download(), g2 = gram_t.download();
+                    const double bound = tf32 ? 2e-3 : 1e-5;
+                    for (int b = 0; b < batch; ++b) {
+                        Dense expected = matmul(x_list[size_t(b)], x_list[size_t(b)], false, true);
+                        for (size_t i = 0; i < expected.values.size(); ++i)
+                            expected.values[i] = 0.7 * expected.values[i] + 0.4 * d_list[size_t(b)].values[i];
+                        const size_t at = size_t(b) * n * n;
+                        const std::vector<float> m1(g1.begin() + long(at), g1.begin() + long(at + size_t(n) * n)),
+                            m2(g2.begin() + long(at), g2.begin() + long(at + size_t(n) * n));
+                        CHECK(relative_error(m1, expected.values) < bound);
+                        CHECK(relative_error(m2, expected.values) < bound);
+                        for (int i = 0; i < n; ++i)  // exactly symmetric
+                            for (int j = 0; j < i; ++j) REQUIRE(m1[size_t(i) * n + j] == m1[size_t(j) * n + i]);
+                    }
+                }
+            if (n > 1) {  // the share of a GEMM's multiply-adds: 1 for one block, (n + 1) / (2 n) for blocks of 1
+                CHECK(symmetric_gram_blocked_fraction(n, n) == 1.0);
+                CHECK(symmetric_gram_blocked_fraction(n, 1) == doctest::Approx(double(n + 1) / (2.0 * n)));
             }
         }
         const std::vector<float> left = d_left.download(), right = d_right.download();

@@ -534,8 +534,22 @@ void bench_linalg() {
                                        int64_t(n) * k, int64_t(n) * k, int64_t(n) * n);
             });
             const double syrk = time([&] { symmetric_gram_batched_gpu(d.data(), g.data(), false, n, k, batch, 1.0f, 0.0f); });
-            std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms\n", n, k, batch,
-                        gemm, syrk);
+            auto blocked_ms = [&](bool tf32, int block) {
+                return time([&] {
+                    symmetric_gram_blocked_batched_gpu(d.data(), g.data(), false, n, k, batch, 1.0f, 0.0f, tf32, block);
+                });
+            };
+            const double blocked = blocked_ms(false, 0), blocked_128 = blocked_ms(false, 128),
+                         blocked_512 = blocked_ms(false, 512);
+            const double gemm_tf32 = time([&] {
+                batched_matmul_f32_gpu(d.data(), d.data(), g.data(), false, g.data(), true, n, n, k, 1.0f, 0.0f, batch,
+                                       int64_t(n) * k, int64_t(n) * k, int64_t(n) * n, true);
+            });
+            const double blocked_tf32 = blocked_ms(true, 0);
+            std::printf("Gram product %4d^2 (k %d) x %2d: batched GEMM %6.2f ms, syrk per matrix %6.2f ms, upper block "
+                        "rows of %d %6.2f ms (128: %6.2f, 512: %6.2f); TF32: GEMM %6.2f, block rows %6.2f\n",
+                        n, k, batch, gemm, syrk, triangular_product_block(n), blocked, blocked_128, blocked_512,
+                        gemm_tf32, blocked_tf32);
         }
     for (int n : {768, 1024, 2048, 3072, 4096})
         for (int requested : {1, 12, 48}) {
