@@ -19,6 +19,8 @@ bench_three() {  # label
 timeout 120 build/bin/bench --linalg --attention-only > $OUT/linalg.txt 2>&1; echo "linalg rc $?"
 grep -E 'Gram product' $OUT/linalg.txt
 bench_three blocked
+bench_three blocked_tf32 --precond-tf32
 sed -i 's/kBlockedGramMin = 512/kBlockedGramMin = 1 << 30/' optim/gpu_matrix_method.hpp
 make -j16 build/bin/bench > /dev/null 2>&1 || echo "rebuild failed"
 bench_three dense
+bench_three dense_tf32 --precond-tf32
