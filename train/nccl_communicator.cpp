@@ -104,9 +104,14 @@ public:
     ~NcclCommunicator() override {
         if (!comm_) return;
         // After an error the other ranks may never join a collective again: abort rather than
-        // wait for them.
-        if (std::uncaught_exceptions() > 0) nccl().comm_abort(comm_);
-        else nccl().comm_destroy(comm_);
+        // wait for them (the side stream, synchronized as it goes, then finds its work ended).
+        // Otherwise the side stream's reductions finish first.
+        if (std::uncaught_exceptions() > 0) {
+            nccl().comm_abort(comm_);
+        } else {
+            side_.reset();
+            nccl().comm_destroy(comm_);
+        }
     }
 
     int rank() const override { return host_.rank(); }
