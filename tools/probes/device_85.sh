@@ -10,7 +10,7 @@ set -u
 export OMP_NUM_THREADS=16
 nvidia-smi --query-gpu=name --format=csv,noheader
 ( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-timeout 150 build/bin/tests -tc='GPU dense linear*,GPU Shampoo*,GPU SOAP*,GPU PSGD*,GPU*tf32*' > $OUT/tests.txt 2>&1
+timeout 150 build/bin/tests -tc='GPU dense linear*,GPU Shampoo*,GPU SOAP*,GPU PSGD*,GPU*tf32*,GPU NCCL*,GPU overlapped*' > $OUT/tests.txt 2>&1
 echo "tests rc $?"; grep -E 'ERROR|FAILED' $OUT/tests.txt | head; tail -3 $OUT/tests.txt
 bench_three() {  # label
   timeout 200 build/bin/bench --config gpt2-124m:32:1024 --optimizers shampoo soap psgd $2 > $OUT/bench_$1.txt 2>&1
