@@ -122,17 +122,18 @@ struct GroupGemm {
     // k x n when transpose_a; d symmetric). From n = kSymmetricGramMin in full fp32 one syrk per
     // matrix (half the multiply-adds; `bench --linalg` on an H200: 3072^2 from k = 768, 12
     // matrices, 2.5 ms against the batched GEMM's 3.5; a single 768^2 or 1024^2 syrk fills too
-    // little of the GPU: 8.8 against 1.85 ms for 96). From kBlockedGramMin (and in TF32) the
-    // upper triangle's block rows as batched GEMMs (symmetric_gram_blocked_batched_gpu), below
-    // it the batched GEMM.
+    // little of the GPU: 8.8 against 1.85 ms for 96). From kBlockedGramMin in full fp32 the upper
+    // triangle's block rows as batched GEMMs (symmetric_gram_blocked_batched_gpu; H100, 96
+    // matrices from k = 768: 768^2 1.40 against 1.83 ms, 1024^2 2.25 against 3.11), below it and
+    // in TF32 the batched GEMM (TF32 block rows are slower: 0.38 against 0.27 ms at 768^2).
     static constexpr int kSymmetricGramMin = 2048;
     static constexpr int kBlockedGramMin = 512;
     void gram(float* d, const float* a, bool transpose_a, int n, int k, int count, float alpha, float beta) const {
         QOPT_CHECK(stream == 0, "GroupGemm::gram runs on the default stream only");
         if (!tf32 && n >= kSymmetricGramMin)
             symmetric_gram_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta);
-        else if (n >= kBlockedGramMin)
-            symmetric_gram_blocked_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta, tf32);
+        else if (!tf32 && n >= kBlockedGramMin)
+            symmetric_gram_blocked_batched_gpu(d, a, transpose_a, n, k, count, alpha, beta);
         else
             (*this)(d, a, transpose_a, a, !transpose_a, n, n, k, count, alpha, beta);
     }

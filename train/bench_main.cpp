@@ -522,7 +522,8 @@ void bench_linalg() {
             std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
                         ms / batch);
         }
-    // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix.
+    // Factor statistics: G G^T of [n, 768] gradients, batched GEMM against one syrk per matrix and
+    // GEMMs over the upper triangle's block rows (fp32; and TF32).
     for (int n : {768, 1024, 2048, 3072})
         for (int batch : {12, 96}) {
             if (n > 1024 && batch > 12) continue;
@@ -654,7 +655,7 @@ int main(int argc, char** argv) {
     app.add_flag("--recompute", recompute, "recompute MLP activations in the backward pass (as train --recompute)");
     bool linalg = false;
     app.add_flag("--linalg", linalg,
-                 "also time the optimizers' factor statistics (batched GEMM, syrk), batched eigendecomposition and QRs "
+                 "also time the optimizers' factor statistics (batched GEMM, syrk, the triangle's block rows), batched eigendecomposition and QRs "
                  "(Householder, Cholesky QR with its passes per matrix) at gpt2-124m's factor sizes (QRs up to 4096) "
                  "over several batch sizes, and PSGD's "
                  "triangular products (dense GEMM, blocked) and solves");

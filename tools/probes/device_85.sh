@@ -10,17 +10,15 @@ set -u
 export OMP_NUM_THREADS=16
 nvidia-smi --query-gpu=name --format=csv,noheader
 ( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-timeout 150 build/bin/tests -tc='GPU dense linear*,GPU Shampoo*,GPU SOAP*,GPU PSGD*,GPU*tf32*,GPU NCCL*,GPU overlapped*' > $OUT/tests.txt 2>&1
+[ -n "${SKIP_TESTS:-}" ] || timeout 150 build/bin/tests -tc='GPU dense linear*,GPU Shampoo*,GPU SOAP*,GPU PSGD*,GPU*tf32*,GPU NCCL*,GPU overlapped*' > $OUT/tests.txt 2>&1
 echo "tests rc $?"; grep -E 'ERROR|FAILED' $OUT/tests.txt | head; tail -3 $OUT/tests.txt
 bench_three() {  # label
-  timeout 200 build/bin/bench --config gpt2-124m:32:1024 --optimizers shampoo soap psgd $2 > $OUT/bench_$1.txt 2>&1
+  timeout 200 build/bin/bench --config gpt2-124m:32:1024 --optimizers shampoo soap psgd ${2:-} > $OUT/bench_$1.txt 2>&1
   echo "bench $1 rc $?"; grep -iE 'optimizer step|tokens/s|fwd' $OUT/bench_$1.txt | cut -c1-220 | head -20
 }
-timeout 120 build/bin/bench --linalg --attention-only > $OUT/linalg.txt 2>&1; echo "linalg rc $?"
+[ -n "${SKIP_TESTS:-}" ] || timeout 120 build/bin/bench --linalg --attention-only > $OUT/linalg.txt 2>&1; echo "linalg rc $?"
 grep -E 'Gram product' $OUT/linalg.txt
 bench_three blocked
-bench_three blocked_tf32 --precond-tf32
 sed -i 's/kBlockedGramMin = 512/kBlockedGramMin = 1 << 30/' optim/gpu_matrix_method.hpp
 make -j16 build/bin/bench > /dev/null 2>&1 || echo "rebuild failed"
 bench_three dense
-bench_three dense_tf32 --precond-tf32
