@@ -714,6 +714,8 @@ void GpuModel::backward() {
     embedding_backward_gpu(G + layout_.embed, layout_.pos_embed == kAbsent ? nullptr : G + layout_.pos_embed, d_res,
                            s.bucket_tokens.data(), s.bucket_offsets.data(), s.bucket_positions.data(),
                            int(buckets.tokens.size()), N, T, C);
+    // The embeddings (the tied head's gradient included) are final only now.
+    if (s.gradients_ready) s.gradients_ready(0, layout_.layer_starts[0]);
 }
 
 double GpuModel::mean_loss() {

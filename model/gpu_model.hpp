@@ -69,9 +69,9 @@ public:
     // Called by the backward pass as soon as a part of the gradient buffer is final (its
     // kernels enqueued on the default stream): block l's tensors with the blocks above and the
     // final norm as one part ([layout.layer_starts[l], total) for the top block), then each block
-    // below on its own. The embeddings (before layer_starts[0]) are final only when backward()
-    // returns, and are not reported. Data-parallel training reduces the reported parts while
-    // the backward pass goes on. An empty hook turns it off.
+    // below on its own, and last the embeddings ([0, layer_starts[0]): the tied head's gradient
+    // is complete only at the end). The parts cover the buffer once. Data-parallel training
+    // reduces them while the backward pass goes on. An empty hook turns it off.
     using GradientsReadyHook = std::function<void(size_t offset, size_t count)>;
     void set_gradients_ready_hook(GradientsReadyHook hook);
     // As CpuModel::linear_apply, on device rows (at most the planned batch x seq_len of the

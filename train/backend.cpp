@@ -107,13 +107,10 @@ public:
     void reduce_gradients(Communicator& comm) override {
         float* grads = model_.grads_device();
         const size_t count = model_.layout().total;
-        if (reducing_during_backward_) {
-            // The blocks' parts are under way; the embeddings were final only at the end.
+        if (reducing_during_backward_) {  // every part is under way: wait for them
             model_.set_gradients_ready_hook(nullptr);
             reducing_during_backward_ = false;
-            DeviceCollectives* device = comm.device_collectives();
-            device->all_reduce_mean_beside_default_stream(grads, model_.layout().layer_starts[0]);
-            device->join_reductions();
+            comm.device_collectives()->join_reductions();
             return;
         }
         if (DeviceCollectives* device = comm.device_collectives()) {
