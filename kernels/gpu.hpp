@@ -277,14 +277,13 @@ void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int 
                                 float beta);
 // The same by strided-batched GEMMs over the block rows of the upper triangle (blocks of `block`,
 // 0: triangular_product_block(n)), then mirrored: batched over the matrices, unlike syrk, so it
-// fills the GPU at 768^2 and 1024^2 too, with symmetric_gram_blocked_fraction(n) of a GEMM's
-// multiply-adds (2/3 at 768 in blocks of 256); full fp32 or (tf32) TF32. H100, 96 matrices from
+// fills the GPU at 768^2 and 1024^2 too, with upper_triangular_product_fraction(n, block) of a
+// GEMM's multiply-adds (the same block rows; 2/3 at 768 in blocks of 256); full fp32 or (tf32) TF32. H100, 96 matrices from
 // k = 768: 768^2 1.40 ms against the batched GEMM's 1.83 (blocks of 128: 1.40, 512: 1.52);
 // 1024^2 2.25 against 3.11; 12 of 3072^2 (blocks of 512) 2.59 against syrk's 2.55; in TF32
 // slower than the TF32 GEMM (0.38 against 0.27 ms at 768^2).
 void symmetric_gram_blocked_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch,
                                         float alpha, float beta, bool tf32 = false, int block = 0);
-double symmetric_gram_blocked_fraction(int n, int block = 0);
 // GPTQ's factor: symmetric positive definite h [n, n] (float64, row-major) is overwritten so
 // that its upper triangle holds U with U^T U = h^-1 (the lower triangle is left undefined), as
 // upper_cholesky_of_inverse in quant/gptq.hpp. Throws when h is not positive definite.

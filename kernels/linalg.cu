@@ -760,6 +760,12 @@ __global__ void mirror_upper_to_lower_kernel(float* d, int n) {
     }
 }
 
+void mirror_upper_to_lower(float* d, int n, int batch) {
+    const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), threads(32, 8);
+    mirror_upper_to_lower_kernel<<<grid, threads>>>(d, n);
+    CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch, float alpha,
@@ -773,9 +779,7 @@ void symmetric_gram_batched_gpu(float* d, const float* a, bool transpose_a, int 
         BLAS_CHECK(cublasSsyrk(blas(), CUBLAS_FILL_MODE_LOWER, transpose_a ? CUBLAS_OP_N : CUBLAS_OP_T, n, k, &alpha,
                                a + t * a_size, transpose_a ? n : k, &beta, d + t * d_size, n));
     count_matrix_flops(double(n) * (n + 1) * k * batch);  // one triangle: n (n + 1) / 2 dot products of k
-    const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), block(32, 8);
-    mirror_upper_to_lower_kernel<<<grid, block>>>(d, n);
-    CUDA_CHECK_LAUNCH();
+    mirror_upper_to_lower(d, n, batch);
 }
 
 void symmetric_gram_blocked_batched_gpu(float* d, const float* a, bool transpose_a, int n, int k, int batch,
@@ -791,16 +795,7 @@ void symmetric_gram_blocked_batched_gpu(float* d, const float* a, bool transpose
         strided_matmul_f32_gpu(d + int64_t(r0) * n + r0, n, d_size, from, ld_a, a_size, transpose_a, from, ld_a, a_size,
                                !transpose_a, rows, n - r0, k, batch, alpha, beta, tf32);
     }
-    const dim3 grid((n + 31) / 32, (n + 31) / 32, batch), threads(32, 8);
-    mirror_upper_to_lower_kernel<<<grid, threads>>>(d, n);
-    CUDA_CHECK_LAUNCH();
-}
-
-double symmetric_gram_blocked_fraction(int n, int block) {
-    if (block <= 0) block = triangular_product_block(n);
-    double multiply_adds = 0;
-    for (int r0 = 0; r0 < n; r0 += block) multiply_adds += double(std::min(block, n - r0)) * (n - r0);
-    return multiply_adds / (double(n) * n);
+    mirror_upper_to_lower(d, n, batch);
 }
 
 void upper_cholesky_of_inverse_gpu(double* h, int n) {

@@ -632,9 +632,9 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
                             for (int j = 0; j < i; ++j) REQUIRE(m1[size_t(i) * n + j] == m1[size_t(j) * n + i]);
                     }
                 }
-            if (n > 1) {  // the share of a GEMM's multiply-adds: 1 for one block, (n + 1) / (2 n) for blocks of 1
-                CHECK(symmetric_gram_blocked_fraction(n, n) == 1.0);
-                CHECK(symmetric_gram_blocked_fraction(n, 1) == doctest::Approx(double(n + 1) / (2.0 * n)));
+            if (n > 1) {  // the block rows' share of a GEMM's multiply-adds: 1 for one block, (n + 1) / (2 n) for blocks of 1
+                CHECK(upper_triangular_product_fraction(n, n) == 1.0);
+                CHECK(upper_triangular_product_fraction(n, 1) == doctest::Approx(double(n + 1) / (2.0 * n)));
             }
         }
         const std::vector<float> left = d_left.download(), right = d_right.download();
