@@ -86,24 +86,19 @@ GpuOptimizer::GpuOptimizer(const ParamLayout& layout, const OptimizerConfig& con
         }
         groups_[it->second].members.push_back(int(i));
     }
-    size_t x_size = 0, a_size = 0, partials = 0;
     for (Group& g : groups_) {
         std::vector<int64_t> offsets;
         for (int i : g.members) offsets.push_back(int64_t(routing_.matrices[size_t(i)].offset));
         g.offsets.upload(offsets);
-        const size_t n = size_t(g.rows) * g.cols, s = size_t(std::min(g.rows, g.cols));
-        g.momentum.resize(n * g.members.size());
+        const size_t count = g.members.size(), n = size_t(g.rows) * g.cols, s = size_t(std::min(g.rows, g.cols));
+        g.momentum.resize(n * count);
         g.momentum.fill_bytes(0);
-        x_size = std::max(x_size, n * g.members.size());
-        a_size = std::max(a_size, s * s * g.members.size());
-        partials = std::max(partials, size_t(kNsPartials) * g.members.size());
-    }
-    if (x_size) {
-        ns_x_.resize(x_size);
-        ns_x2_.resize(x_size);
-        ns_a_.resize(a_size);
-        ns_p_.resize(a_size);
-        ns_partials_.resize(partials);
+        g.ns_x.resize(n * count);
+        g.ns_x2.resize(n * count);
+        g.ns_a.resize(s * s * count);
+        g.ns_p.resize(s * s * count);
+        g.ns_partials.resize(size_t(kNsPartials) * count);
+        g.stream = std::make_unique<SideStream>();
     }
 }
 
@@ -111,13 +106,20 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
     ++step_;
     const double wd = config_.weight_decay();
     const double adamw_lr = lr * config_.aux_adamw_lr() / config_.method_lr();
-    adamw_chunks_gpu(params, grads, adam_m_.data(), adam_v_.data(), params_bf16, adam_chunks_.data(), n_adam_chunks_,
-                     float(adamw_lr), float(config_.adamw.beta1), float(config_.adamw.beta2), float(config_.adamw.eps),
-                     float(wd), step_, float(grad_scale));
-    scion_rows_gpu(params, grads, scion_momentum_.data(), params_bf16, scion_tasks_.data(), n_scion_tasks_, float(lr),
-                   float(config_.scion.momentum), config_.scion.unconstrained, float(wd), float(grad_scale));
-    if (method_) method_->step(params, grads, lr, grad_scale, params_bf16, step_);
-    if (groups_.empty()) return;
+    // AdamW's chunks and Scion's element-wise rows: one launch each on the default stream.
+    auto run_elementwise = [&] {
+        adamw_chunks_gpu(params, grads, adam_m_.data(), adam_v_.data(), params_bf16, adam_chunks_.data(),
+                         n_adam_chunks_, float(adamw_lr), float(config_.adamw.beta1), float(config_.adamw.beta2),
+                         float(config_.adamw.eps), float(wd), step_, float(grad_scale));
+        scion_rows_gpu(params, grads, scion_momentum_.data(), params_bf16, scion_tasks_.data(), n_scion_tasks_,
+                       float(lr), float(config_.scion.momentum), config_.scion.unconstrained, float(wd),
+                       float(grad_scale));
+    };
+    if (groups_.empty()) {
+        run_elementwise();
+        if (method_) method_->step(params, grads, lr, grad_scale, params_bf16, step_);
+        return;
+    }
 
     const bool muon = config_.kind == OptimizerKind::Muon;
     const MuonConfig& mc = config_.muon;
@@ -127,23 +129,17 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
     const float u_grad = muon && mc.nesterov ? float(1 - mc.momentum) : 0.0f;
     const float u_momentum = muon && mc.nesterov ? float(mc.momentum) : 1.0f;
     const int ns_steps = muon ? mc.ns_steps : config_.scion.ns_steps;
+    // Each group on its own stream, after the gradients (everything enqueued so far); the default
+    // stream's later work waits for all of them.
     for (Group& g : groups_) {
-        const int count = int(g.members.size()), r = g.rows, c = g.cols, s = std::min(r, c);
-        const int64_t n = int64_t(r) * c, ss = int64_t(s) * s;
-        ns_prepare_gpu(ns_x_.data(), g.momentum.data(), ns_partials_.data(), grads, g.offsets.data(), count, n,
-                       float(grad_scale), m_keep, g_weight, u_grad, u_momentum);
-        bf16* x = ns_x_.data();
-        bf16* x2 = ns_x2_.data();
-        // X X^T (wide) or X^T X (tall) is the small square; X = a X + (b A + c A A) X, or X (b A + c A A) when tall.
-        for (int it = 0; it < ns_steps; ++it) {
-            if (r <= c) batched_matmul_gpu(ns_a_.data(), nullptr, x, false, x, true, r, r, c, 1.0f, 0.0f, count, n, n, ss);
-            else batched_matmul_gpu(ns_a_.data(), nullptr, x, true, x, false, c, c, r, 1.0f, 0.0f, count, n, n, ss);
-            batched_matmul_gpu(ns_p_.data(), ns_a_.data(), ns_a_.data(), false, ns_a_.data(), false, s, s, s,
-                               float(mc.ns_c), float(mc.ns_b), count, ss, ss, ss);
-            if (r <= c) batched_matmul_gpu(x2, x, ns_p_.data(), false, x, false, r, c, r, 1.0f, float(mc.ns_a), count, ss, n, n);
-            else batched_matmul_gpu(x2, x, x, false, ns_p_.data(), false, r, c, c, 1.0f, float(mc.ns_a), count, n, ss, n);
-            std::swap(x, x2);
-        }
+        const cudaStream_t stream = g.stream->after_default_stream();
+        const int count = int(g.members.size()), r = g.rows, c = g.cols;
+        const int64_t n = int64_t(r) * c;
+        ns_prepare_gpu(g.ns_x.data(), g.momentum.data(), g.ns_partials.data(), grads, g.offsets.data(), count, n,
+                       float(grad_scale), m_keep, g_weight, u_grad, u_momentum, stream);
+        const bf16* orthogonal = newton_schulz_batched_gpu(g.ns_x.data(), g.ns_x2.data(), g.ns_a.data(), g.ns_p.data(),
+                                                           count, r, c, ns_steps, float(mc.ns_a), float(mc.ns_b),
+                                                           float(mc.ns_c), stream);
         float keep, step_scale;
         if (muon) {
             keep = float(1 - lr * wd);
@@ -152,8 +148,11 @@ void GpuOptimizer::step(float* params, const float* grads, double lr, double gra
             keep = float(config_.scion.unconstrained ? 1 - lr * wd : 1 - lr);
             step_scale = float(lr * config_.scion.hidden_scale * std::sqrt(double(r) / double(c)));
         }
-        matrix_apply_gpu(params, params_bf16, x, g.offsets.data(), count, n, keep, step_scale);
+        matrix_apply_gpu(params, params_bf16, orthogonal, g.offsets.data(), count, n, keep, step_scale, stream);
     }
+    // The element-wise rules (embeddings, norms: other parameters than the groups') run beside them.
+    run_elementwise();
+    for (Group& g : groups_) g.stream->join_into_default_stream();
 }
 
 void GpuOptimizer::visit_rows(const RowsVisitor& fn) const {
@@ -228,10 +227,13 @@ void GpuOptimizer::load_state(const OptimizerState& state) {
 
 size_t GpuOptimizer::state_bytes() const {
     size_t floats = adam_m_.size() + adam_v_.size() + scion_momentum_.size();
-    for (const Group& g : groups_) floats += g.momentum.size();
+    size_t ns_bytes = 0;  // each group's Newton-Schulz scratch
+    for (const Group& g : groups_) {
+        floats += g.momentum.size() + g.ns_partials.size();
+        ns_bytes += (g.ns_x.size() + g.ns_x2.size() + g.ns_a.size() + g.ns_p.size()) * sizeof(bf16);
+    }
     const size_t method_bytes = method_ ? method_->state_bytes() + method_->scratch_bytes() : 0;
-    return floats * sizeof(float) + (ns_x_.size() + ns_x2_.size() + ns_a_.size() + ns_p_.size()) * sizeof(bf16) +
-           method_bytes;
+    return floats * sizeof(float) + ns_bytes + method_bytes;
 }
 
 }  // namespace qopt

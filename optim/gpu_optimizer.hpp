@@ -4,14 +4,17 @@
 // element-wise rows; Muon and Scion then take, per group of same-shape hidden matrices, a
 // momentum/normalise pass, Newton-Schulz as batched bf16 GEMMs through cuBLASLt (all matrices
 // of the group in one call per product), and one apply pass that also writes the bf16 compute
-// copy. Shampoo, SOAP and PSGD hand the hidden matrices to their GpuMatrixMethod
+// copy; each group runs on a stream of its own, so the groups' GEMMs fill each other's partial
+// waves and the element-wise AdamW/Scion launches run beside them. Shampoo, SOAP and PSGD hand the hidden matrices to their GpuMatrixMethod
 // (optim/gpu_matrix_method.hpp: batched fp32 GEMMs, cuSOLVER eigendecompositions and QR).
 #pragma once
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels/gpu.hpp"
+#include "kernels/side_stream.hpp"
 #include "model/params.hpp"
 #include "optim/gpu_matrix_method.hpp"
 #include "optim/optimizer.hpp"
@@ -39,6 +42,11 @@ private:
         std::vector<int> members;  // indices into routing_.matrices
         DeviceBuffer<int64_t> offsets;
         DeviceBuffer<float> momentum;  // members.size() x rows x cols
+        // Newton-Schulz scratch (x, x2: like momentum in bf16; a, p: members x s x s) and the
+        // group's stream (waits for the default stream's work at each step, then joins it).
+        DeviceBuffer<bf16> ns_x, ns_x2, ns_a, ns_p;
+        DeviceBuffer<float> ns_partials;
+        std::unique_ptr<SideStream> stream;
     };
     // The packed device buffers of the element-wise slots' state, in this order.
     enum PackedBuffer { kAdamExpAvg, kAdamExpAvgSq, kScionMomentum, kPackedBuffers };
@@ -62,8 +70,6 @@ private:
     int n_scion_tasks_ = 0;
     std::vector<Group> groups_;  // Muon and Scion
     std::unique_ptr<GpuMatrixMethod> method_;  // Shampoo, SOAP, PSGD
-    DeviceBuffer<bf16> ns_x_, ns_x2_, ns_a_, ns_p_;  // Newton-Schulz scratch, sized for the largest group
-    DeviceBuffer<float> ns_partials_;
 };
 
 }  // namespace qopt

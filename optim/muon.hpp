@@ -1,4 +1,5 @@
-// Muon (KellerJordan/Muon), CPU reference (the GPU step in optim/matrix_gpu.cu follows it).
+// Muon (KellerJordan/Muon), CPU reference (the GPU step, optim/gpu_optimizer.cpp with
+// optim/optimizer_kernels.cu's passes and newton_schulz_batched_gpu, follows it).
 // For a hidden weight matrix W [rows, cols] with gradient G and momentum buffer M:
 //   M = beta M + (1 - beta) G                         (lerp towards the gradient)
 //   U = (1 - beta) G + beta M  with Nesterov, else U = M

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cuda_common.cuh"
@@ -151,6 +152,26 @@ void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grad
     CUDA_CHECK_LAUNCH();
     ns_normalize_kernel<<<grid, 256, 0, stream>>>(x, partials, n);
     CUDA_CHECK_LAUNCH();
+}
+
+bf16* newton_schulz_batched_gpu(bf16* x, bf16* x2, bf16* a_scratch, bf16* p_scratch, int count, int rows, int cols,
+                                int steps, float a, float b, float c, cudaStream_t stream) {
+    const int s = std::min(rows, cols);
+    const int64_t n = int64_t(rows) * cols, ss = int64_t(s) * s;
+    for (int it = 0; it < steps; ++it) {
+        if (rows <= cols)
+            batched_matmul_gpu(a_scratch, nullptr, x, false, x, true, rows, rows, cols, 1.0f, 0.0f, count, n, n, ss, stream);
+        else
+            batched_matmul_gpu(a_scratch, nullptr, x, true, x, false, cols, cols, rows, 1.0f, 0.0f, count, n, n, ss, stream);
+        batched_matmul_gpu(p_scratch, a_scratch, a_scratch, false, a_scratch, false, s, s, s, c, b, count, ss, ss, ss,
+                           stream);
+        if (rows <= cols)
+            batched_matmul_gpu(x2, x, p_scratch, false, x, false, rows, cols, rows, 1.0f, a, count, ss, n, n, stream);
+        else
+            batched_matmul_gpu(x2, x, x, false, p_scratch, false, rows, cols, cols, 1.0f, a, count, n, ss, n, stream);
+        std::swap(x, x2);
+    }
+    return x;
 }
 
 void matrix_apply_gpu(float* params, bf16* params_bf16, const bf16* o, const int64_t* offsets, int count, int64_t n,

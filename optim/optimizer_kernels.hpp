@@ -25,6 +25,14 @@ constexpr int kNsPartials = 64;
 void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grads, const int64_t* offsets, int count,
                     int64_t n, float grad_scale, float m_keep, float g_weight, float u_grad, float u_momentum,
                     cudaStream_t stream = 0);
+// Newton-Schulz's quintic iteration on `count` bf16 matrices X [rows, cols] (x: count x rows x
+// cols, contiguous), `steps` times, as batched bf16 GEMMs (one call per product for the group):
+//   A = X X^T  (X^T X when rows > cols: the small square, s = min(rows, cols)),
+//   X <- a X + (b A + c A A) X   (X <- a X + X (b A + c A A) when rows > cols).
+// x2: scratch of x's size; a_scratch, p_scratch: count x s x s each. Returns x or x2, whichever
+// holds the result. CPU reference: newton_schulz_cpu (optim/muon.hpp), one matrix at a time.
+bf16* newton_schulz_batched_gpu(bf16* x, bf16* x2, bf16* a_scratch, bf16* p_scratch, int count, int rows, int cols,
+                                int steps, float a, float b, float c, cudaStream_t stream = 0);
 // W = keep W - step_scale o for each matrix of the group (o: count x n bf16, contiguous).
 void matrix_apply_gpu(float* params, bf16* params_bf16, const bf16* o, const int64_t* offsets, int count, int64_t n,
                       float keep, float step_scale, cudaStream_t stream = 0);

@@ -21,9 +21,11 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -38,6 +40,8 @@
 #include "optim/gpu_optimizer.hpp"
 #include "optim/shard_plan.hpp"
 #include "optim/optimizer_cli.hpp"
+#include "optim/optimizer_kernels.hpp"
+#include "kernels/side_stream.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
 #include "quant/int8_linear.hpp"
@@ -585,6 +589,76 @@ void bench_linalg() {
     std::fflush(stdout);
 }
 
+// Muon's and Scion's Newton-Schulz loop (optim/optimizer_kernels.hpp: newton_schulz_batched_gpu,
+// 5 iterations) on gpt2-124m's hidden matrices, grouped by shape as GpuOptimizer groups them:
+// each product of one iteration and the group's whole loop alone, with its rate (FLOPs as in the
+// header), then all groups one after another on the default stream against each group on a
+// stream of its own (GpuOptimizer's order).
+void bench_newton_schulz() {
+    struct Group {
+        int count, rows, cols;
+        DeviceBuffer<bf16> x, x2, a, p;
+    };
+    std::vector<Group> groups;
+    for (auto [count, rows, cols] : {std::tuple{48, 768, 768}, std::tuple{12, 3072, 768}, std::tuple{12, 768, 3072}})
+        groups.push_back({count, rows, cols, {}, {}, {}, {}});
+    const MuonConfig mc;
+    std::mt19937 generator(7);
+    std::normal_distribution<float> normal;
+    Timer timer;
+    auto time = [&](auto&& call) { return median_call_ms(timer, call, 2, 10); };
+    auto loop = [&](Group& g, int steps, cudaStream_t stream) {
+        newton_schulz_batched_gpu(g.x.data(), g.x2.data(), g.a.data(), g.p.data(), g.count, g.rows, g.cols, steps,
+                                  float(mc.ns_a), float(mc.ns_b), float(mc.ns_c), stream);
+    };
+    double serial_flops = 0;
+    for (Group& g : groups) {
+        const size_t n = size_t(g.rows) * g.cols, s = size_t(std::min(g.rows, g.cols));
+        // Frobenius norm 1 per matrix, as the momentum/normalise pass leaves it.
+        std::vector<bf16> host(n * g.count);
+        for (bf16& v : host) v = __float2bfloat16(normal(generator) / std::sqrt(float(n)));
+        g.x.upload(host), g.x2.resize(n * g.count), g.a.resize(s * s * g.count), g.p.resize(s * s * g.count);
+        const int64_t ld = std::max(g.rows, g.cols);
+        const double gram_flops = 2.0 * double(s) * s * ld * g.count, square_flops = 2.0 * double(s) * s * s * g.count;
+        const bool wide = g.rows <= g.cols;
+        const int64_t nn = int64_t(n), ss = int64_t(s * s);
+        const double gram = time([&] {
+            if (wide) batched_matmul_gpu(g.a.data(), nullptr, g.x.data(), false, g.x.data(), true, g.rows, g.rows, g.cols, 1.0f, 0.0f, g.count, nn, nn, ss);
+            else batched_matmul_gpu(g.a.data(), nullptr, g.x.data(), true, g.x.data(), false, g.cols, g.cols, g.rows, 1.0f, 0.0f, g.count, nn, nn, ss);
+        });
+        const double square = time([&] {
+            batched_matmul_gpu(g.p.data(), g.a.data(), g.a.data(), false, g.a.data(), false, int(s), int(s), int(s),
+                               float(mc.ns_c), float(mc.ns_b), g.count, ss, ss, ss);
+        });
+        const double back = time([&] {
+            if (wide) batched_matmul_gpu(g.x2.data(), g.x.data(), g.p.data(), false, g.x.data(), false, g.rows, g.cols, g.rows, 1.0f, float(mc.ns_a), g.count, ss, nn, nn);
+            else batched_matmul_gpu(g.x2.data(), g.x.data(), g.x.data(), false, g.p.data(), false, g.rows, g.cols, g.cols, 1.0f, float(mc.ns_a), g.count, nn, ss, nn);
+        });
+        const double whole = time([&] { loop(g, mc.ns_steps, 0); });
+        const double loop_flops = mc.ns_steps * (2 * gram_flops + square_flops);
+        serial_flops += loop_flops;
+        auto rate = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
+        std::printf("Newton-Schulz %2d x %4d x %4d: Gram %.3f ms (%.0f TFLOP/s), its square %.3f ms (%.0f), product "
+                    "back %.3f ms (%.0f); %d iterations %.3f ms (%.0f TFLOP/s)\n",
+                    g.count, g.rows, g.cols, gram, rate(gram_flops, gram), square, rate(square_flops, square), back,
+                    rate(gram_flops, back), mc.ns_steps, whole, rate(loop_flops, whole));
+    }
+    const double one_after_another = time([&] {
+        for (Group& g : groups) loop(g, mc.ns_steps, 0);
+    });
+    std::vector<std::unique_ptr<SideStream>> streams;
+    for (size_t i = 0; i < groups.size(); ++i) streams.push_back(std::make_unique<SideStream>());
+    const double concurrent = time([&] {
+        for (size_t i = 0; i < groups.size(); ++i) loop(groups[i], mc.ns_steps, streams[i]->after_default_stream());
+        for (auto& stream : streams) stream->join_into_default_stream();
+    });
+    std::printf("Newton-Schulz, all groups (%.2f TFLOP): one after another %.3f ms (%.0f TFLOP/s), each on its own "
+                "stream %.3f ms (%.0f TFLOP/s)\n",
+                serial_flops / 1e12, one_after_another, serial_flops / (one_after_another * 1e-3) / 1e12, concurrent,
+                serial_flops / (concurrent * 1e-3) / 1e12);
+    std::fflush(stdout);
+}
+
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
 // backward (the 5 products of the math; the kernels recompute P once more).
 void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
@@ -659,6 +733,10 @@ int main(int argc, char** argv) {
                  "(Householder, Cholesky QR with its passes per matrix) at gpt2-124m's factor sizes (QRs up to 4096) "
                  "over several batch sizes, and PSGD's "
                  "triangular products (dense GEMM, blocked) and solves");
+    bool newton_schulz = false;
+    app.add_flag("--newton-schulz", newton_schulz,
+                 "also time Muon's and Scion's Newton-Schulz products at gpt2-124m's shape groups: each product of "
+                 "an iteration, each group's loop, and the groups one after another against each on its own stream");
     bool cpu_linalg = false;
     app.add_flag("--cpu-linalg", cpu_linalg,
                  "time the CPU references' float64 helpers (products, eigendecomposition, Householder QR, triangular "
@@ -704,6 +782,7 @@ int main(int argc, char** argv) {
             qopt::set_attention_kernels(qopt::AttentionKernels::automatic);
         }
         if (linalg) qopt::bench_linalg();
+        if (newton_schulz) qopt::bench_newton_schulz();
         if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
                                            std::pair{3072, 768}, std::pair{2048, 6144}, std::pair{8192, 2048}})
