@@ -114,7 +114,9 @@ public:
                                      config_.scion.hidden_scale, lr, wd, config_.scion);
                     break;
                 case OptimizerKind::Shampoo:
-                    rejected_ += shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr, wd, step_, config_.shampoo,
+                    rejected_ += shampoo_update_cpu(p, g, shampoo_[i], m.rows, m.cols, lr,
+                                                    config_.shampoo.decay_coefficient(wd, lr, config_.method_lr()),
+                                                    step_, config_.shampoo,
                                                     &eigen_refreshes_);
                     break;
                 case OptimizerKind::Soap:

@@ -17,8 +17,8 @@ void TileGroup::upload_table() {
     grads.resize(tile_size() * tiles.size());
 }
 
-void TileGroup::gather(const float* all_grads, float grad_scale) {
-    gather_tiles_gpu(grads.data(), all_grads, table.data(), count(), rows, cols, grad_scale);
+void TileGroup::gather(const float* all_grads, float grad_scale, const float* params, float decay) {
+    gather_tiles_gpu(grads.data(), all_grads, table.data(), count(), rows, cols, grad_scale, params, decay);
 }
 
 std::vector<TileGroup> group_tiles(const Routing& routing, int block_size, const std::vector<bool>* owned_matrices) {

@@ -38,8 +38,8 @@ struct TileGroup {
     int count() const { return int(tiles.size()); }
     size_t tile_size() const { return size_t(rows) * cols; }
     void upload_table();
-    // grads = grad_scale * the tiles of `all_grads`.
-    void gather(const float* all_grads, float grad_scale);
+    // grads = grad_scale * the tiles of `all_grads` (+ decay * the tiles of params, if given).
+    void gather(const float* all_grads, float grad_scale, const float* params = nullptr, float decay = 0.0f);
 };
 
 class GpuMatrixMethod {

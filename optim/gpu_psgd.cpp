@@ -122,7 +122,7 @@ public:
             precondition(g, s, d, steps_until_change);
             sum_squares_gpu(scalars, work_a_.data(), count, size);
             psgd_clip_scale_gpu(scalars, scalars, count, size);
-            apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, false, g.table.data(), count,
+            apply_tiles_gpu(params, params_bf16, work_a_.data(), scalars, nullptr, 0.0f, 0.0f, false, g.table.data(), count,
                             m, n, 0.0f, float(1 - lr * weight_decay_), float(lr));
         }
     }

@@ -37,7 +37,10 @@ namespace {
 class GpuShampoo final : public GpuMatrixMethod {
 public:
     GpuShampoo(const Routing& routing, const OptimizerConfig& config, const std::vector<bool>* owned_matrices)
-        : config_(config.shampoo), weight_decay_(config.weight_decay()), gemm_{config.precond_tf32} {
+        : config_(config.shampoo),
+          weight_decay_(config.weight_decay()),
+          peak_lr_(config.method_lr()),
+          gemm_{config.precond_tf32} {
         const bool lagged = config_.refresh_lag > 0;
         if (lagged) {
             CUDA_CHECK(cudaStreamCreateWithFlags(&refresh_stream_, cudaStreamNonBlocking));
@@ -134,7 +137,10 @@ public:
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
         const ShampooConfig& c = config_;
-        const double bias1 = 1 - std::pow(c.beta1, double(step));
+        const double bias1 = c.filter_divisor(step);
+        // Weight decay's alpha, into the gathered gradients (l2) or the direction (the others).
+        const double decay = c.decay_coefficient(weight_decay_, lr, peak_lr_);
+        const bool l2 = c.decay_type == ShampooDecay::l2;
         const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
         const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
         const bool refresh_roots = c.refreshes_roots(step);
@@ -145,7 +151,7 @@ public:
             TileGroup& g = groups_[gi];
             State& s = state_[gi];
             const int br = g.rows, bc = g.cols, count = g.count();
-            g.gather(grads, float(grad_scale));
+            g.gather(grads, float(grad_scale), l2 ? params : nullptr, float(decay));
             const float* grad = g.grads.data();
             gemm_.gram(s.left.data(), grad, false, br, bc, count, add_factor, keep_factor);
             gemm_.gram(s.right.data(), grad, true, bc, br, count, add_factor, keep_factor);
@@ -167,8 +173,8 @@ public:
             const float* grad = g.grads.data();
             // F_hat -> work_a, grafting direction A -> work_b.
             shampoo_filter_graft_gpu(work_a_.data(), work_b_.data(), s.filtered.data(), s.graft_sq.data(), grad,
-                                     n * count, float(c.beta1), float(bias1), c.adam_grafting, float(c.graft_beta2),
-                                     float(graft_bias2), float(c.graft_eps));
+                                     n * count, float(c.beta1), float(c.step_beta3()), float(bias1), c.adam_grafting,
+                                     float(c.graft_beta2), float(graft_bias2), float(c.graft_eps));
             const float* direction = work_b_.data();
             const float* scale = nullptr;
             if (precondition) {
@@ -187,8 +193,8 @@ public:
                 }
             }
             apply_tiles_gpu(params, params_bf16, direction, scale, c.momentum > 0 ? s.momentum.data() : nullptr,
-                            float(c.momentum), c.nesterov, g.table.data(), count, br, bc, float(weight_decay_),
-                            1.0f, float(lr));
+                            float(c.momentum), float(c.dampening), c.nesterov, g.table.data(), count, br, bc,
+                            l2 ? 0.0f : float(decay), 1.0f, float(lr));
         }
     }
 
@@ -464,7 +470,7 @@ private:
     }
 
     ShampooConfig config_;
-    double weight_decay_;
+    double weight_decay_, peak_lr_;
     GroupGemm gemm_;
     std::vector<TileGroup> groups_;
     std::vector<State> state_;

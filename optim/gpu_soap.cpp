@@ -113,7 +113,7 @@ public:
                 step_size *= std::sqrt(1 - std::pow(c.beta2, double(t))) / (1 - std::pow(c.beta1, double(t)));
             // The reference subtracts the step, then decays: W = (W - s U)(1 - lr wd).
             const double keep = 1 - lr * weight_decay_;
-            apply_tiles_gpu(params, params_bf16, work_b_.data(), scale, nullptr, 0.0f, false, g.table.data(), count, m,
+            apply_tiles_gpu(params, params_bf16, work_b_.data(), scale, nullptr, 0.0f, 0.0f, false, g.table.data(), count, m,
                             n, 0.0f, float(keep), float(step_size * keep));
             update_factors(g, s, factor_beta);
             if (t % c.precondition_frequency == 0) refresh(g, s);

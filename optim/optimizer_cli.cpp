@@ -57,6 +57,32 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
                    "Heavy-ball momentum on the update, weight decay included (the reference's ClassicMomentumConfig)")
         ->group(h);
     app.add_option("--shampoo-nesterov", c.shampoo.nesterov, "Nesterov form of that momentum (true/false)")->group(h);
+    app.add_option("--shampoo-dampening", c.shampoo.dampening,
+                   "Dampening d of that momentum: K = mu K + (1 - d) D (ClassicMomentumConfig.dampening)")
+        ->group(h);
+    app.add_option("--shampoo-beta3", c.shampoo.beta3,
+                   "Weight of the step's own filtered gradient, D = b3 F + (1 - b3) G (-1: beta1, the reference's "
+                   "default; b3 = beta1^2 gives a NAdam-like step)")
+        ->group(h);
+    app.add_option("--shampoo-bias-correction", c.shampoo.bias_correction,
+                   "Divide the filtered gradient by 1 - beta3 beta1^(t-1) (true/false; use_bias_correction)")
+        ->group(h);
+    app.add_option_function<std::string>(
+           "--shampoo-weight-decay-type",
+           [&c](const std::string& v) {
+               for (ShampooDecay type : {ShampooDecay::l2, ShampooDecay::decoupled, ShampooDecay::corrected,
+                                         ShampooDecay::independent})
+                   if (v == shampoo_decay_name(type)) {
+                       c.shampoo.decay_type = type;
+                       return;
+                   }
+               throw CLI::ValidationError("--shampoo-weight-decay-type",
+                                          "must be l2, decoupled, corrected or independent");
+           },
+           "Where --weight-decay enters (weight_decay_type): l2 (into the gradient, before the factors), decoupled "
+           "(the default: alpha = wd, into the direction), corrected (alpha = wd lr / peak lr) or independent "
+           "(alpha = wd / peak lr)")
+        ->group(h);
     app.add_option("--shampoo-block-size", c.shampoo.block_size, "Max preconditioner dimension (blocking)")->group(h);
     app.add_option("--shampoo-precondition-frequency", c.shampoo.precondition_frequency,
                    "Steps between inverse-root computations (the reference's default is 1; 10 as the study)")

@@ -49,16 +49,19 @@ struct Max {
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 __global__ void gather_tiles_kernel(float* out, const float* grads, const int64_t* table, int rows, int cols,
-                                    float grad_scale) {
+                                    float grad_scale, const float* params, float decay) {
     const int t = blockIdx.y;
     const int64_t offset = table[2 * t], ld = table[2 * t + 1], n = int64_t(rows) * cols;
     float* dst = out + t * n;
-    GRID_STRIDE(i, n) dst[i] = grads[offset + (i / cols) * ld + i % cols] * grad_scale;
+    GRID_STRIDE(i, n) {
+        const int64_t p = offset + (i / cols) * ld + i % cols;
+        dst[i] = params ? grads[p] * grad_scale + decay * params[p] : grads[p] * grad_scale;
+    }
 }
 
 __global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
-                                   float* momentum, float mu, bool nesterov, const int64_t* table, int rows, int cols,
-                                   float decay, float keep, float step) {
+                                   float* momentum, float mu, float dampening, bool nesterov, const int64_t* table,
+                                   int rows, int cols, float decay, float keep, float step) {
     const int t = blockIdx.y;
     const int64_t offset = table[2 * t], ld = table[2 * t + 1], n = int64_t(rows) * cols;
     const float scale = tile_scale ? tile_scale[t] : 1.0f;
@@ -66,9 +69,10 @@ __global__ void apply_tiles_kernel(float* params, bf16* params_bf16, const float
         const int64_t p = offset + (i / cols) * ld + i % cols;
         float d = scale * direction[t * n + i] + decay * params[p];
         if (momentum) {
-            const float k = mu * momentum[t * n + i] + d;
+            const float undamped = (1.0f - dampening) * d;
+            const float k = mu * momentum[t * n + i] + undamped;
             momentum[t * n + i] = k;
-            d = nesterov ? d + mu * k : k;
+            d = nesterov ? undamped + mu * k : k;
         }
         const float w = keep * params[p] - step * d;
         params[p] = w;
@@ -132,13 +136,13 @@ void reduce_matrices(float* out, const float* x, int count, int64_t n, Transform
 }
 
 __global__ void shampoo_filter_graft_kernel(float* filtered_hat, float* graft, float* filtered, float* graft_sq,
-                                            const float* g, int64_t n, float beta1, float bias1, bool adam_grafting,
-                                            float graft_beta2, float graft_bias, float graft_eps) {
+                                            const float* g, int64_t n, float beta1, float beta3, float bias1,
+                                            bool adam_grafting, float graft_beta2, float graft_bias, float graft_eps) {
     GRID_STRIDE(i, n) {
-        const float gi = g[i];
-        const float f = beta1 * filtered[i] + (1.0f - beta1) * gi;
+        const float gi = g[i], before = filtered[i];
+        const float f = beta1 * before + (1.0f - beta1) * gi;
         filtered[i] = f;
-        const float fh = f / bias1;
+        const float fh = (beta3 == beta1 ? f : beta3 * before + (1.0f - beta3) * gi) / bias1;
         filtered_hat[i] = fh;
         if (adam_grafting) {
             const float v = graft_beta2 * graft_sq[i] + (1.0f - graft_beta2) * gi * gi;
@@ -483,19 +487,20 @@ dim3 per_matrix_grid(int64_t n, int count) {
 }  // namespace
 
 void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int count, int rows, int cols,
-                      float grad_scale) {
+                      float grad_scale, const float* params, float decay) {
     if (count == 0) return;
     gather_tiles_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(out, grads, table, rows, cols,
-                                                                                     grad_scale);
+                                                                                     grad_scale, params, decay);
     CUDA_CHECK_LAUNCH();
 }
 
 void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
-                     float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
-                     float decay, float keep, float step) {
+                     float* momentum, float mu, float dampening, bool nesterov, const int64_t* table, int count,
+                     int rows, int cols, float decay, float keep, float step) {
     if (count == 0) return;
     apply_tiles_kernel<<<per_matrix_grid(int64_t(rows) * cols, count), kThreads>>>(
-        params, params_bf16, direction, tile_scale, momentum, mu, nesterov, table, rows, cols, decay, keep, step);
+        params, params_bf16, direction, tile_scale, momentum, mu, dampening, nesterov, table, rows, cols, decay, keep,
+        step);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -504,11 +509,11 @@ void sum_squares_gpu(float* out, const float* x, int count, int64_t n) {
 }
 
 void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
-                              int64_t n, float beta1, float bias1, bool adam_grafting, float graft_beta2,
+                              int64_t n, float beta1, float beta3, float bias1, bool adam_grafting, float graft_beta2,
                               float graft_bias, float graft_eps) {
     shampoo_filter_graft_kernel<<<grid_for(size_t(n)), kThreads>>>(filtered_hat, graft, filtered, graft_sq, g, n, beta1,
-                                                                   bias1, adam_grafting, graft_beta2, graft_bias,
-                                                                   graft_eps);
+                                                                   beta3, bias1, adam_grafting, graft_beta2,
+                                                                   graft_bias, graft_eps);
     CUDA_CHECK_LAUNCH();
 }
 

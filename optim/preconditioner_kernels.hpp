@@ -9,27 +9,29 @@
 
 namespace qopt {
 
-// out[t] = grad_scale * tile t of grads (table: {offset, ld} per tile; tiles rows x cols).
+// out[t] = grad_scale * tile t of grads (table: {offset, ld} per tile; tiles rows x cols),
+// plus decay * the same tile of params when params is given (Shampoo's l2 weight decay).
 void gather_tiles_gpu(float* out, const float* grads, const int64_t* table, int count, int rows, int cols,
-                      float grad_scale);
+                      float grad_scale, const float* params = nullptr, float decay = 0.0f);
 
 // For each tile t (scale[t] = 1 when tile_scale is null):
 //   d = tile_scale[t] * direction + decay W     (Shampoo's decoupled decay enters the direction,
 //                                                so momentum carries it, as in the reference)
-//   with momentum K (if given): K = mu K + d;  d = nesterov ? d + mu K : K
+//   with momentum K (if given): K = mu K + (1 - dampening) d;  d = nesterov ? (1 - dampening) d + mu K : K
 //   W = keep W - step d, and the bf16 copy of W (if given).
 void apply_tiles_gpu(float* params, bf16* params_bf16, const float* direction, const float* tile_scale,
-                     float* momentum, float mu, bool nesterov, const int64_t* table, int count, int rows, int cols,
-                     float decay, float keep, float step);
+                     float* momentum, float mu, float dampening, bool nesterov, const int64_t* table, int count,
+                     int rows, int cols, float decay, float keep, float step);
 
 // out[t] = sum of squares of matrix t (n elements each); one block per matrix, fixed order.
 void sum_squares_gpu(float* out, const float* x, int count, int64_t n);
 
 // Shampoo's filtered gradient and Adam grafting, element-wise over count * n elements:
-//   F = b1 F + (1 - b1) G, F_hat = F / bias1;  V = bg V + (1 - bg) G^2,
-//   A = F_hat / (sqrt(V / graft_bias) + graft_eps)   (without grafting: A = F_hat, V untouched)
+//   F = b1 F + (1 - b1) G,  F_hat = (b3 = b1 ? F : b3 F_before + (1 - b3) G) / bias1;
+//   V = bg V + (1 - bg) G^2,  A = F_hat / (sqrt(V / graft_bias) + graft_eps)
+//   (without grafting: A = F_hat, V untouched)
 void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
-                              int64_t n, float beta1, float bias1, bool adam_grafting, float graft_beta2,
+                              int64_t n, float beta1, float beta3, float bias1, bool adam_grafting, float graft_beta2,
                               float graft_bias, float graft_eps);
 
 // Ratio per matrix: scale[t] = sqrt(numerator_sq[t] / denominator_sq[t]), 0 when the

@@ -12,6 +12,8 @@ void ShampooConfig::validate() const {
     QOPT_CHECK(beta2 > 0 && beta2 <= 1, "--shampoo-beta2 must be in (0, 1]");
     QOPT_CHECK(eps > 0, "--shampoo-eps must be positive");
     QOPT_CHECK(momentum >= 0 && momentum < 1, "--shampoo-momentum must be in [0, 1)");
+    QOPT_CHECK(beta3 == -1.0 || (beta3 >= 0 && beta3 < 1), "--shampoo-beta3 must be -1 (beta1) or in [0, 1)");
+    QOPT_CHECK(dampening >= 0 && dampening < 1, "--shampoo-dampening must be in [0, 1)");
     QOPT_CHECK(block_size > 0, "--shampoo-block-size must be positive");
     QOPT_CHECK(precondition_frequency > 0, "--shampoo-precondition-frequency must be positive");
     QOPT_CHECK(start_preconditioning_step == -1 || start_preconditioning_step >= precondition_frequency,
@@ -35,8 +37,12 @@ Json ShampooConfig::to_json() const {
     j["beta1"] = beta1;
     j["beta2"] = beta2;
     j["eps"] = eps;
+    j["beta3"] = step_beta3();
+    j["bias_correction"] = bias_correction;
     j["momentum"] = momentum;
     j["nesterov"] = nesterov;
+    j["dampening"] = dampening;
+    j["weight_decay_type"] = shampoo_decay_name(decay_type);
     j["block_size"] = int64_t(block_size);
     j["precondition_frequency"] = int64_t(precondition_frequency);
     j["start_preconditioning_step"] = int64_t(start_step());
@@ -49,6 +55,30 @@ Json ShampooConfig::to_json() const {
     if (eigen_method == ShampooEigenMethod::qr) j["qr_iterations"] = int64_t(qr_iterations);
     j["refresh_lag"] = int64_t(refresh_lag);
     return j;
+}
+
+const char* shampoo_decay_name(ShampooDecay type) {
+    switch (type) {
+        case ShampooDecay::l2: return "l2";
+        case ShampooDecay::decoupled: return "decoupled";
+        case ShampooDecay::corrected: return "corrected";
+        case ShampooDecay::independent: return "independent";
+    }
+    return "decoupled";
+}
+
+double ShampooConfig::filter_divisor(long step) const {
+    if (!bias_correction) return 1.0;
+    const double b3 = step_beta3();
+    return b3 == beta1 ? 1 - std::pow(beta1, double(step)) : 1 - b3 * std::pow(beta1, double(step - 1));
+}
+
+double ShampooConfig::decay_coefficient(double wd, double lr, double peak_lr) const {
+    switch (decay_type) {
+        case ShampooDecay::corrected: return wd * lr / peak_lr;
+        case ShampooDecay::independent: return wd / peak_lr;
+        default: return wd;
+    }
 }
 
 std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size) {
@@ -139,12 +169,14 @@ SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors
 }
 
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& states, int rows, int cols,
-                        double lr, double weight_decay, long step, const ShampooConfig& c,
+                        double lr, double decay, long step, const ShampooConfig& c,
                         EigenRefreshCounts* counts) {
     const auto blocks = shampoo_blocks(rows, cols, c.block_size);
     QOPT_CHECK(states.size() == blocks.size(), "shampoo: state has ", states.size(), " blocks, expected ",
                blocks.size());
-    const double bias1 = 1 - std::pow(c.beta1, double(step));
+    const double bias1 = c.filter_divisor(step), beta3 = c.step_beta3();
+    const bool l2 = c.decay_type == ShampooDecay::l2;
+    const double direction_decay = l2 ? 0.0 : decay;
     const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
     const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
     int rejected = 0;
@@ -154,7 +186,10 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         const int br = b.block_rows, bc = b.block_cols;
         Dense g(br, bc);
         for (int r = 0; r < br; ++r)
-            for (int j = 0; j < bc; ++j) g(r, j) = grad[size_t(b.row0 + r) * cols + b.col0 + j];
+            for (int j = 0; j < bc; ++j) {
+                const size_t at = size_t(b.row0 + r) * cols + b.col0 + j;
+                g(r, j) = double(grad[at]) + (l2 ? decay * double(param[at]) : 0.0);
+            }
         // Factors.
         const Dense ggt = matmul(g, g, false, true), gtg = matmul(g, g, true, false);
         auto accumulate = [&](std::vector<float>& f, const Dense& x) {
@@ -200,9 +235,11 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         // Filtered gradient and grafting direction.
         Dense filtered_hat(br, bc), graft(br, bc);
         for (size_t i = 0; i < filtered_hat.values.size(); ++i) {
-            const double gi = g.values[i];
-            s.filtered[i] = float(c.beta1 * s.filtered[i] + (1 - c.beta1) * gi);
-            filtered_hat.values[i] = s.filtered[i] / bias1;
+            const double gi = g.values[i], filtered_before = s.filtered[i];
+            s.filtered[i] = float(c.beta1 * filtered_before + (1 - c.beta1) * gi);
+            // The reference reuses F itself when beta3 = beta1.
+            const double d = beta3 == c.beta1 ? double(s.filtered[i]) : beta3 * filtered_before + (1 - beta3) * gi;
+            filtered_hat.values[i] = d / bias1;
             if (c.adam_grafting) {
                 s.graft_sq[i] = float(c.graft_beta2 * s.graft_sq[i] + (1 - c.graft_beta2) * gi * gi);
                 graft.values[i] = filtered_hat.values[i] / (std::sqrt(s.graft_sq[i] / graft_bias2) + c.graft_eps);
@@ -226,11 +263,14 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
         // Decoupled decay joins the direction before momentum (the reference's _apply_weight_decay
         // then _apply_classic_momentum): without momentum, W (1 - lr wd) - lr D.
         for (int r = 0; r < br; ++r)
-            for (int j = 0; j < bc; ++j) direction(r, j) += weight_decay * param[size_t(b.row0 + r) * cols + b.col0 + j];
+            for (int j = 0; j < bc; ++j)
+                direction(r, j) += direction_decay * param[size_t(b.row0 + r) * cols + b.col0 + j];
         if (c.momentum > 0) {
+            const double undamped = 1 - c.dampening;
             for (size_t i = 0; i < direction.values.size(); ++i) {
-                s.momentum[i] = float(c.momentum * s.momentum[i] + direction.values[i]);
-                direction.values[i] = c.nesterov ? direction.values[i] + c.momentum * s.momentum[i] : s.momentum[i];
+                s.momentum[i] = float(c.momentum * s.momentum[i] + undamped * direction.values[i]);
+                direction.values[i] =
+                    c.nesterov ? undamped * direction.values[i] + c.momentum * s.momentum[i] : s.momentum[i];
             }
         }
         for (int r = 0; r < br; ++r)

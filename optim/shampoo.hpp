@@ -13,16 +13,22 @@
 //       qr: while not within tolerance, at most qr_iterations times: B = Q R (QR), B <- R Q = Q^T B Q,
 //           V <- V Q; then diag(B) are the eigenvalues, the pairs sorted by ascending value
 //           (stable, as the reference: the next refresh's QR starts from this order).
-//   F = b1 F + (1 - b1) G, F_hat = F / (1 - b1^t)                    (filtered gradient)
+//   weight decay as the reference's weight_decay_type: l2 adds alpha W to G before everything
+//   (factors, filtered gradient, grafting); decoupled, corrected and independent add alpha W to
+//   the direction (below), with alpha = wd, wd lr / peak lr and wd / peak lr respectively
+//   F = b1 F + (1 - b1) G                                              (filtered gradient)
+//   F_hat = D / (1 - b3 b1^(t-1)), D = b3 F_old + (1 - b3) G (b3 = beta3; b3 = b1 gives D = F
+//           and the usual 1 - b1^t; without bias correction the divisor is 1; b1 = 0: D = G)
 //   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
 //   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
 //   before the first root (t < start step): direction = A
 //   with refresh_lag K > 0: the roots computed at refresh step s are held (pending) and replace
 //   the roots in use at step s + K, before that step's direction; the direction is A before
 //   start step + K
-//   decoupled weight decay: direction += wd W (before momentum, as the reference orders it)
-//   optional momentum: K = mu K + direction (Nesterov: direction + mu K); then
-//   W = W - lr direction                   (without momentum: W (1 - lr wd) - lr direction)
+//   decoupled weight decay: direction += alpha W (before momentum, as the reference orders it)
+//   optional momentum (ClassicMomentumConfig, dampening d): K = mu K + (1 - d) direction,
+//   direction = K (Nesterov: (1 - d) direction + mu K); then
+//   W = W - lr direction                   (without momentum: W (1 - lr alpha) - lr direction)
 #pragma once
 #include <vector>
 
@@ -36,12 +42,19 @@ namespace qopt {
 // the QR algorithm warm-started from the kept eigenbasis (qr).
 enum class ShampooEigenMethod { eigh, qr };
 
+// Where weight decay enters and how large it is (the reference's WeightDecayType).
+enum class ShampooDecay { l2, decoupled, corrected, independent };
+
 struct ShampooConfig {
     double lr = 1e-3;
     double beta1 = 0.9, beta2 = 1.0;
     double eps = 1e-12;
+    double beta3 = -1.0;          // weight of the step's own gradient in F_hat's EMA (-1: beta1, the reference's default)
+    bool bias_correction = true;  // use_bias_correction (of F_hat)
     double momentum = 0.0;
     bool nesterov = false;
+    double dampening = 0.0;  // ClassicMomentumConfig.dampening
+    ShampooDecay decay_type = ShampooDecay::decoupled;  // weight_decay_type (the reference's default)
     int block_size = 1024;            // max_preconditioner_dim
     int precondition_frequency = 10;  // the study's / PEERS.md setting (the reference's default is 1)
     int start_preconditioning_step = -1;  // -1: precondition_frequency
@@ -60,6 +73,12 @@ struct ShampooConfig {
     // Whether refreshes start from the last eigenbasis (kept in the state with its eigenvalues).
     bool keeps_eigenbasis() const { return eigen_method == ShampooEigenMethod::qr || eigen_tolerance > 0; }
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
+    // beta3 in effect: beta1 when -1; 0 without a filtered gradient (beta1 = 0: D = G).
+    double step_beta3() const { return beta1 == 0 ? 0.0 : beta3 < 0 ? beta1 : beta3; }
+    // F_hat's divisor at step t (1-based): 1 - b3 b1^(t-1), or 1 without bias correction.
+    double filter_divisor(long step) const;
+    // alpha (see the header) for weight decay wd at learning rate lr of peak peak_lr.
+    double decay_coefficient(double wd, double lr, double peak_lr) const;
     int start_step() const { return start_preconditioning_step > 0 ? start_preconditioning_step : precondition_frequency; }
     // The reference's schedule: roots first at the start step, then at every multiple of the
     // frequency after it; Shampoo's direction from the start step on (the grafting one before).
@@ -86,6 +105,7 @@ struct ShampooBlock {
     int row0, col0, block_rows, block_cols;
 };
 std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
+const char* shampoo_decay_name(ShampooDecay type);  // "l2", "decoupled", "corrected", "independent"
 
 struct ShampooBlockState {
     std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]
@@ -112,11 +132,12 @@ bool eigenbasis_within_tolerance(const Dense& b, double tolerance);
 SymmetricEigen shampoo_amortized_eigen(const Dense& a, const Dense& kept_vectors, const ShampooConfig& c,
                                        EigenRefreshCounts* counts = nullptr);
 
-// step: 1, 2, ... (the optimizer's step after incrementing). A root that comes out non-finite
+// step: 1, 2, ... (the optimizer's step after incrementing). decay: alpha, the weight decay's
+// coefficient (ShampooConfig::decay_coefficient), entering as c.decay_type says. A root that comes out non-finite
 // (overflowing factors) is not taken: the block keeps its last good root (commit_preconditioner).
 // Returns the number of roots not taken.
 int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlockState>& blocks, int rows, int cols,
-                        double lr, double weight_decay, long step, const ShampooConfig& c,
+                        double lr, double decay, long step, const ShampooConfig& c,
                         EigenRefreshCounts* counts = nullptr);
 
 }  // namespace qopt

@@ -281,6 +281,29 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
              c.shampoo.beta2 = 0.99;
          },
          false, 6, 3, 2e-3, {"left", "right", "left_root", "right_root", "momentum"}},
+        // The reference's other filtered-gradient, momentum and weight-decay settings: beta3 (a
+        // NAdam-like step), no bias correction, dampened Nesterov momentum, l2 decay (into the
+        // gradients, so into the factors); and the decay independent of the learning rate
+        // (alpha = wd / peak lr, with a small wd so that alpha stays 0.01).
+        {"shampoo beta3, no bias correction, dampened Nesterov momentum, l2 decay", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.beta3 = 0.81;
+             c.shampoo.bias_correction = false;
+             c.shampoo.momentum = 0.5;
+             c.shampoo.nesterov = true;
+             c.shampoo.dampening = 0.3;
+             c.shampoo.decay_type = ShampooDecay::l2;
+             c.adamw.weight_decay = 0.1;
+         },
+         false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered", "graft_sq", "momentum"}},
+        {"shampoo, weight decay independent of the learning rate", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.decay_type = ShampooDecay::independent;
+             c.adamw.weight_decay = 1e-5;
+         },
+         false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
         {"shampoo without grafting", "shampoo",
          [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.adam_grafting = false; }, false, 6, 2, 2e-3,
          {"left_root", "right_root"}},

@@ -380,6 +380,93 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
     shampoo_update_cpu(&w, &zero, momentum_block, 1, 1, lr, wd, 2, mc);
     CHECK(w == doctest::Approx(w1 - lr * (mc.momentum * wd * 2.0 + wd * w1)).epsilon(1e-6));
 
+    // ClassicMomentumConfig's dampening d: K = mu K + (1 - d) D, and the Nesterov direction
+    // (1 - d) D + mu K. Zero gradients, one step: D = wd W_0, K = (1 - d) D, so the Nesterov
+    // direction is (1 - d)(1 + mu) D and the plain one (1 - d) D.
+    for (bool nesterov : {false, true}) {
+        CAPTURE(nesterov);
+        ShampooConfig dc;
+        dc.momentum = 0.5;
+        dc.dampening = 0.25;
+        dc.nesterov = nesterov;
+        float wd_w = 2.0f;
+        std::vector<ShampooBlockState> damped(1);
+        damped[0].init({0, 0, 1, 1}, dc);
+        shampoo_update_cpu(&wd_w, &zero, damped, 1, 1, lr, wd, 1, dc);
+        const double factor = nesterov ? 0.75 * 1.5 : 0.75;
+        CHECK(wd_w == doctest::Approx(2.0 - lr * factor * wd * 2.0).epsilon(1e-6));
+        CHECK(damped[0].momentum[0] == doctest::Approx(0.75 * wd * 2.0).epsilon(1e-6));
+    }
+
+    // beta3 and bias correction (the reference's _compute_filtered_grad_list), by hand on 1 x 1
+    // without grafting and before the first root (the direction is F_hat): beta1 0.9, beta3 0.5,
+    // g = 1 then 2. Step 1: D = 0.5 * 0 + 0.5 * 1, divisor 1 - 0.5 * 0.9^0 = 0.5, F_hat = 1;
+    // step 2: F_old = 0.1, D = 0.5 * 0.1 + 0.5 * 2 = 1.05, divisor 1 - 0.5 * 0.9 = 0.55.
+    // Without bias correction the divisors are 1. beta3 = beta1 is the default -1, bit for bit.
+    for (bool corrected : {true, false}) {
+        CAPTURE(corrected);
+        ShampooConfig fc;
+        fc.adam_grafting = false;
+        fc.precondition_frequency = 1000;
+        fc.beta3 = 0.5;
+        fc.bias_correction = corrected;
+        float fw = 0.0f;
+        std::vector<ShampooBlockState> filtered(1);
+        filtered[0].init({0, 0, 1, 1}, fc);
+        const float g1 = 1.0f, g2 = 2.0f;
+        shampoo_update_cpu(&fw, &g1, filtered, 1, 1, 1.0, 0.0, 1, fc);
+        CHECK(fw == doctest::Approx(corrected ? -1.0 : -0.5).epsilon(1e-6));
+        shampoo_update_cpu(&fw, &g2, filtered, 1, 1, 1.0, 0.0, 2, fc);
+        const double step2 = corrected ? 1.05 / 0.55 : 1.05;
+        CHECK(fw == doctest::Approx((corrected ? -1.0 : -0.5) - step2).epsilon(1e-6));
+        CHECK(filtered[0].filtered[0] == doctest::Approx(0.29).epsilon(1e-6));
+    }
+    {
+        ShampooConfig same, unset;
+        same.beta3 = same.beta1;
+        same.precondition_frequency = unset.precondition_frequency = 2;
+        std::mt19937_64 gen(5);
+        std::vector<float> wa = random_vector<float>(12, gen), wb = wa;
+        std::vector<ShampooBlockState> sa(1), sb(1);
+        sa[0].init({0, 0, 3, 4}, same);
+        sb[0].init({0, 0, 3, 4}, unset);
+        for (int t = 1; t <= 4; ++t) {
+            const std::vector<float> grad = random_vector<float>(12, gen);
+            shampoo_update_cpu(wa.data(), grad.data(), sa, 3, 4, 1e-2, 0.1, t, same);
+            shampoo_update_cpu(wb.data(), grad.data(), sb, 3, 4, 1e-2, 0.1, t, unset);
+        }
+        CHECK(wa == wb);
+    }
+
+    // Weight decay types: l2 adds alpha W to the gradient (it reaches the factors), the others add
+    // it to the direction; their alpha is wd, wd lr / peak lr or wd / peak lr. Zero gradient,
+    // W_0 = 2, wd 0.2, no grafting: with l2, g = 0.4 and L = g^2 = 0.16, and F_hat = 0.4 at step 1,
+    // so both kinds move W by lr 0.4 then; only l2 has a factor.
+    for (ShampooDecay type : {ShampooDecay::l2, ShampooDecay::decoupled}) {
+        CAPTURE(shampoo_decay_name(type));
+        ShampooConfig wc;
+        wc.adam_grafting = false;
+        wc.decay_type = type;
+        float ww = 2.0f;
+        std::vector<ShampooBlockState> decayed(1);
+        decayed[0].init({0, 0, 1, 1}, wc);
+        shampoo_update_cpu(&ww, &zero, decayed, 1, 1, lr, wc.decay_coefficient(0.2, lr, lr), 1, wc);
+        CHECK(ww == doctest::Approx(2.0 - lr * 0.4).epsilon(1e-6));
+        CHECK(decayed[0].left[0] == doctest::Approx(type == ShampooDecay::l2 ? 0.16 : 0.0).epsilon(1e-6));
+    }
+    ShampooConfig decay_config;
+    CHECK(decay_config.decay_coefficient(0.2, 0.05, 0.1) == doctest::Approx(0.2));
+    decay_config.decay_type = ShampooDecay::corrected;
+    CHECK(decay_config.decay_coefficient(0.2, 0.05, 0.1) == doctest::Approx(0.1));
+    decay_config.decay_type = ShampooDecay::independent;
+    CHECK(decay_config.decay_coefficient(0.2, 0.05, 0.1) == doctest::Approx(2.0));
+    ShampooConfig bad;
+    bad.beta3 = 1.0;
+    CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("--shampoo-beta3"), Error);
+    bad.beta3 = -1.0;
+    bad.dampening = 1.0;
+    CHECK_THROWS_WITH_AS(bad.validate(), doctest::Contains("--shampoo-dampening"), Error);
+
     // Quadratic f(W) = 1/2 tr((W - W*)^T H_L (W - W*) H_R) with Hessian H_R (x) H_L of condition
     // number 1e4: G = H_L (W - W*) H_R. Shampoo (no grafting, beta2 = 1, roots every step)
     // reaches a loss far below what gradient descent at its largest stable step reaches. How far

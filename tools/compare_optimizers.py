@@ -16,7 +16,9 @@ through which the weight decay passes, start step 6: roots at 6, 8, 12); and, as
 with the reference's EigendecomposedShampooPreconditionerConfig, "shampoo_eigen_tolerance" (eigh
 at tolerance 1: the identity basis is always within it, so the roots come from the factors'
 diagonals) and "shampoo_qr" (QREigendecompositionConfig, 3 QR-algorithm steps per refresh from
-the kept basis). PSGD runs three
+the kept basis); and "shampoo_options" (as "shampoo", with beta3 0.81, no bias correction, l2
+weight decay and Nesterov momentum 0.5 dampened by 0.3) and "shampoo_independent_decay" (as
+"shampoo", weight_decay_type INDEPENDENT: alpha = wd / lr with wd 1e-5). PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
 all_diag (diagonal factors). SOAP runs three times: its defaults ("soap"), max_precond_dim 64
 ("soap_max_dim": the tall and wide matrices' 96-long side gets no factor) and merge_dims with
@@ -137,9 +139,20 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
                                                                           inv_factor_matrix_dtype=dtype)
         common = dict(lr=1e-3, epsilon=1e-12, max_preconditioner_dim=40, precondition_frequency=4,
                       preconditioner_config=preconditioner_config)
-        if name != "shampoo_momentum":
-            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=0.01,
-                                        grafting_config=ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
+        adam_grafting = ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
+        if name == "shampoo_options":
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), beta3=0.81, use_bias_correction=False,
+                                        weight_decay=0.01, weight_decay_type=ds.WeightDecayType.L2,
+                                        grafting_config=adam_grafting,
+                                        iterate_averaging_config=ClassicMomentumConfig(momentum=0.5, dampening=0.3,
+                                                                                       use_nesterov=True),
+                                        **common)
+        elif name == "shampoo_independent_decay":
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=1e-5,
+                                        weight_decay_type=ds.WeightDecayType.INDEPENDENT,
+                                        grafting_config=adam_grafting, **common)
+        elif name != "shampoo_momentum":
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=0.01, grafting_config=adam_grafting,
                                         **common)
         else:
             opt = ds.DistributedShampoo(params, betas=(0.9, 0.99), weight_decay=0.1, start_preconditioning_step=6,
@@ -184,11 +197,18 @@ QOPT_FLAGS = {
                                 "--shampoo-precondition-frequency", "4", "--shampoo-eigen-tolerance", "1"],
     "shampoo_qr": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
                    "--shampoo-eigen-method", "qr", "--shampoo-qr-iterations", "3"],
+    "shampoo_options": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
+                        "4", "--shampoo-beta3", "0.81", "--shampoo-bias-correction", "false",
+                        "--shampoo-weight-decay-type", "l2", "--shampoo-momentum", "0.5", "--shampoo-dampening", "0.3",
+                        "--shampoo-nesterov", "true"],
+    "shampoo_independent_decay": ["--weight-decay", "1e-5", "--shampoo-block-size", "40",
+                                  "--shampoo-precondition-frequency", "4", "--shampoo-weight-decay-type",
+                                  "independent"],
 }
 TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "soap_max_dim": 1e-3, "soap_merge": 1e-3,
              "psgd": 1e-3, "psgd_one_diag": 1e-3,
              "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3, "shampoo_eigen_tolerance": 2e-3,
-             "shampoo_qr": 2e-3}
+             "shampoo_qr": 2e-3, "shampoo_options": 2e-3, "shampoo_independent_decay": 2e-3}
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 # Comparisons whose qopt settings only the CPU reference runs (the GPU refuses them with a message).
