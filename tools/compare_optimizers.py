@@ -18,7 +18,8 @@ at tolerance 1: the identity basis is always within it, so the roots come from t
 diagonals) and "shampoo_qr" (QREigendecompositionConfig, 3 QR-algorithm steps per refresh from
 the kept basis); and "shampoo_options" (as "shampoo", with beta3 0.81, no bias correction, l2
 weight decay and Nesterov momentum 0.5 dampened by 0.3) and "shampoo_independent_decay" (as
-"shampoo", weight_decay_type INDEPENDENT: alpha = wd / lr with wd 1e-5). PSGD runs three
+"shampoo", weight_decay_type INDEPENDENT: alpha = wd / lr = 0.1 with wd 1e-4, ten times the
+decoupled alpha of "shampoo"). PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
 all_diag (diagonal factors). SOAP runs three times: its defaults ("soap"), max_precond_dim 64
 ("soap_max_dim": the tall and wide matrices' 96-long side gets no factor) and merge_dims with
@@ -148,7 +149,7 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
                                                                                        use_nesterov=True),
                                         **common)
         elif name == "shampoo_independent_decay":
-            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=1e-5,
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=1e-4,
                                         weight_decay_type=ds.WeightDecayType.INDEPENDENT,
                                         grafting_config=adam_grafting, **common)
         elif name != "shampoo_momentum":
@@ -201,7 +202,7 @@ QOPT_FLAGS = {
                         "4", "--shampoo-beta3", "0.81", "--shampoo-bias-correction", "false",
                         "--shampoo-weight-decay-type", "l2", "--shampoo-momentum", "0.5", "--shampoo-dampening", "0.3",
                         "--shampoo-nesterov", "true"],
-    "shampoo_independent_decay": ["--weight-decay", "1e-5", "--shampoo-block-size", "40",
+    "shampoo_independent_decay": ["--weight-decay", "1e-4", "--shampoo-block-size", "40",
                                   "--shampoo-precondition-frequency", "4", "--shampoo-weight-decay-type",
                                   "independent"],
 }
