@@ -12,3 +12,5 @@ PYTHONUNBUFFERED=1 timeout 200 python3 tools/compare_optimizers.py --refs build/
   > $OUT/compare.txt 2>&1
 echo "compare rc $?"; grep -E "qopt (cpu|cuda)" $OUT/compare.txt | awk -F'->' '{print $2}' | sort | uniq -c
 grep -E "^shampoo_(options|independent)" $OUT/compare.txt | cut -c1-240
+timeout 90 build/bin/bench --config gpt2-124m:32:1024 --optimizer shampoo > $OUT/bench_shampoo.txt 2>&1
+echo "bench rc $?"; grep -E "optimizer " $OUT/bench_shampoo.txt | cut -c1-250
