@@ -141,7 +141,7 @@ public:
         // Weight decay's alpha, into the gathered gradients (l2) or the direction (the others).
         const double decay = c.decay_coefficient(weight_decay_, lr, peak_lr_);
         const bool l2 = c.decay_type == ShampooDecay::l2;
-        const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
+        const double graft_bias2 = c.graft_divisor(step);
         const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
         const bool refresh_roots = c.refreshes_roots(step);
         const bool precondition = c.preconditions(step);
@@ -173,8 +173,9 @@ public:
             const float* grad = g.grads.data();
             // F_hat -> work_a, grafting direction A -> work_b.
             shampoo_filter_graft_gpu(work_a_.data(), work_b_.data(), s.filtered.data(), s.graft_sq.data(), grad,
-                                     n * count, float(c.beta1), float(c.step_beta3()), float(bias1), c.adam_grafting,
-                                     float(c.graft_beta2), float(graft_bias2), float(c.graft_eps));
+                                     n * count, float(c.beta1), float(c.step_beta3()), float(bias1),
+                                     c.graft_second_moment(), float(c.graft_keep()), float(c.graft_weight()),
+                                     float(graft_bias2), float(c.graft_eps));
             const float* direction = work_b_.data();
             const float* scale = nullptr;
             if (precondition) {
@@ -182,7 +183,7 @@ public:
                 gemm_(work_c_.data(), s.left_root.data(), false, work_a_.data(), false, br, bc, br, count);
                 gemm_(work_a_.data(), work_c_.data(), false, s.right_root.data(), false, br, bc, bc, count);
                 direction = work_a_.data();
-                if (c.adam_grafting) {
+                if (c.grafts()) {
                     float* graft_sq = norms_.data();
                     float* shampoo_sq = norms_.data() + count;
                     float* ratio = norms_.data() + 2 * count;

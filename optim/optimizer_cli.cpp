@@ -94,13 +94,27 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option_function<std::string>(
            "--shampoo-grafting",
            [&c](const std::string& v) {
-               if (v != "adam" && v != "none") throw CLI::ValidationError("--shampoo-grafting", "must be adam or none");
-               c.shampoo.adam_grafting = v == "adam";
+               for (ShampooGrafting type : {ShampooGrafting::none, ShampooGrafting::sgd, ShampooGrafting::adagrad,
+                                            ShampooGrafting::rmsprop, ShampooGrafting::adam})
+                   if (v == shampoo_grafting_name(type)) {
+                       c.shampoo.grafting = type;
+                       return;
+                   }
+               throw CLI::ValidationError("--shampoo-grafting", "must be adam, rmsprop, adagrad, sgd or none");
            },
-           "Grafting: adam (default) or none")
+           "Grafting (grafting_config): adam (default, the study's), rmsprop, adagrad, sgd or none (the reference's "
+           "default)")
         ->group(h);
-    app.add_option("--shampoo-graft-beta2", c.shampoo.graft_beta2, "Adam grafting beta2")->group(h);
-    app.add_option("--shampoo-graft-eps", c.shampoo.graft_eps, "Adam grafting epsilon")->group(h);
+    app.add_option("--shampoo-graft-beta2", c.shampoo.graft_beta2,
+                   "Grafting beta2 of adam and rmsprop (the reference's defaults: 0.999, 0.99)")
+        ->group(h);
+    app.add_option("--shampoo-graft-eps", c.shampoo.graft_eps,
+                   "Grafting epsilon of adam, rmsprop and adagrad (the reference's default: 1e-10)")
+        ->group(h);
+    app.add_option("--shampoo-graft-drop-weighting", c.shampoo.graft_drop_weighting,
+                   "rmsprop/adam grafting: V = beta2 V + G^2, no bias correction (drop_weighting_factor_on_gsquare; "
+                   "true/false)")
+        ->group(h);
     app.add_option_function<std::string>(
            "--shampoo-eigen-method",
            [&c](const std::string& v) {

@@ -137,15 +137,16 @@ void reduce_matrices(float* out, const float* x, int count, int64_t n, Transform
 
 __global__ void shampoo_filter_graft_kernel(float* filtered_hat, float* graft, float* filtered, float* graft_sq,
                                             const float* g, int64_t n, float beta1, float beta3, float bias1,
-                                            bool adam_grafting, float graft_beta2, float graft_bias, float graft_eps) {
+                                            bool second_moment, float graft_keep, float graft_weight,
+                                            float graft_bias, float graft_eps) {
     GRID_STRIDE(i, n) {
         const float gi = g[i], before = filtered[i];
         const float f = beta1 * before + (1.0f - beta1) * gi;
         filtered[i] = f;
         const float fh = (beta3 == beta1 ? f : beta3 * before + (1.0f - beta3) * gi) / bias1;
         filtered_hat[i] = fh;
-        if (adam_grafting) {
-            const float v = graft_beta2 * graft_sq[i] + (1.0f - graft_beta2) * gi * gi;
+        if (second_moment) {
+            const float v = graft_keep * graft_sq[i] + graft_weight * gi * gi;
             graft_sq[i] = v;
             graft[i] = fh / (sqrtf(v / graft_bias) + graft_eps);
         } else {
@@ -509,11 +510,11 @@ void sum_squares_gpu(float* out, const float* x, int count, int64_t n) {
 }
 
 void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
-                              int64_t n, float beta1, float beta3, float bias1, bool adam_grafting, float graft_beta2,
-                              float graft_bias, float graft_eps) {
+                              int64_t n, float beta1, float beta3, float bias1, bool second_moment, float graft_keep,
+                              float graft_weight, float graft_bias, float graft_eps) {
     shampoo_filter_graft_kernel<<<grid_for(size_t(n)), kThreads>>>(filtered_hat, graft, filtered, graft_sq, g, n, beta1,
-                                                                   beta3, bias1, adam_grafting, graft_beta2,
-                                                                   graft_bias, graft_eps);
+                                                                   beta3, bias1, second_moment, graft_keep,
+                                                                   graft_weight, graft_bias, graft_eps);
     CUDA_CHECK_LAUNCH();
 }
 

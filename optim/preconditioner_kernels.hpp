@@ -28,11 +28,11 @@ void sum_squares_gpu(float* out, const float* x, int count, int64_t n);
 
 // Shampoo's filtered gradient and Adam grafting, element-wise over count * n elements:
 //   F = b1 F + (1 - b1) G,  F_hat = (b3 = b1 ? F : b3 F_before + (1 - b3) G) / bias1;
-//   V = bg V + (1 - bg) G^2,  A = F_hat / (sqrt(V / graft_bias) + graft_eps)
-//   (without grafting: A = F_hat, V untouched)
+//   with a second moment: V = keep V + weight G^2,  A = F_hat / (sqrt(V / graft_bias) + graft_eps)
+//   (without one, SGD grafting or none: A = F_hat, V untouched)
 void shampoo_filter_graft_gpu(float* filtered_hat, float* graft, float* filtered, float* graft_sq, const float* g,
-                              int64_t n, float beta1, float beta3, float bias1, bool adam_grafting, float graft_beta2,
-                              float graft_bias, float graft_eps);
+                              int64_t n, float beta1, float beta3, float bias1, bool second_moment, float graft_keep,
+                              float graft_weight, float graft_bias, float graft_eps);
 
 // Ratio per matrix: scale[t] = sqrt(numerator_sq[t] / denominator_sq[t]), 0 when the
 // denominator is 0 (Shampoo's grafting: ||A|| / ||S||).

@@ -47,7 +47,8 @@ Json ShampooConfig::to_json() const {
     j["precondition_frequency"] = int64_t(precondition_frequency);
     j["start_preconditioning_step"] = int64_t(start_step());
     j["inverse_root"] = int64_t(root());
-    j["adam_grafting"] = adam_grafting;
+    j["grafting"] = shampoo_grafting_name(grafting);
+    j["graft_drop_weighting"] = graft_drop_weighting;
     j["graft_beta2"] = graft_beta2;
     j["graft_eps"] = graft_eps;
     j["eigen_method"] = eigen_method == ShampooEigenMethod::qr ? "qr" : "eigh";
@@ -65,6 +66,22 @@ const char* shampoo_decay_name(ShampooDecay type) {
         case ShampooDecay::independent: return "independent";
     }
     return "decoupled";
+}
+
+const char* shampoo_grafting_name(ShampooGrafting type) {
+    switch (type) {
+        case ShampooGrafting::none: return "none";
+        case ShampooGrafting::sgd: return "sgd";
+        case ShampooGrafting::adagrad: return "adagrad";
+        case ShampooGrafting::rmsprop: return "rmsprop";
+        case ShampooGrafting::adam: return "adam";
+    }
+    return "adam";
+}
+
+double ShampooConfig::graft_divisor(long step) const {
+    const bool corrected = grafting == ShampooGrafting::adam && !graft_drop_weighting && graft_beta2 < 1;
+    return corrected ? 1 - std::pow(graft_beta2, double(step)) : 1.0;
 }
 
 double ShampooConfig::filter_divisor(long step) const {
@@ -177,7 +194,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
     const double bias1 = c.filter_divisor(step), beta3 = c.step_beta3();
     const bool l2 = c.decay_type == ShampooDecay::l2;
     const double direction_decay = l2 ? 0.0 : decay;
-    const double graft_bias2 = 1 - std::pow(c.graft_beta2, double(step));
+    const double graft_bias2 = c.graft_divisor(step), graft_keep = c.graft_keep(), graft_weight = c.graft_weight();
     const double factor_bias = c.beta2 < 1 ? 1 - std::pow(c.beta2, double(step)) : 1.0;
     int rejected = 0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
@@ -240,8 +257,8 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
             // The reference reuses F itself when beta3 = beta1.
             const double d = beta3 == c.beta1 ? double(s.filtered[i]) : beta3 * filtered_before + (1 - beta3) * gi;
             filtered_hat.values[i] = d / bias1;
-            if (c.adam_grafting) {
-                s.graft_sq[i] = float(c.graft_beta2 * s.graft_sq[i] + (1 - c.graft_beta2) * gi * gi);
+            if (c.graft_second_moment()) {
+                s.graft_sq[i] = float(graft_keep * s.graft_sq[i] + graft_weight * gi * gi);
                 graft.values[i] = filtered_hat.values[i] / (std::sqrt(s.graft_sq[i] / graft_bias2) + c.graft_eps);
             } else {
                 graft.values[i] = filtered_hat.values[i];
@@ -253,7 +270,7 @@ int shampoo_update_cpu(float* param, const float* grad, std::vector<ShampooBlock
             for (size_t i = 0; i < lroot.values.size(); ++i) lroot.values[i] = s.left_root[i];
             for (size_t i = 0; i < rroot.values.size(); ++i) rroot.values[i] = s.right_root[i];
             direction = matmul(matmul(lroot, filtered_hat), rroot);
-            if (c.adam_grafting) {
+            if (c.grafts()) {
                 const double shampoo_norm = frobenius_norm(direction);
                 const double graft_norm = frobenius_norm(graft);
                 const double ratio = shampoo_norm > 0 ? graft_norm / shampoo_norm : 0.0;

@@ -19,8 +19,13 @@
 //   F = b1 F + (1 - b1) G                                              (filtered gradient)
 //   F_hat = D / (1 - b3 b1^(t-1)), D = b3 F_old + (1 - b3) G (b3 = beta3; b3 = b1 gives D = F
 //           and the usual 1 - b1^t; without bias correction the divisor is 1; b1 = 0: D = G)
-//   grafting (Adam): V = bg V + (1 - bg) G^2, A = F_hat / (sqrt(V / (1 - bg^t)) + eps_g)
-//   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, Adam's size)
+//   grafting (the reference's grafting_config): A = F_hat / (sqrt(V / bias_g) + eps_g) with
+//     adam:    V = bg V + (1 - bg) G^2, bias_g = 1 - bg^t
+//     rmsprop: V = bg V + (1 - bg) G^2, bias_g = 1
+//     adagrad: V = V + G^2, bias_g = 1
+//     (adam, rmsprop with drop_weighting: V = bg V + G^2, bias_g = 1); sgd: A = F_hat
+//   S = L_root F_hat R_root,  direction = S * ||A||_F / ||S||_F     (Shampoo's direction, A's size;
+//   without grafting, S itself)
 //   before the first root (t < start step): direction = A
 //   with refresh_lag K > 0: the roots computed at refresh step s are held (pending) and replace
 //   the roots in use at step s + K, before that step's direction; the direction is A before
@@ -42,6 +47,10 @@ namespace qopt {
 // the QR algorithm warm-started from the kept eigenbasis (qr).
 enum class ShampooEigenMethod { eigh, qr };
 
+// The grafting method: its direction A sets the size of Shampoo's (the reference's
+// SGD/AdaGrad/RMSprop/AdamPreconditionerConfig as grafting_config, or none).
+enum class ShampooGrafting { none, sgd, adagrad, rmsprop, adam };
+
 // Where weight decay enters and how large it is (the reference's WeightDecayType).
 enum class ShampooDecay { l2, decoupled, corrected, independent };
 
@@ -59,8 +68,9 @@ struct ShampooConfig {
     int precondition_frequency = 10;  // the study's / PEERS.md setting (the reference's default is 1)
     int start_preconditioning_step = -1;  // -1: precondition_frequency
     int inverse_root = 0;                 // 0: 2 x tensor order = 4 for matrices
-    bool adam_grafting = true;            // grafting_config=AdamGraftingConfig (the study's choice)
+    ShampooGrafting grafting = ShampooGrafting::adam;  // the study's choice (the reference's default: none)
     double graft_beta2 = 0.999, graft_eps = 1e-8;
+    bool graft_drop_weighting = false;  // drop_weighting_factor_on_gsquare (rmsprop, adam)
     ShampooEigenMethod eigen_method = ShampooEigenMethod::eigh;
     double eigen_tolerance = 0.0;  // EigendecompositionConfig.tolerance (0: the reference's default)
     int qr_iterations = 1;         // QREigendecompositionConfig.max_iterations
@@ -73,6 +83,15 @@ struct ShampooConfig {
     // Whether refreshes start from the last eigenbasis (kept in the state with its eigenvalues).
     bool keeps_eigenbasis() const { return eigen_method == ShampooEigenMethod::qr || eigen_tolerance > 0; }
     int root() const { return inverse_root > 0 ? inverse_root : 4; }
+    bool grafts() const { return grafting != ShampooGrafting::none; }
+    // The grafting's second moment V = graft_keep() V + graft_weight() G^2 (adagrad, rmsprop,
+    // adam; none for sgd and none) and its divisor at step t.
+    bool graft_second_moment() const { return grafting != ShampooGrafting::none && grafting != ShampooGrafting::sgd; }
+    double graft_keep() const { return grafting == ShampooGrafting::adagrad ? 1.0 : graft_beta2; }
+    double graft_weight() const {
+        return grafting == ShampooGrafting::adagrad || graft_drop_weighting ? 1.0 : 1 - graft_beta2;
+    }
+    double graft_divisor(long step) const;
     // beta3 in effect: beta1 when -1; 0 without a filtered gradient (beta1 = 0: D = G).
     double step_beta3() const { return beta1 == 0 ? 0.0 : beta3 < 0 ? beta1 : beta3; }
     // F_hat's divisor at step t (1-based): 1 - b3 b1^(t-1), or 1 without bias correction.
@@ -106,6 +125,7 @@ struct ShampooBlock {
 };
 std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
 const char* shampoo_decay_name(ShampooDecay type);  // "l2", "decoupled", "corrected", "independent"
+const char* shampoo_grafting_name(ShampooGrafting type);  // "none", "sgd", "adagrad", "rmsprop", "adam"
 
 struct ShampooBlockState {
     std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]

@@ -304,8 +304,30 @@ TEST_CASE("GPU Shampoo, SOAP and PSGD match the CPU references over several step
              c.adamw.weight_decay = 1e-4;
          },
          false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
+        // The reference's other grafting methods: RMSprop without its weighting factor, AdaGrad
+        // and SGD.
+        {"shampoo, RMSprop grafting without the weighting factor", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.grafting = ShampooGrafting::rmsprop;
+             c.shampoo.graft_beta2 = 0.99;
+             c.shampoo.graft_drop_weighting = true;
+         },
+         false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
+        {"shampoo, AdaGrad grafting", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.grafting = ShampooGrafting::adagrad;
+         },
+         false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered", "graft_sq"}},
+        {"shampoo, SGD grafting", "shampoo",
+         [](OptimizerConfig& c) {
+             c.shampoo.precondition_frequency = 2;
+             c.shampoo.grafting = ShampooGrafting::sgd;
+         },
+         false, 6, 4, 2e-3, {"left", "right", "left_root", "right_root", "filtered"}},
         {"shampoo without grafting", "shampoo",
-         [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.adam_grafting = false; }, false, 6, 2, 2e-3,
+         [](OptimizerConfig& c) { c.shampoo.precondition_frequency = 1; c.shampoo.grafting = ShampooGrafting::none; }, false, 6, 2, 2e-3,
          {"left_root", "right_root"}},
         // A kept eigenbasis (the reference's EigendecomposedShampoo): tolerance 1 keeps the identity
         // basis for good (the roots come from the factors' diagonals); 1e-9 is never met in fp32,

@@ -406,7 +406,7 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
     for (bool corrected : {true, false}) {
         CAPTURE(corrected);
         ShampooConfig fc;
-        fc.adam_grafting = false;
+        fc.grafting = ShampooGrafting::none;
         fc.precondition_frequency = 1000;
         fc.beta3 = 0.5;
         fc.bias_correction = corrected;
@@ -438,6 +438,56 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
         CHECK(wa == wb);
     }
 
+    // Grafting methods by hand (the reference's AdagradPreconditionerList and SGD), 1 x 1, beta1 0
+    // (F_hat = G), before the first root (the direction is A), g = 1 then 2, graft beta2 0.5:
+    //   sgd: A = G;  adagrad: V = 1, 5 -> A = 1, 2 / sqrt(5);
+    //   rmsprop: V = 0.5, 2.25 -> A = 1 / sqrt(0.5), 2 / 1.5;  with drop_weighting: V = 1, 4.5;
+    //   adam: V as rmsprop, divided by 1 - 0.5^t: 1, 3 -> A = 1, 2 / sqrt(3).
+    struct GraftCase {
+        ShampooGrafting type;
+        bool drop;
+        double a1, a2;
+    };
+    for (const GraftCase& gc : {GraftCase{ShampooGrafting::sgd, false, 1.0, 2.0},
+                                GraftCase{ShampooGrafting::adagrad, false, 1.0, 2.0 / std::sqrt(5.0)},
+                                GraftCase{ShampooGrafting::rmsprop, false, 1.0 / std::sqrt(0.5), 2.0 / 1.5},
+                                GraftCase{ShampooGrafting::rmsprop, true, 1.0, 2.0 / std::sqrt(4.5)},
+                                GraftCase{ShampooGrafting::adam, false, 1.0, 2.0 / std::sqrt(3.0)},
+                                GraftCase{ShampooGrafting::adam, true, 1.0, 2.0 / std::sqrt(4.5)}}) {
+        CAPTURE(shampoo_grafting_name(gc.type));
+        CAPTURE(gc.drop);
+        ShampooConfig gc_config;
+        gc_config.beta1 = 0.0;
+        gc_config.precondition_frequency = 1000;
+        gc_config.grafting = gc.type;
+        gc_config.graft_beta2 = 0.5;
+        gc_config.graft_eps = 1e-12;
+        gc_config.graft_drop_weighting = gc.drop;
+        float gw = 0.0f;
+        std::vector<ShampooBlockState> grafted(1);
+        grafted[0].init({0, 0, 1, 1}, gc_config);
+        const float g1 = 1.0f, g2 = 2.0f;
+        shampoo_update_cpu(&gw, &g1, grafted, 1, 1, 1.0, 0.0, 1, gc_config);
+        CHECK(gw == doctest::Approx(-gc.a1).epsilon(1e-6));
+        shampoo_update_cpu(&gw, &g2, grafted, 1, 1, 1.0, 0.0, 2, gc_config);
+        CHECK(gw == doctest::Approx(-gc.a1 - gc.a2).epsilon(1e-6));
+    }
+    // After the first root, grafting sets the size of Shampoo's direction: on 1 x 1 with roots
+    // every step S = g / |g|, which SGD grafting scales back to g; without grafting it stays S.
+    for (ShampooGrafting type : {ShampooGrafting::sgd, ShampooGrafting::none}) {
+        CAPTURE(shampoo_grafting_name(type));
+        ShampooConfig rc;
+        rc.beta1 = 0.0;
+        rc.precondition_frequency = 1;
+        rc.grafting = type;
+        float rw = 0.0f;
+        const float g3 = -3.0f;
+        std::vector<ShampooBlockState> rooted(1);
+        rooted[0].init({0, 0, 1, 1}, rc);
+        shampoo_update_cpu(&rw, &g3, rooted, 1, 1, 0.1, 0.0, 1, rc);
+        CHECK(rw == doctest::Approx(type == ShampooGrafting::sgd ? 0.3 : 0.1).epsilon(1e-6));
+    }
+
     // Weight decay types: l2 adds alpha W to the gradient (it reaches the factors), the others add
     // it to the direction; their alpha is wd, wd lr / peak lr or wd / peak lr. Zero gradient,
     // W_0 = 2, wd 0.2, no grafting: with l2, g = 0.4 and L = g^2 = 0.16, and F_hat = 0.4 at step 1,
@@ -445,7 +495,7 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
     for (ShampooDecay type : {ShampooDecay::l2, ShampooDecay::decoupled}) {
         CAPTURE(shampoo_decay_name(type));
         ShampooConfig wc;
-        wc.adam_grafting = false;
+        wc.grafting = ShampooGrafting::none;
         wc.decay_type = type;
         float ww = 2.0f;
         std::vector<ShampooBlockState> decayed(1);
@@ -480,7 +530,7 @@ TEST_CASE("Shampoo: inverse roots, a 1 x 1 step by hand, and a badly conditioned
         hr(i, i) = std::pow(10.0, -2.0 * i / (n - 1));  // 1 .. 0.01
     }
     ShampooConfig sc;
-    sc.adam_grafting = false;
+    sc.grafting = ShampooGrafting::none;
     sc.beta1 = 0.0;
     sc.precondition_frequency = 1;
     sc.eps = 1e-10;

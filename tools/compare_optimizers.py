@@ -19,7 +19,9 @@ diagonals) and "shampoo_qr" (QREigendecompositionConfig, 3 QR-algorithm steps pe
 the kept basis); and "shampoo_options" (as "shampoo", with beta3 0.81, no bias correction, l2
 weight decay and Nesterov momentum 0.5 dampened by 0.3) and "shampoo_independent_decay" (as
 "shampoo", weight_decay_type INDEPENDENT: alpha = wd / lr = 0.1 with wd 1e-4, ten times the
-decoupled alpha of "shampoo"). PSGD runs three
+decoupled alpha of "shampoo"); and "shampoo_rmsprop", "shampoo_adagrad" and "shampoo_sgd", as
+"shampoo" with those grafting methods (RMSprop: beta2 0.99; AdaGrad and RMSprop: epsilon 1e-8).
+PSGD runs three
 times: triangular factors ("psgd"), and with the reference's memory_save_mode one_diag and
 all_diag (diagonal factors). SOAP runs three times: its defaults ("soap"), max_precond_dim 64
 ("soap_max_dim": the tall and wide matrices' 96-long side gets no factor) and merge_dims with
@@ -141,6 +143,9 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
         common = dict(lr=1e-3, epsilon=1e-12, max_preconditioner_dim=40, precondition_frequency=4,
                       preconditioner_config=preconditioner_config)
         adam_grafting = ds.AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
+        other_grafting = {"shampoo_rmsprop": ds.RMSpropPreconditionerConfig(beta2=0.99, epsilon=1e-8),
+                          "shampoo_adagrad": ds.AdaGradPreconditionerConfig(epsilon=1e-8),
+                          "shampoo_sgd": ds.SGDPreconditionerConfig()}
         if name == "shampoo_options":
             opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), beta3=0.81, use_bias_correction=False,
                                         weight_decay=0.01, weight_decay_type=ds.WeightDecayType.L2,
@@ -148,6 +153,9 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
                                         iterate_averaging_config=ClassicMomentumConfig(momentum=0.5, dampening=0.3,
                                                                                        use_nesterov=True),
                                         **common)
+        elif name in other_grafting:
+            opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=0.01,
+                                        grafting_config=other_grafting[name], **common)
         elif name == "shampoo_independent_decay":
             opt = ds.DistributedShampoo(params, betas=(0.9, 1.0), weight_decay=1e-4,
                                         weight_decay_type=ds.WeightDecayType.INDEPENDENT,
@@ -202,6 +210,12 @@ QOPT_FLAGS = {
                         "4", "--shampoo-beta3", "0.81", "--shampoo-bias-correction", "false",
                         "--shampoo-weight-decay-type", "l2", "--shampoo-momentum", "0.5", "--shampoo-dampening", "0.3",
                         "--shampoo-nesterov", "true"],
+    "shampoo_rmsprop": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
+                        "4", "--shampoo-grafting", "rmsprop", "--shampoo-graft-beta2", "0.99"],
+    "shampoo_adagrad": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
+                        "4", "--shampoo-grafting", "adagrad"],
+    "shampoo_sgd": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
+                    "--shampoo-grafting", "sgd"],
     "shampoo_independent_decay": ["--weight-decay", "1e-4", "--shampoo-block-size", "40",
                                   "--shampoo-precondition-frequency", "4", "--shampoo-weight-decay-type",
                                   "independent"],
@@ -209,7 +223,8 @@ QOPT_FLAGS = {
 TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "soap_max_dim": 1e-3, "soap_merge": 1e-3,
              "psgd": 1e-3, "psgd_one_diag": 1e-3,
              "psgd_all_diag": 1e-3, "shampoo": 2e-3, "shampoo_momentum": 2e-3, "shampoo_eigen_tolerance": 2e-3,
-             "shampoo_qr": 2e-3, "shampoo_options": 2e-3, "shampoo_independent_decay": 2e-3}
+             "shampoo_qr": 2e-3, "shampoo_options": 2e-3, "shampoo_independent_decay": 2e-3, "shampoo_rmsprop": 2e-3,
+             "shampoo_adagrad": 2e-3, "shampoo_sgd": 2e-3}
 # A comparison's name -> qopt's optimizer (several comparisons can exercise one optimizer).
 QOPT_OPTIMIZER = {name: name.split("_")[0] for name in QOPT_FLAGS}
 # Comparisons whose qopt settings only the CPU reference runs (the GPU refuses them with a message).
