@@ -195,6 +195,18 @@ void symmetric_eigen_batched_gpu(float* vectors, float* values, const float* a, 
 // vectors and values are used as work (unspecified afterwards). a may be scratch itself.
 void symmetric_eigen_listed_gpu(float* vectors, float* values, const float* a, int n, int batch,
                                 const std::vector<int>& listed, float* scratch);
+// (a + eps I)^(-1/root) for `batch` symmetric positive semi-definite n x n matrices by the
+// coupled inverse Newton iteration (kernels/newton_root.cu; CPU reference and the iteration:
+// coupled_newton_inverse_root in optim/dense.hpp), every product one batched fp32 GEMM (TF32
+// with tf32). The whole batch iterates until every matrix is within the tolerance (a matrix
+// already within it stays at its fixed point) or max_iterations. scratch: 5 batch n^2 floats.
+struct NewtonBatchReport {
+    int iterations = 0;  // steps taken by the batch
+    int converged = 0;   // matrices within the tolerance at the end
+};
+NewtonBatchReport coupled_newton_inverse_root_batched_gpu(float* x, const float* a, int n, int batch, int root,
+                                                          double eps, int max_iterations, double tolerance,
+                                                          float* scratch, bool tf32 = false);
 // The n x n orthogonal factor Q of a = Q R by Householder reflections (as householder_q; the
 // signs of Q's columns follow LAPACK's convention, which the optimizers do not depend on).
 void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float* scratch);

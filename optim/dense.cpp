@@ -349,3 +349,42 @@ std::vector<int> orders_per_matrix(const std::vector<float>& values, int n, bool
 }
 
 }  // namespace qopt
+
+namespace qopt {
+
+NewtonRoot coupled_newton_inverse_root(const Dense& a, int root, double eps, int max_iterations, double tolerance) {
+    const int n = a.rows;
+    const double alpha = -1.0 / root;
+    Dense ridge = a;
+    for (int i = 0; i < n; ++i) ridge(i, i) += eps;
+    const double z = (root + 1) / (2 * frobenius_norm(ridge));
+    NewtonRoot result{Dense::identity(n, std::pow(z, -alpha)), 0, false};
+    Dense m = ridge;
+    for (double& v : m.values) v *= z;
+    auto distance_to_identity = [&](const Dense& x) {
+        double largest = 0;
+        for (int r = 0; r < n; ++r)
+            for (int c = 0; c < n; ++c) largest = std::max(largest, std::abs(x(r, c) - (r == c ? 1.0 : 0.0)));
+        return largest;
+    };
+    double error = distance_to_identity(m);
+    while (error > tolerance && result.iterations < max_iterations) {
+        ++result.iterations;
+        Dense step = m;  // M' = alpha M + (1 - alpha) I
+        for (double& v : step.values) v *= alpha;
+        for (int i = 0; i < n; ++i) step(i, i) += 1 - alpha;
+        result.root = matmul(result.root, step);
+        // M'^root by repeated squaring, then times M.
+        Dense power = Dense::identity(n), base = step;
+        for (int e = root; e > 0; e >>= 1) {
+            if (e & 1) power = matmul(power, base);
+            if (e > 1) base = matmul(base, base);
+        }
+        m = matmul(power, m);
+        error = distance_to_identity(m);
+    }
+    result.converged = error <= tolerance;
+    return result;
+}
+
+}  // namespace qopt

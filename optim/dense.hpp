@@ -39,6 +39,20 @@ Dense solve_upper_right(const Dense& x, const Dense& u);
 
 double frobenius_norm(const Dense& a);
 
+// (a + eps I)^(-1/root) of a symmetric positive semi-definite a by the coupled inverse Newton
+// iteration, as Distributed Shampoo's matrix_inverse_root_newton (CoupledNewtonConfig): with
+// z = (root + 1) / (2 ||a + eps I||_F), start X = z^(1/root) I, M = z (a + eps I); then, while
+// max |M - I| > tolerance and fewer than max_iterations steps:
+//   M' = (1 + 1/root) I - M / root,   X <- X M',   M <- M'^root M.
+// M stays X^root (a + eps I), so M -> I gives X -> (a + eps I)^(-1/root). iterations (if
+// given) receives the steps taken; converged, whether the tolerance was met.
+struct NewtonRoot {
+    Dense root;
+    int iterations = 0;
+    bool converged = false;
+};
+NewtonRoot coupled_newton_inverse_root(const Dense& a, int root, double eps, int max_iterations, double tolerance);
+
 // fp32 state <-> Dense (the references keep state in fp32 and compute in double).
 Dense dense_from(const float* values, int rows, int cols);
 void store_floats(const Dense& d, std::vector<float>& out);

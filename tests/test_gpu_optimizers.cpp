@@ -746,6 +746,43 @@ TEST_CASE("GPU dense linear algebra: batched eigendecomposition, Householder QR,
     }
 }
 
+TEST_CASE("GPU coupled inverse Newton roots match the CPU reference's, the whole batch at once") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // Five SPD matrices of 40 x 40 (x x^T / n + I / 2, one scaled by 1e3: z normalises each
+    // matrix on its own), root 4 and 2; fp32 reaches max |M - I| of a few 1e-6, so 1e-5.
+    const int n = 40, batch = 5;
+    for (int root : {4, 2}) {
+        CAPTURE(root);
+        std::vector<float> a(size_t(batch) * n * n);
+        std::vector<Dense> dense;
+        for (int b = 0; b < batch; ++b) {
+            Dense x(n, n);
+            x.values = random_vector<double>(x.values.size(), gen);
+            Dense m = matmul(x, x, false, true);
+            for (double& v : m.values) v = v / n * (b == 2 ? 1e3 : 1.0);
+            for (int i = 0; i < n; ++i) m(i, i) += b == 2 ? 500.0 : 0.5;
+            for (size_t i = 0; i < m.values.size(); ++i) a[size_t(b) * n * n + i] = float(m.values[i]);
+            dense.push_back(dense_from(a.data() + size_t(b) * n * n, n, n));
+        }
+        auto d_a = uploaded(a);
+        auto d_x = poisoned<float>(a.size()), d_scratch = poisoned<float>(5 * a.size());
+        const NewtonBatchReport report = coupled_newton_inverse_root_batched_gpu(d_x.data(), d_a.data(), n, batch, root,
+                                                                                 1e-3, 100, 1e-5, d_scratch.data());
+        CHECK(report.converged == batch);
+        CHECK(report.iterations < 40);
+        const std::vector<float> gpu = d_x.download();
+        for (int b = 0; b < batch; ++b) {
+            CAPTURE(b);
+            const NewtonRoot cpu = coupled_newton_inverse_root(dense[size_t(b)], root, 1e-3, 100, 1e-12);
+            const std::vector<double> mine(gpu.begin() + long(b) * n * n, gpu.begin() + long(b + 1) * n * n);
+            CHECK(relative_error(mine, cpu.root.values) < 1e-4);
+        }
+    }
+}
+
 TEST_CASE("GPU product of two upper-triangular matrices by blocks matches the CPU's matmul") {
     REQUIRE_GPU();
     const uint64_t seed = fresh_seed();

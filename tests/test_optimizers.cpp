@@ -254,6 +254,37 @@ TEST_CASE("symmetric eigendecomposition: hand-derived spectra, clusters, rank de
     }
 }
 
+TEST_CASE("Coupled inverse Newton roots (Distributed Shampoo's CoupledNewtonConfig) equal the eigendecomposition's") {
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // Well-conditioned SPD matrices (x x^T / n + I / 2: eigenvalues in [0.5, ~5]), roots 1 to 4
+    // and 8: the root equals (a + eps I)^(-1/root) from the eigendecomposition, and X^root (a + eps I) = I.
+    const int n = 20;
+    for (int root : {1, 2, 3, 4, 8}) {
+        CAPTURE(root);
+        const Dense x = random_dense(n, n, gen);
+        Dense a = matmul(x, x, false, true);
+        for (double& v : a.values) v /= n;
+        for (int i = 0; i < n; ++i) a(i, i) += 0.5;
+        const double eps = 1e-3;
+        const NewtonRoot newton = coupled_newton_inverse_root(a, root, eps, 100, 1e-12);
+        CHECK(newton.converged);
+        CHECK(newton.iterations < 40);
+        const Dense exact = shampoo_inverse_root(a, eps, root);
+        CHECK(max_abs_diff(newton.root, exact) < 1e-9 * frobenius_norm(exact));
+        Dense power = Dense::identity(n);
+        for (int k = 0; k < root; ++k) power = matmul(power, newton.root);
+        for (int i = 0; i < n; ++i) a(i, i) += eps;
+        CHECK(max_abs_diff(matmul(power, a), Dense::identity(n)) < 1e-9);
+    }
+    // The iteration's budget: a tolerance it cannot reach in 3 steps is reported as not converged.
+    const Dense x = random_dense(n, n, gen);
+    const NewtonRoot short_run = coupled_newton_inverse_root(matmul(x, x, false, true), 4, 1e-6, 3, 1e-12);
+    CHECK(short_run.iterations == 3);
+    CHECK_FALSE(short_run.converged);
+}
+
 TEST_CASE("Scion LMOs have the stated norms; the constrained step by hand") {
     const uint64_t seed = fresh_seed();
     INFO("seed " << seed);

@@ -41,6 +41,7 @@
 #include "optim/shard_plan.hpp"
 #include "optim/optimizer_cli.hpp"
 #include "optim/optimizer_kernels.hpp"
+#include "optim/preconditioner_kernels.hpp"
 #include "kernels/side_stream.hpp"
 #include "quant/hadamard.hpp"
 #include "quant/quant_cli.hpp"
@@ -659,6 +660,71 @@ void bench_newton_schulz() {
     std::fflush(stdout);
 }
 
+// Shampoo's inverse 4th roots at gpt2-124m's factor batches (168 of 768^2, 72 of 1024^2), eps
+// 1e-12: the eigendecomposition qopt uses (cuSOLVER's batched syev, the columns scaled, one
+// GEMM) against Distributed Shampoo's CoupledNewtonConfig (tolerance 1e-6, at most 100 steps,
+// kernels/newton_root.cu), on two kinds of factor: diagonally dominant (condition ~1e3, as
+// the eigendecomposition lines of --linalg) and the Gram matrix of an n x n Gaussian gradient
+// (a factor after one step: condition ~1e6 and more). Also how far the Newton roots are from the
+// eigendecomposition's (relative Frobenius error, mean over the batch).
+void bench_inverse_roots() {
+    Timer timer;
+    auto once = [&](auto&& call) { return median_call_ms(timer, call, 1, 1); };  // warm-up: workspaces
+    for (auto [n, batch] : {std::pair{768, 168}, std::pair{1024, 72}}) {
+        const size_t floats = size_t(n) * n * batch;
+        DeviceBuffer<float> a(floats), gradient(floats), vectors(floats), scaled(floats), scratch(5 * floats),
+            eigen_root(floats), newton_root(floats), values(size_t(n) * batch);
+        for (const char* kind : {"diagonally dominant", "Gram of a Gaussian gradient"}) {
+            if (kind[0] == 'd') {
+                std::vector<float> host(floats);
+                for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
+                for (int b = 0; b < batch; ++b)
+                    for (int r = 0; r < n; ++r) {
+                        for (int c = 0; c < r; ++c)
+                            host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
+                        host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
+                    }
+                a.upload(host);
+            } else {
+                std::mt19937 generator(n);
+                std::normal_distribution<float> normal;
+                std::vector<float> host(floats);
+                for (float& x : host) x = normal(generator) / std::sqrt(float(n));
+                gradient.upload(host);
+                batched_matmul_f32_gpu(a.data(), a.data(), gradient.data(), false, gradient.data(), true, n, n, n, 1.0f,
+                                       0.0f, batch, int64_t(n) * n, int64_t(n) * n, int64_t(n) * n);
+            }
+            const double eigen_ms = once([&] {
+                symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data());
+                inverse_root_columns_gpu(scaled.data(), vectors.data(), values.data(), n, batch, 1.0f, 1e-12, 4);
+                batched_matmul_f32_gpu(eigen_root.data(), eigen_root.data(), scaled.data(), false, vectors.data(), true,
+                                       n, n, n, 1.0f, 0.0f, batch, int64_t(n) * n, int64_t(n) * n, int64_t(n) * n);
+            });
+            NewtonBatchReport report;
+            const double newton_ms = once([&] {
+                report = coupled_newton_inverse_root_batched_gpu(newton_root.data(), a.data(), n, batch, 4, 1e-12, 100,
+                                                                 1e-6, scratch.data());
+            });
+            const std::vector<float> eigen_host = eigen_root.download(), newton_host = newton_root.download();
+            double error_sum = 0;
+            for (int b = 0; b < batch; ++b) {
+                double diff = 0, norm = 0;
+                for (size_t i = size_t(b) * n * n; i < size_t(b + 1) * n * n; ++i) {
+                    const double d = double(newton_host[i]) - eigen_host[i];
+                    diff += d * d;
+                    norm += double(eigen_host[i]) * eigen_host[i];
+                }
+                error_sum += std::sqrt(diff / norm);
+            }
+            std::printf("inverse 4th roots %4d^2 x %3d, %s: eigendecomposition %8.1f ms; coupled Newton %8.1f ms "
+                        "(%d steps, %d of %d within 1e-6), %.1e from the eigendecomposition's roots\n",
+                        n, batch, kind, eigen_ms, newton_ms, report.iterations, report.converged, batch,
+                        error_sum / batch);
+        }
+    }
+    std::fflush(stdout);
+}
+
 // Attention kernels alone: causal FLOPs (half the square) of forward (2 products) and
 // backward (the 5 products of the math; the kernels recompute P once more).
 void bench_attention(int seq_len, int head_dim, int n_heads, int batch) {
@@ -737,6 +803,10 @@ int main(int argc, char** argv) {
     app.add_flag("--newton-schulz", newton_schulz,
                  "also time Muon's and Scion's Newton-Schulz products at gpt2-124m's shape groups: each product of "
                  "an iteration, each group's loop, and the groups one after another against each on its own stream");
+    bool inverse_roots = false;
+    app.add_flag("--inverse-roots", inverse_roots,
+                 "also time Shampoo's inverse 4th roots at gpt2-124m's factor batches: the eigendecomposition "
+                 "against Distributed Shampoo's coupled Newton iteration, on well- and ill-conditioned factors");
     bool cpu_linalg = false;
     app.add_flag("--cpu-linalg", cpu_linalg,
                  "time the CPU references' float64 helpers (products, eigendecomposition, Householder QR, triangular "
@@ -783,6 +853,7 @@ int main(int argc, char** argv) {
         }
         if (linalg) qopt::bench_linalg();
         if (newton_schulz) qopt::bench_newton_schulz();
+        if (inverse_roots) qopt::bench_inverse_roots();
         if (integer_gemm)
             for (auto [in_dim, out_dim] : {std::pair{768, 2304}, std::pair{768, 768}, std::pair{768, 3072},
                                            std::pair{3072, 768}, std::pair{2048, 6144}, std::pair{8192, 2048}})
