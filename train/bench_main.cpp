@@ -708,7 +708,7 @@ void bench_inverse_roots() {
             const std::vector<float> eigen_host = eigen_root.download(), newton_host = newton_root.download();
             // Mean error over the matrices whose roots are finite on both sides; the others counted.
             double error_sum = 0;
-            int eigen_bad = 0, newton_bad = 0;
+            int eigen_bad = 0, newton_bad = 0, compared = 0;
             for (int b = 0; b < batch; ++b) {
                 double diff = 0, norm = 0;
                 bool eigen_finite = true, newton_finite = true;
@@ -721,9 +721,11 @@ void bench_inverse_roots() {
                 }
                 eigen_bad += !eigen_finite;
                 newton_bad += !newton_finite;
-                if (eigen_finite && newton_finite) error_sum += std::sqrt(diff / norm);
+                if (eigen_finite && newton_finite) {
+                    error_sum += std::sqrt(diff / norm);
+                    ++compared;
+                }
             }
-            const int compared = batch - std::max(eigen_bad, newton_bad);
             std::printf("inverse 4th roots %4d^2 x %3d, %s: eigendecomposition %8.1f ms (%d roots not finite); "
                         "coupled Newton %8.1f ms (%d steps, %d of %d within 1e-6, %d roots not finite), %.1e from "
                         "the eigendecomposition's roots (mean where both are finite)\n",
