@@ -2,6 +2,23 @@
 
 namespace qopt {
 
+namespace {
+
+// The choice among `choices` whose name_of(choice) is `value`, or a CLI error naming the flag and
+// every name.
+template <typename Choice, typename NameOf>
+Choice parse_choice(const std::string& value, std::initializer_list<Choice> choices, NameOf name_of,
+                    const char* flag) {
+    std::string names;
+    for (Choice choice : choices) {
+        if (value == name_of(choice)) return choice;
+        names += (names.empty() ? "" : ", ") + std::string(name_of(choice));
+    }
+    throw CLI::ValidationError(flag, "must be one of " + names);
+}
+
+}  // namespace
+
 void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     const char* g = "Optimizer";
     app.add_option("--optimizer", name, "adamw, muon, scion, shampoo, soap or psgd (routing: see README)")->group(g);
@@ -70,14 +87,9 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option_function<std::string>(
            "--shampoo-weight-decay-type",
            [&c](const std::string& v) {
-               for (ShampooDecay type : {ShampooDecay::l2, ShampooDecay::decoupled, ShampooDecay::corrected,
-                                         ShampooDecay::independent})
-                   if (v == shampoo_decay_name(type)) {
-                       c.shampoo.decay_type = type;
-                       return;
-                   }
-               throw CLI::ValidationError("--shampoo-weight-decay-type",
-                                          "must be l2, decoupled, corrected or independent");
+               c.shampoo.decay_type = parse_choice(
+                   v, {ShampooDecay::l2, ShampooDecay::decoupled, ShampooDecay::corrected, ShampooDecay::independent},
+                   shampoo_decay_name, "--shampoo-weight-decay-type");
            },
            "Where --weight-decay enters (weight_decay_type): l2 (into the gradient, before the factors), decoupled "
            "(the default: alpha = wd, into the direction), corrected (alpha = wd lr / peak lr) or independent "
@@ -94,13 +106,10 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option_function<std::string>(
            "--shampoo-grafting",
            [&c](const std::string& v) {
-               for (ShampooGrafting type : {ShampooGrafting::none, ShampooGrafting::sgd, ShampooGrafting::adagrad,
-                                            ShampooGrafting::rmsprop, ShampooGrafting::adam})
-                   if (v == shampoo_grafting_name(type)) {
-                       c.shampoo.grafting = type;
-                       return;
-                   }
-               throw CLI::ValidationError("--shampoo-grafting", "must be adam, rmsprop, adagrad, sgd or none");
+               c.shampoo.grafting =
+                   parse_choice(v, {ShampooGrafting::adam, ShampooGrafting::rmsprop, ShampooGrafting::adagrad,
+                                    ShampooGrafting::sgd, ShampooGrafting::none},
+                                shampoo_grafting_name, "--shampoo-grafting");
            },
            "Grafting (grafting_config): adam (default, the study's), rmsprop, adagrad, sgd or none (the reference's "
            "default)")
