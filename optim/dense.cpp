@@ -348,10 +348,6 @@ std::vector<int> orders_per_matrix(const std::vector<float>& values, int n, bool
     return orders;
 }
 
-}  // namespace qopt
-
-namespace qopt {
-
 NewtonRoot coupled_newton_inverse_root(const Dense& a, int root, double eps, int max_iterations, double tolerance) {
     const int n = a.rows;
     const double alpha = -1.0 / root;
