@@ -154,21 +154,37 @@ void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grad
     CUDA_CHECK_LAUNCH();
 }
 
-bf16* newton_schulz_batched_gpu(bf16* x, bf16* x2, bf16* a_scratch, bf16* p_scratch, int count, int rows, int cols,
-                                int steps, float a, float b, float c, cudaStream_t stream) {
+void newton_schulz_gram_gpu(bf16* a_out, const bf16* x, int count, int rows, int cols, cudaStream_t stream) {
     const int s = std::min(rows, cols);
     const int64_t n = int64_t(rows) * cols, ss = int64_t(s) * s;
+    if (rows <= cols)
+        batched_matmul_gpu(a_out, nullptr, x, false, x, true, rows, rows, cols, 1.0f, 0.0f, count, n, n, ss, stream);
+    else
+        batched_matmul_gpu(a_out, nullptr, x, true, x, false, cols, cols, rows, 1.0f, 0.0f, count, n, n, ss, stream);
+}
+
+void newton_schulz_polynomial_gpu(bf16* p_out, const bf16* a_in, int count, int s, float b, float c,
+                                  cudaStream_t stream) {
+    const int64_t ss = int64_t(s) * s;
+    batched_matmul_gpu(p_out, a_in, a_in, false, a_in, false, s, s, s, c, b, count, ss, ss, ss, stream);
+}
+
+void newton_schulz_product_back_gpu(bf16* x2, const bf16* x, const bf16* p, int count, int rows, int cols, float a,
+                                    cudaStream_t stream) {
+    const int s = std::min(rows, cols);
+    const int64_t n = int64_t(rows) * cols, ss = int64_t(s) * s;
+    if (rows <= cols)
+        batched_matmul_gpu(x2, x, p, false, x, false, rows, cols, rows, 1.0f, a, count, ss, n, n, stream);
+    else
+        batched_matmul_gpu(x2, x, x, false, p, false, rows, cols, cols, 1.0f, a, count, n, ss, n, stream);
+}
+
+bf16* newton_schulz_batched_gpu(bf16* x, bf16* x2, bf16* a_scratch, bf16* p_scratch, int count, int rows, int cols,
+                                int steps, float a, float b, float c, cudaStream_t stream) {
     for (int it = 0; it < steps; ++it) {
-        if (rows <= cols)
-            batched_matmul_gpu(a_scratch, nullptr, x, false, x, true, rows, rows, cols, 1.0f, 0.0f, count, n, n, ss, stream);
-        else
-            batched_matmul_gpu(a_scratch, nullptr, x, true, x, false, cols, cols, rows, 1.0f, 0.0f, count, n, n, ss, stream);
-        batched_matmul_gpu(p_scratch, a_scratch, a_scratch, false, a_scratch, false, s, s, s, c, b, count, ss, ss, ss,
-                           stream);
-        if (rows <= cols)
-            batched_matmul_gpu(x2, x, p_scratch, false, x, false, rows, cols, rows, 1.0f, a, count, ss, n, n, stream);
-        else
-            batched_matmul_gpu(x2, x, x, false, p_scratch, false, rows, cols, cols, 1.0f, a, count, n, ss, n, stream);
+        newton_schulz_gram_gpu(a_scratch, x, count, rows, cols, stream);
+        newton_schulz_polynomial_gpu(p_scratch, a_scratch, count, std::min(rows, cols), b, c, stream);
+        newton_schulz_product_back_gpu(x2, x, p_scratch, count, rows, cols, a, stream);
         std::swap(x, x2);
     }
     return x;

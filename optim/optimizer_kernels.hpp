@@ -33,6 +33,15 @@ void ns_prepare_gpu(bf16* x, float* momentum, float* partials, const float* grad
 // holds the result. CPU reference: newton_schulz_cpu (optim/muon.hpp), one matrix at a time.
 bf16* newton_schulz_batched_gpu(bf16* x, bf16* x2, bf16* a_scratch, bf16* p_scratch, int count, int rows, int cols,
                                 int steps, float a, float b, float c, cudaStream_t stream = 0);
+// The three products of one of its iterations (bench times them one by one):
+//   gram:         a_out = X X^T, or X^T X when rows > cols   (count x s x s)
+//   polynomial:   p_out = b A + c A A                         (count x s x s)
+//   product back: x2 = a X + P X, or a X + X P when rows > cols
+void newton_schulz_gram_gpu(bf16* a_out, const bf16* x, int count, int rows, int cols, cudaStream_t stream = 0);
+void newton_schulz_polynomial_gpu(bf16* p_out, const bf16* a_in, int count, int s, float b, float c,
+                                  cudaStream_t stream = 0);
+void newton_schulz_product_back_gpu(bf16* x2, const bf16* x, const bf16* p, int count, int rows, int cols, float a,
+                                    cudaStream_t stream = 0);
 // W = keep W - step_scale o for each matrix of the group (o: count x n bf16, contiguous).
 void matrix_apply_gpu(float* params, bf16* params_bf16, const bf16* o, const int64_t* offsets, int count, int64_t n,
                       float keep, float step_scale, cudaStream_t stream = 0);

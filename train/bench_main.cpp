@@ -506,6 +506,21 @@ void bench_cpu_linalg() {
 // The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
 // gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
 // batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
+// `batch` diagonally dominant symmetric n x n matrices (a Gram matrix's shape without its cost):
+// small hashed entries, mirrored, plus 1 + r on the diagonal (condition ~n).
+std::vector<float> diagonally_dominant_symmetric(int n, int batch) {
+    const size_t floats = size_t(n) * n * batch;
+    std::vector<float> host(floats);
+    for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
+    for (int b = 0; b < batch; ++b)
+        for (int r = 0; r < n; ++r)
+            for (int c = 0; c < r; ++c)
+                host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
+    for (int b = 0; b < batch; ++b)
+        for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
+    return host;
+}
+
 void bench_linalg() {
     Timer timer;
     auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
@@ -513,16 +528,7 @@ void bench_linalg() {
         for (int batch : {1, 12, 48, 168}) {
             const size_t floats = size_t(n) * n * batch;
             DeviceBuffer<float> a(floats), vectors(floats), scratch(floats), values(size_t(n) * batch);
-            // A diagonally dominant symmetric matrix (a Gram matrix's shape without its cost).
-            std::vector<float> host(floats);
-            for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
-            for (int b = 0; b < batch; ++b)
-                for (int r = 0; r < n; ++r)
-                    for (int c = 0; c < r; ++c)
-                        host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
-            for (int b = 0; b < batch; ++b)
-                for (int r = 0; r < n; ++r) host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
-            a.upload(host);
+            a.upload(diagonally_dominant_symmetric(n, batch));
             const double ms = time([&] { symmetric_eigen_batched_gpu(vectors.data(), values.data(), a.data(), n, batch, scratch.data()); });
             std::printf("symmetric eigendecomposition %4d^2 x %3d: %8.2f ms (%.2f ms per matrix)\n", n, batch, ms,
                         ms / batch);
@@ -603,7 +609,9 @@ void bench_newton_schulz() {
     std::vector<Group> groups;
     for (auto [count, rows, cols] : {std::tuple{48, 768, 768}, std::tuple{12, 3072, 768}, std::tuple{12, 768, 3072}})
         groups.push_back({count, rows, cols, {}, {}, {}, {}});
-    const MuonConfig mc;
+    OptimizerConfig muon_config;
+    muon_config.kind = OptimizerKind::Muon;
+    const MuonConfig& mc = muon_config.muon;
     std::mt19937 generator(7);
     std::normal_distribution<float> normal;
     Timer timer;
@@ -621,22 +629,15 @@ void bench_newton_schulz() {
         g.x.upload(host), g.x2.resize(n * g.count), g.a.resize(s * s * g.count), g.p.resize(s * s * g.count);
         const int64_t ld = std::max(g.rows, g.cols);
         const double gram_flops = 2.0 * double(s) * s * ld * g.count, square_flops = 2.0 * double(s) * s * s * g.count;
-        const bool wide = g.rows <= g.cols;
-        const int64_t nn = int64_t(n), ss = int64_t(s * s);
-        const double gram = time([&] {
-            if (wide) batched_matmul_gpu(g.a.data(), nullptr, g.x.data(), false, g.x.data(), true, g.rows, g.rows, g.cols, 1.0f, 0.0f, g.count, nn, nn, ss);
-            else batched_matmul_gpu(g.a.data(), nullptr, g.x.data(), true, g.x.data(), false, g.cols, g.cols, g.rows, 1.0f, 0.0f, g.count, nn, nn, ss);
-        });
+        const double gram = time([&] { newton_schulz_gram_gpu(g.a.data(), g.x.data(), g.count, g.rows, g.cols); });
         const double square = time([&] {
-            batched_matmul_gpu(g.p.data(), g.a.data(), g.a.data(), false, g.a.data(), false, int(s), int(s), int(s),
-                               float(mc.ns_c), float(mc.ns_b), g.count, ss, ss, ss);
+            newton_schulz_polynomial_gpu(g.p.data(), g.a.data(), g.count, int(s), float(mc.ns_b), float(mc.ns_c));
         });
         const double back = time([&] {
-            if (wide) batched_matmul_gpu(g.x2.data(), g.x.data(), g.p.data(), false, g.x.data(), false, g.rows, g.cols, g.rows, 1.0f, float(mc.ns_a), g.count, ss, nn, nn);
-            else batched_matmul_gpu(g.x2.data(), g.x.data(), g.x.data(), false, g.p.data(), false, g.rows, g.cols, g.cols, 1.0f, float(mc.ns_a), g.count, nn, ss, nn);
+            newton_schulz_product_back_gpu(g.x2.data(), g.x.data(), g.p.data(), g.count, g.rows, g.cols, float(mc.ns_a));
         });
         const double whole = time([&] { loop(g, mc.ns_steps, 0); });
-        const double loop_flops = mc.ns_steps * (2 * gram_flops + square_flops);
+        const double loop_flops = g.count * matrix_product_flops(g.rows, g.cols, muon_config);
         serial_flops += loop_flops;
         auto rate = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
         std::printf("Newton-Schulz %2d x %4d x %4d: Gram %.3f ms (%.0f TFLOP/s), its square %.3f ms (%.0f), product "
@@ -676,15 +677,7 @@ void bench_inverse_roots() {
             eigen_root(floats), newton_root(floats), values(size_t(n) * batch);
         for (const char* kind : {"diagonally dominant", "Gram of a Gaussian gradient"}) {
             if (kind[0] == 'd') {
-                std::vector<float> host(floats);
-                for (size_t i = 0; i < floats; ++i) host[i] = ((i * 2654435761u) % 1000) * 1e-6f;
-                for (int b = 0; b < batch; ++b)
-                    for (int r = 0; r < n; ++r) {
-                        for (int c = 0; c < r; ++c)
-                            host[size_t(b) * n * n + size_t(c) * n + r] = host[size_t(b) * n * n + size_t(r) * n + c];
-                        host[size_t(b) * n * n + size_t(r) * n + r] += 1.0f + r;
-                    }
-                a.upload(host);
+                a.upload(diagonally_dominant_symmetric(n, batch));
             } else {
                 std::mt19937 generator(n);
                 std::normal_distribution<float> normal;
