@@ -26,6 +26,7 @@
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 #include "kernels/mma.cuh"
+#include "kernels/side_stream.hpp"
 
 namespace qopt {
 namespace flash {
@@ -421,39 +422,21 @@ void backward_for(Rows<bf16> dq, Rows<bf16> dk, Rows<bf16> dv, Rows<const bf16> 
 }  // namespace
 
 namespace {
-struct SideStream {
-    cudaStream_t stream = nullptr;
-    cudaEvent_t forked = nullptr, joined = nullptr;
-};
-
-// The current device's side stream: non-blocking, so it overlaps even the legacy default stream.
+// The current device's side stream, created once and kept for the process (never destroyed: it
+// may be in use until exit, after which the driver is gone).
 SideStream& side_stream() {
-    static SideStream per_device[64];
+    static SideStream* per_device[64] = {};
     int device = 0;
     CUDA_CHECK(cudaGetDevice(&device));
     QOPT_CHECK(device >= 0 && device < 64, "attention: device index ", device, " out of range");
-    SideStream& side = per_device[device];
-    if (!side.stream) {
-        CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
-        CUDA_CHECK(cudaEventCreateWithFlags(&side.forked, cudaEventDisableTiming));
-        CUDA_CHECK(cudaEventCreateWithFlags(&side.joined, cudaEventDisableTiming));
-    }
-    return side;
+    if (!per_device[device]) per_device[device] = new SideStream();
+    return *per_device[device];
 }
 }  // namespace
 
-cudaStream_t fork_side_stream(cudaStream_t stream) {
-    SideStream& side = side_stream();
-    CUDA_CHECK(cudaEventRecord(side.forked, stream));
-    CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.forked, 0));
-    return side.stream;
-}
+cudaStream_t fork_side_stream(cudaStream_t stream) { return side_stream().after(stream); }
 
-void join_side_stream(cudaStream_t stream) {
-    SideStream& side = side_stream();
-    CUDA_CHECK(cudaEventRecord(side.joined, side.stream));
-    CUDA_CHECK(cudaStreamWaitEvent(stream, side.joined, 0));
-}
+void join_side_stream(cudaStream_t stream) { side_stream().join_into(stream); }
 
 }  // namespace flash
 

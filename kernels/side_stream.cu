@@ -6,7 +6,7 @@ namespace qopt {
 
 SideStream::SideStream() {
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaEventCreateWithFlags(&default_reached_, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&origin_reached_, cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&side_reached_, cudaEventDisableTiming));
 }
 
@@ -14,19 +14,19 @@ SideStream::~SideStream() {
     // Nothing may still run on the stream when its buffers' owners go away.
     cudaStreamSynchronize(stream_);
     cudaEventDestroy(side_reached_);
-    cudaEventDestroy(default_reached_);
+    cudaEventDestroy(origin_reached_);
     cudaStreamDestroy(stream_);
 }
 
-cudaStream_t SideStream::after_default_stream() {
-    CUDA_CHECK(cudaEventRecord(default_reached_, 0));
-    CUDA_CHECK(cudaStreamWaitEvent(stream_, default_reached_, 0));
+cudaStream_t SideStream::after(cudaStream_t origin) {
+    CUDA_CHECK(cudaEventRecord(origin_reached_, origin));
+    CUDA_CHECK(cudaStreamWaitEvent(stream_, origin_reached_, 0));
     return stream_;
 }
 
-void SideStream::join_into_default_stream() {
+void SideStream::join_into(cudaStream_t target) {
     CUDA_CHECK(cudaEventRecord(side_reached_, stream_));
-    CUDA_CHECK(cudaStreamWaitEvent(0, side_reached_, 0));
+    CUDA_CHECK(cudaStreamWaitEvent(target, side_reached_, 0));
 }
 
 }  // namespace qopt

@@ -7,7 +7,10 @@
 // precondition_frequency steps the inverse roots: the symmetric eigendecompositions of all
 // factors of one size in a single batched cuSOLVER call (the call is latency-bound: on an H100
 // 12 and 48 matrices of 768^2 take 57 and 61 ms, 168 take 156 ms; `bench --linalg`), then per
-// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T. With a kept
+// group the eigenvalue powers on the eigenvector columns and one GEMM V' V^T. The sizes'
+// decompositions run at once, each on a stream and a host thread of its own (the call holds its
+// thread until it is nearly done, see below; on an H200 the two sizes of gpt2-124m took 222 ms
+// against 272 one after the other, tools/probes/syev_threads_probe.cu). With a kept
 // eigenbasis (--shampoo-eigen-tolerance, --shampoo-eigen-method qr; refresh_from_kept_eigenbasis)
 // the refresh starts from B = V^T L V over the same batches.
 //
@@ -27,6 +30,7 @@
 
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
+#include "kernels/side_stream.hpp"
 #include "optim/gpu_matrix_method.hpp"
 #include "optim/preconditioner_kernels.hpp"
 
@@ -43,11 +47,9 @@ public:
           gemm_{config.precond_tf32} {
         const bool lagged = config_.refresh_lag > 0;
         if (lagged) {
-            CUDA_CHECK(cudaStreamCreateWithFlags(&refresh_stream_, cudaStreamNonBlocking));
-            CUDA_CHECK(cudaEventCreateWithFlags(&factors_ready_, cudaEventDisableTiming));
-            CUDA_CHECK(cudaEventCreateWithFlags(&roots_ready_, cudaEventDisableTiming));
-            refresh_gemm_ = GroupGemm{config.precond_tf32, refresh_stream_};
-            reserve_matmul_workspace(refresh_stream_);
+            refresh_stream_ = std::make_unique<SideStream>();
+            refresh_gemm_ = GroupGemm{config.precond_tf32, refresh_stream_->stream()};
+            reserve_matmul_workspace(refresh_stream_->stream());
         }
         groups_ = group_tiles(routing, config_.block_size, owned_matrices);
         for (TileGroup& g : groups_) {
@@ -95,13 +97,23 @@ public:
             merged_floats = std::max(merged_floats, size_t(f.n) * f.n * f.count);
             merged_values = std::max(merged_values, size_t(f.n) * f.count);
         }
-        // With a lag every size's factors are kept at once (snapshots_); without, one size at a time.
-        if (lagged)
+        // With a lag, or with every size decomposed at once, each size's factors have buffers of
+        // their own (snapshots_); a kept eigenbasis goes one size at a time through merged_factors_.
+        const bool concurrent = !lagged && !config_.keeps_eigenbasis();
+        if (lagged || concurrent)
             for (const FactorSize& f : sizes_) snapshots_.emplace_back().resize(size_t(f.n) * f.n * f.count);
         else
             merged_factors_.resize(merged_floats);
-        merged_vectors_.resize(merged_floats);
-        values_.resize(merged_values);
+        if (concurrent) {
+            for (const FactorSize& f : sizes_) {
+                size_vectors_.emplace_back().resize(size_t(f.n) * f.n * f.count);
+                size_values_.emplace_back().resize(size_t(f.n) * f.count);
+                eigen_streams_.push_back(std::make_unique<SideStream>());
+            }
+        } else {
+            merged_vectors_.resize(merged_floats);
+            values_.resize(merged_values);
+        }
         if (config_.keeps_eigenbasis()) {
             merged_work_.resize(merged_floats);
             merged_extra_.resize(merged_floats);
@@ -119,20 +131,25 @@ public:
             if (config_.eigen_method == ShampooEigenMethod::qr)
                 reserve_qr_q_gpu(f.n, int(f.count), merged_extra_.data());
             else if (lagged)
-                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), refresh_stream_);
+                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), refresh_stream_->stream());
+            else if (concurrent)
+                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), eigen_streams_[i]->stream());
             else
                 reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
         }
     }
 
     ~GpuShampoo() override {
-        if (!refresh_stream_) return;
         if (refresh_thread_.joinable()) refresh_thread_.join();  // its error, if any, goes unreported
-        cudaStreamSynchronize(refresh_stream_);  // its work reads and writes this object's buffers
-        release_side_solver(refresh_stream_);
-        cudaEventDestroy(factors_ready_);
-        cudaEventDestroy(roots_ready_);
-        cudaStreamDestroy(refresh_stream_);
+        // Their work reads and writes this object's buffers; their solvers go before the streams.
+        if (refresh_stream_) {
+            cudaStreamSynchronize(refresh_stream_->stream());
+            release_side_solver(refresh_stream_->stream());
+        }
+        for (const auto& stream : eigen_streams_) {
+            cudaStreamSynchronize(stream->stream());
+            release_side_solver(stream->stream());
+        }
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -203,7 +220,7 @@ public:
         // Pending roots are read or written only once the side stream is done with them.
         if (refresh_stream_) {
             join_refresh();
-            CUDA_CHECK(cudaStreamSynchronize(refresh_stream_));
+            CUDA_CHECK(cudaStreamSynchronize(refresh_stream_->stream()));
         }
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             const TileGroup& g = groups_[gi];
@@ -237,7 +254,8 @@ public:
                         merged_work_.size() + merged_extra_.size() + estimates_.size() + sums_.size() +
                         within_.size() + accepted_.size() + orders_.size();
         for (const TileGroup& g : groups_) floats += g.grads.size();
-        for (const DeviceBuffer<float>& snapshot : snapshots_) floats += snapshot.size();
+        for (const auto* buffers : {&snapshots_, &size_vectors_, &size_values_})
+            for (const DeviceBuffer<float>& buffer : *buffers) floats += buffer.size();
         return floats * sizeof(float);
     }
 
@@ -365,17 +383,40 @@ private:
 
     // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
     // taken only where it came out finite (commit_tiles). Per factor size: the factors gathered
-    // into one batch, one eigendecomposition call, then each group's roots from its slice.
+    // into one batch, one eigendecomposition call; the sizes' calls at once, each from a thread
+    // of its own onto a stream of its own (the default stream waits for all of them); then each
+    // group's roots from its slice, on the default stream.
     void refresh_inverse_roots(double divisor) {
-        for (const FactorSize& size : sizes_) {
-            const int n = size.n;
+        std::vector<cudaStream_t> streams;
+        for (size_t i = 0; i < sizes_.size(); ++i) {
+            gather_factors(sizes_[i], snapshots_[i].data());
+            streams.push_back(eigen_streams_[i]->after_default_stream());
+        }
+        int device = 0;
+        CUDA_CHECK(cudaGetDevice(&device));
+        std::vector<std::exception_ptr> errors(sizes_.size());
+        std::vector<std::thread> threads;
+        for (size_t i = 0; i < sizes_.size(); ++i)
+            threads.emplace_back([this, i, device, &streams, &errors] {
+                try {
+                    CUDA_CHECK(cudaSetDevice(device));
+                    const FactorSize& size = sizes_[i];
+                    // The snapshot is the eigendecomposition's scratch too (overwritten).
+                    symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
+                                                size.n, int(size.count), snapshots_[i].data(), streams[i]);
+                } catch (...) {
+                    errors[i] = std::current_exception();
+                }
+            });
+        for (std::thread& thread : threads) thread.join();
+        for (const std::exception_ptr& error : errors)
+            if (error) std::rethrow_exception(error);
+        for (const auto& stream : eigen_streams_) stream->join_into_default_stream();
+        for (size_t i = 0; i < sizes_.size(); ++i) {
+            const int n = sizes_[i].n;
             const size_t matrix = size_t(n) * n;
-            gather_factors(size);
-            // The gathered factors are the eigendecomposition's scratch too (overwritten).
-            symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), merged_factors_.data(), n, size.count,
-                                        merged_factors_.data());
-            for (const FactorSlot& f : size.factors)
-                commit_root(f, n, merged_vectors_.data() + f.first * matrix, values_.data() + f.first * n,
+            for (const FactorSlot& f : sizes_[i].factors)
+                commit_root(f, n, size_vectors_[i].data() + f.first * matrix, size_values_[i].data() + f.first * n,
                             float(divisor));
         }
     }
@@ -385,15 +426,13 @@ private:
     void launch_refresh(double divisor) {
         join_refresh();  // the last one was taken already (the lag is below the refresh period)
         for (size_t i = 0; i < sizes_.size(); ++i) gather_factors(sizes_[i], snapshots_[i].data());
-        CUDA_CHECK(cudaEventRecord(factors_ready_, 0));
-        CUDA_CHECK(cudaStreamWaitEvent(refresh_stream_, factors_ready_, 0));
+        refresh_stream_->after_default_stream();
         int device = 0;
         CUDA_CHECK(cudaGetDevice(&device));
         refresh_thread_ = std::thread([this, divisor, device] {
             try {
                 CUDA_CHECK(cudaSetDevice(device));
                 enqueue_roots(divisor);
-                CUDA_CHECK(cudaEventRecord(roots_ready_, refresh_stream_));
             } catch (...) {
                 refresh_error_ = std::current_exception();
             }
@@ -417,7 +456,7 @@ private:
             const int n = size.n;
             const size_t matrix = size_t(n) * n;
             symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), snapshots_[i].data(), n,
-                                        int(size.count), snapshots_[i].data(), refresh_stream_);
+                                        int(size.count), snapshots_[i].data(), refresh_stream_->stream());
             for (const FactorSlot& f : size.factors) {
                 State& s = state_[f.group];
                 root_candidates((f.left ? s.pending_left_root : s.pending_right_root).data(), f, n,
@@ -427,11 +466,12 @@ private:
         }
     }
 
-    // The step refresh_lag after a refresh: the default stream waits for the side stream, then
-    // takes each pending root where finite (as commit_root does at once without a lag).
+    // The step refresh_lag after a refresh: the default stream waits for the side stream (all of
+    // whose work the joined thread has issued), then takes each pending root where finite (as
+    // commit_root does at once without a lag).
     void take_pending_roots() {
         join_refresh();
-        CUDA_CHECK(cudaStreamWaitEvent(0, roots_ready_, 0));
+        refresh_stream_->join_into_default_stream();
         for (size_t gi = 0; gi < groups_.size(); ++gi) {
             State& s = state_[gi];
             const int count = groups_[gi].count();
@@ -478,14 +518,18 @@ private:
     std::vector<FactorSize> sizes_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_b_, candidate_, values_, norms_;
     DeviceBuffer<float> merged_factors_, merged_vectors_;  // one size's factors, then their eigenvectors
+    // The plain refresh (no lag, no kept eigenbasis): each size's eigenvectors, eigenvalues and
+    // the stream its decomposition runs on (its factors: snapshots_).
+    std::vector<DeviceBuffer<float>> size_vectors_, size_values_;
+    std::vector<std::unique_ptr<SideStream>> eigen_streams_;
     // A kept eigenbasis only: B = V^T L V, a second work batch (eigenvectors, QR's Q products),
     // diag(B), the tolerance's sums and verdicts, and commit_tiles' verdicts.
     DeviceBuffer<float> merged_work_, merged_extra_, estimates_, sums_;
     DeviceBuffer<int> within_, accepted_, orders_;
     EigenRefreshCounts eigen_refreshes_;
-    // A refresh lag only: the side stream, its events, its products, each size's factor snapshot.
-    cudaStream_t refresh_stream_ = nullptr;
-    cudaEvent_t factors_ready_ = nullptr, roots_ready_ = nullptr;
+    // A refresh lag only: the side stream and its products. Each size's factor snapshot (also
+    // the plain refresh's).
+    std::unique_ptr<SideStream> refresh_stream_;
     GroupGemm refresh_gemm_;
     std::vector<DeviceBuffer<float>> snapshots_;
     std::thread refresh_thread_;          // issuing the side stream's work, until joined

@@ -36,13 +36,16 @@ struct Add {
     template <typename T>
     __device__ T operator()(T a, T b) const { return a + b; }
 };
+// Min and max propagate NaN whatever the order of the operands (a plain a < b ? a : b keeps a
+// NaN only where it comes second), so a reduction over a matrix holding a NaN gives NaN for
+// every block shape and thread count.
 struct Min {
     template <typename T>
-    __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+    __device__ T operator()(T a, T b) const { return a < b || a != a ? a : b; }
 };
 struct Max {
     template <typename T>
-    __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+    __device__ T operator()(T a, T b) const { return a > b || a != a ? a : b; }
 };
 
 #define GRID_STRIDE(i, n) \
@@ -166,7 +169,7 @@ __global__ void inverse_root_columns_kernel(float* scaled, const float* vectors,
     const float* lambda = values + int64_t(t) * n;
     // The smallest value (values need not be sorted: a kept eigenbasis gives estimates in its order).
     float low = INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) low = fminf(low, lambda[j]);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) low = Min{}(low, lambda[j]);
     const float smallest = block_reduce(low, Min{});
     const double shift = fmin(double(smallest) / divisor, 0.0);
     const int64_t size = int64_t(n) * n;

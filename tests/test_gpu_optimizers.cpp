@@ -1137,6 +1137,19 @@ TEST_CASE("GPU PSGD's per-matrix kernels: reductions, norm lower bound and diago
         CHECK(relative_error(mean_abs.download(), want_mean) < 1e-6);
         CHECK(relative_error(max_abs.download(), want_max) == 0.0);
     }
+    // A NaN anywhere in a matrix makes its max |x| NaN, whichever block and thread meet it
+    // first (first, middle and last element of a matrix spread over many blocks).
+    {
+        const int count = 3;
+        const int64_t n = int64_t(64) * 2048 + 5;
+        std::vector<float> x = random_vector<float>(size_t(count) * size_t(n), gen);
+        const int64_t nan_at[count] = {0, n / 2, n - 1};
+        for (int t = 0; t < count; ++t) x[size_t(t * n + nan_at[t])] = NAN;
+        auto d_x = uploaded(x);
+        auto max_abs = uploaded(std::vector<float>(size_t(count), 0.0f));  // not NaN before: the kernel must write it
+        max_abs_gpu(max_abs.data(), d_x.data(), count, n);
+        for (float m : max_abs.download()) CHECK(std::isnan(m));
+    }
     // The spectral-norm lower bound of t1 + t2 (symmetric), against the CPU's, over row slices
     // that are empty (n = 1, 17) or uneven (300).
     for (int n : {1, 17, 300}) {
