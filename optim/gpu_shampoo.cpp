@@ -15,11 +15,11 @@
 // the refresh starts from B = V^T L V over the same batches.
 //
 // With --shampoo-refresh-lag K (ShampooConfig::refresh_lag) a refresh does not hold up the step:
-// the default stream copies every factor into per-size snapshots and records an event; a
-// non-blocking side stream waits for it and runs the eigendecompositions and the roots into
-// pending buffers (its own cuSOLVER and cuBLASLt workspaces), overlapping the next K steps'
-// forward and backward passes; step s + K makes the default stream wait for the side stream's
-// event, then takes the pending roots where finite. cuSOLVER's batched syev holds its calling
+// the default stream copies every factor into per-size snapshots; a non-blocking side stream
+// starts after that, the sizes' eigendecompositions fork from it and join it as above, and it
+// forms the roots into pending buffers (its own cuBLASLt workspace), overlapping the next K
+// steps' forward and backward passes; step s + K makes the default stream wait for the side
+// stream, then takes the pending roots where finite. cuSOLVER's batched syev holds its calling
 // thread until it is done (H200: 131 of 139 ms for 168 matrices of 768^2, on a non-blocking
 // stream too), so the side stream is fed from a thread of its own, joined at step s + K. Saving
 // or loading the state waits for the side stream first.
@@ -97,24 +97,20 @@ public:
             merged_floats = std::max(merged_floats, size_t(f.n) * f.n * f.count);
             merged_values = std::max(merged_values, size_t(f.n) * f.count);
         }
-        // With a lag, or with every size decomposed at once, each size's factors have buffers of
-        // their own (snapshots_); a kept eigenbasis goes one size at a time through merged_factors_.
-        const bool concurrent = !lagged && !config_.keeps_eigenbasis();
-        if (lagged || concurrent)
-            for (const FactorSize& f : sizes_) snapshots_.emplace_back().resize(size_t(f.n) * f.n * f.count);
-        else
-            merged_factors_.resize(merged_floats);
-        if (concurrent) {
+        // The plain refresh (lagged or not) decomposes every size at once (decompose_sizes), so
+        // each size's factors, eigenvectors and eigenvalues have buffers of their own; a kept
+        // eigenbasis goes one size at a time through the merged buffers.
+        if (!config_.keeps_eigenbasis()) {
             for (const FactorSize& f : sizes_) {
+                snapshots_.emplace_back().resize(size_t(f.n) * f.n * f.count);
                 size_vectors_.emplace_back().resize(size_t(f.n) * f.n * f.count);
                 size_values_.emplace_back().resize(size_t(f.n) * f.count);
                 eigen_streams_.push_back(std::make_unique<SideStream>());
             }
         } else {
+            merged_factors_.resize(merged_floats);
             merged_vectors_.resize(merged_floats);
             values_.resize(merged_values);
-        }
-        if (config_.keeps_eigenbasis()) {
             merged_work_.resize(merged_floats);
             merged_extra_.resize(merged_floats);
             estimates_.resize(merged_values);
@@ -130,22 +126,17 @@ public:
             const FactorSize& f = sizes_[i];
             if (config_.eigen_method == ShampooEigenMethod::qr)
                 reserve_qr_q_gpu(f.n, int(f.count), merged_extra_.data());
-            else if (lagged)
-                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), refresh_stream_->stream());
-            else if (concurrent)
-                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), eigen_streams_[i]->stream());
-            else
+            else if (config_.keeps_eigenbasis())
                 reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
+            else
+                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), eigen_streams_[i]->stream());
         }
     }
 
     ~GpuShampoo() override {
         if (refresh_thread_.joinable()) refresh_thread_.join();  // its error, if any, goes unreported
         // Their work reads and writes this object's buffers; their solvers go before the streams.
-        if (refresh_stream_) {
-            cudaStreamSynchronize(refresh_stream_->stream());
-            release_side_solver(refresh_stream_->stream());
-        }
+        if (refresh_stream_) cudaStreamSynchronize(refresh_stream_->stream());
         for (const auto& stream : eigen_streams_) {
             cudaStreamSynchronize(stream->stream());
             release_side_solver(stream->stream());
@@ -381,17 +372,13 @@ private:
         }
     }
 
-    // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
-    // taken only where it came out finite (commit_tiles). Per factor size: the factors gathered
-    // into one batch, one eigendecomposition call; the sizes' calls at once, each from a thread
-    // of its own onto a stream of its own (the default stream waits for all of them); then each
-    // group's roots from its slice, on the default stream.
-    void refresh_inverse_roots(double divisor) {
+    // Each size's factors (snapshots_) decomposed into size_vectors_ and size_values_, the sizes'
+    // batched calls at once: each from a host thread of its own (the call holds it until it is
+    // nearly done) onto a stream of its own that starts after the work enqueued on `origin` so
+    // far; `origin` then waits for all of them.
+    void decompose_sizes(cudaStream_t origin) {
         std::vector<cudaStream_t> streams;
-        for (size_t i = 0; i < sizes_.size(); ++i) {
-            gather_factors(sizes_[i], snapshots_[i].data());
-            streams.push_back(eigen_streams_[i]->after_default_stream());
-        }
+        for (const auto& stream : eigen_streams_) streams.push_back(stream->after(origin));
         int device = 0;
         CUDA_CHECK(cudaGetDevice(&device));
         std::vector<std::exception_ptr> errors(sizes_.size());
@@ -411,7 +398,15 @@ private:
         for (std::thread& thread : threads) thread.join();
         for (const std::exception_ptr& error : errors)
             if (error) std::rethrow_exception(error);
-        for (const auto& stream : eigen_streams_) stream->join_into_default_stream();
+        for (const auto& stream : eigen_streams_) stream->join_into(origin);
+    }
+
+    // Every root = (factor / divisor + eps I)^(-1/r) (eigenvalues shifted up to >= 0 first),
+    // taken only where it came out finite (commit_tiles): every size's factors gathered into its
+    // snapshot, all sizes decomposed at once, then each group's roots from its slice.
+    void refresh_inverse_roots(double divisor) {
+        for (size_t i = 0; i < sizes_.size(); ++i) gather_factors(sizes_[i], snapshots_[i].data());
+        decompose_sizes(0);
         for (size_t i = 0; i < sizes_.size(); ++i) {
             const int n = sizes_[i].n;
             const size_t matrix = size_t(n) * n;
@@ -449,18 +444,17 @@ private:
         }
     }
 
-    // On the refresh thread: each size's eigendecomposition and roots, on the side stream.
+    // On the refresh thread: the sizes' eigendecompositions (at once, after the side stream's
+    // work so far), then the roots on the side stream.
     void enqueue_roots(double divisor) {
+        decompose_sizes(refresh_stream_->stream());
         for (size_t i = 0; i < sizes_.size(); ++i) {
-            const FactorSize& size = sizes_[i];
-            const int n = size.n;
+            const int n = sizes_[i].n;
             const size_t matrix = size_t(n) * n;
-            symmetric_eigen_batched_gpu(merged_vectors_.data(), values_.data(), snapshots_[i].data(), n,
-                                        int(size.count), snapshots_[i].data(), refresh_stream_->stream());
-            for (const FactorSlot& f : size.factors) {
+            for (const FactorSlot& f : sizes_[i].factors) {
                 State& s = state_[f.group];
                 root_candidates((f.left ? s.pending_left_root : s.pending_right_root).data(), f, n,
-                                merged_vectors_.data() + f.first * matrix, values_.data() + f.first * n,
+                                size_vectors_[i].data() + f.first * matrix, size_values_[i].data() + f.first * n,
                                 float(divisor), refresh_gemm_);
             }
         }
@@ -518,8 +512,8 @@ private:
     std::vector<FactorSize> sizes_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_b_, candidate_, values_, norms_;
     DeviceBuffer<float> merged_factors_, merged_vectors_;  // one size's factors, then their eigenvectors
-    // The plain refresh (no lag, no kept eigenbasis): each size's eigenvectors, eigenvalues and
-    // the stream its decomposition runs on (its factors: snapshots_).
+    // The plain refresh (lagged or not; no kept eigenbasis): each size's eigenvectors,
+    // eigenvalues and the stream its decomposition runs on (its factors: snapshots_).
     std::vector<DeviceBuffer<float>> size_vectors_, size_values_;
     std::vector<std::unique_ptr<SideStream>> eigen_streams_;
     // A kept eigenbasis only: B = V^T L V, a second work batch (eigenvectors, QR's Q products),
@@ -527,8 +521,8 @@ private:
     DeviceBuffer<float> merged_work_, merged_extra_, estimates_, sums_;
     DeviceBuffer<int> within_, accepted_, orders_;
     EigenRefreshCounts eigen_refreshes_;
-    // A refresh lag only: the side stream and its products. Each size's factor snapshot (also
-    // the plain refresh's).
+    // A refresh lag only: the side stream and its products. Each size's factor snapshot (the
+    // plain refresh's, lagged or not).
     std::unique_ptr<SideStream> refresh_stream_;
     GroupGemm refresh_gemm_;
     std::vector<DeviceBuffer<float>> snapshots_;
