@@ -16,8 +16,8 @@
 //
 // With --shampoo-refresh-lag K (ShampooConfig::refresh_lag) a refresh does not hold up the step:
 // the default stream copies every factor into per-size snapshots; a non-blocking side stream
-// starts after that, the sizes' eigendecompositions fork from it and join it as above, and it
-// forms the roots into pending buffers (its own cuBLASLt workspace), overlapping the next K
+// starts after that and runs the sizes' eigendecompositions one after the other, then the roots
+// into pending buffers (its own cuSOLVER and cuBLASLt workspaces), overlapping the next K
 // steps' forward and backward passes; step s + K makes the default stream wait for the side
 // stream, then takes the pending roots where finite. cuSOLVER's batched syev holds its calling
 // thread until it is done (H200: 131 of 139 ms for 168 matrices of 768^2, on a non-blocking
@@ -97,15 +97,15 @@ public:
             merged_floats = std::max(merged_floats, size_t(f.n) * f.n * f.count);
             merged_values = std::max(merged_values, size_t(f.n) * f.count);
         }
-        // The plain refresh (lagged or not) decomposes every size at once (decompose_sizes), so
-        // each size's factors, eigenvectors and eigenvalues have buffers of their own; a kept
-        // eigenbasis goes one size at a time through the merged buffers.
+        // The plain refresh (lagged or not, decompose_sizes) gives each size's factors,
+        // eigenvectors and eigenvalues buffers of their own (without a lag the sizes are
+        // decomposed at once); a kept eigenbasis goes one size at a time through the merged buffers.
         if (!config_.keeps_eigenbasis()) {
             for (const FactorSize& f : sizes_) {
                 snapshots_.emplace_back().resize(size_t(f.n) * f.n * f.count);
                 size_vectors_.emplace_back().resize(size_t(f.n) * f.n * f.count);
                 size_values_.emplace_back().resize(size_t(f.n) * f.count);
-                eigen_streams_.push_back(std::make_unique<SideStream>());
+                if (!lagged) eigen_streams_.push_back(std::make_unique<SideStream>());
             }
         } else {
             merged_factors_.resize(merged_floats);
@@ -128,6 +128,8 @@ public:
                 reserve_qr_q_gpu(f.n, int(f.count), merged_extra_.data());
             else if (config_.keeps_eigenbasis())
                 reserve_symmetric_eigen_gpu(f.n, int(f.count), merged_factors_.data());
+            else if (lagged)
+                reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), refresh_stream_->stream());
             else
                 reserve_symmetric_eigen_gpu(f.n, int(f.count), snapshots_[i].data(), eigen_streams_[i]->stream());
         }
@@ -136,7 +138,10 @@ public:
     ~GpuShampoo() override {
         if (refresh_thread_.joinable()) refresh_thread_.join();  // its error, if any, goes unreported
         // Their work reads and writes this object's buffers; their solvers go before the streams.
-        if (refresh_stream_) cudaStreamSynchronize(refresh_stream_->stream());
+        if (refresh_stream_) {
+            cudaStreamSynchronize(refresh_stream_->stream());
+            release_side_solver(refresh_stream_->stream());
+        }
         for (const auto& stream : eigen_streams_) {
             cudaStreamSynchronize(stream->stream());
             release_side_solver(stream->stream());
@@ -372,11 +377,20 @@ private:
         }
     }
 
-    // Each size's factors (snapshots_) decomposed into size_vectors_ and size_values_, the sizes'
-    // batched calls at once: each from a host thread of its own (the call holds it until it is
-    // nearly done) onto a stream of its own that starts after the work enqueued on `origin` so
-    // far; `origin` then waits for all of them.
+    // Each size's factors (snapshots_) decomposed into size_vectors_ and size_values_. Without a
+    // lag the sizes' batched calls run at once: each from a host thread of its own (the call
+    // holds it until it is nearly done) onto a stream of its own that starts after the work
+    // enqueued on `origin` so far; `origin` then waits for all of them. With a lag, one after
+    // the other on `origin` (the side stream): at once they finished sooner but slowed the
+    // forward and backward passes beside them by as much (H100: whole step 354.5k against
+    // 354.4k tokens/s, docs/optimizer-speed.md), for 1.66 GB more memory.
     void decompose_sizes(cudaStream_t origin) {
+        if (eigen_streams_.empty()) {
+            for (size_t i = 0; i < sizes_.size(); ++i)
+                symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
+                                            sizes_[i].n, int(sizes_[i].count), snapshots_[i].data(), origin);
+            return;
+        }
         std::vector<cudaStream_t> streams;
         for (const auto& stream : eigen_streams_) streams.push_back(stream->after(origin));
         int device = 0;
@@ -444,8 +458,7 @@ private:
         }
     }
 
-    // On the refresh thread: the sizes' eigendecompositions (at once, after the side stream's
-    // work so far), then the roots on the side stream.
+    // On the refresh thread: the sizes' eigendecompositions, then the roots, on the side stream.
     void enqueue_roots(double divisor) {
         decompose_sizes(refresh_stream_->stream());
         for (size_t i = 0; i < sizes_.size(); ++i) {
@@ -512,8 +525,8 @@ private:
     std::vector<FactorSize> sizes_;
     DeviceBuffer<float> work_a_, work_b_, work_c_, factor_b_, candidate_, values_, norms_;
     DeviceBuffer<float> merged_factors_, merged_vectors_;  // one size's factors, then their eigenvectors
-    // The plain refresh (lagged or not; no kept eigenbasis): each size's eigenvectors,
-    // eigenvalues and the stream its decomposition runs on (its factors: snapshots_).
+    // The plain refresh (lagged or not; no kept eigenbasis): each size's eigenvectors and
+    // eigenvalues (its factors: snapshots_); without a lag, the stream its decomposition runs on.
     std::vector<DeviceBuffer<float>> size_vectors_, size_values_;
     std::vector<std::unique_ptr<SideStream>> eigen_streams_;
     // A kept eigenbasis only: B = V^T L V, a second work batch (eigenvectors, QR's Q products),
