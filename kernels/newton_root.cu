@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/block_reduce.cuh"
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
@@ -26,14 +27,8 @@ __global__ void ridge_norms_kernel(double* norms, const float* a, int n, double 
         const double v = double(ab[i]) + (i / n == i % n ? eps : 0.0);
         sum += v * v;
     }
-    __shared__ double partial[kThreads];
-    partial[threadIdx.x] = sum;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) norms[blockIdx.x] = std::sqrt(partial[0]);
+    sum = block_reduce(sum, Add{});
+    if (threadIdx.x == 0) norms[blockIdx.x] = std::sqrt(sum);
 }
 
 // z = (root + 1) / (2 norm):  X = z^(1/root) I,  M = z (a + eps I).
@@ -58,24 +53,16 @@ __global__ void newton_step_matrix_kernel(float* step, const float* m, int n, fl
     }
 }
 
-// One block per matrix: distance[b] = max |M_b - I|, infinite where an entry is NaN (fmaxf
-// would drop it, and the matrix would read as converged).
+// One block per matrix: distance[b] = max |M_b - I|, NaN where an entry is NaN (Max keeps it:
+// the host then reads the matrix as not converged).
 __global__ void distance_to_identity_kernel(float* distance, const float* m, int n) {
     const int64_t nn = int64_t(n) * n;
     const float* mb = m + blockIdx.x * nn;
     float largest = 0;
-    for (int64_t i = threadIdx.x; i < nn; i += blockDim.x) {
-        const float d = fabsf(mb[i] - (i / n == i % n ? 1.0f : 0.0f));
-        largest = fmaxf(largest, isnan(d) ? INFINITY : d);
-    }
-    __shared__ float partial[kThreads];
-    partial[threadIdx.x] = largest;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + s]);
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) distance[blockIdx.x] = partial[0];
+    for (int64_t i = threadIdx.x; i < nn; i += blockDim.x)
+        largest = Max{}(largest, fabsf(mb[i] - (i / n == i % n ? 1.0f : 0.0f)));
+    largest = block_reduce(largest, Max{});
+    if (threadIdx.x == 0) distance[blockIdx.x] = largest;
 }
 
 }  // namespace
@@ -108,9 +95,8 @@ NewtonBatchReport coupled_newton_inverse_root_batched_gpu(float* x, const float*
         float worst = 0;
         *within = 0;
         for (float d : host) {
-            if (!std::isfinite(d)) return INFINITY;
-            worst = std::max(worst, d);
-            *within += d <= tolerance;
+            worst = std::isfinite(d) ? std::max(worst, d) : INFINITY;
+            *within += d <= tolerance;  // false for NaN
         }
         return worst;
     };

@@ -1,29 +1,13 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/block_reduce.cuh"
 #include "kernels/cuda_common.cuh"
 #include "optim/optimizer_kernels.hpp"
 
 namespace qopt {
 
 namespace {
-
-// Sum over the block in a fixed order (warp shuffles, then the warps' sums by thread 0).
-__device__ float block_sum(float value) {
-    __shared__ float warp_sums[32];
-    for (int o = 16; o > 0; o >>= 1) value += __shfl_xor_sync(0xffffffffu, value, o);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) warp_sums[warp] = value;
-    __syncthreads();
-    float total = 0;
-    if (threadIdx.x == 0)
-        for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
-    __shared__ float result;
-    if (threadIdx.x == 0) result = total;
-    __syncthreads();
-    return result;
-}
 
 __global__ void adamw_chunks_kernel(float* params, const float* grads, float* m, float* v, bf16* params_bf16,
                                     const int64_t* chunks, float lr, float beta1, float beta2, float eps,
@@ -60,7 +44,7 @@ __global__ void ns_prepare_kernel(bf16* x, float* momentum, float* partials, con
         const float uf = __bfloat162float(u);
         sum_sq += uf * uf;
     }
-    const float total = block_sum(sum_sq);
+    const float total = block_reduce(sum_sq, Add{});
     if (threadIdx.x == 0) partials[b * kNsPartials + blockIdx.x] = total;
 }
 
@@ -108,8 +92,8 @@ __global__ void scion_rows_kernel(float* params, const float* grads, float* mome
         sum_sq += mi * mi;
     }
     float inv_divisor = 1.0f / float(cols);  // sign
-    if (mode != 0) {  // mode is the same for the whole block, so every thread reaches block_sum
-        const float total = block_sum(sum_sq);
+    if (mode != 0) {  // mode is the same for the whole block, so every thread reaches block_reduce
+        const float total = block_reduce(sum_sq, Add{});
         inv_divisor = mode == 1 ? 1.0f / (sqrtf(total / float(cols)) + 1e-8f)
                                 : 1.0f / (sqrtf(total) * sqrtf(float(cols)) + 1e-8f);
     }

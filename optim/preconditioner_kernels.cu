@@ -2,6 +2,7 @@
 #include <cfloat>
 
 #include "core/error.hpp"
+#include "kernels/block_reduce.cuh"
 #include "kernels/cuda_common.cuh"
 #include "optim/optimizer_state.hpp"
 #include "optim/preconditioner_kernels.hpp"
@@ -11,42 +12,6 @@ namespace qopt {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Reduction over the block in a fixed order (warp shuffles, then the warps' results by
-// thread 0); every thread gets the result. `combine` is + or max.
-template <typename T, typename Combine>
-__device__ T block_reduce(T value, Combine combine) {
-    __shared__ T warp_results[32];
-    __shared__ T result;
-    for (int o = 16; o > 0; o >>= 1) value = combine(value, __shfl_xor_sync(0xffffffffu, value, o));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) warp_results[warp] = value;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        T total = warp_results[0];
-        for (int w = 1; w < int(blockDim.x + 31) / 32; ++w) total = combine(total, warp_results[w]);
-        result = total;
-    }
-    __syncthreads();
-    return result;
-}
-
-struct Add {
-    template <typename T>
-    __device__ T operator()(T a, T b) const { return a + b; }
-};
-// Min and max propagate NaN whatever the order of the operands (a plain a < b ? a : b keeps a
-// NaN only where it comes second), so a reduction over a matrix holding a NaN gives NaN for
-// every block shape and thread count.
-struct Min {
-    template <typename T>
-    __device__ T operator()(T a, T b) const { return a < b || a != a ? a : b; }
-};
-struct Max {
-    template <typename T>
-    __device__ T operator()(T a, T b) const { return a > b || a != a ? a : b; }
-};
 
 #define GRID_STRIDE(i, n) \
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)

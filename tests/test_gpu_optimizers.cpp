@@ -781,6 +781,23 @@ TEST_CASE("GPU coupled inverse Newton roots match the CPU reference's, the whole
             CHECK(relative_error(mine, cpu.root.values) < 1e-4);
         }
     }
+    // A NaN in one matrix of the batch: that matrix never reads as converged (its distance to I
+    // is NaN, whichever thread meets it), the others still do, and the loop runs to its limit.
+    std::vector<float> a(size_t(3) * n * n);
+    for (int b = 0; b < 3; ++b) {
+        Dense x(n, n);
+        x.values = random_vector<double>(x.values.size(), gen);
+        Dense m = matmul(x, x, false, true);
+        for (int i = 0; i < n; ++i) m(i, i) += 0.5 * n;
+        for (size_t i = 0; i < m.values.size(); ++i) a[size_t(b) * n * n + i] = float(m.values[i] / n);
+    }
+    a[size_t(n) * n + size_t(n) * n / 2 + 3] = NAN;
+    auto d_a = uploaded(a);
+    auto d_x = poisoned<float>(a.size()), d_scratch = poisoned<float>(5 * a.size());
+    const NewtonBatchReport report =
+        coupled_newton_inverse_root_batched_gpu(d_x.data(), d_a.data(), n, 3, 4, 1e-3, 30, 1e-5, d_scratch.data());
+    CHECK(report.converged == 2);
+    CHECK(report.iterations == 30);
 }
 
 TEST_CASE("GPU product of two upper-triangular matrices by blocks matches the CPU's matmul") {
