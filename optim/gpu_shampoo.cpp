@@ -283,15 +283,12 @@ private:
     }
 
     // The QR path's last step, as the CPU's: each matrix's (values, vector columns) sorted by
-    // ascending value (stable), on the host as SOAP's sort (orders_per_matrix), then permuted here.
+    // ascending value (stable; orders_per_matrix_gpu, as SOAP's sort), then permuted.
     void sort_ascending(float* vectors, int n, int total) {
-        // The buffer may hold more (a larger size's batch).
-        const std::vector<float> values = values_.download_prefix(size_t(n) * total);
-        const std::vector<int> order = orders_per_matrix(values, n, false);
-        std::vector<float> sorted(values.size());
-        for (size_t i = 0; i < sorted.size(); ++i) sorted[i] = values[i - i % size_t(n) + size_t(order[i])];
-        orders_.upload_prefix(order);
-        values_.upload_prefix(sorted);
+        orders_per_matrix_gpu(orders_.data(), values_.data(), n, total, false);
+        permute_rows_columns_gpu(merged_extra_.data(), values_.data(), nullptr, orders_.data(), 1, n, total);
+        CUDA_CHECK(cudaMemcpyAsync(values_.data(), merged_extra_.data(), size_t(n) * total * sizeof(float),
+                                   cudaMemcpyDeviceToDevice));
         permute_columns_gpu(merged_extra_.data(), vectors, orders_.data(), n, total);
         CUDA_CHECK(cudaMemcpyAsync(vectors, merged_extra_.data(), size_t(n) * n * total * sizeof(float),
                                    cudaMemcpyDeviceToDevice));

@@ -3,7 +3,7 @@
 // rotated basis (one element-wise pass), the factor EMAs (GroupGemm::gram, beta = shampoo_beta),
 // the weight update (one pass). Every precondition_frequency updates: M back to parameter
 // space and into the new bases (4 GEMMs), and per factor one power-iteration step L Q (a GEMM),
-// the eigenvalue estimates diag(Q^T L Q) (sorted on the host, as the reference sorts them) and
+// the eigenvalue estimates diag(Q^T L Q) (sorted as the reference sorts them, on the GPU) and
 // a QR (qr_q_batched_gpu: Cholesky QR in float64, batched; the reference's torch.linalg.qr is
 // Householder, and the two Q differ only in their columns' signs, to which SOAP's update is
 // blind: the first moment goes through parameter space at every refresh and the second is a
@@ -206,10 +206,7 @@ private:
         float* projected = factor_a_.data();
         gemm_(projected, factor, false, basis, false, n, n, n, count);
         column_dots_gpu(values_.data(), basis, projected, n, count);
-        // values_ is sized for the largest group: this group's estimates only.
-        const std::vector<float> diag = values_.download_prefix(size_t(n) * count);
-        const std::vector<int> host_order = orders_per_matrix(diag, n, true);
-        CUDA_CHECK(cudaMemcpy(order, host_order.data(), host_order.size() * sizeof(int), cudaMemcpyHostToDevice));
+        orders_per_matrix_gpu(order, values_.data(), n, count, true);
         permute_columns_gpu(factor_b_.data(), projected, order, n, count);
         qr_q_batched_gpu(candidate_.data(), factor_b_.data(), n, count, factor_a_.data());
         commit_tiles(basis, candidate_.data(), n, count, accepted_.data());

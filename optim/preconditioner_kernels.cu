@@ -1,9 +1,11 @@
 #include <algorithm>
 #include <cfloat>
+#include <vector>
 
 #include "core/error.hpp"
 #include "kernels/block_reduce.cuh"
 #include "kernels/cuda_common.cuh"
+#include "optim/dense.hpp"
 #include "optim/optimizer_state.hpp"
 #include "optim/preconditioner_kernels.hpp"
 
@@ -506,6 +508,72 @@ void soap_adam_gpu(float* direction, float* exp_avg, float* exp_avg_sq, const fl
 
 void column_dots_gpu(float* diag, const float* basis, const float* projected, int n, int count) {
     column_dots_kernel<<<dim3((n + 127) / 128, count), 128>>>(diag, basis, projected, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+
+// One block per matrix: a bitonic sort of (key, index) pairs over n padded to a power of two,
+// in shared memory. The key is the value, NaN replaced by the end's infinity; pairs compare by
+// key, then by index, so the order is total and equals a stable sort's. Padding pairs carry the
+// end's infinity and index n, so they sort after every real pair. Each stage compares i with
+// i ^ stride: within a run of `size`, ascending where bit `size` of i is clear, descending where
+// set, which merges the runs into one sorted sequence at size = padded.
+__global__ void orders_per_matrix_kernel(int* order, const float* values, int n, int padded, bool descending) {
+    extern __shared__ float sort_keys[];
+    int* sort_indices = reinterpret_cast<int*>(sort_keys + padded);
+    const float end = descending ? -INFINITY : INFINITY;
+    const float* row = values + int64_t(blockIdx.x) * n;
+    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+        const float v = i < n ? row[i] : end;
+        sort_keys[i] = isnan(v) ? end : v;
+        sort_indices[i] = i < n ? i : n;
+    }
+    __syncthreads();
+    auto first = [descending](float key_a, int index_a, float key_b, int index_b) {
+        if (key_a != key_b) return descending ? key_a > key_b : key_a < key_b;
+        return index_a < index_b;
+    };
+    for (int size = 2; size <= padded; size <<= 1)
+        for (int stride = size / 2; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+                const int j = i ^ stride;
+                if (j <= i) continue;
+                const bool j_first = first(sort_keys[j], sort_indices[j], sort_keys[i], sort_indices[i]);
+                if (j_first == ((i & size) == 0)) {  // out of this run's direction: swap
+                    const float key = sort_keys[i];
+                    sort_keys[i] = sort_keys[j];
+                    sort_keys[j] = key;
+                    const int index = sort_indices[i];
+                    sort_indices[i] = sort_indices[j];
+                    sort_indices[j] = index;
+                }
+            }
+            __syncthreads();
+        }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) order[int64_t(blockIdx.x) * n + i] = sort_indices[i];
+}
+
+}  // namespace
+
+void orders_per_matrix_gpu(int* order, const float* values, int n, int count, bool descending) {
+    QOPT_CHECK(n > 0 && count >= 0, "orders_per_matrix_gpu: n must be positive");
+    if (count == 0) return;
+    if (n > kDeviceSortMax) {
+        std::vector<float> host(size_t(n) * count);
+        CUDA_CHECK(cudaMemcpy(host.data(), values, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        const std::vector<int> sorted = orders_per_matrix(host, n, descending);
+        CUDA_CHECK(cudaMemcpy(order, sorted.data(), sorted.size() * sizeof(int), cudaMemcpyHostToDevice));
+        return;
+    }
+    int padded = 1;
+    while (padded < n) padded <<= 1;
+    const size_t shared = size_t(padded) * (sizeof(float) + sizeof(int));  // at most 128 KiB
+    if (shared > (48 << 10))  // above the default limit (per device, so set at every such call)
+        CUDA_CHECK(cudaFuncSetAttribute(orders_per_matrix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(shared)));
+    const int threads = std::min(1024, std::max(32, padded / 2));
+    orders_per_matrix_kernel<<<unsigned(count), unsigned(threads), shared>>>(order, values, n, padded, descending);
     CUDA_CHECK_LAUNCH();
 }
 

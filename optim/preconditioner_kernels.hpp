@@ -65,6 +65,12 @@ void soap_adam_gpu(float* direction, float* exp_avg, float* exp_avg_sq, const fl
 
 // diag[t][j] = sum_r basis[t][r, j] * projected[t][r, j]  (= (Q^T L Q)_jj with projected = L Q)
 void column_dots_gpu(float* diag, const float* basis, const float* projected, int n, int count);
+// The GPU side of orders_per_matrix (optim/dense.hpp): order[t] = the indices 0..n-1 of
+// values[t] sorted by value, ascending or descending, NaN last, equal values in index order (a
+// stable sort), without a round trip to the host. Up to kDeviceSortMax values per matrix on the
+// GPU (one block per matrix, a bitonic sort in shared memory); beyond, on the host (synchronous).
+constexpr int kDeviceSortMax = 16384;
+void orders_per_matrix_gpu(int* order, const float* values, int n, int count, bool descending);
 // out[t][r, j] = in[t][r, order[t][j]]  (n x n matrices; order: n ints per matrix)
 void permute_columns_gpu(float* out, const float* in, const int* order, int n, int count);
 // out[t][r, c] = in[t][row_order[t][r], col_order[t][c]]  (rows x cols matrices)

@@ -1254,6 +1254,35 @@ TEST_CASE("GPU PSGD's per-matrix kernels: reductions, norm lower bound and diago
     }
 }
 
+TEST_CASE("GPU per-matrix sort orders equal the CPU's stable orders_per_matrix (SOAP's and Shampoo's QR-path sorts)") {
+    REQUIRE_GPU();
+    const uint64_t seed = fresh_seed();
+    INFO("seed " << seed);
+    std::mt19937_64 gen(seed);
+    // Values drawn from a few levels, so that most have equal twins whose order must stay the
+    // index order, with NaN, both infinities and both zeros among them. Sizes: one value, odd
+    // sizes padded to a power of two, SOAP's 768 and 3072, a size that needs over 48 KiB of
+    // shared memory, the largest the GPU sorts, and one beyond it (sorted on the host).
+    std::uniform_int_distribution<int> level(0, 9);
+    const float specials[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f};
+    for (int n : {1, 2, 7, 768, 3072, 10000, kDeviceSortMax, kDeviceSortMax + 1}) {
+        CAPTURE(n);
+        const int count = 3;
+        std::vector<float> values(size_t(n) * count);
+        for (float& v : values) {
+            const int l = level(gen);
+            v = l < 5 ? specials[l] : float(l) * 0.25f - 1.5f;
+        }
+        auto d_values = uploaded(values);
+        for (bool descending : {false, true}) {
+            CAPTURE(descending);
+            auto d_order = poisoned<int>(values.size());
+            orders_per_matrix_gpu(d_order.data(), d_values.data(), n, count, descending);
+            CHECK(d_order.download() == orders_per_matrix(values, n, descending));
+        }
+    }
+}
+
 TEST_CASE("GPU matrix products count their FLOPs as they are issued (bench's optimizer FLOPs)") {
     REQUIRE_GPU();
     // Each call adds its own count: 2 m n k per GEMM, n (n + 1) k per syrk Gram matrix, n^2 cols
