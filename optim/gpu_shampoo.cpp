@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <cmath>
 #include <exception>
-#include <system_error>
 #include <thread>
 
 #include "core/error.hpp"
@@ -394,27 +393,19 @@ private:
         int device = 0;
         CUDA_CHECK(cudaGetDevice(&device));
         std::vector<std::exception_ptr> errors(sizes_.size());
-        auto decompose = [this, device, &streams, &errors](size_t i) {
-            try {
-                CUDA_CHECK(cudaSetDevice(device));
-                const FactorSize& size = sizes_[i];
-                // The snapshot is the eigendecomposition's scratch too (overwritten).
-                symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
-                                            size.n, int(size.count), snapshots_[i].data(), streams[i]);
-            } catch (...) {
-                errors[i] = std::current_exception();
-            }
-        };
-        // Sizes 1, 2, ... on threads of their own, size 0 on this one; a size whose thread could
-        // not start runs here too.
         std::vector<std::thread> threads;
-        size_t started = 1;
-        try {
-            for (; started < sizes_.size(); ++started) threads.emplace_back(decompose, started);
-        } catch (const std::system_error&) {
-        }
-        for (size_t i = started; i < sizes_.size(); ++i) decompose(i);
-        if (!sizes_.empty()) decompose(0);
+        for (size_t i = 0; i < sizes_.size(); ++i)
+            threads.emplace_back([this, i, device, &streams, &errors] {
+                try {
+                    CUDA_CHECK(cudaSetDevice(device));
+                    const FactorSize& size = sizes_[i];
+                    // The snapshot is the eigendecomposition's scratch too (overwritten).
+                    symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
+                                                size.n, int(size.count), snapshots_[i].data(), streams[i]);
+                } catch (...) {
+                    errors[i] = std::current_exception();
+                }
+            });
         for (std::thread& thread : threads) thread.join();
         for (const std::exception_ptr& error : errors)
             if (error) std::rethrow_exception(error);
