@@ -127,8 +127,8 @@ void add_optimizer_flags(CLI::App& app, std::string& name, OptimizerConfig& c) {
     app.add_option_function<std::string>(
            "--shampoo-eigen-method",
            [&c](const std::string& v) {
-               if (v != "eigh" && v != "qr") throw CLI::ValidationError("--shampoo-eigen-method", "must be eigh or qr");
-               c.shampoo.eigen_method = v == "qr" ? ShampooEigenMethod::qr : ShampooEigenMethod::eigh;
+               c.shampoo.eigen_method = parse_choice(v, {ShampooEigenMethod::eigh, ShampooEigenMethod::qr},
+                                                     shampoo_eigen_method_name, "--shampoo-eigen-method");
            },
            "How a refresh computes the factors' eigendecompositions (the reference's amortized_computation_config): "
            "eigh (default: a full symmetric eigendecomposition) or qr (the QR algorithm from the eigenbasis kept "

@@ -51,7 +51,7 @@ Json ShampooConfig::to_json() const {
     j["graft_drop_weighting"] = graft_drop_weighting;
     j["graft_beta2"] = graft_beta2;
     j["graft_eps"] = graft_eps;
-    j["eigen_method"] = eigen_method == ShampooEigenMethod::qr ? "qr" : "eigh";
+    j["eigen_method"] = shampoo_eigen_method_name(eigen_method);
     j["eigen_tolerance"] = eigen_tolerance;
     if (eigen_method == ShampooEigenMethod::qr) j["qr_iterations"] = int64_t(qr_iterations);
     j["refresh_lag"] = int64_t(refresh_lag);
@@ -66,6 +66,10 @@ const char* shampoo_decay_name(ShampooDecay type) {
         case ShampooDecay::independent: return "independent";
     }
     return "decoupled";
+}
+
+const char* shampoo_eigen_method_name(ShampooEigenMethod method) {
+    return method == ShampooEigenMethod::qr ? "qr" : "eigh";
 }
 
 const char* shampoo_grafting_name(ShampooGrafting type) {

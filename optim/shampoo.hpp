@@ -126,6 +126,7 @@ struct ShampooBlock {
 std::vector<ShampooBlock> shampoo_blocks(int rows, int cols, int block_size);
 const char* shampoo_decay_name(ShampooDecay type);  // "l2", "decoupled", "corrected", "independent"
 const char* shampoo_grafting_name(ShampooGrafting type);  // "none", "sgd", "adagrad", "rmsprop", "adam"
+const char* shampoo_eigen_method_name(ShampooEigenMethod method);  // "eigh", "qr"
 
 struct ShampooBlockState {
     std::vector<float> left, right, left_root, right_root;  // [br, br], [bc, bc]

@@ -223,6 +223,8 @@ TEST_CASE("the train binary: bad input gives one clear line and a non-zero exit"
          "--shampoo-grafting: must be one of adam, rmsprop, adagrad, sgd, none"},
         {"--train-data " + dir.path + "/good.bin --optimizer shampoo --shampoo-weight-decay-type coupled",
          "--shampoo-weight-decay-type: must be one of l2, decoupled, corrected, independent"},
+        {"--train-data " + dir.path + "/good.bin --optimizer shampoo --shampoo-eigen-method jacobi",
+         "--shampoo-eigen-method: must be one of eigh, qr"},
         {"--train-data " + dir.path + "/good.bin --optimizer shampoo --shampoo-dampening 1", "--shampoo-dampening must be in [0, 1)"},
         {"--train-data " + dir.path + "/good.bin --out-dir " + dir.path + "/blocker/sub", "is not a directory"},
         {"--train-data " + dir.path + "/good.bin --resume " + dir.path + "/nockpt", "no such checkpoint directory"},
