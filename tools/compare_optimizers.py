@@ -188,6 +188,10 @@ def reference_run(name, start, grads, refs, steps, dtype=torch.float32):
     return {s: p.detach().clone().to(torch.float32) for p, s in zip(params, shapes)}
 
 
+# Every Shampoo comparison's blocks of 40 and roots every 4 steps (the reference's settings in
+# reference_run), and the weight decay most of them use.
+SHAMPOO_BLOCKS = ["--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4"]
+SHAMPOO_COMMON = ["--weight-decay", "0.01"] + SHAMPOO_BLOCKS
 QOPT_FLAGS = {
     "adamw": ["--weight-decay", "0.1"],
     "muon": ["--weight-decay", "0"],
@@ -198,27 +202,20 @@ QOPT_FLAGS = {
     "psgd": ["--weight-decay", "0", "--psgd-balance-prob", "0"],
     "psgd_one_diag": ["--weight-decay", "0", "--psgd-balance-prob", "0", "--psgd-memory-save-mode", "one_diag"],
     "psgd_all_diag": ["--weight-decay", "0", "--psgd-balance-prob", "0", "--psgd-memory-save-mode", "all_diag"],
-    "shampoo": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4"],
-    "shampoo_momentum": ["--weight-decay", "0.1", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
-                         "4", "--shampoo-start-step", "6", "--shampoo-grafting", "none", "--shampoo-beta2", "0.99",
+    "shampoo": SHAMPOO_COMMON,
+    "shampoo_momentum": ["--weight-decay", "0.1"] + SHAMPOO_BLOCKS +
+                        ["--shampoo-start-step", "6", "--shampoo-grafting", "none", "--shampoo-beta2", "0.99",
                          "--shampoo-momentum", "0.5", "--shampoo-nesterov", "true"],
-    "shampoo_eigen_tolerance": ["--weight-decay", "0.01", "--shampoo-block-size", "40",
-                                "--shampoo-precondition-frequency", "4", "--shampoo-eigen-tolerance", "1"],
-    "shampoo_qr": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
-                   "--shampoo-eigen-method", "qr", "--shampoo-qr-iterations", "3"],
-    "shampoo_options": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
-                        "4", "--shampoo-beta3", "0.81", "--shampoo-bias-correction", "false",
-                        "--shampoo-weight-decay-type", "l2", "--shampoo-momentum", "0.5", "--shampoo-dampening", "0.3",
-                        "--shampoo-nesterov", "true"],
-    "shampoo_rmsprop": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
-                        "4", "--shampoo-grafting", "rmsprop", "--shampoo-graft-beta2", "0.99"],
-    "shampoo_adagrad": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency",
-                        "4", "--shampoo-grafting", "adagrad"],
-    "shampoo_sgd": ["--weight-decay", "0.01", "--shampoo-block-size", "40", "--shampoo-precondition-frequency", "4",
-                    "--shampoo-grafting", "sgd"],
-    "shampoo_independent_decay": ["--weight-decay", "1e-4", "--shampoo-block-size", "40",
-                                  "--shampoo-precondition-frequency", "4", "--shampoo-weight-decay-type",
-                                  "independent"],
+    "shampoo_eigen_tolerance": SHAMPOO_COMMON + ["--shampoo-eigen-tolerance", "1"],
+    "shampoo_qr": SHAMPOO_COMMON + ["--shampoo-eigen-method", "qr", "--shampoo-qr-iterations", "3"],
+    "shampoo_options": SHAMPOO_COMMON + ["--shampoo-beta3", "0.81", "--shampoo-bias-correction", "false",
+                                         "--shampoo-weight-decay-type", "l2", "--shampoo-momentum", "0.5",
+                                         "--shampoo-dampening", "0.3", "--shampoo-nesterov", "true"],
+    "shampoo_rmsprop": SHAMPOO_COMMON + ["--shampoo-grafting", "rmsprop", "--shampoo-graft-beta2", "0.99"],
+    "shampoo_adagrad": SHAMPOO_COMMON + ["--shampoo-grafting", "adagrad"],
+    "shampoo_sgd": SHAMPOO_COMMON + ["--shampoo-grafting", "sgd"],
+    "shampoo_independent_decay": ["--weight-decay", "1e-4"] + SHAMPOO_BLOCKS +
+                                 ["--shampoo-weight-decay-type", "independent"],
 }
 TOLERANCE = {"adamw": 1e-5, "muon": 3e-2, "scion": 3e-2, "soap": 1e-3, "soap_max_dim": 1e-3, "soap_merge": 1e-3,
              "psgd": 1e-3, "psgd_one_diag": 1e-3,
