@@ -44,8 +44,8 @@ double frobenius_norm(const Dense& a);
 // z = (root + 1) / (2 ||a + eps I||_F), start X = z^(1/root) I, M = z (a + eps I); then, while
 // max |M - I| > tolerance and fewer than max_iterations steps:
 //   M' = (1 + 1/root) I - M / root,   X <- X M',   M <- M'^root M.
-// M stays X^root (a + eps I), so M -> I gives X -> (a + eps I)^(-1/root). iterations (if
-// given) receives the steps taken; converged, whether the tolerance was met.
+// M stays X^root (a + eps I), so M -> I gives X -> (a + eps I)^(-1/root). The result holds X,
+// the steps taken and whether the tolerance was met.
 struct NewtonRoot {
     Dense root;
     int iterations = 0;

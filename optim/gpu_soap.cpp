@@ -17,7 +17,6 @@
 
 #include "core/error.hpp"
 #include "kernels/cuda_common.cuh"
-#include "optim/dense.hpp"
 #include "optim/gpu_matrix_method.hpp"
 #include "optim/preconditioner_kernels.hpp"
 

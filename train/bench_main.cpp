@@ -503,9 +503,6 @@ void bench_cpu_linalg() {
     }
 }
 
-// The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
-// gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
-// batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
 // `batch` diagonally dominant symmetric n x n matrices (a Gram matrix's shape without its cost):
 // small hashed entries, mirrored, plus 1 + r on the diagonal (condition ~n).
 std::vector<float> diagonally_dominant_symmetric(int n, int batch) {
@@ -521,6 +518,9 @@ std::vector<float> diagonally_dominant_symmetric(int n, int batch) {
     return host;
 }
 
+// The matrix functions of the preconditioned optimizers (kernels/linalg.cu) at the sizes
+// gpt2-124m gives them, over several batch sizes: whether a batched call's time grows with the
+// batch (work-bound) or stays flat (latency-bound) decides how the optimizers should group them.
 void bench_linalg() {
     Timer timer;
     auto time = [&](auto&& call) { return median_call_ms(timer, call, 1, 3); };  // warm-up: workspaces
