@@ -221,6 +221,7 @@ void householder_q_batched_gpu(float* q, const float* a, int n, int batch, float
 struct CholeskyQrReport {
     long matrices = 0;
     long passes = 0;                 // Cholesky passes taken, summed over the matrices (at most 3 each)
+    long grams = 0;                  // Gram matrices X^T X formed, summed (a pass's, or a check that none is needed)
     long householder_fallbacks = 0;  // matrices left to Householder
 };
 constexpr size_t kCholeskyQrScratchLimit = size_t(1) << 30;

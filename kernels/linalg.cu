@@ -362,6 +362,14 @@ constexpr double kOrthonormalTolerance = 0x1p-30;
 // shift). Beyond 1 the Frobenius norm bounds nothing, so the shift stays.
 constexpr double kUnshiftedDeviationMax = 1.0 - 0x1p-10;
 
+// A plain pass from ||W - I||_F <= this is a matrix's last: its Gram matrix is not formed again
+// to confirm it (that confirmation cost SOAP ~6 ms per batch of twelve 3072^2). One Cholesky QR
+// pass leaves ||X^T X - I||_2 <= 6 kappa(X)^2 (m n + n (n + 1)) u (Yamamoto, Nakatsukasa,
+// Yanagisawa, Fukaya 2015, for kappa(X)^2 (m n + n (n + 1)) u <= 1/8); here m = n,
+// kappa(X)^2 = kappa(W) <= (1 + 1/2) / (1 - 1/2) = 3, so <= 36 n^2 u (n = 4096: 2^-24.6),
+// below what rounding X to fp32 at the end leaves (~2^-23 in the 2-norm).
+constexpr double kLastPassDeviationMax = 0.5;
+
 // The Cholesky QR's float64 work for `chunk` matrices of n x n at a time: X and W, the pointer
 // arrays of the matrices a pass works on, each pass's Cholesky infos and the Gram matrices'
 // deviation partial sums (grown as needed).
@@ -534,8 +542,9 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
     // Cholesky factorization exists for any condition number up to ~1/u (u = 2^-53; ||X||_F^2
     // <= n for unit columns); its X is then well enough conditioned for two plain passes to
     // make it orthonormal to rounding. A matrix leaves the passes as soon as its W is the
-    // identity to kOrthonormalTolerance, and its first pass is plain where W is close enough to
-    // the identity (kUnshiftedDeviationMax): an input whose columns are already orthonormal takes
+    // identity to kOrthonormalTolerance or after a plain pass that started close to it
+    // (kLastPassDeviationMax), and its first pass is plain where W is close enough to the
+    // identity (kUnshiftedDeviationMax): an input whose columns are already orthonormal takes
     // no pass, one near an orthogonal matrix one pass, any other two or three. Row-major X is column-major X^T =: Y,
     // so in the libraries' terms W = Y Y^T, and X L^-T is Y <- L^-1 Y. X and W (float64) are
     // held for at most scratch_limit_bytes' worth of matrices at a time: the batch goes in
@@ -561,24 +570,28 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
         std::vector<std::vector<int>> factored(kPasses);  // per pass, the matrices it factored
         for (int pass = 0; pass < kPasses && !active.empty(); ++pass) {
             gram_matrices(work, n, active, per_matrix);
-            // Which of them still need this pass, and (first pass) which need its shift.
+            report.grams += long(active.size());
+            // Which of them still need this pass, (first pass) which need its shift, and for
+            // which it is the last.
             const std::vector<double> deviations = gram_deviations(work, n, active);
-            std::vector<int> remaining;
+            std::vector<int> remaining, continuing;
             for (size_t k = 0; k < active.size(); ++k) {
                 // Not "> tolerance": a NaN deviation (non-finite input) stays in the passes.
                 if (deviations[k] <= kOrthonormalTolerance) continue;
                 remaining.push_back(active[k]);
-                if (pass == 0 && !(deviations[k] <= kUnshiftedDeviationMax)) {
+                const bool shifted = pass == 0 && !(deviations[k] <= kUnshiftedDeviationMax);
+                if (shifted) {
                     add_to_diagonal_kernel<<<dim3((n + 255) / 256, 1), 256>>>(work.w + active[k] * matrix, n, shift);
                     CUDA_CHECK_LAUNCH();
                 }
+                if (shifted || !(deviations[k] <= kLastPassDeviationMax)) continuing.push_back(active[k]);
             }
-            active = remaining;
-            if (active.empty()) break;
-            report.passes += long(active.size());
-            factored[size_t(pass)] = active;
-            cholesky_factors(work, n, active, per_matrix, work.infos + size_t(pass) * chunk);
-            solve_with_factors(work, n, active);
+            if (remaining.empty()) break;
+            report.passes += long(remaining.size());
+            factored[size_t(pass)] = remaining;
+            cholesky_factors(work, n, remaining, per_matrix, work.infos + size_t(pass) * chunk);
+            solve_with_factors(work, n, remaining);
+            active = continuing;
         }
         double_to_float_kernel<<<grid_for(matrix * count), 256>>>(q + first * matrix, work.x, matrix * count);
         CUDA_CHECK_LAUNCH();
@@ -598,6 +611,7 @@ CholeskyQrReport cholesky_q_batched_gpu(float* q, const float* a, int n, int bat
     report.householder_fallbacks = long(broke_down.size());
     cholesky_qr_totals_so_far.matrices += report.matrices;
     cholesky_qr_totals_so_far.passes += report.passes;
+    cholesky_qr_totals_so_far.grams += report.grams;
     cholesky_qr_totals_so_far.householder_fallbacks += report.householder_fallbacks;
     return report;
 }

@@ -924,6 +924,7 @@ TEST_CASE("GPU Cholesky QR takes only the passes a matrix needs: none for orthon
         auto d_exact = uploaded(exact), q = poisoned<float>(exact.size()), scratch = poisoned<float>(exact.size());
         const CholeskyQrReport none = cholesky_q_batched_gpu(q.data(), d_exact.data(), n, 1, scratch.data());
         CHECK(none.passes == 0);
+        CHECK(none.grams == 1);
         CHECK(q.download() == exact);
         // An orthogonal matrix with noise: relative 1e-4, as SOAP's power-iteration products are
         // near the last basis, takes one plain pass; larger noise one plain pass while the unit
@@ -952,13 +953,20 @@ TEST_CASE("GPU Cholesky QR takes only the passes a matrix needs: none for orthon
             auto d_near = uploaded(near_floats);
             const CholeskyQrReport few = cholesky_q_batched_gpu(q.data(), d_near.data(), n, 1, scratch.data());
             MESSAGE("n " << n << ", noise " << noise_size << ": ||X^T X - I||_F " << deviation << ", " << few.passes
-                         << " passes");
-            if (n == 1)
+                         << " passes, " << few.grams << " Gram matrices");
+            if (n == 1) {
                 CHECK(few.passes == 0);  // a single column is unit length already
-            else if (deviation < 0.99)
+                CHECK(few.grams == 1);
+            } else if (deviation < 0.99) {
                 CHECK(few.passes == 1);
-            else  // shifted first; for small n the shift is below the tolerance, and one pass can do
+                // From within 1/2 of the identity that pass is known to be the last; else one
+                // more Gram matrix confirms it (near 1/2 the GPU's rounding of it decides).
+                if (deviation <= 0.49) CHECK(few.grams == 1);
+                if (deviation >= 0.51) CHECK(few.grams == 2);
+            } else {  // shifted first; for small n the shift is below the tolerance, and one pass can do
                 CHECK(few.passes <= 3);
+                CHECK(few.grams <= few.passes + 1);
+            }
             const Dense gpu_q = from_floats(q.download(), 0, n, n);
             CHECK(qr_defects(gpu_q, near).orthogonality < 1e-6);
             CHECK(max_difference_up_to_column_signs(gpu_q, householder_q(near), n) < 1e-5);

@@ -281,8 +281,9 @@ double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_
     const CholeskyQrReport qr_after = cholesky_qr_totals();
     const long qr_matrices = qr_after.matrices - qr_before.matrices;
     if (qr_matrices > 0)
-        std::printf(" | %ld Cholesky QRs, %.2f passes each, %ld to Householder", qr_matrices,
+        std::printf(" | %ld Cholesky QRs, %.2f passes and %.2f Gram matrices each, %ld to Householder", qr_matrices,
                     double(qr_after.passes - qr_before.passes) / double(qr_matrices),
+                    double(qr_after.grams - qr_before.grams) / double(qr_matrices),
                     qr_after.householder_fallbacks - qr_before.householder_fallbacks);
     // Over the timed steps, as the QRs above.
     const EigenRefreshCounts refreshes_after = optimizer.eigen_refreshes();
@@ -586,11 +587,11 @@ void bench_linalg() {
             const double cholesky_near =
                 time([&] { near_report = cholesky_q_batched_gpu(q.data(), a.data(), n, batch, scratch.data()); });
             std::printf("QR %4d^2 x %3d: Householder %8.2f ms (%.2f ms per matrix), Cholesky QR (float64) %8.2f ms "
-                        "(%.2f ms per matrix, %.1f passes each; %ld fell back to Householder); near an orthogonal "
-                        "matrix: %.2f ms per matrix, %.1f passes each\n",
+                        "(%.2f ms per matrix, %.1f passes and %.1f Gram matrices each; %ld fell back to Householder); near "
+                        "an orthogonal matrix: %.2f ms per matrix, %.1f passes and %.1f Gram matrices each\n",
                         n, batch, householder, householder / batch, cholesky, cholesky / batch,
-                        double(report.passes) / batch, report.householder_fallbacks, cholesky_near / batch,
-                        double(near_report.passes) / batch);
+                        double(report.passes) / batch, double(report.grams) / batch, report.householder_fallbacks,
+                        cholesky_near / batch, double(near_report.passes) / batch, double(near_report.grams) / batch);
         }
     bench_psgd_products();
     std::fflush(stdout);
