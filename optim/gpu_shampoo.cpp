@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 #include "core/error.hpp"
@@ -382,10 +383,13 @@ private:
     // forward and backward passes beside them by as much (H100: whole step 354.5k against
     // 354.4k tokens/s, docs/optimizer-speed.md), for 1.66 GB more memory.
     void decompose_sizes(cudaStream_t origin) {
+        // The snapshot is the eigendecomposition's scratch too (overwritten).
+        auto decompose = [this](size_t i, cudaStream_t stream) {
+            symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
+                                        sizes_[i].n, int(sizes_[i].count), snapshots_[i].data(), stream);
+        };
         if (eigen_streams_.empty()) {
-            for (size_t i = 0; i < sizes_.size(); ++i)
-                symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
-                                            sizes_[i].n, int(sizes_[i].count), snapshots_[i].data(), origin);
+            for (size_t i = 0; i < sizes_.size(); ++i) decompose(i, origin);
             return;
         }
         std::vector<cudaStream_t> streams;
@@ -393,19 +397,27 @@ private:
         int device = 0;
         CUDA_CHECK(cudaGetDevice(&device));
         std::vector<std::exception_ptr> errors(sizes_.size());
+        auto decompose_caught = [&](size_t i) {
+            try {
+                CUDA_CHECK(cudaSetDevice(device));
+                decompose(i, streams[i]);
+            } catch (...) {
+                errors[i] = std::current_exception();
+            }
+        };
+        // Sizes 1, 2, ... on threads of their own, size 0 on this one. A size whose thread the
+        // system cannot start runs here too, one after the other, instead of the process ending
+        // with threads unjoined (std::thread throws std::system_error; the vector's room is
+        // reserved first, so nothing else in the loop can throw).
         std::vector<std::thread> threads;
-        for (size_t i = 0; i < sizes_.size(); ++i)
-            threads.emplace_back([this, i, device, &streams, &errors] {
-                try {
-                    CUDA_CHECK(cudaSetDevice(device));
-                    const FactorSize& size = sizes_[i];
-                    // The snapshot is the eigendecomposition's scratch too (overwritten).
-                    symmetric_eigen_batched_gpu(size_vectors_[i].data(), size_values_[i].data(), snapshots_[i].data(),
-                                                size.n, int(size.count), snapshots_[i].data(), streams[i]);
-                } catch (...) {
-                    errors[i] = std::current_exception();
-                }
-            });
+        threads.reserve(sizes_.size());
+        size_t started = 1;
+        try {
+            for (; started < sizes_.size(); ++started) threads.emplace_back(decompose_caught, started);
+        } catch (const std::system_error&) {
+        }
+        for (size_t i = started; i < sizes_.size(); ++i) decompose_caught(i);
+        if (!sizes_.empty()) decompose_caught(0);
         for (std::thread& thread : threads) thread.join();
         for (const std::exception_ptr& error : errors)
             if (error) std::rethrow_exception(error);

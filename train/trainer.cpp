@@ -9,6 +9,7 @@
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <system_error>
 #include <thread>
 
 #include "core/error.hpp"
@@ -181,16 +182,25 @@ static TrainResult run_on_thread_ranks(const TrainOptions& options, std::ostream
     std::vector<TrainResult> results(static_cast<size_t>(world));
     std::vector<std::string> errors(static_cast<size_t>(world));
     std::vector<std::thread> threads;
+    threads.reserve(size_t(world));  // so that only std::thread's start can throw below
     std::ostringstream quiet;
-    for (int r = 0; r < world; ++r)
-        threads.emplace_back([&, r] {
-            try {
-                results[size_t(r)] = run_training(options, r == 0 ? log : quiet, &group.rank(r));
-            } catch (const std::exception& e) {
-                errors[size_t(r)] = e.what();
-                group.abort(e.what());
-            }
-        });
+    try {
+        for (int r = 0; r < world; ++r)
+            threads.emplace_back([&, r] {
+                try {
+                    results[size_t(r)] = run_training(options, r == 0 ? log : quiet, &group.rank(r));
+                } catch (const std::exception& e) {
+                    errors[size_t(r)] = e.what();
+                    group.abort(e.what());
+                }
+            });
+    } catch (const std::system_error& e) {
+        // The ranks started so far stop at their next exchange; join them rather than end the
+        // process with threads unjoined.
+        group.abort("a thread rank could not start");
+        for (auto& t : threads) t.join();
+        fail("--cpu-ranks ", world, ": thread rank ", threads.size(), " could not start (", e.what(), ")");
+    }
     for (auto& t : threads) t.join();
     for (const std::string& e : errors)
         if (!e.empty() && e.find("another rank stopped") == std::string::npos) fail(e);
