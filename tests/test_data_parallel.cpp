@@ -112,6 +112,51 @@ TEST_CASE("LocalGroup: mean, sum, shared ranges and gathers are the same on ever
     CHECK_THROWS_WITH_AS(LocalGroup(0), doctest::Contains("at least 1 rank"), Error);
 }
 
+// A group's rank whose after-step sums (the two values: rejected preconditioners, stop flag)
+// call request_stop() right after the `at`-th of them: a SIGTERM that lands while the ranks
+// exchange, after this rank has read its flag.
+class StopDuringExchange : public Communicator {
+public:
+    StopDuringExchange(Communicator& inner, int at) : inner_(inner), countdown_(at) {}
+    int rank() const override { return inner_.rank(); }
+    int world_size() const override { return inner_.world_size(); }
+    void all_reduce_mean(float* values, size_t count) override { inner_.all_reduce_mean(values, count); }
+    void all_reduce_sum(double* values, size_t count) override {
+        inner_.all_reduce_sum(values, count);
+        if (count == 2 && --countdown_ == 0) request_stop();
+    }
+    void share_ranges(float* values, const std::vector<std::vector<ParamRange>>& ranges_by_rank) override {
+        inner_.share_ranges(values, ranges_by_rank);
+    }
+    std::vector<std::string> gather_to_root(const std::string& bytes) override { return inner_.gather_to_root(bytes); }
+    void barrier() override { inner_.barrier(); }
+    std::string describe() const override { return "a stop request during an exchange"; }
+
+private:
+    Communicator& inner_;
+    int countdown_;
+};
+
+TEST_CASE("a stop request (SIGTERM) that lands while the ranks exchange stops the run one step later, not never") {
+    TempDir dir;
+    std::ostringstream log;
+    TrainOptions o = tiny_run(dir, 20);
+    o.device = "cpu";
+    LocalGroup group(1);
+    StopDuringExchange comm(group.rank(0), 5);
+    const TrainResult r = run_training(o, log, &comm);
+    INFO(log.str());
+    CHECK(r.interrupted);
+    CHECK(r.final_step == 6);  // the request came after step 5's flag was read: step 6 sees it
+    CHECK(log.str().find("stop requested: saving a checkpoint at step 6") != std::string::npos);
+    // Consumed: the next run in this process trains to its end.
+    TrainOptions again = tiny_run(dir, 3);
+    again.device = "cpu";
+    again.out_dir = dir / "again";
+    std::ostringstream again_log;
+    CHECK_FALSE(run_training(again, again_log).interrupted);
+}
+
 TEST_CASE("data-parallel CPU training on 2 and 3 ranks follows the single-process run; checkpoints resume at any rank count") {
     TempDir dir;
     std::ostringstream log;

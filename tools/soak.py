@@ -10,8 +10,8 @@ non-zero unless all hold:
 Most kills are SIGKILL (nothing runs after it); one in --sigterm-every is SIGTERM (the run
 finishes its step, checkpoints and exits). Standard library only.
 
-Usage: tools/soak.py --out-dir DIR [--kills N] [--min-delay S] [--max-delay S] [--relative-delays]
-                     -- TRAIN FLAGS...
+Usage: tools/soak.py --out-dir DIR [--kills N] [--min-delay S] [--max-delay S]
+                     [--relative-delays | --step-delays] -- TRAIN FLAGS...
 (the flags after -- are passed to every `train`; give --steps and --checkpoint-every there.)
 """
 import argparse
@@ -31,12 +31,18 @@ def parse_args():
     p.add_argument("--bin-dir", default="build/bin")
     p.add_argument("--out-dir", required=True, help="reference/ and soak/ runs go here (emptied first)")
     p.add_argument("--kills", type=int, default=20, help="kills to deliver before letting the run finish")
-    p.add_argument("--min-delay", type=float, default=0.5, help="seconds (or, with --relative-delays, fractions of the uninterrupted run) a process runs "
-                        "before its kill, at least")
+    p.add_argument("--min-delay", type=float, default=0.5, help="seconds (with --relative-delays, fractions of the uninterrupted run's seconds; with "
+                        "--step-delays, fractions of --steps) a process runs before its kill, at least")
     p.add_argument("--max-delay", type=float, default=5.0, help="... and at most")
     p.add_argument("--relative-delays", action="store_true",
                    help="the delays are fractions of the uninterrupted run's seconds: with kills x max-delay < 1 "
-                        "the run cannot finish before every kill is delivered, on a fast machine or a slow one")
+                        "the run cannot finish before every kill is delivered, on a fast machine or a slow one, "
+                        "as long as it runs as fast as while the uninterrupted run was timed")
+    p.add_argument("--step-delays", action="store_true",
+                   help="the delays are fractions of --steps, counted from where each life resumed: a life is "
+                        "killed at a random moment within the step after it logs that many steps (train must "
+                        "log every step). The kill count then does not depend on how fast the machine was "
+                        "while the uninterrupted run was timed; no kill lands before training starts")
     p.add_argument("--sigterm-every", type=int, default=5, help="every Nth kill is SIGTERM (0: never)")
     p.add_argument("--seed", type=int, default=1, help="seeds the kill times")
     p.add_argument("--report", help="also write the summary as JSON here")
@@ -47,6 +53,10 @@ def parse_args():
         p.error("give --steps and --checkpoint-every among the train flags (after --)")
     if any(f in flags for f in ("--out-dir", "--resume")):
         p.error("--out-dir and --resume are set by the soak driver")
+    if args.relative_delays and args.step_delays:
+        p.error("give at most one of --relative-delays and --step-delays")
+    if args.step_delays and "--log-every" in flags and flags[flags.index("--log-every") + 1] != "1":
+        p.error("--step-delays reads the step lines: leave train's --log-every at 1")
     args.train_flags = flags
     args.interval = int(flags[flags.index("--checkpoint-every") + 1])
     args.steps = int(flags[flags.index("--steps") + 1])
@@ -78,6 +88,29 @@ def last_logged_step(log_text):
     return int(steps[-1]) if steps else None
 
 
+def wait_for_steps(process, log_path, target_steps, rng):
+    """Waits until the life writing `log_path` has logged `target_steps` steps beyond the step it
+    resumed at, then a random part of its last step's duration. True if the process still runs
+    then (the moment to kill it), False if it ended first."""
+    first_step, last_step, last_time, step_seconds = None, None, None, 0.0
+    while process.poll() is None:
+        text = open(log_path).read()
+        step = last_logged_step(text)
+        if step is not None and step != last_step:
+            now = time.time()
+            if last_step is not None:
+                step_seconds = (now - last_time) / (step - last_step)
+            last_step, last_time = step, now
+            if first_step is None:
+                resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+                first_step = int(resumed.group(1)) if resumed else 0
+            if step - first_step >= target_steps:
+                time.sleep(rng.uniform(0.0, step_seconds))
+                return process.poll() is None
+        time.sleep(0.002)
+    return False
+
+
 def main():
     args = parse_args()
     rng = random.Random(args.seed)
@@ -103,9 +136,16 @@ def main():
             process = subprocess.Popen(train_command(args, soak_dir, True), stdout=log, stderr=subprocess.STDOUT)
             killed_with = None
             if kills < args.kills:
-                try:
-                    process.wait(timeout=delay_unit * rng.uniform(args.min_delay, args.max_delay))
-                except subprocess.TimeoutExpired:
+                delay = rng.uniform(args.min_delay, args.max_delay)
+                if args.step_delays:
+                    due = wait_for_steps(process, log_path, max(1, round(args.steps * delay)), rng)
+                else:
+                    try:
+                        process.wait(timeout=delay_unit * delay)
+                        due = False
+                    except subprocess.TimeoutExpired:
+                        due = True
+                if due:
                     use_term = args.sigterm_every > 0 and (kills + 1) % args.sigterm_every == 0
                     killed_with = signal.SIGTERM if use_term else signal.SIGKILL
                     process.send_signal(killed_with)

@@ -531,12 +531,11 @@ TrainResult run_training(const TrainOptions& options, std::ostream& root_log, Co
         // After the step, one sum over the ranks: the preconditioners rejected so far and the stop
         // requests. A request that came during start-up is acted on after the first step; it is
         // consumed, so a later run in the same process starts clean. Ranks stop together: a request
-        // seen by any of them counts. Every rank read its flag before contributing to the sum, and
-        // no rank has the sum before all have contributed: each may consume the flag (shared by
-        // thread ranks) then.
-        const double stop_flag = comm ? double(g_stop_requested.load()) : double(g_stop_requested.exchange(0));
+        // seen by any of them counts, so the rank that reads the flag (shared by thread ranks)
+        // first may consume it. It is consumed as it is read: clearing it after the sum lost a
+        // signal that came during the exchange (a SIGTERM'd 2-process run trained on to its end).
+        const double stop_flag = double(g_stop_requested.exchange(0));
         const std::vector<double> after_step = sum_over_ranks({double(backend->rejected_preconditioners()), stop_flag});
-        if (comm) g_stop_requested.store(0);
         const long rejected = long(after_step[0]);
         const bool stop = after_step[1] > 0;
         if (rejected > result.rejected_preconditioners) {
