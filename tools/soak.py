@@ -5,6 +5,7 @@ non-zero unless all hold:
   - no resume ever found a damaged checkpoint ("skipping damaged checkpoint" in a log);
   - after every kill, the resumed step is at most --checkpoint-every steps behind the last
     step the killed process had logged (nothing lost beyond the checkpoint interval);
+  - a SIGTERM'd life stops within two steps of the one it had logged when the signal was sent;
   - the interrupted run's loss curve (metrics.jsonl) and final validation loss equal the
     uninterrupted run's, bit for bit, step by step.
 Most kills are SIGKILL (nothing runs after it); one in --sigterm-every is SIGTERM (the run
@@ -134,7 +135,7 @@ def main():
         log_path = os.path.join(logs, f"attempt_{attempt:03d}.log")
         with open(log_path, "w") as log:
             process = subprocess.Popen(train_command(args, soak_dir, True), stdout=log, stderr=subprocess.STDOUT)
-            killed_with = None
+            killed_with, step_at_kill = None, None
             if kills < args.kills:
                 delay = rng.uniform(args.min_delay, args.max_delay)
                 if args.step_delays:
@@ -149,6 +150,7 @@ def main():
                     use_term = args.sigterm_every > 0 and (kills + 1) % args.sigterm_every == 0
                     killed_with = signal.SIGTERM if use_term else signal.SIGKILL
                     process.send_signal(killed_with)
+                    step_at_kill = last_logged_step(open(log_path).read())
             rc = process.wait()
         text = open(log_path).read()
         if "skipping damaged checkpoint" in text:
@@ -171,8 +173,13 @@ def main():
         # process has printed nothing.)
         if killed_with == signal.SIGTERM and rc != 0 and text.strip():
             problems.append(f"attempt {attempt}: SIGTERM should exit cleanly, got {rc} ({log_path})")
-        # Killed before it chose where to start: the previous kill's step still stands.
+        # A SIGTERM stops the run after the step in progress (which may log once more).
         logged = last_logged_step(text)
+        if killed_with == signal.SIGTERM and step_at_kill is not None and logged is not None \
+                and logged > step_at_kill + 2:
+            problems.append(f"attempt {attempt}: SIGTERM at step {step_at_kill}, but the run trained on to step "
+                            f"{logged} ({log_path})")
+        # Killed before it chose where to start: the previous kill's step still stands.
         if logged is not None or resumed_step is not None:
             last_step_before_kill = logged if logged is not None else resumed_step
 
