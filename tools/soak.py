@@ -84,6 +84,13 @@ def curve(out_dir, problems):
     return losses, val
 
 
+def resumed_step_of(log_text):
+    """The step a life started from: its checkpoint's, 0 when it started fresh, None when it had
+    not said yet (killed during start-up)."""
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log_text)
+    return int(resumed.group(1)) if resumed else 0 if "starting fresh" in log_text else None
+
+
 def last_logged_step(log_text):
     steps = re.findall(r"^step +(\d+)/", log_text, flags=re.M)
     return int(steps[-1]) if steps else None
@@ -103,8 +110,7 @@ def wait_for_steps(process, log_path, target_steps, rng):
                 step_seconds = (now - last_time) / (step - last_step)
             last_step, last_time = step, now
             if first_step is None:
-                resumed = re.search(r"resumed from \S+ at step (\d+)", text)
-                first_step = int(resumed.group(1)) if resumed else 0
+                first_step = resumed_step_of(text) or 0
             if step - first_step >= target_steps:
                 time.sleep(rng.uniform(0.0, step_seconds))
                 return process.poll() is None
@@ -155,8 +161,7 @@ def main():
         text = open(log_path).read()
         if "skipping damaged checkpoint" in text:
             problems.append(f"attempt {attempt}: a resume found a damaged checkpoint ({log_path})")
-        resumed = re.search(r"resumed from \S+ at step (\d+)", text)
-        resumed_step = int(resumed.group(1)) if resumed else 0 if "starting fresh" in text else None
+        resumed_step = resumed_step_of(text)
         if last_step_before_kill is not None and resumed_step is not None:
             lost = last_step_before_kill - resumed_step
             max_lost = max(max_lost, lost)
