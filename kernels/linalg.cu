@@ -33,6 +33,7 @@
 #include <mutex>
 #include <vector>
 
+#include "kernels/block_reduce.cuh"
 #include "kernels/cuda_common.cuh"
 #include "kernels/gpu.hpp"
 
@@ -455,14 +456,8 @@ __global__ void gram_deviation_partials_kernel(double* partials, double* const* 
             const double deviation = w[size_t(j) * n + i] - (i == j ? 1.0 : 0.0);
             sum += (i == j ? 1.0 : 2.0) * deviation * deviation;
         }
-    __shared__ double block_sums[256];
-    block_sums[threadIdx.x] = sum;
-    __syncthreads();
-    for (int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) block_sums[threadIdx.x] += block_sums[threadIdx.x + half];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partials[size_t(blockIdx.y) * gridDim.x + blockIdx.x] = block_sums[0];
+    sum = block_reduce(sum, Add{});
+    if (threadIdx.x == 0) partials[size_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
 }
 
 // W = X^T X for the listed matrices of the work (lower triangle at least): one strided DGEMM

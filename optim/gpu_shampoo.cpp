@@ -139,14 +139,12 @@ public:
     ~GpuShampoo() override {
         if (refresh_thread_.joinable()) refresh_thread_.join();  // its error, if any, goes unreported
         // Their work reads and writes this object's buffers; their solvers go before the streams.
-        if (refresh_stream_) {
-            cudaStreamSynchronize(refresh_stream_->stream());
-            release_side_solver(refresh_stream_->stream());
-        }
-        for (const auto& stream : eigen_streams_) {
+        auto finish = [](const std::unique_ptr<SideStream>& stream) {
             cudaStreamSynchronize(stream->stream());
             release_side_solver(stream->stream());
-        }
+        };
+        if (refresh_stream_) finish(refresh_stream_);
+        for (const auto& stream : eigen_streams_) finish(stream);
     }
 
     void step(float* params, const float* grads, double lr, double grad_scale, bf16* params_bf16, long step) override {
@@ -430,12 +428,20 @@ private:
     void refresh_inverse_roots(double divisor) {
         for (size_t i = 0; i < sizes_.size(); ++i) gather_factors(sizes_[i], snapshots_[i].data());
         decompose_sizes(0);
+        for_each_decomposed_factor([&](const FactorSlot& f, int n, const float* vectors, const float* values) {
+            commit_root(f, n, vectors, values, float(divisor));
+        });
+    }
+
+    // visit(slot, n, its eigenvectors, its eigenvalues) for every factor of every size, in the
+    // sizes' order, from the per-size buffers that decompose_sizes filled.
+    template <typename Visit>
+    void for_each_decomposed_factor(Visit visit) {
         for (size_t i = 0; i < sizes_.size(); ++i) {
             const int n = sizes_[i].n;
             const size_t matrix = size_t(n) * n;
             for (const FactorSlot& f : sizes_[i].factors)
-                commit_root(f, n, size_vectors_[i].data() + f.first * matrix, size_values_[i].data() + f.first * n,
-                            float(divisor));
+                visit(f, n, size_vectors_[i].data() + f.first * matrix, size_values_[i].data() + f.first * n);
         }
     }
 
@@ -470,16 +476,11 @@ private:
     // On the refresh thread: the sizes' eigendecompositions, then the roots, on the side stream.
     void enqueue_roots(double divisor) {
         decompose_sizes(refresh_stream_->stream());
-        for (size_t i = 0; i < sizes_.size(); ++i) {
-            const int n = sizes_[i].n;
-            const size_t matrix = size_t(n) * n;
-            for (const FactorSlot& f : sizes_[i].factors) {
-                State& s = state_[f.group];
-                root_candidates((f.left ? s.pending_left_root : s.pending_right_root).data(), f, n,
-                                size_vectors_[i].data() + f.first * matrix, size_values_[i].data() + f.first * n,
-                                float(divisor), refresh_gemm_);
-            }
-        }
+        for_each_decomposed_factor([&](const FactorSlot& f, int n, const float* vectors, const float* values) {
+            State& s = state_[f.group];
+            root_candidates((f.left ? s.pending_left_root : s.pending_right_root).data(), f, n, vectors, values,
+                            float(divisor), refresh_gemm_);
+        });
     }
 
     // The step refresh_lag after a refresh: the default stream waits for the side stream (all of
