@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
+#include <cublasLt.h>
 #include "probe_common.cuh"
 
 __global__ void fill_uniform(float* a, size_t count, unsigned seed) {
@@ -72,8 +73,51 @@ static double time_ms(F f, int reps = 5) {
     return t[t.size() / 2];
 }
 
+// The same product through cuBLASLt (the path qopt's products take): compute type `type`, an
+// emulation descriptor with `strategy`, the heuristic's first algorithm for `workspace_bytes`.
+// Returns the median ms, or -1 where the heuristic offers none.
+static double lt_product(cublasLtHandle_t lt, cublasComputeType_t type, int strategy, size_t workspace_bytes,
+                         void* workspace, float* c, const float* a, const float* b, int m, int n, int k, int batch,
+                         int* algorithms) {
+    cublasLtMatmulDesc_t op; CK(cublasLtMatmulDescCreate(&op, type, CUDA_R_32F));
+    cublasLtEmulationDesc_t emulation = nullptr;
+    if (strategy >= 0) {
+        CK(cublasLtEmulationDescCreate(&emulation));
+        int32_t value = strategy;
+        CK(cublasLtEmulationDescSetAttribute(emulation, CUBLASLT_EMULATION_DESC_STRATEGY, &value, sizeof value));
+        CK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EMULATION_DESCRIPTOR, &emulation, sizeof emulation));
+    }
+    cublasLtMatrixLayout_t la, lb, lc;
+    CK(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, m, k, m)); CK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k));
+    CK(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, m, n, m));
+    const int64_t strides[3] = {int64_t(m) * k, int64_t(k) * n, int64_t(m) * n};
+    cublasLtMatrixLayout_t layouts[3] = {la, lb, lc};
+    for (int i = 0; i < 3; ++i) {
+        CK(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof batch));
+        CK(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof strides[i]));
+    }
+    cublasLtMatmulPreference_t pref; CK(cublasLtMatmulPreferenceCreate(&pref));
+    CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes, sizeof workspace_bytes));
+    cublasLtMatmulHeuristicResult_t result[4]; int found = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 4, result, &found);
+    *algorithms = st == CUBLAS_STATUS_SUCCESS ? found : -int(st);
+    double ms = -1;
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+        const float one = 1, zero = 0;
+        ms = time_ms([&] { CK(cublasLtMatmul(lt, op, &one, a, la, b, lb, &zero, c, lc, c, lc, &result[0].algo, workspace,
+                                              workspace_bytes, 0)); });
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    for (auto l : layouts) cublasLtMatrixLayoutDestroy(l);
+    cublasLtMatmulDescDestroy(op);
+    if (emulation) cublasLtEmulationDescDestroy(emulation);
+    return ms;
+}
+
 int main() {
     cublasHandle_t blas; CK(cublasCreate(&blas));
+    cublasLtHandle_t lt; CK(cublasLtCreate(&lt));
+    void* lt_workspace; const size_t big_workspace = size_t(2) << 30; CK(cudaMalloc(&lt_workspace, big_workspace));
     struct Shape { const char* name; int m, n, k, batch; };
     const Shape shapes[] = {{"SOAP/PSGD factor x matrix 12 x 3072x768x3072", 3072, 768, 3072, 12},
                             {"matrix x factor 12 x 3072x768x768", 3072, 768, 768, 12},
@@ -127,6 +171,17 @@ int main() {
             std::printf("  %-15s %.3f ms (%.1f TFLOP/s), rel error %.2e\n", mode.name, t, flops / t / 1e9, rel_error(c, cd, c_count));
         }
         CK(cublasSetEmulationStrategy(blas, CUBLAS_EMULATION_STRATEGY_DEFAULT));
+        struct LtMode { const char* name; cublasComputeType_t type; int strategy; size_t workspace; };
+        for (LtMode mode : {LtMode{"lt fp32 32MiB", CUBLAS_COMPUTE_32F, -1, size_t(32) << 20},
+                            LtMode{"lt bf16x9 eager 32MiB", CUBLAS_COMPUTE_32F_EMULATED_16BFX9, 2, size_t(32) << 20},
+                            LtMode{"lt bf16x9 eager 2GiB", CUBLAS_COMPUTE_32F_EMULATED_16BFX9, 2, big_workspace},
+                            LtMode{"lt bf16x9 default 2GiB", CUBLAS_COMPUTE_32F_EMULATED_16BFX9, 0, big_workspace}}) {
+            int algorithms = 0;
+            const double t = lt_product(lt, mode.type, mode.strategy, mode.workspace, lt_workspace, c, a, b, s.m, s.n, s.k,
+                                        s.batch, &algorithms);
+            if (t < 0) std::printf("  %-24s no algorithm (%d)\n", mode.name, algorithms);
+            else std::printf("  %-24s %.3f ms (%.1f TFLOP/s), rel error %.2e\n", mode.name, t, flops / t / 1e9, rel_error(c, cd, c_count));
+        }
         // Our split: two passes, then one bf16 GEMM over 6k.
         auto ours = [&](bool with_split) {
             if (with_split) {
