@@ -282,3 +282,30 @@ TEST_CASE("the train binary: SIGTERM finishes the step, checkpoints and exits cl
     REQUIRE(checkpoints.size() == 1);
     CHECK(read_checkpoint(checkpoints[0]).state.step > 0);
 }
+
+TEST_CASE("the bench binary: a bad --config gives one clear line and a non-zero exit, with or without a GPU") {
+    const std::string bench = bin("bench");
+    if (!file_exists(bench)) {
+        MESSAGE("skipped: " << bench << " not built (run through `make test`)");
+        return;
+    }
+    struct Case {
+        std::string config, message;
+    };
+    const std::vector<Case> cases = {
+        {"gpt2-124m:32", "expected PRESET:BATCH:SEQ_LEN"},
+        {"gpt2-124m:x:1024", "batch and sequence length must be integers"},
+        {"gpt2-124m:0:1024", "batch and sequence length must be positive"},
+        {"nope:32:1024", "unknown preset 'nope'"},
+        {"gpt2-124m:32:4096", "sequence length above the preset's 1024"},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.config);
+        std::string output;
+        const int rc = run_command(bench + " --config " + c.config, output);
+        CAPTURE(output);
+        CHECK(rc == 1);
+        CHECK(output.find(c.message) != std::string::npos);
+        CHECK(std::count(output.begin(), output.end(), '\n') <= 2);
+    }
+}

@@ -153,6 +153,9 @@ BenchConfig parse_config(const std::string& text) {
         fail("--config '", text, "': batch and sequence length must be integers");
     }
     QOPT_CHECK(c.batch > 0 && c.seq_len > 0, "--config '", text, "': batch and sequence length must be positive");
+    const ModelConfig model = preset_config(c.preset);  // fails naming the known presets
+    QOPT_CHECK(c.seq_len <= model.max_seq_len, "--config '", text, "': sequence length above the preset's ",
+               model.max_seq_len);
     return c;
 }
 
@@ -175,9 +178,7 @@ double newton_schulz_flops(const Routing& routing, const OptimizerConfig& config
 double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, double f32_peak_tflops,
                       bool recompute,
                       const OptimizerConfig& optimizer_config, const LinearQuantConfig& quant) {
-    ModelConfig config = preset_config(bc.preset);
-    QOPT_CHECK(bc.seq_len <= config.max_seq_len, bc.preset, ": seq_len ", bc.seq_len, " above max_seq_len ",
-               config.max_seq_len);
+    ModelConfig config = preset_config(bc.preset);  // parse_config checked the preset and seq_len
     GpuModel model(config);
     model.set_recompute(recompute);
     model.set_linear_quant(quant);
@@ -828,13 +829,14 @@ int main(int argc, char** argv) {
             qopt::bench_cpu_linalg();
             return 0;
         }
-        const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
-        if (!gpu.usable) qopt::fail(gpu.problem);
+        // The configurations first, so that a bad one is named on any machine.
         if (configs.empty())
             configs = {"gpt2-124m:32:1024", "olmo2-125m:32:1024", "olmo2-50m:32:1024", "olmo2-350m:16:1024",
                        "olmo2-500m:16:1024", "olmo2-760m:8:1024", "olmo2-1.5b:8:1024"};
         std::vector<qopt::BenchConfig> parsed;
         for (const auto& c : configs) parsed.push_back(qopt::parse_config(c));
+        const qopt::CudaDeviceInfo gpu = qopt::query_cuda_device();
+        if (!gpu.usable) qopt::fail(gpu.problem);
         std::printf("GPU: %s\n", gpu.description.c_str());
         const double peak = qopt::measure_matmul_tflops();
         std::printf("bf16 matmul ceiling (cuBLASLt 8192^3): %.0f TFLOP/s\n", peak);
