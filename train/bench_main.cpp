@@ -137,6 +137,7 @@ double measure_matmul_f32_tflops() {
 
 struct BenchConfig {
     std::string preset;
+    ModelConfig model;  // the preset's
     int batch = 0, seq_len = 0;
 };
 
@@ -153,9 +154,9 @@ BenchConfig parse_config(const std::string& text) {
         fail("--config '", text, "': batch and sequence length must be integers");
     }
     QOPT_CHECK(c.batch > 0 && c.seq_len > 0, "--config '", text, "': batch and sequence length must be positive");
-    const ModelConfig model = preset_config(c.preset);  // fails naming the known presets
-    QOPT_CHECK(c.seq_len <= model.max_seq_len, "--config '", text, "': sequence length above the preset's ",
-               model.max_seq_len);
+    c.model = preset_config(c.preset);  // fails naming the known presets
+    QOPT_CHECK(c.seq_len <= c.model.max_seq_len, "--config '", text, "': sequence length above the preset's ",
+               c.model.max_seq_len);
     return c;
 }
 
@@ -178,7 +179,7 @@ double newton_schulz_flops(const Routing& routing, const OptimizerConfig& config
 double bench_training(const BenchConfig& bc, int warmup, int steps, double peak_tflops, double f32_peak_tflops,
                       bool recompute,
                       const OptimizerConfig& optimizer_config, const LinearQuantConfig& quant) {
-    ModelConfig config = preset_config(bc.preset);  // parse_config checked the preset and seq_len
+    const ModelConfig& config = bc.model;
     GpuModel model(config);
     model.set_recompute(recompute);
     model.set_linear_quant(quant);
