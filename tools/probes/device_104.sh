@@ -5,7 +5,8 @@
 # error against float64), then the tree with tools/probes/fp32_emulation.patch (QOPT_FP32_EMULATION=1
 # turns every full-fp32 product, syrk and trsm into BF16x9): the whole GPU suite with it on (the
 # GPU-vs-CPU optimizer tests judge its accuracy), then Shampoo, SOAP and PSGD alternating with the
-# unpatched build. Carry ["build/deps","build/data","build/refs"]: bash tools/probes/device_104.sh
+# unpatched build. Carry ["build/deps","build/data"]: ROUNDS=1 bash tools/probes/device_104.sh (as run in
+# stop 42; the patch was removed afterwards: git show 70b2672:tools/probes/fp32_emulation.patch).
 set -u
 export OMP_NUM_THREADS=16
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -16,7 +17,7 @@ rm -rf /tmp/emu && cp -a . /tmp/emu && ( cd /tmp/emu && git apply tools/probes/f
   make -j16 > $OUT/build_emu.txt 2>&1 ) || { tail -30 $OUT/build_emu.txt; exit 1; }
 ( cd /tmp/emu && QOPT_FP32_EMULATION=1 timeout 300 build/bin/tests -tc='GPU*' ) > $OUT/gpu_tests_emu.txt 2>&1
 echo "GPU tests with emulation rc $?"; grep -E 'ERROR|FAILED' $OUT/gpu_tests_emu.txt | head -20; tail -3 $OUT/gpu_tests_emu.txt
-for round in 1 2; do
+for round in ${ROUNDS:-1 2}; do
   for which in base emu; do
     for opt in shampoo soap psgd; do
       if [ $which = emu ]; then B="env QOPT_FP32_EMULATION=1 /tmp/emu/build/bin/bench"; else B=build/bin/bench; fi

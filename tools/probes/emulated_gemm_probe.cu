@@ -55,6 +55,44 @@ __global__ void split_right(__nv_bfloat16* out, const float* bm, int k, int cols
     }
 }
 
+// 3xTF32: a = big + small with big = a rounded to TF32 (10 stored bits), small = a - big (exact);
+// the tensor core reads small's top 11 bits. A_cat m x 3k: column blocks [small big big]; B_cat
+// 3k x n: row blocks [big; small; big]; the sum is small*big + big*small + big*big (small*small,
+// ~2^-22 relative, dropped).
+__device__ float round_tf32(float x) {
+    unsigned u = __float_as_uint(x);
+    u += 0xfffu + ((u >> 13) & 1u);
+    return __uint_as_float(u & 0xffffe000u);
+}
+__global__ void split_tf32_left(float* out, const float* a, int rows, int k, int batch) {
+    size_t total = size_t(rows) * k * batch;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+        size_t b = i / (size_t(rows) * k), col = (i / rows) % k, r = i % rows;
+        const float big = round_tf32(a[i]), small = a[i] - big;
+        float* o = out + b * size_t(rows) * 3 * k;
+        o[col * rows + r] = small; o[(size_t(k) + col) * rows + r] = big; o[(size_t(2) * k + col) * rows + r] = big;
+    }
+}
+__global__ void split_tf32_right(float* out, const float* bm, int k, int cols, int batch) {
+    size_t total = size_t(k) * cols * batch;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+        size_t b = i / (size_t(k) * cols), col = (i / k) % cols, r = i % k;
+        const float big = round_tf32(bm[i]), small = bm[i] - big;
+        float* o = out + b * size_t(3) * k * cols + col * size_t(3) * k;
+        o[r] = big; o[size_t(k) + r] = small; o[size_t(2) * k + r] = big;
+    }
+}
+// The first block of A_cat (A0) and of B_cat (B0) as float64, to tell the tensor core's
+// accumulation error from the split's: A0*B0 has exact bf16 inputs.
+__global__ void first_block_to_double(double* out, const __nv_bfloat16* cat, size_t block_count, size_t cat_stride,
+                                      size_t rows, size_t ld, int batch) {
+    size_t total = block_count * batch;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+        size_t b = i / block_count, j = i % block_count, col = j / rows, r = j % rows;
+        out[i] = __bfloat162float(cat[b * cat_stride + col * ld + r]);
+    }
+}
+
 static double rel_error(const float* d, const double* ref, size_t count) {
     std::vector<float> h(count); std::vector<double> r(count);
     CK(cudaMemcpy(h.data(), d, count * 4, cudaMemcpyDeviceToHost));
@@ -196,6 +234,35 @@ int main() {
         const double t_gemm = time_ms([&] { ours(false); });
         std::printf("  own bf16x6      %.3f ms with the splits (GEMM alone %.3f ms, %.1f TFLOP/s fp32-equivalent), rel error %.2e\n",
                     t_all, t_gemm, flops / t_all / 1e9, rel_error(c, cd, c_count));
+        // The accumulation alone: A0*B0 (exact bf16 inputs) on the tensor cores against float64.
+        first_block_to_double<<<2048, 256>>>(ad, acat, size_t(s.m) * s.k, size_t(s.m) * 6 * s.k, s.m, s.m, s.batch);
+        first_block_to_double<<<2048, 256>>>(bd, bcat, size_t(s.k) * s.n, size_t(6) * s.k * s.n, s.k, size_t(6) * s.k, s.batch);
+        CK(dgemm(CUBLAS_COMPUTE_64F, cd2));
+        CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &one, acat, CUDA_R_16BF, s.m,
+                                      size_t(s.m) * 6 * s.k, bcat, CUDA_R_16BF, 6 * s.k, size_t(6) * s.k * s.n, &zero,
+                                      c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        const double bf16_accumulation = rel_error(c, cd2, c_count);
+        CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &one, acat, CUDA_R_16BF, s.m,
+                                      size_t(s.m) * 6 * s.k, bcat, CUDA_R_16BF, 6 * s.k, size_t(6) * s.k * s.n, &zero,
+                                      c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        std::printf("  bf16 A0*B0 (exact inputs) on tensor cores: rel error %.2e; pedantic (no tensor cores): %.2e\n",
+                    bf16_accumulation, rel_error(c, cd2, c_count));
+        // 3xTF32 as one TF32 GEMM over 3k (reuses acat/bcat's memory: 12 bytes per element each).
+        float* a3 = reinterpret_cast<float*>(acat); float* b3 = reinterpret_cast<float*>(bcat);
+        auto tf32x3 = [&](bool with_split) {
+            if (with_split) {
+                split_tf32_left<<<2048, 256>>>(a3, a, s.m, s.k, s.batch);
+                split_tf32_right<<<2048, 256>>>(b3, b, s.k, s.n, s.batch);
+            }
+            CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, 3 * s.k, &one, a3, CUDA_R_32F, s.m,
+                                          size_t(s.m) * 3 * s.k, b3, CUDA_R_32F, 3 * s.k, size_t(3) * s.k * s.n, &zero,
+                                          c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, CUBLAS_COMPUTE_32F_FAST_TF32,
+                                          CUBLAS_GEMM_DEFAULT));
+        };
+        const double t3_all = time_ms([&] { tf32x3(true); });
+        const double t3_gemm = time_ms([&] { tf32x3(false); });
+        std::printf("  own tf32x3      %.3f ms with the splits (GEMM alone %.3f ms, %.1f TFLOP/s fp32-equivalent), rel error %.2e\n",
+                    t3_all, t3_gemm, flops / t3_all / 1e9, rel_error(c, cd, c_count));
         for (void* p : {(void*)a, (void*)b, (void*)c, (void*)ad, (void*)bd, (void*)cd, (void*)cd2, (void*)acat, (void*)bcat}) cudaFree(p);
     }
     return 0;
