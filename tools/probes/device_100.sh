@@ -3,9 +3,7 @@
 # QR's last-pass rule, alternating. The build "before" is this tree with kLastPassDeviationMax
 # set to -1 (every pass's result confirmed by one more Gram matrix, as before), in a copy; then
 # Shampoo once (its refresh threads). Carry as device_99.sh: bash tools/probes/device_100.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_common.sh"
 make -j16 > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
 rm -rf /tmp/base && cp -a . /tmp/base
 sed -i 's/^constexpr double kLastPassDeviationMax = 0.5;/constexpr double kLastPassDeviationMax = -1.0;/' /tmp/base/kernels/linalg.cu

@@ -4,9 +4,7 @@
 # each in fp32 and with --precond-tf32 at seed 1337, and in fp32 at seed 7 (the spread between
 # seeds, to judge the TF32 difference by). Carry ["build/deps","build/data","build/refs"]:
 # bash tools/probes/device_101.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_common.sh"
 make -j16 > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
 for optimizer in shampoo soap psgd; do
   for run in "fp32 1337" "tf32 1337" "fp32 7"; do

@@ -4,17 +4,13 @@
 # runs the whole GPU suite, then SOAP alternately on this build and on a copy built with
 # kBlockedCholeskyMin out of reach (the path before). Carry ["build/deps","build/data","build/refs"]:
 # bash tools/probes/device_102.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
 rm -rf /tmp/base && cp -a . /tmp/base
 sed -i 's/^constexpr int kBlockedCholeskyMin = 512;/constexpr int kBlockedCholeskyMin = 1 << 30;/' /tmp/base/kernels/linalg.cu
 grep -c 'kBlockedCholeskyMin = 1 << 30' /tmp/base/kernels/linalg.cu
 ( cd /tmp/base && make -j16 build/bin/bench > $OUT/build_base.txt 2>&1 ) &
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+gpu_suite 240
 grep -E 'n 600' $OUT/gpu_tests.txt | head -12 | cut -c1-200
 wait
 for round in 1 2; do

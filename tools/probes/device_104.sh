@@ -7,12 +7,10 @@
 # GPU-vs-CPU optimizer tests judge its accuracy), then Shampoo, SOAP and PSGD alternating with the
 # unpatched build. Carry ["build/deps","build/data"]: ROUNDS=1 bash tools/probes/device_104.sh (as run in
 # stop 42; the patch was removed afterwards: git show 70b2672:tools/probes/fp32_emulation.patch).
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_common.sh"
 nvcc -O2 -std=c++20 -arch=sm_90 -o /tmp/probe_emu tools/probes/emulated_gemm_probe.cu -lcublas -lcublasLt && \
   timeout 200 /tmp/probe_emu > $OUT/emu_probe.txt 2>&1; echo "probe rc $?"; cat $OUT/emu_probe.txt
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
+device_build
 rm -rf /tmp/emu && cp -a . /tmp/emu && ( cd /tmp/emu && git apply tools/probes/fp32_emulation.patch && \
   make -j16 > $OUT/build_emu.txt 2>&1 ) || { tail -30 $OUT/build_emu.txt; exit 1; }
 ( cd /tmp/emu && QOPT_FP32_EMULATION=1 timeout 300 build/bin/tests -tc='GPU*' ) > $OUT/gpu_tests_emu.txt 2>&1

@@ -3,13 +3,9 @@
 # then the six optimizers in bench (gpt2-124m 32 x 1024, bench's defaults) and the three
 # preconditioned ones with --precond-tf32. Carry ["build/deps","build/data"]:
 # bash tools/probes/device_105.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 300 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 300
 for opt in adamw muon scion shampoo soap psgd; do
   timeout 90 build/bin/bench --config gpt2-124m:32:1024 --optimizer $opt > $OUT/$opt.txt 2>&1
   echo "== $opt rc $?"; grep -E "optimizer " $OUT/$opt.txt | cut -c1-200

@@ -3,11 +3,8 @@
 # GPU replays) on the final tree; the last full run was stop 39's, before the Cholesky QR's
 # unconfirmed last pass, Shampoo's refresh threads and the shared block reductions.
 # Carry ["build/deps","build/data","build/refs"]: bash tools/probes/device_106.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
 PYTHONUNBUFFERED=1 timeout 400 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
   > $OUT/compare.txt 2>&1
 echo "compare rc $?"; tail -60 $OUT/compare.txt | cut -c1-220

@@ -8,10 +8,8 @@
 # It builds, runs every GPU test case (then the Shampoo and linear-algebra ones with 3 slices when
 # the patch is in), and compares all optimizers with their references on the CPU and the GPU,
 # SOAP's max_precond_dim and merge_dims settings included (CPU only in qopt so far).
-set -u
-export OMP_NUM_THREADS=16
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
 timeout 300 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
 grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20
 tail -4 $OUT/gpu_tests.txt

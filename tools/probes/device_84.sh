@@ -3,8 +3,7 @@
 # machine): the syev-threads and overlap probes, then Shampoo's refresh with the eigendecomposition
 # batch in 1/2/4 host-thread slices (eigen_slices.patch applied), stream priority with a refresh
 # lag, and PSGD at its update-probability floor. Run from the repository root on the device.
-set -u
-export OMP_NUM_THREADS=16
+source "$(dirname "$0")/device_common.sh"
 make -j16 > $OUT/build2.txt 2>&1 || { tail -30 $OUT/build2.txt; exit 1; }
 nvcc -O2 -std=c++20 -arch=sm_90 -o /tmp/probe3 tools/probes/syev_threads_probe.cu -lcusolver && timeout 100 /tmp/probe3 > $OUT/probe3.txt 2>&1
 cat $OUT/probe3.txt

@@ -6,10 +6,8 @@
 # products (bench --linalg's "Gram product" lines) and Shampoo/SOAP/PSGD on gpt2-124m 32 x 1024,
 # then rebuilds bench with the blocked path off (kBlockedGramMin past every size) and times the
 # three again on the same machine: the A/B.
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
+source "$(dirname "$0")/device_common.sh"
+device_build
 [ -n "${SKIP_TESTS:-}" ] || timeout 150 build/bin/tests -tc='GPU dense linear*,GPU Shampoo*,GPU SOAP*,GPU PSGD*,GPU*tf32*,GPU NCCL*,GPU overlapped*' > $OUT/tests.txt 2>&1
 echo "tests rc $?"; grep -E 'ERROR|FAILED' $OUT/tests.txt | head; tail -3 $OUT/tests.txt
 bench_three() {  # label

@@ -4,11 +4,8 @@
 # optimizers' speed on gpt2-124m 32 x 1024 (bench defaults: 12 warm-up steps, mean over 20).
 # Run from the repository root on the device with carry ["build/deps","build/data","build/refs"]:
 #   bash tools/probes/device_86.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
 timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
 grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20
 tail -4 $OUT/gpu_tests.txt

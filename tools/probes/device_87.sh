@@ -6,13 +6,9 @@
 # builds bench again in a copy with the previous gpu_optimizer.{hpp,cpp} (every group on the
 # default stream; fill tools/probes/base87/ first, untracked, with `git show
 # 1dc048e:optim/gpu_optimizer.cpp` and .hpp) and times AdamW, Muon and Scion alternately on both.
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 240
 timeout 120 build/bin/bench --newton-schulz --attention-only > $OUT/ns.txt 2>&1; echo "ns rc $?"; grep -E "Newton|ceiling" $OUT/ns.txt
 rm -rf /tmp/base && cp -a . /tmp/base && cp tools/probes/base87/gpu_optimizer.* /tmp/base/optim/ && touch /tmp/base/optim/gpu_optimizer.*
 ( cd /tmp/base && make -j16 build/bin/bench > $OUT/build_base.txt 2>&1 ) || { tail -20 $OUT/build_base.txt; exit 1; }

@@ -4,10 +4,8 @@
 # ["build/deps","build/data","build/refs"]: bash tools/probes/device_89.sh
 # It builds, runs the GPU optimizer cases (the new Shampoo variants among them) and compares the
 # Shampoo settings with the reference on the CPU and the GPU.
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
+source "$(dirname "$0")/device_common.sh"
+device_build
 timeout 200 build/bin/tests -tc='GPU Shampoo*,GPU optimizers*,GPU Newton*,GPU training*' > $OUT/gpu_tests.txt 2>&1
 echo "GPU tests rc $?"; grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
 PYTHONUNBUFFERED=1 timeout 200 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \

@@ -2,12 +2,9 @@
 # Stop 38's last call: the whole GPU suite on the session's final build, and every comparison
 # with the references (the Shampoo options among them). Run from the repository root on the
 # device with carry ["build/deps","build/data","build/refs"]: bash tools/probes/device_90.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 240
 PYTHONUNBUFFERED=1 timeout 200 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
   > $OUT/compare.txt 2>&1
 echo "compare rc $?"; grep -E "qopt (cpu|cuda)" $OUT/compare.txt | awk -F'->' '{print $2}' | sort | uniq -c

@@ -4,13 +4,9 @@
 # any stream; NaN-propagating min/max reductions), and the Shampoo comparisons with the reference.
 # Run from the repository root on the device with carry ["build/deps","build/data","build/refs"]:
 # bash tools/probes/device_93.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 330 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 330
 PYTHONUNBUFFERED=1 timeout 150 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
   --optimizers shampoo shampoo_momentum shampoo_options > $OUT/compare.txt 2>&1
 echo "compare rc $?"; grep -E "qopt (cpu|cuda)" $OUT/compare.txt | cut -c1-200

@@ -5,9 +5,7 @@
 # optim/gpu_shampoo.cpp, kernels/side_stream.{hpp,cu}, kernels/attention.cu and
 # optim/preconditioner_kernels.cu (fill tools/probes/base93/ first, untracked, from `git show
 # 5b19b55:<file>`), then times Shampoo alternately on both (AdamW as the control).
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/device_common.sh"
 make -j16 build/bin/bench > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
 rm -rf /tmp/base && cp -a . /tmp/base
 cp tools/probes/base93/gpu_shampoo.cpp tools/probes/base93/preconditioner_kernels.cu /tmp/base/optim/

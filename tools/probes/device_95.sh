@@ -4,13 +4,9 @@
 # builds bench again in a copy with the files of 5b19b55 (tools/probes/base93/, untracked, as
 # device_94.sh) and times Shampoo at lag 9 and at lag 0 on both, alternating. Run from the
 # repository root on the device with carry ["build/deps","build/data","build/refs"].
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 240
 rm -rf /tmp/base && cp -a . /tmp/base
 cp tools/probes/base93/gpu_shampoo.cpp tools/probes/base93/preconditioner_kernels.cu /tmp/base/optim/
 cp tools/probes/base93/side_stream.* tools/probes/base93/attention.cu /tmp/base/kernels/

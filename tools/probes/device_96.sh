@@ -3,13 +3,9 @@
 # references, and Shampoo at lag 0 (sizes decomposed at once) and lag 9 (one after the other on
 # its side stream again, with per-size buffers). Run from the repository root on the device with
 # carry ["build/deps","build/data","build/refs"]: bash tools/probes/device_96.sh
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 240
 PYTHONUNBUFFERED=1 timeout 200 python3 tools/compare_optimizers.py --refs build/refs --device cuda --json $OUT/compare.json \
   > $OUT/compare.txt 2>&1
 echo "compare rc $?"; grep -E "qopt (cpu|cuda)" $OUT/compare.txt | awk -F'->' '{print $2}' | sort | uniq -c

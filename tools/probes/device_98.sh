@@ -5,13 +5,9 @@
 # untracked: `git show <commit before>:<file>` for optim/preconditioner_kernels.{cu,hpp},
 # optim/gpu_soap.cpp, optim/gpu_shampoo.cpp) and times SOAP alternately on both. Run from the
 # repository root on the device with carry ["build/deps","build/data"].
-set -u
-export OMP_NUM_THREADS=16
-nvidia-smi --query-gpu=name --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
-tail -3 $OUT/build.txt
-timeout 240 build/bin/tests -tc='GPU*' > $OUT/gpu_tests.txt 2>&1; echo "GPU tests rc $?"
-grep -E 'ERROR|FAILED' $OUT/gpu_tests.txt | head -20; tail -3 $OUT/gpu_tests.txt
+source "$(dirname "$0")/device_common.sh"
+device_build
+gpu_suite 240
 rm -rf /tmp/base && cp -a . /tmp/base && cp tools/probes/base98/preconditioner_kernels.* tools/probes/base98/gpu_*.cpp /tmp/base/optim/
 touch /tmp/base/optim/preconditioner_kernels.* /tmp/base/optim/gpu_soap.cpp /tmp/base/optim/gpu_shampoo.cpp
 ( cd /tmp/base && make -j16 build/bin/bench > $OUT/build_base.txt 2>&1 ) || { tail -20 $OUT/build_base.txt; exit 1; }

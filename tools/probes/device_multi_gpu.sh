@@ -7,10 +7,10 @@
 # optimizer, and prints the mean whole-step tokens/s over steps 6..N of each (train's own step
 # lines: data loading, forward, backward, the collectives and the optimizer step all included).
 # Bar (issue 7): 2 GPUs >= 1.85x one for AdamW, >= 1.7x for the matrix optimizers.
-set -u
-export OMP_NUM_THREADS=16 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-( time make -j16 ) > $OUT/build.txt 2>&1 || { tail -30 $OUT/build.txt; exit 1; }
+source "$(dirname "$0")/device_common.sh"
+export NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=memory.total --format=csv,noheader
+device_build
 timeout 300 build/bin/tests -tc='GPU ZeRO*,GPU data*,GPU NCCL*,GPU overlapped*' > $OUT/gpu_dp_tests.txt 2>&1
 echo "GPU data-parallel tests rc $?"
 grep -E 'ERROR|FAILED|against one|skipped:' $OUT/gpu_dp_tests.txt | cut -c1-200 | head -40

@@ -238,15 +238,16 @@ int main() {
         first_block_to_double<<<2048, 256>>>(ad, acat, size_t(s.m) * s.k, size_t(s.m) * 6 * s.k, s.m, s.m, s.batch);
         first_block_to_double<<<2048, 256>>>(bd, bcat, size_t(s.k) * s.n, size_t(6) * s.k * s.n, s.k, size_t(6) * s.k, s.batch);
         CK(dgemm(CUBLAS_COMPUTE_64F, cd2));
-        CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &one, acat, CUDA_R_16BF, s.m,
-                                      size_t(s.m) * 6 * s.k, bcat, CUDA_R_16BF, 6 * s.k, size_t(6) * s.k * s.n, &zero,
-                                      c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        const double bf16_accumulation = rel_error(c, cd2, c_count);
-        CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &one, acat, CUDA_R_16BF, s.m,
-                                      size_t(s.m) * 6 * s.k, bcat, CUDA_R_16BF, 6 * s.k, size_t(6) * s.k * s.n, &zero,
-                                      c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+        auto first_blocks_error = [&](cublasComputeType_t type) {
+            CK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &one, acat, CUDA_R_16BF, s.m,
+                                          size_t(s.m) * 6 * s.k, bcat, CUDA_R_16BF, 6 * s.k, size_t(6) * s.k * s.n,
+                                          &zero, c, CUDA_R_32F, s.m, size_t(s.m) * s.n, s.batch, type,
+                                          CUBLAS_GEMM_DEFAULT));
+            return rel_error(c, cd2, c_count);
+        };
+        const double bf16_accumulation = first_blocks_error(CUBLAS_COMPUTE_32F);
         std::printf("  bf16 A0*B0 (exact inputs) on tensor cores: rel error %.2e; pedantic (no tensor cores): %.2e\n",
-                    bf16_accumulation, rel_error(c, cd2, c_count));
+                    bf16_accumulation, first_blocks_error(CUBLAS_COMPUTE_32F_PEDANTIC));
         // 3xTF32 as one TF32 GEMM over 3k (reuses acat/bcat's memory: 12 bytes per element each).
         float* a3 = reinterpret_cast<float*>(acat); float* b3 = reinterpret_cast<float*>(bcat);
         auto tf32x3 = [&](bool with_split) {
